@@ -1,0 +1,49 @@
+# `make test` and `make lab` are all a newcomer needs: each prepares the host
+# (Debian packages, kernel-header links, bpffs), the venv and the generated
+# gRPC code first, idempotently; a second run only checks.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PROTO := proto/ambit/api/v1/agent.proto
+GEN   := proto/ambit/api/v1/agent_pb2.py proto/ambit/api/v1/agent_pb2_grpc.py proto/ambit/api/v1/agent_pb2.pyi
+HOST_STAMP := build/.host-ready
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: setup host venv proto test test-fast lab bench clean distclean
+
+setup: host venv proto
+
+host: $(HOST_STAMP)
+$(HOST_STAMP): scripts/setup-host.sh
+	@bash scripts/setup-host.sh
+	@mkdir -p build && touch $@
+
+# bcc's Python module lives in Debian's dist-packages, hence --system-site-packages.
+venv: $(VENV_STAMP)
+$(VENV_STAMP): requirements.txt setup.cfg setup.py $(HOST_STAMP)
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+proto: $(GEN)
+$(GEN) &: $(PROTO) $(VENV_STAMP)
+	@$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+	@echo "generated $(GEN)"
+
+test: setup
+	@bash scripts/check-host.sh
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lab: setup
+	$(VENV)/bin/ambit lab tour
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf build .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(GEN)

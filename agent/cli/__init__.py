@@ -1,0 +1,1 @@
+"""Command-line front ends: ambitctl (debug) and ambit (lab, tools)."""

@@ -1,0 +1,1 @@
+"""Kernel datapath: proxy namespace, policy routing, tc eBPF capture on pod veths."""

@@ -1,0 +1,1 @@
+"""Workload identities: SPIFFE IDs, the local CA, TLS contexts."""

@@ -1,0 +1,1 @@
+"""L4 authorization: AuthorizationPolicy and PeerAuthentication as ztunnel enforces them."""

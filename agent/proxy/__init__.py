@@ -1,0 +1,1 @@
+"""The node proxy: transparent listeners, relay, HBONE client/server."""

@@ -1,0 +1,1 @@
+"""gRPC services on the agent socket: CNI (plugin calls) and Debug (ambitctl)."""

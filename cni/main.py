@@ -1,0 +1,159 @@
+"""ambit-cni entry point: environment + stdin -> one command -> stdout + exit status.
+
+Every failure leaves as CNI error JSON on stdout with a non-zero exit status,
+never as a traceback; DEL succeeds whenever there is nothing left to undo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+from . import spec
+from .spec import CniError, Environment, PluginConfig
+
+
+class _Log:
+    """JSON lines on stderr, which the runtime keeps in its own log."""
+
+    _ORDER = {level: i for i, level in enumerate(spec.LOG_LEVELS)}
+
+    def __init__(self, stream: TextIO, level: str, env: Environment | None) -> None:
+        self.stream = stream
+        self.threshold = self._ORDER[level]
+        self.context: dict[str, Any] = {}
+        if env is not None:
+            self.context = {"command": env.command, "container_id": env.container_id[:12],
+                            "pod": f"{env.pod_namespace}/{env.pod_name}" if env.pod_name else ""}
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        if self._ORDER[level] < self.threshold:
+            return
+        record = {"ts": round(time.time(), 3), "level": level, "logger": "ambit-cni", "event": event,
+                  **self.context, **fields}
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+
+def _client(cfg: PluginConfig):
+    # Imported here so VERSION and configuration errors never load protobuf.
+    from .agent_client import AgentClient
+    return AgentClient(cfg.agent_socket, cfg.timeout)
+
+
+def _pb():
+    from ambit.api.v1 import agent_pb2
+    return agent_pb2
+
+
+def _pod_ref(env: Environment):
+    return _pb().PodRef(namespace=env.pod_namespace, name=env.pod_name, uid=env.pod_uid)
+
+
+def _attachment(env: Environment):
+    return _pb().Attachment(container_id=env.container_id, ifname=env.ifname)
+
+
+def cmd_add(env: Environment, cfg: PluginConfig, log: _Log) -> dict[str, Any]:
+    assert cfg.prev_result is not None  # parse_config guarantees it for ADD
+    if not os.path.exists(env.netns):
+        raise CniError(spec.UNKNOWN_CONTAINER, f"network namespace {env.netns} does not exist")
+    pb = _pb()
+    started = time.monotonic()
+    reply = _client(cfg).enrol(pb.EnrolPodRequest(
+        attachment=_attachment(env), netns=env.netns, pod=_pod_ref(env),
+        ips=spec.pod_addresses(cfg.prev_result), network=cfg.name))
+    log("info", "enrolled" if reply.enrolled else "not enrolled", reason=reply.reason,
+        host_veth=reply.workload.host_veth, ms=round((time.monotonic() - started) * 1000, 1))
+    return spec.convert_result(cfg.prev_result, cfg.cni_version)
+
+
+def cmd_del(env: Environment, cfg: PluginConfig, log: _Log) -> None:
+    pb = _pb()
+    try:
+        reply = _client(cfg).release(pb.ReleasePodRequest(
+            attachment=_attachment(env), netns=env.netns, pod=_pod_ref(env)))
+    except CniError as exc:
+        if exc.code != spec.TRY_AGAIN_LATER:
+            raise
+        # The agent reconciles against the kernel when it comes back, and the
+        # runtime must be able to delete a pod while the agent is down.
+        log("warn", "agent unreachable on DEL; it will clean up on restart", detail=exc.details)
+        return
+    log("info", "released" if reply.released else "nothing to release")
+
+
+def cmd_check(env: Environment, cfg: PluginConfig, log: _Log) -> None:
+    pb = _pb()
+    ips = spec.pod_addresses(cfg.prev_result) if cfg.prev_result else []
+    _client(cfg).check(pb.CheckPodRequest(attachment=_attachment(env), netns=env.netns,
+                                          pod=_pod_ref(env), ips=ips))
+    log("debug", "check passed")
+
+
+def cmd_status(cfg: PluginConfig, log: _Log) -> None:
+    reply = _client(cfg).status()
+    if not reply.ready:
+        raise CniError(spec.NOT_AVAILABLE, "ambit agent is not ready", reply.reason)
+
+
+def cmd_gc(cfg: PluginConfig, log: _Log) -> None:
+    pb = _pb()
+    valid = [pb.Attachment(container_id=c, ifname=i) for c, i in cfg.valid_attachments or ()]
+    reply = _client(cfg).gc(pb.GarbageCollectRequest(valid=valid, network=cfg.name))
+    log("info", "garbage collected", released=[a.container_id[:12] for a in reply.released])
+
+
+def run(environ: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:
+    """Run one CNI command; returns the exit status."""
+    reply_version = spec.LATEST_VERSION
+    log = _Log(err, "warn", None)
+    try:
+        env = spec.parse_environment(environ)
+        if env.command == "VERSION":
+            # VERSION may come with an empty stdin or just {"cniVersion": ...}.
+            try:
+                conf_version = json.loads(stdin).get("cniVersion") if stdin.strip() else None
+            except (ValueError, AttributeError):
+                conf_version = None
+            out.write(json.dumps(spec.version_result(conf_version)))
+            return 0
+        conf = spec.decode_config(stdin)
+        if conf.get("cniVersion") in spec.SUPPORTED_VERSIONS:
+            reply_version = conf["cniVersion"]
+        cfg = spec.parse_config(conf, env.command)
+        log = _Log(err, cfg.log_level, env)
+        if env.command == "ADD":
+            out.write(json.dumps(cmd_add(env, cfg, log)))
+        elif env.command == "DEL":
+            cmd_del(env, cfg, log)
+        elif env.command == "CHECK":
+            cmd_check(env, cfg, log)
+        elif env.command == "STATUS":
+            cmd_status(cfg, log)
+        elif env.command == "GC":
+            cmd_gc(cfg, log)
+        return 0
+    except CniError as exc:
+        log("error", exc.msg, code=exc.code, detail=exc.details)
+        out.write(json.dumps(exc.to_json(reply_version)))
+        return 1
+    except Exception as exc:  # a bug in the plugin: still a CNI error, never a traceback
+        error = CniError(spec.AGENT_ERROR, f"ambit-cni internal error: {type(exc).__name__}: {exc}")
+        log("error", error.msg)
+        out.write(json.dumps(error.to_json(reply_version)))
+        return 1
+
+
+def main() -> None:
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError:
+        stdin = b""
+    sys.exit(run(os.environ, stdin, sys.stdout, sys.stderr))
+
+
+if __name__ == "__main__":
+    main()
