@@ -9,9 +9,11 @@ GEN   := proto/ambit/api/v1/agent_pb2.py proto/ambit/api/v1/agent_pb2_grpc.py pr
 HOST_STAMP := build/.host-ready
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv proto test test-fast lab bench clean distclean
+CNI_STAGED := build/cni-bin/ambit-cni
 
-setup: host venv proto
+.PHONY: setup host venv proto cni test test-fast lab bench clean distclean
+
+setup: host venv proto cni
 
 host: $(HOST_STAMP)
 $(HOST_STAMP): scripts/setup-host.sh
@@ -30,6 +32,11 @@ proto: $(GEN)
 $(GEN) &: $(PROTO) $(VENV_STAMP)
 	@$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
 	@echo "generated $(GEN)"
+
+# ambit-cni for this host's system Python (stdlib only, fast start-up).
+cni: $(CNI_STAGED)
+$(CNI_STAGED): scripts/stage-cni.sh $(wildcard cni/*.py)
+	@bash scripts/stage-cni.sh
 
 test: setup
 	@bash scripts/check-host.sh

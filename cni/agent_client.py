@@ -2,9 +2,8 @@
 status codes mapped to CNI error codes in one place."""
 from __future__ import annotations
 
-from ambit.api.v1 import agent_pb2 as pb
-
 from . import grpc_unary as g
+from . import wire
 from .spec import (AGENT_ERROR, INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER,
                    CniError)
 
@@ -25,31 +24,30 @@ class AgentClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def _call(self, method: str, request, response_type):
+    def call(self, method: str, request: bytes) -> bytes:
         try:
-            raw = g.unary_call(self.socket_path, _SERVICE + method, request.SerializeToString(), self.timeout)
+            return g.unary_call(self.socket_path, _SERVICE + method, request, self.timeout)
         except g.RpcError as exc:
             code = _CNI_CODE.get(exc.code, AGENT_ERROR)
             if code == TRY_AGAIN_LATER:
                 raise CniError(code, "ambit agent is not reachable, try again later", exc.message) from None
             raise CniError(code, exc.message or f"agent failed {method}", f"gRPC status {exc.code}") from None
-        return response_type.FromString(raw)
 
-    def enrol(self, request: pb.EnrolPodRequest) -> pb.EnrolPodResponse:
-        return self._call("EnrolPod", request, pb.EnrolPodResponse)
+    def enrol(self, request: bytes) -> dict:
+        return wire.enrol_pod_response(self.call("EnrolPod", request))
 
-    def release(self, request: pb.ReleasePodRequest) -> pb.ReleasePodResponse:
-        return self._call("ReleasePod", request, pb.ReleasePodResponse)
+    def release(self, request: bytes) -> dict:
+        return wire.release_pod_response(self.call("ReleasePod", request))
 
-    def check(self, request: pb.CheckPodRequest) -> pb.CheckPodResponse:
-        return self._call("CheckPod", request, pb.CheckPodResponse)
+    def check(self, request: bytes) -> None:
+        self.call("CheckPod", request)
 
-    def gc(self, request: pb.GarbageCollectRequest) -> pb.GarbageCollectResponse:
-        return self._call("GarbageCollect", request, pb.GarbageCollectResponse)
+    def gc(self, request: bytes) -> list[str]:
+        return wire.garbage_collect_response(self.call("GarbageCollect", request))
 
-    def status(self) -> pb.PluginStatusResponse:
+    def status(self) -> dict:
         """STATUS: any failure to reach the agent means "not available" (50)."""
         try:
-            return self._call("PluginStatus", pb.PluginStatusRequest(), pb.PluginStatusResponse)
+            return wire.plugin_status_response(self.call("PluginStatus", b""))
         except CniError as exc:
             raise CniError(NOT_AVAILABLE, "ambit agent is not available", exc.details or exc.msg) from None

@@ -9,9 +9,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Mapping, TextIO
 
-from . import spec
+from . import spec, wire
 from .spec import CniError, Environment, PluginConfig
 
 
@@ -20,15 +19,15 @@ class _Log:
 
     _ORDER = {level: i for i, level in enumerate(spec.LOG_LEVELS)}
 
-    def __init__(self, stream: TextIO, level: str, env: Environment | None) -> None:
+    def __init__(self, stream: object, level: str, env: Environment | None) -> None:
         self.stream = stream
         self.threshold = self._ORDER[level]
-        self.context: dict[str, Any] = {}
+        self.context: dict[str, object] = {}
         if env is not None:
             self.context = {"command": env.command, "container_id": env.container_id[:12],
                             "pod": f"{env.pod_namespace}/{env.pod_name}" if env.pod_name else ""}
 
-    def __call__(self, level: str, event: str, **fields: Any) -> None:
+    def __call__(self, level: str, event: str, **fields: object) -> None:
         if self._ORDER[level] < self.threshold:
             return
         record = {"ts": round(time.time(), 3), "level": level, "logger": "ambit-cni", "event": event,
@@ -38,43 +37,34 @@ class _Log:
 
 
 def _client(cfg: PluginConfig):
-    # Imported here so VERSION and configuration errors never load protobuf.
+    # Imported here so VERSION and configuration errors never load the socket code.
     from .agent_client import AgentClient
     return AgentClient(cfg.agent_socket, cfg.timeout)
 
 
-def _pb():
-    from ambit.api.v1 import agent_pb2
-    return agent_pb2
+def _pod_ref(env: Environment) -> list:
+    return wire.pod_ref(env.pod_namespace, env.pod_name, env.pod_uid)
 
 
-def _pod_ref(env: Environment):
-    return _pb().PodRef(namespace=env.pod_namespace, name=env.pod_name, uid=env.pod_uid)
+def _attachment(env: Environment) -> list:
+    return wire.attachment(env.container_id, env.ifname)
 
 
-def _attachment(env: Environment):
-    return _pb().Attachment(container_id=env.container_id, ifname=env.ifname)
-
-
-def cmd_add(env: Environment, cfg: PluginConfig, log: _Log) -> dict[str, Any]:
+def cmd_add(env: Environment, cfg: PluginConfig, log: _Log) -> dict[str, object]:
     assert cfg.prev_result is not None  # parse_config guarantees it for ADD
     if not os.path.exists(env.netns):
         raise CniError(spec.UNKNOWN_CONTAINER, f"network namespace {env.netns} does not exist")
-    pb = _pb()
     started = time.monotonic()
-    reply = _client(cfg).enrol(pb.EnrolPodRequest(
-        attachment=_attachment(env), netns=env.netns, pod=_pod_ref(env),
-        ips=spec.pod_addresses(cfg.prev_result), network=cfg.name))
-    log("info", "enrolled" if reply.enrolled else "not enrolled", reason=reply.reason,
-        host_veth=reply.workload.host_veth, ms=round((time.monotonic() - started) * 1000, 1))
+    reply = _client(cfg).enrol(wire.enrol_pod_request(
+        _attachment(env), env.netns, _pod_ref(env), spec.pod_addresses(cfg.prev_result), cfg.name))
+    log("info", "enrolled" if reply["enrolled"] else "not enrolled", reason=reply["reason"],
+        host_veth=reply["host_veth"], ms=round((time.monotonic() - started) * 1000, 1))
     return spec.convert_result(cfg.prev_result, cfg.cni_version)
 
 
 def cmd_del(env: Environment, cfg: PluginConfig, log: _Log) -> None:
-    pb = _pb()
     try:
-        reply = _client(cfg).release(pb.ReleasePodRequest(
-            attachment=_attachment(env), netns=env.netns, pod=_pod_ref(env)))
+        reply = _client(cfg).release(wire.release_pod_request(_attachment(env), env.netns, _pod_ref(env)))
     except CniError as exc:
         if exc.code != spec.TRY_AGAIN_LATER:
             raise
@@ -82,31 +72,28 @@ def cmd_del(env: Environment, cfg: PluginConfig, log: _Log) -> None:
         # runtime must be able to delete a pod while the agent is down.
         log("warn", "agent unreachable on DEL; it will clean up on restart", detail=exc.details)
         return
-    log("info", "released" if reply.released else "nothing to release")
+    log("info", "released" if reply["released"] else "nothing to release")
 
 
 def cmd_check(env: Environment, cfg: PluginConfig, log: _Log) -> None:
-    pb = _pb()
     ips = spec.pod_addresses(cfg.prev_result) if cfg.prev_result else []
-    _client(cfg).check(pb.CheckPodRequest(attachment=_attachment(env), netns=env.netns,
-                                          pod=_pod_ref(env), ips=ips))
+    _client(cfg).check(wire.check_pod_request(_attachment(env), env.netns, _pod_ref(env), ips))
     log("debug", "check passed")
 
 
 def cmd_status(cfg: PluginConfig, log: _Log) -> None:
     reply = _client(cfg).status()
-    if not reply.ready:
-        raise CniError(spec.NOT_AVAILABLE, "ambit agent is not ready", reply.reason)
+    if not reply["ready"]:
+        raise CniError(spec.NOT_AVAILABLE, "ambit agent is not ready", reply["reason"])
 
 
 def cmd_gc(cfg: PluginConfig, log: _Log) -> None:
-    pb = _pb()
-    valid = [pb.Attachment(container_id=c, ifname=i) for c, i in cfg.valid_attachments or ()]
-    reply = _client(cfg).gc(pb.GarbageCollectRequest(valid=valid, network=cfg.name))
-    log("info", "garbage collected", released=[a.container_id[:12] for a in reply.released])
+    valid = [wire.attachment(c, i) for c, i in cfg.valid_attachments or ()]
+    released = _client(cfg).gc(wire.garbage_collect_request(valid, cfg.name))
+    log("info", "garbage collected", released=[c[:12] for c in released])
 
 
-def run(environ: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:
+def run(environ: dict, stdin: bytes, out: object, err: object) -> int:
     """Run one CNI command; returns the exit status."""
     reply_version = spec.LATEST_VERSION
     log = _Log(err, "warn", None)

@@ -1,15 +1,15 @@
 """The CNI specification as pure logic: versions, errors, environment, the
 plugin's network configuration and the result it passes through.
 
-No I/O here, so every rule of the spec is unit-tested directly.
+No I/O here, so every rule of the spec is unit-tested directly. Plain
+classes instead of dataclasses/typing: both cost the plugin milliseconds of
+import per run (see cni/__init__.py).
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
@@ -41,8 +41,8 @@ class CniError(Exception):
         self.msg = msg
         self.details = details
 
-    def to_json(self, cni_version: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
+    def to_json(self, cni_version: str) -> dict:
+        out: dict = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
         if self.details:
             out["details"] = self.details
         return out
@@ -56,16 +56,19 @@ def version_at_least(version: str, minimum: str) -> bool:
     return version_key(version) >= version_key(minimum)
 
 
-@dataclass(frozen=True)
 class Environment:
     """The CNI_* variables the runtime sets for one invocation."""
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: Mapping[str, str] = field(default_factory=dict)
-    path: str = ""
+    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path")
+
+    def __init__(self, command: str, container_id: str = "", netns: str = "", ifname: str = "",
+                 args: dict[str, str] | None = None, path: str = "") -> None:
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = args or {}
+        self.path = path
 
     @property
     def pod_namespace(self) -> str:
@@ -101,7 +104,7 @@ _REQUIRED_ENV = {
 }
 
 
-def parse_environment(env: Mapping[str, str]) -> Environment:
+def parse_environment(env: dict) -> Environment:
     command = env.get("CNI_COMMAND", "")
     if not command:
         raise CniError(INVALID_ENVIRONMENT, "CNI_COMMAND is not set")
@@ -124,7 +127,7 @@ def parse_environment(env: Mapping[str, str]) -> Environment:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
-def parse_timeout(value: Any) -> float:
+def parse_timeout(value) -> float:
     """`timeout` is seconds as a number, or a duration string such as "500ms", "5s"."""
     if isinstance(value, bool):
         raise CniError(INVALID_CONFIG, f"timeout must be seconds or a duration, not {value!r}")
@@ -140,20 +143,25 @@ def parse_timeout(value: Any) -> float:
     return seconds
 
 
-@dataclass(frozen=True)
 class PluginConfig:
     """ambit's entry in the conflist, plus what the runtime adds to it."""
 
-    cni_version: str
-    name: str
-    agent_socket: str = DEFAULT_AGENT_SOCKET
-    timeout: float = DEFAULT_TIMEOUT_S
-    log_level: str = "warn"
-    prev_result: dict[str, Any] | None = None
-    valid_attachments: tuple[tuple[str, str], ...] | None = None
+    __slots__ = ("cni_version", "name", "agent_socket", "timeout", "log_level", "prev_result",
+                 "valid_attachments")
+
+    def __init__(self, cni_version: str, name: str, agent_socket: str = DEFAULT_AGENT_SOCKET,
+                 timeout: float = DEFAULT_TIMEOUT_S, log_level: str = "warn", prev_result: dict | None = None,
+                 valid_attachments: tuple[tuple[str, str], ...] | None = None) -> None:
+        self.cni_version = cni_version
+        self.name = name
+        self.agent_socket = agent_socket
+        self.timeout = timeout
+        self.log_level = log_level
+        self.prev_result = prev_result
+        self.valid_attachments = valid_attachments
 
 
-def decode_config(stdin: bytes) -> dict[str, Any]:
+def decode_config(stdin: bytes) -> dict:
     if not stdin.strip():
         raise CniError(DECODE_FAILURE, "no network configuration on stdin")
     try:
@@ -165,7 +173,7 @@ def decode_config(stdin: bytes) -> dict[str, Any]:
     return conf
 
 
-def check_version(conf: Mapping[str, Any]) -> str:
+def check_version(conf: dict) -> str:
     version = conf.get("cniVersion")
     if not isinstance(version, str) or not version:
         raise CniError(INVALID_CONFIG, "network configuration has no cniVersion")
@@ -175,7 +183,7 @@ def check_version(conf: Mapping[str, Any]) -> str:
     return version
 
 
-def parse_config(conf: Mapping[str, Any], command: str) -> PluginConfig:
+def parse_config(conf: dict, command: str) -> PluginConfig:
     """Validate the configuration for `command`; unknown keys are ignored."""
     version = check_version(conf)
     if command in ("STATUS", "GC") and not version_at_least(version, "1.1.0"):
@@ -210,7 +218,7 @@ def parse_config(conf: Mapping[str, Any], command: str) -> PluginConfig:
                         log_level=log_level, prev_result=prev, valid_attachments=valid)
 
 
-def validate_prev_result(prev: Any) -> None:
+def validate_prev_result(prev) -> None:
     if not isinstance(prev, dict):
         raise CniError(INVALID_CONFIG, "prevResult must be a JSON object")
     ips = prev.get("ips")
@@ -226,7 +234,7 @@ def validate_prev_result(prev: Any) -> None:
             raise CniError(INVALID_CONFIG, f"prevResult has an invalid address {entry['address']!r}") from None
 
 
-def parse_valid_attachments(raw: Any) -> tuple[tuple[str, str], ...]:
+def parse_valid_attachments(raw) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, list):
         raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
     out = []
@@ -238,12 +246,12 @@ def parse_valid_attachments(raw: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def pod_addresses(prev: Mapping[str, Any]) -> list[str]:
+def pod_addresses(prev: dict) -> list[str]:
     """The pod's addresses in CIDR form, as the primary plugin assigned them."""
     return [str(ipaddress.ip_interface(entry["address"])) for entry in prev.get("ips", [])]
 
 
-def convert_result(prev: Mapping[str, Any], version: str) -> dict[str, Any]:
+def convert_result(prev: dict, version: str) -> dict:
     """prevResult in the requested version. 0.3.x/0.4.0 results carry a
     per-IP "version" ("4"/"6") that 1.0.0 removed; nothing else differs among
     the versions we support."""
@@ -262,6 +270,6 @@ def convert_result(prev: Mapping[str, Any], version: str) -> dict[str, Any]:
     return out
 
 
-def version_result(conf_version: str | None) -> dict[str, Any]:
+def version_result(conf_version: str | None) -> dict:
     return {"cniVersion": conf_version if conf_version in SUPPORTED_VERSIONS else LATEST_VERSION,
             "supportedVersions": list(SUPPORTED_VERSIONS)}

@@ -1,0 +1,83 @@
+"""ambitctl: look inside a running ambit-agent over its socket.
+
+Human tables by default, `-o json` for scripts. Exit status: 0 ok, 1 the
+agent answered with an error, 2 usage, 3 the agent is not reachable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from google.protobuf.json_format import MessageToDict
+
+from .client import DEFAULT_SOCKET, AgentClient, AgentUnavailable
+
+EXIT_ERROR, EXIT_UNREACHABLE = 1, 3
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _age(since: float) -> str:
+    seconds = max(0, int(time.time() - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cmd_status(client: AgentClient, output: str) -> str:
+    st = client.status()
+    if output == "json":
+        return json.dumps(MessageToDict(st, preserving_proto_field_name=True))
+    return "\n".join([f"node:      {st.node}", f"version:   {st.version}",
+                      f"ready:     {'yes' if st.ready else 'no (' + st.reason + ')'}",
+                      f"uptime:    {_age(st.started_at)}", f"enrolled:  {st.enrolled} pod(s)"])
+
+
+def cmd_workloads(client: AgentClient, output: str) -> str:
+    items = client.workloads()
+    if output == "json":
+        return json.dumps([MessageToDict(w, preserving_proto_field_name=True) for w in items])
+    rows = [[f"{w.pod.namespace}/{w.pod.name}" if w.pod.name else "-", ",".join(w.ips),
+             f"{w.host_veth}({w.host_veth_ifindex})", w.capture, w.attachment.container_id[:12],
+             _age(w.enrolled_at)] for w in items]
+    return _table(rows, ["POD", "IPS", "HOST VETH", "CAPTURE", "CONTAINER", "AGE"])
+
+
+COMMANDS = {"status": cmd_status, "workloads": cmd_workloads}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ambitctl", description="Inspect a running ambit-agent.")
+    parser.add_argument("--socket", default=os.environ.get("AMBIT_AGENT_SOCKET", DEFAULT_SOCKET),
+                        help="agent API socket (default: %(default)s; env AMBIT_AGENT_SOCKET)")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="agent version, readiness and counts")
+    sub.add_parser("workloads", help="enrolled pods as the agent recorded them from the kernel")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        with AgentClient(args.socket) as client:
+            print(COMMANDS[args.command](client, args.output))
+    except AgentUnavailable as exc:
+        print(f"ambitctl: {exc}", file=sys.stderr)
+        sys.exit(EXIT_UNREACHABLE)
+    except Exception as exc:  # grpc.RpcError and friends: one line, no traceback
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"ambitctl: {args.command} failed: {details}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

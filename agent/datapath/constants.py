@@ -1,0 +1,47 @@
+"""Every port, mark bit, routing table and kernel object name ambit uses.
+
+One place, so the eBPF programs (bpf/*.c get these as -D defines), the
+routing set-up, the proxy and the docs cannot drift apart.
+
+Mark bits (skb->mark / SO_MARK), all inside 0xf00 so they stay clear of
+kube-proxy (0x4000/0x8000), Calico (0xffff0000) and Cilium (0x0f00 is Cilium's
+too: do not run both on one node):
+  0x100  CAPTURED  set by the proxy-namespace tc ingress program on every
+                   packet it accepts from ambit0; `ip rule fwmark 0x100/0x100
+                   lookup 100` + `local 0.0.0.0/0 dev lo table 100` make the
+                   proxy namespace deliver it locally although the destination
+                   is not one of its addresses (seed: "packet marking").
+  0x200  PROXY     SO_MARK on every socket the proxy opens, so its own traffic
+                   is recognisable (the nftables backend and `ambitctl trace`
+                   use it; the eBPF backend recognises proxy traffic on the
+                   node side by its ingress interface, ambit0, because marks
+                   do not survive a namespace crossing).
+Routing table 100 lives only in the proxy namespace.
+"""
+from __future__ import annotations
+
+# Transparent listeners in the proxy namespace (Istio's numbers).
+OUTBOUND_PORT = 15001      # what enrolled pods send
+INBOUND_PLAINTEXT_PORT = 15006  # plaintext arriving for enrolled pods
+HBONE_PORT = 15008         # mTLS HTTP/2 CONNECT tunnels for enrolled pods
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+PROXY_PORTS = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT)
+
+MARK_CAPTURED = 0x100
+MARK_PROXY = 0x200
+MARK_MASK = 0xF00
+ROUTE_TABLE = 100
+RULE_PRIORITY = 100
+
+# Names of kernel objects (all start with "ambit").
+PROXY_NETNS = "ambit-proxy"       # default proxy namespace name (the lab prefixes it per node)
+NODE_LINK = "ambit0"              # node side of the proxy veth pair
+PROXY_LINK = "eth0"               # proxy side of the pair
+BPFFS_ROOT = "/sys/fs/bpf/ambit"  # default pin directory (the lab uses one per node)
+
+# Link-local /30 between the node and the proxy namespace; never routed
+# beyond the node.
+NODE_LINK_ADDR = "169.254.7.1"
+PROXY_LINK_ADDR = "169.254.7.2"
+LINK_PREFIXLEN = 30

@@ -1,0 +1,250 @@
+"""Pods in and out of the mesh: the agent's side of CNI ADD/DEL/CHECK/GC.
+
+Every decision is checked against the kernel (the pod's veth peer, the
+namespace) and recorded on disk; the capture backend does the datapath work.
+Operations on one attachment are serialized; different pods proceed in
+parallel, with kernel calls on worker threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Iterable, Protocol
+
+import structlog
+
+from .datapath.podlink import PodLink, PodLinkError, host_link_exists, inspect_pod_link
+from .state import StateStore
+from .workload import AttachmentKey, PodRef, Workload
+
+log = structlog.get_logger(__name__)
+
+
+class EnrolmentError(Exception):
+    """A refusal with a kind the RPC layer maps to a gRPC status."""
+
+    INVALID = "invalid"
+    NOT_FOUND = "not-found"
+    PRECONDITION = "precondition"
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Selector(Protocol):
+    """Decides whether a pod belongs to the mesh."""
+
+    def decide(self, pod: PodRef) -> tuple[bool, str]: ...
+
+
+class EnrolEveryPod:
+    """Without discovery every pod on the chain is enrolled."""
+
+    def decide(self, pod: PodRef) -> tuple[bool, str]:
+        return True, "no discovery configured: every pod on this CNI chain is enrolled"
+
+
+class CaptureBackend(Protocol):
+    """The datapath work for one pod; methods run on worker threads."""
+
+    name: str
+
+    def attach(self, workload: Workload, link: PodLink) -> str: ...
+
+    def detach(self, workload: Workload) -> None: ...
+
+    def verify(self, workload: Workload) -> str | None: ...
+
+
+class RecordOnly:
+    """Records pods without touching their traffic (`--capture none`)."""
+
+    name = "none"
+
+    def attach(self, workload: Workload, link: PodLink) -> str:
+        return "recorded"
+
+    def detach(self, workload: Workload) -> None:
+        return None
+
+    def verify(self, workload: Workload) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class EnrolRequest:
+    key: AttachmentKey
+    netns: str
+    pod: PodRef
+    ips: tuple[str, ...]
+    network: str
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    enrolled: bool
+    reason: str
+    workload: Workload | None
+
+
+def _normalise_ips(ips: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for ip in ips:
+        try:
+            out.append(str(ipaddress.ip_interface(ip)))
+        except ValueError:
+            raise EnrolmentError(EnrolmentError.INVALID, f"invalid pod address {ip!r}") from None
+    if not out:
+        raise EnrolmentError(EnrolmentError.INVALID, "the pod has no addresses")
+    return tuple(out)
+
+
+class Enrolment:
+    def __init__(self, store: StateStore, backend: CaptureBackend, selector: Selector | None = None) -> None:
+        self.store = store
+        self.backend = backend
+        self.selector = selector or EnrolEveryPod()
+        self._workloads: dict[AttachmentKey, Workload] = {}
+        self._locks: dict[AttachmentKey, asyncio.Lock] = {}
+
+    # -- bookkeeping -------------------------------------------------------
+    def workloads(self) -> list[Workload]:
+        return sorted(self._workloads.values(), key=lambda w: (w.pod.namespace, w.pod.name, w.key.container_id))
+
+    def get(self, key: AttachmentKey) -> Workload | None:
+        return self._workloads.get(key)
+
+    def _lock(self, key: AttachmentKey) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _forget_lock(self, key: AttachmentKey) -> None:
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
+
+    # -- CNI operations ----------------------------------------------------
+    async def enrol(self, req: EnrolRequest) -> EnrolResult:
+        ips = _normalise_ips(req.ips)
+        wanted, reason = self.selector.decide(req.pod)
+        if not wanted:
+            log.info("pod not enrolled", pod=str(req.pod), attachment=str(req.key), reason=reason)
+            return EnrolResult(False, reason, None)
+        async with self._lock(req.key):
+            try:
+                link = await asyncio.to_thread(inspect_pod_link, req.netns, req.key.ifname)
+            except PodLinkError as exc:
+                kind = {PodLinkError.NETNS_MISSING: EnrolmentError.NOT_FOUND,
+                        PodLinkError.NO_INTERFACE: EnrolmentError.NOT_FOUND}.get(exc.reason,
+                                                                                EnrolmentError.PRECONDITION)
+                log.warning("cannot enrol pod", pod=str(req.pod), attachment=str(req.key), error=str(exc))
+                raise EnrolmentError(kind, str(exc)) from None
+            await self._drop_conflicting(req.key, ips)
+            workload = Workload(key=req.key, netns=req.netns, pod=req.pod, ips=ips, network=req.network,
+                                host_veth=link.host_ifname, host_veth_ifindex=link.host_ifindex,
+                                container_ifindex=link.container_ifindex, enrolled_at=time.time())
+            kernel_ips = {a.split("/")[0] for a in link.addresses}
+            if not set(workload.addresses) <= kernel_ips:
+                log.warning("prevResult addresses are not all on the pod interface", pod=str(req.pod),
+                            prev_result=list(ips), kernel=sorted(kernel_ips))
+            try:
+                capture = await asyncio.to_thread(self.backend.attach, workload, link)
+            except Exception as exc:
+                log.error("capture failed; pod not enrolled", pod=str(req.pod), attachment=str(req.key),
+                          host_veth=link.host_ifname, error=str(exc))
+                await asyncio.to_thread(self.backend.detach, workload)
+                raise EnrolmentError(EnrolmentError.PRECONDITION,
+                                     f"could not capture traffic on {link.host_ifname}: {exc}") from None
+            workload = replace(workload, capture=capture)
+            self.store.save(workload)
+            self._workloads[req.key] = workload
+            log.info("pod enrolled", pod=str(req.pod), attachment=str(req.key), ips=list(ips),
+                     host_veth=link.host_ifname, host_ifindex=link.host_ifindex, capture=capture)
+        self._forget_lock(req.key)
+        return EnrolResult(True, reason, workload)
+
+    async def _drop_conflicting(self, key: AttachmentKey, ips: tuple[str, ...]) -> None:
+        """An address still recorded for another attachment belongs to a pod
+        that went away without a DEL: release it so capture state is never
+        shared between two pods."""
+        addresses = {ip.split("/")[0] for ip in ips}
+        for other in list(self._workloads.values()):
+            if other.key != key and addresses & set(other.addresses):
+                log.warning("address reused: releasing the stale attachment", stale=str(other.key),
+                            pod=str(other.pod), ips=sorted(addresses & set(other.addresses)))
+                await self._release_locked(other)
+
+    async def release(self, key: AttachmentKey) -> bool:
+        async with self._lock(key):
+            workload = self._workloads.get(key)
+            if workload is None:
+                log.debug("nothing to release", attachment=str(key))
+                released = False
+            else:
+                await self._release_locked(workload)
+                released = True
+        self._forget_lock(key)
+        return released
+
+    async def _release_locked(self, workload: Workload) -> None:
+        await asyncio.to_thread(self.backend.detach, workload)
+        self.store.delete(workload.key)
+        self._workloads.pop(workload.key, None)
+        log.info("pod released", pod=str(workload.pod), attachment=str(workload.key), host_veth=workload.host_veth)
+
+    async def check(self, key: AttachmentKey, pod: PodRef, netns: str, ips: Iterable[str]) -> None:
+        workload = self._workloads.get(key)
+        if workload is None:
+            wanted, _ = self.selector.decide(pod)
+            if wanted:
+                raise EnrolmentError(EnrolmentError.PRECONDITION,
+                                     f"pod {pod} ({key}) should be in the mesh but is not enrolled")
+            return
+        problems = []
+        given = {ip.split("/")[0] for ip in ips}
+        if given and given != set(workload.addresses):
+            problems.append(f"addresses {sorted(given)} differ from enrolled {list(workload.addresses)}")
+        if netns and netns != workload.netns:
+            problems.append(f"netns {netns} differs from enrolled {workload.netns}")
+        if not await asyncio.to_thread(host_link_exists, workload.host_veth_ifindex, workload.host_veth):
+            problems.append(f"host veth {workload.host_veth} (index {workload.host_veth_ifindex}) is gone")
+        else:
+            issue = await asyncio.to_thread(self.backend.verify, workload)
+            if issue:
+                problems.append(issue)
+        if problems:
+            raise EnrolmentError(EnrolmentError.PRECONDITION, "; ".join(problems))
+
+    async def garbage_collect(self, valid: Iterable[AttachmentKey], network: str) -> list[AttachmentKey]:
+        keep = set(valid)
+        stale = [w for w in self._workloads.values()
+                 if w.key not in keep and (not network or not w.network or w.network == network)]
+        for workload in stale:
+            await self.release(workload.key)
+        if stale:
+            log.info("garbage collected", released=[str(w.key) for w in stale], network=network)
+        return [w.key for w in stale]
+
+    # -- restart -------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Re-adopt the records of live pods and release the rest."""
+        adopted, released = 0, 0
+        for workload in self.store.load_all():
+            alive = await asyncio.to_thread(_still_there, workload)
+            self._workloads[workload.key] = workload
+            if alive:
+                adopted += 1
+            else:
+                await self.release(workload.key)
+                released += 1
+        log.info("reconciled enrolment records", adopted=adopted, released=released)
+
+
+def _still_there(workload: Workload) -> bool:
+    return os.path.exists(workload.netns) and host_link_exists(workload.host_veth_ifindex, workload.host_veth)

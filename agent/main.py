@@ -1,0 +1,135 @@
+"""ambit-agent: the node agent.
+
+One asyncio process per node (hostNetwork, privileged). It serves the agent
+API on a Unix socket for ambit-cni and ambitctl, enrols pods, and owns every
+kernel object ambit creates.
+"""
+from __future__ import annotations
+
+import os
+
+# The agent forks short-lived helpers (pyroute2 opens netlink sockets in pod
+# namespaces from a child) while gRPC threads run; gRPC's fork handlers are
+# for processes that use gRPC in the child, which these never do.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from . import __version__
+from . import log as logconf
+from .enrolment import Enrolment, RecordOnly
+from .rpc.cni_service import CniService
+from .rpc.debug_service import DebugService
+from .rpc.server import AgentServer, SocketInUse
+from .state import StateStore
+
+DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
+DEFAULT_STATE_DIR = "/var/run/ambit/state"
+
+log = structlog.get_logger("ambit.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: str = DEFAULT_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR
+    node_name: str = ""
+    log_level: str = "info"
+    capture: str = "none"
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    parser = argparse.ArgumentParser(
+        prog="ambit-agent",
+        description="ambit node agent: serves the CNI and debug API on a Unix socket, enrols pods "
+                    "into the mesh and owns ambit's kernel state on this node.",
+        epilog="Logs are JSON lines on stderr. SIGTERM/SIGINT stop the agent cleanly; enrolled pods "
+               "stay captured while it is down (fail closed) and are re-adopted on the next start.")
+    parser.add_argument("--socket", default=os.environ.get("AMBIT_AGENT_SOCKET", DEFAULT_SOCKET),
+                        help="agent API socket, created with mode 0600 (default: %(default)s; env AMBIT_AGENT_SOCKET)")
+    parser.add_argument("--state-dir", default=os.environ.get("AMBIT_STATE_DIR", DEFAULT_STATE_DIR),
+                        help="where enrolment records are kept across agent restarts (default: %(default)s)")
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                        help="this node's name (default: $NODE_NAME, else the hostname)")
+    parser.add_argument("--log-level", default=os.environ.get("AMBIT_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warn", "error"], help="log level (default: %(default)s)")
+    parser.add_argument("--capture", default="none", choices=["none"],
+                        help="how enrolled pods' traffic is captured: none = record only (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"ambit-agent {__version__}")
+    args = parser.parse_args(argv)
+    return AgentConfig(socket=args.socket, state_dir=args.state_dir,
+                       node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
+                       capture=args.capture)
+
+
+class Agent:
+    """Wires the parts together and runs until told to stop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.store = StateStore(config.state_dir)
+        self.enrolment = Enrolment(self.store, RecordOnly())
+        self._ready = False
+        self._not_ready_reason = "starting"
+        self.server = AgentServer(
+            config.socket,
+            CniService(self.enrolment, self.readiness),
+            DebugService(self.enrolment, config.node_name, self.started_at, self.readiness))
+
+    def readiness(self) -> tuple[bool, str]:
+        return (True, "ready") if self._ready else (False, self._not_ready_reason)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.store.open()
+        await self.enrolment.reconcile()
+        await self.server.start()
+        self._ready = True
+        log.info("agent ready", node=self.config.node_name, version=__version__, capture=self.config.capture,
+                 enrolled=len(self.enrolment.workloads()))
+        try:
+            await stop.wait()
+        finally:
+            self._ready = False
+            self._not_ready_reason = "stopping"
+            log.info("agent stopping")
+            await self.server.stop()
+            log.info("agent stopped")
+
+
+async def _serve(config: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("signal received", signal=sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await Agent(config).run(stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logconf.configure(config.log_level)
+    try:
+        asyncio.run(_serve(config))
+    except SocketInUse as exc:
+        log.error("cannot start", error=str(exc))
+        sys.exit(2)
+    except PermissionError as exc:
+        log.error("cannot start: permission denied (ambit-agent must run as root)", error=str(exc))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The CNI service: what ambit-cni calls on ADD/DEL/CHECK/STATUS/GC.
+
+Errors are mapped to gRPC status codes here and only here; the plugin maps
+those to CNI error codes (cni/agent_client.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import grpc
+import structlog
+
+from ambit.api.v1 import agent_pb2 as pb
+from ambit.api.v1 import agent_pb2_grpc as pb_grpc
+
+from ..enrolment import Enrolment, EnrolmentError, EnrolRequest
+from ..workload import AttachmentKey, PodRef
+
+log = structlog.get_logger(__name__)
+
+_STATUS = {
+    EnrolmentError.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    EnrolmentError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    EnrolmentError.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _key(attachment: pb.Attachment) -> AttachmentKey:
+    return AttachmentKey(container_id=attachment.container_id, ifname=attachment.ifname)
+
+
+def _pod(ref: pb.PodRef) -> PodRef:
+    return PodRef(namespace=ref.namespace, name=ref.name, uid=ref.uid)
+
+
+async def _refuse(context: grpc.aio.ServicerContext, exc: EnrolmentError) -> None:
+    await context.abort(_STATUS[exc.kind], str(exc))
+
+
+class CniService(pb_grpc.CNIServicer):
+    def __init__(self, enrolment: Enrolment, readiness: Callable[[], tuple[bool, str]],
+                 observe_latency: Callable[[str, float], None] | None = None) -> None:
+        self.enrolment = enrolment
+        self.readiness = readiness
+        self.observe = observe_latency or (lambda method, seconds: None)
+
+    async def EnrolPod(self, request: pb.EnrolPodRequest, context) -> pb.EnrolPodResponse:
+        started = time.monotonic()
+        if not request.attachment.container_id or not request.attachment.ifname:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attachment needs container_id and ifname")
+        try:
+            result = await self.enrolment.enrol(EnrolRequest(
+                key=_key(request.attachment), netns=request.netns, pod=_pod(request.pod),
+                ips=tuple(request.ips), network=request.network))
+        except EnrolmentError as exc:
+            await _refuse(context, exc)
+        finally:
+            self.observe("EnrolPod", time.monotonic() - started)
+        reply = pb.EnrolPodResponse(enrolled=result.enrolled, reason=result.reason)
+        if result.workload is not None:
+            reply.workload.CopyFrom(result.workload.to_proto())
+        return reply
+
+    async def ReleasePod(self, request: pb.ReleasePodRequest, context) -> pb.ReleasePodResponse:
+        started = time.monotonic()
+        try:
+            released = await self.enrolment.release(_key(request.attachment))
+        finally:
+            self.observe("ReleasePod", time.monotonic() - started)
+        return pb.ReleasePodResponse(released=released)
+
+    async def CheckPod(self, request: pb.CheckPodRequest, context) -> pb.CheckPodResponse:
+        try:
+            await self.enrolment.check(_key(request.attachment), _pod(request.pod), request.netns, request.ips)
+        except EnrolmentError as exc:
+            await _refuse(context, exc)
+        return pb.CheckPodResponse()
+
+    async def PluginStatus(self, request: pb.PluginStatusRequest, context) -> pb.PluginStatusResponse:
+        ready, reason = self.readiness()
+        return pb.PluginStatusResponse(ready=ready, reason=reason)
+
+    async def GarbageCollect(self, request: pb.GarbageCollectRequest, context) -> pb.GarbageCollectResponse:
+        released = await self.enrolment.garbage_collect([_key(a) for a in request.valid], request.network)
+        return pb.GarbageCollectResponse(released=[pb.Attachment(container_id=k.container_id, ifname=k.ifname)
+                                                   for k in released])

@@ -1,0 +1,81 @@
+"""The agent's gRPC server on a Unix socket (mode 0600), with the standard
+gRPC health service beside the CNI and Debug services."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ambit.api.v1 import agent_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+HEALTH_SERVICES = ("", "ambit.agent.v1.CNI", "ambit.agent.v1.Debug")
+
+
+class SocketInUse(Exception):
+    """Another process is serving the socket path, or the path is not ours to replace."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the directory and remove a stale socket; never remove a socket
+    that someone is still serving, nor anything that is not a socket."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise SocketInUse(f"cannot tell whether {path} is in use: {exc.strerror}") from None
+        os.unlink(path)
+        log.info("removed stale agent socket", path=path)
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(f"another agent is already serving {path}")
+
+
+class AgentServer:
+    def __init__(self, socket_path: str, cni_service, debug_service) -> None:
+        self.socket_path = socket_path
+        self._server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 256)])
+        pb_grpc.add_CNIServicer_to_server(cni_service, self._server)
+        pb_grpc.add_DebugServicer_to_server(debug_service, self._server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+
+    async def start(self) -> None:
+        prepare_socket_path(self.socket_path)
+        # The socket must never be reachable by others, not even for the
+        # instant between bind() and chmod(): bind under a tight umask.
+        old = os.umask(0o177)
+        try:
+            self._server.add_insecure_port(f"unix:{self.socket_path}")
+            await self._server.start()
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving agent API", socket=self.socket_path)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
