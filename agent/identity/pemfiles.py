@@ -1,0 +1,59 @@
+"""Atomic writes of PEM files with exact permissions.
+
+A private key must never exist on disk, even for a moment, with wider
+permissions than 0600, and a reader must never see half a file: so every file
+is written to a temporary file created 0600 in the same directory, flushed,
+given its final mode and renamed over the target.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+PRIVATE_FILE_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+PRIVATE_DIR_MODE = 0o700
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create `directory` (and parents) and make it owner-only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, PRIVATE_DIR_MODE)
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data`; the file has `mode` from its first byte on."""
+    # mkstemp creates the file O_EXCL with mode 0600, whatever the umask.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fchmod(tmp.fileno(), mode)
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    write_atomically(path, data, PRIVATE_FILE_MODE)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    write_atomically(path, data, PUBLIC_FILE_MODE)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable, so a crash leaves the old or the new file."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
