@@ -1,0 +1,180 @@
+"""Lab building blocks: a "node" network namespace with a real ambit-agent
+running inside it, and pods made by the real CNI chain.
+
+The lab, the tests and the benchmarks all build on these. Nothing here
+touches the machine's own namespace: every link, bridge and route the chain
+creates lives in the node namespace, which is removed (with everything in
+it) when the context exits, also on failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as nsmod
+
+from .cniruntime import REFERENCE_PLUGINS
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout (editable install)
+NETNS_DIR = "/var/run/netns"
+
+
+def cni_plugin_dirs() -> list[str]:
+    """Where ambit-cni is found first, then the reference plugins. The
+    frozen build is preferred when `make` produced it."""
+    frozen = REPO / "build" / "cni-bin"
+    ours = frozen if (frozen / "ambit-cni").exists() else Path(sys.executable).parent
+    return [str(ours), REFERENCE_PLUGINS]
+
+
+def netns_path(name: str) -> str:
+    return f"{NETNS_DIR}/{name}"
+
+
+def make_pod_netns(name: str) -> str:
+    """A pod sandbox: a named netns with loopback up, as a runtime makes it."""
+    if os.path.exists(netns_path(name)):
+        nsmod.remove(name)
+    nsmod.create(name)
+    with IPRoute(netns=netns_path(name), flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return netns_path(name)
+
+
+def remove_netns(name: str) -> None:
+    if os.path.exists(netns_path(name)):
+        nsmod.remove(name)
+
+
+class NodeNamespace:
+    """A network namespace standing in for a Kubernetes node."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = netns_path(name)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+
+    def __enter__(self) -> "NodeNamespace":
+        make_pod_netns(self.name)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        remove_netns(self.name)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def remove_netns_path(self, path: str) -> None:
+        remove_netns(os.path.basename(path))
+
+    def ipr(self) -> IPRoute:
+        return IPRoute(netns=self.path, flags=0)
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run a command inside the node namespace."""
+        path = self.path
+        return subprocess.run(argv, preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False), **kwargs)
+
+
+class AgentProcess:
+    """A real ambit-agent process inside a node namespace."""
+
+    def __init__(self, node: NodeNamespace, tag: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.node = node
+        self.socket = str(node.workdir / "agent.sock")
+        self.state_dir = str(node.workdir / "state")
+        self.log_path = node.workdir / f"agent-{tag}.log"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "ambit-agent"), "--socket", self.socket,
+                "--state-dir", self.state_dir, "--node-name", self.node.name, "--log-level", "debug",
+                *self.extra_args]
+
+    def start(self, wait: bool = True) -> "AgentProcess":
+        path = self.node.path
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        from ..cli.client import AgentClient
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
+            if os.path.exists(self.socket):
+                try:
+                    with AgentClient(self.socket, timeout=2.0) as client:
+                        if client.status().ready:
+                            return
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "AgentProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def ambit_plugin(socket: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "ambit-cni", "agentSocket": socket, "timeout": 5, "logLevel": "info", **extra}
+
+
+def bridge_conflist(name: str, subnet: str, socket: str, *, ipam_dir: str | os.PathLike, version: str = "1.0.0",
+                    portmap: bool = True, ambit: bool = True) -> dict[str, Any]:
+    """bridge + host-local [+ portmap] [+ ambit-cni], the kubenet-style chain."""
+    plugins: list[dict[str, Any]] = [{
+        "type": "bridge", "bridge": f"{name[:8]}br0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
+        "ipam": {"type": "host-local", "subnet": subnet,
+                 "dataDir": str(ipam_dir)}}]
+    if portmap:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": False})
+    if ambit:
+        plugins.append(ambit_plugin(socket))
+    return {"cniVersion": version, "name": name, "plugins": plugins}
+
+
+def ptp_conflist(name: str, subnet: str, socket: str, *, ipam_dir: str | os.PathLike,
+                 version: str = "1.0.0") -> dict[str, Any]:
+    """ptp + host-local + ambit-cni: no bridge, a /32 route per pod."""
+    return {"cniVersion": version, "name": name, "plugins": [
+        {"type": "ptp", "ipMasq": False,
+         "ipam": {"type": "host-local", "subnet": subnet, "dataDir": str(ipam_dir)}},
+        ambit_plugin(socket)]}
