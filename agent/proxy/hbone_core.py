@@ -1,0 +1,1078 @@
+"""Sans-I/O HBONE: TCP tunnels as HTTP/2 CONNECT streams, bytes in, events and bytes out.
+
+`HboneClientConnection` and `HboneServerConnection` wrap an `h2` state machine
+the way `h2` itself works: the I/O layer feeds received bytes to
+`receive_data()`, acts on the returned events, calls the stream methods, and
+writes whatever `data_to_send()` returns. Nothing here touches a socket or a
+clock other than the injected one, so every behaviour is testable by pumping
+bytes between two objects in memory.
+
+Contract with the I/O layer
+- Flow control is tied to consumption. `DataReceived.flow_controlled_length`
+  bytes stay charged against the stream and connection windows until the
+  caller calls `acknowledge(stream_id, n)` after writing the data out, so a
+  slow TCP peer pushes back all the way to the sender and memory per
+  connection stays below the connection window (16 MiB by default).
+  WINDOW_UPDATEs are batched by h2's window manager: one goes out once half a
+  window has been acknowledged, or once more than 1 KiB is acknowledged while
+  the window is empty. Data the caller never sees (for streams that are gone,
+  refused or reset) is credited to the connection window by the core, so the
+  shared window cannot leak.
+- `send_data()` returns how many bytes it framed; fewer than offered means a
+  window is shut and the caller should pause reading that TCP socket until
+  `WindowOpened(stream_id)` (that stream's window) or `WindowOpened(None)`
+  (the connection window: retry every paused stream).
+- Server: a CONNECT arrives as `TunnelRequested`; the caller applies policy,
+  connects upstream, then calls `accept()` (200) or `refuse()`. DATA that
+  arrives before the answer is surfaced as ordinary `DataReceived` events;
+  the *caller* buffers it until the upstream socket is connected. That buffer
+  is bounded without extra limits: unacknowledged bytes can never exceed the
+  stream window. DATA is never sent before the 200: `send_data()` and
+  `end_stream()` on an unanswered tunnel raise `HboneProtocolError`.
+- Errors on one stream never reach the connection: stream operations on a
+  stream that is already gone are no-ops (`send_data` returns 0, `accept`
+  returns False); the event saying why has been or will be delivered.
+- Peer misbehaviour never raises out of `receive_data()`. Stream-level faults
+  become refusals or resets; connection-level faults queue a GOAWAY and end
+  the event list with `ConnectionClosed`, after which the connection is dead
+  (h2 treats any GOAWAY as final, so there is no graceful drain).
+  `HboneProtocolError` is raised only by calls that cannot be carried out:
+  opening a stream or pinging on a closed connection, sending before the 200.
+
+Abuse limits (server side unless noted; numbers in `HboneSettings`)
+- Frames longer than our SETTINGS_MAX_FRAME_SIZE are rejected from their
+  9-byte header (FRAME_SIZE_ERROR), before the payload is buffered.
+- A header block (HEADERS + CONTINUATIONs) may hold at most twice the
+  advertised header list size; beyond that the connection is closed with
+  PROTOCOL_ERROR (CONTINUATION flood). A decoded header list above the
+  advertised size but within twice of it is refused with 431 (client side: the
+  stream is reset); above twice of it HPACK decoding stops and the connection
+  is closed with ENHANCE_YOUR_CALM, because HPACK state is then unusable.
+- A stream beyond max_concurrent_streams is reset with REFUSED_STREAM (a
+  stream error, so a client that raced our SETTINGS can retry).
+- Rapid reset: streams that end before we answered them (cancelled by the
+  peer, or refused by the core as malformed or over a limit) are counted in a
+  sliding window; more than `rapid_reset_limit` within `rapid_reset_window_s`
+  closes the connection with GOAWAY ENHANCE_YOUR_CALM. Refusals decided by the
+  caller (policy 401, upstream 503) are legitimate and not counted.
+- Not covered here: PING/SETTINGS floods (each costs one small ACK, the I/O
+  layer bounds its write buffer) and idle or slow peers (I/O-layer timeouts).
+
+Fast path hook: `_FrameScanner` already walks every frame header before h2
+sees the bytes (it needs to, for the limits above). A later DATA fast path can
+divert DATA frames of open tunnels there and hand only control frames to h2.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import structlog
+from h2.errors import ErrorCodes
+
+from ambit.agent.proxy.hbone_settings import HboneSettings
+
+__all__ = [
+    "ConnectionClosed",
+    "DataReceived",
+    "HboneClientConnection",
+    "HboneEvent",
+    "HboneProtocolError",
+    "HboneServerConnection",
+    "PingAcked",
+    "SettingsChanged",
+    "StreamEnded",
+    "StreamReset",
+    "TunnelAccepted",
+    "TunnelRefused",
+    "TunnelRequested",
+    "WindowOpened",
+    "format_authority",
+    "parse_authority",
+]
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class HboneProtocolError(Exception):
+    """A call on an HBONE connection that cannot be carried out.
+
+    Raised for calls on a closed connection that need a live one (open_stream,
+    ping), when the peer's stream limit is reached, and for sending on a tunnel
+    that may not carry DATA (unanswered, or already half-closed by us).
+    Whatever `data_to_send()` holds (e.g. a GOAWAY) is still valid.
+    """
+
+
+# --- events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRequested:
+    """Server: a valid CONNECT arrived; answer with accept() or refuse()."""
+
+    stream_id: int
+    authority_host: str  # canonical IP text, no brackets
+    authority_port: int
+    headers: tuple[tuple[str, str], ...]  # regular headers (baggage, forwarded, ...), latin-1
+
+    def header(self, name: str) -> str | None:
+        """First value of a header (names are lower case on HTTP/2)."""
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key == wanted), None)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelAccepted:
+    """Client: the server answered 2xx; the tunnel is up."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRefused:
+    """Client: the server answered with a non-2xx status; the stream is gone."""
+
+    stream_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Tunnel bytes; acknowledge flow_controlled_length once they are written out."""
+
+    stream_id: int
+    data: bytes
+    flow_controlled_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the tunnel (END_STREAM = TCP FIN)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The tunnel was aborted (RST_STREAM = TCP RST); the stream is gone.
+
+    remote=False means the core reset it because the peer broke the rules on
+    this stream (e.g. trailers on a tunnel, a response without a status).
+    """
+
+    stream_id: int
+    error_code: int
+    remote: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The connection is finished; flush data_to_send() and close the socket.
+
+    remote=True: the peer sent GOAWAY. remote=False: we sent one because the
+    peer broke the protocol or an abuse limit. Streams above last_stream_id
+    were never processed by whoever sent the GOAWAY and are safe to retry.
+    """
+
+    error_code: int
+    reason: str
+    last_stream_id: int
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcked:
+    """The peer answered the PING carrying opaque_data."""
+
+    opaque_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """A send window that made send_data() come back short has room again.
+
+    stream_id=None: the connection window; every paused stream may retry.
+    """
+
+    stream_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsChanged:
+    """The peer's SETTINGS now in force (what limits what we send)."""
+
+    max_frame_size: int
+    max_concurrent_streams: int
+    initial_window_size: int
+
+
+HboneEvent: TypeAlias = (
+    TunnelRequested
+    | TunnelAccepted
+    | TunnelRefused
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | ConnectionClosed
+    | PingAcked
+    | WindowOpened
+    | SettingsChanged
+)
+
+
+# --- authority ---------------------------------------------------------------
+
+# "[" + 45-char IPv6 text + "]:" + 5 digits fits in 60; anything longer is junk.
+_MAX_AUTHORITY_LENGTH: Final = 64
+
+
+def format_authority(host: str | IPAddress, port: int) -> str:
+    """`ip:port` for CONNECT's :authority; IPv6 in brackets (RFC 9110 §7.2)."""
+    address = ipaddress.ip_address(host) if isinstance(host, str) else host
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    if address.version == 6:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def parse_authority(authority: str) -> tuple[IPAddress, int]:
+    """Parse an HBONE :authority: an IP literal and a port, nothing else.
+
+    HBONE names the original destination address (pod IP or service VIP), so
+    host names, zone IDs, user info and bare IPv6 without brackets are refused.
+    """
+    if len(authority) > _MAX_AUTHORITY_LENGTH or not authority.isascii():
+        raise ValueError("authority too long or not ASCII")
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close < 0 or authority[close + 1 : close + 2] != ":":
+            raise ValueError("IPv6 authority must be [address]:port")
+        host_text, port_text = authority[1:close], authority[close + 2 :]
+        if "%" in host_text:
+            raise ValueError("zone IDs are not allowed in an authority")
+        address: IPAddress = ipaddress.IPv6Address(host_text)
+    else:
+        host_text, sep, port_text = authority.rpartition(":")
+        if not sep:
+            raise ValueError("authority has no port")
+        address = ipaddress.IPv4Address(host_text)
+    if not (port_text.isdigit() and len(port_text) <= 5):
+        raise ValueError("authority port is not a number")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"authority port {port} out of range")
+    return address, port
+
+
+# --- request/response validation ----------------------------------------------
+
+_REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":authority", b":scheme", b":path", b":protocol"})
+# Connection-specific fields make an HTTP/2 message malformed (RFC 9113 §8.2.2);
+# content-length has no meaning on a CONNECT tunnel.
+_FORBIDDEN_REQUEST_HEADERS: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
+)
+_FORBIDDEN_OUTBOUND_HEADERS: Final = frozenset(s.decode() for s in _FORBIDDEN_REQUEST_HEADERS) | {"te", "host"}
+_HEADER_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+_HEADER_ENTRY_OVERHEAD: Final = 32  # RFC 9113 §6.5.2: name + value + 32 per field
+
+
+def _error_code(code: int | None) -> int:
+    """ErrorCodes member when the code is a known one (readable reprs and logs)."""
+    try:
+        return ErrorCodes(code or 0)
+    except ValueError:
+        return int(code or 0)
+
+
+class _BadRequest(Exception):
+    """A request that gets a 400: not a well-formed HBONE CONNECT."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectRequest:
+    host: str
+    port: int
+    headers: tuple[tuple[str, str], ...]
+
+
+def _header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + _HEADER_ENTRY_OVERHEAD for name, value in headers)
+
+
+def _parse_connect_request(headers: Iterable[tuple[bytes, bytes]]) -> _ConnectRequest:
+    """Validate a decoded request header list as an HBONE CONNECT (RFC 9113 §8.5)."""
+    pseudo: dict[bytes, bytes] = {}
+    regular: list[tuple[str, str]] = []
+    for name, value in headers:
+        if name.startswith(b":"):
+            if regular:
+                raise _BadRequest("pseudo-header after a regular header")
+            if name not in _REQUEST_PSEUDO_HEADERS:
+                raise _BadRequest(f"unknown pseudo-header {name!r}")
+            if name in pseudo:
+                raise _BadRequest(f"duplicate pseudo-header {name!r}")
+            pseudo[name] = value
+        else:
+            if name in _FORBIDDEN_REQUEST_HEADERS:
+                raise _BadRequest(f"header {name!r} not allowed on CONNECT")
+            regular.append((name.decode("latin-1"), value.decode("latin-1")))
+    method = pseudo.get(b":method")
+    if method != b"CONNECT":
+        raise _BadRequest(f"method {method!r} is not CONNECT")
+    if b":scheme" in pseudo or b":path" in pseudo or b":protocol" in pseudo:
+        raise _BadRequest("CONNECT must not carry :scheme, :path or :protocol")
+    authority = pseudo.get(b":authority")
+    if authority is None:
+        raise _BadRequest("CONNECT without :authority")
+    try:
+        address, port = parse_authority(authority.decode("latin-1"))
+    except ValueError as exc:
+        raise _BadRequest(f"bad authority {authority[:_MAX_AUTHORITY_LENGTH]!r}: {exc}") from None
+    return _ConnectRequest(host=str(address), port=port, headers=tuple(regular))
+
+
+def _response_status(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    statuses = [value for name, value in headers if name == b":status"]
+    if len(statuses) != 1 or len(statuses[0]) != 3 or not statuses[0].isdigit():
+        return None
+    return int(statuses[0])
+
+
+def _check_outbound_headers(extra_headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Reject extra request headers h2 would choke on halfway through sending."""
+    checked = []
+    for name, value in extra_headers:
+        if not name or not set(name) <= _HEADER_NAME_CHARS or name in _FORBIDDEN_OUTBOUND_HEADERS:
+            raise ValueError(f"header name {name!r} not allowed")
+        if any(c in value for c in "\r\n\0") or value != value.strip(" \t"):
+            raise ValueError(f"header value for {name!r} not allowed")
+        checked.append((name, value))
+    return checked
+
+
+# --- inbound frame scanner ----------------------------------------------------
+
+_CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER_LENGTH: Final = 9
+_TYPE_HEADERS: Final = 0x1
+_TYPE_PUSH_PROMISE: Final = 0x5
+_TYPE_CONTINUATION: Final = 0x9
+_FLAG_END_HEADERS: Final = 0x4
+
+
+class _FatalInput(Exception):
+    """Inbound bytes that end the connection before h2 even sees them."""
+
+    def __init__(self, error_code: ErrorCodes, reason: str) -> None:
+        super().__init__(reason)
+        self.error_code = error_code
+        self.reason = reason
+
+
+class _FrameScanner:
+    """Walks frame headers ahead of h2 and decides how much to hand it at once.
+
+    Why: h2 buffers a whole frame before checking its length and up to 64
+    CONTINUATIONs of a header block, and it opens every stream in a buffer
+    before we see the first one. Scanning lets us reject oversized frames and
+    header blocks from their headers, and cut the input after each complete
+    header block so a new stream is vetted (concurrency limit) before the next
+    frame is parsed.
+    """
+
+    __slots__ = ("_preface_left", "_max_frame_size", "_max_header_block", "_header_block", "_failure")
+
+    def __init__(self, *, expect_preface: bool, max_frame_size: int, max_header_block: int) -> None:
+        self._preface_left = len(_CLIENT_PREFACE) if expect_preface else 0
+        self._max_frame_size = max_frame_size
+        self._max_header_block = max_header_block
+        self._header_block = -1  # bytes in the open header block; -1: none open
+        self._failure: _FatalInput | None = None
+
+    def next_run(self, view: memoryview, start: int) -> int:
+        """End offset of the next run of whole frames from `start` (== start: need more bytes)."""
+        if self._failure is not None:
+            raise self._failure
+        size = len(view)
+        end = start
+        if self._preface_left:
+            done = len(_CLIENT_PREFACE) - self._preface_left
+            count = min(self._preface_left, size - start)
+            if view[start : start + count] != _CLIENT_PREFACE[done : done + count]:
+                raise _FatalInput(ErrorCodes.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+            self._preface_left -= count
+            end += count
+            if self._preface_left:
+                return end
+        while size - end >= _FRAME_HEADER_LENGTH:
+            length = int.from_bytes(view[end : end + 3], "big")
+            if length > self._max_frame_size:
+                return self._fail_after(
+                    start, end, ErrorCodes.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {self._max_frame_size}"
+                )
+            frame_end = end + _FRAME_HEADER_LENGTH + length
+            if frame_end > size:
+                break
+            frame_type, flags = view[end + 3], view[end + 4]
+            if frame_type == _TYPE_HEADERS or frame_type == _TYPE_PUSH_PROMISE:
+                block = length
+            elif frame_type == _TYPE_CONTINUATION and self._header_block >= 0:
+                block = self._header_block + length
+            else:
+                end = frame_end
+                continue
+            if block > self._max_header_block:
+                return self._fail_after(
+                    start, end, ErrorCodes.PROTOCOL_ERROR, f"header block over {self._max_header_block} bytes"
+                )
+            end = frame_end
+            if flags & _FLAG_END_HEADERS:
+                self._header_block = -1
+                return end
+            self._header_block = block
+        return end
+
+    def _fail_after(self, start: int, end: int, error_code: ErrorCodes, reason: str) -> int:
+        """Hand over the good frames before a fatal one; fail on the next call."""
+        failure = _FatalInput(error_code, reason)
+        if end > start:
+            self._failure = failure
+            return end
+        raise failure
+
+
+# --- connection ------------------------------------------------------------------
+
+
+class _Phase(enum.Enum):
+    PENDING = "pending"  # request sent / surfaced, no answer yet
+    OPEN = "open"  # answered 2xx: DATA may flow both ways
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    """Per-stream bookkeeping the core keeps beside h2's stream state."""
+
+    phase: _Phase
+    unacked: int = 0  # flow-controlled bytes surfaced and not yet acknowledged
+    local_ended: bool = False
+    remote_ended: bool = False
+
+
+_DEFAULT_CONNECTION_WINDOW: Final = 65_535  # RFC 9113 §6.9.2: not changed by SETTINGS
+
+
+class _HboneConnection:
+    """What client and server share: framing, flow control, stream teardown."""
+
+    def __init__(
+        self,
+        settings: HboneSettings,
+        *,
+        client_side: bool,
+        clock: Callable[[], float],
+        log: structlog.typing.FilteringBoundLogger | None,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._log = (log or structlog.get_logger(__name__)).bind(hbone_side="client" if client_side else "server")
+        self._header_list_limit = settings.max_header_list_size(client_side=client_side)
+        # Between the advertised header list size and twice it we still decode
+        # (keeping HPACK state intact) and refuse only the stream.
+        hard_header_limit = 2 * self._header_list_limit
+
+        self._h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=client_side,
+                header_encoding=None,
+                # h2 turns a malformed request into a connection error; HBONE
+                # answers it with a 400 on that stream instead, so we validate.
+                validate_inbound_headers=False,
+            )
+        )
+        local: dict[h2.settings.SettingCodes | int, int] = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._header_list_limit,
+        }
+        if client_side:
+            local[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        else:
+            local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = settings.max_concurrent_streams
+        # Installing the settings before initiate_connection() makes them our
+        # state at once, so frames and streams are sized right from the start.
+        self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values=local)
+        self._h2.max_inbound_frame_size = settings.max_frame_size
+        self._h2.decoder.max_header_list_size = hard_header_limit
+
+        self._scanner = _FrameScanner(
+            expect_preface=not client_side,
+            max_frame_size=settings.max_frame_size,
+            max_header_block=hard_header_limit,
+        )
+        self._inbound = bytearray()  # an incomplete frame carried to the next receive_data
+        self._tunnels: dict[int, _Tunnel] = {}
+        self._blocked_streams: set[int] = set()
+        self._connection_blocked = False
+        self._initiated = False
+        self._closed = False
+        self._ping_counter = 0
+
+    # --- public state -----------------------------------------------------------
+
+    @property
+    def settings(self) -> HboneSettings:
+        return self._settings
+
+    @property
+    def closed(self) -> bool:
+        """True once a GOAWAY went either way; only data_to_send() is left."""
+        return self._closed
+
+    @property
+    def tunnel_count(self) -> int:
+        """Streams the caller still has to deal with (open, pending or unacknowledged)."""
+        return len(self._tunnels)
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        """Largest DATA frame we may send: the peer's SETTINGS_MAX_FRAME_SIZE."""
+        return self._h2.max_outbound_frame_size
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes send_data() would accept on this stream right now."""
+        stream = self._h2.streams.get(stream_id)
+        if self._closed or stream is None or stream_id not in self._tunnels:
+            return 0
+        return max(0, min(stream.outbound_flow_control_window, self._h2.outbound_flow_control_window))
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def initiate_connection(self) -> None:
+        """Queue the preface (client), our SETTINGS and the connection WINDOW_UPDATE."""
+        if self._initiated:
+            raise HboneProtocolError("connection already initiated")
+        self._initiated = True
+        self._h2.initiate_connection()
+        extra = self._settings.connection_window - _DEFAULT_CONNECTION_WINDOW
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+        self._after_initiate()
+
+    def _after_initiate(self) -> None:
+        """Hook for side-specific set-up once SETTINGS is serialized."""
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer (possibly empty)."""
+        return self._h2.data_to_send()
+
+    def ping(self, opaque_data: bytes | None = None) -> bytes:
+        """Queue a PING; returns the 8 opaque bytes its PingAcked will carry."""
+        self._require_live()
+        if opaque_data is None:
+            self._ping_counter += 1
+            opaque_data = self._ping_counter.to_bytes(8, "big")
+        if len(opaque_data) != 8:
+            raise ValueError("PING data must be 8 bytes")
+        self._h2.ping(opaque_data)
+        return opaque_data
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
+        """Queue a GOAWAY; the connection and every stream on it end here."""
+        if self._closed:
+            return
+        self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:256])
+        self._mark_closed()
+
+    # --- inbound ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[HboneEvent]:
+        """Feed bytes read from the peer; returns what they meant, in order.
+
+        Never raises on anything the peer sends; a fatal problem ends the list
+        with ConnectionClosed and queues a GOAWAY.
+        """
+        if not self._initiated:
+            raise HboneProtocolError("call initiate_connection() first")
+        events: list[HboneEvent] = []
+        if self._closed or not data:
+            return events
+        carried = bool(self._inbound)
+        if carried:
+            self._inbound += data
+        source = self._inbound if carried else data
+        offset = 0
+        try:
+            with memoryview(source) as view:
+                while not self._closed:
+                    end = self._scanner.next_run(view, offset)
+                    if end == offset:
+                        break
+                    h2_events = self._h2.receive_data(view[offset:end])
+                    offset = end
+                    self._dispatch(h2_events, events)
+                if not carried and not self._closed:
+                    self._inbound = bytearray(view[offset:])
+            if carried and not self._closed:
+                del self._inbound[:offset]
+        except _FatalInput as exc:
+            self._fail(events, exc.error_code, exc.reason)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(events, exc.error_code, str(exc) or type(exc).__name__)
+        except Exception as exc:  # a bug must cost this connection, not the proxy
+            self._log.exception("hbone_internal_error")
+            self._fail(events, ErrorCodes.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        if self._closed:
+            self._inbound = bytearray()
+        return events
+
+    def _dispatch(self, h2_events: list[h2.events.Event], out: list[HboneEvent]) -> None:
+        for event in h2_events:
+            if self._closed:
+                return
+            if isinstance(event, h2.events.DataReceived):
+                self._on_data(event, out)
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._on_window_updated(event, out)
+            elif isinstance(event, h2.events.RequestReceived):
+                self._on_request(event, out)
+            elif isinstance(event, h2.events.ResponseReceived):
+                self._on_response(event, out)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._on_stream_ended(event, out)
+            elif isinstance(event, h2.events.StreamReset):
+                self._on_stream_reset(event, out)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self._on_trailers(event, out)
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self._on_remote_settings(out)
+            elif isinstance(event, h2.events.PingAckReceived):
+                out.append(PingAcked(event.ping_data or b""))
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._on_terminated(event, out)
+            # PingReceived (h2 answers it), SettingsAcknowledged, PriorityUpdated,
+            # InformationalResponseReceived, UnknownFrameReceived: nothing to do.
+
+    def _on_data(self, event: h2.events.DataReceived, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        length = event.flow_controlled_length or 0
+        tunnel = self._tunnels.get(stream_id)
+        if tunnel is None or not event.data:
+            # Nobody will acknowledge this (stream gone, or padding only).
+            self._credit(stream_id, length)
+            return
+        tunnel.unacked += length
+        out.append(DataReceived(stream_id, event.data, length))
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        tunnel = self._tunnels.get(stream_id)
+        if tunnel is None:
+            return
+        tunnel.remote_ended = True
+        out.append(StreamEnded(stream_id))
+        self._forget_if_done(stream_id, tunnel)
+
+    def _on_stream_reset(self, event: h2.events.StreamReset, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        tunnel = self._drop(stream_id)
+        if tunnel is None:
+            return
+        out.append(StreamReset(stream_id, _error_code(event.error_code), remote=bool(event.remote_reset)))
+        if event.remote_reset and tunnel.phase is _Phase.PENDING:
+            self._on_early_reset(out)
+
+    def _on_early_reset(self, out: list[HboneEvent]) -> None:
+        """The peer cancelled a stream before it was answered (server counts these)."""
+
+    def _on_trailers(self, event: h2.events.TrailersReceived, out: list[HboneEvent]) -> None:
+        # RFC 9113 §8.5: only DATA and stream management frames on a tunnel.
+        self._abort_stream(event.stream_id or 0, ErrorCodes.PROTOCOL_ERROR, out, "trailers on a tunnel")
+
+    def _on_request(self, event: h2.events.RequestReceived, out: list[HboneEvent]) -> None:
+        # h2 itself rejects requests arriving at a client.
+        self._quiet_reset(event.stream_id or 0, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[HboneEvent]) -> None:
+        self._quiet_reset(event.stream_id or 0, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_window_updated(self, event: h2.events.WindowUpdated, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        if stream_id == 0:
+            if self._connection_blocked and self._h2.outbound_flow_control_window > 0:
+                self._connection_blocked = False
+                out.append(WindowOpened(None))
+        elif stream_id in self._blocked_streams:
+            self._wake_stream_if_open(stream_id, out)
+
+    def _on_remote_settings(self, out: list[HboneEvent]) -> None:
+        remote = self._h2.remote_settings
+        out.append(SettingsChanged(remote.max_frame_size, remote.max_concurrent_streams, remote.initial_window_size))
+        # A larger SETTINGS_INITIAL_WINDOW_SIZE opens every stream window.
+        for stream_id in sorted(self._blocked_streams):
+            self._wake_stream_if_open(stream_id, out)
+
+    def _wake_stream_if_open(self, stream_id: int, out: list[HboneEvent]) -> None:
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream_id not in self._tunnels:
+            self._blocked_streams.discard(stream_id)
+        elif stream.outbound_flow_control_window > 0:
+            self._blocked_streams.discard(stream_id)
+            out.append(WindowOpened(stream_id))
+
+    def _on_terminated(self, event: h2.events.ConnectionTerminated, out: list[HboneEvent]) -> None:
+        error_code = _error_code(event.error_code)
+        reason = (event.additional_data or b"").decode("utf-8", "replace")
+        self._mark_closed()
+        out.append(ConnectionClosed(error_code, reason, event.last_stream_id or 0, remote=True))
+        self._log.info("hbone_goaway_received", error_code=getattr(error_code, "name", error_code), reason=reason)
+
+    def _fail(self, out: list[HboneEvent], error_code: int, reason: str) -> None:
+        """Close the connection because of the peer; GOAWAY goes out with our reason."""
+        if self._closed:
+            return
+        if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:256])
+        self._mark_closed()
+        code = _error_code(error_code)
+        out.append(ConnectionClosed(code, reason, self._h2.highest_inbound_stream_id, remote=False))
+        self._log.warning("hbone_connection_failed", error_code=getattr(code, "name", code), reason=reason)
+
+    def _mark_closed(self) -> None:
+        self._closed = True
+        self._tunnels.clear()
+        self._blocked_streams.clear()
+        self._connection_blocked = False
+
+    # --- stream operations (shared) -------------------------------------------------
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Frame as much of `data` as the windows allow; returns the byte count taken.
+
+        Fewer than len(data) means a window is shut: keep the rest, stop
+        reading the TCP side, and retry after WindowOpened. 0 for a stream
+        that is already gone.
+        """
+        tunnel = self._tunnels.get(stream_id)
+        if self._closed or tunnel is None:
+            return 0
+        if tunnel.local_ended:
+            raise HboneProtocolError(f"stream {stream_id} already half-closed by us")
+        self._check_may_send(tunnel)
+        stream = self._h2.streams.get(stream_id)
+        if stream is None:
+            return 0
+        stream_window = stream.outbound_flow_control_window
+        connection_window = self._h2.outbound_flow_control_window
+        with memoryview(data) as view:
+            wanted = len(view)
+            allowed = max(0, min(wanted, stream_window, connection_window))
+            frame_size = self._h2.max_outbound_frame_size
+            sent = 0
+            try:
+                while sent < allowed:
+                    chunk = min(frame_size, allowed - sent)
+                    self._h2.send_data(stream_id, view[sent : sent + chunk])
+                    sent += chunk
+            except h2.exceptions.ProtocolError:
+                # The stream's state moved under us; its event tells the caller.
+                self._log.debug("hbone_send_on_dead_stream", stream_id=stream_id)
+                return sent
+        if sent < wanted:
+            if connection_window <= stream_window:
+                self._connection_blocked = True
+            if stream_window <= connection_window:
+                self._blocked_streams.add(stream_id)
+        return sent
+
+    def _check_may_send(self, tunnel: _Tunnel) -> None:
+        """Hook: the server forbids DATA before its 200."""
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction (END_STREAM = TCP FIN). Idempotent."""
+        tunnel = self._tunnels.get(stream_id)
+        if self._closed or tunnel is None or tunnel.local_ended:
+            return
+        self._check_may_send(tunnel)
+        try:
+            self._h2.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            self._log.debug("hbone_end_on_dead_stream", stream_id=stream_id)
+            return
+        tunnel.local_ended = True
+        self._blocked_streams.discard(stream_id)
+        self._forget_if_done(stream_id, tunnel)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort the tunnel (RST_STREAM = TCP RST). Unacknowledged data is credited."""
+        if self._closed or self._drop(stream_id) is None:
+            return
+        self._quiet_reset(stream_id, error_code)
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        """The caller has written out `length` flow-controlled bytes of this stream.
+
+        Credits the stream and connection windows (WINDOW_UPDATEs are batched).
+        Over-acknowledging is clamped; acknowledging a gone stream is a no-op
+        because the core already credited what was left.
+        """
+        if length < 0:
+            raise ValueError("cannot acknowledge a negative length")
+        tunnel = self._tunnels.get(stream_id)
+        if self._closed or tunnel is None:
+            return
+        length = min(length, tunnel.unacked)
+        if length == 0:
+            return
+        tunnel.unacked -= length
+        self._credit(stream_id, length)
+        self._forget_if_done(stream_id, tunnel)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _require_live(self) -> None:
+        if not self._initiated:
+            raise HboneProtocolError("call initiate_connection() first")
+        if self._closed:
+            raise HboneProtocolError("connection is closed")
+
+    def _credit(self, stream_id: int, length: int) -> None:
+        """Give `length` consumed bytes back to the peer's windows."""
+        if length <= 0 or self._closed:
+            return
+        try:
+            # Credits the connection always (closed streams included), the
+            # stream only while it is open.
+            self._h2.acknowledge_received_data(length, stream_id)
+        except h2.exceptions.ProtocolError:
+            # Only for stream ids h2 never saw, which events never carry.
+            self._log.error("hbone_credit_unknown_stream", stream_id=stream_id, length=length)
+
+    def _drop(self, stream_id: int) -> _Tunnel | None:
+        """Forget a stream the caller will not touch again; credit what it held."""
+        tunnel = self._tunnels.pop(stream_id, None)
+        self._blocked_streams.discard(stream_id)
+        if tunnel is not None:
+            self._credit(stream_id, tunnel.unacked)
+        return tunnel
+
+    def _forget_if_done(self, stream_id: int, tunnel: _Tunnel) -> None:
+        if tunnel.local_ended and tunnel.remote_ended and tunnel.unacked == 0:
+            del self._tunnels[stream_id]
+            self._blocked_streams.discard(stream_id)
+
+    def _quiet_reset(self, stream_id: int, error_code: int) -> None:
+        """RST_STREAM unless h2 already considers the stream closed."""
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _abort_stream(self, stream_id: int, error_code: int, out: list[HboneEvent], reason: str) -> None:
+        """The peer broke the rules on one stream: reset it and tell the caller."""
+        if self._drop(stream_id) is None:
+            return
+        self._quiet_reset(stream_id, error_code)
+        out.append(StreamReset(stream_id, _error_code(error_code), remote=False))
+        self._log.info("hbone_stream_aborted", stream_id=stream_id, reason=reason)
+
+
+class HboneClientConnection(_HboneConnection):
+    """The originating side: one CONNECT stream per tunnelled TCP connection."""
+
+    def __init__(
+        self,
+        settings: HboneSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
+        self._streams_opened = 0
+
+    @property
+    def streams_opened(self) -> int:
+        """Streams opened over this connection's lifetime."""
+        return self._streams_opened
+
+    @property
+    def can_open_stream(self) -> bool:
+        """Whether the pool should put another tunnel on this connection.
+
+        False once closed, once client_streams_per_connection streams have been
+        opened over its lifetime (ztunnel's rule; open_stream does not enforce
+        it), or while the peer's concurrent stream limit is reached.
+        """
+        return (
+            self._initiated
+            and not self._closed
+            and self._streams_opened < self._settings.client_streams_per_connection
+            and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
+        )
+
+    def open_stream(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
+        """Send CONNECT for `authority` ("ip:port", "[ipv6]:port"); returns the stream id.
+
+        extra_headers: e.g. baggage, forwarded, traceparent (lower-case names).
+        Raises ValueError for a bad authority or header, HboneProtocolError when
+        the connection is closed or the peer's stream limit is reached.
+        """
+        self._require_live()
+        address, port = parse_authority(authority)
+        headers = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
+        headers += _check_outbound_headers(extra_headers)
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+            self._h2.send_headers(stream_id, headers)
+        except h2.exceptions.TooManyStreamsError as exc:
+            raise HboneProtocolError(f"peer's concurrent stream limit reached: {exc}") from None
+        except h2.exceptions.NoAvailableStreamIDError:
+            raise HboneProtocolError("stream ids exhausted; open a new connection") from None
+        self._tunnels[stream_id] = _Tunnel(_Phase.PENDING)
+        self._streams_opened += 1
+        return stream_id
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        tunnel = self._tunnels.get(stream_id)
+        if tunnel is None:
+            return
+        headers = event.headers or []
+        if tunnel.phase is not _Phase.PENDING:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "second response")
+            return
+        if _header_list_size(headers) > self._header_list_limit:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response headers over the limit")
+            return
+        status = _response_status(headers)
+        if status is None or status < 200:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response without a valid :status")
+        elif status < 300:
+            tunnel.phase = _Phase.OPEN
+            out.append(TunnelAccepted(stream_id))
+        else:
+            # The stream is over for us; a body (Envoy sends one) gets credited.
+            self._drop(stream_id)
+            self._quiet_reset(stream_id, ErrorCodes.CANCEL)
+            out.append(TunnelRefused(stream_id, status))
+
+
+class HboneServerConnection(_HboneConnection):
+    """The terminating side on port 15008: vets CONNECTs, the caller decides."""
+
+    def __init__(
+        self,
+        settings: HboneSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        super().__init__(settings or HboneSettings(), client_side=False, clock=clock, log=log)
+        limit = self._settings.rapid_reset_limit
+        self._early_ends: collections.deque[float] = collections.deque(maxlen=limit + 1)
+
+    def _after_initiate(self) -> None:
+        # We advertised max_concurrent_streams; let h2 admit one more so the
+        # stream that crosses the limit reaches us and gets REFUSED_STREAM (a
+        # stream error) instead of h2's connection error.
+        self._h2.local_settings.max_concurrent_streams = self._settings.max_concurrent_streams + 1
+        self._h2.local_settings.acknowledge()
+
+    def accept(self, stream_id: int) -> bool:
+        """Answer 200: policy allowed and the upstream connect succeeded.
+
+        False if the stream is already gone (the peer reset it); close upstream then.
+        """
+        tunnel = self._tunnels.get(stream_id)
+        if self._closed or tunnel is None:
+            return False
+        if tunnel.phase is not _Phase.PENDING:
+            raise HboneProtocolError(f"stream {stream_id} was already answered")
+        try:
+            self._h2.send_headers(stream_id, [(":status", "200")])
+        except h2.exceptions.ProtocolError:
+            self._drop(stream_id)
+            return False
+        tunnel.phase = _Phase.OPEN
+        return True
+
+    def refuse(self, stream_id: int, status: int) -> bool:
+        """Answer with an error status (400 bad request, 401 denied, 503 unreachable).
+
+        The response ends the stream and is followed by RST_STREAM(NO_ERROR),
+        which RFC 9113 §8.1 allows after a complete response, so the client
+        stops sending and the stream frees its slot at once.
+        """
+        if not 400 <= status <= 599:
+            raise ValueError(f"refusal status {status} is not 4xx/5xx")
+        tunnel = self._tunnels.get(stream_id)
+        if self._closed or tunnel is None:
+            return False
+        if tunnel.phase is not _Phase.PENDING:
+            raise HboneProtocolError(f"stream {stream_id} was already answered")
+        self._drop(stream_id)
+        self._send_refusal(stream_id, status)
+        return True
+
+    def _check_may_send(self, tunnel: _Tunnel) -> None:
+        if tunnel.phase is _Phase.PENDING:
+            raise HboneProtocolError("no DATA or END_STREAM before the 200: accept() first")
+
+    def _send_refusal(self, stream_id: int, status: int) -> None:
+        try:
+            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        except h2.exceptions.ProtocolError:
+            return  # already closed by the peer
+        self._quiet_reset(stream_id, ErrorCodes.NO_ERROR)
+
+    def _on_request(self, event: h2.events.RequestReceived, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        headers = event.headers or []
+        if self._h2.open_inbound_streams > self._settings.max_concurrent_streams:
+            self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="max concurrent streams")
+            self._count_early_end(out)
+            return
+        if _header_list_size(headers) > self._header_list_limit:
+            self._refuse_unseen(stream_id, 431, "header list over the limit", out)
+            return
+        try:
+            request = _parse_connect_request(headers)
+        except _BadRequest as exc:
+            self._refuse_unseen(stream_id, 400, str(exc), out)
+            return
+        self._tunnels[stream_id] = _Tunnel(_Phase.PENDING)
+        out.append(TunnelRequested(stream_id, request.host, request.port, request.headers))
+
+    def _refuse_unseen(self, stream_id: int, status: int, reason: str, out: list[HboneEvent]) -> None:
+        """Refuse a request the caller never heard of."""
+        self._send_refusal(stream_id, status)
+        self._log.debug("hbone_request_refused", stream_id=stream_id, status=status, reason=reason)
+        self._count_early_end(out)
+
+    def _on_early_reset(self, out: list[HboneEvent]) -> None:
+        self._count_early_end(out)
+
+    def _count_early_end(self, out: list[HboneEvent]) -> None:
+        """Rapid-reset guard: too many streams ending unanswered closes the connection."""
+        now = self._clock()
+        horizon = now - self._settings.rapid_reset_window_s
+        early_ends = self._early_ends
+        while early_ends and early_ends[0] <= horizon:
+            early_ends.popleft()
+        early_ends.append(now)
+        if len(early_ends) > self._settings.rapid_reset_limit:
+            self._fail(out, ErrorCodes.ENHANCE_YOUR_CALM, "too many streams cancelled or refused before an answer")

@@ -1,0 +1,93 @@
+"""Tunables of an HBONE connection (HTTP/2 CONNECT over mTLS on port 15008).
+
+The defaults are ztunnel's: they decide throughput (large windows let one
+stream fill a fast link; a connection window larger than the stream window
+keeps one stalled tunnel from holding the whole shared window) and how much a
+hostile peer can make us hold (header list sizes, stream counts, the
+rapid-reset budget). Frame sizes only cap what *we* accept; what we send is
+capped by the peer's own SETTINGS_MAX_FRAME_SIZE, so Envoy peers keep getting
+16 KiB frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+HBONE_PORT: Final = 15008
+
+# RFC 9113 limits.
+_MIN_FRAME_SIZE: Final = 16 * KiB
+_MAX_FRAME_SIZE: Final = 2**24 - 1
+_MIN_WINDOW: Final = 65_535
+_MAX_WINDOW: Final = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class HboneSettings:
+    """Flow-control, framing and abuse limits for one HBONE connection.
+
+    Sizes are bytes, durations seconds. The last four fields are for the I/O
+    layer (keepalive, pool, upstream connect); the sans-I/O core ignores them.
+    """
+
+    # Per-stream receive window we advertise (SETTINGS_INITIAL_WINDOW_SIZE).
+    stream_window: int = 4 * MiB
+    # Connection receive window, reached with a WINDOW_UPDATE after SETTINGS.
+    connection_window: int = 16 * MiB
+    # Largest frame we accept (SETTINGS_MAX_FRAME_SIZE).
+    max_frame_size: int = 1 * MiB
+    # Concurrent streams a server admits; one more is refused with REFUSED_STREAM.
+    max_concurrent_streams: int = 200
+    # SETTINGS_MAX_HEADER_LIST_SIZE we advertise as a client / as a server.
+    client_max_header_list_size: int = 16 * KiB
+    server_max_header_list_size: int = 64 * KiB
+    # Streams a client opens on one pooled connection over its lifetime before
+    # the pool starts a fresh connection (ztunnel's max_streams_per_conn).
+    client_streams_per_connection: int = 100
+    # Rapid-reset protection (server): streams that end before we answered
+    # them - cancelled by the peer, or refused by the core as malformed or over
+    # a limit - cost us work and give the peer nothing. More than
+    # `rapid_reset_limit` of them within `rapid_reset_window_s` means abuse:
+    # GOAWAY ENHANCE_YOUR_CALM. 400 is twice max_concurrent_streams, so a
+    # client may cancel every tunnel it can have pending twice over per window.
+    rapid_reset_limit: int = 400
+    rapid_reset_window_s: float = 10.0
+    # Used by the I/O layer, not by the core.
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 20.0
+    pool_idle_timeout_s: float = 300.0
+    upstream_connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not _MIN_WINDOW <= self.stream_window <= _MAX_WINDOW:
+            raise ValueError(f"stream_window must be in [{_MIN_WINDOW}, {_MAX_WINDOW}]")
+        if not self.stream_window < self.connection_window <= _MAX_WINDOW:
+            # Equal windows let one stalled tunnel hold the whole shared window.
+            raise ValueError("connection_window must exceed stream_window and be at most 2**31-1")
+        if not _MIN_FRAME_SIZE <= self.max_frame_size <= _MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be in [{_MIN_FRAME_SIZE}, {_MAX_FRAME_SIZE}]")
+        for name in (
+            "max_concurrent_streams",
+            "client_max_header_list_size",
+            "server_max_header_list_size",
+            "client_streams_per_connection",
+            "rapid_reset_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        for name in (
+            "rapid_reset_window_s",
+            "ping_interval_s",
+            "ping_timeout_s",
+            "pool_idle_timeout_s",
+            "upstream_connect_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def max_header_list_size(self, *, client_side: bool) -> int:
+        """The header list limit this side advertises."""
+        return self.client_max_header_list_size if client_side else self.server_max_header_list_size

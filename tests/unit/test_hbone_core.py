@@ -1,0 +1,839 @@
+"""The sans-I/O HBONE core, driven by pumping bytes between objects in memory.
+
+Scenarios read like the tunnel's life: a client opens a CONNECT, the server
+answers, bytes flow under flow control, one side half-closes or aborts, and
+hostile peers (raw h2 or hand-made frames) get refusals or a GOAWAY, never an
+exception.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+
+from ambit.agent.proxy.hbone_core import (
+    ConnectionClosed,
+    DataReceived,
+    HboneClientConnection,
+    HboneProtocolError,
+    HboneServerConnection,
+    PingAcked,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+    TunnelAccepted,
+    TunnelRefused,
+    TunnelRequested,
+    WindowOpened,
+    format_authority,
+    parse_authority,
+)
+from ambit.agent.proxy.hbone_settings import HboneSettings, KiB, MiB
+
+pytestmark = pytest.mark.timeout(60)
+
+DEST = "10.1.2.3:8080"
+
+
+# --- harness -------------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """An in-memory wire between two endpoints that speak bytes like h2 (ours or raw h2)."""
+
+    client: Any
+    server: Any
+    client_events: list[Any] = field(default_factory=list)
+    server_events: list[Any] = field(default_factory=list)
+
+    def pump(self) -> None:
+        for _ in range(100_000):
+            to_server = self.client.data_to_send()
+            to_client = self.server.data_to_send()
+            if not to_server and not to_client:
+                return
+            if to_server:
+                self.server_events += self.server.receive_data(to_server)
+            if to_client:
+                self.client_events += self.client.receive_data(to_client)
+        raise AssertionError("link never went quiet")
+
+    def take_client(self) -> list[Any]:
+        events, self.client_events = self.client_events, []
+        return events
+
+    def take_server(self) -> list[Any]:
+        events, self.server_events = self.server_events, []
+        return events
+
+
+def of_type(events: list[Any], kind: type) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def hbone_link(
+    client_settings: HboneSettings | None = None,
+    server_settings: HboneSettings | None = None,
+    server_clock: Callable[[], float] | None = None,
+) -> Link:
+    client = HboneClientConnection(client_settings)
+    server = HboneServerConnection(server_settings, **({"clock": server_clock} if server_clock else {}))
+    client.initiate_connection()
+    server.initiate_connection()
+    link = Link(client, server)
+    link.pump()
+    link.take_client()
+    link.take_server()
+    return link
+
+
+@pytest.fixture
+def link() -> Link:
+    return hbone_link()
+
+
+def open_tunnel(link: Link, authority: str = DEST) -> int:
+    stream_id = link.client.open_stream(authority)
+    link.pump()
+    requests = of_type(link.take_server(), TunnelRequested)
+    assert [r.stream_id for r in requests] == [stream_id]
+    assert link.server.accept(stream_id)
+    link.pump()
+    assert of_type(link.take_client(), TunnelAccepted) == [TunnelAccepted(stream_id)]
+    return stream_id
+
+
+@dataclass
+class TransferStats:
+    received: bytes
+    short_sends: int
+    windows_opened: int
+
+
+def transfer(link: Link, stream_id: int, payload: bytes, *, client_to_server: bool) -> TransferStats:
+    """Move payload as fast as windows allow; the receiver acknowledges as it consumes."""
+    sender = link.client if client_to_server else link.server
+    receiver = link.server if client_to_server else link.client
+    take_sender = link.take_client if client_to_server else link.take_server
+    take_receiver = link.take_server if client_to_server else link.take_client
+    view = memoryview(payload)
+    sent, short_sends, windows_opened = 0, 0, 0
+    received = bytearray()
+    blocked = False
+    for _ in range(10_000):
+        if not blocked:
+            while sent < len(payload):
+                offered = view[sent : sent + 256 * KiB]
+                taken = sender.send_data(stream_id, offered)
+                sent += taken
+                if taken < len(offered):
+                    short_sends += 1
+                    blocked = True
+                    break
+        link.pump()
+        for event in take_receiver():
+            if isinstance(event, DataReceived) and event.stream_id == stream_id:
+                received += event.data
+                receiver.acknowledge(stream_id, event.flow_controlled_length)
+        link.pump()
+        opened = of_type(take_sender(), WindowOpened)
+        windows_opened += len(opened)
+        if opened:
+            blocked = False
+        if len(received) >= len(payload):
+            break
+    return TransferStats(bytes(received), short_sends, windows_opened)
+
+
+def raw_h2(client_side: bool, **config: Any) -> h2.connection.H2Connection:
+    """A plain h2 peer with h2's defaults (16 KiB frames, 64 KiB windows), like Envoy."""
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side, **config))
+    connection.initiate_connection()
+    return connection
+
+
+def raw_client_link(**config: Any) -> Link:
+    server = HboneServerConnection()
+    server.initiate_connection()
+    link = Link(raw_h2(True, **config), server)
+    link.pump()
+    link.take_client()
+    link.take_server()
+    return link
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- settings and authority ------------------------------------------------------
+
+
+def test_settings_defaults_are_ztunnels() -> None:
+    settings = HboneSettings()
+    assert (settings.stream_window, settings.connection_window, settings.max_frame_size) == (4 * MiB, 16 * MiB, MiB)
+    assert settings.max_concurrent_streams == 200
+    assert settings.max_header_list_size(client_side=True) == 16 * KiB
+    assert settings.max_header_list_size(client_side=False) == 64 * KiB
+    assert settings.client_streams_per_connection == 100
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"connection_window": 4 * MiB},  # equal windows can stall every stream
+        {"stream_window": 1000},
+        {"max_frame_size": 1000},
+        {"max_frame_size": 2**24},
+        {"max_concurrent_streams": 0},
+        {"rapid_reset_window_s": 0},
+    ],
+)
+def test_settings_reject_unsafe_values(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        HboneSettings(**kwargs)
+
+
+def test_authority_formatting_brackets_ipv6() -> None:
+    assert format_authority(ipaddress.ip_address("2001:db8::1"), 15008) == "[2001:db8::1]:15008"
+    assert format_authority("2001:0db8:0:0::1", 80) == "[2001:db8::1]:80"
+    assert format_authority("10.0.0.1", 80) == "10.0.0.1:80"
+    assert parse_authority("[2001:db8::1]:443") == (ipaddress.ip_address("2001:db8::1"), 443)
+    assert parse_authority("10.0.0.1:65535") == (ipaddress.ip_address("10.0.0.1"), 65535)
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "2001:db8::1:80",  # IPv6 without brackets
+        "[2001:db8::1]",
+        "[fe80::1%eth0]:80",
+        "[10.0.0.1]:80",
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:+80",
+        "10.0.0.1:８0",
+        "010.0.0.1:80",
+        "example.com:80",
+        "user@10.0.0.1:80",
+        "",
+        "1" * 100,
+    ],
+)
+def test_parse_authority_rejects(authority: str) -> None:
+    with pytest.raises(ValueError):
+        parse_authority(authority)
+
+
+# --- CONNECT request and response ------------------------------------------------------
+
+
+def test_connect_is_answered_200_and_extra_headers_reach_the_server(link: Link) -> None:
+    extra = [
+        ("baggage", "k8s.namespace.name=default,service.name=echo"),
+        ("forwarded", 'for="10.1.0.5:41234"'),
+        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    ]
+    stream_id = link.client.open_stream(DEST, extra)
+    link.pump()
+    (request,) = of_type(link.take_server(), TunnelRequested)
+    assert (request.stream_id, request.authority_host, request.authority_port) == (stream_id, "10.1.2.3", 8080)
+    assert request.headers == tuple(extra)
+    assert request.header("Forwarded") == 'for="10.1.0.5:41234"'
+    assert link.server.accept(stream_id)
+    link.pump()
+    assert link.take_client() == [TunnelAccepted(stream_id)]
+
+
+def test_ipv6_tunnel(link: Link) -> None:
+    stream_id = link.client.open_stream("[2001:0db8::0001]:9000")
+    link.pump()
+    (request,) = of_type(link.take_server(), TunnelRequested)
+    assert (request.stream_id, request.authority_host, request.authority_port) == (stream_id, "2001:db8::1", 9000)
+
+
+def test_client_sends_connect_without_scheme_or_path() -> None:
+    raw_server = raw_h2(False)
+    client = HboneClientConnection()
+    client.initiate_connection()
+    link = Link(client, raw_server)
+    link.pump()
+    stream_id = client.open_stream("[fd00::7]:80", [("baggage", "k8s.cluster.name=c1")])
+    link.pump()
+    (request,) = of_type(link.take_server(), h2.events.RequestReceived)
+    assert dict(request.headers) == {
+        b":method": b"CONNECT",
+        b":authority": b"[fd00::7]:80",
+        b"baggage": b"k8s.cluster.name=c1",
+    }
+    assert request.stream_id == stream_id
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", DEST)],
+        [(":method", "CONNECT"), (":authority", DEST), (":path", "/")],
+        [(":method", "CONNECT"), (":authority", DEST), (":scheme", "https")],
+        [(":method", "CONNECT"), (":authority", "example.com:80")],
+        [(":method", "CONNECT"), (":authority", "10.1.2.3")],
+        [(":method", "CONNECT"), (":authority", "2001:db8::1:80")],
+        [(":method", "CONNECT")],
+        [(":method", "CONNECT"), (":authority", DEST), ("content-length", "0")],
+    ],
+    ids=["get", "connect-path", "connect-scheme", "hostname", "no-port", "bare-ipv6", "no-authority", "length"],
+)
+def test_malformed_requests_get_400_and_the_connection_lives(headers: list[tuple[str, str]]) -> None:
+    link = raw_client_link(validate_outbound_headers=False)
+    raw = link.client
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, headers)
+    link.pump()
+    assert not of_type(link.take_server(), TunnelRequested)
+    client_events = link.take_client()
+    (response,) = of_type(client_events, h2.events.ResponseReceived)
+    assert dict(response.headers)[b":status"] == b"400"
+    assert of_type(client_events, h2.events.StreamEnded)
+    assert not link.server.closed
+    # The next, valid, CONNECT on the same connection is served.
+    good = raw.get_next_available_stream_id()
+    raw.send_headers(good, [(":method", "CONNECT"), (":authority", DEST)])
+    link.pump()
+    assert [r.stream_id for r in of_type(link.take_server(), TunnelRequested)] == [good]
+
+
+@pytest.mark.parametrize("status", [401, 503])
+def test_refusal_reaches_client_and_frees_the_stream(link: Link, status: int) -> None:
+    stream_id = link.client.open_stream(DEST)
+    # Pod bytes sent before the answer are buffered by the server's caller...
+    assert link.client.send_data(stream_id, b"early bytes") == len(b"early bytes")
+    link.pump()
+    server_events = link.take_server()
+    assert of_type(server_events, DataReceived)[0].data == b"early bytes"
+    assert link.server.refuse(stream_id, status)
+    link.pump()
+    assert link.take_client() == [TunnelRefused(stream_id, status)]
+    assert link.client.tunnel_count == 0 and link.server.tunnel_count == 0
+    assert not link.server.closed and not link.client.closed
+    open_tunnel(link)
+
+
+def test_refuse_rejects_non_error_status(link: Link) -> None:
+    stream_id = link.client.open_stream(DEST)
+    link.pump()
+    with pytest.raises(ValueError):
+        link.server.refuse(stream_id, 200)
+
+
+def test_server_never_sends_data_before_200(link: Link) -> None:
+    stream_id = link.client.open_stream(DEST)
+    link.client.send_data(stream_id, b"hello")
+    link.pump()
+    events = link.take_server()
+    assert [type(e) for e in events] == [TunnelRequested, DataReceived]
+    with pytest.raises(HboneProtocolError):
+        link.server.send_data(stream_id, b"too early")
+    with pytest.raises(HboneProtocolError):
+        link.server.end_stream(stream_id)
+    assert link.server.accept(stream_id)
+    with pytest.raises(HboneProtocolError):
+        link.server.accept(stream_id)
+    assert link.server.send_data(stream_id, b"now") == 3
+    link.pump()
+    client_events = link.take_client()
+    assert client_events == [TunnelAccepted(stream_id), DataReceived(stream_id, b"now", 3)]
+
+
+# --- data, half-close, abort ---------------------------------------------------------------
+
+
+def test_8_mib_each_way_through_exhausted_and_reopened_windows(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    upload = bytes(range(256)) * (8 * MiB // 256)
+    up = transfer(link, stream_id, upload, client_to_server=True)
+    assert up.received == upload
+    assert up.short_sends > 0 and up.windows_opened > 0
+    download = upload[::-1]
+    down = transfer(link, stream_id, download, client_to_server=False)
+    assert down.received == download
+    assert down.short_sends > 0 and down.windows_opened > 0
+
+
+def test_stream_window_exhaustion_and_resumption(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    window = link.client.settings.stream_window
+    assert link.client.send_window(stream_id) == window
+    assert link.client.send_data(stream_id, b"a" * (window + 10)) == window
+    assert link.client.send_data(stream_id, b"a") == 0
+    link.pump()
+    data = of_type(link.take_server(), DataReceived)
+    assert sum(len(e.data) for e in data) == window
+    # Every DATA frame respects the peer's 1 MiB max frame size.
+    assert max(len(e.data) for e in data) == MiB
+    assert link.take_client() == []  # nothing acknowledged, nothing reopened
+    link.server.acknowledge(stream_id, window // 2)
+    link.pump()
+    assert link.take_client() == [WindowOpened(stream_id)]
+    assert link.client.send_data(stream_id, b"b" * window) == window // 2
+
+
+def test_connection_window_exhaustion_and_resumption(link: Link) -> None:
+    settings = link.client.settings
+    streams = [open_tunnel(link) for _ in range(5)]
+    sent = [link.client.send_data(s, b"x" * settings.stream_window) for s in streams]
+    assert sent == [settings.stream_window] * 4 + [0]  # 16 MiB shared window is gone
+    link.pump()
+    first = streams[0]
+    link.server.acknowledge(first, settings.stream_window)
+    link.pump()
+    # Only stream 5 came back short, and on the connection window.
+    assert of_type(link.take_client(), WindowOpened) == [WindowOpened(None)]
+    assert link.client.send_data(streams[4], b"y" * settings.stream_window) == settings.stream_window
+
+
+def test_half_close_each_direction(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.client.send_data(stream_id, b"request")
+    link.client.end_stream(stream_id)
+    link.client.end_stream(stream_id)  # idempotent
+    with pytest.raises(HboneProtocolError):
+        link.client.send_data(stream_id, b"after FIN")
+    link.pump()
+    events = link.take_server()
+    assert events == [DataReceived(stream_id, b"request", 7), StreamEnded(stream_id)]
+    link.server.acknowledge(stream_id, 7)
+    # The other direction is still open after the client's FIN.
+    assert link.server.send_data(stream_id, b"response") == 8
+    link.server.end_stream(stream_id)
+    link.pump()
+    assert link.take_client() == [DataReceived(stream_id, b"response", 8), StreamEnded(stream_id)]
+    link.client.acknowledge(stream_id, 8)
+    assert link.client.tunnel_count == 0 and link.server.tunnel_count == 0
+
+
+@pytest.mark.parametrize("aborting_side", ["client", "server"])
+def test_abort_is_rst_stream(link: Link, aborting_side: str) -> None:
+    stream_id = open_tunnel(link)
+    aborter = link.client if aborting_side == "client" else link.server
+    aborter.reset_stream(stream_id, ErrorCodes.CANCEL)
+    link.pump()
+    peer_events = link.take_server() if aborting_side == "client" else link.take_client()
+    assert peer_events == [StreamReset(stream_id, ErrorCodes.CANCEL, remote=True)]
+    assert link.client.tunnel_count == 0 and link.server.tunnel_count == 0
+    open_tunnel(link)
+
+
+def test_stream_errors_never_tear_down_the_connection(link: Link) -> None:
+    stream_id = link.client.open_stream(DEST)
+    link.pump()
+    link.take_server()
+    link.client.reset_stream(stream_id)
+    link.pump()
+    assert link.take_server() == [StreamReset(stream_id, ErrorCodes.CANCEL, remote=True)]
+    # The I/O layer finishing its upstream connect late must not hurt anyone.
+    assert link.server.accept(stream_id) is False
+    assert link.server.refuse(stream_id, 503) is False
+    assert link.server.send_data(stream_id, b"late") == 0
+    link.server.end_stream(stream_id)
+    link.server.reset_stream(stream_id)
+    link.server.acknowledge(stream_id, 100)
+    assert link.client.send_data(stream_id, b"late") == 0
+    link.pump()
+    assert not link.client.closed and not link.server.closed
+    open_tunnel(link)
+
+
+def test_data_after_the_peers_end_stream_resets_only_that_stream() -> None:
+    link = raw_client_link()
+    raw = link.client
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, [(":method", "CONNECT"), (":authority", DEST)], end_stream=True)
+    link.pump()
+    assert link.take_server() == [
+        TunnelRequested(stream_id, "10.1.2.3", 8080, ()),
+        StreamEnded(stream_id),
+    ]
+    link.server.accept(stream_id)
+    link.pump()
+    link.take_client()
+    # h2 would not let the raw peer do this; hand-made DATA after its FIN.
+    events = link.server.receive_data(DataFrame(stream_id, data=b"after FIN").serialize())
+    assert events == [StreamReset(stream_id, ErrorCodes.STREAM_CLOSED, remote=False)]
+    assert not link.server.closed
+    link.pump()
+    assert of_type(link.take_client(), h2.events.StreamReset)[0].error_code == ErrorCodes.STREAM_CLOSED
+
+
+def test_trailers_on_a_tunnel_reset_only_that_stream() -> None:
+    link = raw_client_link()
+    raw = link.client
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, [(":method", "CONNECT"), (":authority", DEST)])
+    link.pump()
+    link.take_server()
+    link.server.accept(stream_id)
+    link.pump()
+    raw.send_headers(stream_id, [("x-trailer", "1")], end_stream=True)
+    link.pump()
+    assert link.take_server() == [StreamReset(stream_id, ErrorCodes.PROTOCOL_ERROR, remote=False)]
+    assert not link.server.closed
+
+
+# --- flow-control bookkeeping -------------------------------------------------------------
+
+
+def test_data_for_a_closed_stream_still_credits_the_connection_window(link: Link) -> None:
+    """DATA in flight when the server resets must not eat the shared window.
+
+    Six rounds of 4 MiB landing on reset streams is 24 MiB, more than the
+    16 MiB connection window: without crediting, the client stalls by round 5.
+    """
+    window = link.client.settings.stream_window
+    for _ in range(6):
+        stream_id = open_tunnel(link)
+        link.server.reset_stream(stream_id)  # RST queued, client has not seen it
+        assert link.client.send_data(stream_id, b"z" * window) == window
+        link.pump()
+        assert not of_type(link.take_server(), DataReceived)
+        assert link.take_client() == [StreamReset(stream_id, ErrorCodes.CANCEL, remote=True)]
+    stream_id = open_tunnel(link)
+    assert link.client.send_window(stream_id) == window
+
+
+def test_unacknowledged_data_is_credited_when_the_tunnel_goes(link: Link) -> None:
+    """Data surfaced but never acknowledged (caller dropped it on reset) is credited too."""
+    window = link.client.settings.stream_window
+    for _ in range(6):
+        stream_id = open_tunnel(link)
+        assert link.client.send_data(stream_id, b"q" * window) == window
+        link.pump()
+        assert sum(len(e.data) for e in of_type(link.take_server(), DataReceived)) == window
+        link.server.reset_stream(stream_id)
+        link.pump()
+        link.take_client()
+    stream_id = open_tunnel(link)
+    assert link.client.send_window(stream_id) == window
+
+
+def test_over_acknowledging_is_clamped(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.client.send_data(stream_id, b"abc")
+    link.pump()
+    link.take_server()
+    link.server.acknowledge(stream_id, 10 * MiB)  # a caller bug must not inflate windows
+    link.pump()
+    other = open_tunnel(link)
+    assert link.client.send_window(other) == link.client.settings.stream_window
+    with pytest.raises(ValueError):
+        link.server.acknowledge(stream_id, -1)
+
+
+# --- connection-level ----------------------------------------------------------------------
+
+
+def test_ping_round_trip(link: Link) -> None:
+    opaque = link.client.ping()
+    link.pump()
+    assert link.take_client() == [PingAcked(opaque)]
+    assert link.server.ping(b"12345678") == b"12345678"
+    link.pump()
+    assert link.take_server() == [PingAcked(b"12345678")]
+
+
+def test_many_streams_on_one_connection(link: Link) -> None:
+    streams = [open_tunnel(link, f"10.1.{i // 250}.{i % 250 + 1}:{8000 + i}") for i in range(100)]
+    assert streams == list(range(1, 200, 2))
+    for stream_id in streams:
+        link.client.send_data(stream_id, f"ping {stream_id}".encode())
+    link.pump()
+    for event in of_type(link.take_server(), DataReceived):
+        link.server.acknowledge(event.stream_id, event.flow_controlled_length)
+        link.server.send_data(event.stream_id, event.data.replace(b"ping", b"pong"))
+        link.server.end_stream(event.stream_id)
+    link.pump()
+    events = link.take_client()
+    replies = {e.stream_id: e.data for e in of_type(events, DataReceived)}
+    assert replies == {s: f"pong {s}".encode() for s in streams}
+    assert {e.stream_id for e in of_type(events, StreamEnded)} == set(streams)
+    assert link.client.streams_opened == 100
+    assert not link.client.can_open_stream  # the pool's per-connection budget is spent
+
+
+def test_streams_beyond_max_concurrent_are_refused() -> None:
+    client = HboneClientConnection()
+    server = HboneServerConnection(HboneSettings(max_concurrent_streams=5))
+    client.initiate_connection()
+    server.initiate_connection()
+    link = Link(client, server)
+    # Opened before the server's SETTINGS arrive: the client races the limit.
+    streams = [client.open_stream(DEST) for _ in range(8)]
+    link.pump()
+    requested = [e.stream_id for e in of_type(link.take_server(), TunnelRequested)]
+    assert requested == streams[:5]
+    refused = of_type(link.take_client(), StreamReset)
+    assert refused == [StreamReset(s, ErrorCodes.REFUSED_STREAM, remote=True) for s in streams[5:]]
+    assert not link.server.closed
+    # Now the client knows the limit; freeing a slot lets the next stream in.
+    assert not client.can_open_stream
+    with pytest.raises(HboneProtocolError):
+        client.open_stream(DEST)
+    link.server.refuse(streams[0], 503)
+    link.pump()
+    link.take_client()
+    assert client.can_open_stream
+    latest = link.client.open_stream(DEST)
+    link.pump()
+    assert [e.stream_id for e in of_type(link.take_server(), TunnelRequested)] == [latest]
+
+
+def test_peer_goaway_closes_the_connection(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.client.close()
+    link.pump()
+    (closed,) = link.take_server()
+    assert closed == ConnectionClosed(ErrorCodes.NO_ERROR, "", 0, remote=True)
+    assert link.server.closed and link.client.closed
+    assert link.server.send_data(stream_id, b"x") == 0
+    with pytest.raises(HboneProtocolError):
+        link.client.open_stream(DEST)
+    with pytest.raises(HboneProtocolError):
+        link.server.ping()
+    assert link.server.receive_data(b"\x00" * 20) == []
+
+
+def test_settings_changes_are_reported() -> None:
+    client = HboneClientConnection()
+    server = HboneServerConnection()
+    client.initiate_connection()
+    server.initiate_connection()
+    link = Link(client, server)
+    link.pump()
+    assert link.take_client() == [SettingsChanged(MiB, 200, 4 * MiB)]
+    assert client.max_outbound_frame_size == MiB
+
+
+def test_receive_before_initiate_is_a_usage_error() -> None:
+    with pytest.raises(HboneProtocolError):
+        HboneServerConnection().receive_data(b"PRI")
+
+
+# --- hostile peers ------------------------------------------------------------------------------
+
+
+def _closed_by(events: list[Any]) -> ConnectionClosed:
+    assert events and isinstance(events[-1], ConnectionClosed), events[-3:]
+    return events[-1]
+
+
+def _goaway_code(link: Link) -> int:
+    (terminated,) = of_type(link.client.receive_data(link.server.data_to_send()), h2.events.ConnectionTerminated)
+    return terminated.error_code
+
+
+def test_rapid_reset_flood_gets_goaway_without_exceptions() -> None:
+    link = raw_client_link()
+    raw = link.client
+    for _ in range(1000):
+        stream_id = raw.get_next_available_stream_id()
+        raw.send_headers(stream_id, [(":method", "CONNECT"), (":authority", DEST)])
+        raw.reset_stream(stream_id, ErrorCodes.CANCEL)
+    events = link.server.receive_data(raw.data_to_send())
+    closed = _closed_by(events)
+    assert (closed.error_code, closed.remote) == (ErrorCodes.ENHANCE_YOUR_CALM, False)
+    limit = link.server.settings.rapid_reset_limit
+    assert len(of_type(events, StreamReset)) == limit + 1  # the one over the limit trips the guard
+    assert link.server.closed and link.server.tunnel_count == 0
+    assert _goaway_code(link) == ErrorCodes.ENHANCE_YOUR_CALM
+    assert link.server.receive_data(b"more junk") == []
+    assert link.server.data_to_send() == b""
+
+
+def test_resets_spread_over_time_are_tolerated() -> None:
+    clock = FakeClock()
+    link = hbone_link(server_clock=clock)
+    limit = link.server.settings.rapid_reset_limit
+    for _ in range(3):
+        for _ in range(limit):
+            link.client.reset_stream(link.client.open_stream(DEST))
+        link.pump()
+        clock.now += link.server.settings.rapid_reset_window_s + 1
+    assert not link.server.closed
+    assert len(of_type(link.take_server(), StreamReset)) == 3 * limit
+
+
+def test_header_list_over_the_limit_is_refused_431(link: Link) -> None:
+    stream_id = link.client.open_stream(DEST, [("x-padding", "p" * (70 * KiB))])
+    link.pump()
+    assert not of_type(link.take_server(), TunnelRequested)
+    assert link.take_client() == [TunnelRefused(stream_id, 431)]
+    assert not link.server.closed
+    open_tunnel(link)
+
+
+def test_hpack_bomb_closes_the_connection() -> None:
+    link = raw_client_link()
+    raw = link.client
+    # One 3 KiB header repeated: tiny on the wire (HPACK indexes it), 150 KiB decoded.
+    bomb = [(":method", "CONNECT"), (":authority", DEST)] + [("x-bomb", "b" * 3000)] * 50
+    raw.send_headers(raw.get_next_available_stream_id(), bomb)
+    closed = _closed_by(link.server.receive_data(raw.data_to_send()))
+    assert closed.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert _goaway_code(link) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize("fragment_size", [16 * KiB, 0], ids=["large", "empty"])
+def test_continuation_flood_closes_the_connection(fragment_size: int) -> None:
+    link = raw_client_link()
+    frames = [HeadersFrame(1, data=b"\x00" * fragment_size).serialize()]
+    frames += [ContinuationFrame(1, data=b"\x00" * fragment_size).serialize() for _ in range(200)]
+    closed = _closed_by(link.server.receive_data(b"".join(frames)))
+    assert closed.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert len(link.server._inbound) == 0  # nothing of the flood is kept
+    assert _goaway_code(link) == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_oversized_frame_is_rejected_from_its_header() -> None:
+    link = raw_client_link()
+    header_only = (2**24 - 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"  # DATA, 16 MiB announced
+    closed = _closed_by(link.server.receive_data(header_only))
+    assert closed.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert _goaway_code(link) == ErrorCodes.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00"])
+def test_non_http2_bytes_close_the_connection(garbage: bytes) -> None:
+    server = HboneServerConnection()
+    server.initiate_connection()
+    server.data_to_send()
+    closed = _closed_by(server.receive_data(garbage))
+    assert closed.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert server.data_to_send()  # the GOAWAY
+
+
+def test_preface_split_across_reads_is_fine() -> None:
+    raw = raw_h2(True)
+    server = HboneServerConnection()
+    server.initiate_connection()
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, [(":method", "CONNECT"), (":authority", DEST)])
+    events: list[Any] = []
+    for byte in raw.data_to_send():  # one byte per read: preface and frames split anywhere
+        events += server.receive_data(bytes([byte]))
+    assert [e.stream_id for e in of_type(events, TunnelRequested)] == [stream_id]
+
+
+# --- interop with h2-default peers (Envoy keeps 16 KiB frames, 64 KiB windows) -------------
+
+
+def test_envoy_like_client_against_our_server() -> None:
+    link = raw_client_link()
+    raw, server = link.client, link.server
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, [(":method", "CONNECT"), (":authority", DEST)])
+    link.pump()
+    (request,) = of_type(link.take_server(), TunnelRequested)
+    assert server.accept(request.stream_id)
+    link.pump()
+    (response,) = of_type(link.take_client(), h2.events.ResponseReceived)
+    assert dict(response.headers)[b":status"] == b"200"
+
+    # Upload in Envoy-sized 16 KiB frames into our big windows.
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    for offset in range(0, len(payload), 16 * KiB):
+        raw.send_data(stream_id, payload[offset : offset + 16 * KiB])
+    link.pump()
+    uploaded = of_type(link.take_server(), DataReceived)
+    assert b"".join(e.data for e in uploaded) == payload
+    for event in uploaded:
+        server.acknowledge(stream_id, event.flow_controlled_length)
+
+    # Download: our server must honour the peer's 16 KiB frames and 64 KiB window.
+    assert server.max_outbound_frame_size == 16 * KiB
+    assert server.send_window(stream_id) == 65_535
+    received = bytearray()
+    sent = 0
+    for _ in range(1000):
+        sent += server.send_data(stream_id, payload[sent:])
+        link.pump()
+        for event in of_type(link.take_client(), h2.events.DataReceived):
+            assert len(event.data) <= 16 * KiB
+            received += event.data
+            raw.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        link.pump()
+        link.take_server()
+        if len(received) == len(payload):
+            break
+    assert bytes(received) == payload
+
+
+def test_our_client_against_envoy_like_server() -> None:
+    raw_server = raw_h2(False)
+    client = HboneClientConnection()
+    client.initiate_connection()
+    link = Link(client, raw_server)
+    link.pump()
+    link.take_client()
+    stream_id = client.open_stream(DEST)
+    link.pump()
+    (request,) = of_type(link.take_server(), h2.events.RequestReceived)
+    raw_server.send_headers(request.stream_id, [(":status", "200")])
+    link.pump()
+    assert link.take_client() == [TunnelAccepted(stream_id)]
+    assert client.max_outbound_frame_size == 16 * KiB
+
+    payload = b"e" * MiB
+    sent = 0
+    received = bytearray()
+    first = client.send_data(stream_id, payload)
+    assert first == 65_535
+    sent += first
+    for _ in range(1000):
+        link.pump()
+        for event in of_type(link.take_server(), h2.events.DataReceived):
+            assert len(event.data) <= 16 * KiB
+            received += event.data
+            raw_server.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        link.pump()
+        if len(received) == len(payload):
+            break
+        if of_type(link.take_client(), WindowOpened):
+            sent += client.send_data(stream_id, payload[sent:])
+    assert bytes(received) == payload
+    # Envoy answering a refusal with a body: the client reports it, credits the body.
+    second = client.open_stream(DEST)
+    link.pump()
+    raw_server.send_headers(second, [(":status", "403")])
+    raw_server.send_data(second, b"RBAC: access denied", end_stream=True)
+    link.pump()
+    assert of_type(link.take_client(), TunnelRefused) == [TunnelRefused(second, 403)]
+    assert not client.closed
+
+
+def test_data_before_the_response_never_reaches_the_client_caller() -> None:
+    raw_server = raw_h2(False)
+    client = HboneClientConnection()
+    client.initiate_connection()
+    link = Link(client, raw_server)
+    link.pump()
+    link.take_client()
+    stream_id = client.open_stream(DEST)
+    link.pump()
+    # h2 refuses to send DATA before HEADERS; a hostile server hand-makes it.
+    # h2 treats that as a connection error: the bytes never look like tunnel data.
+    events = client.receive_data(DataFrame(stream_id, data=b"injected").serialize())
+    assert not of_type(events, DataReceived)
+    assert _closed_by(events).error_code == ErrorCodes.PROTOCOL_ERROR
