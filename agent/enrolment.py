@@ -59,6 +59,8 @@ class CaptureBackend(Protocol):
 
     def verify(self, workload: Workload) -> str | None: ...
 
+    def reconcile(self, workloads: list[Workload]) -> None: ...
+
 
 class RecordOnly:
     """Records pods without touching their traffic (`--capture none`)."""
@@ -72,6 +74,9 @@ class RecordOnly:
         return None
 
     def verify(self, workload: Workload) -> str | None:
+        return None
+
+    def reconcile(self, workloads: list[Workload]) -> None:
         return None
 
 
@@ -243,7 +248,8 @@ class Enrolment:
             else:
                 await self.release(workload.key)
                 released += 1
-        log.info("reconciled enrolment records", adopted=adopted, released=released)
+        await asyncio.to_thread(self.backend.reconcile, self.workloads())
+        log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name)
 
 
 def _still_there(workload: Workload) -> bool:

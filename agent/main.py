@@ -25,14 +25,19 @@ import structlog
 
 from . import __version__
 from . import log as logconf
+from .datapath import constants
+from .datapath.backend import EbpfCapture
+from .datapath.capture import Datapath
 from .enrolment import Enrolment, RecordOnly
+from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService
-from .rpc.server import AgentServer, SocketInUse
+from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
 from .state import StateStore
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_STATE_DIR = "/var/run/ambit/state"
+CAPTURE_MODES = ("ebpf", "none")
 
 log = structlog.get_logger("ambit.agent")
 
@@ -43,7 +48,10 @@ class AgentConfig:
     state_dir: str = DEFAULT_STATE_DIR
     node_name: str = ""
     log_level: str = "info"
-    capture: str = "none"
+    capture: str = "ebpf"
+    proxy_netns: str = constants.PROXY_NETNS
+    bpffs_dir: str = constants.BPFFS_ROOT
+    cleanup: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -61,13 +69,23 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                         help="this node's name (default: $NODE_NAME, else the hostname)")
     parser.add_argument("--log-level", default=os.environ.get("AMBIT_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warn", "error"], help="log level (default: %(default)s)")
-    parser.add_argument("--capture", default="none", choices=["none"],
-                        help="how enrolled pods' traffic is captured: none = record only (default: %(default)s)")
+    parser.add_argument("--capture", default=os.environ.get("AMBIT_CAPTURE", "ebpf"), choices=CAPTURE_MODES,
+                        help="how enrolled pods' traffic is captured: ebpf = tc programs on each pod's veth "
+                             "steering TCP into the proxy namespace; none = record pods only "
+                             "(default: %(default)s)")
+    parser.add_argument("--proxy-netns", default=constants.PROXY_NETNS,
+                        help="name of the proxy's network namespace (default: %(default)s)")
+    parser.add_argument("--bpffs-dir", default=constants.BPFFS_ROOT,
+                        help="where the eBPF maps are pinned (default: %(default)s)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="remove everything ambit made in this node's kernel (capture on every pod, "
+                             "the proxy namespace, pinned maps, enrolment records) and exit")
     parser.add_argument("--version", action="version", version=f"ambit-agent {__version__}")
     args = parser.parse_args(argv)
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
                        node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
-                       capture=args.capture)
+                       capture=args.capture, proxy_netns=args.proxy_netns, bpffs_dir=args.bpffs_dir,
+                       cleanup=args.cleanup)
 
 
 class Agent:
@@ -78,6 +96,8 @@ class Agent:
         self.started_at = time.time()
         self.store = StateStore(config.state_dir)
         self.enrolment = Enrolment(self.store, RecordOnly())
+        self.datapath: Datapath | None = None
+        self.proxy: NodeProxy | None = None
         self._ready = False
         self._not_ready_reason = "starting"
         self.server = AgentServer(
@@ -89,7 +109,13 @@ class Agent:
         return (True, "ready") if self._ready else (False, self._not_ready_reason)
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Refuse before touching the records: a second agent (another
+        # namespace, a hand-started copy) would otherwise reconcile them and
+        # release the pods the serving agent owns.
+        prepare_socket_path(self.config.socket)
         self.store.open()
+        if self.config.capture == "ebpf":
+            await self._start_datapath()
         await self.enrolment.reconcile()
         await self.server.start()
         self._ready = True
@@ -102,7 +128,26 @@ class Agent:
             self._not_ready_reason = "stopping"
             log.info("agent stopping")
             await self.server.stop()
+            if self.proxy is not None:
+                await self.proxy.stop()
+            if self.datapath is not None:
+                # Capture stays in force: enrolled pods fail closed until an
+                # agent is back, never bypass the mesh.
+                self.datapath.close()
             log.info("agent stopped")
+
+    async def _start_datapath(self) -> None:
+        """Listeners first, then the programs: after a restart the pods'
+        filters (kept by the kernel) already steer to these listeners, so
+        captured pods are served again before the ~1 s compile is done."""
+        self.datapath = Datapath(proxy_netns=self.config.proxy_netns, pin_dir=self.config.bpffs_dir)
+        self._not_ready_reason = "creating the proxy namespace"
+        await asyncio.to_thread(self.datapath.proxy_ns.ensure)
+        self.proxy = NodeProxy(self.datapath.proxy_ns.path)
+        await self.proxy.start()
+        self._not_ready_reason = "installing the datapath (compiling eBPF programs)"
+        await asyncio.to_thread(self.datapath.install)
+        self.enrolment.backend = EbpfCapture(self.datapath)
 
 
 async def _serve(config: AgentConfig) -> None:
@@ -118,9 +163,21 @@ async def _serve(config: AgentConfig) -> None:
     await Agent(config).run(stop)
 
 
+def cleanup(config: AgentConfig) -> None:
+    """Remove ambit's kernel state and records for this node (uninstall)."""
+    Datapath(proxy_netns=config.proxy_netns, pin_dir=config.bpffs_dir).uninstall()
+    store = StateStore(config.state_dir)
+    for workload in store.load_all():
+        store.delete(workload.key)
+    log.info("cleaned up", proxy_netns=config.proxy_netns, bpffs_dir=config.bpffs_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logconf.configure(config.log_level)
+    if config.cleanup:
+        cleanup(config)
+        return
     try:
         asyncio.run(_serve(config))
     except SocketInUse as exc:

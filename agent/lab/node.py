@@ -88,18 +88,35 @@ class NodeNamespace:
 class AgentProcess:
     """A real ambit-agent process inside a node namespace."""
 
-    def __init__(self, node: NodeNamespace, tag: str, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, node: NodeNamespace, tag: str, capture: str = "none",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        """capture: "none" records pods only (fast start, for CNI tests);
+        "ebpf" runs the datapath with this node's own proxy namespace and
+        pin directory, removed again by cleanup()."""
         self.node = node
         self.socket = str(node.workdir / "agent.sock")
         self.state_dir = str(node.workdir / "state")
         self.log_path = node.workdir / f"agent-{tag}.log"
+        self.capture = capture
+        self.proxy_netns = f"{node.name}-proxy"
+        self.bpffs_dir = f"/sys/fs/bpf/ambit/{node.name}"
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
+    def _common_args(self) -> list[str]:
+        return ["--socket", self.socket, "--state-dir", self.state_dir, "--node-name", self.node.name,
+                "--capture", self.capture, "--proxy-netns", self.proxy_netns, "--bpffs-dir", self.bpffs_dir]
+
     def argv(self) -> list[str]:
-        return [str(Path(sys.executable).parent / "ambit-agent"), "--socket", self.socket,
-                "--state-dir", self.state_dir, "--node-name", self.node.name, "--log-level", "debug",
+        return [str(Path(sys.executable).parent / "ambit-agent"), *self._common_args(), "--log-level", "debug",
                 *self.extra_args]
+
+    def cleanup(self) -> None:
+        """`ambit-agent --cleanup` for this node: capture, proxy namespace, pins."""
+        result = self.node.run([str(Path(sys.executable).parent / "ambit-agent"), *self._common_args(),
+                                "--log-level", "warn", "--cleanup"], capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"agent cleanup failed: {result.stderr.decode()[-2000:]}")
 
     def start(self, wait: bool = True) -> "AgentProcess":
         path = self.node.path
@@ -111,7 +128,7 @@ class AgentProcess:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         from ..cli.client import AgentClient
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -151,6 +168,8 @@ class AgentProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+        if self.capture != "none":
+            self.cleanup()
 
 
 def ambit_plugin(socket: str, **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""The node proxy: the transparent listeners in the proxy namespace and what
+each does with a captured connection.
+
+  15001 outbound  what enrolled pods send; relayed from the pod's own IP
+  15006 inbound   plaintext arriving for enrolled pods; relayed from the
+                  client's IP
+  15008 HBONE     mTLS tunnels for enrolled pods (served by the HBONE
+                  inbound handler when one is configured)
+
+Every connection is registered for `ambitctl connections` and logged once
+when it closes.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from .connections import ConnectionRegistry
+from .listeners import AcceptedConnection, ListenerKind, TransparentListener
+from .netns import NetnsThread
+from .relay import NetnsUpstreamSockets, relay_plain_tcp
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[AcceptedConnection, socket.socket], Awaitable[None]]
+
+
+class NodeProxy:
+    def __init__(self, proxy_netns: str, hbone_handler: Handler | None = None) -> None:
+        self.proxy_netns = proxy_netns
+        self.connections = ConnectionRegistry()
+        self._hbone_handler = hbone_handler
+        self._thread: NetnsThread | None = None
+        self._upstream: NetnsUpstreamSockets | None = None
+        self._listeners: list[TransparentListener] = []
+
+    @property
+    def listening(self) -> bool:
+        return len(self._listeners) == 3
+
+    async def start(self) -> None:
+        self._thread = NetnsThread(self.proxy_netns)
+        self._upstream = NetnsUpstreamSockets(self._thread)
+        handlers = {ListenerKind.OUTBOUND: self._relay, ListenerKind.INBOUND_PLAINTEXT: self._relay,
+                    ListenerKind.HBONE: self._hbone}
+        for kind, handler in handlers.items():
+            listener = TransparentListener(kind, handler, netns=self._thread)
+            await listener.start()
+            self._listeners.append(listener)
+        log.info("proxy listening", netns=self.proxy_netns,
+                 listeners=[f"{l.kind.value}:{l.address.port}" for l in self._listeners])
+
+    async def stop(self) -> None:
+        for listener in self._listeners:
+            await listener.stop()
+        self._listeners.clear()
+        if self._upstream is not None:
+            await self._upstream.aclose()
+            self._upstream = None
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
+
+    async def _relay(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
+        """Plain TCP to the original destination, from the client's IP."""
+        assert self._upstream is not None
+        tracked = self.connections.add(accepted)
+        try:
+            outcome = await relay_plain_tcp(sock, accepted, self._upstream, progress=tracked.progress)
+        finally:
+            info = self.connections.remove(tracked.id)
+        if info is not None:
+            log.info("connection closed", listener=accepted.listener.value, src=str(accepted.client),
+                     dst=str(accepted.original_dst), end=outcome.end.value, error=outcome.error,
+                     sent=info.bytes_to_upstream, received=info.bytes_to_client,
+                     duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1))
+
+    async def _hbone(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
+        if self._hbone_handler is None:
+            # Fail closed: nothing may reach a pod's 15008 in plaintext.
+            log.info("HBONE connection refused: no HBONE server configured", src=str(accepted.client),
+                     dst=str(accepted.original_dst))
+            return
+        await self._hbone_handler(accepted, sock)

@@ -1,0 +1,53 @@
+"""Snapshots of the kernel state ambit could leave behind in a node, read
+from the kernel itself (netlink, bpffs), never from the agent's memory."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from bcc import libbcc
+
+from ambit.agent.netlink import iproute
+
+
+def _map_keys(path: str, key_size: int = 4) -> int:
+    """Number of keys in a pinned BPF hash map."""
+    fd = libbcc.lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"bpf_obj_get {path}")
+    try:
+        count = 0
+        key = ctypes.create_string_buffer(key_size)
+        nxt = ctypes.create_string_buffer(key_size)
+        current = None
+        while libbcc.lib.bpf_get_next_key(fd, current, nxt) == 0:
+            count += 1
+            ctypes.memmove(key, nxt, key_size)
+            current = key
+        return count
+    finally:
+        os.close(fd)
+
+
+def node_snapshot(node_netns: str, bpffs_dir: str) -> dict:
+    """Links, qdiscs, tc filters, ip rules and routes of the node namespace,
+    the pins under bpffs_dir and the number of local_pods entries."""
+    with iproute(node_netns) as ipr:
+        links = sorted((l["index"], l.get("IFLA_IFNAME")) for l in ipr.get_links())
+        qdiscs = [(q["index"], q.get("TCA_KIND")) for q in ipr.get_qdiscs()]
+        filters = []
+        for index, _ in links:
+            for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+                try:
+                    found = ipr.get_filters(index=index, parent=parent)
+                except Exception:
+                    continue
+                filters += [(index, parent, f.get(("TCA_OPTIONS", "TCA_BPF_NAME"))) for f in found
+                            if f.get("TCA_KIND") == "bpf"]
+        rules = sorted(((r.get("FRA_PRIORITY"), r.get("FRA_FWMARK"), r.get("FRA_TABLE")) for r in ipr.get_rules()), key=repr)
+        routes = sorted(((r.get("RTA_TABLE"), r.get("RTA_DST"), r["dst_len"], r.get("RTA_OIF"))
+                         for r in ipr.get_routes(family=2, table=0)), key=repr)
+    pins = sorted(os.listdir(bpffs_dir)) if os.path.isdir(bpffs_dir) else []
+    local_pods = _map_keys(os.path.join(bpffs_dir, "local_pods")) if "local_pods" in pins else 0
+    return {"links": links, "qdiscs": sorted(qdiscs, key=repr), "filters": sorted(filters, key=repr), "rules": rules, "routes": routes,
+            "pins": pins, "local_pods": local_pods}
