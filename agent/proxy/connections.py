@@ -1,0 +1,101 @@
+"""Registry of the connections the proxy is serving right now.
+
+Kept apart from the relay so `ambitctl connections`, metrics and policy
+re-evaluation can read it without touching sockets. The relay writes byte
+counts into a `ConnectionProgress` it is given (a plain attribute add per
+spliced chunk, nothing more on the data path); readers get immutable
+`ConnectionInfo` snapshots.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .listeners import AcceptedConnection, ListenerKind, SocketAddress
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = "connecting"    # accepted, upstream not connected yet
+    ESTABLISHED = "established"  # bytes flow both ways
+    HALF_CLOSED = "half_closed"  # one side sent FIN, the other still talks
+    CLOSED = "closed"            # both sides done (or reset); about to be removed
+
+
+class ConnectionProgress:
+    """Mutable, per-connection counters written by whoever moves the bytes."""
+
+    __slots__ = ("state", "bytes_to_upstream", "bytes_to_client")
+
+    def __init__(self) -> None:
+        self.state = ConnectionState.CONNECTING
+        self.bytes_to_upstream = 0  # client -> original destination
+        self.bytes_to_client = 0    # original destination -> client
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One row of `ambitctl connections`."""
+
+    id: int
+    client: SocketAddress
+    original_dst: SocketAddress
+    listener: ListenerKind
+    started_at: float
+    state: ConnectionState
+    bytes_to_upstream: int
+    bytes_to_client: int
+
+
+@dataclass(frozen=True)
+class TrackedConnection:
+    """A registry entry: identity + the live progress the relay updates."""
+
+    id: int
+    accepted: AcceptedConnection
+    progress: ConnectionProgress
+
+    def info(self) -> ConnectionInfo:
+        return ConnectionInfo(
+            id=self.id,
+            client=self.accepted.client,
+            original_dst=self.accepted.original_dst,
+            listener=self.accepted.listener,
+            started_at=self.accepted.accepted_at,
+            state=self.progress.state,
+            bytes_to_upstream=self.progress.bytes_to_upstream,
+            bytes_to_client=self.progress.bytes_to_client,
+        )
+
+
+class ConnectionRegistry:
+    """Live connections by id; ids are never reused within one registry."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._live: dict[int, TrackedConnection] = {}
+
+    def add(self, accepted: AcceptedConnection) -> TrackedConnection:
+        tracked = TrackedConnection(next(self._ids), accepted, ConnectionProgress())
+        self._live[tracked.id] = tracked
+        return tracked
+
+    def remove(self, connection_id: int) -> ConnectionInfo | None:
+        """Forget a connection; returns its last state (for an access log), or
+        None if it was not registered."""
+        tracked = self._live.pop(connection_id, None)
+        return None if tracked is None else tracked.info()
+
+    def get(self, connection_id: int) -> TrackedConnection | None:
+        return self._live.get(connection_id)
+
+    def snapshot(self) -> tuple[ConnectionInfo, ...]:
+        """Immutable copy of every live connection, oldest first."""
+        return tuple(tracked.info() for tracked in self._live.values())
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[TrackedConnection]:
+        return iter(list(self._live.values()))

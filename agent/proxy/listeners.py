@@ -1,0 +1,261 @@
+"""Transparent listeners of the proxy namespace: 15001, 15006, 15008.
+
+The capture (tc + bpf_sk_assign, see agent/datapath) hands every TCP SYN of an
+enrolled pod to one of these listening sockets although the SYN is addressed
+to some other IP:port. So for an accepted socket getsockname() is the
+connection's ORIGINAL destination and getpeername() is the real client: no
+NAT, no map lookup. That only works if the listener has IP_TRANSPARENT (the
+kernel otherwise refuses to answer a SYN for an address that is not its own).
+
+A listener only accepts; what happens to a connection is the handler's
+business (relay, HBONE server, inbound policy ...).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from ambit.agent.datapath.constants import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    MARK_PROXY,
+    OUTBOUND_PORT,
+)
+
+from .netns import NetnsThread, make_socket
+
+log = structlog.get_logger(__name__)
+
+# Linux socket options missing from Python 3.11's socket module (linux/in6.h).
+IPV6_TRANSPARENT = 75
+
+DEFAULT_BACKLOG = 4096  # capped by net.core.somaxconn
+ACCEPTS_PER_WAKEUP = 64  # fairness: a SYN flood must not starve the relays
+ACCEPT_PAUSE_ON_FD_EXHAUSTION = 0.1  # seconds; else EMFILE turns into a busy loop
+
+
+class ListenerKind(enum.Enum):
+    """Which capture path delivered a connection, and the port it listens on."""
+
+    OUTBOUND = "outbound"                    # what enrolled pods send (15001)
+    INBOUND_PLAINTEXT = "inbound_plaintext"  # plaintext arriving for enrolled pods (15006)
+    HBONE = "hbone"                          # mTLS HTTP/2 CONNECT tunnels (15008)
+
+    @property
+    def default_port(self) -> int:
+        return _DEFAULT_PORTS[self]
+
+
+_DEFAULT_PORTS = {
+    ListenerKind.OUTBOUND: OUTBOUND_PORT,
+    ListenerKind.INBOUND_PLAINTEXT: INBOUND_PLAINTEXT_PORT,
+    ListenerKind.HBONE: HBONE_PORT,
+}
+
+
+@dataclass(frozen=True, order=True)
+class SocketAddress:
+    ip: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    @classmethod
+    def from_sockaddr(cls, sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddress:
+        return cls(sockaddr[0], sockaddr[1])
+
+
+@dataclass(frozen=True)
+class AcceptedConnection:
+    """What the kernel told us about one captured connection when we accepted it."""
+
+    client: SocketAddress        # the pod (or peer) that opened it: getpeername()
+    original_dst: SocketAddress  # where the client meant to go: getsockname()
+    listener: ListenerKind
+    accepted_at: float           # wall-clock seconds (time.time())
+
+
+ConnectionHandler = Callable[[AcceptedConnection, socket.socket], Awaitable[None]]
+"""Serves one accepted connection. The socket is non-blocking and belongs to the
+handler until its coroutine ends; the listener closes it then (closing twice is
+harmless), so a handler that is cancelled or fails never leaks it."""
+
+
+def _transparent_option(family: socket.AddressFamily) -> tuple[int, int]:
+    if family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, IPV6_TRANSPARENT
+    return socket.IPPROTO_IP, socket.IP_TRANSPARENT
+
+
+def listening_socket_setup(address: SocketAddress, backlog: int) -> Callable[[socket.socket], None]:
+    """Options and bind/listen for a transparent listener (run where the
+    socket is created, i.e. in the proxy namespace)."""
+
+    def setup(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Without it the kernel drops the SYN that bpf_sk_assign gave us.
+        sock.setsockopt(*_transparent_option(address.family), 1)
+        # Our own SYN-ACKs and data carry the proxy mark (constants.MARK_PROXY).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.ip, address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+
+    return setup
+
+
+class TransparentListener:
+    """One transparent listening socket plus its accept loop.
+
+    `start()` creates the socket inside `netns` (or the caller's namespace
+    when None) and starts accepting on the running loop; `stop()` closes it and
+    cancels the handlers still running, whose sockets are then closed.
+    """
+
+    def __init__(
+        self,
+        kind: ListenerKind,
+        handler: ConnectionHandler,
+        *,
+        netns: NetnsThread | None = None,
+        address: str = "0.0.0.0",
+        port: int | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kind = kind
+        self._handler = handler
+        self._netns = netns
+        self._requested = SocketAddress(address, kind.default_port if port is None else port)
+        self._backlog = backlog
+        self._clock = clock
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Each running handler and the socket it serves; the socket is closed
+        # when the task is done, even if it was cancelled before it ran.
+        self._connections: dict[asyncio.Task[None], socket.socket] = {}
+        self._paused: asyncio.TimerHandle | None = None
+        self._log = log.bind(listener=kind.value)
+
+    @property
+    def address(self) -> SocketAddress:
+        """Where the socket is bound (the real port when 0 was asked for)."""
+        if self._sock is None:
+            raise RuntimeError("listener is not started")
+        return SocketAddress.from_sockaddr(self._sock.getsockname())
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> None:
+        if self._sock is not None:
+            raise RuntimeError("listener already started")
+        setup = listening_socket_setup(self._requested, self._backlog)
+        family = self._requested.family
+        if self._netns is None:
+            sock = make_socket(family, socket.SOCK_STREAM, 0, setup)
+        else:
+            sock = await self._netns.new_socket_async(family, socket.SOCK_STREAM, 0, setup)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._accept_ready)
+        self._log = self._log.bind(address=str(self.address))
+        self._log.info("listening")
+
+    async def stop(self) -> None:
+        """Stop accepting, cancel running handlers and wait for them."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        assert self._loop is not None
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        else:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._log.info("stopped", cancelled=len(tasks))
+
+    async def __aenter__(self) -> TransparentListener:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _accept_ready(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn_sock, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS/ENOMEM: the listening socket stays readable,
+                # so retrying at once would spin; back off and try again.
+                self._pause_accepting(exc)
+                return
+            self._dispatch(conn_sock)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        assert self._loop is not None and self._sock is not None
+        self._log.warning("accept paused", error=exc.strerror)
+        self._loop.remove_reader(self._sock.fileno())
+        self._paused = self._loop.call_later(ACCEPT_PAUSE_ON_FD_EXHAUSTION, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._paused = None
+        if self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+
+    def _dispatch(self, conn_sock: socket.socket) -> None:
+        conn_sock.setblocking(False)
+        try:
+            accepted = AcceptedConnection(
+                client=SocketAddress.from_sockaddr(conn_sock.getpeername()),
+                original_dst=SocketAddress.from_sockaddr(conn_sock.getsockname()),
+                listener=self.kind,
+                accepted_at=self._clock(),
+            )
+        except OSError:  # reset before we looked at it (ENOTCONN)
+            conn_sock.close()
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve(accepted, conn_sock))
+        self._connections[task] = conn_sock
+        task.add_done_callback(self._connection_done)
+
+    def _connection_done(self, task: asyncio.Task[None]) -> None:
+        self._connections.pop(task).close()
+
+    async def _serve(self, accepted: AcceptedConnection, conn_sock: socket.socket) -> None:
+        try:
+            await self._handler(accepted, conn_sock)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("connection handler failed",
+                                client=str(accepted.client), dst=str(accepted.original_dst))
