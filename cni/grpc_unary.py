@@ -194,10 +194,10 @@ def unary_call(socket_path: str, method: str, request: bytes, timeout: float,
             sock.connect(socket_path)
         except FileNotFoundError:
             raise RpcError(UNAVAILABLE, f"agent socket {socket_path} does not exist (is ambit-agent running?)") from None
-        except (ConnectionRefusedError, PermissionError) as exc:
-            raise RpcError(UNAVAILABLE, f"cannot connect to agent socket {socket_path}: {exc.strerror}") from None
         except socket.timeout:
             raise RpcError(DEADLINE_EXCEEDED, f"connecting to {socket_path} timed out after {timeout:g}s") from None
+        except OSError as exc:  # refused, permission, a file in the path, ...: the agent is not there
+            raise RpcError(UNAVAILABLE, f"cannot connect to agent socket {socket_path}: {exc.strerror or exc}") from None
         return _exchange(sock, method, request, deadline, timeout, user_agent)
     except socket.timeout:
         raise RpcError(DEADLINE_EXCEEDED, f"agent did not answer {method} within {timeout:g}s") from None

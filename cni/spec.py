@@ -17,6 +17,7 @@ COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 
 DEFAULT_AGENT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_TIMEOUT_S = 5.0
+MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 # CNI error codes (SPEC.md "Error"); 100+ are ambit's own.
@@ -197,6 +198,9 @@ def parse_config(conf: dict, command: str) -> PluginConfig:
     socket_path = conf.get("agentSocket", DEFAULT_AGENT_SOCKET)
     if not isinstance(socket_path, str) or not socket_path.startswith("/"):
         raise CniError(INVALID_CONFIG, f"agentSocket must be an absolute path, not {socket_path!r}")
+    if len(socket_path.encode()) > MAX_SOCKET_PATH:
+        raise CniError(INVALID_CONFIG, f"agentSocket is longer than a Unix socket path can be "
+                       f"({MAX_SOCKET_PATH} bytes): {socket_path!r}")
     timeout = parse_timeout(conf.get("timeout", DEFAULT_TIMEOUT_S))
     log_level = conf.get("logLevel", "warn")
     if log_level not in LOG_LEVELS:

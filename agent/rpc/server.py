@@ -15,17 +15,24 @@ from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 HEALTH_SERVICES = ("", "ambit.agent.v1.CNI", "ambit.agent.v1.Debug")
+MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 class SocketInUse(Exception):
-    """Another process is serving the socket path, or the path is not ours to replace."""
+    """Another process is serving the socket path, or the path is not ours to
+    replace, or it cannot be a socket at all."""
 
 
 def prepare_socket_path(path: str) -> None:
     """Create the directory and remove a stale socket; never remove a socket
     that someone is still serving, nor anything that is not a socket."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SocketInUse(f"{path} is too long for a Unix socket path (at most {MAX_SOCKET_PATH} bytes)")
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o750, exist_ok=True)
+    try:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise SocketInUse(f"cannot create the socket directory {directory}: {exc.strerror}") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -62,7 +69,10 @@ class AgentServer:
         # instant between bind() and chmod(): bind under a tight umask.
         old = os.umask(0o177)
         try:
-            self._server.add_insecure_port(f"unix:{self.socket_path}")
+            try:
+                self._server.add_insecure_port(f"unix:{self.socket_path}")
+            except RuntimeError as exc:  # grpc's "Failed to bind": say so without a traceback
+                raise SocketInUse(f"cannot listen on {self.socket_path}: {exc}") from None
             await self._server.start()
         finally:
             os.umask(old)

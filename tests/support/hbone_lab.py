@@ -1,0 +1,232 @@
+"""Scaffolding for HBONE scenarios on real sockets: a namespace, identities, TCP pods.
+
+Everything runs in one network namespace of our own (`hbt-*`) with the "pod"
+addresses on its loopback (10.253.0.0/16), and the scenario itself is an
+asyncio coroutine run on a thread that entered that namespace, so every socket
+it creates (listeners, pods, HBONE connections, Envoy children) lives there.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import NetNS, netns
+
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.proxy.netns import enter_netns, netns_path
+
+T = TypeVar("T")
+
+TRUST_DOMAIN = "cluster.local"
+MiB = 1 << 20
+
+
+def make_netns(prefix: str, addresses: tuple[str, ...]) -> str:
+    """A fresh `<prefix>-<random>` namespace with lo up and `addresses` on lo."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            lo = ns.link_lookup(ifname="lo")[0]
+            ns.link("set", index=lo, state="up")
+            for address in addresses:
+                ns.addr("add", index=lo, address=address, prefixlen=32)
+    except BaseException:
+        netns.remove(name)
+        raise
+    return name
+
+
+def remove_netns(name: str) -> None:
+    with contextlib.suppress(Exception):
+        netns.remove(name)
+
+
+def run_in_netns(name: str, scenario: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
+    """Run `scenario()` on a fresh event loop on a thread inside the namespace.
+
+    Threads and processes started from that thread inherit the namespace.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            enter_netns(netns_path(name))
+            result.append(asyncio.run(asyncio.wait_for(scenario(), timeout)))
+        except BaseException as exc:  # handed to the test thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name=f"ns:{name}")
+    thread.start()
+    thread.join(timeout + 30)
+    if thread.is_alive():
+        raise TimeoutError(f"scenario in {name} did not finish")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+# --- identities -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Identities:
+    """A CA, a certificate store on disk, and the service accounts of a scenario."""
+
+    ca: LocalCA
+    store: CertificateStore
+    directory: Path
+
+    def id(self, namespace: str, service_account: str) -> SpiffeId:
+        return SpiffeId(self.ca.trust_domain, namespace, service_account)
+
+    def pem_files(self, identity: SpiffeId) -> tuple[Path, Path, Path]:
+        """(certificate, key, trust bundle) paths, e.g. for Envoy."""
+        paths = self.store.get(identity).paths
+        return paths.cert_file, paths.key_file, paths.bundle_file
+
+
+def make_identities(directory: Path, trust_domain: str = TRUST_DOMAIN) -> Identities:
+    ca = LocalCA.create(trust_domain)
+    return Identities(ca, CertificateStore(ca, directory), directory)
+
+
+# --- TCP helpers ---------------------------------------------------------------------------------
+
+
+def bound_socket(ip: str) -> socket.socket:
+    """An unconnected TCP socket bound to `ip` (a socket factory for pool/inbound)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT
+        sock.bind((ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def listening_socket(ip: str, port: int = 0, backlog: int = 1024) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((ip, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+async def tcp_pair(ip: str) -> tuple[socket.socket, socket.socket]:
+    """(pod side, proxy side) of a real TCP connection on `ip`: the proxy side is
+    what a TransparentListener would have accepted from the pod."""
+    loop = asyncio.get_running_loop()
+    with listening_socket(ip) as listener:
+        pod = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        pod.setblocking(False)
+        connecting = loop.create_task(loop.sock_connect(pod, listener.getsockname()))
+        proxy_side, _ = await loop.sock_accept(listener)
+        await connecting
+    proxy_side.setblocking(False)
+    return pod, proxy_side
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def send_all_then_eof(sock: socket.socket, data: bytes, chunk: int = 256 * 1024) -> None:
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    for offset in range(0, len(view), chunk):
+        await loop.sock_sendall(sock, view[offset : offset + chunk])
+    sock.shutdown(socket.SHUT_WR)
+
+
+async def read_to_eof(sock: socket.socket, limit: int | None = None) -> bytes:
+    """Everything until FIN; raises ConnectionResetError on RST."""
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while True:
+        chunk = await loop.sock_recv(sock, 256 * 1024)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+        if limit is not None and len(received) > limit:
+            raise AssertionError(f"more than {limit} bytes")
+
+
+async def read_exactly(sock: socket.socket, count: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while len(received) < count:
+        chunk = await loop.sock_recv(sock, count - len(received))
+        if not chunk:
+            raise EOFError(f"EOF after {len(received)} of {count} bytes")
+        received += chunk
+    return bytes(received)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclasses.dataclass
+class AppServer:
+    """The destination pod: accepts connections and hands them to a queue."""
+
+    sock: socket.socket
+    accepted: asyncio.Queue[tuple[socket.socket, tuple[str, int]]]
+    task: asyncio.Task[None]
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    async def next(self, timeout: float = 10.0) -> tuple[socket.socket, tuple[str, int]]:
+        return await asyncio.wait_for(self.accepted.get(), timeout)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.sock.close()
+
+
+async def start_app_server(ip: str, port: int = 0) -> AppServer:
+    loop = asyncio.get_running_loop()
+    sock = listening_socket(ip, port)
+    queue: asyncio.Queue[tuple[socket.socket, tuple[str, int]]] = asyncio.Queue()
+
+    async def accept_forever() -> None:
+        while True:
+            conn, peer = await loop.sock_accept(sock)
+            conn.setblocking(False)
+            await queue.put((conn, peer))
+
+    return AppServer(sock, queue, loop.create_task(accept_forever()))
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    with open(f"/proc/{pid or os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def namespace(prefix: str, addresses: tuple[str, ...]) -> Iterator[str]:
+    name = make_netns(prefix, addresses)
+    try:
+        yield name
+    finally:
+        remove_netns(name)
