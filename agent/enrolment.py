@@ -141,9 +141,11 @@ class Enrolment:
         if not wanted:
             log.info("pod not enrolled", pod=str(req.pod), attachment=str(req.key), reason=reason)
             return EnrolResult(False, reason, None)
+        started = time.monotonic()
         async with self._lock(req.key):
             try:
                 link = await asyncio.to_thread(inspect_pod_link, req.netns, req.key.ifname)
+                inspected = time.monotonic()
             except PodLinkError as exc:
                 kind = {PodLinkError.NETNS_MISSING: EnrolmentError.NOT_FOUND,
                         PodLinkError.NO_INTERFACE: EnrolmentError.NOT_FOUND}.get(exc.reason,
@@ -170,7 +172,9 @@ class Enrolment:
             self.store.save(workload)
             self._workloads[req.key] = workload
             log.info("pod enrolled", pod=str(req.pod), attachment=str(req.key), ips=list(ips),
-                     host_veth=link.host_ifname, host_ifindex=link.host_ifindex, capture=capture)
+                     host_veth=link.host_ifname, host_ifindex=link.host_ifindex, capture=capture,
+                     inspect_ms=round((inspected - started) * 1000, 1),
+                     total_ms=round((time.monotonic() - started) * 1000, 1))
         self._forget_lock(req.key)
         return EnrolResult(True, reason, workload)
 
