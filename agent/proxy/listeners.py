@@ -49,14 +49,14 @@ class ListenerKind(enum.Enum):
 
     @property
     def default_port(self) -> int:
-        return _DEFAULT_PORTS[self]
-
-
-_DEFAULT_PORTS = {
-    ListenerKind.OUTBOUND: OUTBOUND_PORT,
-    ListenerKind.INBOUND_PLAINTEXT: INBOUND_PLAINTEXT_PORT,
-    ListenerKind.HBONE: HBONE_PORT,
-}
+        match self:
+            case ListenerKind.OUTBOUND:
+                return OUTBOUND_PORT
+            case ListenerKind.INBOUND_PLAINTEXT:
+                return INBOUND_PLAINTEXT_PORT
+            case ListenerKind.HBONE:
+                return HBONE_PORT
+        raise AssertionError(self)
 
 
 @dataclass(frozen=True, order=True)

@@ -202,7 +202,7 @@ class NetnsSocketPool:
         self._type = type
         self._batch = batch
         self._ready: list[socket.socket] = []
-        self._refill: asyncio.Future[list[socket.socket]] | None = None
+        self._refill: asyncio.Task[None] | None = None
         self._closed = False
 
     def _make_batch(self, count: int) -> list[socket.socket]:
@@ -215,31 +215,33 @@ class NetnsSocketPool:
                 raise
         return made
 
-    def _start_refill(self) -> asyncio.Future[list[socket.socket]]:
+    def _start_refill(self) -> asyncio.Task[None]:
         if self._refill is None:
-            self._refill = asyncio.ensure_future(
-                self._thread.run_async(self._make_batch, self._batch))
-            self._refill.add_done_callback(self._refilled)
+            self._refill = asyncio.get_running_loop().create_task(self._refill_now())
+            # Failures reach whoever awaits take(); nobody else needs to hear.
+            self._refill.add_done_callback(
+                lambda task: task.cancelled() or task.exception())
         return self._refill
 
-    def _refilled(self, fut: asyncio.Future[list[socket.socket]]) -> None:
-        self._refill = None
-        if fut.cancelled() or fut.exception() is not None:
-            return
+    async def _refill_now(self) -> None:
+        try:
+            made = await self._thread.run_async(self._make_batch, self._batch)
+        finally:
+            self._refill = None
+        # Done inside the task (not in a done-callback) so that a finished
+        # refill has always delivered its sockets before anyone sees it done.
         if self._closed:
-            for sock in fut.result():
+            for sock in made:
                 sock.close()
         else:
-            self._ready.extend(fut.result())
+            self._ready.extend(made)
 
     async def take(self) -> socket.socket:
         """An unbound socket of the pool's namespace; the caller owns it."""
-        if self._closed:
-            raise RuntimeError("socket pool is closed")
         while not self._ready:
-            await asyncio.shield(self._start_refill())
             if self._closed:
                 raise RuntimeError("socket pool is closed")
+            await asyncio.shield(self._start_refill())
         sock = self._ready.pop()
         if len(self._ready) < self._batch // 2:
             self._start_refill()
