@@ -12,7 +12,7 @@ import ipaddress
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import structlog
 
@@ -109,10 +109,12 @@ def _normalise_ips(ips: Iterable[str]) -> tuple[str, ...]:
 
 
 class Enrolment:
-    def __init__(self, store: StateStore, backend: CaptureBackend, selector: Selector | None = None) -> None:
+    def __init__(self, store: StateStore, backend: CaptureBackend, selector: Selector | None = None,
+                 on_capture_failure: Callable[[], None] | None = None) -> None:
         self.store = store
         self.backend = backend
         self.selector = selector or EnrolEveryPod()
+        self._on_capture_failure = on_capture_failure or (lambda: None)
         self._workloads: dict[AttachmentKey, Workload] = {}
         self._locks: dict[AttachmentKey, asyncio.Lock] = {}
 
@@ -122,6 +124,13 @@ class Enrolment:
 
     def get(self, key: AttachmentKey) -> Workload | None:
         return self._workloads.get(key)
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        """The enrolled pod that owns `ip` (a handful of pods per node: a scan is fine)."""
+        for workload in self._workloads.values():
+            if ip in workload.addresses:
+                return workload
+        return None
 
     def _lock(self, key: AttachmentKey) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -163,6 +172,7 @@ class Enrolment:
             try:
                 capture = await asyncio.to_thread(self.backend.attach, workload, link)
             except Exception as exc:
+                self._on_capture_failure()
                 log.error("capture failed; pod not enrolled", pod=str(req.pod), attachment=str(req.key),
                           host_veth=link.host_ifname, error=str(exc))
                 await asyncio.to_thread(self.backend.detach, workload)

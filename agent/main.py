@@ -34,6 +34,8 @@ from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService
 from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
 from .state import StateStore
+from .telemetry.http import TelemetryServer
+from .telemetry.metrics import Metrics
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_STATE_DIR = "/var/run/ambit/state"
@@ -51,6 +53,9 @@ class AgentConfig:
     capture: str = "ebpf"
     proxy_netns: str = constants.PROXY_NETNS
     bpffs_dir: str = constants.BPFFS_ROOT
+    telemetry_address: str = "0.0.0.0"
+    metrics_port: int = constants.METRICS_PORT
+    readiness_port: int = constants.READINESS_PORT
     cleanup: bool = False
 
 
@@ -77,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                         help="name of the proxy's network namespace (default: %(default)s)")
     parser.add_argument("--bpffs-dir", default=constants.BPFFS_ROOT,
                         help="where the eBPF maps are pinned (default: %(default)s)")
+    parser.add_argument("--telemetry-address", default="0.0.0.0",
+                        help="address for the metrics and readiness ports (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=constants.METRICS_PORT,
+                        help="Prometheus /metrics port (default: %(default)s)")
+    parser.add_argument("--readiness-port", type=int, default=constants.READINESS_PORT,
+                        help="/healthz/ready port for the kubelet (default: %(default)s)")
     parser.add_argument("--cleanup", action="store_true",
                         help="remove everything ambit made in this node's kernel (capture on every pod, "
                              "the proxy namespace, pinned maps, enrolment records) and exit")
@@ -85,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
                        node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
                        capture=args.capture, proxy_netns=args.proxy_netns, bpffs_dir=args.bpffs_dir,
-                       cleanup=args.cleanup)
+                       telemetry_address=args.telemetry_address, metrics_port=args.metrics_port,
+                       readiness_port=args.readiness_port, cleanup=args.cleanup)
 
 
 class Agent:
@@ -95,14 +107,19 @@ class Agent:
         self.config = config
         self.started_at = time.time()
         self.store = StateStore(config.state_dir)
-        self.enrolment = Enrolment(self.store, RecordOnly())
+        self.metrics = Metrics()
+        self.enrolment = Enrolment(self.store, RecordOnly(), on_capture_failure=self.metrics.ebpf_attach_failures.inc)
+        self.metrics.enrolled_pods.set_function(lambda: len(self.enrolment.workloads()))
+        self.telemetry = TelemetryServer(self.metrics.registry, self.readiness, config.telemetry_address,
+                                         config.metrics_port, config.readiness_port)
         self.datapath: Datapath | None = None
         self.proxy: NodeProxy | None = None
         self._ready = False
         self._not_ready_reason = "starting"
         self.server = AgentServer(
             config.socket,
-            CniService(self.enrolment, self.readiness),
+            CniService(self.enrolment, self.readiness,
+                       lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness))
 
     def readiness(self) -> tuple[bool, str]:
@@ -114,6 +131,11 @@ class Agent:
         # release the pods the serving agent owns.
         prepare_socket_path(self.config.socket)
         self.store.open()
+        try:
+            self.telemetry.start()
+        except OSError as exc:
+            raise SocketInUse(f"cannot serve metrics/readiness on ports {self.config.metrics_port}/"
+                              f"{self.config.readiness_port}: {exc.strerror}") from None
         if self.config.capture == "ebpf":
             await self._start_datapath()
         await self.enrolment.reconcile()
@@ -134,6 +156,7 @@ class Agent:
                 # Capture stays in force: enrolled pods fail closed until an
                 # agent is back, never bypass the mesh.
                 self.datapath.close()
+            self.telemetry.stop()
             log.info("agent stopped")
 
     async def _start_datapath(self) -> None:
@@ -143,7 +166,7 @@ class Agent:
         self.datapath = Datapath(proxy_netns=self.config.proxy_netns, pin_dir=self.config.bpffs_dir)
         self._not_ready_reason = "creating the proxy namespace"
         await asyncio.to_thread(self.datapath.proxy_ns.ensure)
-        self.proxy = NodeProxy(self.datapath.proxy_ns.path)
+        self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip)
         await self.proxy.start()
         self._not_ready_reason = "installing the datapath (compiling eBPF programs)"
         await asyncio.to_thread(self.datapath.install)

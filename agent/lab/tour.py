@@ -19,27 +19,9 @@ from typing import Callable, TextIO
 from ..cli.client import AgentClient
 from .cniruntime import CniRuntime, PodSandbox
 from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns, remove_netns
+from .topology import PREFIX, LabSettings, LeftoversFound, find_leftovers, lab_namespaces
 
-PREFIX = "ambitlab-"
 POD_SUBNET = "10.244.1.0/24"
-
-
-class LeftoversFound(Exception):
-    """A previous lab run did not clean up."""
-
-
-def lab_leftovers() -> list[str]:
-    try:
-        return sorted(n for n in os.listdir("/var/run/netns") if n.startswith(PREFIX))
-    except FileNotFoundError:
-        return []
-
-
-def remove_leftovers() -> list[str]:
-    removed = lab_leftovers()
-    for name in removed:
-        remove_netns(name)
-    return removed
 
 
 class Narrator:
@@ -68,9 +50,10 @@ class Narrator:
 def run_tour(out: TextIO = sys.stdout) -> None:
     if os.geteuid() != 0:
         raise PermissionError("the lab creates network namespaces and veths: run it as root")
-    leftovers = lab_leftovers()
+    leftovers = find_leftovers(LabSettings())  # the tour uses the lab's names: never run both
     if leftovers:
-        raise LeftoversFound(f"a previous lab run left {', '.join(leftovers)}; remove them with `ambit lab down`")
+        raise LeftoversFound(f"a lab is running or a previous run left {leftovers.describe()}; "
+                             "remove it with `ambit lab down`")
     n = Narrator(out)
     out.write("ambit lab tour: one node, one pod, the real CNI chain\n")
     with ExitStack() as stack:
@@ -111,4 +94,4 @@ def run_tour(out: TextIO = sys.stdout) -> None:
         with AgentClient(agent.socket) as client:
             n.say(f"agent records left: {len(client.workloads())}")
         n.step("stop the agent (SIGTERM), remove the pod and the node", stack.close)
-    out.write(f"\nclean: lab namespaces left: {len(lab_leftovers())}\n")
+    out.write(f"\nclean: lab namespaces left: {len(lab_namespaces(PREFIX))}\n")

@@ -18,20 +18,33 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from ..telemetry.access_log import ConnectionRecord, log_connection
+from ..telemetry.metrics import Metrics, TcpLabels
+from ..workload import Workload
 from .connections import ConnectionRegistry
 from .listeners import AcceptedConnection, ListenerKind, TransparentListener
 from .netns import NetnsThread
-from .relay import NetnsUpstreamSockets, relay_plain_tcp
+from .relay import NetnsUpstreamSockets, RelayEnd, relay_plain_tcp
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[AcceptedConnection, socket.socket], Awaitable[None]]
+WorkloadLookup = Callable[[str], Workload | None]
+
+_FAILED = {RelayEnd.CONNECT_REFUSED, RelayEnd.CONNECT_TIMEOUT, RelayEnd.CONNECT_FAILED}
+# Envoy-style response flags Istio reports: UF upstream connection failure,
+# UR/DR upstream/downstream reset.
+_RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
+                   RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
 
 
 class NodeProxy:
-    def __init__(self, proxy_netns: str, hbone_handler: Handler | None = None) -> None:
+    def __init__(self, proxy_netns: str, metrics: Metrics, workload_by_ip: WorkloadLookup,
+                 hbone_handler: Handler | None = None) -> None:
         self.proxy_netns = proxy_netns
         self.connections = ConnectionRegistry()
+        self.metrics = metrics
+        self._workload_by_ip = workload_by_ip
         self._hbone_handler = hbone_handler
         self._thread: NetnsThread | None = None
         self._upstream: NetnsUpstreamSockets | None = None
@@ -64,19 +77,39 @@ class NodeProxy:
             self._thread.close()
             self._thread = None
 
+    def _labels(self, accepted: AcceptedConnection, flags: str = "-") -> TcpLabels:
+        src = self._workload_by_ip(accepted.client.ip)
+        dst = self._workload_by_ip(accepted.original_dst.ip)
+        return TcpLabels(
+            reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
+            source_workload=src.pod.name if src else "unknown",
+            source_workload_namespace=src.pod.namespace if src else "unknown",
+            destination_workload=dst.pod.name if dst else "unknown",
+            destination_workload_namespace=dst.pod.namespace if dst else "unknown",
+            response_flags=flags, connection_security_policy="none")
+
     async def _relay(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
         """Plain TCP to the original destination, from the client's IP."""
         assert self._upstream is not None
         tracked = self.connections.add(accepted)
+        labels = self._labels(accepted)
+        self.metrics.opened(labels)
         try:
             outcome = await relay_plain_tcp(sock, accepted, self._upstream, progress=tracked.progress)
         finally:
-            info = self.connections.remove(tracked.id)
-        if info is not None:
-            log.info("connection closed", listener=accepted.listener.value, src=str(accepted.client),
-                     dst=str(accepted.original_dst), end=outcome.end.value, error=outcome.error,
-                     sent=info.bytes_to_upstream, received=info.bytes_to_client,
-                     duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1))
+            self.connections.remove(tracked.id)
+        flags = _RESPONSE_FLAGS.get(outcome.end, "-")
+        if flags != "-":
+            labels = self._labels(accepted, flags)
+        if outcome.end in _FAILED:
+            self.metrics.failed(labels)
+        self.metrics.closed(labels, outcome.bytes_to_upstream, outcome.bytes_to_client)
+        log_connection(ConnectionRecord(
+            listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
+            src_identity=None, dst_identity=None, sent=outcome.bytes_to_upstream,
+            received=outcome.bytes_to_client, duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1),
+            decision="allow", reason="plaintext relay (no policy yet)", end=outcome.end.value,
+            error=outcome.error, via="direct"))
 
     async def _hbone(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
         if self._hbone_handler is None:

@@ -66,9 +66,19 @@ class MeshNode:
             remove_netns(sb.netns.rsplit("/", 1)[1])
         self.pods.clear()
 
-    def proxy_log(self, event: str = "connection closed") -> list[dict]:
+    def proxy_log(self, event: str = "connection") -> list[dict]:
         return [json.loads(line) for line in self.agent.logs().splitlines()
                 if line.startswith("{") and f'"event": "{event}"' in line]
+
+    def access_log_for(self, dst: str, count: int = 1, timeout: float = 3.0) -> list[dict]:
+        """The access-log lines for connections to `dst`, waiting for them:
+        the proxy logs a connection just after both of its sides closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.proxy_log() if e["dst"] == dst]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -113,7 +123,7 @@ def test_pod_to_pod_through_the_proxy_keeps_bytes_addresses_and_half_close(mesh)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert peer == (ip_b, 8080)                       # A sees B:port
     assert [p[0] for p in server.peers] == [ip_a]     # B sees A's own address
-    closed = [e for e in mesh.proxy_log() if e["dst"] == f"{ip_b}:8080"]
+    closed = mesh.access_log_for(f"{ip_b}:8080")
     assert len(closed) == 1                           # it really went through the proxy ...
     assert closed[0]["src"].startswith(f"{ip_a}:")    # ... which knew the client
     assert closed[0]["listener"] == "outbound"
@@ -162,7 +172,7 @@ def test_inbound_plaintext_from_an_unenrolled_pod_goes_through_the_proxy(mesh):
         echoed, _ = exchange(c.netns, ip_b, 8080, b"ping")
     assert echoed == b"ping"
     assert [p[0] for p in server.peers] == [ip_c]
-    assert [e["listener"] for e in mesh.proxy_log() if e["dst"] == f"{ip_b}:8080"] == ["inbound_plaintext"]
+    assert [e["listener"] for e in mesh.access_log_for(f"{ip_b}:8080")] == ["inbound_plaintext"]
 
 
 def test_unenrolled_pods_udp_and_the_node_are_left_alone(mesh):
@@ -173,6 +183,7 @@ def test_unenrolled_pods_udp_and_the_node_are_left_alone(mesh):
     with TcpServer(d.netns, 8080, echo_until_eof) as server:
         assert exchange(c.netns, ip_d, 8080, b"x")[0] == b"x"
         assert [p[0] for p in server.peers] == [ip_c]
+    time.sleep(0.3)  # a proxied connection would have been logged by now
     assert not [e for e in mesh.proxy_log() if ip_c in e["src"] or ip_d in e["dst"]]
 
     receiver = udp_socket(d.netns)
@@ -192,6 +203,7 @@ def test_unenrolled_pods_udp_and_the_node_are_left_alone(mesh):
                               capture_output=True, text=True, timeout=10)
         assert probe.stdout.strip() == "ok", probe.stderr
         assert server.peers[0][0] == "10.242.0.1"     # the node's bridge address, not rewritten
+    time.sleep(0.3)
     assert not [e for e in mesh.proxy_log() if e["dst"] == f"{ip_a}:8081"]
 
 

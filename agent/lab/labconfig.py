@@ -1,0 +1,507 @@
+"""The lab's cluster, described as Kubernetes objects in a local YAML file.
+
+The file uses the same schema as the API server's objects (Namespace,
+ServiceAccount, Pod, Service, Node, and pass-through kinds such as
+AuthorizationPolicy), so the discovery code can read the very same file and a
+user can paste objects from a real cluster. Parsing is pure: documents in,
+frozen objects out, and every error names the document and the field.
+
+Lab-specific meaning is carried by one annotation on Pods,
+`lab.ambit.dev/workload: http,echo`, which picks the built-in servers the lab
+starts inside the pod (see `workload.py`).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+WORKLOAD_ANNOTATION = "lab.ambit.dev/workload"
+WORKLOAD_KINDS = ("http", "echo")
+DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000}
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+SERVICE_CIDR = "10.96.0.0/16"
+FIRST_SERVICE_HOST = 10  # leave the first addresses free, as clusters do for kubernetes/kube-dns
+DEFAULT_NODE_COUNT = 2
+DEFAULT_FILE = "default-lab.yaml"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NODE_INDEXED = re.compile(r"^node([1-9][0-9]*)$")
+_CORE_KINDS = ("Namespace", "ServiceAccount", "Pod", "Service", "Node")
+_PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+class LabConfigError(ValueError):
+    """The lab file is not a cluster the lab can build; says where and why."""
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def ambient(self) -> bool:
+        return self.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    container_port: int
+    name: str | None = None
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    node_name: str | None = None
+    service_account: str = "default"
+    ports: tuple[ContainerPort, ...] = ()
+    workloads: tuple[str, ...] = ()  # built-in servers to run: "http", "echo"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def port_named(self, name: str) -> int | None:
+        for port in self.ports:
+            if port.name == name:
+                return port.container_port
+        return None
+
+    def workload_port(self, kind: str) -> int:
+        """The port a built-in server listens on: the container port named
+        after it, else its default."""
+        return self.port_named(kind) or DEFAULT_WORKLOAD_PORTS[kind]
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str | None = None
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ip: str | None  # None: headless
+    ports: tuple[ServicePort, ...] = ()
+    selector: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, pod: Pod) -> bool:
+        """Kubernetes semantics: a Service without a selector selects nothing."""
+        return bool(self.selector) and pod.namespace == self.namespace and all(
+            pod.labels.get(k) == v for k, v in self.selector.items())
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    namespaces: tuple[Namespace, ...] = ()
+    service_accounts: tuple[ServiceAccount, ...] = ()
+    pods: tuple[Pod, ...] = ()
+    services: tuple[Service, ...] = ()
+    nodes: tuple[str, ...] = ()  # names of declared Node objects, in file order
+    passthrough: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)  # policies etc., raw
+    documents: tuple[Mapping[str, Any], ...] = field(default=(), hash=False, compare=False)  # the input
+
+    def namespace(self, name: str) -> Namespace:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        return Namespace(name)
+
+    def pod(self, key: str) -> Pod:
+        for pod in self.pods:
+            if pod.key == key:
+                return pod
+        raise KeyError(key)
+
+    def ambient(self, pod: Pod) -> bool:
+        """Istio's selection: the pod label opts out, else the namespace label opts in."""
+        mode = pod.labels.get(DATAPLANE_MODE_LABEL)
+        if mode is not None:
+            return mode == "ambient"
+        return self.namespace(pod.namespace).ambient
+
+    def endpoints(self, service: Service) -> tuple[Pod, ...]:
+        return tuple(p for p in self.pods if service.selects(p))
+
+    def policies(self, kind: str | None = None) -> tuple[Mapping[str, Any], ...]:
+        return tuple(o for o in self.passthrough if kind is None or o.get("kind") == kind)
+
+    def node_names(self, count: int | None = None) -> tuple[str, ...]:
+        """The lab's nodes: the declared Node objects, else node1..nodeN where
+        N is `count`, else the highest `nodeN` a pod names (at least 2)."""
+        if self.nodes:
+            if count is not None and count != len(self.nodes):
+                raise LabConfigError(f"the file declares {len(self.nodes)} Node objects but {count} nodes were "
+                                     "asked for")
+            names = self.nodes
+        else:
+            named = [int(m.group(1)) for p in self.pods if p.node_name and (m := _NODE_INDEXED.match(p.node_name))]
+            if count is None:
+                count = max(named, default=DEFAULT_NODE_COUNT)
+            if count < 1:
+                raise LabConfigError(f"a lab needs at least one node, not {count}")
+            names = tuple(f"node{i}" for i in range(1, count + 1))
+        for pod in self.pods:
+            if pod.node_name is not None and pod.node_name not in names:
+                raise LabConfigError(f"Pod {pod.key}: spec.nodeName: {pod.node_name!r} is not a lab node "
+                                     f"(nodes: {', '.join(names)})")
+        return names
+
+    def assign_nodes(self, node_names: Sequence[str]) -> dict[str, str]:
+        """Pod key -> node: spec.nodeName when given, else round-robin in file
+        order over the nodes, as a scheduler spreading evenly would."""
+        if not node_names:
+            raise LabConfigError("no nodes to place pods on")
+        placed: dict[str, str] = {}
+        turn = 0
+        for pod in self.pods:
+            if pod.node_name is not None:
+                placed[pod.key] = pod.node_name
+            else:
+                placed[pod.key] = node_names[turn % len(node_names)]
+                turn += 1
+        return placed
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------
+
+class _Doc:
+    """One document being read, for errors that say where."""
+
+    def __init__(self, index: int, obj: Mapping[str, Any]) -> None:
+        self.index = index
+        self.obj = obj
+        meta = obj.get("metadata")
+        name = meta.get("name") if isinstance(meta, Mapping) else None
+        self.label = f"document {index} ({obj.get('kind')}{' ' + str(name) if name else ''})"
+
+    def error(self, path: str, message: str) -> LabConfigError:
+        return LabConfigError(f"{self.label}: {path}: {message}")
+
+    def get(self, path: str, expected: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        node: Any = self.obj
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or node.get(part) is None:
+                if required:
+                    raise self.error(path, "is required")
+                return default
+            node = node[part]
+        if not isinstance(node, expected) or (isinstance(node, bool) and bool not in _as_tuple(expected)):
+            raise self.error(path, f"must be {_type_names(expected)}, not {type(node).__name__}")
+        return node
+
+    def string_map(self, path: str) -> dict[str, str]:
+        raw = self.get(path, Mapping, {})
+        out: dict[str, str] = {}
+        for k, v in raw.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise self.error(f"{path}.{k}", f"must be a string, not {type(v).__name__} (quote it in YAML)")
+            out[k] = v
+        return out
+
+    def dns_label(self, path: str, value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.match(value):
+            raise self.error(path, f"{value!r} is not a DNS label (lower-case letters, digits and '-', at most 63)")
+        return value
+
+    def port(self, path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise self.error(path, f"must be a port number 1-65535, not {value!r}")
+        return value
+
+    def protocol(self, path: str, value: Any) -> str:
+        value = "TCP" if value is None else value
+        if value not in _PROTOCOLS:
+            raise self.error(path, f"must be one of {', '.join(_PROTOCOLS)}, not {value!r}")
+        return value
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+    names = {"Mapping": "a mapping", "list": "a list", "str": "a string", "int": "an integer"}
+    return " or ".join(names.get(x.__name__, x.__name__) for x in _as_tuple(t))
+
+
+def _flatten(documents: Iterable[Any]) -> list[tuple[int, Any]]:
+    """(document index, object); `kind: List` documents (kubectl get -o yaml) are expanded."""
+    out: list[tuple[int, Any]] = []
+    for index, doc in enumerate(documents):
+        if doc is None:
+            continue
+        if isinstance(doc, Mapping) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            out += [(index, item) for item in doc["items"]]
+        else:
+            out.append((index, doc))
+    return out
+
+
+def _meta(doc: _Doc, namespaced: bool) -> tuple[str, str]:
+    name = doc.dns_label("metadata.name", doc.get("metadata.name", str, required=True))
+    namespace = doc.get("metadata.namespace", str, "default") if namespaced else ""
+    if namespaced:
+        doc.dns_label("metadata.namespace", namespace)
+    return namespace, name
+
+
+def _workloads(doc: _Doc, annotations: Mapping[str, str]) -> tuple[str, ...]:
+    raw = annotations.get(WORKLOAD_ANNOTATION, "").strip()
+    if raw in ("", "none"):
+        return ()
+    kinds = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for kind in kinds:
+        if kind not in WORKLOAD_KINDS:
+            raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}",
+                            f"unknown workload {kind!r} (choose from {', '.join(WORKLOAD_KINDS)}, or none)")
+    if len(set(kinds)) != len(kinds):
+        raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}", f"{raw!r} names a workload twice")
+    return kinds
+
+
+def _pod(doc: _Doc) -> Pod:
+    namespace, name = _meta(doc, namespaced=True)
+    containers = doc.get("spec.containers", list, [])
+    ports: list[ContainerPort] = []
+    for ci, container in enumerate(containers):
+        if not isinstance(container, Mapping):
+            raise doc.error(f"spec.containers[{ci}]", "must be a mapping")
+        raw_ports = container.get("ports") or []
+        if not isinstance(raw_ports, list):
+            raise doc.error(f"spec.containers[{ci}].ports", "must be a list")
+        for pi, port in enumerate(raw_ports):
+            path = f"spec.containers[{ci}].ports[{pi}]"
+            if not isinstance(port, Mapping):
+                raise doc.error(path, "must be a mapping")
+            port_name = port.get("name")
+            if port_name is not None and not isinstance(port_name, str):
+                raise doc.error(f"{path}.name", "must be a string")
+            ports.append(ContainerPort(doc.port(f"{path}.containerPort", port.get("containerPort")), port_name,
+                                       doc.protocol(f"{path}.protocol", port.get("protocol"))))
+    annotations = doc.string_map("metadata.annotations")
+    workloads = _workloads(doc, annotations)
+    pod = Pod(namespace=namespace, name=name, labels=doc.string_map("metadata.labels"), annotations=annotations,
+              node_name=doc.get("spec.nodeName", str), ports=tuple(ports), workloads=workloads,
+              service_account=doc.get("spec.serviceAccountName", str)
+              or doc.get("spec.serviceAccount", str, "default"))
+    listening = [pod.workload_port(kind) for kind in workloads]
+    if len(set(listening)) != len(listening):
+        raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}",
+                        f"workloads {', '.join(workloads)} would listen on the same port {listening}")
+    return pod
+
+
+def _service(doc: _Doc) -> tuple[Service, str | None]:
+    """The service and its requested clusterIP (None: allocate; "None": headless)."""
+    namespace, name = _meta(doc, namespaced=True)
+    raw_ports = doc.get("spec.ports", list, [])
+    ports: list[ServicePort] = []
+    for pi, port in enumerate(raw_ports):
+        path = f"spec.ports[{pi}]"
+        if not isinstance(port, Mapping):
+            raise doc.error(path, "must be a mapping")
+        number = doc.port(f"{path}.port", port.get("port"))
+        target = port.get("targetPort", number)
+        if isinstance(target, str):
+            if not target:
+                raise doc.error(f"{path}.targetPort", "must not be empty")
+        else:
+            doc.port(f"{path}.targetPort", target)
+        port_name = port.get("name")
+        if port_name is not None and not isinstance(port_name, str):
+            raise doc.error(f"{path}.name", "must be a string")
+        ports.append(ServicePort(number, target, port_name, doc.protocol(f"{path}.protocol", port.get("protocol"))))
+    if len(ports) > 1 and any(p.name is None for p in ports):
+        raise doc.error("spec.ports", "every port needs a name when there is more than one")
+    requested = doc.get("spec.clusterIP", str)
+    service = Service(namespace=namespace, name=name, cluster_ip=None, ports=tuple(ports),
+                      selector=doc.string_map("spec.selector"))
+    return service, requested
+
+
+def _allocate_cluster_ips(requests: list[tuple[_Doc, Service, str | None]], cidr: str) -> list[Service]:
+    """Explicit clusterIPs are kept (and must be in the service range and
+    unique); the rest get the next free address, in file order."""
+    network = ipaddress.ip_network(cidr)
+    taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for doc, _, requested in requests:
+        if requested is None or requested == "None":
+            continue
+        try:
+            addr = ipaddress.ip_address(requested)
+        except ValueError:
+            raise doc.error("spec.clusterIP", f"{requested!r} is not an IP address") from None
+        if addr not in network:
+            raise doc.error("spec.clusterIP", f"{addr} is outside the lab's service range {network}")
+        if addr in taken:
+            raise doc.error("spec.clusterIP", f"{addr} is already used by another Service")
+        taken.add(addr)
+    free = (a for a in network.hosts() if int(a) - int(network.network_address) >= FIRST_SERVICE_HOST
+            and a not in taken)
+    out: list[Service] = []
+    for doc, service, requested in requests:
+        if requested == "None":
+            ip = None
+        elif requested is not None:
+            ip = requested
+        else:
+            try:
+                ip = str(next(free))
+            except StopIteration:
+                raise doc.error("spec.clusterIP", f"the service range {network} is full") from None
+        out.append(Service(service.namespace, service.name, ip, service.ports, service.selector))
+    return out
+
+
+def parse_documents(documents: Iterable[Any], service_cidr: str = SERVICE_CIDR) -> LabConfig:
+    """Kubernetes objects (already loaded from YAML/JSON) -> a checked LabConfig."""
+    documents = list(documents)
+    namespaces: dict[str, Namespace] = {}
+    accounts: dict[str, tuple[_Doc, ServiceAccount]] = {}
+    pods: dict[str, tuple[_Doc, Pod]] = {}
+    services: list[tuple[_Doc, Service, str | None]] = []
+    nodes: list[str] = []
+    passthrough: list[Mapping[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+
+    for index, obj in _flatten(documents):
+        if not isinstance(obj, Mapping):
+            raise LabConfigError(f"document {index}: must be a Kubernetes object (a mapping), "
+                                 f"not {type(obj).__name__}")
+        kind = obj.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise LabConfigError(f"document {index}: kind: is required")
+        doc = _Doc(index, obj)
+        if kind not in _CORE_KINDS:
+            namespace, name = _meta(doc, namespaced=True)
+            identity = (kind, namespace, name)
+            passthrough.append(dict(obj))
+        elif kind == "Namespace":
+            _, name = _meta(doc, namespaced=False)
+            identity = (kind, "", name)
+            namespaces[name] = Namespace(name, doc.string_map("metadata.labels"))
+        elif kind == "Node":
+            _, name = _meta(doc, namespaced=False)
+            identity = (kind, "", name)
+            nodes.append(name)
+        elif kind == "ServiceAccount":
+            namespace, name = _meta(doc, namespaced=True)
+            identity = (kind, namespace, name)
+            accounts[f"{namespace}/{name}"] = (doc, ServiceAccount(namespace, name))
+        elif kind == "Pod":
+            pod = _pod(doc)
+            identity = (kind, pod.namespace, pod.name)
+            pods[pod.key] = (doc, pod)
+        else:  # Service
+            service, requested = _service(doc)
+            identity = (kind, service.namespace, service.name)
+            services.append((doc, service, requested))
+        if identity in seen:
+            raise doc.error("metadata.name", f"a {kind} named {'/'.join(p for p in identity[1:] if p)} "
+                                             "is defined twice")
+        seen.add(identity)
+
+    namespaces.setdefault("default", Namespace("default"))
+    for doc, pod in pods.values():
+        if pod.namespace not in namespaces:
+            raise doc.error("metadata.namespace", f"namespace {pod.namespace!r} is not defined in the file")
+        if pod.service_account != "default" and f"{pod.namespace}/{pod.service_account}" not in accounts:
+            raise doc.error("spec.serviceAccountName", f"service account {pod.service_account!r} is not defined "
+                                                       f"in namespace {pod.namespace!r}")
+    for doc, service, _ in services:
+        if service.namespace not in namespaces:
+            raise doc.error("metadata.namespace", f"namespace {service.namespace!r} is not defined in the file")
+    for doc, account in accounts.values():
+        if account.namespace not in namespaces:
+            raise doc.error("metadata.namespace", f"namespace {account.namespace!r} is not defined in the file")
+
+    return LabConfig(namespaces=tuple(namespaces.values()), service_accounts=tuple(a for _, a in accounts.values()),
+                     pods=tuple(p for _, p in pods.values()),
+                     services=tuple(_allocate_cluster_ips(services, service_cidr)), nodes=tuple(nodes),
+                     passthrough=tuple(passthrough), documents=tuple(d for d in documents if d is not None))
+
+
+def parse_yaml(text: str, source: str = "<lab file>", service_cidr: str = SERVICE_CIDR) -> LabConfig:
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise LabConfigError(f"{source}: not valid YAML: {exc}") from None
+    try:
+        return parse_documents(documents, service_cidr)
+    except LabConfigError as exc:
+        raise LabConfigError(f"{source}: {exc}") from None
+
+
+def load_file(path: str | Path, service_cidr: str = SERVICE_CIDR) -> LabConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LabConfigError(f"cannot read the lab file {path}: {exc.strerror}") from None
+    return parse_yaml(text, str(path), service_cidr)
+
+
+def default_lab_text() -> str:
+    """The packaged default lab (two nodes, an ambient and a legacy namespace)."""
+    return resources.files(__package__).joinpath(DEFAULT_FILE).read_text()
+
+
+def load_default() -> LabConfig:
+    return parse_yaml(default_lab_text(), DEFAULT_FILE)
+
+
+def generated_documents(nodes: int, pods_per_node: int) -> list[dict[str, Any]]:
+    """`ambit lab up --nodes N --pods-per-node M`: one ambient namespace,
+    M pods on every node, each serving HTTP and echo, behind one Service."""
+    if nodes < 1 or pods_per_node < 0:
+        raise LabConfigError(f"need at least one node and a non-negative pod count, not {nodes}/{pods_per_node}")
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "lab", "labels": {DATAPLANE_MODE_LABEL: "ambient"}}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "workload", "namespace": "lab"}},
+    ]
+    for node in range(1, nodes + 1):
+        for i in range(pods_per_node):
+            docs.append({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"node{node}-pod{i}", "namespace": "lab", "labels": {"app": "workload"},
+                             "annotations": {WORKLOAD_ANNOTATION: "http,echo"}},
+                "spec": {"nodeName": f"node{node}", "serviceAccountName": "workload",
+                         "containers": [{"name": "workload", "image": "ambit-lab-workload", "ports": [
+                             {"name": "http", "containerPort": DEFAULT_WORKLOAD_PORTS["http"]},
+                             {"name": "echo", "containerPort": DEFAULT_WORKLOAD_PORTS["echo"]}]}]}})
+    docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "workload", "namespace": "lab"},
+                 "spec": {"selector": {"app": "workload"}, "ports": [
+                     {"name": "http", "port": 80, "targetPort": "http"},
+                     {"name": "echo", "port": DEFAULT_WORKLOAD_PORTS["echo"], "targetPort": "echo"}]}})
+    return docs
+
+
+def generated_config(nodes: int, pods_per_node: int) -> LabConfig:
+    return parse_documents(generated_documents(nodes, pods_per_node))

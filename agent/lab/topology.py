@@ -1,0 +1,1179 @@
+"""`ambit lab up | status | exec | down`: a multi-node cluster on one machine.
+
+Every lab object lives in a namespace the lab creates; nothing is added to the
+machine's own namespace:
+
+    ambitlab-underlay   bridge ambitlab-ul0, one port (ambitlab-nN) per node: the "wire"
+    ambitlab-nodeN      eth0 10.100.0.N/24 on the underlay, a route to every other
+                        node's pod CIDR via that node, ip_forward, the node's
+                        ambit-agent, and the bridge CNI's ambitlabbr0 10.244.N.1/24
+    ambitlab-<ns>-<pod> eth0 from the real chain (bridge + host-local + portmap +
+                        ambit-cni, run in the node namespace as a kubelet would),
+                        and the pod's built-in workload process
+
+What was made is written to a state file as it is made (processes by pid and
+start time), so `status`, `exec` and `down` work from another process and a
+crash leaves enough behind to clean up. Every process the lab starts carries
+the AMBIT_LAB=<prefix> environment marker, and `down` also scans for lab
+namespaces, marked processes and processes inside lab namespaces, so it
+cleans up without a state file too.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import functools
+import ipaddress
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import structlog
+import yaml
+from pyroute2 import IPRoute
+from pyroute2 import netns as nsmod
+
+from ..netlink import iproute
+from ..proxy.netns import NetnsThread
+from .cniruntime import CniFailure, CniRuntime, PodSandbox
+from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
+from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, netns_path
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "ambitlab-"
+STATE_DIR = Path("/var/run/ambit-lab")
+BPFFS_ROOT = Path("/sys/fs/bpf/ambit")
+MARKER_ENV = "AMBIT_LAB"
+STATE_VERSION = 1
+UNIX_PATH_MAX = 107
+CLONE_NEWNET = 0x40000000
+CAPTURE_MODES = ("none", "ebpf")
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
+
+
+class LabError(Exception):
+    """The lab cannot do what was asked; the message says what to do."""
+
+
+class LeftoversFound(LabError):
+    """A previous lab run did not clean up."""
+
+
+class LabNotRunning(LabError):
+    """There is no lab state to act on."""
+
+
+# --- settings and plan (pure) ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Names, address ranges and places of one lab. Tests use another prefix,
+    state dir and ranges so they never touch a user's lab."""
+
+    prefix: str = PREFIX
+    state_dir: Path = STATE_DIR
+    underlay_cidr: str = "10.100.0.0/24"  # node N is host N
+    pod_supernet: str = "10.244.0.0/16"   # node N gets the Nth /24
+    service_cidr: str = SERVICE_CIDR
+    bpffs_root: Path = BPFFS_ROOT
+    capture: str = "none"                 # the agents' --capture: "none" records pods, "ebpf" captures them
+    agent_args: tuple[str, ...] = ()      # extra options for every agent
+    ready_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise LabError(f"lab prefix {self.prefix!r} must be 2-10 characters of a-z, 0-9 and '-', "
+                           "starting with a letter and ending with '-'")
+        if self.capture not in CAPTURE_MODES:
+            raise LabError(f"capture mode {self.capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "bpffs_root", Path(self.bpffs_root))
+        for cidr in (self.underlay_cidr, self.pod_supernet, self.service_cidr):
+            try:
+                ipaddress.IPv4Network(cidr)
+            except ValueError as exc:
+                raise LabError(f"bad address range {cidr!r}: {exc}") from None
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def cluster_file(self) -> Path:
+        """The lab's objects with addresses filled in, as an API server would
+        return them: what file-based discovery reads."""
+        return self.state_dir / "cluster.yaml"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.state_dir / "nodes"
+
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.prefix}underlay"
+
+    @property
+    def underlay_bridge(self) -> str:
+        return f"{self.prefix}ul0"
+
+    @property
+    def network_name(self) -> str:
+        return self.prefix.rstrip("-")
+
+    def pod_netns(self, namespace: str, name: str) -> str:
+        return f"{self.prefix}{namespace}-{name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "state_dir": str(self.state_dir), "underlay_cidr": self.underlay_cidr,
+                "pod_supernet": self.pod_supernet, "service_cidr": self.service_cidr,
+                "bpffs_root": str(self.bpffs_root), "capture": self.capture, "agent_args": list(self.agent_args)}
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str            # the Kubernetes node name: the agent's --node-name, pods' spec.nodeName
+    index: int
+    netns: str
+    underlay_ip: str
+    underlay_prefixlen: int
+    underlay_port: str   # the node's port on the underlay bridge
+    pod_cidr: str
+    workdir: Path
+    bpffs_dir: Path
+    proxy_netns: str
+    agent_args: tuple[str, ...]
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "agent.sock"
+
+    @property
+    def ipam_dir(self) -> Path:
+        return self.workdir / "ipam"
+
+    @property
+    def pods_dir(self) -> Path:
+        return self.workdir / "pods"
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    pod: Pod
+    node: str
+    netns: str
+    log: Path
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    settings: LabSettings
+    config: LabConfig
+    nodes: tuple[NodePlan, ...]
+    pods: tuple[PodPlan, ...]
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+
+def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str) -> tuple[str, ...]:
+    """Every per-node agent option, in one place. The proxy namespace and the
+    pin directory carry the lab prefix, so `down` finds them even after a crash."""
+    return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
+            *settings.agent_args)
+
+
+def lab_conflist(settings: LabSettings, node: NodePlan) -> dict[str, Any]:
+    """The node's chain: bridge + host-local + portmap + ambit-cni, with a
+    default route in every pod via the bridge (what kubenet-style set-ups
+    configure), so pods reach other nodes' pods through their node."""
+    conflist = bridge_conflist(settings.network_name, node.pod_cidr, str(node.socket), ipam_dir=node.ipam_dir)
+    conflist["plugins"][0]["ipam"]["routes"] = [{"dst": "0.0.0.0/0"}]
+    return conflist
+
+
+def plan_lab(config: LabConfig, settings: LabSettings, node_count: int | None = None) -> LabPlan:
+    """Names and addresses for every node and pod; pure, so a bad config
+    is refused before anything is created."""
+    names = config.node_names(node_count)
+    placement = config.assign_nodes(names)
+    underlay = ipaddress.IPv4Network(settings.underlay_cidr)
+    supernet = ipaddress.IPv4Network(settings.pod_supernet)
+    if supernet.prefixlen > 24:
+        raise LabError(f"the pod range {supernet} must be /24 or larger: each node gets a /24")
+    capacity = min(underlay.num_addresses - 2, 2 ** (24 - supernet.prefixlen) - 1, 999)
+    if len(names) > capacity:
+        raise LabError(f"{len(names)} nodes do not fit: underlay {underlay} and pod range {supernet} "
+                       f"leave room for {capacity}")
+    nodes = []
+    for index, name in enumerate(names, start=1):
+        pod_cidr = ipaddress.IPv4Network((int(supernet.network_address) + index * 256, 24))
+        netns = f"{settings.prefix}node{index}"
+        workdir = settings.nodes_dir / name
+        bpffs_dir = settings.bpffs_root / netns
+        proxy_netns = f"{netns}-proxy"
+        nodes.append(NodePlan(
+            name=name, index=index, netns=netns, underlay_ip=str(underlay.network_address + index),
+            underlay_prefixlen=underlay.prefixlen, underlay_port=f"{settings.prefix}n{index}",
+            pod_cidr=str(pod_cidr), workdir=workdir, bpffs_dir=bpffs_dir, proxy_netns=proxy_netns,
+            agent_args=node_agent_args(settings, bpffs_dir, proxy_netns)))
+        if len(str(workdir / "agent.sock")) > UNIX_PATH_MAX:
+            raise LabError(f"the agent socket path under {settings.state_dir} is too long for a Unix socket")
+    pods = []
+    netns_owner: dict[str, str] = {}
+    for pod in config.pods:
+        netns = settings.pod_netns(pod.namespace, pod.name)
+        if netns in netns_owner:
+            raise LabError(f"pods {netns_owner[netns]} and {pod.key} would share the namespace name {netns}")
+        netns_owner[netns] = pod.key
+        node = next(n for n in nodes if n.name == placement[pod.key])
+        pods.append(PodPlan(pod, node.name, netns, node.pods_dir / f"{pod.namespace}-{pod.name}.log"))
+    return LabPlan(settings, config, tuple(nodes), tuple(pods))
+
+
+# --- state file ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22: tells a recycled pid apart
+    log: str
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    netns: str
+    underlay_ip: str
+    pod_cidr: str
+    socket: str
+    workdir: str
+    bpffs_dir: str
+    conflist: Mapping[str, Any] = field(hash=False)
+    agent: ProcessRecord | None = None
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    namespace: str
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    uid: str
+    ip: str | None = None
+    cni_result: Mapping[str, Any] | None = field(default=None, hash=False)  # kept for DEL, as libcni does
+    workload: ProcessRecord | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def sandbox(self) -> PodSandbox:
+        return PodSandbox(container_id=self.container_id, netns=netns_path(self.netns), namespace=self.namespace,
+                          name=self.name, uid=self.uid)
+
+
+class LabState:
+    """The state file: what the lab made so far, written after every step."""
+
+    def __init__(self, path: Path, settings: Mapping[str, Any], documents: Sequence[Mapping[str, Any]],
+                 node_count: int) -> None:
+        self.path = path
+        self.settings = dict(settings)
+        self.documents = list(documents)
+        self.node_count = node_count
+        self.phase = "creating"
+        self.created = time.time()
+        self.nodes: dict[str, NodeRecord] = {}
+        self.pods: dict[str, PodRecord] = {}
+
+    def save(self) -> None:
+        data = {"version": STATE_VERSION, "phase": self.phase, "created": self.created, "settings": self.settings,
+                "node_count": self.node_count, "documents": self.documents,
+                "nodes": [asdict(n) for n in self.nodes.values()], "pods": [asdict(p) for p in self.pods.values()]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LabState":
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabNotRunning(f"no lab is running (no state file {path})") from None
+        except ValueError as exc:
+            raise LabError(f"the lab state file {path} is unreadable ({exc}); run `ambit lab down`") from None
+        try:
+            state = cls(path, data["settings"], data["documents"], data["node_count"])
+            state.phase = data.get("phase", "unknown")
+            state.created = data.get("created", 0.0)
+            for raw in data["nodes"]:
+                agent = raw.pop("agent", None)
+                state.nodes[raw["name"]] = NodeRecord(**raw, agent=ProcessRecord(**agent) if agent else None)
+            for raw in data["pods"]:
+                workload = raw.pop("workload", None)
+                pod = PodRecord(**raw, workload=ProcessRecord(**workload) if workload else None)
+                state.pods[pod.key] = pod
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise LabError(f"the lab state file {path} is not one this version understands ({exc!r}); "
+                           "run `ambit lab down`") from None
+        return state
+
+
+# --- namespaces --------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def create_netns(name: str) -> str:
+    """A named network namespace with loopback up, made without forking.
+
+    pyroute2's `netns.create` and `IPRoute(netns=...)` fork a helper; a forked
+    copy of this process would run the lab's signal handlers (and its
+    teardown) on Ctrl-C. So the namespace is unshared on a throwaway thread
+    (unshare affects only the calling thread) and bind-mounted from
+    /proc/thread-self, and netlink sockets are opened from a thread
+    (ambit.agent.netlink.iproute)."""
+    failure: list[BaseException] = []
+
+    def unshare_and_mount() -> None:
+        try:
+            if _libc().unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            nsmod.attach(name, "thread-self")
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=unshare_and_mount, name=f"netns-create:{name}")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    path = netns_path(name)
+    with iproute(path) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return path
+
+
+def remove_netns(name: str) -> bool:
+    try:
+        nsmod.remove(name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a live (not zombie) process, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _ancestors() -> set[int]:
+    """This process and its ancestors: never killed by a scan (think of
+    `ambit lab down` typed in a shell opened with `ambit lab exec`)."""
+    found = {os.getpid()}
+    pid = os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            break
+    return found
+
+
+def lab_namespaces(prefix: str) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(n for n in os.listdir("/var/run/netns") if n.startswith(prefix)))
+    except FileNotFoundError:
+        return ()
+
+
+def lab_processes(prefix: str) -> tuple[int, ...]:
+    """Processes carrying the lab's marker, or living in one of its namespaces."""
+    marker = f"{MARKER_ENV}={prefix}".encode()
+    inside: set[tuple[int, int]] = set()
+    for name in lab_namespaces(prefix):
+        with contextlib.suppress(OSError):
+            st = os.stat(netns_path(name))
+            inside.add((st.st_dev, st.st_ino))
+    spared = _ancestors()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                marked = marker in f.read().split(b"\0")
+            if not marked:
+                st = os.stat(f"/proc/{pid}/ns/net")
+                marked = (st.st_dev, st.st_ino) in inside
+        except OSError:
+            continue
+        if marked and process_start_time(pid) is not None:
+            found.append(pid)
+    return tuple(sorted(found))
+
+
+def _root_links(prefix: str) -> tuple[str, ...]:
+    """Lab links in the machine's own namespace: the lab never makes any, so
+    one here is debris (e.g. a veth stranded by a crash mid-move)."""
+    with IPRoute() as ipr:
+        return tuple(sorted(name for link in ipr.get_links()
+                            if (name := link.get("ifname") or "").startswith(prefix)))
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal the process and, when it leads one, its process group (the lab
+    starts agents and workloads in their own sessions)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+# --- reports ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What a lab run left behind, found by scanning rather than trusting the state."""
+
+    namespaces: tuple[str, ...] = ()
+    processes: tuple[int, ...] = ()
+    links: tuple[str, ...] = ()
+    bpffs_dirs: tuple[str, ...] = ()
+    state_file: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.namespaces or self.processes or self.links or self.bpffs_dirs or self.state_file)
+
+    def describe(self) -> str:
+        parts = []
+        if self.state_file:
+            parts.append(f"state file {self.state_file}")
+        if self.namespaces:
+            parts.append(f"{len(self.namespaces)} namespace(s) ({', '.join(self.namespaces[:4])}"
+                         f"{', ...' if len(self.namespaces) > 4 else ''})")
+        if self.processes:
+            parts.append(f"{len(self.processes)} process(es) (pid {', '.join(map(str, self.processes[:6]))})")
+        if self.links:
+            parts.append(f"link(s) {', '.join(self.links)}")
+        if self.bpffs_dirs:
+            parts.append(f"pinned eBPF dir(s) {', '.join(self.bpffs_dirs)}")
+        return "; ".join(parts)
+
+
+def find_leftovers(settings: LabSettings) -> Leftovers:
+    bpffs = ()
+    if settings.bpffs_root.is_dir():
+        bpffs = tuple(sorted(str(p) for p in settings.bpffs_root.glob(f"{settings.prefix}*")))
+    return Leftovers(namespaces=lab_namespaces(settings.prefix), processes=lab_processes(settings.prefix),
+                     links=_root_links(settings.prefix), bpffs_dirs=bpffs,
+                     state_file=str(settings.state_file) if settings.state_file.exists() else None)
+
+
+@dataclass(frozen=True)
+class TeardownReport:
+    pods_deleted: tuple[str, ...] = ()
+    del_failures: tuple[str, ...] = ()
+    processes_stopped: int = 0
+    namespaces_removed: tuple[str, ...] = ()
+    links_removed: tuple[str, ...] = ()
+    bpffs_removed: tuple[str, ...] = ()
+    state_removed: bool = False
+
+    def summary(self) -> str:
+        if not (self.pods_deleted or self.processes_stopped or self.namespaces_removed or self.links_removed
+                or self.bpffs_removed or self.state_removed):
+            return "nothing to remove: no lab was running"
+        lines = [f"CNI DEL for {len(self.pods_deleted)} pod(s), stopped {self.processes_stopped} process(es), "
+                 f"removed {len(self.namespaces_removed)} namespace(s)"
+                 + (f", {len(self.links_removed)} stray link(s)" if self.links_removed else "")
+                 + (f", {len(self.bpffs_removed)} bpffs dir(s)" if self.bpffs_removed else "")
+                 + (", the state" if self.state_removed else "")]
+        lines += [f"warning: {failure}" for failure in self.del_failures]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    netns: str
+    netns_present: bool
+    underlay_ip: str
+    pod_cidr: str
+    socket: str
+    agent_pid: int | None
+    agent_alive: bool
+    agent_ready: bool | None   # None: not asked (agent not running)
+    agent_detail: str
+    agent_records: int | None  # pods the agent has enrolled
+    agent_log: str | None
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    key: str
+    node: str
+    netns: str
+    netns_present: bool
+    ip: str | None
+    service_account: str
+    ambient: bool
+    workloads: tuple[str, ...]  # "http:8080"
+    workload_pid: int | None
+    workload_alive: bool
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    key: str
+    cluster_ip: str | None
+    ports: tuple[str, ...]      # "http 80->http"
+    endpoints: tuple[str, ...]  # pod IPs
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    prefix: str
+    phase: str
+    state_file: str
+    cluster_file: str
+    underlay_netns: str
+    underlay_bridge: str
+    underlay_cidr: str
+    nodes: tuple[NodeStatus, ...]
+    pods: tuple[PodStatus, ...]
+    services: tuple[ServiceStatus, ...]
+    policies: tuple[str, ...]   # "AuthorizationPolicy shop/deny-legacy-to-web"
+
+    @property
+    def healthy(self) -> bool:
+        return self.phase == "ready" and all(n.agent_alive and n.agent_ready for n in self.nodes) and all(
+            p.ip and p.netns_present and (p.workload_alive or not p.workloads) for p in self.pods)
+
+    def pod(self, key: str) -> PodStatus:
+        return next(p for p in self.pods if p.key == key)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"healthy": self.healthy}
+
+
+# --- signals -----------------------------------------------------------------------------------------------------
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP while `up` runs.
+
+    The handler only notes the signal; `up` acts on it at its next checkpoint
+    (between steps, after each pod), or at once while it is merely waiting.
+    Raising KeyboardInterrupt at an arbitrary point would land it inside
+    library code: in a fork hook (where CPython prints and drops it, so the
+    Ctrl-C would be lost) or in pyroute2's event loop (which it breaks)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._owner = os.getpid()
+        self._waiting = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._owner:  # a forked child not yet exec'd: never run our teardown there
+            os._exit(128 + signum)
+        self.received.append(signum)
+        if self._waiting:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt(signal.Signals(self.received[0]).name)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A stretch that only waits (for an agent, for a workload): stop it at once."""
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+        self.check()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["Interrupts"]:
+        if not _in_main_thread():  # signal handlers can only be set there
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[list[int]]:
+    """Teardown must finish: a second Ctrl-C is noted, not obeyed."""
+    received: list[int] = []
+    if not _in_main_thread():
+        yield received
+        return
+    owner = os.getpid()
+
+    def note(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- the lab -----------------------------------------------------------------------------------------------------
+
+class StepReporter(Protocol):
+    """Where `up` reports its steps (the CLI prints them with timings)."""
+
+    def step(self, title: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+class QuietSteps:
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        log.debug("lab step", step=title)
+        yield
+
+
+class LabNode(NodeNamespace):
+    """A planned node as node.py's helpers see it: its workdir is the lab's,
+    not a temporary one."""
+
+    def __init__(self, plan: NodePlan) -> None:  # no super(): the namespace and dir are made by the lab
+        self.name = plan.netns
+        self.path = netns_path(plan.netns)
+        self.workdir = plan.workdir
+        self.plan = plan
+
+
+class NodeAgent(AgentProcess):
+    """The node's ambit-agent, started in its own session so it outlives
+    `ambit lab up` and a Ctrl-C typed in that terminal later."""
+
+    def __init__(self, node: LabNode, marker: Mapping[str, str]) -> None:
+        super().__init__(node, node.plan.name)
+        self.plan = node.plan
+        self.marker = dict(marker)
+
+    def argv(self) -> list[str]:
+        """The plan's options; the node is named as pods' spec.nodeName names it."""
+        return [str(Path(sys.executable).parent / "ambit-agent"), "--socket", self.socket,
+                "--state-dir", self.state_dir, "--node-name", self.plan.name, "--log-level", "debug",
+                *self.plan.agent_args]
+
+    def start(self, wait: bool = True) -> "NodeAgent":
+        path = self.node.path
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log_file,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.marker},
+                                         preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        if wait:
+            self.wait_ready()
+        return self
+
+
+class Lab:
+    """One lab: `up` builds it, `status`/`exec` use it, `down` removes it
+    (and anything an earlier run left)."""
+
+    def __init__(self, settings: LabSettings | None = None, steps: StepReporter | None = None) -> None:
+        self.settings = settings or LabSettings()
+        self.steps = steps or QuietSteps()
+        self.log = log.bind(lab=self.settings.prefix)
+        self._children: dict[int, subprocess.Popen] = {}  # processes this object started (to reap them)
+        self._interrupts = Interrupts()  # replaced by an installed one while `up` runs
+
+    @property
+    def marker(self) -> dict[str, str]:
+        return {MARKER_ENV: self.settings.prefix}
+
+    # -- up --------------------------------------------------------------------------------------------------
+
+    def plan(self, config: LabConfig, node_count: int | None = None) -> LabPlan:
+        return plan_lab(config, self.settings, node_count)
+
+    def up(self, config: LabConfig, node_count: int | None = None) -> LabPlan:
+        """Build the lab; on any failure or interrupt, remove what was made and re-raise."""
+        _require_root()
+        plan = self.plan(config, node_count)
+        leftovers = find_leftovers(self.settings)
+        if leftovers:
+            raise LeftoversFound(f"a lab is running or a previous run left {leftovers.describe()}; "
+                                 "remove it with `ambit lab down`")
+        self._check_prerequisites(plan)
+        state = LabState(self.settings.state_file, self.settings.to_json(), config.documents, len(plan.nodes))
+        with Interrupts().installed() as interrupts:
+            self._interrupts = interrupts
+            try:
+                state.save()  # first: even a crash in the next line leaves a trace for `down`
+                self._build(plan, state)
+                interrupts.check()
+            except BaseException as exc:
+                with _interrupts_deferred():
+                    self.log.info("lab up failed, tearing down", error=repr(exc))
+                    self.down()
+                if interrupts.received and not isinstance(exc, KeyboardInterrupt):
+                    # e.g. a CNI plugin killed by the same Ctrl-C: report the interrupt, not its symptom
+                    raise KeyboardInterrupt(signal.Signals(interrupts.received[0]).name) from exc
+                raise
+            finally:
+                self._interrupts = Interrupts()
+        return plan
+
+    @contextlib.contextmanager
+    def _step(self, title: str) -> Iterator[None]:
+        """One reported step of `up`, with interrupt checkpoints around it."""
+        self._interrupts.check()
+        with self.steps.step(title):
+            yield
+            self._interrupts.check()
+
+    def _check_prerequisites(self, plan: LabPlan) -> None:
+        conflist = lab_conflist(self.settings, plan.nodes[0])
+        dirs = cni_plugin_dirs()
+        missing = [p["type"] for p in conflist["plugins"]
+                   if not any(os.access(os.path.join(d, p["type"]), os.X_OK) for d in dirs)]
+        if missing:
+            raise LabError(f"CNI plugin(s) {', '.join(missing)} not found in {', '.join(dirs)}: "
+                           "install containernetworking-plugins and run `make setup`")
+        agent = Path(sys.executable).parent / "ambit-agent"
+        if not os.access(agent, os.X_OK):
+            raise LabError(f"{agent} not found: run `make setup`")
+
+    def _build(self, plan: LabPlan, state: LabState) -> None:
+        settings = self.settings
+        with self._step(f"underlay: namespace {settings.underlay_netns}, bridge {settings.underlay_bridge} "
+                        f"({settings.underlay_cidr})"):
+            self._make_underlay()
+        for node in plan.nodes:
+            with self._step(f"{node.name}: namespace {node.netns}, eth0 {node.underlay_ip} on the underlay, "
+                            f"routes to the other nodes' pod CIDRs"):
+                self._make_node(plan, node, state)
+        agents: list[NodeAgent] = []
+        with self._step(f"start ambit-agent on {', '.join(n.name for n in plan.nodes)}"):
+            for node in plan.nodes:
+                agents.append(self._start_agent(node, state))
+            for agent in agents:
+                try:
+                    with self._interrupts.waiting():
+                        agent.wait_ready(self.settings.ready_timeout)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise LabError(f"the agent on {agent.plan.name} did not become ready: {exc}") from exc
+        for pod in plan.pods:
+            with self._step(f"pod {pod.pod.key} on {pod.node}: CNI ADD through "
+                            "bridge -> host-local -> portmap -> ambit-cni"):
+                self._add_pod(plan, pod, state)
+        serving = [p for p in plan.pods if p.pod.workloads]
+        if serving:
+            with self._step(f"start workloads in {len(serving)} pod(s)"):
+                started: list[tuple[PodPlan, int]] = []
+                try:
+                    for pod in serving:  # all at once, then wait: they start in parallel
+                        self._interrupts.check()
+                        started.append(self._start_workload(plan, pod, state))
+                    for pod, ready_fd in started:
+                        self._wait_workload(pod, ready_fd)
+                finally:
+                    for _, ready_fd in started:
+                        os.close(ready_fd)
+        state.phase = "ready"
+        state.save()
+        self._write_cluster_file(plan, state)
+
+    def _make_underlay(self) -> None:
+        s = self.settings
+        create_netns(s.underlay_netns)
+        with iproute(netns_path(s.underlay_netns)) as ipr:
+            ipr.link("add", ifname=s.underlay_bridge, kind="bridge")
+            ipr.link("set", index=ipr.link_lookup(ifname=s.underlay_bridge)[0], state="up")
+
+    def _make_node(self, plan: LabPlan, node: NodePlan, state: LabState) -> None:
+        s = self.settings
+        for directory in (node.workdir, node.pods_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        path = create_netns(node.netns)
+        conflist = lab_conflist(s, node)
+        state.nodes[node.name] = NodeRecord(name=node.name, netns=node.netns, underlay_ip=node.underlay_ip,
+                                            pod_cidr=node.pod_cidr, socket=str(node.socket),
+                                            workdir=str(node.workdir), bpffs_dir=str(node.bpffs_dir),
+                                            conflist=conflist)
+        state.save()
+        underlay_path = netns_path(s.underlay_netns)
+        with iproute(path) as ipr:
+            # Made here and its peer moved out, so no lab link ever exists in the root namespace.
+            ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": node.underlay_port, "net_ns_fd": underlay_path})
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth0, address=node.underlay_ip, prefixlen=node.underlay_prefixlen)
+            ipr.link("set", index=eth0, state="up")
+            for other in plan.nodes:
+                if other.name != node.name:
+                    ipr.route("add", dst=other.pod_cidr, gateway=other.underlay_ip)
+        with iproute(underlay_path) as ipr:
+            bridge = ipr.link_lookup(ifname=s.underlay_bridge)[0]
+            port = ipr.link_lookup(ifname=node.underlay_port)[0]
+            ipr.link("set", index=port, master=bridge, state="up")
+        with NetnsThread(path) as thread:  # /proc/sys/net is per namespace: write it from inside
+            thread.run(Path("/proc/sys/net/ipv4/ip_forward").write_text, "1\n")
+
+    def _start_agent(self, node: NodePlan, state: LabState) -> NodeAgent:
+        agent = NodeAgent(LabNode(node), self.marker)
+        agent.start(wait=False)
+        assert agent.proc is not None
+        self._children[agent.proc.pid] = agent.proc
+        state.nodes[node.name] = replace(state.nodes[node.name], agent=ProcessRecord(
+            agent.proc.pid, process_start_time(agent.proc.pid) or 0, str(agent.log_path)))
+        state.save()
+        return agent
+
+    def _add_pod(self, plan: LabPlan, pod: PodPlan, state: LabState) -> None:
+        node = state.nodes[pod.node]
+        record = PodRecord(namespace=pod.pod.namespace, name=pod.pod.name, node=pod.node, netns=pod.netns,
+                           container_id=uuid.uuid4().hex, uid=str(uuid.uuid4()))
+        state.pods[record.key] = record  # before ADD: DEL must run even for a half-done ADD
+        state.save()
+        create_netns(pod.netns)
+        runtime = CniRuntime(node.conflist, cni_plugin_dirs(), node_netns=netns_path(node.netns))
+        try:
+            result = runtime.add(record.sandbox()).result
+        except CniFailure as exc:
+            raise LabError(f"pod {record.key}: {exc}") from exc
+        ips = [ip["address"].split("/")[0] for ip in result.get("ips", [])]
+        if not ips:
+            raise LabError(f"pod {record.key}: the CNI chain returned no address: {result}")
+        state.pods[record.key] = replace(record, ip=ips[0], cni_result=result)
+        state.save()
+
+    def _start_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[PodPlan, int]:
+        argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key, "--node", pod.node]
+        for kind in pod.pod.workloads:
+            argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
+        ready_read, ready_write = os.pipe()
+        argv += ["--ready-fd", str(ready_write)]
+        path = netns_path(pod.netns)
+        try:
+            with open(pod.log, "ab") as log_file:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                        pass_fds=(ready_write,), start_new_session=True, cwd="/",
+                                        env={**os.environ, **self.marker},
+                                        preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        except BaseException:
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(ready_write)
+        self._children[proc.pid] = proc
+        key = pod.pod.key
+        state.pods[key] = replace(state.pods[key], workload=ProcessRecord(
+            proc.pid, process_start_time(proc.pid) or 0, str(pod.log)))
+        state.save()
+        return pod, ready_read
+
+    def _wait_workload(self, pod: PodPlan, ready_fd: int) -> None:
+        """The workload writes 'ready' once listening; EOF means it died."""
+        with self._interrupts.waiting():
+            readable, _, _ = select.select([ready_fd], [], [], self.settings.ready_timeout)
+        line = os.read(ready_fd, 64) if readable else b""
+        if line.startswith(b"ready"):
+            return
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = pod.log.read_text()[-600:].strip()
+        raise LabError(f"the workload of pod {pod.pod.key} did not start"
+                       + (" in time" if not readable else "") + (f":\n{tail}" if tail else ""))
+
+    def _write_cluster_file(self, plan: LabPlan, state: LabState) -> None:
+        self.settings.cluster_file.write_text(yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False))
+
+    # -- status / exec -------------------------------------------------------------------------------------
+
+    def state(self) -> LabState:
+        return LabState.load(self.settings.state_file)
+
+    def status(self, ask_agents: bool = True) -> LabStatus:
+        state = self.state()
+        config = parse_documents(state.documents, state.settings.get("service_cidr", SERVICE_CIDR))
+        nodes = tuple(self._node_status(n, ask_agents) for n in state.nodes.values())
+        pods = []
+        for record in state.pods.values():
+            try:
+                pod = config.pod(record.key)
+            except KeyError:
+                pod = Pod(record.namespace, record.name)
+            alive = bool(record.workload and _alive(record.workload))
+            pods.append(PodStatus(key=record.key, node=record.node, netns=record.netns,
+                                  netns_present=os.path.exists(netns_path(record.netns)), ip=record.ip,
+                                  service_account=pod.service_account, ambient=config.ambient(pod),
+                                  workloads=tuple(f"{k}:{pod.workload_port(k)}" for k in pod.workloads),
+                                  workload_pid=record.workload.pid if record.workload else None,
+                                  workload_alive=alive))
+        ips = {p.key: p.ip for p in state.pods.values()}
+        services = tuple(ServiceStatus(
+            key=svc.key, cluster_ip=svc.cluster_ip,
+            ports=tuple(f"{p.name + ' ' if p.name else ''}{p.port}->{p.target_port}/{p.protocol}" for p in svc.ports),
+            endpoints=tuple(ip for pod in config.endpoints(svc) if (ip := ips.get(pod.key))))
+            for svc in config.services)
+        policies = tuple(f"{o.get('kind')} {o.get('metadata', {}).get('namespace', 'default')}/"
+                         f"{o.get('metadata', {}).get('name')}" for o in config.passthrough)
+        settings = state.settings
+        return LabStatus(prefix=settings.get("prefix", self.settings.prefix), phase=state.phase,
+                         state_file=str(state.path), cluster_file=str(self.settings.cluster_file),
+                         underlay_netns=f"{settings.get('prefix', self.settings.prefix)}underlay",
+                         underlay_bridge=f"{settings.get('prefix', self.settings.prefix)}ul0",
+                         underlay_cidr=settings.get("underlay_cidr", ""), nodes=nodes, pods=tuple(pods),
+                         services=services, policies=policies)
+
+    def _node_status(self, node: NodeRecord, ask_agent: bool) -> NodeStatus:
+        alive = bool(node.agent and _alive(node.agent))
+        ready: bool | None = None
+        detail = "not running" if node.agent else "not started"
+        records: int | None = None
+        if alive and ask_agent:
+            from ..cli.client import AgentClient, AgentUnavailable
+            try:
+                with AgentClient(node.socket, timeout=2.0) as client:
+                    status = client.status()
+                    ready, detail = status.ready, status.reason or ("ready" if status.ready else "not ready")
+                    records = len(client.workloads())
+            except (AgentUnavailable, Exception) as exc:  # status must report, not crash
+                ready, detail = False, f"not answering: {exc}"
+        elif alive:
+            detail = "running"
+        return NodeStatus(name=node.name, netns=node.netns, netns_present=os.path.exists(netns_path(node.netns)),
+                          underlay_ip=node.underlay_ip, pod_cidr=node.pod_cidr, socket=node.socket,
+                          agent_pid=node.agent.pid if node.agent else None, agent_alive=alive, agent_ready=ready,
+                          agent_detail=detail, agent_records=records,
+                          agent_log=node.agent.log if node.agent else None)
+
+    def find_pod(self, name: str, state: LabState | None = None) -> PodRecord:
+        """`ns/pod`, or a bare pod name when it is unique."""
+        state = state or self.state()
+        if name in state.pods:
+            return state.pods[name]
+        matches = [p for p in state.pods.values() if p.name == name]
+        if len(matches) == 1:
+            return matches[0]
+        known = ", ".join(state.pods) or "none"
+        if matches:
+            raise LabError(f"pod name {name!r} is ambiguous; use namespace/name ({known})")
+        raise LabError(f"no pod {name!r} in the lab (pods: {known})")
+
+    def exec(self, pod: str, argv: Sequence[str], *, input: bytes | None = None, capture: bool = True,
+             timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run a command in the pod's network namespace, with the lab's
+        Python first on PATH so `python -m ambit.agent.lab.workload` works."""
+        _require_root()
+        if not argv:
+            raise LabError("no command given: ambit lab exec POD -- CMD [ARGS...]")
+        record = self.find_pod(pod)
+        path = netns_path(record.netns)
+        if not os.path.exists(path):
+            raise LabError(f"the namespace of pod {record.key} ({record.netns}) is gone; run `ambit lab down`")
+        env = {**os.environ, **self.marker,
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
+               "AMBIT_LAB_POD": record.key}
+        try:
+            return subprocess.run(list(argv), input=input, capture_output=capture, timeout=timeout, env=env,
+                                  preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        except FileNotFoundError:
+            raise LabError(f"command not found: {argv[0]}") from None
+
+    # -- down -----------------------------------------------------------------------------------------------
+
+    def leftovers(self) -> Leftovers:
+        return find_leftovers(self.settings)
+
+    def down(self) -> TeardownReport:
+        """Remove the lab and anything a crashed run left, in the order a
+        kubelet would: workloads, CNI DEL (reverse order), agents, then the
+        namespaces; safe to run any number of times."""
+        _require_root()
+        with _interrupts_deferred():
+            return self._down()
+
+    def _down(self) -> TeardownReport:
+        s = self.settings
+        try:
+            state: LabState | None = self.state()
+        except LabNotRunning:
+            state = None
+        except LabError as exc:
+            self.log.warning("ignoring unreadable state", error=str(exc))
+            state = None
+        stopped = 0
+        deleted: list[str] = []
+        failures: list[str] = []
+        if state is not None:
+            stopped += self._stop([p.workload for p in state.pods.values() if p.workload])
+            for pod in reversed(list(state.pods.values())):
+                node = state.nodes.get(pod.node)
+                if node is None or not os.path.exists(netns_path(node.netns)):
+                    continue  # the node's namespace (and its bridge, veths, IPAM) is already gone
+                error = self._cni_del(node, pod)
+                if error:
+                    failures.append(f"CNI DEL of {pod.key}: {error}")
+                else:
+                    deleted.append(pod.key)
+            stopped += self._stop([n.agent for n in state.nodes.values() if n.agent])
+        stray = lab_processes(s.prefix)
+        if stray:
+            stopped += self._stop_pids(stray)
+        namespaces = lab_namespaces(s.prefix)
+        for name in namespaces:
+            remove_netns(name)
+        links = _root_links(s.prefix)
+        if links:
+            with IPRoute() as ipr:
+                for name in links:
+                    with contextlib.suppress(Exception):
+                        ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+        bpffs = []
+        if s.bpffs_root.is_dir():
+            for path in sorted(s.bpffs_root.glob(f"{s.prefix}*")):
+                shutil.rmtree(path, ignore_errors=True)
+                bpffs.append(str(path))
+        state_removed = s.state_file.exists()
+        for path in (s.state_file, s.state_file.with_name(s.state_file.name + ".tmp"), s.cluster_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        shutil.rmtree(s.nodes_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            s.state_dir.rmdir()  # only when empty: the directory may have been given by the user
+        report = TeardownReport(pods_deleted=tuple(deleted), del_failures=tuple(failures), processes_stopped=stopped,
+                                namespaces_removed=namespaces, links_removed=links, bpffs_removed=tuple(bpffs),
+                                state_removed=state_removed)
+        self.log.info("lab down", pods=len(deleted), processes=stopped, namespaces=len(namespaces))
+        return report
+
+    def _cni_del(self, node: NodeRecord, pod: PodRecord) -> str | None:
+        """DEL through the whole chain in reverse with the cached ADD result,
+        continuing past a failing plugin: the namespaces go next anyway."""
+        runtime = CniRuntime(node.conflist, cni_plugin_dirs(), node_netns=netns_path(node.netns), timeout=20.0)
+        errors = []
+        for plugin in reversed(runtime.conflist["plugins"]):
+            try:
+                runtime.exec_plugin(plugin["type"], "DEL", runtime.plugin_conf(plugin, pod.cni_result),
+                                    pod.sandbox())
+            except (CniFailure, OSError, subprocess.TimeoutExpired) as exc:
+                errors.append(str(exc))
+        return "; ".join(errors) or None
+
+    def _stop(self, records: Sequence[ProcessRecord | None]) -> int:
+        """Stop recorded processes that are still the ones we started."""
+        pids = [r.pid for r in records if r is not None and process_start_time(r.pid) == r.start_time]
+        return self._stop_pids(pids)
+
+    def _stop_pids(self, pids: Sequence[int], grace: float = 8.0) -> int:
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        remaining = self._wait_gone(pids, grace)
+        for pid in remaining:
+            self.log.warning("process ignored SIGTERM, killing it", pid=pid)
+            _signal(pid, signal.SIGKILL)
+        self._wait_gone(remaining, 5.0)
+        return len(pids)
+
+    def _wait_gone(self, pids: Sequence[int], timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for pid in pids:
+                self._reap(pid)
+            remaining = [pid for pid in pids if process_start_time(pid) is not None]
+            if not remaining or time.monotonic() >= deadline:
+                return remaining
+            time.sleep(0.02)
+
+    def _reap(self, pid: int) -> None:
+        child = self._children.get(pid)
+        if child is not None:
+            if child.poll() is not None:
+                del self._children[pid]
+            return
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(record: ProcessRecord) -> bool:
+    return process_start_time(record.pid) == record.start_time
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("the lab creates network namespaces and runs processes in them: run it as root")
+
+
+def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
+    """The input objects as an API server would show them once scheduled:
+    pods with spec.nodeName and status.podIP/hostIP, services with their
+    clusterIP, Node objects with their addresses."""
+    services = {s.key: s for s in plan.config.services}
+    out: list[dict[str, Any]] = []
+    for node in plan.nodes:
+        out.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name},
+                    "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+                    "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]}})
+    for doc in plan.config.documents:
+        obj = copy.deepcopy(dict(doc))
+        kind = obj.get("kind")
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+        if kind == "Node":
+            continue
+        if kind == "Pod" and key in state.pods:
+            record = state.pods[key]
+            obj.setdefault("spec", {})["nodeName"] = record.node
+            obj["status"] = {"phase": "Running", "hostIP": state.nodes[record.node].underlay_ip,
+                             "podIP": record.ip, "podIPs": [{"ip": record.ip}]}
+            obj["metadata"] = {**meta, "uid": record.uid}
+        elif kind == "Service" and key in services:
+            obj.setdefault("spec", {})["clusterIP"] = services[key].cluster_ip or "None"
+        out.append(obj)
+    return out

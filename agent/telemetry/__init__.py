@@ -1,0 +1,1 @@
+"""Telemetry: Prometheus metrics (Istio names), access logs, readiness."""

@@ -1,0 +1,90 @@
+"""Prometheus metrics with Istio's names and labels, so the dashboards and
+alerts platform teams already have for ztunnel work unchanged, plus ambit's
+own (enrolment, CNI RPC latency, eBPF attach failures, HBONE pool).
+
+A connection's labels are fixed when it is opened (who talks to whom, how
+it is secured); bytes are added when it closes, so the data path never
+touches a metric.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Istio's TCP label set (istio.io/latest/docs/reference/config/metrics).
+TCP_LABELS = (
+    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_version", "source_cluster", "destination_service", "destination_service_namespace",
+    "destination_service_name", "destination_workload", "destination_workload_namespace",
+    "destination_principal", "destination_app", "destination_version", "destination_cluster",
+    "request_protocol", "response_flags", "connection_security_policy",
+)
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class TcpLabels:
+    """One connection's identity in metrics; "unknown" where nothing is known."""
+
+    reporter: str = "destination"
+    source_workload: str = UNKNOWN
+    source_workload_namespace: str = UNKNOWN
+    source_principal: str = UNKNOWN
+    source_app: str = UNKNOWN
+    source_version: str = UNKNOWN
+    source_cluster: str = UNKNOWN
+    destination_service: str = UNKNOWN
+    destination_service_namespace: str = UNKNOWN
+    destination_service_name: str = UNKNOWN
+    destination_workload: str = UNKNOWN
+    destination_workload_namespace: str = UNKNOWN
+    destination_principal: str = UNKNOWN
+    destination_app: str = UNKNOWN
+    destination_version: str = UNKNOWN
+    destination_cluster: str = UNKNOWN
+    request_protocol: str = "tcp"
+    response_flags: str = "-"
+    connection_security_policy: str = "unknown"
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(asdict(self).values())
+
+
+class Metrics:
+    """Every metric the agent exports, in one registry (tests get their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tcp_opened = Counter("istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r)
+        self.tcp_closed = Counter("istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS, registry=r)
+        self.tcp_sent = Counter("istio_tcp_sent_bytes", "Bytes sent towards the destination", TCP_LABELS,
+                                registry=r)
+        self.tcp_received = Counter("istio_tcp_received_bytes", "Bytes received from the destination",
+                                    TCP_LABELS, registry=r)
+        self.tcp_failed = Counter("istio_tcp_connections_failed", "TCP connections that failed or were denied",
+                                  TCP_LABELS, registry=r)
+        self.enrolled_pods = Gauge("ambit_enrolled_pods", "Pods enrolled in the mesh on this node", registry=r)
+        self.cni_rpc_seconds = Histogram("ambit_cni_rpc_duration_seconds", "Agent time per CNI plugin call",
+                                         ("method",), registry=r,
+                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.ebpf_attach_failures = Counter("ambit_ebpf_attach_failures", "Pods whose capture could not be attached",
+                                            registry=r)
+        self.pool_connections = Gauge("ambit_hbone_pool_connections", "Open HBONE client connections", registry=r)
+        self.pool_streams = Gauge("ambit_hbone_pool_streams", "Open HBONE tunnels on pooled connections",
+                                  registry=r)
+
+    def opened(self, labels: TcpLabels) -> None:
+        self.tcp_opened.labels(*labels.values()).inc()
+
+    def closed(self, labels: TcpLabels, sent: int, received: int) -> None:
+        values = labels.values()
+        self.tcp_closed.labels(*values).inc()
+        if sent:
+            self.tcp_sent.labels(*values).inc(sent)
+        if received:
+            self.tcp_received.labels(*values).inc(received)
+
+    def failed(self, labels: TcpLabels) -> None:
+        self.tcp_failed.labels(*labels.values()).inc()
