@@ -31,7 +31,7 @@ from .datapath.capture import Datapath
 from .enrolment import Enrolment, RecordOnly
 from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
-from .rpc.debug_service import DebugService
+from .rpc.debug_service import DebugService, ProxyView
 from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
 from .state import StateStore
 from .telemetry.http import TelemetryServer
@@ -120,7 +120,15 @@ class Agent:
             config.socket,
             CniService(self.enrolment, self.readiness,
                        lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
-            DebugService(self.enrolment, config.node_name, self.started_at, self.readiness))
+            DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view))
+
+    def proxy_view(self) -> ProxyView:
+        if self.proxy is None:
+            return ProxyView(capture=self.config.capture, proxy_netns="", listeners=lambda: [],
+                             connections=lambda: ())
+        proxy = self.proxy
+        return ProxyView(capture=self.config.capture, proxy_netns=self.config.proxy_netns,
+                         listeners=proxy.listener_names, connections=proxy.connections.snapshot)
 
     def readiness(self) -> tuple[bool, str]:
         return (True, "ready") if self._ready else (False, self._not_ready_reason)

@@ -7,6 +7,8 @@
   ambit lab exec POD -- CMD...   run a command in a pod's network namespace
   ambit lab down       remove the lab, or whatever a crashed run left behind
   ambit lab tour       the guided one-node tour `make lab` runs
+  ambit install-cni [--watch | --uninstall]   chain ambit-cni into this node's CNI
+                   configuration (the DaemonSet's install step; see install/README.md)
 
 Exit codes: 0 success, 1 error (for `status`: no lab, or not healthy), 2 leftovers
 in the way / usage, 130 interrupted; `exec` returns the command's own code.
@@ -281,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ).set_defaults(func=_lab_down)
     lab_sub.add_parser("tour", help="build a one-node lab, show what ambit does, tear it down"
                        ).set_defaults(func=_lab_tour)
+
+    # --- install-cni: the DaemonSet's install step (agent/install/cli.py) ---
+    from ..install import cli as install_cli
+    install_cli.add_parser(sub)
     return parser
 
 

@@ -36,9 +36,12 @@ def cmd_status(client: AgentClient, output: str) -> str:
     st = client.status()
     if output == "json":
         return json.dumps(MessageToDict(st, preserving_proto_field_name=True))
-    return "\n".join([f"node:      {st.node}", f"version:   {st.version}",
-                      f"ready:     {'yes' if st.ready else 'no (' + st.reason + ')'}",
-                      f"uptime:    {_age(st.started_at)}", f"enrolled:  {st.enrolled} pod(s)"])
+    return "\n".join([f"node:        {st.node}", f"version:     {st.version}",
+                      f"ready:       {'yes' if st.ready else 'no (' + st.reason + ')'}",
+                      f"uptime:      {_age(st.started_at)}", f"capture:     {st.capture}",
+                      f"proxy netns: {st.proxy_netns or '-'}",
+                      f"listeners:   {', '.join(st.listeners) or '-'}",
+                      f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live"])
 
 
 def cmd_workloads(client: AgentClient, output: str) -> str:
@@ -51,7 +54,25 @@ def cmd_workloads(client: AgentClient, output: str) -> str:
     return _table(rows, ["POD", "IPS", "HOST VETH", "CAPTURE", "CONTAINER", "AGE"])
 
 
-COMMANDS = {"status": cmd_status, "workloads": cmd_workloads}
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def cmd_connections(client: AgentClient, output: str) -> str:
+    items = client.connections()
+    if output == "json":
+        return json.dumps([MessageToDict(c, preserving_proto_field_name=True) for c in items])
+    rows = [[str(c.id), c.listener, c.client, c.original_destination, c.source_identity or "-",
+             c.destination_identity or "-", c.via, _bytes(c.bytes_sent), _bytes(c.bytes_received),
+             _age(c.started_at), f"{c.decision}" + (f" ({c.reason})" if c.reason else "")] for c in items]
+    return _table(rows, ["ID", "LISTENER", "CLIENT", "ORIGINAL DST", "SRC IDENTITY", "DST IDENTITY", "VIA",
+                         "SENT", "RECEIVED", "AGE", "DECISION"])
+
+
+COMMANDS = {"status": cmd_status, "workloads": cmd_workloads, "connections": cmd_connections}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status", help="agent version, readiness and counts")
     sub.add_parser("workloads", help="enrolled pods as the agent recorded them from the kernel")
+    sub.add_parser("connections", help="live connections: client, original destination, identities, bytes, "
+                                       "age, policy decision")
     return parser
 
 

@@ -46,5 +46,8 @@ class AgentClient:
     def status(self) -> pb.AgentStatusResponse:
         return self._call(self.debug.AgentStatus, pb.AgentStatusRequest())
 
+    def connections(self) -> list[pb.Connection]:
+        return list(self._call(self.debug.ListConnections, pb.ListConnectionsRequest()).connections)
+
     def workloads(self) -> list[pb.Workload]:
         return list(self._call(self.debug.ListWorkloads, pb.ListWorkloadsRequest()).workloads)

@@ -34,6 +34,21 @@ class ConnectionProgress:
         self.bytes_to_client = 0    # original destination -> client
 
 
+class ConnectionMeta:
+    """What the proxy learned about a connection while setting it up: who is
+    on each end, how it travels, what policy said. Written once by the
+    handler, read by `ambitctl connections`."""
+
+    __slots__ = ("source_identity", "destination_identity", "decision", "reason", "via")
+
+    def __init__(self) -> None:
+        self.source_identity = ""
+        self.destination_identity = ""
+        self.decision = "allow"
+        self.reason = ""
+        self.via = "direct"
+
+
 @dataclass(frozen=True)
 class ConnectionInfo:
     """One row of `ambitctl connections`."""
@@ -46,6 +61,11 @@ class ConnectionInfo:
     state: ConnectionState
     bytes_to_upstream: int
     bytes_to_client: int
+    source_identity: str = ""
+    destination_identity: str = ""
+    decision: str = "allow"
+    reason: str = ""
+    via: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,7 @@ class TrackedConnection:
     id: int
     accepted: AcceptedConnection
     progress: ConnectionProgress
+    meta: ConnectionMeta
 
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(
@@ -66,6 +87,11 @@ class TrackedConnection:
             state=self.progress.state,
             bytes_to_upstream=self.progress.bytes_to_upstream,
             bytes_to_client=self.progress.bytes_to_client,
+            source_identity=self.meta.source_identity,
+            destination_identity=self.meta.destination_identity,
+            decision=self.meta.decision,
+            reason=self.meta.reason,
+            via=self.meta.via,
         )
 
 
@@ -77,7 +103,7 @@ class ConnectionRegistry:
         self._live: dict[int, TrackedConnection] = {}
 
     def add(self, accepted: AcceptedConnection) -> TrackedConnection:
-        tracked = TrackedConnection(next(self._ids), accepted, ConnectionProgress())
+        tracked = TrackedConnection(next(self._ids), accepted, ConnectionProgress(), ConnectionMeta())
         self._live[tracked.id] = tracked
         return tracked
 

@@ -54,6 +54,9 @@ class NodeProxy:
     def listening(self) -> bool:
         return len(self._listeners) == 3
 
+    def listener_names(self) -> list[str]:
+        return [f"{l.kind.value}:{l.address.port}" for l in self._listeners]
+
     async def start(self) -> None:
         self._thread = NetnsThread(self.proxy_netns)
         self._upstream = NetnsUpstreamSockets(self._thread)
@@ -63,8 +66,7 @@ class NodeProxy:
             listener = TransparentListener(kind, handler, netns=self._thread)
             await listener.start()
             self._listeners.append(listener)
-        log.info("proxy listening", netns=self.proxy_netns,
-                 listeners=[f"{l.kind.value}:{l.address.port}" for l in self._listeners])
+        log.info("proxy listening", netns=self.proxy_netns, listeners=self.listener_names())
 
     async def stop(self) -> None:
         for listener in self._listeners:
@@ -92,6 +94,7 @@ class NodeProxy:
         """Plain TCP to the original destination, from the client's IP."""
         assert self._upstream is not None
         tracked = self.connections.add(accepted)
+        tracked.meta.reason = "plaintext relay (no policy yet)"
         labels = self._labels(accepted)
         self.metrics.opened(labels)
         try:

@@ -259,3 +259,31 @@ def test_agent_cleanup_removes_every_kernel_object_it_made(mesh):
     assert "ambit0" not in {name for _, name in after["links"]}
     assert not os.path.exists(f"/var/run/netns/{mesh.agent.proxy_netns}")
     assert [k for _, k in after["qdiscs"] if k == "clsact"] == []
+
+
+def test_ambitctl_shows_a_live_connection_with_its_original_destination(mesh):
+    import subprocess
+    import sys
+    a, ip_a = mesh.add_pod("client")
+    b, ip_b = mesh.add_pod("server")
+    ambitctl = os.path.join(os.path.dirname(sys.executable), "ambitctl")
+
+    def hold(conn: socket.socket, peer: tuple) -> None:
+        conn.sendall(recv_exactly(conn, 1000))  # echo 1000 bytes, then wait for the client to go
+        recv_until_eof(conn)
+
+    with TcpServer(b.netns, 8080, hold):
+        client = connect(a.netns, ip_b, 8080)
+        client.sendall(random_bytes(1000))
+        recv_exactly(client, 1000)
+        out = subprocess.run([ambitctl, "--socket", mesh.agent.socket, "-o", "json", "connections"],
+                             capture_output=True, text=True, timeout=30)
+        status = subprocess.run([ambitctl, "--socket", mesh.agent.socket, "status"], capture_output=True,
+                                text=True, timeout=30)
+        client.close()
+    rows = [c for c in json.loads(out.stdout) if c["original_destination"] == f"{ip_b}:8080"]
+    assert len(rows) == 1, out.stdout
+    row = rows[0]
+    assert row["client"].startswith(f"{ip_a}:") and row["listener"] == "outbound"
+    assert int(row["bytes_sent"]) == 1000 and int(row["bytes_received"]) == 1000
+    assert "capture:     ebpf" in status.stdout and "outbound:15001" in status.stdout
