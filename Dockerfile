@@ -1,5 +1,27 @@
 # ambit node image: the agent (with bcc from Debian) and the CNI plugin that
 # the install step copies onto the host.
+
+# --- the frozen ambit-cni (scripts/freeze-cni.sh) ------------------------------
+# Hosts have no Python to run the plugin with: PyInstaller bundles the
+# interpreter and the few standard modules it imports. Built on the same
+# Debian as the image, so the host needs glibc 2.35 or newer.
+FROM debian:12-slim AS cni-builder
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv binutils \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY requirements.txt ./
+# Only what freezing needs, at the versions requirements.txt pins (h2 brings
+# hpack, which the plugin uses on a rare path).
+RUN python3 -m venv /src/.venv \
+ && /src/.venv/bin/pip install --no-cache-dir $(grep -iE '^(pyinstaller|h2)==' requirements.txt)
+COPY cni ./cni
+COPY scripts/freeze-cni.sh ./scripts/
+RUN PY=/src/.venv/bin/python bash scripts/freeze-cni.sh
+
+# --- the node image ------------------------------------------------------------
 FROM debian:12-slim
 
 RUN apt-get update \
@@ -23,6 +45,11 @@ RUN python3 -m venv --system-site-packages /opt/ambit/.venv \
  && /opt/ambit/.venv/bin/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
       --grpc_python_out=proto proto/ambit/api/v1/agent.proto \
  && /opt/ambit/.venv/bin/pip install --no-cache-dir --no-deps -e .
+
+# The plugin `ambit install-cni` copies into the host's /opt/cni/bin
+# (install/kubernetes/ambit.yaml runs it as the DaemonSet's init container).
+COPY --from=cni-builder /src/build/cni-frozen/ambit-cni /opt/ambit/cni-plugin
+ENV AMBIT_CNI_PLUGIN=/opt/ambit/cni-plugin/ambit-cni
 
 ENV PATH=/opt/ambit/.venv/bin:$PATH
 ENTRYPOINT ["ambit-agent"]

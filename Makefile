@@ -38,6 +38,15 @@ cni: $(CNI_STAGED)
 $(CNI_STAGED): scripts/stage-cni.sh $(wildcard cni/*.py)
 	@bash scripts/stage-cni.sh
 
+# ambit-cni for hosts with no Python: a PyInstaller one-directory build in
+# build/cni-frozen/ambit-cni/ (what the image ships and install-cni copies).
+CNI_FROZEN := build/cni-frozen/ambit-cni/ambit-cni
+.PHONY: frozen
+frozen: $(CNI_FROZEN)
+$(CNI_FROZEN): scripts/freeze-cni.sh $(wildcard cni/*.py) requirements.txt $(VENV_STAMP)
+	@bash scripts/freeze-cni.sh --if-stale
+	@touch $@
+
 test: setup
 	@bash scripts/check-host.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)

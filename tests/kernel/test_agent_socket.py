@@ -240,7 +240,7 @@ def test_ambitctl_status_prints_the_node(node: NodeNamespace, agents: list[Agent
     proc = subprocess.run([AMBITCTL, "--socket", agent.socket, "status"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert f"node:      {node.name}" in proc.stdout and "ready:     yes" in proc.stdout
+    assert f"node:        {node.name}" in proc.stdout and "ready:       yes" in proc.stdout
     as_json = subprocess.run([AMBITCTL, "--socket", agent.socket, "-o", "json", "status"], capture_output=True,
                              text=True, timeout=30)
     assert json.loads(as_json.stdout)["node"] == node.name
