@@ -5,7 +5,7 @@ SIGTERMs it. Inside the agent that child shares asyncio's signal wake-up
 socket with the parent, so the child's SIGTERM reaches the parent's loop as
 if the agent itself had been told to stop (seen in tests). The agent must
 never fork, so it creates netlink sockets on a thread that entered the
-namespace (ambit.agent.proxy.netns) and hands them to pyroute2; ~1.6 ms
+namespace (ambit.agent.netns) and hands them to pyroute2; ~1.6 ms
 instead of ~9 ms per handle, too.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 
-from .proxy.netns import socket_in_netns
+from .netns import socket_in_netns
 
 NETLINK_ROUTE = 0
 

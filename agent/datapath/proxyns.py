@@ -25,7 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..netlink import iproute
 from . import constants
-from .netns import netns_path, read_sysctl, write_sysctl
+from ..netns import netns_path, read_sysctl, write_sysctl
 from .programs import ProxyLink
 
 log = structlog.get_logger(__name__)

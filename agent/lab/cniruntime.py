@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..proxy.netns import enter_netns
+from ..netns import enter_netns
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 

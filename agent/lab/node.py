@@ -18,13 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contextlib import AbstractContextManager
+
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
+from ..netlink import iproute
+from ..netns import create_netns, netns_path
+from ..netns import remove_netns as _remove_netns
 from .cniruntime import REFERENCE_PLUGINS
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (editable install)
-NETNS_DIR = "/var/run/netns"
 
 
 def cni_plugin_dirs() -> list[str]:
@@ -35,23 +39,18 @@ def cni_plugin_dirs() -> list[str]:
     return [str(ours), REFERENCE_PLUGINS]
 
 
-def netns_path(name: str) -> str:
-    return f"{NETNS_DIR}/{name}"
-
-
 def make_pod_netns(name: str) -> str:
-    """A pod sandbox: a named netns with loopback up, as a runtime makes it."""
-    if os.path.exists(netns_path(name)):
-        nsmod.remove(name)
-    nsmod.create(name)
-    with IPRoute(netns=netns_path(name), flags=0) as ipr:
+    """A pod sandbox (or a node): a named netns with loopback up, as a
+    runtime makes it; a stale one of the same name is replaced."""
+    _remove_netns(name)
+    path = create_netns(name)
+    with iproute(path) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    return netns_path(name)
+    return path
 
 
 def remove_netns(name: str) -> None:
-    if os.path.exists(netns_path(name)):
-        nsmod.remove(name)
+    _remove_netns(name)
 
 
 class NodeNamespace:
@@ -76,8 +75,9 @@ class NodeNamespace:
     def remove_netns_path(self, path: str) -> None:
         remove_netns(os.path.basename(path))
 
-    def ipr(self) -> IPRoute:
-        return IPRoute(netns=self.path, flags=0)
+    def ipr(self) -> AbstractContextManager[IPRoute]:
+        """A netlink handle in the node namespace (a context manager)."""
+        return iproute(self.path)
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         """Run a command inside the node namespace."""

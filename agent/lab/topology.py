@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import functools
 import ipaddress
 import json
 import os
@@ -47,7 +44,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
 from ..netlink import iproute
-from ..proxy.netns import NetnsThread
+from ..netns import NetnsThread, remove_netns
+from ..netns import create_netns as _create_netns
 from .cniruntime import CniFailure, CniRuntime, PodSandbox
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
 from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, netns_path
@@ -60,7 +58,6 @@ BPFFS_ROOT = Path("/sys/fs/bpf/ambit")
 MARKER_ENV = "AMBIT_LAB"
 STATE_VERSION = 1
 UNIX_PATH_MAX = 107
-CLONE_NEWNET = 0x40000000
 CAPTURE_MODES = ("none", "ebpf")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
 
@@ -337,48 +334,14 @@ class LabState:
 
 # --- namespaces --------------------------------------------------------------------------------------------------
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def create_netns(name: str) -> str:
-    """A named network namespace with loopback up, made without forking.
-
-    pyroute2's `netns.create` and `IPRoute(netns=...)` fork a helper; a forked
-    copy of this process would run the lab's signal handlers (and its
-    teardown) on Ctrl-C. So the namespace is unshared on a throwaway thread
-    (unshare affects only the calling thread) and bind-mounted from
-    /proc/thread-self, and netlink sockets are opened from a thread
-    (ambit.agent.netlink.iproute)."""
-    failure: list[BaseException] = []
-
-    def unshare_and_mount() -> None:
-        try:
-            if _libc().unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            nsmod.attach(name, "thread-self")
-        except BaseException as exc:
-            failure.append(exc)
-
-    worker = threading.Thread(target=unshare_and_mount, name=f"netns-create:{name}")
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    path = netns_path(name)
+    """A named network namespace with loopback up, made without forking:
+    a forked copy of this process would run the lab's signal handlers (and
+    its teardown) on Ctrl-C."""
+    path = _create_netns(name)
     with iproute(path) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     return path
-
-
-def remove_netns(name: str) -> bool:
-    try:
-        nsmod.remove(name)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 # --- processes -------------------------------------------------------------------------------------------------

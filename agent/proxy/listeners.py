@@ -28,7 +28,7 @@ from ambit.agent.datapath.constants import (
     OUTBOUND_PORT,
 )
 
-from .netns import NetnsThread, make_socket
+from ..netns import NetnsThread, make_socket
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,7 @@ from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry
 from .listeners import AcceptedConnection, ListenerKind, TransparentListener
-from .netns import NetnsThread
+from ..netns import NetnsThread
 from .relay import NetnsUpstreamSockets, RelayEnd, relay_plain_tcp
 
 log = structlog.get_logger(__name__)

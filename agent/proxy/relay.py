@@ -48,7 +48,7 @@ from ambit.agent.datapath.constants import MARK_PROXY
 
 from .connections import ConnectionProgress, ConnectionRegistry, ConnectionState
 from .listeners import IPV6_TRANSPARENT, AcceptedConnection, SocketAddress
-from .netns import NetnsSocketPool, NetnsThread
+from ..netns import NetnsSocketPool, NetnsThread
 
 log = structlog.get_logger(__name__)
 

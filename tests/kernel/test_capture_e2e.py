@@ -23,7 +23,7 @@ from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, 
 from tests.support.agentapi import workloads
 from tests.support.kernelstate import node_snapshot
 from tests.support.podnet import (TcpServer, connect, echo_until_eof, random_bytes, recv_exactly, recv_until_eof,
-                                  tcp_socket, udp_socket)
+                                  udp_socket)
 
 pytestmark = pytest.mark.kernel
 SUBNET = "10.242.0.0/24"

@@ -25,7 +25,7 @@ from pyroute2 import IPRoute, netns as pyroute2_netns
 
 from ambit.agent.datapath import constants
 from ambit.agent.datapath.capture import Datapath, PodCapture, PodLinkMissing
-from ambit.agent.datapath.netns import netns_path, run_in_netns
+from ambit.agent.netns import netns_path, run_in_netns
 
 pytestmark = pytest.mark.kernel
 

@@ -30,7 +30,7 @@ from ambit.agent.lab.labconfig import ContainerPort
 from ambit.agent.lab.topology import (MARKER_ENV, Lab, LabError, LabSettings, LeftoversFound, create_netns,
                                       lab_namespaces, lab_processes, process_start_time)
 from ambit.agent.netlink import iproute
-from ambit.agent.proxy.netns import NetnsThread
+from ambit.agent.netns import NetnsThread
 
 pytestmark = pytest.mark.kernel
 

@@ -40,7 +40,7 @@ from ambit.agent.proxy.listeners import (
     TransparentListener,
     listening_socket_setup,
 )
-from ambit.agent.proxy.netns import NetnsThread, in_netns, make_socket
+from ambit.agent.netns import NetnsThread, in_netns, make_socket
 from ambit.agent.proxy.relay import (
     NetnsUpstreamSockets,
     PlainTcpRelay,

@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ambit.agent.proxy.netns import socket_in_netns
+from ambit.agent.netns import socket_in_netns
 
 
 def tcp_socket(netns: str) -> socket.socket:

@@ -1,4 +1,5 @@
-"""Run code, and above all create sockets, inside another network namespace.
+"""Network namespaces: create them, run code in them, make sockets in them,
+all without forking (see agent/netlink.py for why the agent never forks).
 
 A socket belongs to the namespace it was created in for its whole life, and
 setsockopt/bind/connect/accept on it act in *that* namespace whatever thread
@@ -21,8 +22,11 @@ import ctypes.util
 import functools
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
+
+from pyroute2 import netns as pyroute2_netns
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"  # where `ip netns` and pyroute2 mount named namespaces
@@ -256,3 +260,81 @@ class NetnsSocketPool:
         for sock in self._ready:
             sock.close()
         self._ready.clear()
+
+
+def _on_new_thread(fn: Callable[[], _T], name: str) -> _T:
+    """Run fn on a thread of its own and wait; the thread (with whatever
+    namespace it entered) ends with it. Exceptions are re-raised here."""
+    outcome: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=body, name=name, daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def run_in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
+    """Call fn inside netns (a name or path; None = the caller's namespace)."""
+    if netns is None:
+        return fn()
+
+    def inside() -> _T:
+        enter_netns(netns)
+        return fn()
+
+    return _on_new_thread(inside, f"netns:{os.path.basename(netns)}")
+
+
+def write_sysctl(netns: str | None, key: str, value: str | int) -> None:
+    """Set a sysctl inside netns; key is its /proc/sys path, e.g.
+    net/ipv4/conf/ambit0/rp_filter (slashes, so interface names may hold dots)."""
+    def write() -> None:
+        with open("/proc/sys/" + key, "w") as f:
+            f.write(str(value))
+
+    run_in_netns(netns, write)
+
+
+def read_sysctl(netns: str | None, key: str) -> str:
+    def read() -> str:
+        with open("/proc/sys/" + key) as f:
+            return f.read().strip()
+
+    return run_in_netns(netns, read)
+
+
+@functools.cache
+def _libc_unshare() -> Callable[[int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.unshare
+
+
+def create_netns(name: str) -> str:
+    """A named network namespace (as `ip netns add` makes it), without forking:
+    unshare on a throwaway thread (it affects only that thread) and bind-mount
+    it from /proc/thread-self. Loopback is left down; callers bring it up."""
+    def unshare_and_mount() -> None:
+        if _libc_unshare()(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        pyroute2_netns.attach(name, "thread-self")
+
+    _on_new_thread(unshare_and_mount, f"netns-create:{name}")
+    return netns_path(name)
+
+
+def remove_netns(name: str) -> bool:
+    """Unmount and delete a named namespace; False if it was not there."""
+    try:
+        pyroute2_netns.remove(name)
+        return True
+    except FileNotFoundError:
+        return False
