@@ -29,8 +29,9 @@ _MAX_WINDOW: Final = 2**31 - 1
 class HboneSettings:
     """Flow-control, framing and abuse limits for one HBONE connection.
 
-    Sizes are bytes, durations seconds. The last four fields are for the I/O
-    layer (keepalive, pool, upstream connect); the sans-I/O core ignores them.
+    Sizes are bytes, durations seconds. The fields after rapid_reset_window_s
+    are for the I/O layer (keepalive, pool, timeouts, read size); the sans-I/O
+    core ignores them.
     """
 
     # Per-stream receive window we advertise (SETTINGS_INITIAL_WINDOW_SIZE).
@@ -60,6 +61,14 @@ class HboneSettings:
     ping_timeout_s: float = 20.0
     pool_idle_timeout_s: float = 300.0
     upstream_connect_timeout_s: float = 10.0
+    # TLS handshake on either side; a peer that stalls it costs a socket only this long.
+    handshake_timeout_s: float = 10.0
+    # A server connection without tunnels is closed after this long. Longer
+    # than the client pool's idle timeout, so the client normally closes
+    # first and never races a GOAWAY with a new CONNECT.
+    server_idle_timeout_s: float = 600.0
+    # Bytes read from a tunnel's TCP socket at once (one DATA frame at most).
+    tcp_read_size: int = 256 * KiB
 
     def __post_init__(self) -> None:
         if not _MIN_WINDOW <= self.stream_window <= _MAX_WINDOW:
@@ -75,6 +84,7 @@ class HboneSettings:
             "server_max_header_list_size",
             "client_streams_per_connection",
             "rapid_reset_limit",
+            "tcp_read_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -84,6 +94,8 @@ class HboneSettings:
             "ping_timeout_s",
             "pool_idle_timeout_s",
             "upstream_connect_timeout_s",
+            "handshake_timeout_s",
+            "server_idle_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -25,7 +25,7 @@ from pyroute2 import NetNS, netns
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
-from ambit.agent.proxy.netns import enter_netns, netns_path
+from ambit.agent.netns import enter_netns, netns_path
 
 T = TypeVar("T")
 
@@ -230,3 +230,75 @@ def namespace(prefix: str, addresses: tuple[str, ...]) -> Iterator[str]:
         yield name
     finally:
         remove_netns(name)
+
+
+# --- a bare HTTP/2 client over real TLS (for requests our own client would never make) ------
+
+
+class RawH2Client:
+    """h2 over an asyncio TLS stream: send odd or hostile frames, collect h2 events."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **config: Any) -> None:
+        import h2.config
+        import h2.connection
+
+        self.reader = reader
+        self.writer = writer
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None, **config)
+        )
+        self.h2.initiate_connection()
+        self.events: list[Any] = []
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, ip: str, port: int, context: Any, source_ip: str | None = None, **config: Any) -> RawH2Client:
+        reader, writer = await asyncio.open_connection(
+            ip, port, ssl=context, server_hostname="", local_addr=(source_ip, 0) if source_ip else None
+        )
+        client = cls(reader, writer, **config)
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
+    async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+        """The first event (collected or new) that matches; None if the connection ended first."""
+        import h2.exceptions
+
+        async def pump() -> Any:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        self.events.remove(event)
+                        return event
+                if self.closed:
+                    return None
+                try:
+                    data = await self.reader.read(65536)
+                except (ConnectionError, OSError):
+                    data = b""
+                if not data:
+                    self.closed = True
+                    continue
+                try:
+                    self.events += self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    self.closed = True
+                await self.flush()
+
+        return await asyncio.wait_for(pump(), timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def status_of(event: Any) -> int:
+    return int(dict(event.headers)[b":status"])

@@ -1,0 +1,314 @@
+"""Inbound HBONE (port 15008): terminate mTLS, vet each CONNECT, splice to the local pod.
+
+For one accepted connection (seed: the packet walk's step 3):
+1. The certificate presented is the one of the workload the connection was
+   addressed to (the accepted socket's original destination); an address
+   with no local workload gets the connection closed.
+2. TLS 1.3 handshake (bounded by a timeout); the client must present a
+   certificate of our trust bundle and trust domain; its SAN becomes the
+   principal policy sees.
+3. Each CONNECT is refused unless
+   - its authority is the IP this connection was sent to (no pivoting to
+     another pod through one tunnel) and a workload on this node -> else 400,
+   - its port is not one of the proxy's own ports -> else 503,
+   - policy allows (peer identity, client IP, destination) -> else 401,
+   - the upstream connect succeeds (from the client's IP: with transparency
+     the TLS peer address IS the client pod) -> else 503.
+   Only then the 200 goes out; bytes that arrived before it are held
+   (bounded by the stream window) and delivered after the connect.
+Every refusal is logged with its reason, bound to peer= and dst=.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable, Collection
+
+import structlog
+
+from ambit.agent.datapath.constants import PROXY_PORTS
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.identity.tls import TlsConnection, authenticate_client, require_alpn_h2
+
+from .hbone_io import (
+    HboneServerProtocol,
+    ScratchBuffers,
+    TlsContextCache,
+    Tunnel,
+    TunnelOutcome,
+    errno_name,
+    tune_allocator,
+)
+from .hbone_settings import HboneSettings
+from .listeners import AcceptedConnection, ListenerKind, SocketAddress
+from .tls_stream import TlsStream
+
+__all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "allow_all"]
+
+_log = structlog.get_logger(__name__)
+
+AuthorizeHook = Callable[[SpiffeId, str, str, int], "tuple[bool, str] | Awaitable[tuple[bool, str]]"]
+"""(peer identity, client IP, destination IP, destination port) -> (allowed, reason)."""
+
+UpstreamSocketFactory = Callable[[str], "socket.socket | Awaitable[socket.socket]"]
+"""An unconnected TCP socket to connect from the given client IP (the agent
+binds it to that IP with IP_TRANSPARENT and marks it 0x200)."""
+
+
+def allow_all(peer: SpiffeId, client_ip: str, dst_ip: str, dst_port: int) -> tuple[bool, str]:
+    """The default policy hook: no AuthorizationPolicy, everything allowed."""
+    return True, "no policy"
+
+
+async def _maybe_await(value: object) -> object:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class InboundStats:
+    """Counters since start (plain attributes: cheap to bump on the data path)."""
+
+    __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused")
+
+    def __init__(self) -> None:
+        self.connections_accepted = 0  # mTLS up, client identity accepted
+        self.connections_refused = 0
+        self.tunnels_requested = 0  # well-formed CONNECTs surfaced by the core
+        self.tunnels_opened = 0  # answered 200
+        self.tunnels_refused = 0  # answered 400/401/503 by us
+
+
+class HboneInbound:
+    """The HBONE server of one node."""
+
+    def __init__(
+        self,
+        store: CertificateStore,
+        *,
+        identity_for_local_ip: Callable[[str], SpiffeId | None],
+        is_local_workload: Callable[[str], bool],
+        upstream_socket_factory: UpstreamSocketFactory,
+        authorize: AuthorizeHook = allow_all,
+        settings: HboneSettings | None = None,
+        contexts: TlsContextCache | None = None,
+        proxy_ports: Collection[int] = PROXY_PORTS,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self._settings = settings or HboneSettings()
+        self._contexts = contexts or TlsContextCache(store)
+        self._identity_for_local_ip = identity_for_local_ip
+        tune_allocator()  # the data path's buffers must not hit brk/mmap each time
+        self._is_local_workload = is_local_workload
+        self._upstream_socket_factory = upstream_socket_factory
+        self._authorize = authorize
+        self._proxy_ports = frozenset(proxy_ports)
+        self._log = log or _log
+        self._connections: set[HboneServerProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
+        self.stats = InboundStats()
+
+    @property
+    def settings(self) -> HboneSettings:
+        return self._settings
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def tunnel_count(self) -> int:
+        return sum(c.tunnel_count for c in self._connections)
+
+    @property
+    def connections(self) -> tuple[HboneServerProtocol, ...]:
+        """The live connections (peer identity, tunnels, counters)."""
+        return tuple(self._connections)
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def handle(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
+        """Serve one accepted connection until it ends (a TransparentListener handler)."""
+        loop = asyncio.get_running_loop()
+        log = self._log.bind(peer=str(accepted.client), dst=str(accepted.original_dst))
+        identity = self._identity_for_local_ip(accepted.original_dst.ip)
+        if identity is None:
+            self._refuse_connection(log, "no local workload at the destination address")
+            sock.close()
+            return
+        try:
+            context = self._contexts.server(identity)
+        except Exception as exc:  # e.g. the certificate cannot be issued
+            self._refuse_connection(log, f"no certificate for {identity}: {exc}")
+            sock.close()
+            return
+        trust_domain = self._contexts.trust_domain
+
+        def check_client(tls: TlsConnection) -> SpiffeId:
+            require_alpn_h2(tls)
+            return authenticate_client(tls, trust_domain)
+
+        def on_request(connection: HboneServerProtocol, tunnel: Tunnel) -> None:
+            self._start_tunnel(connection, tunnel, accepted, log)
+
+        stream = TlsStream(loop, sock, context, server_side=True, read_buffer=self._scratch.tls)
+        try:
+            async with asyncio.timeout(self._settings.handshake_timeout_s):
+                await stream.handshake()
+        except Exception as exc:  # bad or missing client certificate, timeout, reset
+            stream.abort()
+            self._refuse_connection(log, f"TLS handshake failed: {type(exc).__name__}: {exc}")
+            return
+        except BaseException:
+            stream.abort()
+            raise
+        connection = HboneServerProtocol(
+            self._settings, check_peer=check_client, on_tunnel_requested=on_request, scratch=self._scratch, log=log
+        )
+        stream.start(connection)
+        if connection.failure is not None:
+            self._refuse_connection(log, f"client identity refused: {connection.failure}")
+            return
+        self._connections.add(connection)
+        self.stats.connections_accepted += 1
+        log.debug("hbone_connection_open", peer_identity=str(connection.peer_identity), server_identity=str(identity))
+        try:
+            await asyncio.shield(connection.closed)
+        except asyncio.CancelledError:
+            connection.abort("inbound shutting down")
+            raise
+        finally:
+            self._connections.discard(connection)
+
+    async def serve_socket(self, listening: socket.socket) -> None:
+        """Accept loop for a plain listening socket (no transparent capture)."""
+        loop = asyncio.get_running_loop()
+        listening.setblocking(False)
+        handlers: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                conn_sock, _ = await loop.sock_accept(listening)
+                try:
+                    accepted = AcceptedConnection(
+                        client=SocketAddress.from_sockaddr(conn_sock.getpeername()),
+                        original_dst=SocketAddress.from_sockaddr(conn_sock.getsockname()),
+                        listener=ListenerKind.HBONE,
+                        accepted_at=time.time(),
+                    )
+                except OSError:
+                    conn_sock.close()
+                    continue
+                task = loop.create_task(self.handle(accepted, conn_sock))
+                handlers.add(task)
+                task.add_done_callback(handlers.discard)
+        finally:
+            for task in handlers:
+                task.cancel()
+
+    def _refuse_connection(self, log: structlog.typing.FilteringBoundLogger, reason: str) -> None:
+        self.stats.connections_refused += 1
+        log.info("hbone_connection_refused", reason=reason)
+
+    # --- tunnels -----------------------------------------------------------------------------
+
+    def _start_tunnel(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        accepted: AcceptedConnection,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.stats.tunnels_requested += 1
+        task = connection.loop.create_task(self._serve_tunnel(connection, tunnel, accepted, log))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Reset or connection lost while we decide: stop connecting upstream.
+        tunnel.done.add_done_callback(lambda _: task.cancel())
+
+    async def _serve_tunnel(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        accepted: AcceptedConnection,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        if tunnel.done.done():
+            return  # reset in the same read that brought the CONNECT (rapid reset)
+        request = tunnel.request
+        assert request is not None and connection.peer_identity is not None
+        dst_ip, dst_port = request.authority_host, request.authority_port
+        client_ip = accepted.client.ip
+        tlog = log.bind(authority=tunnel.authority, stream_id=tunnel.stream_id, peer_identity=str(connection.peer_identity))
+
+        def refuse(status: int, reason: str) -> None:
+            self.stats.tunnels_refused += 1
+            tlog.info("hbone_tunnel_refused", status=status, reason=reason)
+            connection.refuse_tunnel(tunnel, status, reason)
+
+        if ipaddress.ip_address(dst_ip) != ipaddress.ip_address(accepted.original_dst.ip):
+            refuse(400, "authority is not the address this connection was sent to")
+            return
+        if not self._is_local_workload(dst_ip):
+            refuse(400, "authority is not a workload on this node")
+            return
+        if dst_port in self._proxy_ports:
+            refuse(503, "authority port is one of the proxy's own ports")
+            return
+        verdict = await _maybe_await(self._authorize(connection.peer_identity, client_ip, dst_ip, dst_port))
+        allowed, reason = verdict  # type: ignore[misc]
+        if tunnel.done.done():
+            return  # the client gave up while policy was consulted
+        if not allowed:
+            refuse(401, f"denied by policy: {reason}")
+            return
+        try:
+            upstream = await self._connect_upstream(client_ip, dst_ip, dst_port)
+        except (OSError, TimeoutError) as exc:
+            refuse(503, f"upstream connect failed: {errno_name(exc)}")
+            return
+        if not connection.accept_tunnel(tunnel, upstream):
+            upstream.close()  # the client gave up meanwhile
+            return
+        self.stats.tunnels_opened += 1
+        tlog.debug("hbone_tunnel_open")
+        tunnel.done.add_done_callback(lambda done: self._log_end(tlog, done.result()))
+
+    @staticmethod
+    def _log_end(log: structlog.typing.FilteringBoundLogger, outcome: TunnelOutcome) -> None:
+        log.debug(
+            "hbone_tunnel_closed",
+            end=outcome.end.value,
+            detail=outcome.detail,
+            bytes_to_upstream=outcome.bytes_to_tcp,
+            bytes_to_client=outcome.bytes_to_stream,
+        )
+
+    async def _connect_upstream(self, client_ip: str, dst_ip: str, dst_port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = await _maybe_await(self._upstream_socket_factory(client_ip))
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(self._settings.upstream_connect_timeout_s):
+                await loop.sock_connect(sock, (dst_ip, dst_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Abort every connection (tunnels are reset) and pending tunnel set-ups."""
+        for task in list(self._tasks):
+            task.cancel()
+        for connection in list(self._connections):
+            connection.abort("inbound shutting down")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
