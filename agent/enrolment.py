@@ -18,7 +18,7 @@ import structlog
 
 from .datapath.podlink import PodLink, PodLinkError, host_link_exists, inspect_pod_link
 from .state import StateStore
-from .workload import AttachmentKey, PodRef, Workload
+from .workload import OUTSIDE_MESH, AttachmentKey, PodRef, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -125,8 +125,11 @@ class Enrolment:
     def get(self, key: AttachmentKey) -> Workload | None:
         return self._workloads.get(key)
 
+    def enrolled_count(self) -> int:
+        return sum(1 for w in self._workloads.values() if w.in_mesh)
+
     def workload_by_ip(self, ip: str) -> Workload | None:
-        """The enrolled pod that owns `ip` (a handful of pods per node: a scan is fine)."""
+        """The recorded pod that owns `ip` (a handful of pods per node: a scan is fine)."""
         for workload in self._workloads.values():
             if ip in workload.addresses:
                 return workload
@@ -144,18 +147,28 @@ class Enrolment:
             del self._locks[key]
 
     # -- CNI operations ----------------------------------------------------
+    async def _decide(self, pod: PodRef) -> tuple[bool, str]:
+        ensure_known = getattr(self.selector, "ensure_known", None)
+        if ensure_known is not None:
+            await ensure_known(pod)  # an API read off the event loop, when the watch lags the ADD
+        return self.selector.decide(pod)
+
     async def enrol(self, req: EnrolRequest) -> EnrolResult:
+        """CNI ADD. Every pod is recorded (so a later label change can bring
+        it into the mesh live); only pods the selector wants are captured."""
         ips = _normalise_ips(req.ips)
-        wanted, reason = self.selector.decide(req.pod)
-        if not wanted:
-            log.info("pod not enrolled", pod=str(req.pod), attachment=str(req.key), reason=reason)
-            return EnrolResult(False, reason, None)
+        wanted, reason = await self._decide(req.pod)
         started = time.monotonic()
         async with self._lock(req.key):
             try:
                 link = await asyncio.to_thread(inspect_pod_link, req.netns, req.key.ifname)
                 inspected = time.monotonic()
             except PodLinkError as exc:
+                if not wanted:
+                    # Not ours to capture: never fail a pod's start for it.
+                    log.info("pod not in the mesh (and its link cannot be read)", pod=str(req.pod),
+                             attachment=str(req.key), reason=reason, error=str(exc))
+                    return EnrolResult(False, reason, None)
                 kind = {PodLinkError.NETNS_MISSING: EnrolmentError.NOT_FOUND,
                         PodLinkError.NO_INTERFACE: EnrolmentError.NOT_FOUND}.get(exc.reason,
                                                                                 EnrolmentError.PRECONDITION)
@@ -164,29 +177,64 @@ class Enrolment:
             await self._drop_conflicting(req.key, ips)
             workload = Workload(key=req.key, netns=req.netns, pod=req.pod, ips=ips, network=req.network,
                                 host_veth=link.host_ifname, host_veth_ifindex=link.host_ifindex,
-                                container_ifindex=link.container_ifindex, enrolled_at=time.time())
+                                container_ifindex=link.container_ifindex, enrolled_at=time.time(),
+                                capture=OUTSIDE_MESH)
             kernel_ips = {a.split("/")[0] for a in link.addresses}
             if not set(workload.addresses) <= kernel_ips:
                 log.warning("prevResult addresses are not all on the pod interface", pod=str(req.pod),
                             prev_result=list(ips), kernel=sorted(kernel_ips))
-            try:
-                capture = await asyncio.to_thread(self.backend.attach, workload, link)
-            except Exception as exc:
-                self._on_capture_failure()
-                log.error("capture failed; pod not enrolled", pod=str(req.pod), attachment=str(req.key),
-                          host_veth=link.host_ifname, error=str(exc))
-                await asyncio.to_thread(self.backend.detach, workload)
-                raise EnrolmentError(EnrolmentError.PRECONDITION,
-                                     f"could not capture traffic on {link.host_ifname}: {exc}") from None
-            workload = replace(workload, capture=capture)
-            self.store.save(workload)
-            self._workloads[req.key] = workload
-            log.info("pod enrolled", pod=str(req.pod), attachment=str(req.key), ips=list(ips),
-                     host_veth=link.host_ifname, host_ifindex=link.host_ifindex, capture=capture,
+            if wanted:
+                workload = await self._capture(workload, link)
+            self._remember(workload)
+            log.info("pod enrolled" if wanted else "pod recorded, not in the mesh", pod=str(req.pod),
+                     attachment=str(req.key), ips=list(ips), host_veth=link.host_ifname,
+                     host_ifindex=link.host_ifindex, capture=workload.capture, reason=reason,
                      inspect_ms=round((inspected - started) * 1000, 1),
                      total_ms=round((time.monotonic() - started) * 1000, 1))
         self._forget_lock(req.key)
-        return EnrolResult(True, reason, workload)
+        return EnrolResult(wanted, reason, workload)
+
+    async def _capture(self, workload: Workload, link: PodLink) -> Workload:
+        try:
+            capture = await asyncio.to_thread(self.backend.attach, workload, link)
+        except Exception as exc:
+            self._on_capture_failure()
+            log.error("capture failed; pod not enrolled", pod=str(workload.pod), attachment=str(workload.key),
+                      host_veth=link.host_ifname, error=str(exc))
+            await asyncio.to_thread(self.backend.detach, workload)
+            raise EnrolmentError(EnrolmentError.PRECONDITION,
+                                 f"could not capture traffic on {link.host_ifname}: {exc}") from None
+        return replace(workload, capture=capture)
+
+    def _remember(self, workload: Workload) -> None:
+        self.store.save(workload)
+        self._workloads[workload.key] = workload
+
+    async def set_membership(self, pod: PodRef, in_mesh: bool, reason: str) -> int:
+        """A label change moved a running pod in or out of the mesh: capture
+        or release its recorded attachments live. Returns how many changed."""
+        changed = 0
+        for workload in [w for w in self._workloads.values() if _same_pod(w.pod, pod)]:
+            async with self._lock(workload.key):
+                current = self._workloads.get(workload.key)
+                if current is None or current.in_mesh == in_mesh:
+                    continue
+                if in_mesh:
+                    try:
+                        link = await asyncio.to_thread(inspect_pod_link, current.netns, current.key.ifname)
+                        updated = await self._capture(current, link)
+                    except (PodLinkError, EnrolmentError) as exc:
+                        log.error("cannot bring pod into the mesh", pod=str(pod), error=str(exc))
+                        continue
+                else:
+                    await asyncio.to_thread(self.backend.detach, current)
+                    updated = replace(current, capture=OUTSIDE_MESH)
+                self._remember(updated)
+                changed += 1
+                log.info("pod joined the mesh" if in_mesh else "pod left the mesh", pod=str(pod),
+                         attachment=str(current.key), reason=reason, capture=updated.capture)
+            self._forget_lock(workload.key)
+        return changed
 
     async def _drop_conflicting(self, key: AttachmentKey, ips: tuple[str, ...]) -> None:
         """An address still recorded for another attachment belongs to a pod
@@ -212,15 +260,16 @@ class Enrolment:
         return released
 
     async def _release_locked(self, workload: Workload) -> None:
-        await asyncio.to_thread(self.backend.detach, workload)
+        if workload.in_mesh:
+            await asyncio.to_thread(self.backend.detach, workload)
         self.store.delete(workload.key)
         self._workloads.pop(workload.key, None)
         log.info("pod released", pod=str(workload.pod), attachment=str(workload.key), host_veth=workload.host_veth)
 
     async def check(self, key: AttachmentKey, pod: PodRef, netns: str, ips: Iterable[str]) -> None:
         workload = self._workloads.get(key)
-        if workload is None:
-            wanted, _ = self.selector.decide(pod)
+        if workload is None or not workload.in_mesh:
+            wanted, _ = await self._decide(pod)
             if wanted:
                 raise EnrolmentError(EnrolmentError.PRECONDITION,
                                      f"pod {pod} ({key}) should be in the mesh but is not enrolled")
@@ -262,8 +311,14 @@ class Enrolment:
             else:
                 await self.release(workload.key)
                 released += 1
-        await asyncio.to_thread(self.backend.reconcile, self.workloads())
+        await asyncio.to_thread(self.backend.reconcile, [w for w in self.workloads() if w.in_mesh])
         log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name)
+
+
+def _same_pod(a: PodRef, b: PodRef) -> bool:
+    if a.uid and b.uid:
+        return a.uid == b.uid
+    return (a.namespace, a.name) == (b.namespace, b.name)
 
 
 def _still_there(workload: Workload) -> bool:

@@ -109,7 +109,7 @@ class Agent:
         self.store = StateStore(config.state_dir)
         self.metrics = Metrics()
         self.enrolment = Enrolment(self.store, RecordOnly(), on_capture_failure=self.metrics.ebpf_attach_failures.inc)
-        self.metrics.enrolled_pods.set_function(lambda: len(self.enrolment.workloads()))
+        self.metrics.enrolled_pods.set_function(self.enrolment.enrolled_count)
         self.telemetry = TelemetryServer(self.metrics.registry, self.readiness, config.telemetry_address,
                                          config.metrics_port, config.readiness_port)
         self.datapath: Datapath | None = None

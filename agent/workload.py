@@ -28,6 +28,11 @@ class AttachmentKey:
         return f"{self.container_id[:12]}/{self.ifname}"
 
 
+# Workload.capture for a pod the CNI told us about that is not in the mesh:
+# recorded (so a label change can bring it in live), never touched.
+OUTSIDE_MESH = "none"
+
+
 @dataclass(frozen=True)
 class Workload:
     key: AttachmentKey
@@ -41,6 +46,10 @@ class Workload:
     enrolled_at: float
     capture: str = "recorded"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def in_mesh(self) -> bool:
+        return self.capture != OUTSIDE_MESH
 
     @property
     def addresses(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ class DebugService(pb_grpc.DebugServicer):
         ready, reason = self.readiness()
         proxy = self.proxy()
         return pb.AgentStatusResponse(version=__version__, node=self.node, started_at=self.started_at,
-                                      enrolled=len(self.enrolment.workloads()), ready=ready, reason=reason,
+                                      enrolled=self.enrolment.enrolled_count(), ready=ready, reason=reason,
                                       capture=proxy.capture, listeners=proxy.listeners(),
                                       proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()))
 
