@@ -29,6 +29,7 @@ from .datapath import constants
 from .datapath.backend import EbpfCapture
 from .datapath.capture import Datapath
 from .enrolment import Enrolment, RecordOnly
+from .mesh import MeshRuntime, MeshSettings
 from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService, ProxyView
@@ -56,7 +57,18 @@ class AgentConfig:
     telemetry_address: str = "0.0.0.0"
     metrics_port: int = constants.METRICS_PORT
     readiness_port: int = constants.READINESS_PORT
+    discovery: str = "none"
+    files: tuple[str, ...] = ()
+    kubeconfig: str | None = None
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    ca_dir: str = "/var/run/ambit/ca"
     cleanup: bool = False
+
+    def mesh_settings(self) -> MeshSettings:
+        return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
+                            root_namespace=self.root_namespace, files=self.files, kubeconfig=self.kubeconfig,
+                            ca_dir=self.ca_dir, certs_dir=os.path.join(self.state_dir, "certs"))
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -88,16 +100,36 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                         help="Prometheus /metrics port (default: %(default)s)")
     parser.add_argument("--readiness-port", type=int, default=constants.READINESS_PORT,
                         help="/healthz/ready port for the kubelet (default: %(default)s)")
+    mesh = parser.add_argument_group("mesh", "where workloads, services and policies come from, and identities")
+    mesh.add_argument("--discovery", choices=("none", "files", "kube"),
+                      default=os.environ.get("AMBIT_DISCOVERY", "none"),
+                      help="none: no identities, plain relay (capture tests only); files: Kubernetes objects "
+                           "from --config-file; kube: list/watch the API server (default: %(default)s)")
+    mesh.add_argument("--config-file", action="append", default=[], metavar="PATH",
+                      help="YAML/JSON file or directory of Kubernetes objects for --discovery files "
+                           "(repeatable; reloaded on change)")
+    mesh.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
+                      help="kubeconfig for --discovery kube (default: in-cluster service account)")
+    mesh.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
+    mesh.add_argument("--root-namespace", default="istio-system",
+                      help="mesh-wide policy namespace (default: %(default)s)")
+    mesh.add_argument("--ca-dir", default="/var/run/ambit/ca",
+                      help="directory with ca-cert.pem/ca-key.pem; a CA is created there if absent. Every node "
+                           "of a mesh must use the same CA (default: %(default)s)")
     parser.add_argument("--cleanup", action="store_true",
                         help="remove everything ambit made in this node's kernel (capture on every pod, "
                              "the proxy namespace, pinned maps, enrolment records) and exit")
     parser.add_argument("--version", action="version", version=f"ambit-agent {__version__}")
     args = parser.parse_args(argv)
+    if args.discovery == "files" and not args.config_file:
+        parser.error("--discovery files needs at least one --config-file")
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
                        node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
                        capture=args.capture, proxy_netns=args.proxy_netns, bpffs_dir=args.bpffs_dir,
                        telemetry_address=args.telemetry_address, metrics_port=args.metrics_port,
-                       readiness_port=args.readiness_port, cleanup=args.cleanup)
+                       readiness_port=args.readiness_port, discovery=args.discovery,
+                       files=tuple(args.config_file), kubeconfig=args.kubeconfig, trust_domain=args.trust_domain,
+                       root_namespace=args.root_namespace, ca_dir=args.ca_dir, cleanup=args.cleanup)
 
 
 class Agent:
@@ -114,6 +146,7 @@ class Agent:
                                          config.metrics_port, config.readiness_port)
         self.datapath: Datapath | None = None
         self.proxy: NodeProxy | None = None
+        self.mesh = MeshRuntime(config.mesh_settings()) if config.discovery != "none" else None
         self._ready = False
         self._not_ready_reason = "starting"
         self.server = AgentServer(
@@ -123,15 +156,22 @@ class Agent:
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view))
 
     def proxy_view(self) -> ProxyView:
+        mesh = self.mesh
+        discovery = dict(discovery=self.config.discovery, discovery_synced=bool(mesh and mesh.synced),
+                         discovered_pods=sum(1 for p in mesh.state.pods() if p.ips) if mesh else 0)
         if self.proxy is None:
             return ProxyView(capture=self.config.capture, proxy_netns="", listeners=lambda: [],
-                             connections=lambda: ())
+                             connections=lambda: (), **discovery)
         proxy = self.proxy
         return ProxyView(capture=self.config.capture, proxy_netns=self.config.proxy_netns,
-                         listeners=proxy.listener_names, connections=proxy.connections.snapshot)
+                         listeners=proxy.listener_names, connections=proxy.connections.snapshot, **discovery)
 
     def readiness(self) -> tuple[bool, str]:
-        return (True, "ready") if self._ready else (False, self._not_ready_reason)
+        if not self._ready:
+            return False, self._not_ready_reason
+        if self.mesh is not None and not self.mesh.synced:
+            return False, f"waiting for discovery ({self.config.discovery}) to sync"
+        return True, "ready"
 
     async def run(self, stop: asyncio.Event) -> None:
         # Refuse before touching the records: a second agent (another
@@ -144,9 +184,15 @@ class Agent:
         except OSError as exc:
             raise SocketInUse(f"cannot serve metrics/readiness on ports {self.config.metrics_port}/"
                               f"{self.config.readiness_port}: {exc.strerror}") from None
+        if self.mesh is not None:
+            self._not_ready_reason = f"loading {self.config.discovery} discovery"
+            await self.mesh.start()
+            self.mesh.follow(self.enrolment)
         if self.config.capture == "ebpf":
             await self._start_datapath()
         await self.enrolment.reconcile()
+        if self.mesh is not None:
+            await self.mesh.resync(self.enrolment)
         await self.server.start()
         self._ready = True
         log.info("agent ready", node=self.config.node_name, version=__version__, capture=self.config.capture,
@@ -164,6 +210,8 @@ class Agent:
                 # Capture stays in force: enrolled pods fail closed until an
                 # agent is back, never bypass the mesh.
                 self.datapath.close()
+            if self.mesh is not None:
+                await self.mesh.stop()
             self.telemetry.stop()
             log.info("agent stopped")
 
@@ -174,7 +222,8 @@ class Agent:
         self.datapath = Datapath(proxy_netns=self.config.proxy_netns, pin_dir=self.config.bpffs_dir)
         self._not_ready_reason = "creating the proxy namespace"
         await asyncio.to_thread(self.datapath.proxy_ns.ensure)
-        self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip)
+        self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip,
+                               self.mesh.mesh if self.mesh is not None else None)
         await self.proxy.start()
         self._not_ready_reason = "installing the datapath (compiling eBPF programs)"
         await asyncio.to_thread(self.datapath.install)

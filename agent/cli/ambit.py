@@ -64,7 +64,7 @@ def _settings(args: argparse.Namespace):
     from ..lab.topology import LabSettings
     return LabSettings(prefix=args.prefix, state_dir=args.state_dir, underlay_cidr=args.underlay_cidr,
                        pod_supernet=args.pod_cidr, bpffs_root=args.bpffs_root,
-                       capture=getattr(args, "capture", "none"))
+                       capture=getattr(args, "capture", "ebpf"))
 
 
 def _same_lab_options(args: argparse.Namespace) -> str:
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without --config: generate M pods per node serving HTTP and echo (default: 2)")
     up.add_argument("--config", type=Path, metavar="FILE",
                     help="Kubernetes objects (Namespace, ServiceAccount, Pod, Service, policies) in YAML")
-    up.add_argument("--capture", choices=("none", "ebpf"), default="none",
+    up.add_argument("--capture", choices=("none", "ebpf"), default="ebpf",
                     help="the agents' capture mode: none records pods only; ebpf steers enrolled pods' TCP "
                          "into each node's proxy namespace (default: %(default)s)")
     up.set_defaults(func=_lab_up)

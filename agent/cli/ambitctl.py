@@ -41,6 +41,9 @@ def cmd_status(client: AgentClient, output: str) -> str:
                       f"uptime:      {_age(st.started_at)}", f"capture:     {st.capture}",
                       f"proxy netns: {st.proxy_netns or '-'}",
                       f"listeners:   {', '.join(st.listeners) or '-'}",
+                      f"discovery:   {st.discovery}" + (f" ({'synced' if st.discovery_synced else 'not synced'}, "
+                                                        f"{st.discovered_pods} pods with addresses)"
+                                                        if st.discovery != "none" else ""),
                       f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live"])
 
 

@@ -43,6 +43,8 @@ import yaml
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
+from ..cli.client import AgentClient
+from ..identity.ca import LocalCA
 from ..netlink import iproute
 from ..netns import NetnsThread, remove_netns
 from ..netns import create_netns as _create_netns
@@ -59,6 +61,7 @@ MARKER_ENV = "AMBIT_LAB"
 STATE_VERSION = 1
 UNIX_PATH_MAX = 107
 CAPTURE_MODES = ("none", "ebpf")
+TRUST_DOMAIN = "cluster.local"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
 
 
@@ -87,7 +90,7 @@ class LabSettings:
     pod_supernet: str = "10.244.0.0/16"   # node N gets the Nth /24
     service_cidr: str = SERVICE_CIDR
     bpffs_root: Path = BPFFS_ROOT
-    capture: str = "none"                 # the agents' --capture: "none" records pods, "ebpf" captures them
+    capture: str = "ebpf"                 # the agents' --capture: "ebpf" captures enrolled pods, "none" only records them
     agent_args: tuple[str, ...] = ()      # extra options for every agent
     ready_timeout: float = 30.0
 
@@ -118,6 +121,11 @@ class LabSettings:
     @property
     def nodes_dir(self) -> Path:
         return self.state_dir / "nodes"
+
+    @property
+    def ca_dir(self) -> Path:
+        """The lab's one CA: every node's agent issues from it, so they trust each other."""
+        return self.state_dir / "ca"
 
     @property
     def underlay_netns(self) -> str:
@@ -188,9 +196,12 @@ class LabPlan:
 
 def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str) -> tuple[str, ...]:
     """Every per-node agent option, in one place. The proxy namespace and the
-    pin directory carry the lab prefix, so `down` finds them even after a crash."""
+    pin directory carry the lab prefix, so `down` finds them even after a crash.
+    Discovery reads the lab's cluster file, as agents in a cluster would watch
+    the API server, and identities come from the lab's shared CA."""
     return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
-            *settings.agent_args)
+            "--discovery", "files", "--config-file", str(settings.cluster_file), "--ca-dir", str(settings.ca_dir),
+            "--metrics-port", "15020", "--readiness-port", "15021", *settings.agent_args)
 
 
 def lab_conflist(settings: LabSettings, node: NodePlan) -> dict[str, Any]:
@@ -538,7 +549,7 @@ class LabStatus:
     nodes: tuple[NodeStatus, ...]
     pods: tuple[PodStatus, ...]
     services: tuple[ServiceStatus, ...]
-    policies: tuple[str, ...]   # "AuthorizationPolicy shop/deny-legacy-to-web"
+    policies: tuple[str, ...]   # "AuthorizationPolicy shop/web-from-shop-only"
 
     @property
     def healthy(self) -> bool:
@@ -761,6 +772,9 @@ class Lab:
             with self._step(f"{node.name}: namespace {node.netns}, eth0 {node.underlay_ip} on the underlay, "
                             f"routes to the other nodes' pod CIDRs"):
                 self._make_node(plan, node, state)
+        with self._step(f"cluster objects for discovery ({settings.cluster_file.name}) and the lab CA"):
+            self._write_cluster_file(plan, state)
+            LocalCA.load_or_create(settings.ca_dir, TRUST_DOMAIN)
         agents: list[NodeAgent] = []
         with self._step(f"start ambit-agent on {', '.join(n.name for n in plan.nodes)}"):
             for node in plan.nodes:
@@ -775,6 +789,10 @@ class Lab:
             with self._step(f"pod {pod.pod.key} on {pod.node}: CNI ADD through "
                             "bridge -> host-local -> portmap -> ambit-cni"):
                 self._add_pod(plan, pod, state)
+        with self._step("publish the pods' addresses; wait until every agent has discovered them"):
+            self._write_cluster_file(plan, state)
+            with self._interrupts.waiting():
+                self._wait_discovered(agents, len(plan.pods))
         serving = [p for p in plan.pods if p.pod.workloads]
         if serving:
             with self._step(f"start workloads in {len(serving)} pod(s)"):
@@ -788,9 +806,9 @@ class Lab:
                 finally:
                     for _, ready_fd in started:
                         os.close(ready_fd)
+                self._write_cluster_file(plan, state)  # the serving pods are Ready now: Service endpoints
         state.phase = "ready"
         state.save()
-        self._write_cluster_file(plan, state)
 
     def _make_underlay(self) -> None:
         s = self.settings
@@ -820,6 +838,10 @@ class Lab:
             for other in plan.nodes:
                 if other.name != node.name:
                     ipr.route("add", dst=other.pod_cidr, gateway=other.underlay_ip)
+            # Nodes have a default route; without one, the capture program's
+            # routing check sees "no route" for Service VIPs and lets them
+            # pass (docs/datapath.md). Nothing answers on the underlay.
+            ipr.route("add", dst="0.0.0.0/0", oif=eth0)
         with iproute(underlay_path) as ipr:
             bridge = ipr.link_lookup(ifname=s.underlay_bridge)[0]
             port = ipr.link_lookup(ifname=node.underlay_port)[0]
@@ -894,7 +916,26 @@ class Lab:
                        + (" in time" if not readable else "") + (f":\n{tail}" if tail else ""))
 
     def _write_cluster_file(self, plan: LabPlan, state: LabState) -> None:
-        self.settings.cluster_file.write_text(yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False))
+        """Atomically, so an agent polling it never reads half a file."""
+        path = self.settings.cluster_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False))
+        os.replace(tmp, path)
+
+    def _wait_discovered(self, agents: Sequence[NodeAgent], pods: int) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout
+        pending = list(agents)
+        while pending:
+            self._interrupts.check()
+            with AgentClient(pending[0].socket, timeout=2.0) as client:
+                status = client.status()
+            if status.discovered_pods >= pods:
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent on {pending[0].plan.name} discovered {status.discovered_pods} of "
+                               f"{pods} pods from {self.settings.cluster_file}")
+            time.sleep(0.1)
 
     # -- status / exec -------------------------------------------------------------------------------------
 
@@ -1118,6 +1159,8 @@ def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
     pods with spec.nodeName and status.podIP/hostIP, services with their
     clusterIP, Node objects with their addresses."""
     services = {s.key: s for s in plan.config.services}
+    planned_nodes = {p.pod.key: p.node for p in plan.pods}
+    planned_workloads = {p.pod.key: bool(p.pod.workloads) for p in plan.pods}
     out: list[dict[str, Any]] = []
     for node in plan.nodes:
         out.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name},
@@ -1130,12 +1173,18 @@ def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
         key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
         if kind == "Node":
             continue
-        if kind == "Pod" and key in state.pods:
+        if kind == "Pod" and key in state.pods and state.pods[key].ip:
             record = state.pods[key]
             obj.setdefault("spec", {})["nodeName"] = record.node
+            ready = "True" if record.workload is not None or not planned_workloads.get(key) else "False"
             obj["status"] = {"phase": "Running", "hostIP": state.nodes[record.node].underlay_ip,
-                             "podIP": record.ip, "podIPs": [{"ip": record.ip}]}
+                             "podIP": record.ip, "podIPs": [{"ip": record.ip}],
+                             "conditions": [{"type": "Ready", "status": ready}]}
             obj["metadata"] = {**meta, "uid": record.uid}
+        elif kind == "Pod" and key in planned_nodes:
+            # Scheduled, not started yet: what the API server shows before the kubelet runs it.
+            obj.setdefault("spec", {})["nodeName"] = planned_nodes[key]
+            obj["status"] = {"phase": "Pending"}
         elif kind == "Service" and key in services:
             obj.setdefault("spec", {})["clusterIP"] = services[key].cluster_ip or "None"
         out.append(obj)

@@ -1,54 +1,91 @@
 """The node proxy: the transparent listeners in the proxy namespace and what
 each does with a captured connection.
 
-  15001 outbound  what enrolled pods send; relayed from the pod's own IP
-  15006 inbound   plaintext arriving for enrolled pods; relayed from the
-                  client's IP
-  15008 HBONE     mTLS tunnels for enrolled pods (served by the HBONE
-                  inbound handler when one is configured)
+  15001 outbound  what enrolled pods send: routed by agent/proxy/routing.py
+                  (same node: policy in-process then plain TCP; other node:
+                  HBONE; not a mesh destination: plain TCP passthrough),
+                  always from the pod's own IP
+  15006 inbound   plaintext arriving for enrolled pods: the destination's
+                  policy (PeerAuthentication STRICT refuses it), then plain
+                  TCP from the client's IP
+  15008 HBONE     mTLS tunnels for enrolled pods (agent/proxy/inbound.py)
 
-Every connection is registered for `ambitctl connections` and logged once
-when it closes.
+Without discovery (no identities, no policies) outbound and inbound
+connections are relayed as plain TCP and 15008 is refused. Every connection
+is registered for `ambitctl connections`, counted in the Istio metrics and
+logged once when it closes.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import structlog
 
+from ..discovery.state import ClusterState
+from ..identity.spiffe import SpiffeId
+from ..identity.store import CertificateStore
+from ..identity.tls import IdentityError
+from ..netns import NetnsThread
+from ..policy.enforce import Authorizer
 from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
-from .connections import ConnectionRegistry
-from .listeners import AcceptedConnection, ListenerKind, TransparentListener
-from ..netns import NetnsThread
-from .relay import NetnsUpstreamSockets, RelayEnd, relay_plain_tcp
+from .connections import ConnectionRegistry, TrackedConnection
+from .hbone_io import TunnelError, TunnelRefused
+from .inbound import HboneInbound
+from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
+from .pool import HboneClientPool, PoolKey
+from .relay import NetnsUpstreamSockets, RelayEnd, RelayOptions, prepare_upstream, relay_plain_tcp, reset_socket
+from .routing import OutboundPlan, OutboundRouter, Route
 
 log = structlog.get_logger(__name__)
 
-Handler = Callable[[AcceptedConnection, socket.socket], Awaitable[None]]
 WorkloadLookup = Callable[[str], Workload | None]
 
 _FAILED = {RelayEnd.CONNECT_REFUSED, RelayEnd.CONNECT_TIMEOUT, RelayEnd.CONNECT_FAILED}
 # Envoy-style response flags Istio reports: UF upstream connection failure,
-# UR/DR upstream/downstream reset.
+# UR/DR upstream/downstream reset, UAEX unauthorized (policy).
 _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
                    RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
 
 
+@dataclass(frozen=True)
+class Mesh:
+    """What the proxy needs to act as a mesh node (absent without discovery)."""
+
+    state: ClusterState
+    router: OutboundRouter
+    authorizer: Authorizer
+    certificates: CertificateStore
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    end: str
+    sent: int
+    received: int
+    error: str | None = None
+    flags: str = "-"
+    failed: bool = False
+
+
 class NodeProxy:
     def __init__(self, proxy_netns: str, metrics: Metrics, workload_by_ip: WorkloadLookup,
-                 hbone_handler: Handler | None = None) -> None:
+                 mesh: Mesh | None = None) -> None:
         self.proxy_netns = proxy_netns
         self.connections = ConnectionRegistry()
         self.metrics = metrics
+        self.mesh = mesh
         self._workload_by_ip = workload_by_ip
-        self._hbone_handler = hbone_handler
         self._thread: NetnsThread | None = None
         self._upstream: NetnsUpstreamSockets | None = None
         self._listeners: list[TransparentListener] = []
+        self.pool: HboneClientPool | None = None
+        self.inbound: HboneInbound | None = None
 
     @property
     def listening(self) -> bool:
@@ -60,18 +97,30 @@ class NodeProxy:
     async def start(self) -> None:
         self._thread = NetnsThread(self.proxy_netns)
         self._upstream = NetnsUpstreamSockets(self._thread)
-        handlers = {ListenerKind.OUTBOUND: self._relay, ListenerKind.INBOUND_PLAINTEXT: self._relay,
+        if self.mesh is not None:
+            self.pool = HboneClientPool(self.mesh.certificates, self._socket_from)
+            self.inbound = HboneInbound(
+                self.mesh.certificates, identity_for_local_ip=self._local_identity,
+                is_local_workload=lambda ip: self._local_identity(ip) is not None,
+                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone)
+            self.metrics.pool_connections.set_function(lambda: self.pool.stats().connections if self.pool else 0)
+            self.metrics.pool_streams.set_function(lambda: self.pool.stats().tunnels if self.pool else 0)
+        handlers = {ListenerKind.OUTBOUND: self._outbound, ListenerKind.INBOUND_PLAINTEXT: self._inbound_plaintext,
                     ListenerKind.HBONE: self._hbone}
         for kind, handler in handlers.items():
             listener = TransparentListener(kind, handler, netns=self._thread)
             await listener.start()
             self._listeners.append(listener)
-        log.info("proxy listening", netns=self.proxy_netns, listeners=self.listener_names())
+        log.info("proxy listening", netns=self.proxy_netns, listeners=self.listener_names(),
+                 mesh=self.mesh is not None)
 
     async def stop(self) -> None:
         for listener in self._listeners:
             await listener.stop()
         self._listeners.clear()
+        for closable in (self.pool, self.inbound):
+            if closable is not None:
+                await closable.aclose()
         if self._upstream is not None:
             await self._upstream.aclose()
             self._upstream = None
@@ -79,45 +128,166 @@ class NodeProxy:
             self._thread.close()
             self._thread = None
 
-    def _labels(self, accepted: AcceptedConnection, flags: str = "-") -> TcpLabels:
+    # -- helpers for the HBONE client and server ---------------------------
+    async def _socket_from(self, source_ip: str) -> socket.socket:
+        """An upstream socket in the proxy namespace that connects from
+        `source_ip` (the client pod's address: transparency)."""
+        assert self._upstream is not None
+        sock = await self._upstream(socket.AF_INET6 if ":" in source_ip else socket.AF_INET)
+        try:
+            prepare_upstream(sock, source_ip, RelayOptions())
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _local_identity(self, ip: str) -> SpiffeId | None:
+        """The identity of an in-mesh pod of this node at `ip`, else None."""
+        assert self.mesh is not None
+        pod = self.mesh.state.pod_by_ip(ip)
+        if pod is None or pod.node_name != self.mesh.router.node_name:
+            return None
+        in_mesh, _ = self.mesh.state.ambient_decision(pod)
+        return self.mesh.router.identity(pod) if in_mesh else None
+
+    def _authorize_hbone(self, peer: SpiffeId, client_ip: str, dst_ip: str, dst_port: int) -> tuple[bool, str]:
+        assert self.mesh is not None
+        decision = self.mesh.authorizer.check(source_ip=client_ip, source_identity=peer, dst_ip=dst_ip,
+                                              dst_port=dst_port)
+        return decision.allowed, decision.reason
+
+    # -- telemetry ------------------------------------------------------------
+    def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
         src = self._workload_by_ip(accepted.client.ip)
-        dst = self._workload_by_ip(accepted.original_dst.ip)
+        dst_ip = accepted.original_dst.ip
+        dst = self._workload_by_ip(dst_ip)
+        pod = self.mesh.state.pod_by_ip(dst_ip) if self.mesh else None
+        secure = tracked.meta.via == "hbone" or accepted.listener is ListenerKind.HBONE
         return TcpLabels(
             reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
             source_workload=src.pod.name if src else "unknown",
             source_workload_namespace=src.pod.namespace if src else "unknown",
-            destination_workload=dst.pod.name if dst else "unknown",
-            destination_workload_namespace=dst.pod.namespace if dst else "unknown",
-            response_flags=flags, connection_security_policy="none")
+            source_principal=tracked.meta.source_identity or "unknown",
+            destination_workload=dst.pod.name if dst else (pod.name if pod else "unknown"),
+            destination_workload_namespace=dst.pod.namespace if dst else (pod.namespace if pod else "unknown"),
+            destination_principal=tracked.meta.destination_identity or "unknown",
+            response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
 
-    async def _relay(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        """Plain TCP to the original destination, from the client's IP."""
-        assert self._upstream is not None
-        tracked = self.connections.add(accepted)
-        tracked.meta.reason = "plaintext relay (no policy yet)"
-        labels = self._labels(accepted)
-        self.metrics.opened(labels)
-        try:
-            outcome = await relay_plain_tcp(sock, accepted, self._upstream, progress=tracked.progress)
-        finally:
-            self.connections.remove(tracked.id)
-        flags = _RESPONSE_FLAGS.get(outcome.end, "-")
-        if flags != "-":
-            labels = self._labels(accepted, flags)
-        if outcome.end in _FAILED:
+    def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
+        self.connections.remove(tracked.id)
+        labels = self._labels(accepted, tracked, outcome.flags)
+        if outcome.failed:
             self.metrics.failed(labels)
-        self.metrics.closed(labels, outcome.bytes_to_upstream, outcome.bytes_to_client)
+        self.metrics.closed(labels, outcome.sent, outcome.received)
+        meta = tracked.meta
         log_connection(ConnectionRecord(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
-            src_identity=None, dst_identity=None, sent=outcome.bytes_to_upstream,
-            received=outcome.bytes_to_client, duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1),
-            decision="allow", reason="plaintext relay (no policy yet)", end=outcome.end.value,
-            error=outcome.error, via="direct"))
+            src_identity=meta.source_identity or None, dst_identity=meta.destination_identity or None,
+            sent=outcome.sent, received=outcome.received,
+            duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision=meta.decision,
+            reason=meta.reason, end=outcome.end, error=outcome.error, via=meta.via))
+
+    def _track(self, accepted: AcceptedConnection) -> TrackedConnection:
+        tracked = self.connections.add(accepted)
+        self.metrics.opened(self._labels(accepted, tracked))
+        return tracked
+
+    # -- handlers -------------------------------------------------------------
+    async def _relay(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
+                     destination: SocketAddress | None = None) -> _Outcome:
+        """Plain TCP to `destination` (default: the original one), from the client's IP."""
+        assert self._upstream is not None
+        target = accepted if destination is None else replace(accepted, original_dst=destination)
+        outcome = await relay_plain_tcp(sock, target, self._upstream, progress=tracked.progress)
+        return _Outcome(outcome.end.value, outcome.bytes_to_upstream, outcome.bytes_to_client, outcome.error,
+                        _RESPONSE_FLAGS.get(outcome.end, "-"), outcome.end in _FAILED)
+
+    def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str) -> _Outcome:
+        tracked.meta.decision = "deny"
+        tracked.meta.reason = reason
+        reset_socket(sock)
+        return _Outcome("denied", 0, 0, flags=flags, failed=True)
+
+    async def _outbound(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
+        tracked = self._track(accepted)
+        outcome = _Outcome("cancelled", 0, 0)
+        try:
+            if self.mesh is None:
+                tracked.meta.reason = "no discovery: plain relay"
+                outcome = await self._relay(accepted, sock, tracked)
+                return
+            plan = self.mesh.router.plan(accepted.client.ip, accepted.original_dst.ip, accepted.original_dst.port)
+            meta = tracked.meta
+            meta.via = plan.route.value
+            meta.reason = plan.reason
+            meta.source_identity = str(plan.source_identity or "")
+            meta.destination_identity = str(plan.destination_identity or "")
+            if plan.route is Route.REFUSE:
+                outcome = self._refuse(sock, tracked, plan.reason, "NR")
+            elif plan.route is Route.HBONE:
+                outcome = await self._tunnel(accepted, sock, tracked, plan)
+            else:
+                if plan.route is Route.LOCAL:
+                    decision = self.mesh.authorizer.check(source_ip=accepted.client.ip,
+                                                          source_identity=plan.source_identity,
+                                                          dst_ip=plan.dst_ip, dst_port=plan.dst_port)
+                    if not decision.allowed:
+                        outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
+                        return
+                    meta.reason = decision.reason
+                outcome = await self._relay(accepted, sock, tracked, SocketAddress(plan.dst_ip, plan.dst_port))
+        finally:
+            self._finish(accepted, tracked, outcome)
+
+    async def _tunnel(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
+                      plan: OutboundPlan) -> _Outcome:
+        assert self.pool is not None and plan.source_identity and plan.destination_identity
+        key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=plan.dst_ip,
+                      expected_identities=frozenset({plan.destination_identity}))
+        authority = f"[{plan.dst_ip}]:{plan.dst_port}" if ":" in plan.dst_ip else f"{plan.dst_ip}:{plan.dst_port}"
+        headers = [("forwarded", f'for="{accepted.client}"')]
+        try:
+            tunnel = await self.pool.open_tunnel(key, authority, sock, headers)
+        except TunnelRefused as exc:
+            flags = "UAEX" if exc.status == 401 else "UF"
+            return self._refuse(sock, tracked, f"HBONE CONNECT refused by {plan.dst_ip}: HTTP {exc.status}", flags)
+        except (TunnelError, IdentityError, OSError, TimeoutError) as exc:
+            tracked.meta.reason = f"HBONE to {plan.dst_ip}:15008 failed: {type(exc).__name__}: {exc}"
+            reset_socket(sock)
+            return _Outcome("connect_failed", 0, 0, error=type(exc).__name__, flags="UF", failed=True)
+        try:
+            done = await tunnel.done
+        except asyncio.CancelledError:
+            tunnel.abort("proxy shutting down")
+            raise
+        return _Outcome(done.end.value, done.bytes_to_stream, done.bytes_to_tcp, done.detail or None)
+
+    async def _inbound_plaintext(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
+        tracked = self._track(accepted)
+        outcome = _Outcome("cancelled", 0, 0)
+        try:
+            if self.mesh is not None:
+                decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
+                                                      dst_ip=accepted.original_dst.ip,
+                                                      dst_port=accepted.original_dst.port)
+                pod = self.mesh.state.pod_by_ip(accepted.original_dst.ip)
+                tracked.meta.destination_identity = str(self.mesh.router.identity(pod)) if pod else ""
+                if not decision.allowed:
+                    log.info("plaintext connection denied", src=str(accepted.client), dst=str(accepted.original_dst),
+                             reason=decision.reason)
+                    outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
+                    return
+                tracked.meta.reason = decision.reason
+            else:
+                tracked.meta.reason = "no discovery: plain relay"
+            outcome = await self._relay(accepted, sock, tracked)
+        finally:
+            self._finish(accepted, tracked, outcome)
 
     async def _hbone(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        if self._hbone_handler is None:
+        if self.inbound is None:
             # Fail closed: nothing may reach a pod's 15008 in plaintext.
-            log.info("HBONE connection refused: no HBONE server configured", src=str(accepted.client),
+            log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        await self._hbone_handler(accepted, sock)
+        await self.inbound.handle(accepted, sock)

@@ -97,7 +97,7 @@ class RelayOptions:
     socket_buffer: int | None = None
 
 
-def _reset(sock: socket.socket) -> None:
+def reset_socket(sock: socket.socket) -> None:
     """Close with RST instead of FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -119,20 +119,21 @@ def _tune(sock: socket.socket, options: RelayOptions) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.socket_buffer)
 
 
-def prepare_upstream(sock: socket.socket, accepted: AcceptedConnection, options: RelayOptions) -> None:
-    """Options and bind of the upstream socket; must precede connect()."""
+def prepare_upstream(sock: socket.socket, source_ip: str, options: RelayOptions) -> None:
+    """Options and bind of an upstream socket that connects from `source_ip`
+    (the client pod's address); must precede connect()."""
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY)
     _tune(sock, options)
     if options.transparent_source:
         # May bind an address that is not ours: the pod's.
-        if accepted.client.family == socket.AF_INET6:
+        if ":" in source_ip:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TRANSPARENT, 1)
         # Port chosen at connect() for the full 4-tuple (see module docstring).
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((accepted.client.ip, 0))
+        sock.bind((source_ip, 0))
 
 
 class _Direction:
@@ -284,17 +285,17 @@ class _SpliceRelay:
         # (and maybe already reused) descriptor.
         self._close_pipes()
         if sock is self.client:
-            _reset(self.upstream)
+            reset_socket(self.upstream)
             self._end(RelayEnd.CLIENT_RESET, _errno_name(exc))
         else:
-            _reset(self.client)
+            reset_socket(self.client)
             self._end(RelayEnd.UPSTREAM_RESET, _errno_name(exc))
 
     def abort(self) -> None:
         """Reset both sides (cancellation)."""
         self._close_pipes()
-        _reset(self.client)
-        _reset(self.upstream)
+        reset_socket(self.client)
+        reset_socket(self.upstream)
 
     def _end(self, end: RelayEnd, error: str | None) -> None:
         self._close_pipes()
@@ -316,7 +317,7 @@ async def connect_upstream(
     dst: SocketAddress = accepted.original_dst
     sock = await new_socket(dst.family)
     try:
-        prepare_upstream(sock, accepted, options)
+        prepare_upstream(sock, accepted.client.ip, options)
         async with asyncio.timeout(options.connect_timeout):
             await asyncio.get_running_loop().sock_connect(sock, (dst.ip, dst.port))
     except BaseException:
@@ -347,33 +348,33 @@ async def relay_plain_tcp(
     try:
         upstream = await connect_upstream(accepted, new_socket, options)
     except asyncio.CancelledError:
-        _reset(client)
+        reset_socket(client)
         progress.state = ConnectionState.CLOSED
         raise
     except TimeoutError:
-        _reset(client)
+        reset_socket(client)
         clog.info("upstream connect timed out")
         return outcome(RelayEnd.CONNECT_TIMEOUT, "ETIMEDOUT")
     except ConnectionRefusedError as exc:
-        _reset(client)
+        reset_socket(client)
         clog.info("upstream refused")
         return outcome(RelayEnd.CONNECT_REFUSED, _errno_name(exc))
     except OSError as exc:
-        _reset(client)
+        reset_socket(client)
         clog.info("upstream connect failed", error=_errno_name(exc))
         return outcome(RelayEnd.CONNECT_FAILED, _errno_name(exc))
 
     try:
         _tune(client, options)
     except OSError as exc:  # the client is already gone
-        _reset(upstream)
+        reset_socket(upstream)
         return outcome(RelayEnd.CLIENT_RESET, _errno_name(exc))
     try:
         relay = _SpliceRelay(asyncio.get_running_loop(), client, upstream, progress,
                              options.pipe_size)
     except BaseException:  # out of descriptors for the pipes, most likely
-        _reset(upstream)
-        _reset(client)
+        reset_socket(upstream)
+        reset_socket(client)
         raise
     progress.state = ConnectionState.ESTABLISHED
     relay.start()

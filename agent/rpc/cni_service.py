@@ -49,6 +49,11 @@ class CniService(pb_grpc.CNIServicer):
         started = time.monotonic()
         if not request.attachment.container_id or not request.attachment.ifname:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attachment needs container_id and ifname")
+        ready, why = self.readiness()
+        if not ready:
+            # The runtime retries on "try again later": better than deciding
+            # on a partial view of the cluster.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent not ready: {why}")
         try:
             result = await self.enrolment.enrol(EnrolRequest(
                 key=_key(request.attachment), netns=request.netns, pod=_pod(request.pod),

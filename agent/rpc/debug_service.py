@@ -20,6 +20,9 @@ class ProxyView:
     proxy_netns: str
     listeners: Callable[[], list[str]]
     connections: Callable[[], tuple[ConnectionInfo, ...]]
+    discovery: str = "none"
+    discovery_synced: bool = False
+    discovered_pods: int = 0
 
 
 NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], connections=lambda: ())
@@ -43,7 +46,9 @@ class DebugService(pb_grpc.DebugServicer):
         return pb.AgentStatusResponse(version=__version__, node=self.node, started_at=self.started_at,
                                       enrolled=self.enrolment.enrolled_count(), ready=ready, reason=reason,
                                       capture=proxy.capture, listeners=proxy.listeners(),
-                                      proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()))
+                                      proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()),
+                                      discovery=proxy.discovery, discovery_synced=proxy.discovery_synced,
+                                      discovered_pods=proxy.discovered_pods)
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context) -> pb.ListConnectionsResponse:
         return pb.ListConnectionsResponse(connections=[

@@ -147,7 +147,7 @@ class TestRunningLab:
         (web,) = status.services
         assert web.cluster_ip == "10.96.0.10"
         assert sorted(web.endpoints) == sorted([pods["shop/web-0"].ip, pods["shop/web-1"].ip])
-        assert status.policies == ("AuthorizationPolicy shop/deny-legacy-to-web",)
+        assert status.policies == ("AuthorizationPolicy shop/web-from-shop-only",)
 
     def test_each_agent_enrolled_its_own_pods_through_the_chain(self, lab, ips):
         state = lab.state()
@@ -173,22 +173,27 @@ class TestRunningLab:
     def test_http_across_nodes_server_sees_the_client_ip(self, lab, ips):
         answer = get_json(lab, "shop/client-0", f"http://{ips['shop/web-1']}:8080/")
         assert (answer["pod"], answer["node"], answer["peer"]) == ("shop/web-1", "node2", ips["shop/client-0"])
-        answer = get_json(lab, "legacy/probe-0", f"http://{ips['shop/web-0']}:8080/")
-        assert (answer["pod"], answer["peer"]) == ("shop/web-0", ips["legacy/probe-0"])
+
+    def test_policy_denies_the_non_mesh_pod_on_8080_only(self, lab, ips):
+        denied = lab.exec("legacy/probe-0", [*WORKLOAD, "get", f"http://{ips['shop/web-0']}:8080/"], timeout=20)
+        assert denied.returncode == 2 and b"reset" in denied.stderr
+        echoed = lab.exec("legacy/probe-0", [*WORKLOAD, "send", ips["shop/web-0"], "9000"], input=b"hi", timeout=20)
+        assert echoed.returncode == 0 and echoed.stdout == b"hi"
 
     def test_http_on_the_same_node(self, lab, ips):
         answer = get_json(lab, "shop/client-0", f"http://{ips['shop/web-0']}:8080/")
         assert (answer["pod"], answer["node"], answer["peer"]) == ("shop/web-0", "node1", ips["shop/client-0"])
 
     def test_http_bytes_across_nodes(self, lab, ips):
-        result = lab.exec("legacy/probe-0", [*WORKLOAD, "get", f"http://{ips['shop/web-0']}:8080/bytes/300000"],
+        result = lab.exec("shop/client-0", [*WORKLOAD, "get", f"http://{ips['shop/web-1']}:8080/bytes/300000"],
                           timeout=20)
         assert result.returncode == 0
         assert len(result.stdout) == 300000 and result.stdout[:512] == bytes(range(256)) * 2
 
-    def test_echo_one_mib_of_random_bytes_across_nodes(self, lab, ips):
+    @pytest.mark.parametrize("client,server", [("shop/client-0", "shop/web-1"), ("legacy/probe-0", "shop/web-0")])
+    def test_echo_one_mib_of_random_bytes_across_nodes(self, lab, ips, client, server):
         data = os.urandom(1 << 20)
-        result = lab.exec("legacy/probe-0", [*WORKLOAD, "send", ips["shop/web-0"], "9000"], input=data, timeout=30)
+        result = lab.exec(client, [*WORKLOAD, "send", ips[server], "9000"], input=data, timeout=30)
         assert result.returncode == 0, result.stderr.decode()
         assert len(result.stdout) == len(data) and result.stdout == data
 
@@ -199,7 +204,8 @@ class TestRunningLab:
         assert result.returncode == 0 and result.stdout.decode().strip() == ips["shop/client-0"]
         assert lab.exec("shop/web-1", ["python", "-c", "raise SystemExit(3)"]).returncode == 3
         unreachable = lab.exec("shop/client-0", [*WORKLOAD, "get", f"http://{ips['shop/web-1']}:1/", "--timeout", "3"])
-        assert unreachable.returncode == 2 and b"refused" in unreachable.stderr
+        # Through the mesh a refused upstream arrives as a reset (the proxy answered the SYN).
+        assert unreachable.returncode == 2 and (b"refused" in unreachable.stderr or b"reset" in unreachable.stderr)
         with pytest.raises(LabError, match="no pod 'ghost'"):
             lab.exec("ghost", ["true"])
 
@@ -305,7 +311,7 @@ def test_down_after_a_crash_that_lost_the_state_file(clean_lab):
     assert len(lab_processes(PREFIX)) == 2  # the agent and the workload, found by their marker
     report = Lab(settings).down()
     assert report.processes_stopped == 2
-    assert set(report.namespaces_removed) == {"labt-underlay", "labt-node1", "labt-lab-node1-pod0"}
+    assert set(report.namespaces_removed) == {"labt-underlay", "labt-node1", "labt-node1-proxy", "labt-lab-node1-pod0"}
     assert_clean(settings)
 
 

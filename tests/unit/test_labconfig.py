@@ -63,8 +63,8 @@ def test_default_lab_is_two_nodes_with_ambient_and_legacy_namespaces():
     assert web.key == "shop/web" and ipaddress.ip_address(web.cluster_ip) in ipaddress.ip_network("10.96.0.0/16")
     assert [p.key for p in cfg.endpoints(web)] == ["shop/web-0", "shop/web-1"]
     (policy,) = cfg.policies("AuthorizationPolicy")
-    assert policy["spec"]["action"] == "DENY"
-    assert policy["spec"]["rules"][0]["from"][0]["source"]["namespaces"] == ["legacy"]
+    assert policy["spec"]["action"] == "ALLOW"
+    assert policy["spec"]["rules"][0]["from"][0]["source"]["namespaces"] == ["shop"]
     assert {("shop", "web"), ("shop", "client"), ("legacy", "probe")} == {
         (a.namespace, a.name) for a in cfg.service_accounts}
 
@@ -215,7 +215,7 @@ def test_plan_names_and_addresses(tmp_path):
     args = n1.agent_args
     assert args[args.index("--proxy-netns") + 1] == "labu-node1-proxy"
     assert args[args.index("--bpffs-dir") + 1] == str(tmp_path / "bpf" / "labu-node1")
-    assert args[args.index("--capture") + 1] == "none"
+    assert args[args.index("--capture") + 1] == "ebpf"
     assert {p.pod.key: (p.node, p.netns) for p in plan.pods}["legacy/probe-0"] == ("node2", "labu-legacy-probe-0")
     chain = lab_conflist(settings, n1)
     assert [p["type"] for p in chain["plugins"]] == ["bridge", "portmap", "ambit-cni"]
