@@ -6,7 +6,7 @@
   ambit lab status     what is running, where, with which addresses
   ambit lab exec POD -- CMD...   run a command in a pod's network namespace
   ambit lab down       remove the lab, or whatever a crashed run left behind
-  ambit lab tour       the guided one-node tour `make lab` runs
+  ambit lab tour       the guided tour `make lab` runs: build, show, tear down
   ambit install-cni [--watch | --uninstall]   chain ambit-cni into this node's CNI
                    configuration (the DaemonSet's install step; see install/README.md)
 
@@ -27,15 +27,19 @@ from .. import log as logconf
 
 
 def _lab_tour(args: argparse.Namespace) -> int:
-    from ..lab.tour import LeftoversFound, run_tour
+    from ..lab.topology import LabError, LeftoversFound
+    from ..lab.tour import run_tour
     try:
-        run_tour()
+        run_tour(settings=_settings(args))
     except LeftoversFound as exc:
         print(f"ambit lab: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nambit lab: interrupted; everything the tour created was removed", file=sys.stderr)
         return 130
+    except (LabError, PermissionError) as exc:
+        print(f"ambit lab: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -118,7 +122,7 @@ def format_status(status: Any) -> str:
         elif not n.agent_alive:
             agent = f"pid {n.agent_pid} DEAD"
         elif n.agent_ready:
-            agent = f"pid {n.agent_pid} ready, {n.agent_records} pod(s) enrolled"
+            agent = f"pid {n.agent_pid} ready, {n.agent_enrolled} of {n.agent_records} pod(s) in the mesh"
         else:
             agent = f"pid {n.agent_pid} NOT READY ({n.agent_detail})"
         rows.append([n.name, n.netns + ("" if n.netns_present else " (gone)"), n.underlay_ip, n.pod_cidr, agent,
@@ -281,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab_sub.add_parser("down", parents=[common], help="remove the lab, or the leftovers of a crashed run"
                        ).set_defaults(func=_lab_down)
-    lab_sub.add_parser("tour", help="build a one-node lab, show what ambit does, tear it down"
+    lab_sub.add_parser("tour", parents=[common], help="build the default two-node lab, show what ambit does "
+                       "(HBONE, identities, transparency, policy, metrics), tear it down"
                        ).set_defaults(func=_lab_tour)
 
     # --- install-cni: the DaemonSet's install step (agent/install/cli.py) ---

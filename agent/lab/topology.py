@@ -511,8 +511,9 @@ class NodeStatus:
     agent_alive: bool
     agent_ready: bool | None   # None: not asked (agent not running)
     agent_detail: str
-    agent_records: int | None  # pods the agent has enrolled
+    agent_records: int | None  # pods the CNI told the agent about
     agent_log: str | None
+    agent_enrolled: int | None = None  # of those, pods in the mesh (captured)
 
 
 @dataclass(frozen=True)
@@ -789,10 +790,6 @@ class Lab:
             with self._step(f"pod {pod.pod.key} on {pod.node}: CNI ADD through "
                             "bridge -> host-local -> portmap -> ambit-cni"):
                 self._add_pod(plan, pod, state)
-        with self._step("publish the pods' addresses; wait until every agent has discovered them"):
-            self._write_cluster_file(plan, state)
-            with self._interrupts.waiting():
-                self._wait_discovered(agents, len(plan.pods))
         serving = [p for p in plan.pods if p.pod.workloads]
         if serving:
             with self._step(f"start workloads in {len(serving)} pod(s)"):
@@ -806,7 +803,10 @@ class Lab:
                 finally:
                     for _, ready_fd in started:
                         os.close(ready_fd)
-                self._write_cluster_file(plan, state)  # the serving pods are Ready now: Service endpoints
+        with self._step("publish the pods' addresses and readiness; wait until every agent has discovered them"):
+            self._write_cluster_file(plan, state)
+            with self._interrupts.waiting():
+                self._wait_discovered(agents, len(plan.pods))
         state.phase = "ready"
         state.save()
 
@@ -980,6 +980,7 @@ class Lab:
         ready: bool | None = None
         detail = "not running" if node.agent else "not started"
         records: int | None = None
+        enrolled: int | None = None
         if alive and ask_agent:
             from ..cli.client import AgentClient, AgentUnavailable
             try:
@@ -987,6 +988,7 @@ class Lab:
                     status = client.status()
                     ready, detail = status.ready, status.reason or ("ready" if status.ready else "not ready")
                     records = len(client.workloads())
+                    enrolled = status.enrolled
             except (AgentUnavailable, Exception) as exc:  # status must report, not crash
                 ready, detail = False, f"not answering: {exc}"
         elif alive:
@@ -994,7 +996,7 @@ class Lab:
         return NodeStatus(name=node.name, netns=node.netns, netns_present=os.path.exists(netns_path(node.netns)),
                           underlay_ip=node.underlay_ip, pod_cidr=node.pod_cidr, socket=node.socket,
                           agent_pid=node.agent.pid if node.agent else None, agent_alive=alive, agent_ready=ready,
-                          agent_detail=detail, agent_records=records,
+                          agent_detail=detail, agent_records=records, agent_enrolled=enrolled,
                           agent_log=node.agent.log if node.agent else None)
 
     def find_pod(self, name: str, state: LabState | None = None) -> PodRecord:

@@ -1,45 +1,97 @@
-"""`ambit lab tour`: what `make lab` shows a newcomer.
+"""`ambit lab tour`: what `make lab` shows a newcomer, in about a minute.
 
-This stage of the tour runs one node: a real ambit-agent in a node
-namespace, one pod created by the real CNI chain (bridge + host-local +
-portmap + ambit-cni) as a runtime would, the agent's record of it next to
-what the kernel says, CHECK and DEL, and a clean teardown. Every object is
-created under the `ambitlab-` prefix and removed on exit, Ctrl-C included.
+It builds the default two-node lab (nodes as network namespaces on an
+underlay, one real ambit-agent each, pods from the real CNI chain) and
+walks through what ambit does: identities, a cross-node call over HBONE
+with the client's own address preserved, proof that the underlay carried
+only TLS, a same-node call, a Service VIP balanced by the proxy, a request
+that policy denies, and a metrics snapshot. Then it tears everything down;
+Ctrl-C at any point leaves nothing behind.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import threading
 import time
-import uuid
-from contextlib import ExitStack
-from typing import Callable, TextIO
+import urllib.request
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Iterator, TextIO
 
-from ..cli.client import AgentClient
-from .cniruntime import CniRuntime, PodSandbox
-from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns, remove_netns
-from .topology import PREFIX, LabSettings, LeftoversFound, find_leftovers, lab_namespaces
+from ..netns import NetnsThread, netns_path
+from . import labconfig
+from .topology import Lab, LabSettings, LeftoversFound
 
-POD_SUBNET = "10.244.1.0/24"
+__all__ = ["LeftoversFound", "run_tour"]
+
+WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+MARKER = "ambit-tour-plaintext-marker"
+ETH_P_ALL = 0x0003
 
 
-class Narrator:
-    """Readable steps, with the time each took when it took more than a second."""
+class UnderlayCapture:
+    """Every frame crossing the underlay bridge, read with an AF_PACKET
+    socket made inside the underlay namespace (no tcpdump needed)."""
 
+    def __init__(self, netns: str, port: str) -> None:
+        """`port`: a bridge port (frames switched between ports never reach
+        the bridge device itself)."""
+        with NetnsThread(netns_path(netns)) as thread:
+            self.sock = thread.new_socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((port, 0))
+        self.sock.settimeout(0.2)
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.frames.append(self.sock.recv(65535))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def tcp_payloads(self) -> list[tuple[int, int, bytes]]:
+        """(source port, destination port, payload) of each IPv4 TCP frame."""
+        out = []
+        for frame in self.frames:
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue
+            ihl = (frame[14] & 0x0F) * 4
+            tcp = 14 + ihl
+            offset = (frame[tcp + 12] >> 4) * 4
+            out.append((int.from_bytes(frame[tcp:tcp + 2], "big"), int.from_bytes(frame[tcp + 2:tcp + 4], "big"),
+                        frame[tcp + offset:]))
+        return out
+
+
+class Tour:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.count = 0
 
-    def step(self, title: str, action: Callable[[], object]) -> object:
+    @contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        """A numbered step; its time is shown when it took a second or more."""
         self.count += 1
-        self.out.write(f"\n[{self.count}] {title} ...")
+        self.out.write(f"\n[{self.count}] {title}\n")
         self.out.flush()
         started = time.monotonic()
-        result = action()
+        yield
         elapsed = time.monotonic() - started
-        self.out.write(f" done{f' ({elapsed:.1f}s)' if elapsed >= 1 else ''}\n")
-        return result
+        if elapsed >= 1:
+            self.say(f"({elapsed:.1f}s)")
 
     def say(self, text: str = "") -> None:
         for line in text.splitlines() or [""]:
@@ -47,51 +99,133 @@ class Narrator:
         self.out.flush()
 
 
-def run_tour(out: TextIO = sys.stdout) -> None:
+def _get(lab: Lab, pod: str, url: str) -> tuple[int, str]:
+    result = lab.exec(pod, [*WORKLOAD, "get", url, "--timeout", "5"], timeout=30)
+    return result.returncode, (result.stdout or result.stderr).decode().strip()
+
+
+def _access_log(lab: Lab, node: str, match: Callable[[dict], bool]) -> dict | None:
+    """The newest access-log line of a node's agent that `match`es."""
+    record = lab.state().nodes[node].agent
+    path = record.log if record else None
+    if path is None:
+        return None
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        lines = [json.loads(l) for l in open(path, encoding="utf-8") if '"event": "connection"' in l]
+        found = [e for e in lines if match(e)]
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+    return None
+
+
+def _metrics(lab: Lab, node: str) -> list[str]:
+    """istio_tcp_* samples from a node agent's /metrics (inside the node's namespace)."""
+    def scrape() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
+        text = thread.run(scrape)
+    return [line for line in text.splitlines()
+            if line.startswith(("istio_tcp_connections_opened_total", "istio_tcp_sent_bytes_total",
+                                "istio_tcp_connections_failed_total", "ambit_enrolled_pods", "ambit_hbone_pool"))]
+
+
+def _short_labels(sample: str) -> str:
+    """A metrics sample with only the labels a person reads first."""
+    name, _, rest = sample.partition("{")
+    if not rest:
+        return sample
+    labels_text, _, value = rest.rpartition("} ")
+    keep = ("reporter", "source_workload", "destination_workload", "destination_service",
+            "connection_security_policy", "response_flags")
+    labels = dict(part.split("=", 1) for part in labels_text.split('",') if "=" in part)
+    shown = ",".join(f"{k}={labels[k].strip(chr(34))}" for k in keep if k in labels)
+    return f"{name}{{{shown}}} {value}"
+
+
+def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> None:
     if os.geteuid() != 0:
-        raise PermissionError("the lab creates network namespaces and veths: run it as root")
-    leftovers = find_leftovers(LabSettings())  # the tour uses the lab's names: never run both
-    if leftovers:
-        raise LeftoversFound(f"a lab is running or a previous run left {leftovers.describe()}; "
-                             "remove it with `ambit lab down`")
-    n = Narrator(out)
-    out.write("ambit lab tour: one node, one pod, the real CNI chain\n")
-    with ExitStack() as stack:
-        node = stack.enter_context(NodeNamespace(f"{PREFIX}node1"))
-        agent = AgentProcess(node, "node1")
-        n.step(f"start ambit-agent in node namespace {node.name}", agent.start)
-        stack.callback(agent.stop)
-        n.say(f"API socket {agent.socket} (mode {oct(os.stat(agent.socket).st_mode & 0o777)})")
+        raise PermissionError("the lab creates network namespaces, veths and eBPF programs: run it as root")
+    from ..cli.ambit import PrintedSteps, format_status  # presentation shared with `ambit lab up`
+    tour = Tour(out)
+    lab = Lab(settings or LabSettings(), PrintedSteps(out))
+    config = labconfig.load_default()
+    out.write("ambit lab tour: two nodes, four pods, HBONE between nodes, L4 policy at the destination\n\n")
+    try:
+        plan = lab.up(config)
+        status = lab.status()
+        ips = {p.key: p.ip for p in status.pods}
 
-        conflist = bridge_conflist("ambitlab", POD_SUBNET, agent.socket, ipam_dir=node.workdir / "ipam")
-        runtime = CniRuntime(conflist, cni_plugin_dirs(), node_netns=node.path)
-        n.say("conflist plugins: " + " -> ".join(p["type"] for p in conflist["plugins"]))
-        pod_ns = f"{PREFIX}pod-web"
-        sandbox = PodSandbox(container_id=uuid.uuid4().hex, netns=make_pod_netns(pod_ns), namespace="shop",
-                             name="web-0", uid=str(uuid.uuid4()))
-        stack.callback(remove_netns, pod_ns)
-        added = n.step("CNI ADD pod shop/web-0 through the chain, as a runtime would", lambda: runtime.add(sandbox))
-        stack.callback(lambda: runtime.delete(sandbox))
-        for run in added.runs:
-            n.say(f"{run.plugin:<10} {run.seconds * 1000:6.1f} ms")
-        n.say("result passed through: " + json.dumps({"ips": added.result["ips"]}))
+        with tour.step("the lab: nodes, pods, addresses and identities"):
+            tour.say(format_status(status).split("\nstate ")[0])
+            tour.say("identities (SPIFFE, issued by the lab CA to each node's agent):")
+            for pod in status.pods:
+                ns = pod.key.split("/")[0]
+                ident = f"spiffe://cluster.local/ns/{ns}/sa/{pod.service_account}" if pod.ambient else "- (not in the mesh)"
+                tour.say(f"  {pod.key:<16} {ident}")
 
-        with AgentClient(agent.socket) as client:
-            record = client.workloads()[0]
-        n.step("read the agent's record (ambitctl workloads)", lambda: None)
-        n.say(f"pod {record.pod.namespace}/{record.pod.name} uid {record.pod.uid[:8]}...  ips {list(record.ips)}")
-        n.say(f"container {record.attachment.container_id[:12]} {record.attachment.ifname} "
-              f"(ifindex {record.container_ifindex} in {record.netns})")
-        n.say(f"host veth {record.host_veth} (ifindex {record.host_veth_ifindex}), found as the peer of eth0")
-        with node.ipr() as ipr:
-            link = ipr.get_links(record.host_veth_ifindex)[0]
-        n.say(f"kernel says: {link.get('IFLA_IFNAME')} is a {link.get(('IFLA_LINKINFO', 'IFLA_INFO_KIND'))} "
-              f"whose peer is ifindex {link.get('IFLA_LINK')} in the pod")
+        with tour.step(f"cross-node: shop/client-0 ({ips['shop/client-0']}, node1) -> "
+                       f"shop/web-1 ({ips['shop/web-1']}:8080, node2), watching the underlay"):
+            capture = UnderlayCapture(lab.settings.underlay_netns, plan.node("node1").underlay_port)
+            try:
+                code, body = _get(lab, "shop/client-0", f"http://{ips['shop/web-1']}:8080/")
+                echoed = lab.exec("shop/client-0", [*WORKLOAD, "send", ips["shop/web-1"], "9000"],
+                                  input=MARKER.encode(), timeout=30).stdout
+            finally:
+                capture.stop()
+            answer = json.loads(body) if code == 0 else {}
+            tour.say(f"web-1 answered: {body}")
+            tour.say(f"and echoed {echoed.decode()!r} on port 9000")
+            tour.say(f"the server saw the client as {answer.get('peer')} -- the client pod's own address "
+                     f"({'preserved' if answer.get('peer') == ips['shop/client-0'] else 'NOT preserved'})")
+            entry = _access_log(lab, "node1", lambda e: e.get("via") == "hbone" and e["dst"].startswith(ips["shop/web-1"]))
+            if entry:
+                tour.say(f"node1 access log: via={entry['via']} {entry['src_identity']} -> {entry['dst_identity']}, "
+                         f"sent {entry['sent']} B, received {entry['received']} B")
+            packets = capture.tcp_payloads()
+            hbone = [p for p in packets if 15008 in (p[0], p[1]) and p[2]]
+            tls_records = sum(1 for p in hbone if p[2][:1] in (b"\x16", b"\x17") and p[2][1:3] == b"\x03\x03")
+            plaintext = [p for p in packets if MARKER.encode() in p[2] or b"GET /" in p[2]]
+            tour.say(f"underlay capture: {len(packets)} TCP frames, {len(hbone)} with payload on port 15008, "
+                     f"{tls_records} of them starting a TLS record")
+            tour.say(f"the HTTP request or the echoed text seen in clear on the underlay: "
+                     f"{'YES (' + str(len(plaintext)) + ' frames)' if plaintext else 'no -- only TLS crossed'}")
 
-        n.step("CNI CHECK", lambda: runtime.check(sandbox))
-        n.step("CNI DEL (reverse order), then DEL again: idempotent",
-               lambda: (runtime.delete(sandbox), runtime.delete(sandbox)))
-        with AgentClient(agent.socket) as client:
-            n.say(f"agent records left: {len(client.workloads())}")
-        n.step("stop the agent (SIGTERM), remove the pod and the node", stack.close)
-    out.write(f"\nclean: lab namespaces left: {len(lab_namespaces(PREFIX))}\n")
+        with tour.step("same node: shop/client-0 -> shop/web-0 (node1); never leaves the node"):
+            code, body = _get(lab, "shop/client-0", f"http://{ips['shop/web-0']}:8080/")
+            tour.say(f"web-0 answered: {body}")
+            entry = _access_log(lab, "node1", lambda e: e.get("via") == "local")
+            if entry:
+                tour.say(f"node1 access log: via={entry['via']}, policy: {entry['reason']}")
+
+        with tour.step("a Service: shop/client-0 -> shop/web at 10.96.0.10:80 (ClusterIP), four times"):
+            answered = []
+            for _ in range(4):
+                code, body = _get(lab, "shop/client-0", "http://10.96.0.10:80/")
+                answered.append(json.loads(body)["pod"] if code == 0 else f"error: {body}")
+            tour.say(f"answered by: {', '.join(answered)} (the proxy spreads over ready endpoints, "
+                     "port 80 -> targetPort http/8080)")
+
+        with tour.step("policy: legacy/probe-0 (not in the mesh, node2) -> shop/web-0:8080 (node1)"):
+            code, body = _get(lab, "legacy/probe-0", f"http://{ips['shop/web-0']}:8080/")
+            tour.say(f"result: {'denied -- ' + body if code != 0 else 'allowed?! ' + body}")
+            entry = _access_log(lab, "node1", lambda e: e.get("decision") == "deny" and
+                                e["src"].startswith(ips["legacy/probe-0"]))
+            if entry:
+                tour.say(f"node1 access log: {entry['listener']} {entry['src']} -> {entry['dst']}: {entry['reason']}")
+            result = lab.exec("legacy/probe-0", [*WORKLOAD, "send", ips["shop/web-0"], "9000"], input=b"still open",
+                              timeout=30)
+            tour.say(f"the same pod on the echo port 9000 (allowed to all): {result.stdout.decode()!r}")
+
+        with tour.step("metrics: node1 agent, http://127.0.0.1:15020/metrics in its namespace (excerpt)"):
+            for sample in _metrics(lab, "node1")[:12]:
+                tour.say(_short_labels(sample))
+    finally:
+        with tour.step("tear down: CNI DEL for every pod, stop agents and workloads, remove namespaces and pins"):
+            report = lab.down()
+            tour.say(f"removed {len(report.namespaces_removed)} namespace(s), stopped "
+                     f"{report.processes_stopped} process(es); leftovers: "
+                     f"{'none' if not lab.leftovers() else lab.leftovers().describe()}")

@@ -39,9 +39,12 @@ class ConnectionMeta:
     on each end, how it travels, what policy said. Written once by the
     handler, read by `ambitctl connections`."""
 
-    __slots__ = ("source_identity", "destination_identity", "decision", "reason", "via")
+    __slots__ = ("source_identity", "destination_identity", "decision", "reason", "via", "destination_ip",
+                 "service")
 
     def __init__(self) -> None:
+        self.destination_ip = ""  # where the connection really goes (a Service VIP resolves to a pod)
+        self.service = ""         # "namespace/name" when dialled through a Service
         self.source_identity = ""
         self.destination_identity = ""
         self.decision = "allow"

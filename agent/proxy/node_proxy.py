@@ -157,20 +157,26 @@ class NodeProxy:
         return decision.allowed, decision.reason
 
     # -- telemetry ------------------------------------------------------------
+    def _pod_at(self, ip: str) -> tuple[str, str]:
+        """(name, namespace) of the pod at `ip`: the cluster view when there
+        is one (remote pods too), else this node's records."""
+        if self.mesh is not None:
+            pod = self.mesh.state.pod_by_ip(ip)
+            return (pod.name, pod.namespace) if pod else ("unknown", "unknown")
+        workload = self._workload_by_ip(ip)
+        return (workload.pod.name, workload.pod.namespace) if workload else ("unknown", "unknown")
+
     def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
-        src = self._workload_by_ip(accepted.client.ip)
-        dst_ip = accepted.original_dst.ip
-        dst = self._workload_by_ip(dst_ip)
-        pod = self.mesh.state.pod_by_ip(dst_ip) if self.mesh else None
+        src_name, src_ns = self._pod_at(accepted.client.ip)
+        dst_name, dst_ns = self._pod_at(tracked.meta.destination_ip or accepted.original_dst.ip)
         secure = tracked.meta.via == "hbone" or accepted.listener is ListenerKind.HBONE
         return TcpLabels(
             reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
-            source_workload=src.pod.name if src else "unknown",
-            source_workload_namespace=src.pod.namespace if src else "unknown",
+            source_workload=src_name, source_workload_namespace=src_ns,
             source_principal=tracked.meta.source_identity or "unknown",
-            destination_workload=dst.pod.name if dst else (pod.name if pod else "unknown"),
-            destination_workload_namespace=dst.pod.namespace if dst else (pod.namespace if pod else "unknown"),
+            destination_workload=dst_name, destination_workload_namespace=dst_ns,
             destination_principal=tracked.meta.destination_identity or "unknown",
+            destination_service=tracked.meta.service or "unknown",
             response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
 
     def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
@@ -187,10 +193,10 @@ class NodeProxy:
             duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision=meta.decision,
             reason=meta.reason, end=outcome.end, error=outcome.error, via=meta.via))
 
-    def _track(self, accepted: AcceptedConnection) -> TrackedConnection:
-        tracked = self.connections.add(accepted)
+    def _opened(self, accepted: AcceptedConnection, tracked: TrackedConnection) -> None:
+        """Counted once the route and identities are known, so the opened and
+        closed series carry the same labels."""
         self.metrics.opened(self._labels(accepted, tracked))
-        return tracked
 
     # -- handlers -------------------------------------------------------------
     async def _relay(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
@@ -209,11 +215,12 @@ class NodeProxy:
         return _Outcome("denied", 0, 0, flags=flags, failed=True)
 
     async def _outbound(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self._track(accepted)
+        tracked = self.connections.add(accepted)
         outcome = _Outcome("cancelled", 0, 0)
         try:
             if self.mesh is None:
                 tracked.meta.reason = "no discovery: plain relay"
+                self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
             plan = self.mesh.router.plan(accepted.client.ip, accepted.original_dst.ip, accepted.original_dst.port)
@@ -222,6 +229,9 @@ class NodeProxy:
             meta.reason = plan.reason
             meta.source_identity = str(plan.source_identity or "")
             meta.destination_identity = str(plan.destination_identity or "")
+            meta.destination_ip = plan.dst_ip
+            meta.service = plan.service or ""
+            self._opened(accepted, tracked)
             if plan.route is Route.REFUSE:
                 outcome = self._refuse(sock, tracked, plan.reason, "NR")
             elif plan.route is Route.HBONE:
@@ -263,23 +273,23 @@ class NodeProxy:
         return _Outcome(done.end.value, done.bytes_to_stream, done.bytes_to_tcp, done.detail or None)
 
     async def _inbound_plaintext(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self._track(accepted)
+        tracked = self.connections.add(accepted)
         outcome = _Outcome("cancelled", 0, 0)
         try:
+            decision = None
             if self.mesh is not None:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
                                                       dst_ip=accepted.original_dst.ip,
                                                       dst_port=accepted.original_dst.port)
                 pod = self.mesh.state.pod_by_ip(accepted.original_dst.ip)
                 tracked.meta.destination_identity = str(self.mesh.router.identity(pod)) if pod else ""
-                if not decision.allowed:
-                    log.info("plaintext connection denied", src=str(accepted.client), dst=str(accepted.original_dst),
-                             reason=decision.reason)
-                    outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
-                    return
-                tracked.meta.reason = decision.reason
-            else:
-                tracked.meta.reason = "no discovery: plain relay"
+            self._opened(accepted, tracked)
+            if decision is not None and not decision.allowed:
+                log.info("plaintext connection denied", src=str(accepted.client), dst=str(accepted.original_dst),
+                         reason=decision.reason)
+                outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
+                return
+            tracked.meta.reason = decision.reason if decision is not None else "no discovery: plain relay"
             outcome = await self._relay(accepted, sock, tracked)
         finally:
             self._finish(accepted, tracked, outcome)

@@ -541,7 +541,7 @@ def test_upstream_socket_carries_proxy_mark_and_client_address(single_ns: NetnsT
                                   SocketAddress(SERVER_IP, 80), ListenerKind.OUTBOUND, 0.0)
     with single_ns.new_socket() as sock:
         # 10.252.0.200 is not an address of this namespace: only IP_TRANSPARENT allows it.
-        single_ns.run(prepare_upstream, sock, accepted, RelayOptions())
+        single_ns.run(prepare_upstream, sock, accepted.client.ip, RelayOptions())
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK_PROXY
         assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TRANSPARENT) == 1
         assert sock.getsockname()[0] == "10.252.0.200"
