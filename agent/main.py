@@ -110,10 +110,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                            "(repeatable; reloaded on change)")
     mesh.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
                       help="kubeconfig for --discovery kube (default: in-cluster service account)")
-    mesh.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
+    mesh.add_argument("--trust-domain", default=os.environ.get("AMBIT_TRUST_DOMAIN", "cluster.local"),
+                      help="SPIFFE trust domain (default: %(default)s)")
     mesh.add_argument("--root-namespace", default="istio-system",
                       help="mesh-wide policy namespace (default: %(default)s)")
-    mesh.add_argument("--ca-dir", default="/var/run/ambit/ca",
+    mesh.add_argument("--ca-dir", default=os.environ.get("AMBIT_CA_DIR", "/var/run/ambit/ca"),
                       help="directory with ca-cert.pem/ca-key.pem; a CA is created there if absent. Every node "
                            "of a mesh must use the same CA (default: %(default)s)")
     parser.add_argument("--cleanup", action="store_true",

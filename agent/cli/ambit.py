@@ -7,6 +7,7 @@
   ambit lab exec POD -- CMD...   run a command in a pod's network namespace
   ambit lab down       remove the lab, or whatever a crashed run left behind
   ambit lab tour       the guided tour `make lab` runs: build, show, tear down
+  ambit ca init DIR    create the mesh CA for the ambit-ca Secret
   ambit install-cni [--watch | --uninstall]   chain ambit-cni into this node's CNI
                    configuration (the DaemonSet's install step; see install/README.md)
 
@@ -292,7 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     # --- install-cni: the DaemonSet's install step (agent/install/cli.py) ---
     from ..install import cli as install_cli
     install_cli.add_parser(sub)
+
+    ca = sub.add_parser("ca", help="the mesh's certificate authority")
+    ca_sub = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = ca_sub.add_parser("init", help="create a CA (or show the existing one) in DIR, for the ambit-ca Secret")
+    init.add_argument("dir", type=Path, help="directory for ca-cert.pem and ca-key.pem (key mode 0600)")
+    init.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
+    init.set_defaults(func=_ca_init)
     return parser
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    from ..identity.ca import InvalidCA, LocalCA
+    try:
+        ca = LocalCA.load_or_create(args.dir, args.trust_domain)
+    except (InvalidCA, OSError) as exc:
+        print(f"ambit ca: {exc}", file=sys.stderr)
+        return 1
+    print(f"CA for trust domain {args.trust_domain} in {args.dir} (valid until {ca.not_after:%Y-%m-%d})")
+    print("give it to every node's agent:")
+    print(f"  kubectl -n ambit-system create secret generic ambit-ca "
+          f"--from-file={args.dir}/ca-cert.pem --from-file={args.dir}/ca-key.pem")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,7 +75,7 @@ def mounts(c: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, tuple[str, 
     """host path -> (path in the container, read-only, propagation)."""
     host = {v["name"]: v["hostPath"]["path"] for v in pod_spec["volumes"] if "hostPath" in v}
     return {host[m["name"]]: (m["mountPath"], m.get("readOnly", False), m.get("mountPropagation"))
-            for m in c.get("volumeMounts", [])}
+            for m in c.get("volumeMounts", []) if m["name"] in host}
 
 
 # --- every document ---------------------------------------------------------------------------------------------
@@ -194,7 +194,8 @@ def test_every_container_has_requests_and_limits():
 
 
 def test_all_host_mounts_are_the_expected_ones(node_pod):
-    paths = {v["hostPath"]["path"] for v in node_pod["volumes"]}
+    paths = {v["hostPath"]["path"] for v in node_pod["volumes"] if "hostPath" in v}
+    assert [v["secret"]["secretName"] for v in node_pod["volumes"] if "secret" in v] == ["ambit-ca"]
     assert paths == {"/opt/cni/bin", "/etc/cni/net.d", "/sys/fs/bpf", "/var/run/netns", "/var/run/ambit",
                      "/lib/modules", "/usr/src"}
 
@@ -227,6 +228,10 @@ def test_config_map_drives_the_agent(monkeypatch):
     assert agent.socket == config["AMBIT_AGENT_SOCKET"] == cnispec.DEFAULT_AGENT_SOCKET
     assert agent.socket.startswith("/var/run/ambit/")
     assert (agent.node_name, agent.capture, agent.state_dir) == ("worker-1", "ebpf", "/var/run/ambit/state")
+    # discovery from the API server, certificates from the cluster-wide CA Secret the agent mounts
+    assert (agent.discovery, agent.ca_dir) == ("kube", "/etc/ambit/ca")
+    agent_container = find("DaemonSet", "ambit-node")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "ca", "mountPath": "/etc/ambit/ca", "readOnly": True} in agent_container["volumeMounts"]
 
 
 # --- uninstall --------------------------------------------------------------------------------------------------
