@@ -154,7 +154,8 @@ class Agent:
             config.socket,
             CniService(self.enrolment, self.readiness,
                        lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
-            DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view))
+            DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view,
+                         lambda: self.mesh))
 
     def proxy_view(self) -> ProxyView:
         mesh = self.mesh

@@ -46,9 +46,9 @@ class MeshRuntime:
 
     def __init__(self, settings: MeshSettings) -> None:
         self.settings = settings
-        peer_authentication = PeerAuthenticationPolicy(settings.root_namespace)
-        self.engine = PolicyEngine(settings.root_namespace, peer_authentication=peer_authentication)
-        self.state = ClusterState(self.engine, peer_authentication)
+        self.peer_authentication = PeerAuthenticationPolicy(settings.root_namespace)
+        self.engine = PolicyEngine(settings.root_namespace, peer_authentication=self.peer_authentication)
+        self.state = ClusterState(self.engine, self.peer_authentication)
         self.source: Any = None
         self.selector: AmbientSelector | None = None
         self.mesh: Mesh | None = None

@@ -75,7 +75,49 @@ def cmd_connections(client: AgentClient, output: str) -> str:
                          "SENT", "RECEIVED", "AGE", "DECISION"])
 
 
-COMMANDS = {"status": cmd_status, "workloads": cmd_workloads, "connections": cmd_connections}
+def _json(message) -> str:
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True))
+
+
+def cmd_policies(client: AgentClient, output: str, workload: str = "") -> str:
+    reply = client.policies(workload)
+    if output == "json":
+        return _json(reply)
+    head = [f"workload: {reply.workload}", f"mTLS:     {reply.mtls}", ""] if reply.workload else []
+    rows = [[f"{p.namespace}/{p.name}", p.kind, p.action, "yes" if p.enforced else "no", p.message or "-"]
+            for p in reply.policies]
+    if not rows:
+        return "\n".join(head + ["no AuthorizationPolicy applies: every connection is allowed"])
+    return "\n".join(head) + _table(rows, ["POLICY", "KIND", "ACTION", "ENFORCED", "NOTES"])
+
+
+def cmd_certs(client: AgentClient, output: str) -> str:
+    reply = client.certificates()
+    if output == "json":
+        return _json(reply)
+    rows = [[c.identity, c.serial[:16], time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.not_after)),
+             "due" if c.rotation_due else time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.rotation_due_at))]
+            for c in reply.certificates]
+    return f"trust domain: {reply.trust_domain}\n" + (_table(rows, ["IDENTITY", "SERIAL", "EXPIRES (UTC)",
+                                                                       "ROTATES (UTC)"]) if rows else
+                                                        "no certificate issued yet (issued on first use)")
+
+
+def cmd_trace(client: AgentClient, output: str, source: str = "", destination: str = "") -> str:
+    host, _, port = destination.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"destination must be IP:PORT, not {destination!r}")
+    reply = client.trace(source, host.strip("[]"), int(port))
+    if output == "json":
+        return _json(reply)
+    lines = [f"{source} -> {destination}"]
+    lines += [f"  {s.stage:<16} {s.detail}" for s in reply.steps]
+    lines.append(f"  => listener {reply.listener}, route {reply.route}, {reply.decision}: {reply.reason}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"status": cmd_status, "workloads": cmd_workloads, "connections": cmd_connections,
+            "policies": cmd_policies, "certs": cmd_certs, "trace": cmd_trace}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,17 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("workloads", help="enrolled pods as the agent recorded them from the kernel")
     sub.add_parser("connections", help="live connections: client, original destination, identities, bytes, "
                                        "age, policy decision")
+    policies = sub.add_parser("policies", help="policies that apply to a workload (all the agent holds without one)")
+    policies.add_argument("workload", nargs="?", default="", help="namespace/name or IP of a pod")
+    sub.add_parser("certs", help="workload certificates this node holds, with expiry and rotation")
+    trace = sub.add_parser("trace", help="dry run: what would happen to a new connection SRC -> DST:PORT "
+                                         "(capture hook, mark, table, listener, route, pool, policy)")
+    trace.add_argument("source", help="source IP (a pod)")
+    trace.add_argument("destination", help="destination IP:PORT (a pod or a Service VIP)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        extra = {k: v for k, v in vars(args).items() if k in ("workload", "source", "destination")}
         with AgentClient(args.socket) as client:
-            print(COMMANDS[args.command](client, args.output))
+            print(COMMANDS[args.command](client, args.output, **extra))
     except AgentUnavailable as exc:
         print(f"ambitctl: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNREACHABLE)
+    except ValueError as exc:
+        print(f"ambitctl: {exc}", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:  # grpc.RpcError and friends: one line, no traceback
         details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"ambitctl: {args.command} failed: {details}", file=sys.stderr)

@@ -49,5 +49,15 @@ class AgentClient:
     def connections(self) -> list[pb.Connection]:
         return list(self._call(self.debug.ListConnections, pb.ListConnectionsRequest()).connections)
 
+    def policies(self, workload: str = "") -> pb.ListPoliciesResponse:
+        return self._call(self.debug.ListPolicies, pb.ListPoliciesRequest(workload=workload))
+
+    def certificates(self) -> pb.ListCertificatesResponse:
+        return self._call(self.debug.ListCertificates, pb.ListCertificatesRequest())
+
+    def trace(self, source_ip: str, destination_ip: str, destination_port: int) -> pb.TraceResponse:
+        return self._call(self.debug.Trace, pb.TraceRequest(source_ip=source_ip, destination_ip=destination_ip,
+                                                            destination_port=destination_port))
+
     def workloads(self) -> list[pb.Workload]:
         return list(self._call(self.debug.ListWorkloads, pb.ListWorkloadsRequest()).workloads)

@@ -26,6 +26,12 @@ class EvenSpread:
         self._next[key] = index + 1
         return endpoints[index]
 
+    def peek(self, key: Hashable, endpoints: Sequence[T]) -> T | None:
+        """What pick() would return, without advancing (for dry runs)."""
+        if not endpoints:
+            return None
+        return endpoints[self._next.get(key, 0) % len(endpoints)]
+
     def forget(self, key: Hashable) -> None:
         """Drop the counter of a service port that went away."""
         self._next.pop(key, None)

@@ -477,6 +477,10 @@ class PolicyEngine:
             self._reindex()
             self._log.info("authorization policy removed", policy=key)
 
+    def policy(self, key: str) -> AuthorizationPolicy | None:
+        """The policy stored under "namespace/name", enforced or not."""
+        return self._policies.get(key)
+
     def statuses(self) -> tuple[PolicyStatus, ...]:
         return tuple(self._status(self._policies[key]) for key in sorted(self._policies))
 

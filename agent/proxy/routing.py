@@ -55,7 +55,8 @@ class OutboundRouter:
     def identity(self, pod: PodInfo) -> SpiffeId:
         return self.state.identity(pod, self.trust_domain)
 
-    def plan(self, client_ip: str, dst_ip: str, dst_port: int) -> OutboundPlan:
+    def plan(self, client_ip: str, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
+        """dry_run: decide without advancing the Service spread (ambitctl trace)."""
         source = self.state.pod_by_ip(client_ip)
         if source is None:
             return OutboundPlan(Route.REFUSE, f"source {client_ip} is not a known pod: no identity to present",
@@ -66,7 +67,8 @@ class OutboundRouter:
         if found is not None:
             svc, port = found
             service = f"{svc.namespace}/{svc.name}"
-            endpoint = self._spread.pick((svc.namespace, svc.name, port.port), self.state.endpoints(svc, port))
+            choose = self._spread.peek if dry_run else self._spread.pick
+            endpoint = choose((svc.namespace, svc.name, port.port), self.state.endpoints(svc, port))
             if endpoint is None:
                 return OutboundPlan(Route.REFUSE, f"service {service} port {dst_port} has no ready endpoint",
                                     dst_ip, dst_port, source, source_identity, service=service)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import grpc
 
 from ambit.api.v1 import agent_pb2 as pb
 from ambit.api.v1 import agent_pb2_grpc as pb_grpc
@@ -10,6 +12,7 @@ from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 from .. import __version__
 from ..enrolment import Enrolment
 from ..proxy.connections import ConnectionInfo
+from ..proxy.trace import trace_connection
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,68 @@ NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], conne
 
 class DebugService(pb_grpc.DebugServicer):
     def __init__(self, enrolment: Enrolment, node: str, started_at: float,
-                 readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY) -> None:
+                 readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY,
+                 mesh: Callable[[], Any] = lambda: None) -> None:
+        """`mesh` returns the agent's MeshRuntime (None without discovery)."""
         self.enrolment = enrolment
         self.node = node
         self.started_at = started_at
         self.readiness = readiness
         self.proxy = proxy
+        self.mesh = mesh
+
+    async def _need_mesh(self, context) -> Any:
+        runtime = self.mesh()
+        if runtime is None or runtime.mesh is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the agent runs without discovery (--discovery none): no identities or policies")
+        return runtime
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest, context) -> pb.ListPoliciesResponse:
+        runtime = await self._need_mesh(context)
+        engine, state = runtime.engine, runtime.state
+        statuses = {s.policy: s for s in engine.statuses()}
+        reply = pb.ListPoliciesResponse(workload=request.workload)
+        if not request.workload:
+            keys = list(statuses)
+        else:
+            ns, _, name = request.workload.partition("/")
+            pod = state.pod(ns, name) if name else state.pod_by_ip(request.workload)
+            if pod is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no pod {request.workload!r} in the cluster view")
+            applicable = engine.applicable(pod.namespace, pod.labels)
+            keys = [*applicable.deny, *applicable.allow]
+            mtls = runtime.peer_authentication.effective(pod.namespace, pod.labels).for_port(0)
+            reply.workload = f"{pod.namespace}/{pod.name}"
+            reply.mtls = f"{mtls.mode.value} ({mtls.level}{' ' + mtls.policy if mtls.policy else ''})"
+        for key in keys:
+            policy = engine.policy(key)
+            status = statuses.get(key)
+            ns, _, name = key.partition("/")
+            reply.policies.append(pb.Policy(
+                namespace=ns, name=name, kind="AuthorizationPolicy",
+                action=policy.action.value if policy is not None else "",
+                enforced=status.enforced if status else True, message=status.message if status else ""))
+        return reply
+
+    async def ListCertificates(self, request: pb.ListCertificatesRequest, context) -> pb.ListCertificatesResponse:
+        runtime = await self._need_mesh(context)
+        reply = pb.ListCertificatesResponse(trust_domain=runtime.settings.trust_domain)
+        for cert in runtime.mesh.certificates.status():
+            reply.certificates.append(pb.Certificate(
+                identity=str(cert.spiffe_id), serial=cert.serial_hex, not_before=cert.not_before.timestamp(),
+                not_after=cert.not_after.timestamp(), rotation_due_at=cert.rotation_due_at.timestamp(),
+                rotation_due=cert.rotation_due))
+        return reply
+
+    async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
+        runtime = self.mesh()
+        local = {ip: w for w in self.enrolment.workloads() for ip in w.addresses}
+        result = trace_connection(request.source_ip, request.destination_ip, request.destination_port, local,
+                                  runtime.mesh if runtime is not None else None, self.proxy().capture)
+        return pb.TraceResponse(steps=[pb.TraceStep(stage=s.stage, detail=s.detail) for s in result.steps],
+                                listener=result.listener, route=result.route, decision=result.decision,
+                                reason=result.reason)
 
     async def ListWorkloads(self, request: pb.ListWorkloadsRequest, context) -> pb.ListWorkloadsResponse:
         return pb.ListWorkloadsResponse(workloads=[w.to_proto() for w in self.enrolment.workloads()])

@@ -1,0 +1,109 @@
+"""`ambitctl trace SRC DST:PORT`: what would happen to a new connection, as a
+dry run of the same decisions the datapath and the proxy make.
+
+Nothing is sent: the capture hooks come from this node's enrolment records
+(which pods carry the tc programs), the listener from proxy_ingress's rules
+(docs/datapath.md), the route from OutboundRouter.plan and the decision
+from the destination's policies, exactly the functions the live path calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..datapath import constants as c
+from ..workload import Workload
+from .node_proxy import Mesh
+from .routing import Route
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    stage: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Trace:
+    steps: tuple[TraceStep, ...]
+    listener: str          # outbound | inbound_plaintext | hbone | none
+    route: str             # local | hbone | passthrough | refuse | direct
+    decision: str          # allow | deny | n/a
+    reason: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, Workload], mesh: Mesh | None,
+                     capture: str) -> Trace:
+    """`local`: this node's recorded pods by IP (in the mesh or not)."""
+    steps: list[TraceStep] = []
+
+    def step(stage: str, detail: str) -> None:
+        steps.append(TraceStep(stage, detail))
+
+    source, target = local.get(src_ip), local.get(dst_ip)
+    if capture == "none":
+        step("capture", "the agent runs with --capture none: nothing is steered, the connection is direct")
+        return Trace(tuple(steps), "none", "direct", "n/a", "no capture backend")
+
+    if source is not None and source.in_mesh:
+        step("capture", f"{src_ip} is {source.pod} on this node: tc ingress of {source.host_veth} "
+                        f"(ifindex {source.host_veth_ifindex}) runs ambit_capture_out, which rewrites the "
+                        f"destination MAC and redirects to {c.NODE_LINK}")
+        listener, port = "outbound", c.OUTBOUND_PORT
+        why = "the source is an enrolled local pod"
+    elif target is not None and target.in_mesh:
+        step("capture", f"{dst_ip} is {target.pod} on this node: tc egress of {target.host_veth} runs "
+                        f"ambit_capture_in; the packet did not come from {c.NODE_LINK} nor from the node, "
+                        f"so it is redirected to {c.NODE_LINK}")
+        listener, port = ("hbone", c.HBONE_PORT) if dst_port == c.HBONE_PORT else \
+            ("inbound_plaintext", c.INBOUND_PLAINTEXT_PORT)
+        why = "destination port 15008" if dst_port == c.HBONE_PORT else "plaintext for an enrolled pod"
+    else:
+        step("capture", "neither end is an enrolled pod of this node: no ambit program sees it")
+        return Trace(tuple(steps), "none", "direct", "n/a", "not captured on this node")
+    step("proxy namespace", f"proxy_ingress marks 0x{c.MARK_CAPTURED:x}; ip rule fwmark "
+                            f"0x{c.MARK_CAPTURED:x}/0x{c.MARK_CAPTURED:x} lookup {c.ROUTE_TABLE}; table "
+                            f"{c.ROUTE_TABLE}: local 0.0.0.0/0 dev lo")
+    step("listener", f"the SYN is bpf_sk_assign()ed to {listener} :{port} ({why}); getsockname() = "
+                     f"{dst_ip}:{dst_port}")
+
+    if mesh is None:
+        step("route", "no discovery: plain TCP relay from the client's IP")
+        return Trace(tuple(steps), listener, "direct", "allow", "no discovery: plain relay")
+
+    if listener == "outbound":
+        plan = mesh.router.plan(src_ip, dst_ip, dst_port, dry_run=True)
+        if plan.service:
+            step("service", f"{dst_ip}:{dst_port} is Service {plan.service}: endpoint {plan.dst_ip}:{plan.dst_port} "
+                            "(next in the even spread)")
+        step("route", f"{plan.route.value}: {plan.reason}")
+        if plan.route is Route.REFUSE:
+            return Trace(tuple(steps), listener, plan.route.value, "deny", plan.reason)
+        if plan.route is Route.PASSTHROUGH:
+            step("upstream", f"plain TCP to {plan.dst_ip}:{plan.dst_port} from {src_ip} (IP_TRANSPARENT, "
+                             f"SO_MARK 0x{c.MARK_PROXY:x})")
+            return Trace(tuple(steps), listener, plan.route.value, "allow", plan.reason)
+        extra = {"source_identity": str(plan.source_identity), "destination_identity": str(plan.destination_identity)}
+        if plan.route is Route.HBONE:
+            step("hbone", f"pool key ({plan.source_identity}, {src_ip}, {plan.dst_ip}:{c.HBONE_PORT}, "
+                          f"expects {plan.destination_identity}); CONNECT {plan.dst_ip}:{plan.dst_port} over "
+                          "TLS 1.3 from the client's IP")
+        decision = mesh.authorizer.check(source_ip=src_ip, source_identity=plan.source_identity,
+                                         dst_ip=plan.dst_ip, dst_port=plan.dst_port)
+        where = "decided in-process, same node" if plan.route is Route.LOCAL else \
+            f"decided by node {plan.destination.node_name}" if plan.destination else "decided by the destination node"
+        step("policy", f"{'allow' if decision.allowed else 'deny'} ({where}): {decision.reason}")
+        if decision.allowed:
+            step("upstream", f"plain TCP to {plan.dst_ip}:{plan.dst_port} from {src_ip}, bypassed at the "
+                             f"destination veth (it arrives from {c.NODE_LINK})" if plan.route is Route.LOCAL
+                 else f"the destination's 15008 connects from {src_ip} to {plan.dst_ip}:{plan.dst_port}")
+        return Trace(tuple(steps), listener, plan.route.value, "allow" if decision.allowed else "deny",
+                     decision.reason, extra)
+
+    if listener == "hbone":
+        step("hbone", "TLS with the destination's certificate; the peer's identity comes from its "
+                      "certificate, so policy is decided per CONNECT (not knowable in a dry run)")
+        return Trace(tuple(steps), listener, "hbone", "n/a", "decided per tunnel from the peer's certificate")
+    decision = mesh.authorizer.check(source_ip=src_ip, source_identity=None, dst_ip=dst_ip, dst_port=dst_port)
+    step("policy", f"{'allow' if decision.allowed else 'deny'} (plaintext, no identity): {decision.reason}")
+    return Trace(tuple(steps), listener, "direct", "allow" if decision.allowed else "deny", decision.reason)
