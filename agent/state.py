@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from .files import TEMP_MARKER, atomic_write
 from .workload import AttachmentKey, Workload
 
 log = structlog.get_logger(__name__)
@@ -36,12 +37,9 @@ class StateStore:
         return self.directory / f"{name}.json"
 
     def save(self, workload: Workload) -> None:
-        path = self._path(workload.key)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(workload.to_json(), f)
-        os.replace(tmp, path)
+        # Not fsynced: /var/run is tmpfs, and a lost record is rebuilt from
+        # the runtime's next CHECK/GC.
+        atomic_write(self._path(workload.key), json.dumps(workload.to_json()).encode(), 0o600, durable=False)
 
     def delete(self, key: AttachmentKey) -> None:
         try:
@@ -61,6 +59,6 @@ class StateStore:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("dropping unreadable enrolment record", path=str(path), error=str(exc))
                 path.unlink(missing_ok=True)
-        for stale in self.directory.glob("*.tmp"):
+        for stale in self.directory.glob(f".*{TEMP_MARKER}-*"):
             stale.unlink(missing_ok=True)
         return out

@@ -8,8 +8,9 @@ given its final mode and renamed over the target.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from ..files import atomic_write
 
 PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -24,22 +25,7 @@ def ensure_private_dir(directory: Path) -> None:
 
 def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` with `data`; the file has `mode` from its first byte on."""
-    # mkstemp creates the file O_EXCL with mode 0600, whatever the umask.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, data, mode)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -48,12 +34,3 @@ def write_private(path: Path, data: bytes) -> None:
 
 def write_public(path: Path, data: bytes) -> None:
     write_atomically(path, data, PUBLIC_FILE_MODE)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable, so a crash leaves the old or the new file."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

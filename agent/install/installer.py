@@ -26,6 +26,8 @@ from pathlib import Path
 
 import structlog
 
+from .. import files
+from ..files import fsync_dir, temp_path
 from . import cniconf
 from .cniconf import CniConfError, NoPrimaryConfig, Plan, PluginSettings, RemoveFile, WriteFile
 
@@ -41,35 +43,13 @@ _log = structlog.get_logger(__name__)
 # --- atomic file primitives -------------------------------------------------------------------------------------
 
 def _temp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}{cniconf.TEMP_MARKER}-{os.getpid()}-{threading.get_ident() % 100000}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return temp_path(path, cniconf.TEMP_MARKER)
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data`: temp file in the same directory, fsync, rename."""
-    tmp = _temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)  # not narrowed by the umask
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Replace `path` with `data`: temp file in the same directory (named so
+    cniconf never mistakes it for a configuration), fsync, rename."""
+    files.atomic_write(path, data, mode, marker=cniconf.TEMP_MARKER)
 
 
 def atomic_copy(source: Path, dest: Path, mode: int = PLUGIN_MODE) -> bool:
@@ -100,7 +80,7 @@ def atomic_symlink(target: str, link: Path) -> bool:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
     return True
 
 
@@ -189,7 +169,7 @@ def _fsync_tree(root: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _remove_bundles(bin_dir: Path, keep: set[str]) -> list[str]:
@@ -218,7 +198,7 @@ def uninstall_plugin(bin_dir: Path) -> list[str]:
             removed.append(entry.name)
     removed += _remove_bundles(bin_dir, keep=set())
     if removed:
-        _fsync_dir(bin_dir)
+        fsync_dir(bin_dir)
     return removed
 
 
@@ -254,7 +234,7 @@ def apply_plan(conf_dir: Path, plan: Plan, links: set[str] = frozenset()) -> Non
         else:
             path.unlink(missing_ok=True)
     if any(isinstance(op, RemoveFile) for op in plan.ops):
-        _fsync_dir(conf_dir)
+        fsync_dir(conf_dir)
 
 
 def _mode_for(conf_dir: Path, op: WriteFile) -> int:
