@@ -212,10 +212,14 @@ class ClusterState:
 
     def pod_by_ip(self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> PodInfo | None:
         """The live pod that owns this IP (host-network pods own none)."""
-        try:
-            keys = self._pods_by_ip.get(canonical_ip(str(ip)))
-        except ValueError:
-            return None
+        # Addresses from sockets are already canonical: skip parsing them
+        # (it was ~40% of a policy decision); parse only on a miss.
+        keys = self._pods_by_ip.get(ip) if isinstance(ip, str) else None
+        if keys is None:
+            try:
+                keys = self._pods_by_ip.get(canonical_ip(str(ip)))
+            except ValueError:
+                return None
         if not keys:
             return None
         pods = self._stores[KIND_POD]

@@ -4,15 +4,20 @@ Kept apart from the relay so `ambitctl connections`, metrics and policy
 re-evaluation can read it without touching sockets. The relay writes byte
 counts into a `ConnectionProgress` it is given (a plain attribute add per
 spliced chunk, nothing more on the data path); readers get immutable
-`ConnectionInfo` snapshots.
+`ConnectionInfo` snapshots. An entry may name the task serving it, so a
+policy change can close the connection (`TrackedConnection.cancel`) without
+the registry knowing how bytes move.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from ..identity.spiffe import SpiffeId
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
 
 
@@ -34,13 +39,26 @@ class ConnectionProgress:
         self.bytes_to_client = 0    # original destination -> client
 
 
+@dataclass(frozen=True)
+class DestinationCheck:
+    """What this node's destination-side policy decision was made on, kept
+    so the same question can be asked again when policy changes."""
+
+    source_ip: str
+    source_identity: SpiffeId | None  # None: plaintext peer
+    dst_ip: str
+    dst_port: int
+
+
 class ConnectionMeta:
     """What the proxy learned about a connection while setting it up: who is
     on each end, how it travels, what policy said. Written once by the
-    handler, read by `ambitctl connections`."""
+    handler, read by `ambitctl connections`; `authorized` is set when this
+    node admitted the connection as its destination, `revoked` when a later
+    policy change closed it."""
 
     __slots__ = ("source_identity", "destination_identity", "decision", "reason", "via", "destination_ip",
-                 "service")
+                 "service", "authorized", "revoked")
 
     def __init__(self) -> None:
         self.destination_ip = ""  # where the connection really goes (a Service VIP resolves to a pod)
@@ -50,6 +68,8 @@ class ConnectionMeta:
         self.decision = "allow"
         self.reason = ""
         self.via = "direct"
+        self.authorized: DestinationCheck | None = None
+        self.revoked = False
 
 
 @dataclass(frozen=True)
@@ -73,12 +93,21 @@ class ConnectionInfo:
 
 @dataclass(frozen=True)
 class TrackedConnection:
-    """A registry entry: identity + the live progress the relay updates."""
+    """A registry entry: identity + the live progress the relay updates, and
+    the task serving the connection (None: it cannot be closed from outside)."""
 
     id: int
     accepted: AcceptedConnection
     progress: ConnectionProgress
     meta: ConnectionMeta
+    task: asyncio.Task[Any] | None = None
+
+    def cancel(self, reason: str) -> bool:
+        """Ask the serving task to stop: its relay resets both sides. False
+        when there is no task or it already finished."""
+        if self.task is None or self.task.done():
+            return False
+        return self.task.cancel(reason)
 
     def info(self) -> ConnectionInfo:
         return ConnectionInfo(
@@ -105,8 +134,8 @@ class ConnectionRegistry:
         self._ids = itertools.count(1)
         self._live: dict[int, TrackedConnection] = {}
 
-    def add(self, accepted: AcceptedConnection) -> TrackedConnection:
-        tracked = TrackedConnection(next(self._ids), accepted, ConnectionProgress(), ConnectionMeta())
+    def add(self, accepted: AcceptedConnection, task: asyncio.Task[Any] | None = None) -> TrackedConnection:
+        tracked = TrackedConnection(next(self._ids), accepted, ConnectionProgress(), ConnectionMeta(), task)
         self._live[tracked.id] = tracked
         return tracked
 

@@ -17,6 +17,11 @@ For one accepted connection (seed: the packet walk's step 3):
    Only then the 200 goes out; bytes that arrived before it are held
    (bounded by the stream window) and delivered after the connect.
 Every refusal is logged with its reason, bound to peer= and dst=.
+
+Each tunnel admitted by policy is remembered with what it was admitted as
+(`InboundTunnel`) until it ends, so the node can decide again when policy
+changes and `revoke` the ones no longer allowed (RST_STREAM to the client,
+RST to the pod).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 import structlog
 
@@ -47,7 +53,7 @@ from .hbone_settings import HboneSettings
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
 from .tls_stream import TlsStream
 
-__all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "allow_all"]
+__all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]
 
 _log = structlog.get_logger(__name__)
 
@@ -73,7 +79,8 @@ async def _maybe_await(value: object) -> object:
 class InboundStats:
     """Counters since start (plain attributes: cheap to bump on the data path)."""
 
-    __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused")
+    __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused",
+                 "tunnels_revoked")
 
     def __init__(self) -> None:
         self.connections_accepted = 0  # mTLS up, client identity accepted
@@ -81,6 +88,18 @@ class InboundStats:
         self.tunnels_requested = 0  # well-formed CONNECTs surfaced by the core
         self.tunnels_opened = 0  # answered 200
         self.tunnels_refused = 0  # answered 400/401/503 by us
+        self.tunnels_revoked = 0  # admitted, then closed because policy changed
+
+
+@dataclass(frozen=True, eq=False)
+class InboundTunnel:
+    """A tunnel policy admitted, with the inputs of that decision."""
+
+    peer_identity: SpiffeId
+    client_ip: str
+    dst_ip: str
+    dst_port: int
+    tunnel: Tunnel
 
 
 class HboneInbound:
@@ -110,6 +129,7 @@ class HboneInbound:
         self._log = log or _log
         self._connections: set[HboneServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._admitted: dict[Tunnel, InboundTunnel] = {}
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
         self.stats = InboundStats()
 
@@ -129,6 +149,20 @@ class HboneInbound:
     def connections(self) -> tuple[HboneServerProtocol, ...]:
         """The live connections (peer identity, tunnels, counters)."""
         return tuple(self._connections)
+
+    def admitted_tunnels(self) -> tuple[InboundTunnel, ...]:
+        """Tunnels policy admitted that have not ended (opening or open)."""
+        return tuple(self._admitted.values())
+
+    def revoke(self, admitted: InboundTunnel, reason: str) -> bool:
+        """Close a tunnel policy no longer allows: RST_STREAM(CANCEL) to the
+        client and RST to the pod, or just stop its upstream connect if the
+        200 has not gone out yet. False if it had already ended."""
+        if self._admitted.pop(admitted.tunnel, None) is None or admitted.tunnel.done.done():
+            return False
+        self.stats.tunnels_revoked += 1
+        admitted.tunnel.abort(reason)
+        return True
 
     # --- connections ---------------------------------------------------------------------
 
@@ -266,6 +300,10 @@ class HboneInbound:
         if not allowed:
             refuse(401, f"denied by policy: {reason}")
             return
+        # Remembered from the decision on, so a policy change made while the
+        # upstream connect is pending still reaches this tunnel.
+        self._admitted[tunnel] = InboundTunnel(connection.peer_identity, client_ip, dst_ip, dst_port, tunnel)
+        tunnel.done.add_done_callback(lambda _: self._admitted.pop(tunnel, None))
         try:
             upstream = await self._connect_upstream(client_ip, dst_ip, dst_port)
         except (OSError, TimeoutError) as exc:

@@ -14,6 +14,12 @@ Without discovery (no identities, no policies) outbound and inbound
 connections are relayed as plain TCP and 15008 is refused. Every connection
 is registered for `ambitctl connections`, counted in the Istio metrics and
 logged once when it closes.
+
+Policy is decided once per connection, at the destination side: 15006
+plaintext, same-node relays and 15008 tunnels. When policies (or a
+destination pod's labels) change, every live connection this node admitted
+is decided again with the same inputs and the ones no longer allowed are
+reset ("connection closed by policy", response flag UAEX).
 """
 from __future__ import annotations
 
@@ -22,21 +28,24 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 
-from ..discovery.state import ClusterState
+from ..discovery.model import KIND_POD, POLICY_KINDS
+from ..discovery.state import EVENT_MODIFIED, ClusterState
 from ..identity.spiffe import SpiffeId
 from ..identity.store import CertificateStore
 from ..identity.tls import IdentityError
 from ..netns import NetnsThread
+from ..policy.authz import Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
-from .connections import ConnectionRegistry, TrackedConnection
+from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
 from .hbone_io import TunnelError, TunnelRefused
-from .inbound import HboneInbound
+from .inbound import HboneInbound, InboundTunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
 from .pool import HboneClientPool, PoolKey
 from .relay import NetnsUpstreamSockets, RelayEnd, RelayOptions, prepare_upstream, relay_plain_tcp, reset_socket
@@ -86,6 +95,8 @@ class NodeProxy:
         self._listeners: list[TransparentListener] = []
         self.pool: HboneClientPool | None = None
         self.inbound: HboneInbound | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._recheck: asyncio.Handle | None = None
 
     @property
     def listening(self) -> bool:
@@ -105,6 +116,7 @@ class NodeProxy:
                 upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone)
             self.metrics.pool_connections.set_function(lambda: self.pool.stats().connections if self.pool else 0)
             self.metrics.pool_streams.set_function(lambda: self.pool.stats().tunnels if self.pool else 0)
+            self._unsubscribe = self.mesh.state.subscribe(self._on_cluster_change)
         handlers = {ListenerKind.OUTBOUND: self._outbound, ListenerKind.INBOUND_PLAINTEXT: self._inbound_plaintext,
                     ListenerKind.HBONE: self._hbone}
         for kind, handler in handlers.items():
@@ -115,6 +127,12 @@ class NodeProxy:
                  mesh=self.mesh is not None)
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         for listener in self._listeners:
             await listener.stop()
         self._listeners.clear()
@@ -180,6 +198,11 @@ class NodeProxy:
             response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
 
     def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
+        if outcome.end == "cancelled":  # the task was cancelled mid-relay: count what it moved
+            progress = tracked.progress
+            outcome = _Outcome("closed_by_policy" if tracked.meta.revoked else "cancelled",
+                               progress.bytes_to_upstream, progress.bytes_to_client,
+                               flags="UAEX" if tracked.meta.revoked else "-")
         self.connections.remove(tracked.id)
         labels = self._labels(accepted, tracked, outcome.flags)
         if outcome.failed:
@@ -215,7 +238,7 @@ class NodeProxy:
         return _Outcome("denied", 0, 0, flags=flags, failed=True)
 
     async def _outbound(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self.connections.add(accepted)
+        tracked = self.connections.add(accepted, asyncio.current_task())
         outcome = _Outcome("cancelled", 0, 0)
         try:
             if self.mesh is None:
@@ -245,6 +268,8 @@ class NodeProxy:
                         outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
                         return
                     meta.reason = decision.reason
+                    meta.authorized = DestinationCheck(accepted.client.ip, plan.source_identity, plan.dst_ip,
+                                                       plan.dst_port)
                 outcome = await self._relay(accepted, sock, tracked, SocketAddress(plan.dst_ip, plan.dst_port))
         finally:
             self._finish(accepted, tracked, outcome)
@@ -273,7 +298,7 @@ class NodeProxy:
         return _Outcome(done.end.value, done.bytes_to_stream, done.bytes_to_tcp, done.detail or None)
 
     async def _inbound_plaintext(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self.connections.add(accepted)
+        tracked = self.connections.add(accepted, asyncio.current_task())
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
@@ -290,6 +315,9 @@ class NodeProxy:
                 outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
                 return
             tracked.meta.reason = decision.reason if decision is not None else "no discovery: plain relay"
+            if decision is not None:
+                tracked.meta.authorized = DestinationCheck(accepted.client.ip, None, accepted.original_dst.ip,
+                                                           accepted.original_dst.port)
             outcome = await self._relay(accepted, sock, tracked)
         finally:
             self._finish(accepted, tracked, outcome)
@@ -301,3 +329,64 @@ class NodeProxy:
                      dst=str(accepted.original_dst))
             return
         await self.inbound.handle(accepted, sock)
+
+    # -- policy changes -------------------------------------------------------
+    def _on_cluster_change(self, kind: str, event: str, old: Any, new: Any) -> None:
+        """Policies, or the labels their selectors match, changed: decide
+        again, once per burst of events (a file reload or relist is many)."""
+        relabelled = kind == KIND_POD and event == EVENT_MODIFIED and old.labels != new.labels
+        if (kind in POLICY_KINDS or relabelled) and self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_soon(self._recheck_soon)
+
+    def _recheck_soon(self) -> None:
+        self._recheck = None
+        self.recheck_connections()
+
+    def recheck_connections(self) -> int:
+        """Decide every live connection this node admitted as its destination
+        again, with the policies in force now, and reset the ones no longer
+        allowed. Returns how many were closed."""
+        if self.mesh is None:
+            return 0
+        authorizer = self.mesh.authorizer
+        closed = 0
+        for tracked in self.connections:
+            check = tracked.meta.authorized
+            if check is None or tracked.meta.revoked:
+                continue
+            decision = authorizer.check(source_ip=check.source_ip, source_identity=check.source_identity,
+                                        dst_ip=check.dst_ip, dst_port=check.dst_port)
+            if decision.allowed:
+                continue
+            tracked.meta.revoked = True
+            tracked.meta.decision = "deny"
+            tracked.meta.reason = f"closed by policy: {decision.reason}"
+            if tracked.cancel(tracked.meta.reason):
+                closed += 1
+                log.info("connection closed by policy", conn=tracked.id, listener=tracked.accepted.listener.value,
+                         src=str(tracked.accepted.client), dst=f"{check.dst_ip}:{check.dst_port}",
+                         peer=str(check.source_identity) if check.source_identity else None, reason=decision.reason,
+                         policy=decision.policy, generation=authorizer.generation)
+        if self.inbound is not None:
+            for admitted in self.inbound.admitted_tunnels():
+                decision = authorizer.check(source_ip=admitted.client_ip, source_identity=admitted.peer_identity,
+                                            dst_ip=admitted.dst_ip, dst_port=admitted.dst_port)
+                if not decision.allowed and self.inbound.revoke(admitted, f"closed by policy: {decision.reason}"):
+                    closed += 1
+                    self._revoked_tunnel(admitted, decision)
+        return closed
+
+    def _revoked_tunnel(self, admitted: InboundTunnel, decision: Decision) -> None:
+        """Inbound tunnels are not in the registry: log and count the close here."""
+        assert self.mesh is not None
+        log.info("connection closed by policy", listener=ListenerKind.HBONE.value, src=admitted.client_ip,
+                 dst=f"{admitted.dst_ip}:{admitted.dst_port}", peer=str(admitted.peer_identity),
+                 reason=decision.reason, policy=decision.policy, generation=self.mesh.authorizer.generation)
+        src_name, src_ns = self._pod_at(admitted.client_ip)
+        dst_name, dst_ns = self._pod_at(admitted.dst_ip)
+        destination = self._local_identity(admitted.dst_ip)
+        self.metrics.closed(TcpLabels(
+            reporter="destination", source_workload=src_name, source_workload_namespace=src_ns,
+            source_principal=str(admitted.peer_identity), destination_workload=dst_name,
+            destination_workload_namespace=dst_ns, destination_principal=str(destination or "unknown"),
+            response_flags="UAEX", connection_security_policy="mutual_tls"), 0, 0)
