@@ -806,7 +806,7 @@ class Lab:
         with self._step("publish the pods' addresses and readiness; wait until every agent has discovered them"):
             self._write_cluster_file(plan, state)
             with self._interrupts.waiting():
-                self._wait_discovered(agents, len(plan.pods))
+                self._wait_discovered([(a.plan.name, a.socket) for a in agents], len(plan.pods))
         state.phase = "ready"
         state.save()
 
@@ -922,20 +922,140 @@ class Lab:
         tmp.write_text(yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False))
         os.replace(tmp, path)
 
-    def _wait_discovered(self, agents: Sequence[NodeAgent], pods: int) -> None:
+    def _wait_discovered(self, agents: Sequence[tuple[str, str]], pods: int, *, exactly: bool = False) -> None:
+        """Until each agent ((node name, socket)) has discovered `pods` pods
+        with addresses (at least, or `exactly` that many: how a withdrawn
+        pod is seen to be gone)."""
         deadline = time.monotonic() + self.settings.ready_timeout
         pending = list(agents)
         while pending:
             self._interrupts.check()
-            with AgentClient(pending[0].socket, timeout=2.0) as client:
+            name, socket_path = pending[0]
+            with AgentClient(socket_path, timeout=2.0) as client:
                 status = client.status()
-            if status.discovered_pods >= pods:
+            if status.discovered_pods == pods or (not exactly and status.discovered_pods > pods):
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
-                raise LabError(f"the agent on {pending[0].plan.name} discovered {status.discovered_pods} of "
+                raise LabError(f"the agent on {name} discovered {status.discovered_pods} of "
                                f"{pods} pods from {self.settings.cluster_file}")
             time.sleep(0.1)
+
+    # -- changes to a running lab: an agent crash or restart, a pod replaced -----------------------------
+
+    def agent_log(self, node_name: str) -> Path:
+        """The node agent's log (access log lines included); a restarted
+        agent appends to the same file."""
+        node = self._node_record(self.state(), node_name)
+        if node.agent is None:
+            raise LabError(f"the agent on {node_name} was never started")
+        return Path(node.agent.log)
+
+    def stop_agent(self, node_name: str, *, kill: bool = False) -> None:
+        """SIGTERM the node's agent (a graceful stop) or SIGKILL it (a crash).
+        Either way its pods stay captured: their connections fail closed
+        until an agent is back."""
+        _require_root()
+        node = self._node_record(self.state(), node_name)
+        if node.agent is None or not _alive(node.agent):
+            return
+        if kill:
+            _signal(node.agent.pid, signal.SIGKILL)
+            if self._wait_gone([node.agent.pid], 5.0):
+                raise LabError(f"the agent on {node_name} (pid {node.agent.pid}) survived SIGKILL")
+        else:
+            self._stop([node.agent])
+        self.log.info("agent stopped", node=node_name, pid=node.agent.pid, signal="SIGKILL" if kill else "SIGTERM")
+
+    def start_agent(self, node_name: str) -> ProcessRecord:
+        """Start the node's agent with the options `up` gave it; return once it
+        is ready and has discovered every pod with an address."""
+        _require_root()
+        state = self.state()
+        node = self._node_record(state, node_name)
+        if node.agent is not None and _alive(node.agent):
+            raise LabError(f"the agent on {node_name} is running (pid {node.agent.pid}); stop it first")
+        agent = self._start_agent(self._recorded_plan(state).node(node_name), state)
+        try:
+            agent.wait_ready(self.settings.ready_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise LabError(f"the agent on {node_name} did not become ready: {exc}") from exc
+        self._wait_discovered([(node_name, agent.socket)], _addressed(state))
+        record = state.nodes[node_name].agent
+        assert record is not None
+        self.log.info("agent started", node=node_name, pid=record.pid)
+        return record
+
+    def restart_agent(self, node_name: str, *, kill: bool = False) -> ProcessRecord:
+        """Stop (SIGTERM, or SIGKILL with `kill`) and start the node's agent."""
+        self.stop_agent(node_name, kill=kill)
+        return self.start_agent(node_name)
+
+    def recreate_pod(self, key: str) -> str:
+        """Delete the pod and create it again, as a rollout replaces a pod,
+        and return its new address.
+
+        In a kubelet's order: the pod leaves the cluster view first (no agent
+        sends it new connections), its workload stops, CNI DEL runs through
+        the chain with the cached result and the namespace goes; then a fresh
+        sandbox (new container id and uid) gets CNI ADD, where host-local
+        hands out a new address, the workload starts again, and the new
+        address is published. Both cluster-file changes are waited for on
+        every running agent, so callers may use the new address at once."""
+        _require_root()
+        state = self.state()
+        record = self.find_pod(key, state)
+        plan = self._recorded_plan(state)
+        pod = next(p for p in plan.pods if p.pod.key == record.key)
+        node = state.nodes[record.node]
+        if pod.node != record.node:
+            raise LabError(f"pod {record.key} runs on {record.node} but the lab's plan puts it on {pod.node}")
+        if node.agent is None or not _alive(node.agent):
+            raise LabError(f"the agent on {node.name} is not running, so CNI ADD would be refused; "
+                           "start it first")
+        agents = [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and _alive(n.agent)]
+        old_ip = record.ip
+        state.pods[record.key] = replace(record, ip=None)
+        state.save()
+        self._write_cluster_file(plan, state)
+        self._wait_discovered(agents, _addressed(state), exactly=True)
+        self._stop([record.workload])
+        state.pods[record.key] = replace(state.pods[record.key], workload=None)
+        state.save()
+        error = self._cni_del(node, record)
+        if error:
+            raise LabError(f"CNI DEL of pod {record.key}: {error}")
+        remove_netns(record.netns)
+        self._add_pod(plan, pod, state)
+        if pod.pod.workloads:
+            _, ready_fd = self._start_workload(plan, pod, state)
+            try:
+                self._wait_workload(pod, ready_fd)
+            finally:
+                os.close(ready_fd)
+        self._write_cluster_file(plan, state)
+        self._wait_discovered(agents, _addressed(state), exactly=True)
+        new_ip = state.pods[record.key].ip
+        assert new_ip is not None
+        self.log.info("pod recreated", pod=record.key, old_ip=old_ip, new_ip=new_ip)
+        return new_ip
+
+    def _node_record(self, state: LabState, name: str) -> NodeRecord:
+        try:
+            return state.nodes[name]
+        except KeyError:
+            raise LabError(f"no node {name!r} in the lab (nodes: {', '.join(state.nodes) or 'none'})") from None
+
+    def _recorded_plan(self, state: LabState) -> LabPlan:
+        """The plan `up` made, again: the recorded objects with the recorded
+        settings (the agent options, pin and proxy names derive from them)."""
+        recorded = state.settings
+        settings = replace(self.settings, **{k: recorded[k] for k in ("prefix", "state_dir", "underlay_cidr",
+                                                                       "pod_supernet", "service_cidr",
+                                                                       "bpffs_root", "capture") if k in recorded},
+                           agent_args=tuple(recorded.get("agent_args", self.settings.agent_args)))
+        config = parse_documents(state.documents, settings.service_cidr)
+        return plan_lab(config, settings, state.node_count)
 
     # -- status / exec -------------------------------------------------------------------------------------
 
@@ -1145,6 +1265,11 @@ class Lab:
             return
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _addressed(state: LabState) -> int:
+    """Pods with an address: what the agents count as discovered."""
+    return sum(1 for p in state.pods.values() if p.ip)
 
 
 def _alive(record: ProcessRecord) -> bool:

@@ -1,0 +1,117 @@
+"""Echo clients the lab scenario tests run inside a pod's namespace.
+
+  python labclient.py fanout HOST PORT --connections 200 --size 65536
+      opens every connection first (so all are open at once), then sends each
+      its own random payload, half-closes, and checks the echo byte for byte
+  python labclient.py loop HOST PORT --until-file PATH
+      one short echo exchange after another until PATH exists, noting each
+      result with its time
+
+Both print one JSON object. Run as a script (`lab.exec(pod, [python, path,
+...])`), so the test process never has to enter the pod's namespace itself.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bytes:
+    """Send, half-close, read until the server closes; return what came back."""
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = bytearray()
+    while chunk := await reader.read(65536):
+        received += chunk
+    await sender
+    return bytes(received)
+
+
+async def fanout(host: str, port: int, connections: int, size: int, timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    opened = await asyncio.gather(*(asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                                    for _ in range(connections)), return_exceptions=True)
+    all_open = time.monotonic() - started
+    payloads = [os.urandom(size) for _ in range(connections)]
+
+    async def one(index: int) -> str | None:
+        conn = opened[index]
+        if isinstance(conn, BaseException):
+            return f"connect: {conn!r}"
+        reader, writer = conn
+        try:
+            echoed = await asyncio.wait_for(_echo(reader, writer, payloads[index]), timeout)
+        except (TimeoutError, OSError) as exc:
+            return f"exchange: {exc!r}"
+        finally:
+            writer.close()
+        if len(echoed) != size or hashlib.sha256(echoed).digest() != hashlib.sha256(payloads[index]).digest():
+            return f"mismatch: sent {size} bytes, got {len(echoed)} back with another digest"
+        return None
+
+    errors = await asyncio.gather(*(one(i) for i in range(connections)))
+    failures = {str(i): e for i, e in enumerate(errors) if e is not None}
+    return {"connections": connections, "verified": connections - len(failures), "failures": failures,
+            "bytes_each_way": size * (connections - len(failures)), "all_open_after_s": round(all_open, 3),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def loop(host: str, port: int, until_file: str, max_seconds: float, timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    attempts: list[dict[str, Any]] = []
+    while not os.path.exists(until_file) and time.monotonic() - started < max_seconds:
+        at = round(time.monotonic() - started, 3)
+        payload = os.urandom(32)
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                echoed = b""
+                while chunk := sock.recv(4096):
+                    echoed += chunk
+            attempts.append({"at": at, "ok": echoed == payload})
+        except OSError as exc:
+            attempts.append({"at": at, "ok": False, "error": repr(exc)})
+        time.sleep(0.05)
+    return {"attempts": len(attempts), "ok": sum(1 for a in attempts if a["ok"]),
+            "failures": [a for a in attempts if not a["ok"]], "seconds": round(time.monotonic() - started, 3)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    fan = sub.add_parser("fanout")
+    fan.add_argument("host")
+    fan.add_argument("port", type=int)
+    fan.add_argument("--connections", type=int, default=200)
+    fan.add_argument("--size", type=int, default=64 * 1024)
+    fan.add_argument("--timeout", type=float, default=60.0)
+    lp = sub.add_parser("loop")
+    lp.add_argument("host")
+    lp.add_argument("port", type=int)
+    lp.add_argument("--until-file", required=True)
+    lp.add_argument("--max-seconds", type=float, default=60.0)
+    lp.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if args.mode == "fanout":
+        result = asyncio.run(fanout(args.host, args.port, args.connections, args.size, args.timeout))
+    else:
+        result = loop(args.host, args.port, args.until_file, args.max_seconds, args.timeout)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
