@@ -178,10 +178,9 @@ def socket_in_netns(
     proto: int = 0,
     setup: SocketSetup | None = None,
 ) -> socket.socket:
-    """One-shot: create one socket in the namespace at `path` (starts and stops
-    a thread; keep a `NetnsThread` when making many)."""
-    with in_netns(path) as ns:
-        return ns.new_socket(family, type, proto, setup)
+    """One-shot: create one socket in the namespace at `path` on a throwaway
+    thread (keep a `NetnsThread` when making many)."""
+    return run_in_netns(path, lambda: make_socket(family, type, proto, setup))
 
 
 class NetnsSocketPool:
