@@ -164,3 +164,14 @@ def test_byte_counters_match_the_bytes_sent(lab, ips):
     assert result.returncode == 0 and result.stdout == payload
     # node2 reports it as the destination (plaintext from a non-mesh pod on its own node)
     assert wait_for(lambda: sent_bytes() - before == len(payload) or None) is True, sent_bytes() - before
+
+
+def test_readiness_and_grpc_health_of_a_running_agent(lab):
+    def ready() -> tuple[int, str]:
+        with urllib.request.urlopen("http://127.0.0.1:15021/healthz/ready", timeout=5) as response:
+            return response.status, response.read().decode()
+    with NetnsThread(netns_path(lab.state().nodes["node1"].netns)) as thread:
+        assert thread.run(ready) == (200, "ready\n")
+    status = json.loads(ambitctl(lab, "node1", "-o", "json", "status"))
+    assert status["ready"] and status["capture"] == "ebpf" and status["discovery_synced"]
+    assert sorted(status["listeners"]) == ["hbone:15008", "inbound_plaintext:15006", "outbound:15001"]
