@@ -151,11 +151,13 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
         raise PermissionError("the lab creates network namespaces, veths and eBPF programs: run it as root")
     from ..cli.ambit import PrintedSteps, format_status  # presentation shared with `ambit lab up`
     tour = Tour(out)
-    lab = Lab(settings or LabSettings(), PrintedSteps(out))
+    build_steps = PrintedSteps(out)
+    lab = Lab(settings or LabSettings(), build_steps)
     config = labconfig.load_default()
     out.write("ambit lab tour: two nodes, four pods, HBONE between nodes, L4 policy at the destination\n\n")
     try:
         plan = lab.up(config)
+        tour.count = build_steps.count  # the tour's steps continue the build's numbering
         status = lab.status()
         ips = {p.key: p.ip for p in status.pods}
 
