@@ -8,6 +8,7 @@ it) when the context exits, also on failure.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -117,6 +118,11 @@ class AgentProcess:
                                 "--log-level", "warn", "--cleanup"], capture_output=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"agent cleanup failed: {result.stderr.decode()[-2000:]}")
+        # The per-node pin directories share a parent the first agent created.
+        parent = Path(self.bpffs_dir).parent
+        if parent != Path("/sys/fs/bpf"):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty: other nodes may still use it
 
     def start(self, wait: bool = True) -> "AgentProcess":
         path = self.node.path

@@ -1211,6 +1211,10 @@ class Lab:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         shutil.rmtree(s.nodes_dir, ignore_errors=True)
+        shutil.rmtree(s.ca_dir, ignore_errors=True)  # the lab's CA lives and dies with the lab
+        if s.bpffs_root == Path(BPFFS_ROOT):
+            with contextlib.suppress(OSError):
+                s.bpffs_root.rmdir()  # the shared default, once empty (a root given by the caller is theirs)
         with contextlib.suppress(OSError):
             s.state_dir.rmdir()  # only when empty: the directory may have been given by the user
         report = TeardownReport(pods_deleted=tuple(deleted), del_failures=tuple(failures), processes_stopped=stopped,

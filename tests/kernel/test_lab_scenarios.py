@@ -87,8 +87,9 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
         yield lab
     finally:
         report = lab.down()
-        leftover_pins = sorted(str(p) for p in bpffs_root.rglob("*"))
-        if not leftover_pins:
+        # `down` removes the (then empty) root itself
+        leftover_pins = sorted(str(p) for p in bpffs_root.rglob("*")) if bpffs_root.exists() else []
+        if bpffs_root.exists() and not leftover_pins:
             bpffs_root.rmdir()
     assert sorted(report.pods_deleted) == ["legacy/probe-0", "shop/client-0", "shop/web-0", "shop/web-1"]
     assert report.del_failures == ()

@@ -50,9 +50,10 @@ def bpffs_root():
         pytest.skip("bpffs is not mounted at /sys/fs/bpf")
     root.mkdir()
     yield root
-    for child in root.iterdir():
-        child.rmdir()
-    root.rmdir()
+    if root.exists():  # `ambit lab down` removes it once it is empty
+        for child in root.iterdir():
+            child.rmdir()
+        root.rmdir()
 
 
 def make_settings(state_dir: Path, bpffs_root: Path) -> LabSettings:

@@ -43,7 +43,8 @@ def lab(tmp_path_factory):
         yield lab
     finally:
         lab.down()
-        bpffs_root.rmdir()
+        if bpffs_root.exists():  # `down` removes it once it is empty
+            bpffs_root.rmdir()
     assert not lab_namespaces(PREFIX)
 
 
