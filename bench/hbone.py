@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """HBONE data path: ambit vs Envoy vs direct TCP, in the same run, on the same topology.
 
-Topology: one throwaway network namespace (`hbt-bench-*`), two "pod" addresses
-on its loopback: pod A 10.253.1.1 (client side) and pod B 10.253.1.2 (server
-side). All on loopback, so the numbers are about proxy CPU, not a link.
+Topology: two throwaway "node" namespaces (`hbt-bench-a-*`, `hbt-bench-b-*`)
+joined by a veth pair: node A holds pod A 10.253.1.1 and the client side of
+every chain (the client, ambit's client agent, Envoy's tunnel); node B holds
+pod B 10.253.1.2 and the server side (the servers, ambit's server agent,
+Envoy's CONNECT terminator). Every byte of every path crosses the link.
 
     direct : client ----------------------------------------------> B:port
     ambit  : client -> A:1500x ambit client agent (pool) ==HBONE==> B:15008 ambit
@@ -50,7 +52,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -152,7 +156,10 @@ async def _server_agent(args: argparse.Namespace) -> None:
         store,
         identity_for_local_ip=lambda ip: identity if ip == POD_B else None,
         is_local_workload=lambda ip: ip == POD_B,
-        upstream_socket_factory=_bound_socket,  # from the client pod's IP, as with transparency
+        # From node B's own pod address: without the eBPF datapath (not in this
+        # bench) the client's address would not route back to this agent, and
+        # Envoy's terminator connects from its own address too.
+        upstream_socket_factory=lambda client_ip: _bound_socket(POD_B),
     )
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -193,14 +200,20 @@ class Processes:
     def __init__(self) -> None:
         self._procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], *, ready_line: bool = False, stdin: int | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-            stderr=None,
-            stdin=stdin,
-            start_new_session=True,
-        )
+    def start(self, argv: list[str], *, ready_line: bool = False, stdin: int | None = None,
+              node: Any = None) -> subprocess.Popen[bytes]:
+        """`node`: start it from a thread inside that node's namespace (children
+        inherit the namespace of the thread that spawns them)."""
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                stderr=None,
+                stdin=stdin,
+                start_new_session=True,
+            )
+
+        proc = node.run(spawn) if node is not None else spawn()
         self._procs.append(proc)
         if ready_line:
             assert proc.stdout is not None
@@ -292,34 +305,62 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def make_nodes() -> tuple[str, str]:
+    """Two "nodes", each a namespace, joined by a veth pair: node A holds the
+    client pod's address, node B the server pod's. Everything on the client
+    side runs in A, everything on the server side in B."""
+    from ambit.agent.netlink import iproute
+    from ambit.agent.netns import create_netns, netns_path, remove_netns
+
+    tag = uuid.uuid4().hex[:4]
+    names = (f"hbt-bench-a-{tag}", f"hbt-bench-b-{tag}")
+    try:
+        for name in names:
+            create_netns(name)
+        with iproute(netns_path(names[0])) as a:
+            a.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": netns_path(names[1])})
+        for name, address in zip(names, (POD_A, POD_B)):
+            with iproute(netns_path(name)) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                eth0 = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=eth0, address=address, prefixlen=24)
+                ipr.link("set", index=eth0, state="up")
+    except BaseException:
+        for name in names:
+            remove_netns(name)
+        raise
+    return names
+
+
 def orchestrate(args: argparse.Namespace) -> dict:
-    from ambit.agent.netns import enter_netns, netns_path
+    from ambit.agent.netns import NetnsThread, enter_netns, netns_path, remove_netns
     from tests.support import envoy
-    from tests.support.hbone_lab import make_netns, remove_netns
 
     quick = args.quick
     seconds = args.seconds or (2 if quick else 8)
     throughput_rounds = 2 if quick else 3
     rtt_rounds, rtt_count = (3, 2000) if quick else (7, 10000)
-    name = make_netns("hbt-bench", (POD_A, POD_B))
+    node_a, node_b = make_nodes()
+    server_node = NetnsThread(netns_path(node_b))
     procs = Processes()
     envoys: list[envoy.EnvoyProcess] = []
     workdir = Path(tempfile.mkdtemp(prefix="hbt-bench-"))
     try:
-        enter_netns(netns_path(name))  # this thread; every child inherits it
+        enter_netns(netns_path(node_a))  # this thread is the client node; its children inherit it
         _raise_fd_limit()
         tool = workdir / "pingpong"
         subprocess.run(["gcc", "-O2", "-o", str(tool), str(REPO / "bench" / "pingpong.c")], check=True)
         ca_dir, certs = setup_identities(workdir)
         server_id = f"spiffe://{TRUST_DOMAIN}/ns/{SERVER_SA[0]}/sa/{SERVER_SA[1]}"
 
-        procs.start(["iperf3", "-s", "-B", POD_B, "-p", str(IPERF_PORT)])
-        procs.start([str(tool), "server", POD_B, str(ECHO_PORT)], ready_line=True)
-        envoy.wait_listening(POD_B, IPERF_PORT)
+        procs.start(["iperf3", "-s", "-B", POD_B, "-p", str(IPERF_PORT)], node=server_node)
+        procs.start([str(tool), "server", POD_B, str(ECHO_PORT)], ready_line=True, node=server_node)
+        server_node.run(envoy.wait_listening, POD_B, IPERF_PORT)  # listening sockets are per namespace
 
         def start_agents(hbone_port: int, entries: dict[int, str], tag: str) -> dict[str, int]:
             common = [sys.executable, str(Path(__file__).resolve()), "--ca-dir", str(ca_dir), "--hbone-port", str(hbone_port)]
-            server = procs.start(common + ["--agent", "server", "--store-dir", str(workdir / f"srv-{tag}")], ready_line=True)
+            server = procs.start(common + ["--agent", "server", "--store-dir", str(workdir / f"srv-{tag}")],
+                                 ready_line=True, node=server_node)
             entry_args = [f"{port}={authority}" for port, authority in entries.items()]
             client = procs.start(
                 common + ["--agent", "client", "--store-dir", str(workdir / f"cli-{tag}"), "--entry", *entry_args], ready_line=True
@@ -328,11 +369,11 @@ def orchestrate(args: argparse.Namespace) -> dict:
 
         authorities = {port: f"{ip}:{p}" for port, (ip, p) in TARGETS.items()}
         ambit_pids = start_agents(AMBIT_HBONE_PORT, {15000 + k: v for k, v in authorities.items() if k != 3}, "main")
-        server_envoy = envoy.EnvoyProcess(
+        server_envoy = server_node.run(lambda: envoy.EnvoyProcess(
             envoy.server_config(certs["server"], (POD_B, ENVOY_HBONE_PORT), {a: TARGETS[k] for k, a in authorities.items()}, TRUST_DOMAIN),
             workdir,
             "envoy-server",
-        )
+        ))
         envoys.append(server_envoy)
         client_envoy = envoy.EnvoyProcess(
             envoy.client_config(
@@ -342,7 +383,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
             "envoy-client",
         )
         envoys.append(client_envoy)
-        server_envoy.wait_listening(POD_B, ENVOY_HBONE_PORT)
+        server_node.run(server_envoy.wait_listening, POD_B, ENVOY_HBONE_PORT)
         for k in TARGETS:
             client_envoy.wait_listening(POD_A, 15100 + k)
         envoy_pids = {"envoy_client": client_envoy.pid, "envoy_server": server_envoy.pid}
@@ -386,7 +427,9 @@ def orchestrate(args: argparse.Namespace) -> dict:
             proxy.stop()
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-        remove_netns(name)
+        server_node.close()
+        remove_netns(node_a)
+        remove_netns(node_b)
 
     throughput = {s: {p: median(v) for p, v in d.items()} for s, d in rates.items()}
     rtt = {p: {"p50": median(rtt_rounds_p50[p]), "p99": median(rtt_rounds_p99[p])} for p in echo_paths}
@@ -398,8 +441,9 @@ def orchestrate(args: argparse.Namespace) -> dict:
     report = {
         "bench": "hbone",
         "mode": "quick" if quick else "full",
-        "topology": "one netns, loopback; ambit client/server agents = 2 processes (1 core each at most); "
-        "Envoy x2, default workers; medians over interleaved rounds",
+        "topology": "two node namespaces joined by a veth; client side (client pod address, ambit client agent, "
+        "Envoy tunnel) in node A, server side (server pod address, ambit server agent, Envoy terminator) in "
+        "node B; 1 process per ambit agent, Envoy default workers; medians over interleaved rounds",
         "throughput_1s_vs_envoy": round(throughput_ratio, 3),
         "target": TARGET_THROUGHPUT_VS_ENVOY,
         "met": throughput_ratio >= TARGET_THROUGHPUT_VS_ENVOY,
