@@ -12,11 +12,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY requirements.txt ./
-# Only what freezing needs, at the versions requirements.txt pins (h2 brings
-# hpack, which the plugin uses on a rare path).
+COPY requirements.txt requirements-dev.txt ./
+# Only what freezing needs, at the pinned versions (h2 brings hpack, which the
+# plugin uses on a rare path).
 RUN python3 -m venv /src/.venv \
- && /src/.venv/bin/pip install --no-cache-dir $(grep -iE '^(pyinstaller|h2)==' requirements.txt)
+ && /src/.venv/bin/pip install --no-cache-dir $(grep -ihE '^(pyinstaller|h2)==' requirements.txt requirements-dev.txt)
 COPY cni ./cni
 COPY scripts/freeze-cni.sh ./scripts/
 RUN PY=/src/.venv/bin/python bash scripts/freeze-cni.sh

@@ -22,9 +22,9 @@ $(HOST_STAMP): scripts/setup-host.sh
 
 # bcc's Python module lives in Debian's dist-packages, hence --system-site-packages.
 venv: $(VENV_STAMP)
-$(VENV_STAMP): requirements.txt setup.cfg setup.py $(HOST_STAMP)
+$(VENV_STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py $(HOST_STAMP)
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -43,7 +43,7 @@ $(CNI_STAGED): scripts/stage-cni.sh $(wildcard cni/*.py)
 CNI_FROZEN := build/cni-frozen/ambit-cni/ambit-cni
 .PHONY: frozen
 frozen: $(CNI_FROZEN)
-$(CNI_FROZEN): scripts/freeze-cni.sh $(wildcard cni/*.py) requirements.txt $(VENV_STAMP)
+$(CNI_FROZEN): scripts/freeze-cni.sh $(wildcard cni/*.py) requirements-dev.txt $(VENV_STAMP)
 	@bash scripts/freeze-cni.sh --if-stale
 	@touch $@
 

@@ -40,7 +40,7 @@ if [[ ${1:-} == --if-stale && -x $exe && -f $out/.inputs && $(cat "$out/.inputs"
     exit 0
 fi
 "$PY" -c 'import PyInstaller' 2>/dev/null || {
-    echo "freeze-cni: PyInstaller is not installed in $PY (make venv installs it from requirements.txt)" >&2
+    echo "freeze-cni: PyInstaller is not installed in $PY (make venv installs it from requirements-dev.txt)" >&2
     exit 1
 }
 

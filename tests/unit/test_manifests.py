@@ -303,6 +303,8 @@ def test_dockerfile_ships_the_frozen_plugin_where_install_cni_looks(dockerfile):
     assert re.search(r"^out=build/cni-frozen$", (REPO / "scripts" / "freeze-cni.sh").read_text(), re.M)
     assert dest + "/ambit-cni" == install_cli.DEFAULT_PLUGIN == \
         find("ConfigMap", "ambit-config")["data"]["AMBIT_CNI_PLUGIN"]
-    pins = re.search(r"grep -iE '([^']+)' requirements.txt", " ".join(i["value"] for i in dockerfile)).group(1)
-    pinned = [line for line in (REPO / "requirements.txt").read_text().splitlines() if re.match(pins, line, re.I)]
+    pins = re.search(r"grep -ihE '([^']+)' requirements.txt requirements-dev.txt",
+                     " ".join(i["value"] for i in dockerfile)).group(1)
+    pinned = [line for name in ("requirements.txt", "requirements-dev.txt")
+              for line in (REPO / name).read_text().splitlines() if re.match(pins, line, re.I)]
     assert sorted(p.split("==")[0].lower() for p in pinned) == ["h2", "pyinstaller"]
