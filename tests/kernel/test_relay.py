@@ -29,7 +29,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from pyroute2 import NetNS, netns
 
 from ambit.agent.datapath.constants import MARK_PROXY, ROUTE_TABLE, RULE_PRIORITY
 from ambit.agent.proxy.connections import ConnectionRegistry, ConnectionState
@@ -40,6 +39,8 @@ from ambit.agent.proxy.listeners import (
     TransparentListener,
     listening_socket_setup,
 )
+from ambit.agent.netlink import iproute
+from ambit.agent.netns import create_netns, remove_netns
 from ambit.agent.netns import NetnsThread, in_netns, make_socket
 from ambit.agent.proxy.relay import (
     NetnsUpstreamSockets,
@@ -83,25 +84,24 @@ def make_netns() -> Iterator[Callable[[str], str]]:
 
     def make(tag: str) -> str:
         name = _unique(tag)
-        netns.create(name)
+        create_netns(name)
         created.append(name)
-        with NetNS(name) as ns:
+        with iproute(name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
         return name
 
     yield make
     for name in created:
-        with contextlib.suppress(Exception):
-            netns.remove(name)
+        remove_netns(name)
 
 
 def _add_veth(left: str, left_if: str, right: str, right_if: str) -> None:
-    with NetNS(left) as ns:
+    with iproute(left) as ns:
         ns.link("add", ifname=left_if, kind="veth", peer={"ifname": right_if, "net_ns_fd": right})
 
 
 def _configure(name: str, ifname: str, ip: str, prefixlen: int) -> int:
-    with NetNS(name) as ns:
+    with iproute(name) as ns:
         index = ns.link_lookup(ifname=ifname)[0]
         ns.addr("add", index=index, address=ip, prefixlen=prefixlen)
         ns.link("set", index=index, state="up")
@@ -109,7 +109,7 @@ def _configure(name: str, ifname: str, ip: str, prefixlen: int) -> int:
 
 
 def _add_lo_addresses(name: str, *ips: str) -> None:
-    with NetNS(name) as ns:
+    with iproute(name) as ns:
         lo = ns.link_lookup(ifname="lo")[0]
         for ip in ips:
             ns.addr("add", index=lo, address=ip, prefixlen=32)
@@ -124,7 +124,7 @@ def single_ns(make_netns: Callable[[str], str]) -> Iterator[NetnsThread]:
     # firewall that drops (no ICMP, no RST) -> connect timeout.
     _add_veth(name, "rly-bh0", name, "rly-bh1")
     index = _configure(name, "rly-bh0", "10.252.0.97", 27)
-    with NetNS(name) as ns:
+    with iproute(name) as ns:
         ns.neigh("add", dst=BLACKHOLE_IP, lladdr="02:00:00:00:00:01", ifindex=index, state="permanent")
     with in_netns(name) as thread:
         yield thread
@@ -148,11 +148,11 @@ def three_ns(make_netns: Callable[[str], str]) -> Iterator[Topology]:
     _configure(proxy, "rly-ps", SRV_LINK_PROXY_IP, 26)
     _configure(cli, "rly-cp", CLI_LINK_CLI_IP, 26)
     _configure(srv, "rly-sp", SRV_LINK_SRV_IP, 26)
-    with NetNS(cli) as ns:
+    with iproute(cli) as ns:
         ns.route("add", dst="0.0.0.0", dst_len=0, gateway=CLI_LINK_PROXY_IP)
-    with NetNS(srv) as ns:  # replies to pods go back through the proxy
+    with iproute(srv) as ns:  # replies to pods go back through the proxy
         ns.route("add", dst="0.0.0.0", dst_len=0, gateway=SRV_LINK_PROXY_IP)
-    with NetNS(proxy) as ns:
+    with iproute(proxy) as ns:
         lo = ns.link_lookup(ifname="lo")[0]
         ns.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254,
                  table=ROUTE_TABLE, oif=lo, family=socket.AF_INET)

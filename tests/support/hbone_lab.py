@@ -20,12 +20,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import NetNS, netns
-
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
-from ambit.agent.netns import enter_netns, netns_path
+from ambit.agent.netlink import iproute
+from ambit.agent.netns import create_netns, enter_netns, netns_path, remove_netns
 
 T = TypeVar("T")
 
@@ -36,22 +35,17 @@ MiB = 1 << 20
 def make_netns(prefix: str, addresses: tuple[str, ...]) -> str:
     """A fresh `<prefix>-<random>` namespace with lo up and `addresses` on lo."""
     name = f"{prefix}-{secrets.token_hex(3)}"
-    netns.create(name)
+    create_netns(name)  # no fork: the test process may hold gRPC threads
     try:
-        with NetNS(name) as ns:
+        with iproute(name) as ns:
             lo = ns.link_lookup(ifname="lo")[0]
             ns.link("set", index=lo, state="up")
             for address in addresses:
                 ns.addr("add", index=lo, address=address, prefixlen=32)
     except BaseException:
-        netns.remove(name)
+        remove_netns(name)
         raise
     return name
-
-
-def remove_netns(name: str) -> None:
-    with contextlib.suppress(Exception):
-        netns.remove(name)
 
 
 def run_in_netns(name: str, scenario: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
