@@ -11,7 +11,7 @@ client against it.
 """
 from __future__ import annotations
 
-import socket
+import _socket as socket  # the C module: socket.py would import enum and selectors (start-up cost)
 import struct
 import time
 
@@ -194,12 +194,12 @@ def unary_call(socket_path: str, method: str, request: bytes, timeout: float,
             sock.connect(socket_path)
         except FileNotFoundError:
             raise RpcError(UNAVAILABLE, f"agent socket {socket_path} does not exist (is ambit-agent running?)") from None
-        except socket.timeout:
+        except TimeoutError:
             raise RpcError(DEADLINE_EXCEEDED, f"connecting to {socket_path} timed out after {timeout:g}s") from None
         except OSError as exc:  # refused, permission, a file in the path, ...: the agent is not there
             raise RpcError(UNAVAILABLE, f"cannot connect to agent socket {socket_path}: {exc.strerror or exc}") from None
         return _exchange(sock, method, request, deadline, timeout, user_agent)
-    except socket.timeout:
+    except TimeoutError:
         raise RpcError(DEADLINE_EXCEEDED, f"agent did not answer {method} within {timeout:g}s") from None
     except (ConnectionError, BrokenPipeError) as exc:
         raise RpcError(UNAVAILABLE, f"agent connection failed during {method}: {exc}") from None
@@ -237,7 +237,7 @@ def _exchange(sock: socket.socket, method: str, request: bytes, deadline: float,
         while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             sock.settimeout(remaining)
             chunk = sock.recv(65536)
             if not chunk:

@@ -139,7 +139,12 @@ def main() -> None:
         stdin = sys.stdin.buffer.read()
     except OSError:
         stdin = b""
-    sys.exit(run(os.environ, stdin, sys.stdout, sys.stderr))
+    status = run(os.environ, stdin, sys.stdout, sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown (module GC, atexit): ~2.5 ms of CPU per run
+    # that twenty pods starting at once would otherwise wait for.
+    os._exit(status)
 
 
 if __name__ == "__main__":

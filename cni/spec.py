@@ -7,7 +7,7 @@ import per run (see cni/__init__.py).
 """
 from __future__ import annotations
 
-import ipaddress
+import _socket  # inet_pton/inet_ntop without socket.py's imports (see cni/__init__.py)
 import json
 import re
 
@@ -233,7 +233,7 @@ def validate_prev_result(prev) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get("address"), str):
             raise CniError(INVALID_CONFIG, f"prevResult ips entry is malformed: {entry!r}")
         try:
-            ipaddress.ip_interface(entry["address"])
+            parse_interface(entry["address"])
         except ValueError:
             raise CniError(INVALID_CONFIG, f"prevResult has an invalid address {entry['address']!r}") from None
 
@@ -250,9 +250,29 @@ def parse_valid_attachments(raw) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_interface(text: str) -> tuple[int, str, int]:
+    """"10.0.0.5/24" -> (4, "10.0.0.5", 24), canonical address; ValueError if
+    malformed. A prefix is required, as in CNI results."""
+    if not isinstance(text, str) or text.count("/") != 1:
+        raise ValueError(f"not an address with a prefix length: {text!r}")
+    address, _, prefix = text.partition("/")
+    family, version, bits = (_socket.AF_INET6, 6, 128) if ":" in address else (_socket.AF_INET, 4, 32)
+    try:
+        canonical = _socket.inet_ntop(family, _socket.inet_pton(family, address))
+    except OSError:
+        raise ValueError(f"not an IPv{version} address: {address!r}") from None
+    if not prefix.isdigit() or not 0 <= int(prefix) <= bits:
+        raise ValueError(f"bad prefix length in {text!r}")
+    return version, canonical, int(prefix)
+
+
+def format_interface(version: int, address: str, prefix: int) -> str:
+    return f"{address}/{prefix}"
+
+
 def pod_addresses(prev: dict) -> list[str]:
     """The pod's addresses in CIDR form, as the primary plugin assigned them."""
-    return [str(ipaddress.ip_interface(entry["address"])) for entry in prev.get("ips", [])]
+    return [format_interface(*parse_interface(entry["address"])) for entry in prev.get("ips", [])]
 
 
 def convert_result(prev: dict, version: str) -> dict:
@@ -268,7 +288,7 @@ def convert_result(prev: dict, version: str) -> dict:
             if version_at_least(version, "1.0.0"):
                 entry.pop("version", None)
             elif "version" not in entry:
-                entry["version"] = str(ipaddress.ip_interface(entry["address"]).version)
+                entry["version"] = str(parse_interface(entry["address"])[0])
             ips.append(entry)
         out["ips"] = ips
     return out
