@@ -95,19 +95,29 @@ def _filter_count(ipr: IPRoute, ifindex: int, parent: int) -> int:
     return sum(1 for msg in ipr.get_filters(index=ifindex, parent=parent) if msg["handle"])
 
 
-def _has_clsact(ipr: IPRoute, ifindex: int) -> bool:
-    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(ifindex))
+def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    # Add and tolerate EEXIST rather than look first: a qdisc dump lists
+    # every device's qdiscs (the kernel does not filter by ifindex), which
+    # made each enrol O(pods on the node): 40 ms at 10 pods, 370 at 500.
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def _remove_clsact(ipr: IPRoute, ifindex: int) -> None:
+    try:
+        ipr.tc("del", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.EINVAL):  # none there
+            raise
 
 
 def ensure_filter(ipr: IPRoute, ifindex: int, parent: int, name: str, program: TcProgram) -> None:
     """Put program on the hook under name; replaces our previous one (a
     restarted agent's fresh compile), never someone else's."""
-    if not _has_clsact(ipr, ifindex):
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
+    _ensure_clsact(ipr, ifindex)
     ours = our_filters(ipr, ifindex, parent)
     for existing in ours:
         if existing.name == name and existing.info >> 16 == FILTER_PRIORITY:
@@ -133,8 +143,8 @@ def remove_filters(ipr: IPRoute, ifindex: int) -> int:
         for f in our_filters(ipr, ifindex, parent):
             ipr.tc("del-filter", "bpf", ifindex, f.handle, parent=parent, info=f.info)
             removed += 1
-    if _has_clsact(ipr, ifindex) and not any(_filter_count(ipr, ifindex, p) for p in (TC_INGRESS, TC_EGRESS)):
-        ipr.tc("del", "clsact", ifindex)
+    if not any(_filter_count(ipr, ifindex, p) for p in (TC_INGRESS, TC_EGRESS)):
+        _remove_clsact(ipr, ifindex)
     return removed
 
 
