@@ -26,8 +26,9 @@ import structlog
 from . import __version__
 from . import log as logconf
 from .datapath import constants
-from .datapath.backend import EbpfCapture
+from .datapath.backend import CAPTURE_BACKENDS, capture_backend, make_datapath, uninstall_all
 from .datapath.capture import Datapath
+from .datapath.nft_capture import NftDatapath
 from .enrolment import Enrolment, RecordOnly
 from .mesh import MeshRuntime, MeshSettings
 from .proxy.node_proxy import NodeProxy
@@ -40,7 +41,7 @@ from .telemetry.metrics import Metrics
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_STATE_DIR = "/var/run/ambit/state"
-CAPTURE_MODES = ("ebpf", "none")
+CAPTURE_MODES = (*CAPTURE_BACKENDS, "none")
 
 log = structlog.get_logger("ambit.agent")
 
@@ -88,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                         choices=["debug", "info", "warn", "error"], help="log level (default: %(default)s)")
     parser.add_argument("--capture", default=os.environ.get("AMBIT_CAPTURE", "ebpf"), choices=CAPTURE_MODES,
                         help="how enrolled pods' traffic is captured: ebpf = tc programs on each pod's veth "
-                             "steering TCP into the proxy namespace; none = record pods only "
+                             "steering TCP into the proxy namespace; nftables = nftables sets, a policy route "
+                             "and TPROXY (for hosts without eBPF); none = record pods only "
                              "(default: %(default)s)")
     parser.add_argument("--proxy-netns", default=constants.PROXY_NETNS,
                         help="name of the proxy's network namespace (default: %(default)s)")
@@ -145,7 +147,7 @@ class Agent:
         self.metrics.enrolled_pods.set_function(self.enrolment.enrolled_count)
         self.telemetry = TelemetryServer(self.metrics.registry, self.readiness, config.telemetry_address,
                                          config.metrics_port, config.readiness_port)
-        self.datapath: Datapath | None = None
+        self.datapath: Datapath | NftDatapath | None = None
         self.proxy: NodeProxy | None = None
         self.mesh = MeshRuntime(config.mesh_settings()) if config.discovery != "none" else None
         self._ready = False
@@ -190,7 +192,7 @@ class Agent:
             self._not_ready_reason = f"loading {self.config.discovery} discovery"
             await self.mesh.start()
             self.mesh.follow(self.enrolment)
-        if self.config.capture == "ebpf":
+        if self.config.capture in CAPTURE_BACKENDS:
             await self._start_datapath()
         await self.enrolment.reconcile()
         if self.mesh is not None:
@@ -221,15 +223,16 @@ class Agent:
         """Listeners first, then the programs: after a restart the pods'
         filters (kept by the kernel) already steer to these listeners, so
         captured pods are served again before the ~1 s compile is done."""
-        self.datapath = Datapath(proxy_netns=self.config.proxy_netns, pin_dir=self.config.bpffs_dir)
+        self.datapath = make_datapath(self.config.capture, proxy_netns=self.config.proxy_netns,
+                                      pin_dir=self.config.bpffs_dir)
         self._not_ready_reason = "creating the proxy namespace"
         await asyncio.to_thread(self.datapath.proxy_ns.ensure)
         self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip,
                                self.mesh.mesh if self.mesh is not None else None)
         await self.proxy.start()
-        self._not_ready_reason = "installing the datapath (compiling eBPF programs)"
+        self._not_ready_reason = f"installing the {self.config.capture} datapath"
         await asyncio.to_thread(self.datapath.install)
-        self.enrolment.backend = EbpfCapture(self.datapath)
+        self.enrolment.backend = capture_backend(self.datapath)
 
 
 async def _serve(config: AgentConfig) -> None:
@@ -247,7 +250,7 @@ async def _serve(config: AgentConfig) -> None:
 
 def cleanup(config: AgentConfig) -> None:
     """Remove ambit's kernel state and records for this node (uninstall)."""
-    Datapath(proxy_netns=config.proxy_netns, pin_dir=config.bpffs_dir).uninstall()
+    uninstall_all(proxy_netns=config.proxy_netns, pin_dir=config.bpffs_dir)  # whichever backend ran
     store = StateStore(config.state_dir)
     for workload in store.load_all():
         store.delete(workload.key)

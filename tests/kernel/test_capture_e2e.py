@@ -1,5 +1,7 @@
 """The datapath end to end: pods made by the real CNI chain on one node, a
-real ambit-agent with eBPF capture, real TCP through the proxy.
+real ambit-agent, real TCP through the proxy. Every test runs once per
+capture backend: eBPF (tc + bpf_sk_assign) and nftables (sets, policy
+route, TPROXY); what the pods and the proxy see must not differ.
 
 Pods on the `mesh` conflist go through ambit-cni and are captured; pods on
 `plain` share the same bridge and address pool but their chain has no
@@ -8,12 +10,14 @@ ambit-cni, so ambit never hears of them.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import json
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 
@@ -21,30 +25,49 @@ from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox
 from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
                                   remove_netns)
 from tests.support.agentapi import workloads
+from tests.support import nftstate
 from tests.support.kernelstate import node_snapshot
 from tests.support.podnet import (TcpServer, connect, echo_until_eof, random_bytes, recv_exactly, recv_until_eof,
                                   udp_socket)
 
 pytestmark = pytest.mark.kernel
-SUBNET = "10.242.0.0/24"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A capture backend and the names/addresses its runs use."""
+
+    capture: str
+    prefix: str   # of every namespace the test makes
+    subnet: str
+
+    @property
+    def gateway(self) -> str:  # the node's address on the pod bridge
+        return str(next(ipaddress.ip_network(self.subnet).hosts()))
+
+
+BACKENDS = [Backend("ebpf", "cap", "10.242.0.0/24"), Backend("nftables", "nft-cap", "10.233.0.0/24")]
 
 
 class MeshNode:
-    """One node, an eBPF agent, and helpers to add pods to either network."""
+    """One node, an agent with the backend under test, and helpers to add
+    pods to either network."""
 
-    def __init__(self, node: NodeNamespace, agent: AgentProcess) -> None:
+    def __init__(self, node: NodeNamespace, agent: AgentProcess, backend: Backend) -> None:
         self.node = node
         self.agent = agent
+        self.backend = backend
         ipam = node.workdir / "ipam"
-        self.mesh = CniRuntime(bridge_conflist("cap", SUBNET, agent.socket, ipam_dir=ipam), cni_plugin_dirs(),
-                               node_netns=node.path)
-        self.plain = CniRuntime(bridge_conflist("cap", SUBNET, agent.socket, ipam_dir=ipam, ambit=False),
+        self.mesh = CniRuntime(bridge_conflist("cap", backend.subnet, agent.socket, ipam_dir=ipam),
+                               cni_plugin_dirs(), node_netns=node.path)
+        self.plain = CniRuntime(bridge_conflist("cap", backend.subnet, agent.socket, ipam_dir=ipam, ambit=False),
                                 cni_plugin_dirs(), node_netns=node.path)
         self.pods: list[tuple[CniRuntime, PodSandbox]] = []
 
     def add_pod(self, name: str, meshed: bool = True) -> tuple[PodSandbox, str]:
         runtime = self.mesh if meshed else self.plain
-        sb = PodSandbox(container_id=uuid.uuid4().hex, netns=make_pod_netns(f"cap-{uuid.uuid4().hex[:8]}"),
+        sb = PodSandbox(container_id=uuid.uuid4().hex,
+                        netns=make_pod_netns(f"{self.backend.prefix}-{uuid.uuid4().hex[:8]}"),
                         namespace="shop", name=name, uid=str(uuid.uuid4()))
         self.pods.append((runtime, sb))
         result = runtime.add(sb).result
@@ -81,13 +104,23 @@ class MeshNode:
             time.sleep(0.02)
 
 
-@pytest.fixture
-def mesh():
-    with NodeNamespace(f"cap-node-{uuid.uuid4().hex[:6]}") as node:
-        agent = AgentProcess(node, "capture", capture="ebpf")
+    def kernel_state(self) -> dict:
+        """Both backends' kernel objects of this node (netlink, bpffs, nftables)."""
+        state = node_snapshot(self.node.path, self.agent.bpffs_dir)
+        state["nft_node"] = nftstate.ambit_objects(self.node.path)
+        proxy = f"/var/run/netns/{self.agent.proxy_netns}"
+        state["nft_proxy"] = nftstate.ambit_objects(proxy) if os.path.exists(proxy) else None
+        return state
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.capture for b in BACKENDS])
+def mesh(request):
+    backend: Backend = request.param
+    with NodeNamespace(f"{backend.prefix}-node-{uuid.uuid4().hex[:6]}") as node:
+        agent = AgentProcess(node, "capture", capture=backend.capture)
         try:
             agent.start()
-            m = MeshNode(node, agent)
+            m = MeshNode(node, agent, backend)
             try:
                 yield m
             finally:
@@ -202,7 +235,7 @@ def test_unenrolled_pods_udp_and_the_node_are_left_alone(mesh):
                                                 "s.sendall(b'ok'); s.shutdown(1); print(s.recv(10).decode())"],
                               capture_output=True, text=True, timeout=10)
         assert probe.stdout.strip() == "ok", probe.stderr
-        assert server.peers[0][0] == "10.242.0.1"     # the node's bridge address, not rewritten
+        assert server.peers[0][0] == mesh.backend.gateway  # the node's bridge address, not rewritten
     time.sleep(0.3)
     assert not [e for e in mesh.proxy_log() if e["dst"] == f"{ip_a}:8081"]
 
@@ -235,30 +268,41 @@ def test_agent_killed_fails_closed_and_a_restart_serves_again(mesh):
 
 
 def test_many_add_del_cycles_leave_nothing_behind(mesh):
-    a, _ = mesh.add_pod("resident")
-    before = node_snapshot(mesh.node.path, mesh.agent.bpffs_dir)
+    a, ip_a = mesh.add_pod("resident")
+    before = mesh.kernel_state()
     for i in range(200):
         sb, _ = mesh.add_pod(f"churn-{i}")
         mesh.delete_pod(sb)
-    after = node_snapshot(mesh.node.path, mesh.agent.bpffs_dir)
+    after = mesh.kernel_state()
     assert after == before
+    if mesh.backend.capture == "nftables":             # only the resident's elements, in every set
+        assert after["nft_node"]["elements"] == [f"pod_l3mac {ip_a}", f"pods {ip_a}"]
+        assert after["nft_proxy"]["elements"] == [f"local_pods {ip_a}"]
     assert {w.pod.name for w in workloads(mesh.agent.socket)} == {"resident"}
 
 
 def test_agent_cleanup_removes_every_kernel_object_it_made(mesh):
     a, _ = mesh.add_pod("client")
-    captured = node_snapshot(mesh.node.path, mesh.agent.bpffs_dir)
-    assert captured["filters"] and captured["pins"] and captured["local_pods"] == 1
+    captured = mesh.kernel_state()
+    if mesh.backend.capture == "ebpf":
+        assert captured["filters"] and captured["pins"] and captured["local_pods"] == 1
+    else:
+        assert captured["nft_node"]["tables"] == ["bridge", "ip"] and len(captured["nft_node"]["elements"]) == 2
+        assert captured["nft_proxy"]["tables"] == ["ip"] and len(captured["nft_proxy"]["elements"]) == 1
+        assert (100, 0x100, 100) in captured["rules"]
 
     mesh.agent.stop()
     mesh.agent.cleanup()
 
-    after = node_snapshot(mesh.node.path, mesh.agent.bpffs_dir)
+    after = mesh.kernel_state()
     assert after["filters"] == []
     assert after["pins"] == [] and not os.path.exists(mesh.agent.bpffs_dir)
     assert "ambit0" not in {name for _, name in after["links"]}
     assert not os.path.exists(f"/var/run/netns/{mesh.agent.proxy_netns}")
     assert [k for _, k in after["qdiscs"] if k == "clsact"] == []
+    assert all(not objects for objects in after["nft_node"].values())   # no table, chain, set, rule
+    assert [r for r in after["rules"] if r[2] == 100] == []             # no policy rule to table 100
+    assert [r for r in after["routes"] if r[0] == 100] == []
 
 
 def test_ambitctl_shows_a_live_connection_with_its_original_destination(mesh):
@@ -286,4 +330,4 @@ def test_ambitctl_shows_a_live_connection_with_its_original_destination(mesh):
     row = rows[0]
     assert row["client"].startswith(f"{ip_a}:") and row["listener"] == "outbound"
     assert int(row["bytes_sent"]) == 1000 and int(row["bytes_received"]) == 1000
-    assert "capture:     ebpf" in status.stdout and "outbound:15001" in status.stdout
+    assert f"capture:     {mesh.backend.capture}" in status.stdout and "outbound:15001" in status.stdout

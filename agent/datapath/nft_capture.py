@@ -1,0 +1,309 @@
+"""nftables capture of enrolled pods into the proxy namespace: the Netfilter
+counterpart of capture.Datapath, with the same interface, marks, table 100
+and listeners (docs/datapath.md, "The nftables backend").
+
+Per node (install): the proxy namespace and ambit0 (proxyns); in the node
+namespace the `bridge ambit` and `ip ambit` tables and the policy route
+(`fwmark 0x100/0x100 lookup 100`, table 100: default via the proxy); in the
+proxy namespace the `ip ambit` table whose tproxy rules hand SYNs to
+15001/15006/15008. Per pod (attach_pod): its addresses in the node's `pods`
+set and the proxy's `local_pods` set, and, for a bridge port, in the
+bridge's `pod_l3mac` map with its host veth's MAC.
+
+Everything is read back from the kernel (attached): element comments name
+the owning veth. Calls are synchronous (worker threads) and serialised.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import constants
+from . import nft_ruleset as rs
+from .capture import PodLinkMissing
+from .nft_session import NftError, NftSession
+from .programs import ProxyLink
+from .proxyns import ProxyNamespace, open_rtnl
+
+log = structlog.get_logger(__name__)
+
+IPv4 = ipaddress.IPv4Address
+NODE_FAMILIES = ("bridge", "ip")
+
+
+@dataclass(frozen=True)
+class NftPodCapture:
+    """A pod's capture as the kernel holds it, from the element comments."""
+
+    host_ifindex: int
+    host_veth: str
+    pod_ips: tuple[IPv4, ...]
+    steered: bool        # every address in the node's `pods` set (marked, routed to ambit0)
+    directed: bool       # every address in the proxy's `local_pods` (its SYNs go to 15001)
+    bridge: str | None   # the bridge its veth is a port of, None when routed
+    lifted: bool         # every address in the bridge map (only needed when bridge is set)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.pod_ips) and self.steered and self.directed and (self.lifted or not self.bridge)
+
+
+def ipv4_addresses(pod_ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address]) -> tuple[IPv4, ...]:
+    """The IPv4 addresses among pod_ips (IPv6 is not captured)."""
+    addrs = (ipaddress.ip_address(str(ip)) for ip in pod_ips)
+    return tuple(sorted({a for a in addrs if isinstance(a, IPv4)}))
+
+
+@dataclass(frozen=True)
+class HostVeth:
+    ifindex: int
+    name: str
+    mac: str
+    bridge: str | None
+
+
+def read_host_veth(ipr: IPRoute, ifindex: int) -> HostVeth:
+    try:
+        link = ipr.get_links(ifindex)[0]
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+            raise PodLinkMissing(f"no link with index {ifindex}") from None
+        raise
+    bridge = None
+    if link.get(("IFLA_LINKINFO", "IFLA_INFO_SLAVE_KIND")) == "bridge" and link.get("IFLA_MASTER"):
+        bridge = ipr.get_links(link.get("IFLA_MASTER"))[0].get("IFLA_IFNAME")
+    return HostVeth(ifindex, link.get("IFLA_IFNAME"), link.get("IFLA_ADDRESS"), bridge)
+
+
+class NftDatapath:
+    """The nftables capture backend of one node."""
+
+    backend = "nftables"
+
+    def __init__(
+        self,
+        *,
+        node_netns: str | None = None,
+        proxy_netns: str = constants.PROXY_NETNS,
+        node_link: str = constants.NODE_LINK,
+    ) -> None:
+        """node_netns: the node's namespace (name or path); None is the
+        caller's own (a deployed agent). The lab and tests pass it."""
+        self.node_netns = node_netns
+        self.proxy_ns = ProxyNamespace(proxy_netns, node_link, node_netns=node_netns)
+        self._node: NftSession | None = None
+        self._proxy: NftSession | None = None
+        self._lock = threading.Lock()
+        self._log = log.bind(node_netns=node_netns or "<own>", proxy_netns=proxy_netns)
+
+    # sessions -------------------------------------------------------------
+    def _node_session(self) -> NftSession:
+        if self._node is None:
+            self._node = NftSession(self.node_netns)
+        return self._node
+
+    def _proxy_session(self) -> NftSession:
+        if self._proxy is None:
+            self._proxy = NftSession(self.proxy_ns.path)
+        return self._proxy
+
+    def _drop_sessions(self) -> None:
+        for session in (self._node, self._proxy):
+            if session is not None:
+                session.close()
+        self._node = self._proxy = None
+
+    # node -------------------------------------------------------------------
+    def install(self) -> ProxyLink:
+        """Proxy namespace, node route to it, both rule sets. Idempotent; a
+        restarted agent replaces the rules in place (one transaction per
+        namespace) and keeps the elements, i.e. the enrolled pods."""
+        with self._lock:
+            link = self.proxy_ns.ensure()
+            # A rebuilt namespace is a new namespace: contexts are per namespace.
+            self._drop_sessions()
+            with open_rtnl(self.node_netns) as node:
+                self._ensure_node_route(node, link.node_ifindex)
+            with open_rtnl(self.proxy_ns.path) as proxy:
+                proxy_eth = proxy.link_lookup(ifname=self.proxy_ns.proxy_link)[0]
+            self._node_session().run(rs.node_rules(link.node_ifindex))
+            self._proxy_session().run(rs.proxy_rules(proxy_eth))
+            adopted = len(self._read_node_set())
+        self._log.info("nft_datapath_installed", node_ifindex=link.node_ifindex, adopted_addresses=adopted)
+        return link
+
+    def _ensure_node_route(self, node: IPRoute, node_ifindex: int) -> None:
+        """Marked packets leave through ambit0 towards the proxy's address."""
+        node.route("replace", dst="0.0.0.0/0", gateway=self.proxy_ns.proxy_addr, oif=node_ifindex,
+                   table=constants.ROUTE_TABLE)
+        if not _has_steering_rule(node):
+            node.rule("add", family=socket.AF_INET, table=constants.ROUTE_TABLE,
+                      priority=constants.RULE_PRIORITY, fwmark=constants.MARK_CAPTURED,
+                      fwmask=constants.MARK_CAPTURED)
+
+    def close(self) -> None:
+        """Release this process's handles (agent stop): the rules stay, so
+        enrolled pods fail closed until an agent is back."""
+        with self._lock:
+            self._drop_sessions()
+
+    def uninstall(self) -> None:
+        """Remove everything: both node tables (with every element), the node
+        rule and route, the proxy namespace and link. Works from kernel state
+        alone, also without install() in this process."""
+        with self._lock:
+            self._drop_sessions()
+            with NftSession(self.node_netns) as node:
+                node.run(rs.remove_tables(NODE_FAMILIES))
+            with open_rtnl(self.node_netns) as ipr:
+                _remove_node_route(ipr)
+            if self.proxy_ns.exists():
+                with NftSession(self.proxy_ns.path) as proxy:
+                    proxy.run(rs.remove_tables(("ip",)))
+            self.proxy_ns.remove()
+        self._log.info("nft_datapath_uninstalled")
+
+    # pods -------------------------------------------------------------------
+    def attach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4]) -> NftPodCapture:
+        """Capture one pod (idempotent): proxy set first, so the pod's first
+        SYN is already seen as outbound when the node starts steering it."""
+        ips = ipv4_addresses(pod_ips)
+        with self._lock:
+            with open_rtnl(self.node_netns) as ipr:
+                veth = read_host_veth(ipr, host_ifindex)
+            entries = [rs.PodEntry(ip, veth.ifindex, veth.name, veth.mac, veth.bridge) for ip in ips]
+            self._proxy_session().run(rs.set_replace("ip", rs.PROXY_POD_SET, entries))
+            node = self._node_session()
+            lift = rs.map_add(entries)
+            try:
+                node.run(lift + rs.set_replace("ip", rs.NODE_POD_SET, entries))
+            except NftError as exc:
+                if exc.errno != errno.EEXIST or not lift:
+                    raise
+                # An address still mapped to a previous owner's MAC.
+                self._unmap(node, ips)
+                node.run(lift + rs.set_replace("ip", rs.NODE_POD_SET, entries))
+        self._log.info("pod_attached", host_ifindex=host_ifindex, host_veth=veth.name, bridge=veth.bridge,
+                       pod_ips=[str(i) for i in ips])
+        return NftPodCapture(host_ifindex, veth.name, ips, steered=True, directed=True, bridge=veth.bridge,
+                             lifted=bool(veth.bridge))
+
+    def detach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4] = ()) -> None:
+        """Stop capturing one pod: its addresses leave every set (node first,
+        so nothing is steered to the proxy as inbound-only meanwhile). With
+        no addresses given, those whose comments name this veth. A veth that
+        is already gone is not an error. One owner per address is the
+        enrolment's guarantee (it releases a stale owner before capturing a
+        new one), so the addresses given are removed whoever holds them."""
+        ips = list(ipv4_addresses(pod_ips))
+        with self._lock:
+            if not ips:
+                ips = sorted(ip for ip, owner in self._read_node_set().items()
+                             if owner is not None and owner.host_ifindex == host_ifindex)
+                ips += sorted(ip for ip, owner in self._read_proxy_set().items()
+                              if owner is not None and owner.host_ifindex == host_ifindex and ip not in ips)
+            if not ips:
+                return
+            node = self._node_session()
+            unsteer = rs.set_remove("ip", rs.NODE_POD_SET, ips)
+            try:
+                node.run(rs.map_remove(ips) + unsteer)
+            except NftError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                # Not (all) in the bridge map: a routed pod, or removed before.
+                node.run(unsteer)
+                self._unmap(node, ips)
+            self._proxy_session().run(rs.set_remove("ip", rs.PROXY_POD_SET, ips))
+        self._log.info("pod_detached", host_ifindex=host_ifindex, pod_ips=[str(i) for i in ips])
+
+    def attached(self) -> list[NftPodCapture]:
+        """Every pod capture in the kernel, grouped by the veth the element
+        comments name (either half may be missing after a crash; reconcile
+        repairs or removes it)."""
+        with self._lock:
+            steered = self._read_node_set()
+            lifted = self._read_bridge_map()
+            directed = self._read_proxy_set()
+        owners: dict[int, tuple[str, str | None]] = {}
+        addresses: dict[int, set[IPv4]] = {}
+        for table in (steered, lifted, directed):
+            for ip, owner in table.items():
+                if owner is not None:
+                    owners.setdefault(owner.host_ifindex, (owner.host_veth, owner.bridge))
+                    addresses.setdefault(owner.host_ifindex, set()).add(ip)
+        found = []
+        for index in sorted(owners):
+            ips = tuple(sorted(addresses[index]))
+            veth, bridge = owners[index]
+            found.append(NftPodCapture(
+                host_ifindex=index, host_veth=veth, pod_ips=ips,
+                steered=all(_owned(steered, ip, index) for ip in ips),
+                directed=all(_owned(directed, ip, index) for ip in ips),
+                bridge=bridge, lifted=all(_owned(lifted, ip, index) for ip in ips)))
+        return found
+
+    @staticmethod
+    def _unmap(node: NftSession, ips: Iterable[IPv4]) -> None:
+        """Remove bridge map elements one by one, skipping absent ones."""
+        for ip in ips:
+            try:
+                node.run(rs.map_remove([ip]))
+            except NftError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+
+    def _read_node_set(self) -> dict[IPv4, rs.Owner | None]:
+        return rs.elements(self._node_session().run([rs.list_set("ip", rs.NODE_POD_SET)]))
+
+    def _read_bridge_map(self) -> dict[IPv4, rs.Owner | None]:
+        return rs.elements(self._node_session().run([rs.list_set("bridge", rs.BRIDGE_POD_MAP, "map")]), "map")
+
+    def _read_proxy_set(self) -> dict[IPv4, rs.Owner | None]:
+        return rs.elements(self._proxy_session().run([rs.list_set("ip", rs.PROXY_POD_SET)]))
+
+    # observability --------------------------------------------------------
+    def verdict_counts(self) -> dict[str, int]:
+        """Packets per named counter, node and proxy namespace together."""
+        with self._lock:
+            counts: dict[str, int] = {}
+            for session, family in ((self._node_session(), "bridge"), (self._node_session(), "ip"),
+                                    (self._proxy_session(), "ip")):
+                listing = session.run([{"list": {"counters": {"family": family, "table": rs.TABLE}}}])
+                counts.update(rs.counter_values(listing))
+        return counts
+
+
+def _owned(table: dict[IPv4, rs.Owner | None], ip: IPv4, index: int) -> bool:
+    owner = table.get(ip)
+    return owner is not None and owner.host_ifindex == index
+
+
+def _steering_rules(ipr: IPRoute) -> list:
+    return [r for r in ipr.get_rules(family=socket.AF_INET)
+            if r.get("FRA_TABLE") == constants.ROUTE_TABLE
+            and r.get("FRA_PRIORITY") == constants.RULE_PRIORITY
+            and r.get("FRA_FWMARK") == constants.MARK_CAPTURED
+            and r.get("FRA_FWMASK") == constants.MARK_CAPTURED]
+
+
+def _has_steering_rule(ipr: IPRoute) -> bool:
+    return bool(_steering_rules(ipr))
+
+
+def _remove_node_route(ipr: IPRoute) -> None:
+    for _ in _steering_rules(ipr):
+        ipr.rule("del", family=socket.AF_INET, table=constants.ROUTE_TABLE, priority=constants.RULE_PRIORITY,
+                 fwmark=constants.MARK_CAPTURED, fwmask=constants.MARK_CAPTURED)
+    defaults = [r for r in ipr.get_routes(family=socket.AF_INET, table=constants.ROUTE_TABLE)
+                if r.get("RTA_TABLE") == constants.ROUTE_TABLE and r["dst_len"] == 0]
+    if defaults:  # gone already if ambit0 was removed first
+        ipr.route("del", dst="0.0.0.0/0", table=constants.ROUTE_TABLE)

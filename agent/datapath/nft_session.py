@@ -1,0 +1,85 @@
+"""libnftables (Debian's python3-nftables) bound to one network namespace.
+
+A libnftables context opens its netlink socket when it is created, in the
+namespace of the creating thread, and keeps it: so the context is made on a
+throwaway thread that entered the namespace (agent/netns.py, no fork) and
+then used from any thread. One command list is one kernel transaction:
+all of it applies or none does. Contexts are not thread-safe, hence the lock.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any
+
+import structlog
+
+from ..netns import run_in_netns
+
+log = structlog.get_logger(__name__)
+
+
+class NftError(RuntimeError):
+    """A rejected transaction, with the kernel's errno when libnftables named it."""
+
+    def __init__(self, message: str, commands: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.commands = commands
+        self.errno = _errno_of(message)
+
+
+def _errno_of(message: str) -> int | None:
+    # libnftables reports kernel refusals as "Could not process rule: <strerror>".
+    for code in (errno.ENOENT, errno.EEXIST, errno.EBUSY, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        if os.strerror(code) in message:
+            return code
+    return None
+
+
+def _new_context() -> Any:
+    import nftables  # Debian's python3-nftables (system site packages)
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    return nft
+
+
+class NftSession:
+    """libnftables in one namespace (None: the caller's)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._nft: Any | None = run_in_netns(netns, _new_context)
+        self._lock = threading.Lock()
+
+    def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Apply commands as one transaction (or list something); returns
+        the objects of the answer (empty for changes)."""
+        if not commands:
+            return []
+        with self._lock:
+            if self._nft is None:
+                raise RuntimeError("nftables session is closed")
+            rc, output, error = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftError(" ".join(str(error).split()), commands)
+        if not output:
+            return []
+        return [obj for obj in output.get("nftables", []) if "metainfo" not in obj]
+
+    def ruleset(self) -> list[dict[str, Any]]:
+        """`list ruleset` of the namespace (every family)."""
+        return self.run([{"list": {"ruleset": None}}])
+
+    def close(self) -> None:
+        """Drop the context (its socket keeps the namespace alive)."""
+        with self._lock:
+            self._nft = None
+
+    def __enter__(self) -> NftSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,287 @@
+"""What only the nftables backend has: its rule set, per-pod set elements
+named after their veth, routed (ptp) pods next to bridged ones, and
+removal of exactly what it added. Checked in the kernel with libnftables'
+JSON `list ruleset` (tests/support/nftstate.py) and netlink, never with the
+backend's own reading code. The scenarios both backends share are in
+test_datapath.py and test_capture_e2e.py.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from pyroute2 import IPRoute
+
+from ambit.agent.datapath import constants
+from ambit.agent.datapath.nft_capture import NftDatapath
+from ambit.agent.netns import netns_path, run_in_netns
+from tests.kernel.test_datapath import (BridgeNetwork, Pod, ProxyListeners, connect, make_netns, remove_netns,
+                                        tcp_listener)
+from tests.support import nftstate
+
+pytestmark = pytest.mark.kernel
+
+APP_PORT = 8080
+
+
+@dataclass
+class NftNode:
+    netns: str
+    datapath: NftDatapath
+    bridged: BridgeNetwork
+    routed: BridgeNetwork
+
+    @property
+    def proxy_netns(self) -> str:
+        return self.datapath.proxy_ns.path
+
+    def host_mac(self, pod: Pod) -> str:
+        with IPRoute(netns=self.netns, flags=0) as ipr:
+            return ipr.get_links(pod.host_ifindex)[0].get("IFLA_ADDRESS")
+
+    def elements(self) -> dict[str, set[str]]:
+        """"<table>" -> addresses, across the node and proxy namespaces."""
+        found: dict[str, set[str]] = {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
+        for entry in nftstate.elements(self.netns) + nftstate.elements(self.proxy_netns):
+            table, ip = entry.split()
+            found[table].add(ip)
+        return found
+
+
+def node_namespace_objects(tag: str, tmp_path) -> tuple[str, str, BridgeNetwork, BridgeNetwork]:
+    node_ns, proxy_ns = f"nft-node-{tag}", f"nft-proxy-{tag}"
+    make_netns(node_ns)
+    bridged = BridgeNetwork(node_ns, "10.233.2.0/25", tmp_path / "br", tag, "nft")
+    routed = BridgeNetwork(node_ns, "10.233.2.128/25", tmp_path / "ptp", f"{tag}r", "nft", routed=True)
+    return node_ns, proxy_ns, bridged, routed
+
+
+@pytest.fixture(scope="module")
+def nft_node(tmp_path_factory) -> Iterator[NftNode]:
+    tag = uuid.uuid4().hex[:6]
+    node_ns, proxy_ns, bridged, routed = node_namespace_objects(tag, tmp_path_factory.mktemp("nft"))
+    dp = NftDatapath(node_netns=node_ns, proxy_netns=proxy_ns)
+    try:
+        dp.install()
+        yield NftNode(node_ns, dp, bridged, routed)
+    finally:
+        bridged.cleanup()
+        routed.cleanup()
+        try:
+            dp.uninstall()
+        finally:
+            remove_netns(proxy_ns)
+            remove_netns(node_ns)
+
+
+def rules_of(objects: list[dict], family: str, chain: str) -> list[list[dict]]:
+    return [o["rule"]["expr"] for o in objects
+            if "rule" in o and o["rule"]["family"] == family and o["rule"]["table"] == "ambit"
+            and o["rule"]["chain"] == chain]
+
+
+def test_installed_rule_set(nft_node):
+    node = nftstate.ambit_objects(nft_node.netns)
+    assert node["tables"] == ["bridge", "ip"]
+    assert node["sets"] == ["bridge pod_l3mac", "ip pods"]
+    assert node["chains"] == ["bridge prerouting", "ip inbound", "ip outbound", "ip prerouting"]
+    proxy = nftstate.ambit_objects(nft_node.proxy_netns)
+    assert proxy["tables"] == ["ip"] and proxy["sets"] == ["ip local_pods"]
+    assert proxy["chains"] == ["ip prerouting", "ip to_hbone", "ip to_inbound", "ip to_outbound"]
+
+    objects = nftstate.ruleset(nft_node.netns)
+    hooks = {(o["chain"]["family"], o["chain"]["name"]): (o["chain"].get("hook"), o["chain"].get("prio"))
+             for o in objects if "chain" in o and o["chain"]["table"] == "ambit"}
+    assert hooks[("bridge", "prerouting")] == ("prerouting", -200)  # before br_netfilter
+    assert hooks[("ip", "prerouting")] == ("prerouting", -150)
+    mark_or_captured = {"mangle": {"key": {"meta": {"key": "mark"}},
+                                   "value": {"|": [{"meta": {"key": "mark"}}, constants.MARK_CAPTURED]}}}
+    assert mark_or_captured in rules_of(objects, "ip", "outbound")[-1]
+    assert mark_or_captured in rules_of(objects, "ip", "inbound")[-1]
+    bypass = rules_of(objects, "ip", "prerouting")[0][0]["match"]
+    assert bypass["left"] == {"meta": {"key": "iif"}} and bypass["right"] == constants.NODE_LINK
+
+    proxy_objects = nftstate.ruleset(nft_node.proxy_netns)
+    for chain, port in (("to_outbound", constants.OUTBOUND_PORT), ("to_hbone", constants.HBONE_PORT),
+                        ("to_inbound", constants.INBOUND_PLAINTEXT_PORT)):
+        steer, fallback = rules_of(proxy_objects, "ip", chain)
+        assert {"tproxy": {"port": port}} in steer
+        assert {"mangle": {"key": {"meta": {"key": "mark"}}, "value": constants.MARK_CAPTURED}} in steer
+        assert {"drop": None} in fallback  # no listener: fail closed
+
+    # Marked packets leave the node through ambit0 to the proxy's address.
+    with IPRoute(netns=nft_node.netns, flags=0) as ipr:
+        rules = [(r.get("FRA_PRIORITY"), r.get("FRA_FWMARK"), r.get("FRA_FWMASK"))
+                 for r in ipr.get_rules(family=socket.AF_INET) if r.get("FRA_TABLE") == constants.ROUTE_TABLE]
+        routes = [(r.get("RTA_GATEWAY"), r.get("RTA_OIF"), r["dst_len"])
+                  for r in ipr.get_routes(family=socket.AF_INET, table=constants.ROUTE_TABLE)
+                  if r.get("RTA_TABLE") == constants.ROUTE_TABLE]
+        ambit0 = ipr.link_lookup(ifname=constants.NODE_LINK)[0]
+    assert rules == [(constants.RULE_PRIORITY, constants.MARK_CAPTURED, constants.MARK_CAPTURED)]
+    assert routes == [(constants.PROXY_LINK_ADDR, ambit0, 0)]
+
+
+def test_elements_name_their_veth_bridged_and_routed(nft_node):
+    dp = nft_node.datapath
+    b, r = nft_node.bridged.add("eb"), nft_node.routed.add("er")
+    try:
+        on_bridge = dp.attach_pod(b.host_ifindex, [b.ip])
+        routed = dp.attach_pod(r.host_ifindex, [r.ip])
+        assert on_bridge.bridge == "dpt-br0" and on_bridge.complete
+        assert routed.bridge is None and routed.complete
+
+        ruleset = nftstate.ruleset(nft_node.netns)
+        pods_set = next(o["set"] for o in ruleset if o.get("set", {}).get("name") == "pods")
+        comments = {e["elem"]["val"]: e["elem"]["comment"] for e in pods_set["elem"]}
+        assert comments[b.ip].split() == [f"veth={on_bridge.host_veth}", f"ifindex={b.host_ifindex}",
+                                          "bridge=dpt-br0"]
+        assert comments[r.ip].split() == [f"veth={routed.host_veth}", f"ifindex={r.host_ifindex}"]
+        l3mac = next(o["map"] for o in ruleset if o.get("map", {}).get("name") == "pod_l3mac")
+        assert [(k["elem"]["val"], mac) for k, mac in l3mac["elem"]] == [(b.ip, nft_node.host_mac(b))]
+        assert nft_node.elements() == {"pods": {b.ip, r.ip}, "pod_l3mac": {b.ip}, "local_pods": {b.ip, r.ip}}
+    finally:
+        for pod in (b, r):
+            dp.detach_pod(pod.host_ifindex, [pod.ip])
+    assert nft_node.elements() == {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
+
+
+def test_routed_pods_are_captured_in_both_directions(nft_node):
+    """ptp pods reach the node's IP stack on their own veth, no bridge
+    involved: the ip table alone marks them."""
+    dp = nft_node.datapath
+    meshed, plain = nft_node.routed.add("rm"), nft_node.routed.add("rp")
+    dp.attach_pod(meshed.host_ifindex, [meshed.ip])
+    proxy = ProxyListeners(nft_node.proxy_netns)
+    made: list[socket.socket] = []
+    try:
+        before = dp.verdict_counts()
+        made.append(out := connect(meshed.netns, (plain.ip, APP_PORT)))
+        made.append(conn := proxy.accept(constants.OUTBOUND_PORT))
+        assert conn.getsockname() == (plain.ip, APP_PORT) and conn.getpeername() == out.getsockname()
+        made.append(inb := connect(plain.netns, (meshed.ip, APP_PORT)))
+        made.append(conn := proxy.accept(constants.INBOUND_PLAINTEXT_PORT))
+        assert conn.getsockname() == (meshed.ip, APP_PORT) and conn.getpeername() == inb.getsockname()
+        after = dp.verdict_counts()
+        delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        assert delta["out_redirect"] >= 1 and delta["in_redirect"] >= 1
+        assert "bridge_lift_out" not in delta and "bridge_lift_in" not in delta
+    finally:
+        for s in made:
+            s.close()
+        proxy.close()
+        dp.detach_pod(meshed.host_ifindex, [meshed.ip])
+
+
+def test_detach_without_addresses_finds_them_by_their_comment(nft_node):
+    dp = nft_node.datapath
+    pod = nft_node.bridged.add("ec")
+    dp.attach_pod(pod.host_ifindex, [pod.ip])
+    assert pod.ip in nft_node.elements()["pods"]
+    dp.detach_pod(pod.host_ifindex)
+    assert all(pod.ip not in ips for ips in nft_node.elements().values())
+
+
+def test_an_address_taken_over_by_another_veth_is_replaced(nft_node):
+    """A pod vanished without DEL and its address went to a new pod: the
+    new attach replaces every element (the map's MAC too), so nothing of the
+    old veth is left to steer."""
+    dp = nft_node.datapath
+    old, new = nft_node.bridged.add("old"), nft_node.bridged.add("new")
+    try:
+        dp.attach_pod(old.host_ifindex, [old.ip])
+        taken = dp.attach_pod(new.host_ifindex, [old.ip])
+        assert [(c.host_ifindex, c.pod_ips, c.complete) for c in dp.attached()] == \
+            [(new.host_ifindex, (ipaddress.IPv4Address(old.ip),), True)]
+        l3mac = next(o["map"] for o in nftstate.ruleset(nft_node.netns) if o.get("map", {}).get("name") == "pod_l3mac")
+        assert [(k["elem"]["val"], mac) for k, mac in l3mac["elem"]] == [(old.ip, nft_node.host_mac(new))]
+        assert taken.host_veth != dp.attach_pod(old.host_ifindex, [old.ip]).host_veth  # and back again
+        assert [c.host_ifindex for c in dp.attached()] == [old.host_ifindex]
+    finally:
+        dp.detach_pod(old.host_ifindex, [old.ip])
+    assert nft_node.elements() == {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
+
+
+def test_reinstall_replaces_rules_and_keeps_pods(nft_node):
+    dp = nft_node.datapath
+    pod = nft_node.bridged.add("ri")
+    dp.attach_pod(pod.host_ifindex, [pod.ip])
+    try:
+        before = (nftstate.ambit_objects(nft_node.netns), nftstate.ambit_objects(nft_node.proxy_netns))
+        dp.install()
+        assert (nftstate.ambit_objects(nft_node.netns), nftstate.ambit_objects(nft_node.proxy_netns)) == before
+        assert pod.ip in nft_node.elements()["local_pods"]
+    finally:
+        dp.detach_pod(pod.host_ifindex, [pod.ip])
+
+
+def test_uninstall_from_kernel_state_alone_leaves_other_tables(tmp_path):
+    tag = uuid.uuid4().hex[:6]
+    node_ns, proxy_ns, bridged, routed = node_namespace_objects(tag, tmp_path)
+
+    def foreign_table() -> None:  # someone else's rules in the node (kube-proxy, a firewall)
+        import nftables
+        nft = nftables.Nftables()
+        rc, _, err = nft.cmd("add table inet other; add chain inet other input "
+                             "{ type filter hook input priority 0; }; add rule inet other input tcp dport 22 accept")
+        assert rc == 0, err
+
+    try:
+        run_in_netns(netns_path(node_ns), foreign_table)
+        dp = NftDatapath(node_netns=node_ns, proxy_netns=proxy_ns)
+        dp.install()
+        pods = [bridged.add("u1"), routed.add("u2")]
+        for pod in pods:
+            dp.attach_pod(pod.host_ifindex, [pod.ip])
+        dp.close()  # the agent is gone; a fresh process cleans up (ambit-agent --cleanup)
+
+        NftDatapath(node_netns=node_ns, proxy_netns=proxy_ns).uninstall()
+        assert all(not objects for objects in nftstate.ambit_objects(node_ns).values())
+        tables = [(o["table"]["family"], o["table"]["name"]) for o in nftstate.ruleset(node_ns) if "table" in o]
+        assert tables == [("inet", "other")]
+        assert not os.path.exists(netns_path(proxy_ns))
+        with IPRoute(netns=node_ns, flags=0) as ipr:
+            assert not [r for r in ipr.get_rules(family=socket.AF_INET)
+                        if r.get("FRA_TABLE") == constants.ROUTE_TABLE]
+            assert not [r for r in ipr.get_routes(family=socket.AF_INET, table=constants.ROUTE_TABLE)
+                        if r.get("RTA_TABLE") == constants.ROUTE_TABLE]
+        # A second uninstall (nothing left) is not an error.
+        NftDatapath(node_netns=node_ns, proxy_netns=proxy_ns).uninstall()
+    finally:
+        bridged.cleanup()
+        routed.cleanup()
+        try:
+            NftDatapath(node_netns=node_ns, proxy_netns=proxy_ns).uninstall()
+        finally:
+            remove_netns(proxy_ns)
+            remove_netns(node_ns)
+
+
+def test_fail_closed_without_listener_and_with_agent_handles_closed(nft_node):
+    """The rules belong to the kernel, not to the agent process: with its
+    handles closed and no listener, an enrolled pod's SYN is dropped."""
+    dp = nft_node.datapath
+    a, b = nft_node.bridged.add("fa"), nft_node.bridged.add("fb")
+    dp.attach_pod(a.host_ifindex, [a.ip])
+    server = tcp_listener(b.netns, APP_PORT)
+    dp.close()
+    try:
+        before = nftstate.ruleset(nft_node.proxy_netns)
+        client = run_in_netns(netns_path(a.netns), lambda: socket.socket())
+        client.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            client.connect((b.ip, APP_PORT))
+        client.close()
+        drops = lambda objs: next(o["counter"]["packets"] for o in objs  # noqa: E731
+                                  if o.get("counter", {}).get("name") == "proxy_drop_no_listener")
+        assert drops(nftstate.ruleset(nft_node.proxy_netns)) > drops(before)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+        dp.detach_pod(a.host_ifindex, [a.ip])

@@ -1,0 +1,71 @@
+"""The nftables rule set as data: owner comments, element commands and the
+parsing of libnftables' JSON answers (the kernel side is in
+tests/kernel/test_nft_datapath.py)."""
+from __future__ import annotations
+
+import ipaddress
+
+from ambit.agent.datapath import constants
+from ambit.agent.datapath import nft_ruleset as rs
+
+IP = ipaddress.IPv4Address("10.233.9.7")
+BRIDGED = rs.PodEntry(IP, 12, "veth1234", "02:00:00:00:00:0c", "cni0")
+ROUTED = rs.PodEntry(ipaddress.IPv4Address("10.233.9.8"), 13, "cali5678", "ee:ee:ee:ee:ee:ee", None)
+
+
+def test_comments_name_the_owner_and_parse_back():
+    assert BRIDGED.comment == "veth=veth1234 ifindex=12 bridge=cni0"
+    assert rs.parse_comment(BRIDGED.comment) == rs.Owner(12, "veth1234", "cni0")
+    assert rs.parse_comment(ROUTED.comment) == rs.Owner(13, "cali5678", None)
+    assert rs.parse_comment(None) is None
+    assert rs.parse_comment("added by hand") is None
+    assert rs.parse_comment("veth=x ifindex=notanumber") is None
+
+
+def test_set_replace_adds_deletes_then_adds_with_the_comment():
+    cmds = rs.set_replace("ip", rs.NODE_POD_SET, [BRIDGED])
+    assert [next(iter(c)) for c in cmds] == ["add", "delete", "add"]
+    assert cmds[0]["add"]["element"]["elem"] == [str(IP)]
+    assert cmds[2]["add"]["element"]["elem"] == [{"elem": {"val": str(IP), "comment": BRIDGED.comment}}]
+    assert all(c[next(iter(c))]["element"]["name"] == "pods" for c in cmds)
+
+
+def test_set_remove_cannot_fail_on_absence():
+    cmds = rs.set_remove("ip", rs.PROXY_POD_SET, [IP])
+    assert cmds == [{"add": {"element": {"family": "ip", "table": "ambit", "name": "local_pods", "elem": ["10.233.9.7"]}}},
+                    {"delete": {"element": {"family": "ip", "table": "ambit", "name": "local_pods",
+                                            "elem": ["10.233.9.7"]}}}]
+
+
+def test_only_bridge_ports_get_a_map_element():
+    (cmd,) = rs.map_add([BRIDGED, ROUTED])
+    assert cmd["add"]["element"]["elem"] == [[{"elem": {"val": str(IP), "comment": BRIDGED.comment}},
+                                             "02:00:00:00:00:0c"]]
+    assert rs.map_add([ROUTED]) == [] and rs.map_remove([]) == []
+
+
+def test_elements_and_counters_are_read_from_listings():
+    listing = [{"set": {"name": "pods", "elem": [{"elem": {"val": "10.233.9.7", "comment": BRIDGED.comment}},
+                                                  "10.233.9.9"]}}]
+    assert rs.elements(listing) == {IP: rs.Owner(12, "veth1234", "cni0"), ipaddress.IPv4Address("10.233.9.9"): None}
+    maps = [{"map": {"name": "pod_l3mac", "elem": [[{"elem": {"val": "10.233.9.7", "comment": "x"}}, "02:.."]]}}]
+    assert rs.elements(maps, "map") == {IP: None}
+    counters = [{"counter": {"name": "out_redirect", "packets": 5, "bytes": 300}}, {"table": {}}]
+    assert rs.counter_values(counters) == {"out_redirect": 5}
+
+
+def test_every_steering_chain_ends_fail_closed_and_uses_the_shared_constants():
+    cmds = rs.proxy_rules(7)
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    for chain, port, counter in rs.PROXY_STEERING:
+        steer, last = [r["expr"] for r in rules if r["chain"] == chain]
+        assert {"tproxy": {"port": port}} in steer and {"counter": counter} in steer
+        assert last == [{"counter": "proxy_drop_no_listener"}, {"drop": None}]
+    own = [r for r in rules if {"counter": "proxy_pass_own_addr"} in r["expr"]][0]
+    assert own["expr"][0]["match"]["right"] == constants.PROXY_LINK_ADDR
+    node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
+    assert node[2]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iif"}}, "right": 3}
+    # every counter a rule names is declared
+    declared = {c["add"]["counter"]["name"] for c in rs.node_rules(3) + cmds if "counter" in c.get("add", {})}
+    used = {e["counter"] for r in rules + node for e in r["expr"] if isinstance(e.get("counter"), str)}
+    assert used == declared == set(rs.NODE_COUNTERS + rs.BRIDGE_COUNTERS + rs.PROXY_COUNTERS)
