@@ -8,6 +8,8 @@
   ambit lab down       remove the lab, or whatever a crashed run left behind
   ambit lab tour       the guided tour `make lab` runs: build, show, tear down
   ambit ca init DIR    create the mesh CA for the ambit-ca Secret
+  ambit waypoint NS/NAME --config-file F --ca-dir D --out-dir O
+                   write the Envoy bootstrap of a waypoint (L7 policy; docs/waypoint.md)
   ambit install-cni [--watch | --uninstall]   chain ambit-cni into this node's CNI
                    configuration (the DaemonSet's install step; see install/README.md)
 
@@ -269,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without --config: generate M pods per node serving HTTP and echo (default: 2)")
     up.add_argument("--config", type=Path, metavar="FILE",
                     help="Kubernetes objects (Namespace, ServiceAccount, Pod, Service, policies) in YAML")
-    up.add_argument("--capture", choices=("none", "ebpf"), default="ebpf",
-                    help="the agents' capture mode: none records pods only; ebpf steers enrolled pods' TCP "
-                         "into each node's proxy namespace (default: %(default)s)")
+    up.add_argument("--capture", choices=("none", "ebpf", "nftables"), default="ebpf",
+                    help="the agents' capture mode: none records pods only; ebpf (tc programs) or nftables "
+                         "(TPROXY rules) steers enrolled pods' TCP into each node's proxy namespace "
+                         "(default: %(default)s)")
     up.set_defaults(func=_lab_up)
 
     status = lab_sub.add_parser("status", parents=[common], help="nodes, agents, pods, services of the running lab")
@@ -293,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --- install-cni: the DaemonSet's install step (agent/install/cli.py) ---
     from ..install import cli as install_cli
     install_cli.add_parser(sub)
+
+    from ..waypoint import cli as waypoint_cli
+    waypoint_cli.add_parser(sub)
 
     ca = sub.add_parser("ca", help="the mesh's certificate authority")
     ca_sub = ca.add_subparsers(dest="action", required=True, metavar="ACTION")

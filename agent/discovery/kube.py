@@ -1,7 +1,7 @@
 """Cluster state from the Kubernetes API: list, then watch, with the official client.
 
-Per kind (Namespaces, Pods, Services, EndpointSlices and the two Istio
-security CRDs) one worker thread runs the reflector loop client-go made
+Per kind (Namespaces, Pods, Services, EndpointSlices, the two Istio
+security CRDs and Gateway API Gateways, for waypoints) one worker thread runs the reflector loop client-go made
 standard:
 
 1. LIST in pages (`limit`/`continue`), take the list's resourceVersion and
@@ -51,6 +51,7 @@ from .model import (
     ALL_KINDS,
     KIND_AUTHORIZATION_POLICY,
     KIND_ENDPOINT_SLICE,
+    KIND_GATEWAY,
     KIND_NAMESPACE,
     KIND_PEER_AUTHENTICATION,
     KIND_POD,
@@ -60,6 +61,8 @@ from .state import ClusterState
 
 ISTIO_SECURITY_GROUP = "security.istio.io"
 ISTIO_SECURITY_VERSION = "v1"
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+GATEWAY_API_VERSION = "v1"
 _WATCH_EVENTS = frozenset({"ADDED", "MODIFIED", "DELETED"})
 
 
@@ -182,6 +185,9 @@ class KubeSource:
             KIND_ENDPOINT_SLICE: kube_client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces,
             KIND_AUTHORIZATION_POLICY: functools.partial(list_istio, "authorizationpolicies"),
             KIND_PEER_AUTHENTICATION: functools.partial(list_istio, "peerauthentications"),
+            # A cluster without the Gateway API CRDs answers 404: no waypoints (see _NotServed).
+            KIND_GATEWAY: functools.partial(custom.list_cluster_custom_object, GATEWAY_API_GROUP,
+                                            GATEWAY_API_VERSION, "gateways"),
         }
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []

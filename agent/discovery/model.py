@@ -22,7 +22,8 @@ KIND_SERVICE: Final = "Service"
 KIND_ENDPOINT_SLICE: Final = "EndpointSlice"
 KIND_AUTHORIZATION_POLICY: Final = "AuthorizationPolicy"
 KIND_PEER_AUTHENTICATION: Final = "PeerAuthentication"
-WORKLOAD_KINDS: Final = (KIND_NAMESPACE, KIND_POD, KIND_SERVICE, KIND_ENDPOINT_SLICE)
+KIND_GATEWAY: Final = "Gateway"  # Gateway API; the ones of class istio-waypoint are waypoints
+WORKLOAD_KINDS: Final = (KIND_NAMESPACE, KIND_POD, KIND_SERVICE, KIND_ENDPOINT_SLICE, KIND_GATEWAY)
 POLICY_KINDS: Final = (KIND_AUTHORIZATION_POLICY, KIND_PEER_AUTHENTICATION)
 ALL_KINDS: Final = WORKLOAD_KINDS + POLICY_KINDS
 API_VERSIONS: Final[Mapping[str, str]] = MappingProxyType({
@@ -32,6 +33,7 @@ API_VERSIONS: Final[Mapping[str, str]] = MappingProxyType({
     KIND_ENDPOINT_SLICE: "discovery.k8s.io/v1",
     KIND_AUTHORIZATION_POLICY: "security.istio.io/v1",
     KIND_PEER_AUTHENTICATION: "security.istio.io/v1",
+    KIND_GATEWAY: "gateway.networking.k8s.io/v1",
 })
 
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
@@ -276,7 +278,25 @@ class EndpointSliceInfo:
         return self.namespace, self.name
 
 
-WorkloadObject = NamespaceInfo | PodInfo | ServiceInfo | EndpointSliceInfo
+@dataclass(frozen=True, slots=True)
+class GatewayInfo:
+    """A Gateway API Gateway; only its class and labels matter to the node
+    proxy (a waypoint is class istio-waypoint, labelled istio.io/waypoint-for)."""
+
+    namespace: str
+    name: str
+    gateway_class: str
+    labels: Mapping[str, str] = dataclass_field(default_factory=_empty_map)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+WorkloadObject = NamespaceInfo | PodInfo | ServiceInfo | EndpointSliceInfo | GatewayInfo
 
 
 def parse_namespace(obj: Any) -> NamespaceInfo:
@@ -461,9 +481,21 @@ def parse_endpoint_slice(obj: Any) -> EndpointSliceInfo:
     )
 
 
+def parse_gateway(obj: Any) -> GatewayInfo:
+    where, metadata, namespace, name = _envelope(obj, KIND_GATEWAY)
+    spec = where.mapping("spec", obj.get("spec"))
+    return GatewayInfo(
+        namespace=namespace,
+        name=name,
+        gateway_class=where.string("spec.gatewayClassName", spec.get("gatewayClassName")),
+        labels=where.string_map("metadata.labels", metadata.get("labels")),
+    )
+
+
 WORKLOAD_PARSERS: Final[Mapping[str, Any]] = MappingProxyType({
     KIND_NAMESPACE: parse_namespace,
     KIND_POD: parse_pod,
     KIND_SERVICE: parse_service,
     KIND_ENDPOINT_SLICE: parse_endpoint_slice,
+    KIND_GATEWAY: parse_gateway,
 })

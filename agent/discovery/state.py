@@ -29,6 +29,7 @@ from .model import (
     API_VERSIONS,
     KIND_AUTHORIZATION_POLICY,
     KIND_ENDPOINT_SLICE,
+    KIND_GATEWAY,
     KIND_NAMESPACE,
     KIND_PEER_AUTHENTICATION,
     KIND_POD,
@@ -36,6 +37,7 @@ from .model import (
     POLICY_KINDS,
     WORKLOAD_PARSERS,
     EndpointSliceInfo,
+    GatewayInfo,
     ModelError,
     NamespaceInfo,
     PodInfo,
@@ -50,6 +52,8 @@ DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+# On a waypoint's pods (and its Service's selector): which Gateway they serve.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 EVENT_ADDED = "ADDED"
 EVENT_MODIFIED = "MODIFIED"
@@ -57,7 +61,8 @@ EVENT_DELETED = "DELETED"
 _UPSERT_EVENTS = frozenset({EVENT_ADDED, EVENT_MODIFIED})
 
 Key: TypeAlias = tuple[str, str]
-StoredObject: TypeAlias = NamespaceInfo | PodInfo | ServiceInfo | EndpointSliceInfo | AuthorizationPolicy | PeerAuthentication
+StoredObject: TypeAlias = (NamespaceInfo | PodInfo | ServiceInfo | EndpointSliceInfo | GatewayInfo | AuthorizationPolicy
+                           | PeerAuthentication)
 ChangeCallback: TypeAlias = Callable[[str, str, Any, Any], None]
 AmbientCallback: TypeAlias = Callable[[PodInfo, bool, str], None]
 
@@ -106,7 +111,7 @@ def _ip_rank(pod: PodInfo) -> int:
 
 
 class ClusterState:
-    """Namespaces, pods, services, endpoint slices and mesh policies, indexed."""
+    """Namespaces, pods, services, endpoint slices, gateways and mesh policies, indexed."""
 
     def __init__(
         self,
@@ -122,6 +127,7 @@ class ClusterState:
         self._pods_by_ip: dict[str, tuple[Key, ...]] = {}
         self._pods_by_node: dict[str, set[Key]] = {}
         self._pods_by_namespace: dict[str, set[Key]] = {}
+        self._pods_by_gateway: dict[Key, set[Key]] = {}  # (namespace, gateway-name label) -> pods
         self._service_by_vip: dict[str, Key] = {}
         self._slices_by_service: dict[Key, set[str]] = {}
         self._errors: dict[tuple[str, Key], str] = {}
@@ -240,6 +246,18 @@ class ClusterState:
 
     def services(self) -> list[ServiceInfo]:
         return [self._stores[KIND_SERVICE][key] for key in sorted(self._stores[KIND_SERVICE])]
+
+    def gateway(self, namespace: str, name: str) -> GatewayInfo | None:
+        return self._stores[KIND_GATEWAY].get((namespace, name))
+
+    def gateways(self) -> list[GatewayInfo]:
+        return [self._stores[KIND_GATEWAY][key] for key in sorted(self._stores[KIND_GATEWAY])]
+
+    def gateway_pods(self, namespace: str, gateway_name: str) -> list[PodInfo]:
+        """Pods of `namespace` labelled gateway.networking.k8s.io/gateway-name=`gateway_name`
+        (what the waypoint's Service selects), in a stable order."""
+        pods = self._stores[KIND_POD]
+        return [pods[key] for key in sorted(self._pods_by_gateway.get((namespace, gateway_name), ()))]
 
     def endpoint_slices(self) -> list[EndpointSliceInfo]:
         return [self._stores[KIND_ENDPOINT_SLICE][key] for key in sorted(self._stores[KIND_ENDPOINT_SLICE])]
@@ -462,6 +480,9 @@ class ClusterState:
             if info.node_name:
                 self._pods_by_node.setdefault(info.node_name, set()).add(key)
             self._pods_by_namespace.setdefault(info.namespace, set()).add(key)
+            gateway = info.labels.get(GATEWAY_NAME_LABEL)
+            if gateway:
+                self._pods_by_gateway.setdefault((info.namespace, gateway), set()).add(key)
         elif kind == KIND_SERVICE:
             for ip in info.cluster_ips:
                 self._service_by_vip[ip] = key
@@ -481,6 +502,9 @@ class ClusterState:
                         self._pods_by_ip.pop(ip, None)
             _discard(self._pods_by_node, info.node_name, key)
             _discard(self._pods_by_namespace, info.namespace, key)
+            gateway = info.labels.get(GATEWAY_NAME_LABEL)
+            if gateway:
+                _discard(self._pods_by_gateway, (info.namespace, gateway), key)
         elif kind == KIND_SERVICE:
             for ip in info.cluster_ips:
                 if self._service_by_vip.get(ip) == key:

@@ -8,7 +8,9 @@ frozen objects out, and every error names the document and the field.
 
 Lab-specific meaning is carried by one annotation on Pods,
 `lab.ambit.dev/workload: http,echo`, which picks the built-in servers the lab
-starts inside the pod (see `workload.py`).
+starts inside the pod (see `workload.py`). `waypoint` runs Envoy as the
+waypoint its gateway.networking.k8s.io/gateway-name label names, with the
+bootstrap `ambit waypoint` writes (docs/waypoint.md).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 WORKLOAD_ANNOTATION = "lab.ambit.dev/workload"
-WORKLOAD_KINDS = ("http", "echo")
-DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000}
+WORKLOAD_KINDS = ("http", "echo", "waypoint")
+DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000, "waypoint": 15008}
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 SERVICE_CIDR = "10.96.0.0/16"
 FIRST_SERVICE_HOST = 10  # leave the first addresses free, as clusters do for kubernetes/kube-dns
 DEFAULT_NODE_COUNT = 2
@@ -77,6 +80,11 @@ class Pod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def waypoint(self) -> str | None:
+        """The Gateway this pod serves as a waypoint for (its workload is `waypoint`)."""
+        return self.labels.get(GATEWAY_NAME_LABEL) if "waypoint" in self.workloads else None
 
     def port_named(self, name: str) -> int | None:
         for port in self.ports:
@@ -282,6 +290,8 @@ def _workloads(doc: _Doc, annotations: Mapping[str, str]) -> tuple[str, ...]:
                             f"unknown workload {kind!r} (choose from {', '.join(WORKLOAD_KINDS)}, or none)")
     if len(set(kinds)) != len(kinds):
         raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}", f"{raw!r} names a workload twice")
+    if "waypoint" in kinds and len(kinds) > 1:
+        raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}", "a waypoint pod runs only the waypoint")
     return kinds
 
 
@@ -429,6 +439,13 @@ def parse_documents(documents: Iterable[Any], service_cidr: str = SERVICE_CIDR) 
 
     namespaces.setdefault("default", Namespace("default"))
     for doc, pod in pods.values():
+        if "waypoint" in pod.workloads:
+            if not pod.labels.get(GATEWAY_NAME_LABEL):
+                raise doc.error(f"metadata.labels.{GATEWAY_NAME_LABEL}", "a waypoint pod needs it: the name of "
+                                                                         "the Gateway it serves")
+            if pod.labels.get(DATAPLANE_MODE_LABEL) != "none":
+                raise doc.error(f"metadata.labels.{DATAPLANE_MODE_LABEL}", "a waypoint pod speaks HBONE itself and "
+                                "must stay out of the mesh: label it none, as Istio's waypoint template does")
         if pod.namespace not in namespaces:
             raise doc.error("metadata.namespace", f"namespace {pod.namespace!r} is not defined in the file")
         if pod.service_account != "default" and f"{pod.namespace}/{pod.service_account}" not in accounts:
@@ -474,6 +491,15 @@ def default_lab_text() -> str:
 
 def load_default() -> LabConfig:
     return parse_yaml(default_lab_text(), DEFAULT_FILE)
+
+
+TOUR_WAYPOINT_FILE = "tour-waypoint.yaml"
+
+
+def load_tour() -> LabConfig:
+    """The default lab plus a waypoint (L7 policy), as `ambit lab tour` shows it."""
+    extra = resources.files(__package__).joinpath(TOUR_WAYPOINT_FILE).read_text()
+    return parse_yaml(default_lab_text() + "\n---\n" + extra, f"{DEFAULT_FILE} + {TOUR_WAYPOINT_FILE}")
 
 
 def generated_documents(nodes: int, pods_per_node: int) -> list[dict[str, Any]]:

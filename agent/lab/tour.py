@@ -5,7 +5,8 @@ underlay, one real ambit-agent each, pods from the real CNI chain) and
 walks through what ambit does: identities, a cross-node call over HBONE
 with the client's own address preserved, proof that the underlay carried
 only TLS, a same-node call, a Service VIP balanced by the proxy, a request
-that policy denies, and a metrics snapshot. Then it tears everything down;
+that policy denies, an L7 decision at an Envoy waypoint, and a metrics
+snapshot. Then it tears everything down;
 Ctrl-C at any point leaves nothing behind.
 """
 from __future__ import annotations
@@ -120,6 +121,19 @@ def _access_log(lab: Lab, node: str, match: Callable[[dict], bool]) -> dict | No
     return None
 
 
+def _waypoint_log(lab: Lab, match: Callable[[dict], bool]) -> dict | None:
+    """The newest line of the waypoint's Envoy access log that `match`es."""
+    path = lab.waypoint_access_log("shop/waypoint-0")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        found = [e for e in lines if match(e)]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    return None
+
+
 def _metrics(lab: Lab, node: str) -> list[str]:
     """istio_tcp_* samples from a node agent's /metrics (inside the node's namespace)."""
     def scrape() -> str:
@@ -153,8 +167,9 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
     tour = Tour(out)
     build_steps = PrintedSteps(out)
     lab = Lab(settings or LabSettings(), build_steps)
-    config = labconfig.load_default()
-    out.write("ambit lab tour: two nodes, four pods, HBONE between nodes, L4 policy at the destination\n\n")
+    config = labconfig.load_tour()
+    out.write("ambit lab tour: two nodes, five pods, HBONE between nodes, L4 policy at the destination, "
+              "L7 policy at a waypoint\n\n")
     try:
         plan = lab.up(config)
         tour.count = build_steps.count  # the tour's steps continue the build's numbering
@@ -166,7 +181,10 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
             tour.say("identities (SPIFFE, issued by the lab CA to each node's agent):")
             for pod in status.pods:
                 ns = pod.key.split("/")[0]
-                ident = f"spiffe://cluster.local/ns/{ns}/sa/{pod.service_account}" if pod.ambient else "- (not in the mesh)"
+                waypoint = any(w.startswith("waypoint:") for w in pod.workloads)
+                ident = f"spiffe://cluster.local/ns/{ns}/sa/{pod.service_account}" if pod.ambient or waypoint \
+                    else "- (not in the mesh)"
+                ident += " (Envoy waypoint: out of the mesh, speaks HBONE itself)" if waypoint else ""
                 tour.say(f"  {pod.key:<16} {ident}")
 
         with tour.step(f"cross-node: shop/client-0 ({ips['shop/client-0']}, node1) -> "
@@ -221,6 +239,21 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
             result = lab.exec("legacy/probe-0", [*WORKLOAD, "send", ips["shop/web-0"], "9000"], input=b"still open",
                               timeout=30)
             tour.say(f"the same pod on the echo port 9000 (allowed to all): {result.stdout.decode()!r}")
+
+        l7_vip = next(s.cluster_ip for s in status.services if s.key == "shop/web-l7")
+        with tour.step(f"L7 at a waypoint: shop/client-0 -> Service shop/web-l7 ({l7_vip}:80, "
+                       "istio.io/use-waypoint=waypoint)"):
+            code, body = _get(lab, "shop/client-0", f"http://{l7_vip}/")
+            answer = json.loads(body) if code == 0 else {}
+            tour.say(f"GET /      -> {answer.get('pod', body)}; it saw the waypoint ({answer.get('peer')}) and "
+                     f"x-forwarded-for {answer.get('forwarded_for')} (the client)")
+            code, body = _get(lab, "shop/client-0", f"http://{l7_vip}/admin")
+            tour.say(f"GET /admin -> {'403 ' + body if code == 1 else 'not denied?! ' + body} (DENY paths /admin* "
+                     "of policy shop/web-l7-no-admin, enforced by the waypoint)")
+            entry = _waypoint_log(lab, lambda e: e.get("path") == "/admin")
+            if entry:
+                tour.say(f"waypoint access log: client {entry['client']} ({entry['client_identity']}) "
+                         f"{entry['method']} {entry['path']} -> {entry['code']}, {entry['policy']}")
 
         with tour.step("metrics: node1 agent, http://127.0.0.1:15020/metrics in its namespace (excerpt)"):
             for sample in _metrics(lab, "node1")[:12]:

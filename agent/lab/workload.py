@@ -3,10 +3,12 @@
   python -m ambit.agent.lab.workload --name shop/web-0 --http 8080 --echo 9000
   python -m ambit.agent.lab.workload get http://10.244.2.2:8080/
   python -m ambit.agent.lab.workload send 10.244.2.2 9000 < file
+  python -m ambit.agent.lab.workload waypoint --config envoy.json   (Envoy as a waypoint)
 
 The HTTP server answers `GET /` with JSON naming the pod and the peer address
 it saw: the point of a transparent mesh is that the server still sees the
-real client IP. `GET /bytes/N` returns N bytes, for throughput. The echo
+real client IP (and, behind a waypoint, the x-forwarded-for it added).
+`GET /bytes/N` returns N bytes, for throughput. The echo
 server returns every byte it reads and honours half-close: when the client
 shuts down its sending side, the server finishes echoing, then shuts down its
 own. `get` and `send` are the matching clients, so the lab needs neither curl
@@ -23,8 +25,10 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -106,7 +110,8 @@ def respond(request: Request, me: Identity, peer: tuple[str, int], local: tuple[
     path = urllib.parse.urlsplit(request.target).path
     if path == "/":
         return _json(200, "OK", {"pod": me.pod, "node": me.node, "peer": peer[0], "peer_port": peer[1],
-                                 "local": local[0], "local_port": local[1], "path": request.target})
+                                 "local": local[0], "local_port": local[1], "path": request.target,
+                                 "forwarded_for": request.headers.get("x-forwarded-for")})
     if path == "/healthz":
         return Response(200, "OK", "text/plain", 3, b"ok\n")
     if path.startswith("/bytes/"):
@@ -220,6 +225,45 @@ async def serve(me: Identity, http_ports: Sequence[int], echo_ports: Sequence[in
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
+# --- the waypoint: Envoy in the pod ----------------------------------------------------------------------------
+
+def is_listening(port: int) -> bool:
+    """A LISTEN socket on 0.0.0.0:`port` in this process's network namespace."""
+    wanted = f"00000000:{port:04X}"
+    with open("/proc/self/net/tcp") as table:
+        return any(f[1] == wanted and f[3] == "0A" for f in (line.split() for line in table.readlines()[1:]))
+
+
+def run_waypoint(envoy: str, config: str, port: int, concurrency: int, ready_fd: int | None,
+                 timeout: float = 30.0) -> int:
+    """Run Envoy with the waypoint's bootstrap; say 'ready' once it listens.
+    Envoy shares our process group, so the lab's stop signal reaches it too.
+    Its access log is flushed every 100 ms (Envoy's default is 10 s), its own
+    log level is AMBIT_WAYPOINT_LOG_LEVEL (default warning)."""
+    argv = [envoy, "-c", config, "--disable-hot-restart", "--base-id", str(os.getpid()),
+            "--concurrency", str(concurrency), "-l", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning"),
+            "--file-flush-interval-msec", "100"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not is_listening(port):
+        if proc.poll() is not None:
+            print(f"waypoint: envoy exited with {proc.returncode} before listening on {port}", file=sys.stderr)
+            return 1
+        if time.monotonic() > deadline:
+            proc.terminate()
+            print(f"waypoint: envoy did not listen on {port} within {timeout:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
 # --- clients ---------------------------------------------------------------------------------------------------
 
 def http_get(url: str, timeout: float) -> tuple[int, bytes]:
@@ -280,6 +324,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--echo", type=int, action="append", default=[], metavar="PORT")
     srv.add_argument("--ready-fd", type=int, help="write 'ready' to this descriptor once listening")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    wp = sub.add_parser("waypoint", help="run Envoy with a waypoint bootstrap (from `ambit waypoint`)")
+    wp.add_argument("--config", required=True, help="the Envoy bootstrap")
+    wp.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on PATH)")
+    wp.add_argument("--port", type=int, default=15008, help="the HBONE port to wait for (default: %(default)s)")
+    wp.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default: %(default)s)")
+    wp.add_argument("--ready-fd", type=int, help="write 'ready' to this descriptor once listening")
     get = sub.add_parser("get", help="HTTP GET a URL, print the body; exit 1 on an HTTP error, 2 if unreachable")
     get.add_argument("url")
     get.add_argument("--timeout", type=float, default=5.0)
@@ -309,6 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"serve: cannot listen: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.mode == "waypoint":
+        try:
+            return run_waypoint(args.envoy, args.config, args.port, args.concurrency, args.ready_fd)
+        except OSError as exc:
+            print(f"waypoint: cannot run {args.envoy}: {exc}", file=sys.stderr)
+            return 1
     logconf.configure("warn")
     try:
         if args.mode == "get":

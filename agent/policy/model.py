@@ -17,6 +17,11 @@ time, so the per-connection engine only ever sees L4 data:
   implemented by ztunnel, and dry-run policies are not enforced: all of these
   parse fine but carry a `skip_reason`.
 
+A waypoint sees L7, so the HTTP fields of operations are kept (`Operation`
+hosts/methods/paths) and a policy with targetRef(s) also keeps every rule as
+written (`waypoint_rules`) with its `target_refs`; the node proxy's engine
+reads neither.
+
 Anything Istio would refuse raises PolicyError naming the policy.
 """
 from __future__ import annotations
@@ -137,11 +142,18 @@ class Source:
 
 @dataclass(frozen=True)
 class Operation:
-    """One `to[].operation` entry; only ports survive at L4."""
+    """One `to[].operation` entry. Only ports count at L4; the HTTP fields are
+    kept for a waypoint (`dropped` names the ones present)."""
 
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
     dropped: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
 
     @property
     def has_l4_fields(self) -> bool:
@@ -173,6 +185,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class TargetRef:
+    """One `targetRef(s)` entry: what a waypoint-enforced policy attaches to
+    (a waypoint's Gateway, or a Service behind a waypoint)."""
+
+    kind: str
+    name: str
+    group: str = ""
+    namespace: str = ""  # empty: the policy's own namespace
+
+
+@dataclass(frozen=True)
 class AuthorizationPolicy:
     """A parsed AuthorizationPolicy, already translated for the node proxy.
 
@@ -192,6 +215,9 @@ class AuthorizationPolicy:
     dropped_rules: tuple[int, ...] = ()
     skip_reason: str | None = None
     warnings: tuple[str, ...] = ()
+    target_refs: tuple[TargetRef, ...] = ()
+    waypoint_rules: tuple[Rule, ...] = ()  # with target_refs: every rule as written, L7 fields kept
+    dry_run: bool = False
 
     @property
     def key(self) -> str:
@@ -388,7 +414,9 @@ def _parse_operation(ctx: _Context, where: str, raw: Any) -> Operation:
     not_ports = _ports(ctx, f"{where}.notPorts", operation.get("notPorts"))
     if not (ports or not_ports or any(l7.values())):
         raise ctx.error(where, "must not be empty")
-    return Operation(ports=ports, not_ports=not_ports, dropped=tuple(n for n in _OPERATION_L7_FIELDS if l7[n]))
+    return Operation(ports=ports, not_ports=not_ports, dropped=tuple(n for n in _OPERATION_L7_FIELDS if l7[n]),
+                     hosts=l7["hosts"], not_hosts=l7["notHosts"], methods=l7["methods"],
+                     not_methods=l7["notMethods"], paths=l7["paths"], not_paths=l7["notPaths"])
 
 
 def _check_condition_key(ctx: _Context, where: str, key: str) -> None:
@@ -470,6 +498,27 @@ def _parse_rule(ctx: _Context, index: int, raw: Any, namespace: str) -> Rule:
     )
 
 
+def _target_refs(ctx: _Context, spec: Mapping[str, Any]) -> tuple[TargetRef, ...]:
+    """`targetRef` or `targetRefs`: kind and name are required (as Istio's CRD says)."""
+    raw = [("spec.targetRef", spec["targetRef"])] if spec.get("targetRef") is not None else \
+        [(f"spec.targetRefs[{i}]", ref) for i, ref in enumerate(spec.get("targetRefs") or [])]
+    refs: list[TargetRef] = []
+    for where, value in raw:
+        ref = _object(ctx, where, value)
+        _check_fields(ctx, where, ref, ("group", "kind", "name", "namespace"))
+        fields = {}
+        for name in ("group", "kind", "name", "namespace"):
+            item = ref.get(name) or ""
+            if not isinstance(item, str):
+                raise ctx.error(f"{where}.{name}", "must be a string")
+            fields[name] = item
+        if not fields["kind"] or not fields["name"]:
+            raise ctx.error(where, "kind and name are required")
+        refs.append(TargetRef(kind=fields["kind"], name=fields["name"], group=fields["group"],
+                              namespace=fields["namespace"]))
+    return tuple(refs)
+
+
 def _dry_run(ctx: _Context, metadata: Mapping[str, Any], action: Action) -> bool:
     annotations = metadata.get("annotations") or {}
     if not isinstance(annotations, Mapping):
@@ -504,11 +553,11 @@ def parse_authorization_policy(obj: Any) -> AuthorizationPolicy:
     if spec.get("provider") is not None and action is not Action.CUSTOM:
         raise ctx.error("spec.provider", f"must only be set with the CUSTOM action, found {action.value}")
 
-    target_refs = spec.get("targetRefs") or []
-    if not isinstance(target_refs, list):
+    raw_target_refs = spec.get("targetRefs") or []
+    if not isinstance(raw_target_refs, list):
         raise ctx.error("spec.targetRefs", "must be a list")
-    has_target = spec.get("targetRef") is not None or bool(target_refs)
-    kinds_set = (spec.get("selector") is not None) + (spec.get("targetRef") is not None) + bool(target_refs)
+    has_target = spec.get("targetRef") is not None or bool(raw_target_refs)
+    kinds_set = (spec.get("selector") is not None) + (spec.get("targetRef") is not None) + bool(raw_target_refs)
     if kinds_set > 1:
         raise ctx.error("spec", "only one of selector, targetRef or targetRefs can be set")
 
@@ -531,9 +580,11 @@ def parse_authorization_policy(obj: Any) -> AuthorizationPolicy:
             "DENY without `rules` would never match; add an empty rule `{}` to deny every connection",
         )
     parsed = [_parse_rule(ctx, i, raw, namespace) for i, raw in enumerate(raw_rules or [])]
+    target_refs = _target_refs(ctx, spec) if has_target else ()
 
     skip_reason: str | None = None
-    if _dry_run(ctx, metadata, action):
+    dry_run = _dry_run(ctx, metadata, action)
+    if dry_run:
         skip_reason = "dry-run policies are not enforced by the node proxy"
     elif has_target:
         skip_reason = "policies with targetRef(s) are enforced by a waypoint, not the node proxy"
@@ -578,6 +629,9 @@ def parse_authorization_policy(obj: Any) -> AuthorizationPolicy:
         dropped_rules=tuple(dropped_rules),
         skip_reason=skip_reason,
         warnings=tuple(warnings),
+        target_refs=target_refs,
+        waypoint_rules=tuple(parsed) if has_target else (),
+        dry_run=dry_run,
     )
 
 

@@ -3,7 +3,8 @@ each does with a captured connection.
 
   15001 outbound  what enrolled pods send: routed by agent/proxy/routing.py
                   (same node: policy in-process then plain TCP; other node:
-                  HBONE; not a mesh destination: plain TCP passthrough),
+                  HBONE; destination behind a waypoint: HBONE to the
+                  waypoint; not a mesh destination: plain TCP passthrough),
                   always from the pod's own IP
   15006 inbound   plaintext arriving for enrolled pods: the destination's
                   policy (PeerAuthentication STRICT refuses it), then plain
@@ -187,7 +188,8 @@ class NodeProxy:
     def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
         src_name, src_ns = self._pod_at(accepted.client.ip)
         dst_name, dst_ns = self._pod_at(tracked.meta.destination_ip or accepted.original_dst.ip)
-        secure = tracked.meta.via == "hbone" or accepted.listener is ListenerKind.HBONE
+        secure = tracked.meta.via in (Route.HBONE.value, Route.WAYPOINT.value) or \
+            accepted.listener is ListenerKind.HBONE
         return TcpLabels(
             reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
             source_workload=src_name, source_workload_namespace=src_ns,
@@ -252,12 +254,12 @@ class NodeProxy:
             meta.reason = plan.reason
             meta.source_identity = str(plan.source_identity or "")
             meta.destination_identity = str(plan.destination_identity or "")
-            meta.destination_ip = plan.dst_ip
+            meta.destination_ip = plan.next_hop_ip  # the waypoint instance, for WAYPOINT
             meta.service = plan.service or ""
             self._opened(accepted, tracked)
             if plan.route is Route.REFUSE:
                 outcome = self._refuse(sock, tracked, plan.reason, "NR")
-            elif plan.route is Route.HBONE:
+            elif plan.route in (Route.HBONE, Route.WAYPOINT):
                 outcome = await self._tunnel(accepted, sock, tracked, plan)
             else:
                 if plan.route is Route.LOCAL:
@@ -277,17 +279,18 @@ class NodeProxy:
     async def _tunnel(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
                       plan: OutboundPlan) -> _Outcome:
         assert self.pool is not None and plan.source_identity and plan.destination_identity
-        key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=plan.dst_ip,
+        next_hop = plan.next_hop_ip
+        key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=next_hop,
                       expected_identities=frozenset({plan.destination_identity}))
-        authority = f"[{plan.dst_ip}]:{plan.dst_port}" if ":" in plan.dst_ip else f"{plan.dst_ip}:{plan.dst_port}"
         headers = [("forwarded", f'for="{accepted.client}"')]
         try:
-            tunnel = await self.pool.open_tunnel(key, authority, sock, headers)
+            tunnel = await self.pool.open_tunnel(key, plan.authority, sock, headers)
         except TunnelRefused as exc:
             flags = "UAEX" if exc.status == 401 else "UF"
-            return self._refuse(sock, tracked, f"HBONE CONNECT refused by {plan.dst_ip}: HTTP {exc.status}", flags)
+            return self._refuse(sock, tracked, f"HBONE CONNECT {plan.authority} refused by {next_hop}: "
+                                               f"HTTP {exc.status}", flags)
         except (TunnelError, IdentityError, OSError, TimeoutError) as exc:
-            tracked.meta.reason = f"HBONE to {plan.dst_ip}:15008 failed: {type(exc).__name__}: {exc}"
+            tracked.meta.reason = f"HBONE to {next_hop}:15008 failed: {type(exc).__name__}: {exc}"
             reset_socket(sock)
             return _Outcome("connect_failed", 0, 0, error=type(exc).__name__, flags="UF", failed=True)
         try:

@@ -11,6 +11,12 @@ Pure logic (no sockets), so every rule is unit-tested:
       plain TCP from the client's IP (it never leaves the node)
     - destination pod on another node -> HBONE to <pod IP>:15008 with
       CONNECT <pod IP>:<port>, expecting the pod's identity
+    - the Service (or, dialled by pod IP, the in-mesh pod) has a waypoint
+      (agent/discovery/waypoints.py) -> HBONE to a waypoint instance's
+      <IP>:15008 with CONNECT <the address as dialled>, expecting the
+      waypoint's identity; the waypoint picks the endpoint. Never when the
+      client is an instance of that waypoint (no loop); no ready instance
+      -> refuse
   A client the state does not know has no identity to present: refuse
   (fail closed) rather than send it in plaintext.
 """
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from ..discovery.balance import EvenSpread
 from ..discovery.model import PodInfo
 from ..discovery.state import ClusterState
+from ..discovery.waypoints import WaypointChoice, WaypointResolver
 from ..identity.spiffe import SpiffeId
 
 
@@ -30,10 +37,16 @@ class Route(enum.Enum):
     HBONE = "hbone"              # other node: mTLS tunnel to the pod's 15008
     PASSTHROUGH = "passthrough"  # not a mesh destination: plain TCP
     REFUSE = "refuse"            # nothing sensible to do: reset the client
+    WAYPOINT = "waypoint"        # L7 hand-off: mTLS tunnel to the destination's waypoint
 
 
 @dataclass(frozen=True)
 class OutboundPlan:
+    """`dst_ip:dst_port` is where the bytes are for: the endpoint (LOCAL,
+    HBONE, PASSTHROUGH) or, for WAYPOINT, the address as dialled, which is
+    the CONNECT authority. `destination` is the pod the connection is made
+    to: the endpoint, or the waypoint instance."""
+
     route: Route
     reason: str
     dst_ip: str
@@ -43,6 +56,18 @@ class OutboundPlan:
     destination: PodInfo | None = None
     destination_identity: SpiffeId | None = None
     service: str | None = None   # "namespace/name" when dialled through a Service
+    waypoint: str | None = None  # "namespace/name" of the waypoint (WAYPOINT)
+    via_ip: str | None = None    # the waypoint instance's IP (WAYPOINT)
+
+    @property
+    def next_hop_ip(self) -> str:
+        """Whose 15008 an HBONE route dials."""
+        return self.via_ip or self.dst_ip
+
+    @property
+    def authority(self) -> str:
+        """The CONNECT authority of an HBONE or WAYPOINT route."""
+        return f"[{self.dst_ip}]:{self.dst_port}" if ":" in self.dst_ip else f"{self.dst_ip}:{self.dst_port}"
 
 
 class OutboundRouter:
@@ -51,6 +76,7 @@ class OutboundRouter:
         self.node_name = node_name
         self.trust_domain = trust_domain
         self._spread = EvenSpread()
+        self.waypoints = WaypointResolver(state)
 
     def identity(self, pod: PodInfo) -> SpiffeId:
         return self.state.identity(pod, self.trust_domain)
@@ -67,6 +93,9 @@ class OutboundRouter:
         if found is not None:
             svc, port = found
             service = f"{svc.namespace}/{svc.name}"
+            choice = self.waypoints.for_service(svc)
+            if choice.waypoint is not None and not self.waypoints.is_instance(source, choice.waypoint):
+                return self._via_waypoint(choice, source, source_identity, dst_ip, dst_port, service, dry_run)
             choose = self._spread.peek if dry_run else self._spread.pick
             endpoint = choose((svc.namespace, svc.name, port.port), self.state.endpoints(svc, port))
             if endpoint is None:
@@ -81,9 +110,27 @@ class OutboundRouter:
         if not in_mesh:
             return OutboundPlan(Route.PASSTHROUGH, f"destination is not in the mesh ({why})", dst_ip, dst_port,
                                 source, source_identity, destination, service=service)
+        if service is None:
+            choice = self.waypoints.for_workload(destination)
+            if choice.waypoint is not None and not self.waypoints.is_instance(source, choice.waypoint):
+                return self._via_waypoint(choice, source, source_identity, dst_ip, dst_port, None, dry_run)
         destination_identity = self.identity(destination)
         if destination.node_name == self.node_name:
             return OutboundPlan(Route.LOCAL, "destination is on this node", dst_ip, dst_port, source,
                                 source_identity, destination, destination_identity, service)
         return OutboundPlan(Route.HBONE, f"destination is on node {destination.node_name or '?'}", dst_ip,
                             dst_port, source, source_identity, destination, destination_identity, service)
+
+    def _via_waypoint(self, choice: WaypointChoice, source: PodInfo, source_identity: SpiffeId, dst_ip: str,
+                      dst_port: int, service: str | None, dry_run: bool) -> OutboundPlan:
+        waypoint = choice.waypoint
+        assert waypoint is not None
+        instance = self.waypoints.pick_instance(waypoint, self.node_name, dry_run)
+        if instance is None:
+            return OutboundPlan(Route.REFUSE, f"{choice.reason}, which has no ready instance", dst_ip, dst_port,
+                                source, source_identity, service=service, waypoint=waypoint.key)
+        family = ":" in dst_ip
+        via_ip = next((ip for ip in instance.ips if (":" in ip) == family), instance.ips[0])
+        return OutboundPlan(Route.WAYPOINT, f"{choice.reason}: instance {instance} on node "
+                            f"{instance.node_name or '?'}", dst_ip, dst_port, source, source_identity, instance,
+                            self.identity(instance), service, waypoint.key, via_ip)

@@ -26,7 +26,7 @@ class TraceStep:
 class Trace:
     steps: tuple[TraceStep, ...]
     listener: str          # outbound | inbound_plaintext | hbone | none
-    route: str             # local | hbone | passthrough | refuse | direct
+    route: str             # local | hbone | waypoint | passthrough | refuse | direct
     decision: str          # allow | deny | n/a
     reason: str
     extra: dict[str, str] = field(default_factory=dict)
@@ -73,10 +73,19 @@ def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, W
 
     if listener == "outbound":
         plan = mesh.router.plan(src_ip, dst_ip, dst_port, dry_run=True)
-        if plan.service:
+        if plan.service and plan.route is not Route.WAYPOINT:
             step("service", f"{dst_ip}:{dst_port} is Service {plan.service}: endpoint {plan.dst_ip}:{plan.dst_port} "
                             "(next in the even spread)")
         step("route", f"{plan.route.value}: {plan.reason}")
+        if plan.route is Route.WAYPOINT:
+            step("hbone", f"pool key ({plan.source_identity}, {src_ip}, {plan.next_hop_ip}:{c.HBONE_PORT}, "
+                          f"expects {plan.destination_identity}); CONNECT {plan.authority} (the address as "
+                          "dialled) over TLS 1.3 from the client's IP")
+            step("policy", f"L7 policy at waypoint {plan.waypoint}; it picks the endpoint and opens its own "
+                           "HBONE to it, where the destination node decides on the waypoint's identity")
+            return Trace(tuple(steps), listener, plan.route.value, "n/a", plan.reason,
+                         {"source_identity": str(plan.source_identity),
+                          "waypoint_identity": str(plan.destination_identity)})
         if plan.route is Route.REFUSE:
             return Trace(tuple(steps), listener, plan.route.value, "deny", plan.reason)
         if plan.route is Route.PASSTHROUGH:

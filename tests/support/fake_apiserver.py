@@ -60,6 +60,8 @@ RESOURCES = (
              "security.istio.io/v1", namespaced=True, custom=True),
     Resource("/apis/security.istio.io/v1", "peerauthentications", "PeerAuthentication",
              "security.istio.io/v1", namespaced=True, custom=True),
+    Resource("/apis/gateway.networking.k8s.io/v1", "gateways", "Gateway", "gateway.networking.k8s.io/v1",
+             namespaced=True, custom=True),
 )
 _BY_KIND = {r.kind: r for r in RESOURCES}
 _SELECTABLE_FIELDS = {"metadata.name", "metadata.namespace", "spec.nodeName"}

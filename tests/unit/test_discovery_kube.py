@@ -230,7 +230,7 @@ def test_dropped_watch_resumes_from_the_last_resource_version(server: FakeApiSer
             lists_before = len(server.list_requests("Pod"))
             watches_before = len(server.watch_requests("Pod"))
             with server.hold():
-                assert server.drop_watches() == 6
+                assert server.drop_watches() == len(ALL_KINDS)
                 server.create(pod("y", ip="10.1.0.2"))
                 server.update(pod("x", ip="10.1.0.1", app="v2"))
             await eventually(lambda: state.pod("demo", "y") is not None

@@ -1,0 +1,120 @@
+"""`ambit waypoint NAMESPACE/NAME`: write the Envoy bootstrap of a waypoint.
+
+Reads the cluster's objects (the same files `ambit-agent --discovery files`
+reads: Namespaces, Pods, Services, Gateways, AuthorizationPolicies), works
+out what the waypoint stands in front of (agent/waypoint/destinations.py),
+issues its SPIFFE certificate from the mesh CA, and writes into --out-dir:
+
+    envoy.json   the bootstrap (`envoy -c envoy.json`)
+    certs/       the waypoint's key and certificate and the trust bundle
+
+Exit codes: 0 written, 1 the waypoint or the CA is unusable, 2 usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..discovery.files import BadFile, parse_documents
+from ..files import atomic_write
+from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, InvalidCA, LocalCA
+from ..identity.store import CertificateStore
+from .bootstrap import BootstrapOptions, CertificateFiles, waypoint_bootstrap
+from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
+
+CONFIG_FILE = "envoy.json"
+
+
+@dataclass(frozen=True)
+class GeneratedWaypoint:
+    plan: WaypointPlan
+    config_path: Path
+    files: CertificateFiles
+    notes: tuple[str, ...]  # omissions and policy rules the waypoint cannot express
+
+    def summary(self) -> list[str]:
+        plan = self.plan
+        lines = [f"waypoint {plan.waypoint} (for {plan.waypoint.takes.value} traffic) as {plan.identity}"]
+        for d in plan.destinations:
+            policies = ", ".join(p.key for p in d.policies) or "none"
+            backends = ", ".join(f"{b.authority} ({b.pod})" for b in d.backends) or "none"
+            lines.append(f"  {d.authority:<22} {d.target} [{d.protocol}] -> {backends}; policies: {policies}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return lines
+
+
+def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, out_dir: Path, ca: LocalCA,
+             options: BootstrapOptions | None = None, service_account: str | None = None) -> GeneratedWaypoint:
+    """Plan, issue the certificate and write the bootstrap; raises WaypointError."""
+    options = options or BootstrapOptions()
+    plan = plan_waypoint(state_from_objects(objects), namespace, name, ca.trust_domain, service_account)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = CertificateStore(ca, out_dir / "certs").get(plan.identity).paths
+    files = CertificateFiles(paths.cert_file, paths.key_file, paths.bundle_file)
+    config, notes = waypoint_bootstrap(plan, files, options)
+    config_path = out_dir / CONFIG_FILE
+    atomic_write(config_path, json.dumps(config, indent=1).encode(), 0o644, durable=False)
+    return GeneratedWaypoint(plan, config_path, files, plan.notes + notes)
+
+
+def read_objects(paths: Sequence[Path]) -> list[Mapping[str, Any]]:
+    """The objects of YAML/JSON files, and of the *.yaml/*.yml/*.json files of directories."""
+    objects: list[Mapping[str, Any]] = []
+    for path in paths:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if path.is_dir() \
+            else [path]
+        for file in files:
+            try:
+                objects += parse_documents(file.read_text(), file)
+            except BadFile as exc:
+                raise WaypointError(f"{file}: {exc}") from None
+            except OSError as exc:
+                raise WaypointError(f"cannot read {file}: {exc.strerror}") from None
+    return objects
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "waypoint", help="write the Envoy bootstrap of a waypoint (L7 policy in front of Services and pods)",
+        description="Write the Envoy bootstrap of the waypoint NAMESPACE/NAME (a Gateway of class istio-waypoint): "
+                    "HBONE on :15008 with the waypoint's SPIFFE certificate from the mesh CA, the "
+                    "AuthorizationPolicies whose targetRef(s) name it or its Services as L7 rules, and HBONE "
+                    "to the chosen endpoint's :15008. The configuration is static: run it again when "
+                    "the cluster changes.")
+    parser.add_argument("waypoint", metavar="NAMESPACE/NAME", help="the waypoint's Gateway")
+    parser.add_argument("--config-file", action="append", type=Path, required=True, metavar="PATH",
+                        help="YAML/JSON file or directory of the cluster's objects (repeatable)")
+    parser.add_argument("--ca-dir", type=Path, required=True,
+                        help=f"the mesh CA ({CA_CERT_FILE}, {CA_KEY_FILE}) that issues the waypoint's certificate")
+    parser.add_argument("--out-dir", type=Path, required=True, help=f"where {CONFIG_FILE} and certs/ are written")
+    parser.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
+    parser.add_argument("--service-account", help="the waypoint's service account (default: its pods', else NAME)")
+    parser.add_argument("--listen-address", default="0.0.0.0", help="HBONE listen address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=15008, help="HBONE port (default: %(default)s)")
+    parser.add_argument("--access-log", default="/dev/stdout", help="access log path (default: %(default)s)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    namespace, slash, name = args.waypoint.partition("/")
+    if not slash or not namespace or not name:
+        print(f"ambit waypoint: expected NAMESPACE/NAME, got {args.waypoint!r}", file=sys.stderr)
+        return 2
+    try:
+        ca = LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain)
+        options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
+        generated = generate(read_objects(args.config_file), namespace, name, args.out_dir, ca, options,
+                             args.service_account)
+    except (WaypointError, InvalidCA, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
+        print(f"ambit waypoint: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(generated.summary()))
+    print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
+    return 0

