@@ -116,6 +116,7 @@ class Enrolment:
         self.selector = selector or EnrolEveryPod()
         self._on_capture_failure = on_capture_failure or (lambda: None)
         self._workloads: dict[AttachmentKey, Workload] = {}
+        self._by_ip: dict[str, Workload] = {}  # the proxy asks per connection: no scans
         self._locks: dict[AttachmentKey, asyncio.Lock] = {}
 
     # -- bookkeeping -------------------------------------------------------
@@ -129,11 +130,28 @@ class Enrolment:
         return sum(1 for w in self._workloads.values() if w.in_mesh)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
-        """The recorded pod that owns `ip` (a handful of pods per node: a scan is fine)."""
-        for workload in self._workloads.values():
-            if ip in workload.addresses:
-                return workload
-        return None
+        """The recorded pod that owns `ip`."""
+        return self._by_ip.get(ip)
+
+    def _put(self, workload: Workload) -> None:
+        self._pop(workload.key)
+        self._workloads[workload.key] = workload
+        for ip in workload.addresses:
+            self._by_ip[ip] = workload
+
+    def _pop(self, key: AttachmentKey) -> None:
+        old = self._workloads.pop(key, None)
+        if old is None:
+            return
+        for ip in old.addresses:
+            if self._by_ip.get(ip) is old:
+                del self._by_ip[ip]
+                # Rare: another record still claims the address (a stale one
+                # about to be released); keep answering with it.
+                for other in self._workloads.values():
+                    if ip in other.addresses:
+                        self._by_ip[ip] = other
+                        break
 
     def _lock(self, key: AttachmentKey) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -185,11 +203,13 @@ class Enrolment:
                             prev_result=list(ips), kernel=sorted(kernel_ips))
             if wanted:
                 workload = await self._capture(workload, link)
+            captured = time.monotonic()
             self._remember(workload)
             log.info("pod enrolled" if wanted else "pod recorded, not in the mesh", pod=str(req.pod),
                      attachment=str(req.key), ips=list(ips), host_veth=link.host_ifname,
                      host_ifindex=link.host_ifindex, capture=workload.capture, reason=reason,
                      inspect_ms=round((inspected - started) * 1000, 1),
+                     capture_ms=round((captured - inspected) * 1000, 1),
                      total_ms=round((time.monotonic() - started) * 1000, 1))
         self._forget_lock(req.key)
         return EnrolResult(wanted, reason, workload)
@@ -208,7 +228,7 @@ class Enrolment:
 
     def _remember(self, workload: Workload) -> None:
         self.store.save(workload)
-        self._workloads[workload.key] = workload
+        self._put(workload)
 
     async def set_membership(self, pod: PodRef, in_mesh: bool, reason: str) -> int:
         """A label change moved a running pod in or out of the mesh: capture
@@ -241,11 +261,14 @@ class Enrolment:
         that went away without a DEL: release it so capture state is never
         shared between two pods."""
         addresses = {ip.split("/")[0] for ip in ips}
-        for other in list(self._workloads.values()):
-            if other.key != key and addresses & set(other.addresses):
-                log.warning("address reused: releasing the stale attachment", stale=str(other.key),
-                            pod=str(other.pod), ips=sorted(addresses & set(other.addresses)))
-                await self._release_locked(other)
+        while True:
+            stale = next((self._by_ip[ip] for ip in addresses
+                          if ip in self._by_ip and self._by_ip[ip].key != key), None)
+            if stale is None:
+                return
+            log.warning("address reused: releasing the stale attachment", stale=str(stale.key),
+                        pod=str(stale.pod), ips=sorted(addresses & set(stale.addresses)))
+            await self._release_locked(stale)
 
     async def release(self, key: AttachmentKey) -> bool:
         async with self._lock(key):
@@ -263,7 +286,7 @@ class Enrolment:
         if workload.in_mesh:
             await asyncio.to_thread(self.backend.detach, workload)
         self.store.delete(workload.key)
-        self._workloads.pop(workload.key, None)
+        self._pop(workload.key)
         log.info("pod released", pod=str(workload.pod), attachment=str(workload.key), host_veth=workload.host_veth)
 
     async def check(self, key: AttachmentKey, pod: PodRef, netns: str, ips: Iterable[str]) -> None:
@@ -305,7 +328,7 @@ class Enrolment:
         adopted, released = 0, 0
         for workload in self.store.load_all():
             alive = await asyncio.to_thread(_still_there, workload)
-            self._workloads[workload.key] = workload
+            self._put(workload)
             if alive:
                 adopted += 1
             else:

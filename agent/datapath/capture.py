@@ -269,10 +269,16 @@ class Datapath:
                 if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                     raise
             if self._programs is not None:
-                for ip, index in self._programs.local_pods().items():
+                # With the addresses given, look up just those: walking the
+                # whole map made release O(pods on the node).
+                owned = ({ip: self._programs.local_pod(ip) for ip in ips} if ips
+                         else self._programs.local_pods())
+                for ip, index in owned.items():
                     if index == host_ifindex:
                         self._programs.remove_local_pod(ip)
                         ips.discard(ip)
+                    elif index is None:
+                        ips.discard(ip)  # already gone
                 for ip in ips:
                     self._log.info("pod_address_kept", ip=str(ip), reason="points at another veth")
         self._log.info("pod_detached", host_ifindex=host_ifindex)

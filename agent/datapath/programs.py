@@ -193,6 +193,11 @@ class Programs:
         except KeyError:
             pass
 
+    def local_pod(self, ip: ipaddress.IPv4Address) -> int | None:
+        """The host veth ifindex the map holds for one address, if any."""
+        value = self._local_pods.get(self._local_pods.Key(ipv4_key(ip)))
+        return None if value is None else value.host_ifindex
+
     def local_pods(self) -> dict[ipaddress.IPv4Address, int]:
         """Pod IP -> host veth ifindex, as the kernel map holds it."""
         return {ipv4_from_key(k.value): v.host_ifindex for k, v in self._local_pods.items()}
