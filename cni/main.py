@@ -5,11 +5,11 @@ never as a traceback; DEL succeeds whenever there is nothing left to undo.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+from . import jsonlite as json
 from . import spec, wire
 from .spec import CniError, Environment, PluginConfig
 

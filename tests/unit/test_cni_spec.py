@@ -178,6 +178,7 @@ def test_timeout_forms(value: Any, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("value", [0, -1, 601, "0s", "11m", "5h", "five", "", "-5s", "5 seconds",
+                                   "1.s", ".5s", "1e3", "ms", "s", "5 ms s", "\u0663s", "1_0s",
                                    True, None, [5], {"s": 5}])
 def test_invalid_timeouts_are_code_7(value: Any) -> None:
     with _CodeCheck(spec.INVALID_CONFIG) as info:
