@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..netlink import iproute
+from ..rtnl_query import RtnlQuery
 
 
 class PodLinkError(Exception):
@@ -52,13 +52,15 @@ def inspect_pod_link(netns: str, ifname: str) -> PodLink:
     if not netns or not os.path.exists(netns):
         raise PodLinkError(PodLinkError.NETNS_MISSING, f"network namespace {netns or '(empty)'} does not exist")
     try:
-        with iproute(netns) as pod:
-            found = pod.link_lookup(ifname=ifname)
-            if not found:
-                raise PodLinkError(PodLinkError.NO_INTERFACE, f"no interface {ifname} in {netns}")
-            link = pod.get_links(found[0])[0]
+        with RtnlQuery(netns) as pod:
+            try:
+                link = pod.link(ifname=ifname)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise
+                raise PodLinkError(PodLinkError.NO_INTERFACE, f"no interface {ifname} in {netns}") from None
             addresses = tuple(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                              for a in pod.get_addr(index=found[0]))
+                              for a in pod.addresses(link["index"]))
     except FileNotFoundError:
         raise PodLinkError(PodLinkError.NETNS_MISSING, f"network namespace {netns} disappeared") from None
     kind = _kind(link)
@@ -70,9 +72,9 @@ def inspect_pod_link(netns: str, ifname: str) -> PodLink:
     if not peer_index:
         raise PodLinkError(PodLinkError.PEER_MISSING, f"{ifname} in {netns} reports no veth peer")
 
-    with iproute() as host:
+    with RtnlQuery() as host:
         try:
-            peer = host.get_links(peer_index)[0]
+            peer = host.link(index=peer_index)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 raise PodLinkError(PodLinkError.PEER_MISSING,
@@ -89,10 +91,10 @@ def inspect_pod_link(netns: str, ifname: str) -> PodLink:
         if peer_nsid is not None:
             fd = os.open(netns, os.O_RDONLY)
             try:
-                pod_nsid = host.get_netnsid(fd=fd).get("nsid")
+                pod_nsid = host.netnsid(fd)
             finally:
                 os.close(fd)
-            if pod_nsid is not None and pod_nsid >= 0 and pod_nsid != peer_nsid:
+            if pod_nsid is not None and pod_nsid != peer_nsid:
                 raise PodLinkError(PodLinkError.PEER_MISSING,
                                    f"link {peer_index} here is a veth into another namespace, not {netns}")
     return PodLink(
@@ -104,9 +106,9 @@ def inspect_pod_link(netns: str, ifname: str) -> PodLink:
 def host_link_exists(ifindex: int, ifname: str) -> bool:
     """True when the host veth recorded at enrolment still exists (same
     index and name: indexes are reused after a pod is deleted)."""
-    with iproute() as host:
+    with RtnlQuery() as host:
         try:
-            link = host.get_links(ifindex)[0]
+            link = host.link(index=ifindex)
         except NetlinkError:
             return False
         return link.get("IFLA_IFNAME") == ifname
