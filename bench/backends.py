@@ -44,7 +44,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
-from capture import ECHO_SERVER, PING_PONG, pct  # noqa: E402  (bench/capture.py)
+import capture  # noqa: E402  (bench/capture.py)
+from capture import ECHO_SERVER, pct  # noqa: E402
 from pyroute2.netns import setns  # noqa: E402
 
 from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
@@ -144,18 +145,11 @@ def start_servers(netns: str) -> list[subprocess.Popen]:
 
 
 def iperf_gbps(client_ns: str, server_ip: str, seconds: float) -> float:
-    out = subprocess.run(["iperf3", "-c", server_ip, "-p", "5201", "-t", str(seconds), "-J"], capture_output=True,
-                         text=True, preexec_fn=pinned(client_ns), timeout=seconds + 30)
-    data = json.loads(out.stdout)
-    if "error" in data:
-        raise RuntimeError(data["error"])
-    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    return capture.iperf_gbps(client_ns, server_ip, 1, seconds, enter=pinned)
 
 
 def rtt_us(client_ns: str, server_ip: str, count: int) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", PING_PONG, server_ip, "7000", str(count)], capture_output=True,
-                         text=True, preexec_fn=pinned(client_ns), timeout=300, check=True)
-    return [int(x) / 1000 for x in out.stdout.split()]
+    return capture.rtt_us(client_ns, server_ip, count, enter=pinned, timeout=300)
 
 
 class BenchNode:

@@ -75,18 +75,21 @@ def start_servers(netns: str) -> list[subprocess.Popen]:
     return [iperf, echo]
 
 
-def iperf_gbps(client_ns: str, server_ip: str, streams: int, seconds: float) -> float:
+def iperf_gbps(client_ns: str, server_ip: str, streams: int, seconds: float, enter=None) -> float:
+    """iperf3 from client_ns; `enter(ns)` makes the child's preexec_fn (default in_netns)."""
     out = subprocess.run(["iperf3", "-c", server_ip, "-p", "5201", "-P", str(streams), "-t", str(seconds), "-J"],
-                         capture_output=True, text=True, preexec_fn=in_netns(client_ns), timeout=seconds + 30)
+                         capture_output=True, text=True, preexec_fn=(enter or in_netns)(client_ns),
+                         timeout=seconds + 30)
     data = json.loads(out.stdout)
     if "error" in data:
         raise RuntimeError(data["error"])
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def rtt_us(client_ns: str, server_ip: str, count: int) -> list[float]:
+def rtt_us(client_ns: str, server_ip: str, count: int, enter=None, timeout: float = 120) -> list[float]:
+    """64-byte round trips (us) from client_ns to the echo server on port 7000."""
     out = subprocess.run([sys.executable, "-c", PING_PONG, server_ip, "7000", str(count)], capture_output=True,
-                         text=True, preexec_fn=in_netns(client_ns), timeout=120, check=True)
+                         text=True, preexec_fn=(enter or in_netns)(client_ns), timeout=timeout, check=True)
     return [int(x) / 1000 for x in out.stdout.split()]
 
 

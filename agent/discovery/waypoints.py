@@ -113,29 +113,28 @@ class WaypointResolver:
     def for_service(self, service: ServiceInfo) -> WaypointChoice:
         """The waypoint of traffic dialled to `service` (its VIP)."""
         request, why = self._requested(service.labels, service.namespace, f"service {service}")
-        if request is None:
-            return WaypointChoice(None, why)
-        waypoint, missing = self.waypoint(request.namespace, request.name)
-        if waypoint is None:
-            return WaypointChoice(None, f"{missing}; {request.where} asks for it: traffic goes direct")
-        if not waypoint.takes.takes_services:
-            return WaypointChoice(None, f"waypoint {waypoint} is for {waypoint.takes.value} traffic, not services "
-                                        f"({request.where} asks for it): traffic goes direct")
-        return WaypointChoice(waypoint, f"{request.where} uses waypoint {waypoint}")
+        return self._attach(request, why, "services")
 
     def for_workload(self, pod: PodInfo) -> WaypointChoice:
         """The waypoint of traffic dialled to the pod's own IP."""
         request, why = self._requested(pod.labels, pod.namespace, f"pod {pod}")
+        choice = self._attach(request, why, "workloads")
+        if choice.waypoint is not None and self.is_instance(pod, choice.waypoint):
+            return WaypointChoice(None, f"pod {pod} is an instance of waypoint {choice.waypoint} itself")
+        return choice
+
+    def _attach(self, request: _Request | None, why: str, traffic: str) -> WaypointChoice:
+        """The requested waypoint if it exists and takes `traffic`
+        ("services" or "workloads"); else no waypoint, and why."""
         if request is None:
             return WaypointChoice(None, why)
         waypoint, missing = self.waypoint(request.namespace, request.name)
         if waypoint is None:
             return WaypointChoice(None, f"{missing}; {request.where} asks for it: traffic goes direct")
-        if not waypoint.takes.takes_workloads:
-            return WaypointChoice(None, f"waypoint {waypoint} is for {waypoint.takes.value} traffic, not workloads "
+        takes = waypoint.takes.takes_services if traffic == "services" else waypoint.takes.takes_workloads
+        if not takes:
+            return WaypointChoice(None, f"waypoint {waypoint} is for {waypoint.takes.value} traffic, not {traffic} "
                                         f"({request.where} asks for it): traffic goes direct")
-        if self.is_instance(pod, waypoint):
-            return WaypointChoice(None, f"pod {pod} is an instance of waypoint {waypoint} itself")
         return WaypointChoice(waypoint, f"{request.where} uses waypoint {waypoint}")
 
     def _requested(self, labels: Mapping[str, str], namespace: str, what: str) -> tuple[_Request | None, str]:
