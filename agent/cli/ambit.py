@@ -289,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab_sub.add_parser("down", parents=[common], help="remove the lab, or the leftovers of a crashed run"
                        ).set_defaults(func=_lab_down)
-    lab_sub.add_parser("tour", parents=[common], help="build the default two-node lab, show what ambit does "
-                       "(HBONE, identities, transparency, policy, metrics), tear it down"
-                       ).set_defaults(func=_lab_tour)
+    tour = lab_sub.add_parser("tour", parents=[common], help="build the default two-node lab, show what ambit "
+                              "does (HBONE, identities, transparency, policy, a waypoint, metrics), tear it down")
+    tour.add_argument("--capture", choices=("ebpf", "nftables"), default="ebpf",
+                      help="the agents' capture backend for the walk (default: %(default)s)")
+    tour.set_defaults(func=_lab_tour)
 
     # --- install-cni: the DaemonSet's install step (agent/install/cli.py) ---
     from ..install import cli as install_cli

@@ -168,8 +168,10 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
     build_steps = PrintedSteps(out)
     lab = Lab(settings or LabSettings(), build_steps)
     config = labconfig.load_tour()
+    how = {"ebpf": "eBPF (tc programs on each pod's veth)",
+           "nftables": "nftables (policy route + TPROXY)"}.get(lab.settings.capture, lab.settings.capture)
     out.write("ambit lab tour: two nodes, five pods, HBONE between nodes, L4 policy at the destination, "
-              "L7 policy at a waypoint\n\n")
+              f"L7 policy at a waypoint; pods' traffic captured with {how}\n\n")
     try:
         plan = lab.up(config)
         tour.count = build_steps.count  # the tour's steps continue the build's numbering
