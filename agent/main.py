@@ -28,7 +28,7 @@ from . import log as logconf
 from .datapath import constants
 from .datapath.backend import CAPTURE_BACKENDS, capture_backend, make_datapath, uninstall_all
 from .datapath.capture import Datapath
-from .datapath.errors import CaptureUnavailable
+from .datapath.errors import CaptureUnavailable, require_backend
 from .datapath.nft_capture import NftDatapath
 from .enrolment import Enrolment, RecordOnly
 from .mesh import MeshRuntime, MeshSettings
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         cleanup(config)
         return
     try:
+        require_backend(config.capture)
         asyncio.run(_serve(config))
     except (SocketInUse, CaptureUnavailable) as exc:
         log.error("cannot start", error=str(exc))
