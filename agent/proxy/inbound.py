@@ -32,6 +32,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -100,6 +101,20 @@ class InboundTunnel:
     dst_ip: str
     dst_port: int
     tunnel: Tunnel
+    reason: str = ""  # why policy allowed it
+
+
+class TunnelObserver(Protocol):
+    """Told about every tunnel the server decides on (metrics, access log):
+    opened once the upstream is connected and 200 sent, closed with its
+    outcome, refused with the status it was answered."""
+
+    def tunnel_opened(self, admitted: InboundTunnel) -> None: ...
+
+    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: str, seconds: float) -> None: ...
+
+    def tunnel_refused(self, peer: SpiffeId, client: str, dst_ip: str, dst_port: int, status: int,
+                       reason: str) -> None: ...
 
 
 class HboneInbound:
@@ -117,8 +132,10 @@ class HboneInbound:
         contexts: TlsContextCache | None = None,
         proxy_ports: Collection[int] = PROXY_PORTS,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        observer: TunnelObserver | None = None,
     ) -> None:
         self._settings = settings or HboneSettings()
+        self._observer = observer
         self._contexts = contexts or TlsContextCache(store)
         self._identity_for_local_ip = identity_for_local_ip
         tune_allocator()  # the data path's buffers must not hit brk/mmap each time
@@ -130,6 +147,7 @@ class HboneInbound:
         self._connections: set[HboneServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted: dict[Tunnel, InboundTunnel] = {}
+        self._revoked: set[Tunnel] = set()  # closed by policy: the revoker reports those
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
         self.stats = InboundStats()
 
@@ -161,6 +179,8 @@ class HboneInbound:
         if self._admitted.pop(admitted.tunnel, None) is None or admitted.tunnel.done.done():
             return False
         self.stats.tunnels_revoked += 1
+        self._revoked.add(admitted.tunnel)
+        admitted.tunnel.done.add_done_callback(lambda _: self._revoked.discard(admitted.tunnel))
         admitted.tunnel.abort(reason)
         return True
 
@@ -283,6 +303,9 @@ class HboneInbound:
             self.stats.tunnels_refused += 1
             tlog.info("hbone_tunnel_refused", status=status, reason=reason)
             connection.refuse_tunnel(tunnel, status, reason)
+            if self._observer is not None:
+                self._observer.tunnel_refused(connection.peer_identity, str(accepted.client), dst_ip, dst_port,
+                                              status, reason)
 
         if ipaddress.ip_address(dst_ip) != ipaddress.ip_address(accepted.original_dst.ip):
             refuse(400, "authority is not the address this connection was sent to")
@@ -302,7 +325,8 @@ class HboneInbound:
             return
         # Remembered from the decision on, so a policy change made while the
         # upstream connect is pending still reaches this tunnel.
-        self._admitted[tunnel] = InboundTunnel(connection.peer_identity, client_ip, dst_ip, dst_port, tunnel)
+        admitted = InboundTunnel(connection.peer_identity, client_ip, dst_ip, dst_port, tunnel, str(reason))
+        self._admitted[tunnel] = admitted
         tunnel.done.add_done_callback(lambda _: self._admitted.pop(tunnel, None))
         try:
             upstream = await self._connect_upstream(client_ip, dst_ip, dst_port)
@@ -315,6 +339,17 @@ class HboneInbound:
         self.stats.tunnels_opened += 1
         tlog.debug("hbone_tunnel_open")
         tunnel.done.add_done_callback(lambda done: self._log_end(tlog, done.result()))
+        observer = self._observer
+        if observer is not None:
+            observer.tunnel_opened(admitted)
+            opened_at = time.monotonic()
+            client = str(accepted.client)
+
+            def closed(done: asyncio.Future[TunnelOutcome]) -> None:
+                if tunnel not in self._revoked:
+                    observer.tunnel_closed(admitted, done.result(), client, time.monotonic() - opened_at)
+
+            tunnel.done.add_done_callback(closed)
 
     @staticmethod
     def _log_end(log: structlog.typing.FilteringBoundLogger, outcome: TunnelOutcome) -> None:

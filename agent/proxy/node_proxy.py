@@ -45,7 +45,7 @@ from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
-from .hbone_io import TunnelError, TunnelRefused
+from .hbone_io import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
 from .inbound import HboneInbound, InboundTunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
 from .pool import HboneClientPool, PoolKey
@@ -59,6 +59,10 @@ WorkloadLookup = Callable[[str], Workload | None]
 _FAILED = {RelayEnd.CONNECT_REFUSED, RelayEnd.CONNECT_TIMEOUT, RelayEnd.CONNECT_FAILED}
 # Envoy-style response flags Istio reports: UF upstream connection failure,
 # UR/DR upstream/downstream reset, UAEX unauthorized (policy).
+# Envoy's flags for the destination side of a tunnel: policy (UAEX), upstream
+# connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
+_REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
+_TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
 _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
                    RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
 
@@ -114,7 +118,7 @@ class NodeProxy:
             self.inbound = HboneInbound(
                 self.mesh.certificates, identity_for_local_ip=self._local_identity,
                 is_local_workload=lambda ip: self._local_identity(ip) is not None,
-                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone)
+                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone, observer=self)
             self.metrics.pool_connections.set_function(lambda: self.pool.stats().connections if self.pool else 0)
             self.metrics.pool_streams.set_function(lambda: self.pool.stats().tunnels if self.pool else 0)
             self._unsubscribe = self.mesh.state.subscribe(self._on_cluster_change)
@@ -378,6 +382,43 @@ class NodeProxy:
                     closed += 1
                     self._revoked_tunnel(admitted, decision)
         return closed
+
+    # -- the destination side of HBONE (HboneInbound's TunnelObserver) -----------
+    def _inbound_labels(self, peer: SpiffeId, client_ip: str, dst_ip: str, flags: str = "-") -> TcpLabels:
+        src_name, src_ns = self._pod_at(client_ip)
+        dst_name, dst_ns = self._pod_at(dst_ip)
+        return TcpLabels(
+            reporter="destination", source_workload=src_name, source_workload_namespace=src_ns,
+            source_principal=str(peer), destination_workload=dst_name, destination_workload_namespace=dst_ns,
+            destination_principal=str(self._local_identity(dst_ip) or "unknown"), response_flags=flags,
+            connection_security_policy="mutual_tls")
+
+    def tunnel_opened(self, admitted: InboundTunnel) -> None:
+        self.metrics.opened(self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip))
+
+    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: str, seconds: float) -> None:
+        flags = _TUNNEL_FLAGS.get(outcome.end, "-")
+        labels = self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip, flags)
+        if flags != "-":
+            self.metrics.failed(labels)
+        self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
+        log_connection(ConnectionRecord(
+            listener=ListenerKind.HBONE.value, src=client, dst=f"{admitted.dst_ip}:{admitted.dst_port}",
+            src_identity=str(admitted.peer_identity), dst_identity=str(self._local_identity(admitted.dst_ip) or "")
+            or None, sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
+            duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=outcome.end.value,
+            error=outcome.detail or None, via=Route.HBONE.value))
+
+    def tunnel_refused(self, peer: SpiffeId, client: str, dst_ip: str, dst_port: int, status: int,
+                       reason: str) -> None:
+        client_ip = client.rsplit(":", 1)[0]
+        labels = self._inbound_labels(peer, client_ip, dst_ip, _REFUSAL_FLAGS.get(status, "-"))
+        self.metrics.failed(labels)
+        self.metrics.closed(labels, 0, 0)
+        log_connection(ConnectionRecord(
+            listener=ListenerKind.HBONE.value, src=client, dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
+            dst_identity=str(self._local_identity(dst_ip) or "") or None, sent=0, received=0, duration_ms=0.0,
+            decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value))
 
     def _revoked_tunnel(self, admitted: InboundTunnel, decision: Decision) -> None:
         """Inbound tunnels are not in the registry: log and count the close here."""

@@ -167,6 +167,41 @@ def test_byte_counters_match_the_bytes_sent(lab, ips):
     assert wait_for(lambda: sent_bytes() - before == len(payload) or None) is True, sent_bytes() - before
 
 
+def test_the_destination_node_reports_each_hbone_tunnel(lab, ips):
+    """node2 counts and logs the tunnel it terminated for client-0 -> web-1,
+    as Istio's destination reporter does: mutual TLS, the client's SPIFFE
+    identity, and the bytes it moved each way."""
+    def destination_bytes() -> tuple[float, float]:
+        def scrape() -> str:
+            with urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as response:
+                return response.read().decode()
+        with NetnsThread(netns_path(lab.state().nodes["node2"].netns)) as thread:
+            text = thread.run(scrape)
+        sums = {"istio_tcp_sent_bytes_total": 0.0, "istio_tcp_received_bytes_total": 0.0}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in sums and 'reporter="destination"' in line and 'source_workload="client-0"' in line \
+                    and 'destination_workload="web-1"' in line and 'connection_security_policy="mutual_tls"' in line \
+                    and 'source_principal="spiffe://cluster.local/ns/shop/sa/client"' in line:
+                sums[name] += float(line.rsplit(" ", 1)[1])
+        return sums["istio_tcp_sent_bytes_total"], sums["istio_tcp_received_bytes_total"]
+
+    before, since = destination_bytes(), log_size(lab, "node2")
+    payload = os.urandom(54_321)
+    result = lab.exec("shop/client-0", [*WORKLOAD, "send", ips["shop/web-1"], "9000"], input=payload, timeout=30)
+    assert result.returncode == 0 and result.stdout == payload
+    moved = (len(payload), len(payload))  # to the pod, and its echo back
+    assert wait_for(lambda: tuple(a - b for a, b in zip(destination_bytes(), before)) == moved or None) is True
+    entries = wait_for(lambda: [e for e in access_log(lab, "node2", since)
+                                if e["listener"] == "hbone" and e["dst"] == f"{ips['shop/web-1']}:9000"])
+    assert len(entries) == 1, entries
+    entry = entries[0]
+    assert entry["src"].startswith(ips["shop/client-0"] + ":") and entry["via"] == "hbone"
+    assert entry["src_identity"] == "spiffe://cluster.local/ns/shop/sa/client"
+    assert entry["dst_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
+    assert (entry["sent"], entry["received"], entry["decision"], entry["end"]) == (*moved, "allow", "closed")
+
+
 def test_readiness_and_grpc_health_of_a_running_agent(lab):
     def ready() -> tuple[int, str]:
         with urllib.request.urlopen("http://127.0.0.1:15021/healthz/ready", timeout=5) as response:

@@ -246,8 +246,12 @@ def test_the_destination_refuses_what_skips_the_waypoint(lab: Lab, pod: str, nod
     assert code == 2, err  # reset, never answered
     entry = newest(lambda: agent_log(lab, node), lambda e: e["dst"] == f"{target}:8080")
     assert entry["decision"] == "deny" and entry["via"] == via
-    if via == "hbone":  # web-1's node refused the tunnel with 401
+    if via == "hbone":  # web-1's node refused the tunnel with 401, and says so in its own log
         assert "HTTP 401" in entry["reason"]
+        refused = newest(lambda: agent_log(lab, "node2"),
+                         lambda e: e["listener"] == "hbone" and e["dst"] == f"{target}:8080")
+        assert refused["decision"] == "deny" and refused["reason"].startswith("HTTP 401: denied by policy")
+        assert refused["src_identity"] == CLIENT_ID and refused["src"].startswith(ip(lab, "shop/client-0") + ":")
     else:  # same node: the destination's policy is decided in-process
         assert entry["reason"] == "denied: no ALLOW policy matched"
 
