@@ -23,24 +23,15 @@ without loopback ports. The whole configuration is static: regenerate it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from ..identity.store import CertPaths
 from .destinations import Backend, Destination, WaypointPlan
 from .rbac import PEER_PRINCIPAL_KEY, RbacRules, rbac_rules
 
 HBONE_PORT = 15008
 _TYPES = "type.googleapis.com/envoy."
 ORIGINAL_REMOTE_KEY = "envoy.filters.listener.original_dst.remote_ip"
-
-
-@dataclass(frozen=True)
-class CertificateFiles:
-    """The waypoint's credentials as Envoy reads them."""
-
-    cert: Path
-    key: Path
-    bundle: Path
 
 
 @dataclass(frozen=True)
@@ -55,14 +46,14 @@ def _typed(kind: str, **fields: Any) -> dict[str, Any]:
     return {"@type": _TYPES + kind, **fields}
 
 
-def _tls_context(files: CertificateFiles, peer_san: dict[str, str]) -> dict[str, Any]:
+def _tls_context(files: CertPaths, peer_san: dict[str, str]) -> dict[str, Any]:
     """TLS 1.3 only and ALPN h2, as HBONE requires; peers must chain to the mesh CA."""
     return {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
         "alpn_protocols": ["h2"],
-        "tls_certificates": [{"certificate_chain": {"filename": str(files.cert)},
-                              "private_key": {"filename": str(files.key)}}],
-        "validation_context": {"trusted_ca": {"filename": str(files.bundle)},
+        "tls_certificates": [{"certificate_chain": {"filename": str(files.cert_file)},
+                              "private_key": {"filename": str(files.key_file)}}],
+        "validation_context": {"trusted_ca": {"filename": str(files.bundle_file)},
                                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}]},
     }
 
@@ -150,7 +141,7 @@ def _connect_listener(backend: Backend) -> dict[str, Any]:
             cluster=f"hbone|{backend.ip}", tunneling_config={"hostname": backend.authority})}]}]}
 
 
-def _hbone_cluster(backend: Backend, files: CertificateFiles, options: BootstrapOptions) -> dict[str, Any]:
+def _hbone_cluster(backend: Backend, files: CertPaths, options: BootstrapOptions) -> dict[str, Any]:
     name = f"hbone|{backend.ip}"
     return {
         "name": name, "type": "STATIC", "connect_timeout": options.connect_timeout,
@@ -164,7 +155,7 @@ def _hbone_cluster(backend: Backend, files: CertificateFiles, options: Bootstrap
     }
 
 
-def _hbone_listener(plan: WaypointPlan, files: CertificateFiles, options: BootstrapOptions) -> dict[str, Any]:
+def _hbone_listener(plan: WaypointPlan, files: CertPaths, options: BootstrapOptions) -> dict[str, Any]:
     def copy(key: str, value: str, **extra: str) -> dict[str, Any]:
         return {"object_key": key, "format_string": {"text_format_source": {"inline_string": value}},
                 "shared_with_upstream": "ONCE", **extra}
@@ -198,7 +189,7 @@ def _hbone_listener(plan: WaypointPlan, files: CertificateFiles, options: Bootst
     }
 
 
-def waypoint_bootstrap(plan: WaypointPlan, files: CertificateFiles,
+def waypoint_bootstrap(plan: WaypointPlan, files: CertPaths,
                        options: BootstrapOptions | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The bootstrap (as JSON-ready dicts) and notes on policy rules it could not express."""
     options = options or BootstrapOptions()

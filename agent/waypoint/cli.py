@@ -23,8 +23,8 @@ from typing import Any
 from ..discovery.files import BadFile, parse_documents
 from ..files import atomic_write
 from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, InvalidCA, LocalCA
-from ..identity.store import CertificateStore
-from .bootstrap import BootstrapOptions, CertificateFiles, waypoint_bootstrap
+from ..identity.store import CertificateStore, CertPaths
+from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
 CONFIG_FILE = "envoy.json"
@@ -34,7 +34,7 @@ CONFIG_FILE = "envoy.json"
 class GeneratedWaypoint:
     plan: WaypointPlan
     config_path: Path
-    files: CertificateFiles
+    files: CertPaths
     notes: tuple[str, ...]  # omissions and policy rules the waypoint cannot express
 
     def summary(self) -> list[str]:
@@ -55,8 +55,7 @@ def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, ou
     plan = plan_waypoint(state_from_objects(objects), namespace, name, ca.trust_domain, service_account)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = CertificateStore(ca, out_dir / "certs").get(plan.identity).paths
-    files = CertificateFiles(paths.cert_file, paths.key_file, paths.bundle_file)
+    files = CertificateStore(ca, out_dir / "certs").get(plan.identity).paths
     config, notes = waypoint_bootstrap(plan, files, options)
     config_path = out_dir / CONFIG_FILE
     atomic_write(config_path, json.dumps(config, indent=1).encode(), 0o644, durable=False)

@@ -20,7 +20,8 @@ from ambit.agent.cli.ambit import main as ambit_main
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.model import PolicyError, parse_authorization_policy
-from ambit.agent.waypoint.bootstrap import CertificateFiles, waypoint_bootstrap
+from ambit.agent.identity.store import CertPaths
+from ambit.agent.waypoint.bootstrap import waypoint_bootstrap
 from ambit.agent.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
 from ambit.agent.waypoint.rbac import PEER_PRINCIPAL_KEY, rbac_rules
 
@@ -235,7 +236,7 @@ def test_every_destination_of_an_empty_waypoint_is_refused() -> None:
     state = state_from_objects([o for o in objects() if o["kind"] in ("Namespace", "Gateway")])
     plan = plan_waypoint(state, "shop", "waypoint", TD)
     assert plan.destinations == () and plan.identity == SpiffeId(TD, "shop", "waypoint")  # Istio's default SA
-    files = CertificateFiles(Path("/c"), Path("/k"), Path("/b"))
+    files = CertPaths(Path("/c"), Path("/k"), Path("/b"))
     config, _ = waypoint_bootstrap(plan, files)
     (hbone,) = config["static_resources"]["listeners"]
     hcm = hbone["filter_chains"][0]["filters"][0]["typed_config"]
