@@ -20,6 +20,12 @@ traffic runs of the two nodes are interleaved. At each size:
   the capture is in force, the record is written) and the whole ambit-cni
   step in the chain (plus the plugin's process start).
 
+Then, at the largest size, the throughput once more with TSO, GSO and GRO
+switched off on the pods' and the proxies' interfaces: a bulk stream
+normally crosses the hooks as packets of up to 64 KB, which hides a
+per-packet cost; without offloads every packet is MTU-sized. The targets
+are judged on the default (offloads on) runs.
+
 Prints a table and eBPF/nftables ratios, writes a PNG chart, ends with one
 JSON line. Targets: eBPF throughput >= 1.1x nftables at 500 pods; eBPF
 enrol latency flat (within 20%) from 10 to 500 pods.
@@ -51,7 +57,8 @@ from pyroute2.netns import setns  # noqa: E402
 from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
 from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
                                   make_pod_netns, remove_netns)
-from ambit.agent.netns import socket_in_netns  # noqa: E402
+from ambit.agent.netns import netns_path, run_in_netns, socket_in_netns  # noqa: E402
+from pyroute2 import Ethtool  # noqa: E402
 
 BACKENDS = ("ebpf", "nftables")
 SUBNET = "10.232.0.0/22"  # one node at a time, so both runs may use it
@@ -142,6 +149,20 @@ def start_servers(netns: str) -> list[subprocess.Popen]:
     assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
     time.sleep(0.3)
     return [iperf, echo]
+
+
+def segmentation_off(netns: str, ifname: str = "eth0") -> None:
+    """TSO, GSO and GRO off on one interface (ethtool through pyroute2, in
+    its namespace): every packet then crosses the hooks at MTU size instead
+    of up to 64 KB, so per-packet costs are no longer amortised."""
+    def switch() -> None:
+        ethtool = Ethtool()
+        try:
+            for flag in ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload"):
+                ethtool.set_offload_flag(ifname, flag, False)
+        finally:
+            ethtool.close()
+    run_in_netns(netns, switch)
 
 
 def iperf_gbps(client_ns: str, server_ip: str, seconds: float) -> float:
@@ -236,7 +257,7 @@ class BenchNode:
             remove_netns(ns)
 
 
-def measure(settings: Settings, log) -> dict[str, list[Point]]:
+def measure(settings: Settings, log) -> tuple[dict[str, list[Point]], dict[str, float]]:
     """Both nodes live side by side; at each size the traffic runs are
     interleaved (eBPF, nftables, nftables, eBPF, ...) so that drift of the
     machine over the run lands on both backends alike."""
@@ -273,7 +294,21 @@ def measure(settings: Settings, log) -> dict[str, list[Point]]:
                 log(f"  {backend:8} {size:4} pods: {point.gbps:.2f} Gb/s (direct {point.gbps_direct:.2f}), "
                     f"RTT p50 {point.rtt_p50_us:.0f} us, enrol {point.enrol_agent_ms:.2f} ms, "
                     f"release {point.release_agent_ms:.2f} ms")
-    return points
+        # Last, at the largest size: the same throughput run with segmentation
+        # offloads off on every measured pod's and the proxy's interface.
+        for node in nodes.values():
+            for ns in node.netns:
+                segmentation_off(netns_path(ns))
+            segmentation_off(netns_path(node.agent.proxy_netns))
+        unsegmented: dict[str, list[float]] = {b: [] for b in BACKENDS}
+        for r in range(settings.repeats):
+            for backend in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
+                n = nodes[backend]
+                unsegmented[backend].append(iperf_gbps(n.ns_a, n.ip_b, settings.seconds))
+        offloads_off = {b: statistics.median(v) for b, v in unsegmented.items()}
+        log(f"  offloads off at {settings.sizes[-1]} pods: " +
+            ", ".join(f"{b} {v:.2f} Gb/s" for b, v in offloads_off.items()))
+    return points, offloads_off
 
 
 # --- report --------------------------------------------------------------
@@ -301,7 +336,7 @@ def table(points: dict[str, list[Point]], sizes: tuple[int, ...]) -> str:
     return "\n".join(rows)
 
 
-def chart(points: dict[str, list[Point]], path: Path, title: str) -> None:
+def chart(points: dict[str, list[Point]], path: Path, title: str, offloads_off: dict[str, float]) -> None:
     """Four panels against the number of enrolled pods, one line per
     backend (dashed: pods outside the mesh on the same node), each panel
     titled with its eBPF/nftables ratio at the largest size; the targets are
@@ -334,6 +369,12 @@ def chart(points: dict[str, list[Point]], path: Path, title: str) -> None:
         ax.set_title(f"{label}\neBPF / nftables at {xs[top]} pods: {ratio(e, n):.2f}x", fontsize=10)
         ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)
         if field == "gbps":
+            for backend, marker in (("ebpf", "v"), ("nftables", "v")):
+                ax.plot([xs[top]], [offloads_off[backend]], marker=marker, ls="", color=COLOURS[backend])
+            ax.annotate(f"▼ segmentation offloads off: {offloads_off['ebpf']:.2f} vs {offloads_off['nftables']:.2f}"
+                        f" = {ratio(offloads_off['ebpf'], offloads_off['nftables']):.2f}x",
+                        (xs[top], min(offloads_off.values())), textcoords="offset points", xytext=(-4, -14),
+                        ha="right", fontsize=7.5, color="dimgrey")
             ax.axhline(n * TARGET_THROUGHPUT_RATIO, color=COLOURS["ebpf"], ls=":", lw=1)
             ax.annotate(f"target for eBPF at {xs[top]} pods: {TARGET_THROUGHPUT_RATIO}x nftables",
                         (xs[0], n * TARGET_THROUGHPUT_RATIO), textcoords="offset points", xytext=(-8, 4),
@@ -382,7 +423,7 @@ def main() -> None:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     log(f"two nodes (eBPF, nftables) growing to {', '.join(map(str, settings.sizes))} enrolled pods")
-    points = measure(settings, log)
+    points, offloads_off = measure(settings, log)
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()[0]
 
@@ -398,6 +439,10 @@ def main() -> None:
           f"{settings.probes} enrol/release probes per point; load average {load_before:.2f} before, "
           f"{load_after:.2f} after (interleaved runs spread other work on the machine over both backends)")
     print(table(points, settings.sizes))
+    off_ratio = ratio(offloads_off["ebpf"], offloads_off["nftables"])
+    print(f"\nthroughput at {top} pods with TSO/GSO/GRO off on the pods' and the proxy's interfaces (every "
+          f"packet crosses the hooks at MTU size): eBPF {offloads_off['ebpf']:.2f} vs nftables "
+          f"{offloads_off['nftables']:.2f} Gb/s = {off_ratio:.2f}x")
     met_throughput = throughput_ratio >= TARGET_THROUGHPUT_RATIO
     met_flat = abs(enrol_growth) <= TARGET_ENROL_FLATNESS
     print(f"\ntarget eBPF throughput >= {TARGET_THROUGHPUT_RATIO}x nftables at {top} pods: "
@@ -408,13 +453,15 @@ def main() -> None:
           f"-> {'met' if met_flat else 'NOT met'}")
     title = (f"ambit capture backends on one node (measured path pinned to one CPU): "
              f"eBPF/nftables throughput at {top} pods = {throughput_ratio:.2f}x")
-    chart(points, args.out, title)
+    chart(points, args.out, title, offloads_off)
     print(f"chart: {args.out}  ({elapsed:.0f}s)")
     print(json.dumps({
         "bench": "backends", "sizes": list(settings.sizes), "quick": args.quick, "cpus": cpus,
         "points": {b: [asdict(p) | {k: round(v, 3) for k, v in asdict(p).items() if isinstance(v, float)}
                        for p in points[b]] for b in BACKENDS},
         "throughput_ratio_at_top": round(throughput_ratio, 3),
+        "throughput_gbps_offloads_off_at_top": {b: round(v, 3) for b, v in offloads_off.items()},
+        "throughput_ratio_offloads_off_at_top": round(off_ratio, 3),
         "rtt_p50_ratio_at_top": round(ratio(e_top.rtt_p50_us, n_top.rtt_p50_us), 3),
         "ebpf_enrol_growth": round(enrol_growth, 3), "ebpf_enrol_step_growth": round(step_growth, 3),
         "target_throughput_ratio": TARGET_THROUGHPUT_RATIO, "target_enrol_flatness": TARGET_ENROL_FLATNESS,
