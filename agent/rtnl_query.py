@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
-from collections.abc import Iterator
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
@@ -63,7 +62,7 @@ class RtnlQuery:
         msg["attrs"] = [("IFLA_EXT_MASK", RTEXT_FILTER_SKIP_STATS)]
         if ifname is not None:
             msg["attrs"].append(("IFLA_IFNAME", ifname))
-        return next(self._request(msg, RTM_GETLINK, ifinfmsg, dump=False))
+        return self._request(msg, RTM_GETLINK, ifinfmsg, dump=False)[0]
 
     def addresses(self, index: int) -> list[ifaddrmsg]:
         """Every address on one link (the dump is filtered here: the kernel
@@ -77,12 +76,12 @@ class RtnlQuery:
         (None when it has none assigned)."""
         msg = nsidmsg()
         msg["attrs"] = [("NETNSA_FD", netns_fd)]
-        reply = next(self._request(msg, RTM_GETNSID, nsidmsg, dump=False))
+        reply = self._request(msg, RTM_GETNSID, nsidmsg, dump=False)[0]
         nsid = reply.get_attr("NETNSA_NSID")
         return None if nsid is None or nsid >= 0xFFFFFFFF or nsid < 0 else nsid
 
     # -- the exchange ----------------------------------------------------------
-    def _request(self, msg, msg_type: int, reply_class, *, dump: bool) -> Iterator:
+    def _request(self, msg, msg_type: int, reply_class, *, dump: bool) -> list:
         sequence = next(_sequence) & 0xFFFFFFFF
         msg["header"]["type"] = msg_type
         msg["header"]["flags"] = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
@@ -104,15 +103,15 @@ class RtnlQuery:
                     (error,) = _ERRNO.unpack_from(data, offset + _HEADER.size)
                     if error:
                         raise NetlinkError(-error)
-                    return iter(replies)  # an ACK
+                    return replies  # an ACK
                 if kind == NLMSG_DONE:
-                    return iter(replies)
+                    return replies
                 reply = reply_class(data[offset:offset + length])
                 reply.decode()
                 replies.append(reply)
                 offset += _align(length)
             if not dump and replies:
-                return iter(replies)
+                return replies
 
 
 def _align(length: int) -> int:

@@ -14,8 +14,9 @@ _LIBRARIES = {
 
 
 def require_backend(mode: str) -> None:
-    """Fail before anything is made when the backend's library is missing
-    (the agent would otherwise leave a proxy namespace behind)."""
+    """CaptureUnavailable if the backend's library is missing. The agent
+    asks before making anything (it would otherwise leave a proxy namespace
+    behind); the datapaths ask again for callers that skip the agent."""
     if mode not in _LIBRARIES:
         return
     module, what = _LIBRARIES[mode]

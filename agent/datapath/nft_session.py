@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from ..netns import run_in_netns
-from .errors import CaptureUnavailable
+from .errors import require_backend
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +39,8 @@ def _errno_of(message: str) -> int | None:
 
 
 def _new_context() -> Any:
-    try:
-        import nftables  # Debian's python3-nftables (system site packages)
-    except ImportError:
-        raise CaptureUnavailable("--capture nftables needs libnftables' Python binding (Debian: apt-get "
-                                 "install python3-nftables; a venv must see system site packages)") from None
+    require_backend("nftables")
+    import nftables  # Debian's python3-nftables (system site packages)
 
     nft = nftables.Nftables()
     nft.set_json_output(True)

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from . import constants
-from .errors import CaptureUnavailable
+from .errors import require_backend
 
 log = structlog.get_logger(__name__)
 
@@ -152,11 +152,8 @@ class Programs:
         ambit.h is put in front of the text instead of being #included:
         bcc rewrites map accesses (map.lookup()) only in its main file.
         Its include guard then turns each file's #include into a no-op."""
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise CaptureUnavailable("--capture ebpf needs bcc's Python module (Debian: apt-get install "
-                                     "python3-bpfcc; a venv must see system site packages)") from None
+        require_backend("ebpf")
+        from bcc import BPF
 
         ensure_bpffs(pin_dir)
         text = "\n".join((source_dir / f).read_text() for f in (HEADER_FILE, *PROGRAM_FILES))

@@ -105,33 +105,33 @@ def _get(lab: Lab, pod: str, url: str) -> tuple[int, str]:
     return result.returncode, (result.stdout or result.stderr).decode().strip()
 
 
-def _access_log(lab: Lab, node: str, match: Callable[[dict], bool]) -> dict | None:
-    """The newest access-log line of a node's agent that `match`es."""
-    record = lab.state().nodes[node].agent
-    path = record.log if record else None
-    if path is None:
-        return None
+def _newest(read: Callable[[], list[dict]], match: Callable[[dict], bool]) -> dict | None:
+    """The newest entry `read()` returns that `match`es, waiting up to 3 s
+    for the writer to flush; None if there is none by then."""
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        lines = [json.loads(l) for l in open(path, encoding="utf-8") if '"event": "connection"' in l]
-        found = [e for e in lines if match(e)]
+        found = [e for e in read() if match(e)]
         if found:
             return found[-1]
         time.sleep(0.05)
     return None
 
 
+def _access_log(lab: Lab, node: str, match: Callable[[dict], bool]) -> dict | None:
+    """The newest access-log line of a node's agent that `match`es."""
+    record = lab.state().nodes[node].agent
+    path = record.log if record else None
+    if path is None:
+        return None
+    return _newest(lambda: [json.loads(l) for l in open(path, encoding="utf-8") if '"event": "connection"' in l],
+                   match)
+
+
 def _waypoint_log(lab: Lab, match: Callable[[dict], bool]) -> dict | None:
     """The newest line of the waypoint's Envoy access log that `match`es."""
     path = lab.waypoint_access_log("shop/waypoint-0")
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-        found = [e for e in lines if match(e)]
-        if found:
-            return found[-1]
-        time.sleep(0.1)
-    return None
+    return _newest(lambda: [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+                   if path.exists() else [], match)
 
 
 def _metrics(lab: Lab, node: str) -> list[str]:

@@ -111,9 +111,10 @@ class TunnelObserver(Protocol):
 
     def tunnel_opened(self, admitted: InboundTunnel) -> None: ...
 
-    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: str, seconds: float) -> None: ...
+    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: SocketAddress,
+                      seconds: float) -> None: ...
 
-    def tunnel_refused(self, peer: SpiffeId, client: str, dst_ip: str, dst_port: int, status: int,
+    def tunnel_refused(self, peer: SpiffeId, client: SocketAddress, dst_ip: str, dst_port: int, status: int,
                        reason: str) -> None: ...
 
 
@@ -304,7 +305,7 @@ class HboneInbound:
             tlog.info("hbone_tunnel_refused", status=status, reason=reason)
             connection.refuse_tunnel(tunnel, status, reason)
             if self._observer is not None:
-                self._observer.tunnel_refused(connection.peer_identity, str(accepted.client), dst_ip, dst_port,
+                self._observer.tunnel_refused(connection.peer_identity, accepted.client, dst_ip, dst_port,
                                               status, reason)
 
         if ipaddress.ip_address(dst_ip) != ipaddress.ip_address(accepted.original_dst.ip):
@@ -343,11 +344,10 @@ class HboneInbound:
         if observer is not None:
             observer.tunnel_opened(admitted)
             opened_at = time.monotonic()
-            client = str(accepted.client)
 
             def closed(done: asyncio.Future[TunnelOutcome]) -> None:
                 if tunnel not in self._revoked:
-                    observer.tunnel_closed(admitted, done.result(), client, time.monotonic() - opened_at)
+                    observer.tunnel_closed(admitted, done.result(), accepted.client, time.monotonic() - opened_at)
 
             tunnel.done.add_done_callback(closed)
 

@@ -62,6 +62,11 @@ _FAILED = {RelayEnd.CONNECT_REFUSED, RelayEnd.CONNECT_TIMEOUT, RelayEnd.CONNECT_
 # Envoy's flags for the destination side of a tunnel: policy (UAEX), upstream
 # connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
+
+
+def _known(principal: str) -> str | None:
+    """A metrics label's principal for the access log, where unknown is null."""
+    return None if principal == "unknown" else principal
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
 _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
                    RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
@@ -396,28 +401,28 @@ class NodeProxy:
     def tunnel_opened(self, admitted: InboundTunnel) -> None:
         self.metrics.opened(self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip))
 
-    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: str, seconds: float) -> None:
+    def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: SocketAddress,
+                      seconds: float) -> None:
         flags = _TUNNEL_FLAGS.get(outcome.end, "-")
         labels = self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip, flags)
         if flags != "-":
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
         log_connection(ConnectionRecord(
-            listener=ListenerKind.HBONE.value, src=client, dst=f"{admitted.dst_ip}:{admitted.dst_port}",
-            src_identity=str(admitted.peer_identity), dst_identity=str(self._local_identity(admitted.dst_ip) or "")
-            or None, sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
+            listener=ListenerKind.HBONE.value, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
+            src_identity=str(admitted.peer_identity), dst_identity=_known(labels.destination_principal),
+            sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
             duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=outcome.end.value,
             error=outcome.detail or None, via=Route.HBONE.value))
 
-    def tunnel_refused(self, peer: SpiffeId, client: str, dst_ip: str, dst_port: int, status: int,
+    def tunnel_refused(self, peer: SpiffeId, client: SocketAddress, dst_ip: str, dst_port: int, status: int,
                        reason: str) -> None:
-        client_ip = client.rsplit(":", 1)[0]
-        labels = self._inbound_labels(peer, client_ip, dst_ip, _REFUSAL_FLAGS.get(status, "-"))
+        labels = self._inbound_labels(peer, client.ip, dst_ip, _REFUSAL_FLAGS.get(status, "-"))
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
         log_connection(ConnectionRecord(
-            listener=ListenerKind.HBONE.value, src=client, dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
-            dst_identity=str(self._local_identity(dst_ip) or "") or None, sent=0, received=0, duration_ms=0.0,
+            listener=ListenerKind.HBONE.value, src=str(client), dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
+            dst_identity=_known(labels.destination_principal), sent=0, received=0, duration_ms=0.0,
             decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value))
 
     def _revoked_tunnel(self, admitted: InboundTunnel, decision: Decision) -> None:
@@ -426,11 +431,5 @@ class NodeProxy:
         log.info("connection closed by policy", listener=ListenerKind.HBONE.value, src=admitted.client_ip,
                  dst=f"{admitted.dst_ip}:{admitted.dst_port}", peer=str(admitted.peer_identity),
                  reason=decision.reason, policy=decision.policy, generation=self.mesh.authorizer.generation)
-        src_name, src_ns = self._pod_at(admitted.client_ip)
-        dst_name, dst_ns = self._pod_at(admitted.dst_ip)
-        destination = self._local_identity(admitted.dst_ip)
-        self.metrics.closed(TcpLabels(
-            reporter="destination", source_workload=src_name, source_workload_namespace=src_ns,
-            source_principal=str(admitted.peer_identity), destination_workload=dst_name,
-            destination_workload_namespace=dst_ns, destination_principal=str(destination or "unknown"),
-            response_flags="UAEX", connection_security_policy="mutual_tls"), 0, 0)
+        self.metrics.closed(self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip,
+                                                 "UAEX"), 0, 0)
