@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -25,7 +24,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from pyroute2 import IPRoute
 
 from tests.support.kernelstate import node_snapshot
 from tests.support.labcheck import lab_debris
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -73,24 +72,20 @@ def root_rules() -> set[tuple]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[Lab]:
-    if not os.path.ismount("/sys/fs/bpf"):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
-    bpffs_root = Path("/sys/fs/bpf") / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
-                           underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
-    assert lab_debris(settings, RANGES) == [], "a previous run left lscn- objects: `ambit lab down --prefix lscn-`"
-    rules_before = root_rules()
-    bpffs_root.mkdir()
-    lab = Lab(settings)
-    try:
-        lab.up(labconfig.load_default())
-        yield lab
-    finally:
-        report = lab.down()
-        # `down` removes the (then empty) root itself
-        leftover_pins = sorted(str(p) for p in bpffs_root.rglob("*")) if bpffs_root.exists() else []
-        if bpffs_root.exists() and not leftover_pins:
-            bpffs_root.rmdir()
+    with lab_bpffs_root(PREFIX) as bpffs_root:
+        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
+                               underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
+        assert lab_debris(settings, RANGES) == [], \
+            "a previous run left lscn- objects: `ambit lab down --prefix lscn-`"
+        rules_before = root_rules()
+        lab = Lab(settings)
+        try:
+            lab.up(labconfig.load_default())
+            yield lab
+        finally:
+            report = lab.down()
+            # `down` removes the (then empty) root itself
+            leftover_pins = sorted(str(p) for p in bpffs_root.rglob("*")) if bpffs_root.exists() else []
     assert sorted(report.pods_deleted) == ["legacy/probe-0", "shop/client-0", "shop/web-0", "shop/web-1"]
     assert report.del_failures == ()
     assert leftover_pins == []

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from ambit.agent.lab.topology import (MARKER_ENV, Lab, LabError, LabSettings, Le
                                       lab_namespaces, lab_processes, process_start_time)
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -44,16 +44,8 @@ AMBIT = str(Path(sys.executable).parent / "ambit")
 @pytest.fixture(scope="module")
 def bpffs_root():
     """A directory of our own on the real bpffs (pins are removed by `down`)."""
-    base = Path("/sys/fs/bpf")
-    root = base / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    if not os.path.ismount(base):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
-    root.mkdir()
-    yield root
-    if root.exists():  # `ambit lab down` removes it once it is empty
-        for child in root.iterdir():
-            child.rmdir()
-        root.rmdir()
+    with lab_bpffs_root(PREFIX) as root:
+        yield root
 
 
 def make_settings(state_dir: Path, bpffs_root: Path) -> LabSettings:

@@ -6,10 +6,7 @@ address. Prefix `nftl-`, ranges 10.232.254.0/24 (underlay) and
 from __future__ import annotations
 
 import json
-import os
 import sys
-import uuid
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +14,7 @@ from ambit.agent.cli.client import AgentClient
 from ambit.agent.lab import labconfig
 from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes
 from tests.support import nftstate
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -26,22 +24,14 @@ WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
 
 @pytest.fixture
 def nft_lab(tmp_path):
-    base = Path("/sys/fs/bpf")
-    if not os.path.ismount(base):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
-    bpffs_root = base / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"  # the lab wants one; nftables pins nothing
-    bpffs_root.mkdir()
-    assert not lab_namespaces(PREFIX), "a previous run left nftl- namespaces: `ambit lab down --prefix nftl-`"
-    lab = Lab(LabSettings(prefix=PREFIX, state_dir=tmp_path / "lab", underlay_cidr="10.232.254.0/24",
-                          pod_supernet="10.233.128.0/17", bpffs_root=bpffs_root, capture="nftables"))
-    try:
-        yield lab
-    finally:
-        lab.down()
-        if bpffs_root.exists():
-            for child in bpffs_root.iterdir():
-                child.rmdir()
-            bpffs_root.rmdir()
+    with lab_bpffs_root(PREFIX) as bpffs_root:  # the lab wants one; nftables pins nothing
+        assert not lab_namespaces(PREFIX), "a previous run left nftl- namespaces: `ambit lab down --prefix nftl-`"
+        lab = Lab(LabSettings(prefix=PREFIX, state_dir=tmp_path / "lab", underlay_cidr="10.232.254.0/24",
+                              pod_supernet="10.233.128.0/17", bpffs_root=bpffs_root, capture="nftables"))
+        try:
+            yield lab
+        finally:
+            lab.down()
         assert lab_namespaces(PREFIX) == () and lab_processes(PREFIX) == ()
 
 

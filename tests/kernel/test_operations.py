@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from ambit.agent.lab import labconfig
 from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces
 from ambit.agent.netns import NetnsThread, netns_path
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -32,19 +32,16 @@ AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    bpffs_root = Path("/sys/fs/bpf") / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    bpffs_root.mkdir()
-    settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lops") / "state",
-                           underlay_cidr="10.104.0.0/24", pod_supernet="10.235.0.0/16", bpffs_root=bpffs_root)
-    assert not lab_namespaces(PREFIX), "a previous run left lops- namespaces: `ambit lab down --prefix lops-`"
-    lab = Lab(settings)
-    try:
-        lab.up(labconfig.load_default())
-        yield lab
-    finally:
-        lab.down()
-        if bpffs_root.exists():  # `down` removes it once it is empty
-            bpffs_root.rmdir()
+    with lab_bpffs_root(PREFIX) as bpffs_root:
+        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lops") / "state",
+                               underlay_cidr="10.104.0.0/24", pod_supernet="10.235.0.0/16", bpffs_root=bpffs_root)
+        assert not lab_namespaces(PREFIX), "a previous run left lops- namespaces: `ambit lab down --prefix lops-`"
+        lab = Lab(settings)
+        try:
+            lab.up(labconfig.load_default())
+            yield lab
+        finally:
+            lab.down()
     assert not lab_namespaces(PREFIX)
 
 

@@ -39,6 +39,7 @@ from ambit.agent.lab.labconfig import parse_documents
 from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.podnet import TcpServer, connect, recv_exactly
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -233,16 +234,8 @@ def closed_within(sock: socket.socket, timeout: float) -> float | None:
 
 @pytest.fixture(scope="module")
 def bpffs_root():
-    base = Path("/sys/fs/bpf")
-    if not os.path.ismount(base):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
-    root = base / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    root.mkdir()
-    yield root
-    if root.exists():  # `ambit lab down` removes it once it is empty
-        for child in root.iterdir():
-            child.rmdir()
-        root.rmdir()
+    with lab_bpffs_root(PREFIX) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

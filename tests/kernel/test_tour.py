@@ -11,15 +11,13 @@ with no leftovers. Prefix `ltour-`, ranges 10.106.0.0/24 (underlay) and
 from __future__ import annotations
 
 import io
-import os
 import re
-import uuid
-from pathlib import Path
 
 import pytest
 
 from ambit.agent.lab.topology import LabSettings, lab_namespaces, lab_processes
 from ambit.agent.lab.tour import run_tour
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
@@ -28,20 +26,8 @@ PREFIX = "ltour-"
 
 @pytest.fixture
 def bpffs_root():
-    base = Path("/sys/fs/bpf")
-    if not os.path.ismount(base):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
-    root = base / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    root.mkdir()
-    try:
+    with lab_bpffs_root(PREFIX) as root:
         yield root
-    finally:
-        if root.exists():
-            for child in root.iterdir():
-                for pin in child.iterdir():
-                    pin.unlink()
-                child.rmdir()
-            root.rmdir()
 
 
 @pytest.mark.parametrize("capture", ["ebpf", "nftables"])

