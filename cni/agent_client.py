@@ -1,6 +1,5 @@
 """The plugin's side of the agent API: one RPC per CNI command, with gRPC
 status codes mapped to CNI error codes in one place."""
-from __future__ import annotations
 
 from . import grpc_unary as g
 from . import wire

@@ -9,7 +9,6 @@ gRPC (RFC 9113 framing, RFC 7541 header decoding, the gRPC HTTP/2 mapping)
 directly. The agent side is the real grpcio server; every CNI test runs this
 client against it.
 """
-from __future__ import annotations
 
 import _socket as socket  # the C module: socket.py would import enum and selectors (start-up cost)
 import struct

@@ -7,7 +7,6 @@ are the same C functions json uses (`_json`); only the thin Python layer
 around them is ours. Output matches `json.dumps` with its default
 separators for the types a CNI result holds (tests/unit/test_cni_jsonlite.py).
 """
-from __future__ import annotations
 
 import _json
 

@@ -5,7 +5,6 @@ No I/O here, so every rule of the spec is unit-tested directly. Plain
 classes instead of dataclasses/typing: both cost the plugin milliseconds of
 import per run (see cni/__init__.py).
 """
-from __future__ import annotations
 
 import _socket  # inet_pton/inet_ntop without socket.py's imports (see cni/__init__.py)
 

@@ -7,7 +7,6 @@ twenty pods start at once. The schema stays in the .proto; the tests encode
 and decode every message here against the generated classes, so a change to
 the .proto that this module misses fails the build.
 """
-from __future__ import annotations
 
 # A message is a list of (field number, value) pairs. str/bytes/nested list
 # values are length-delimited; bool/int values are varints.
