@@ -170,6 +170,7 @@ async def _server_agent(args: argparse.Namespace) -> None:
 
 
 def run_agent(args: argparse.Namespace) -> None:
+    from ambit.agent import eventloop
     from ambit.agent import log as logconf
 
     logconf.configure("warn")
@@ -188,7 +189,7 @@ def run_agent(args: argparse.Namespace) -> None:
 
         signal.signal(signal.SIGTERM, dump)
         profiler.enable()
-    asyncio.run(agent(args))
+    eventloop.run(agent(args))  # the agent's own choice: uvloop when installed
 
 
 # --- orchestration --------------------------------------------------------------------------------

@@ -58,20 +58,21 @@ class Lab:
     ns: str
     ids: Identities
     workdir: Path
+    loop: str  # ambit's side runs on asyncio and on uvloop (the agent's default)
 
     def run(self, scenario: Callable[[], Awaitable[None]], timeout: float = 120) -> None:
-        run_in_netns(self.ns, scenario, timeout)
+        run_in_netns(self.ns, scenario, timeout, self.loop)
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     try:
         envoy.envoy_binary()
     except FileNotFoundError:
         pytest.skip("envoy binary not installed")
     ids = make_identities(tmp_path / "pki")
     with namespace("hbt", (CLIENT_IP, SERVER_IP)) as ns:
-        yield Lab(ns, ids, tmp_path)
+        yield Lab(ns, ids, tmp_path, request.param)
 
 
 async def exchange(pod: socket.socket, upstream: socket.socket, order: str) -> None:

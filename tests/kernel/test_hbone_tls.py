@@ -91,6 +91,7 @@ class Mesh:
     denied_ports: set[int] = field(default_factory=set)
     pools: list[HboneClientPool] = field(default_factory=list)
     unmatched: dict[bytes, tuple[socket.socket, tuple[str, int]]] = field(default_factory=dict)
+    matching: asyncio.Lock = field(default_factory=asyncio.Lock)  # one opener pulls app connections at a time
     logs: list[dict[str, Any]] = field(default_factory=list)
 
     def refusals(self, event: str) -> list[dict[str, Any]]:
@@ -122,17 +123,21 @@ class Mesh:
         token = os.urandom(8)
         await asyncio.get_running_loop().sock_sendall(pod, token)
         while True:
-            if token in self.unmatched:
-                return self.unmatched.pop(token)
-            upstream, peer = await self.app.next()
-            self.sockets.append(upstream)
-            try:
-                got = await asyncio.wait_for(read_exactly(upstream, 8), 5)
-            except (EOFError, ConnectionError, asyncio.TimeoutError):
-                continue  # a leftover connection of a stream that went away
-            if got == token:
-                return upstream, peer
-            self.unmatched[got] = (upstream, peer)
+            # Openers take turns: each connection pulled is either the puller's
+            # or kept for its owner, who finds it on its next turn. (Without the
+            # turns, an owner already waiting in next() would never look.)
+            async with self.matching:
+                if token in self.unmatched:
+                    return self.unmatched.pop(token)
+                upstream, peer = await self.app.next()
+                self.sockets.append(upstream)
+                try:
+                    got = await asyncio.wait_for(read_exactly(upstream, 8), 5)
+                except (EOFError, ConnectionError, asyncio.TimeoutError):
+                    continue  # a leftover connection of a stream that went away
+                if got == token:
+                    return upstream, peer
+                self.unmatched[got] = (upstream, peer)
 
     async def refused_status(self, pool: HboneClientPool, authority: str, key: PoolKey | None = None, **kw: Any) -> int:
         pod, proxy_side = await tcp_pair(CLIENT_IP)
@@ -201,6 +206,7 @@ class Lab:
     ns: str
     ids: Identities
     tmp: Path
+    loop: str  # the agent runs on uvloop when installed, asyncio otherwise: both are tested
 
     def run(self, scenario: Callable[[Mesh], Awaitable[None]], settings: HboneSettings | None = None, timeout: float = 120) -> None:
         async def body() -> None:
@@ -210,14 +216,14 @@ class Lab:
             finally:
                 await mesh.close()
 
-        run_in_netns(self.ns, body, timeout)
+        run_in_netns(self.ns, body, timeout, self.loop)
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     ids = make_identities(tmp_path / "pki")
     with namespace("hbt", (CLIENT_IP, SERVER_IP, OTHER_POD_IP, NOT_LOCAL_IP)) as ns:
-        yield Lab(ns, ids, tmp_path)
+        yield Lab(ns, ids, tmp_path, request.param)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -458,6 +464,12 @@ def test_keepalive_pings_are_answered_and_a_silent_peer_is_dropped(lab: Lab) -> 
 
 
 def test_a_connect_crossing_the_servers_goaway_is_retried_on_a_fresh_connection(lab: Lab) -> None:
+    if lab.loop == "uvloop":
+        # The crossing is staged through asyncio's callback order (ready
+        # callbacks before I/O callbacks); uvloop runs I/O first, so the
+        # GOAWAY would be read before the CONNECT is sent. The retry itself
+        # is the pool's, the same on both loops.
+        pytest.skip("stages the race through asyncio's callback order")
     async def scenario(mesh: Mesh) -> None:
         loop = asyncio.get_running_loop()
         pool = mesh.pool()

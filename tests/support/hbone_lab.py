@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ambit.agent import eventloop
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
@@ -48,8 +49,9 @@ def make_netns(prefix: str, addresses: tuple[str, ...]) -> str:
     return name
 
 
-def run_in_netns(name: str, scenario: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
-    """Run `scenario()` on a fresh event loop on a thread inside the namespace.
+def run_in_netns(name: str, scenario: Callable[[], Awaitable[T]], timeout: float = 120.0, loop: str = "asyncio") -> T:
+    """Run `scenario()` on a fresh event loop (`loop`: "asyncio" or "uvloop",
+    see ambit.agent.eventloop) on a thread inside the namespace.
 
     Threads and processes started from that thread inherit the namespace.
     """
@@ -59,7 +61,7 @@ def run_in_netns(name: str, scenario: Callable[[], Awaitable[T]], timeout: float
     def body() -> None:
         try:
             enter_netns(netns_path(name))
-            result.append(asyncio.run(asyncio.wait_for(scenario(), timeout)))
+            result.append(eventloop.run(asyncio.wait_for(scenario(), timeout), loop))
         except BaseException as exc:  # handed to the test thread
             error.append(exc)
 
