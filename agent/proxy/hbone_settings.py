@@ -63,6 +63,11 @@ class HboneSettings:
     upstream_connect_timeout_s: float = 10.0
     # TLS handshake on either side; a peer that stalls it costs a socket only this long.
     handshake_timeout_s: float = 10.0
+    # Client: a CONNECT not answered in this long is reset and the pod's
+    # connection refused. Keep-alive catches a dead peer, not a live one that
+    # never answers. Longer than the server's upstream connect timeout, so a
+    # slow upstream still gets its 503 from the server first.
+    connect_response_timeout_s: float = 15.0
     # A server connection without tunnels is closed after this long. Longer
     # than the client pool's idle timeout, so the client normally closes
     # first and never races a GOAWAY with a new CONNECT.
@@ -95,6 +100,7 @@ class HboneSettings:
             "pool_idle_timeout_s",
             "upstream_connect_timeout_s",
             "handshake_timeout_s",
+            "connect_response_timeout_s",
             "server_idle_timeout_s",
         ):
             if getattr(self, name) <= 0:

@@ -167,7 +167,12 @@ class HboneClientPool:
             # open_tunnel sends the CONNECT before its first await, so nobody
             # can take the last stream of the budget between check and use.
             try:
-                return await connection.open_tunnel(authority, sock, headers)
+                async with asyncio.timeout(self._settings.connect_response_timeout_s):
+                    return await connection.open_tunnel(authority, sock, headers)
+            except TimeoutError:
+                # open_tunnel reset the stream on its way out; the socket is still the caller's.
+                raise TunnelError(f"no answer to CONNECT {authority} within "
+                                  f"{self._settings.connect_response_timeout_s:g}s") from None
             except HboneConnectionLost:
                 # The connection went away before the answer (e.g. the server's
                 # idle GOAWAY crossed our CONNECT). No pod byte was sent before
