@@ -899,9 +899,9 @@ class Lab:
         pod = next(p for p in self._recorded_plan(state).pods if p.pod.key == record.key)
         return pod.log.with_suffix(".access.log")
 
-    def _waypoint_bootstrap(self, plan: LabPlan, pod: PodPlan, state: LabState) -> Path:
+    def _waypoint_bootstrap(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[Path, str]:
         """`ambit waypoint` for this pod's Gateway, from the cluster as it is now
-        (the lab CA issues the waypoint's certificate)."""
+        (the lab CA issues the waypoint's certificate); (bootstrap, SPIFFE ID)."""
         from ..waypoint.bootstrap import BootstrapOptions
         from ..waypoint.cli import generate
         from ..waypoint.destinations import WaypointError
@@ -916,13 +916,14 @@ class Lab:
             raise LabError(f"waypoint pod {pod.pod.key}: {exc}") from exc
         self.log.info("waypoint bootstrap written", pod=pod.pod.key, config=str(generated.config_path),
                       destinations=[d.authority for d in generated.plan.destinations], notes=list(generated.notes))
-        return generated.config_path
+        return generated.config_path, str(generated.plan.identity)
 
     def _start_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[PodPlan, int]:
         if pod.pod.waypoint:
-            config = self._waypoint_bootstrap(plan, pod, state)
+            config, identity = self._waypoint_bootstrap(plan, pod, state)
             argv = [sys.executable, "-m", "ambit.agent.lab.workload", "waypoint", "--config", str(config),
-                    "--envoy", envoy_binary() or "envoy", "--port", str(pod.pod.workload_port("waypoint"))]
+                    "--envoy", envoy_binary() or "envoy", "--port", str(pod.pod.workload_port("waypoint")),
+                    "--rotate", str(self.settings.ca_dir), TRUST_DOMAIN, identity]
         else:
             argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key,
                     "--node", pod.node]

@@ -25,12 +25,11 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import structlog
@@ -227,41 +226,34 @@ async def serve(me: Identity, http_ports: Sequence[int], echo_ports: Sequence[in
 
 # --- the waypoint: Envoy in the pod ----------------------------------------------------------------------------
 
-def is_listening(port: int) -> bool:
-    """A LISTEN socket on 0.0.0.0:`port` in this process's network namespace."""
-    wanted = f"00000000:{port:04X}"
-    with open("/proc/self/net/tcp") as table:
-        return any(f[1] == wanted and f[3] == "0A" for f in (line.split() for line in table.readlines()[1:]))
-
-
 def run_waypoint(envoy: str, config: str, port: int, concurrency: int, ready_fd: int | None,
-                 timeout: float = 30.0) -> int:
-    """Run Envoy with the waypoint's bootstrap; say 'ready' once it listens.
-    Envoy shares our process group, so the lab's stop signal reaches it too.
-    Its access log is flushed every 100 ms (Envoy's default is 10 s), its own
-    log level is AMBIT_WAYPOINT_LOG_LEVEL (default warning)."""
-    argv = [envoy, "-c", config, "--disable-hot-restart", "--base-id", str(os.getpid()),
-            "--concurrency", str(concurrency), "-l", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning"),
-            "--file-flush-interval-msec", "100"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while not is_listening(port):
-        if proc.poll() is not None:
-            print(f"waypoint: envoy exited with {proc.returncode} before listening on {port}", file=sys.stderr)
-            return 1
-        if time.monotonic() > deadline:
-            proc.terminate()
-            print(f"waypoint: envoy did not listen on {port} within {timeout:.0f}s", file=sys.stderr)
-            return 1
-        time.sleep(0.05)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+                 rotation: tuple[str, str, str] | None = None) -> int:
+    """Run Envoy with the waypoint's bootstrap (agent/waypoint/runner.py); say
+    'ready' once it listens. `rotation` = (CA dir, trust domain, SPIFFE ID):
+    re-issue the waypoint's certificate from the lab CA when due, as
+    `ambit waypoint --run` does. Envoy's own log level is
+    AMBIT_WAYPOINT_LOG_LEVEL (default warning)."""
+    from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, LocalCA
+    from ..identity.spiffe import SpiffeId
+    from ..identity.store import CertificateStore
+    from ..waypoint.credentials import CertificateRotator, SecretFiles
+    from ..waypoint.runner import envoy_argv, supervise
+
+    rotator = None
+    if rotation is not None:
+        ca_dir, trust_domain, identity = rotation
+        ca = LocalCA.load(Path(ca_dir) / CA_CERT_FILE, Path(ca_dir) / CA_KEY_FILE, trust_domain=trust_domain)
+        secrets = SecretFiles(Path(config).parent / "certs")
+        rotator = CertificateRotator(CertificateStore(ca, secrets.directory), SpiffeId.parse(identity), secrets)
+        rotator.write()
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+    argv = envoy_argv(envoy, config, concurrency, os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning"))
+    return supervise(argv, port, rotator, ready)
 
 
 # --- clients ---------------------------------------------------------------------------------------------------
@@ -330,6 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     wp.add_argument("--port", type=int, default=15008, help="the HBONE port to wait for (default: %(default)s)")
     wp.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default: %(default)s)")
     wp.add_argument("--ready-fd", type=int, help="write 'ready' to this descriptor once listening")
+    wp.add_argument("--rotate", nargs=3, metavar=("CA_DIR", "TRUST_DOMAIN", "SPIFFE_ID"),
+                    help="keep the certificate in the bootstrap's certs/ current, issued by this CA")
     get = sub.add_parser("get", help="HTTP GET a URL, print the body; exit 1 on an HTTP error, 2 if unreachable")
     get.add_argument("url")
     get.add_argument("--timeout", type=float, default=5.0)
@@ -361,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.mode == "waypoint":
         try:
-            return run_waypoint(args.envoy, args.config, args.port, args.concurrency, args.ready_fd)
+            return run_waypoint(args.envoy, args.config, args.port, args.concurrency, args.ready_fd, args.rotate)
         except OSError as exc:
             print(f"waypoint: cannot run {args.envoy}: {exc}", file=sys.stderr)
             return 1

@@ -17,7 +17,8 @@
     ==HBONE==> the destination node's 15008, which authorizes the waypoint.
 
 Internal listeners (Envoy user-space sockets) keep every hop in one process
-without loopback ports. The whole configuration is static: regenerate it
+without loopback ports. The certificate and trust bundle come from SDS files
+(credentials.py), rotated without a restart; the rest is static: regenerate it
 (and restart Envoy) when the destinations or their policies change.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..identity.store import CertPaths
+from .credentials import BUNDLE_SECRET, IDENTITY_SECRET, SecretFiles, sds_config
 from .destinations import Backend, Destination, WaypointPlan
 from .rbac import PEER_PRINCIPAL_KEY, RbacRules, rbac_rules
 
@@ -46,15 +47,18 @@ def _typed(kind: str, **fields: Any) -> dict[str, Any]:
     return {"@type": _TYPES + kind, **fields}
 
 
-def _tls_context(files: CertPaths, peer_san: dict[str, str]) -> dict[str, Any]:
-    """TLS 1.3 only and ALPN h2, as HBONE requires; peers must chain to the mesh CA."""
+def _tls_context(secrets: SecretFiles, peer_san: dict[str, str]) -> dict[str, Any]:
+    """TLS 1.3 only and ALPN h2, as HBONE requires; peers must chain to the mesh CA.
+    Certificate and bundle come from SDS files, so a rotation needs no restart."""
     return {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
         "alpn_protocols": ["h2"],
-        "tls_certificates": [{"certificate_chain": {"filename": str(files.cert_file)},
-                              "private_key": {"filename": str(files.key_file)}}],
-        "validation_context": {"trusted_ca": {"filename": str(files.bundle_file)},
-                               "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}]},
+        "tls_certificate_sds_secret_configs": [{"name": IDENTITY_SECRET, "sds_config": sds_config(secrets.identity)}],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}]},
+            "validation_context_sds_secret_config": {"name": BUNDLE_SECRET, "sds_config": sds_config(secrets.bundle)},
+        },
     }
 
 
@@ -141,7 +145,7 @@ def _connect_listener(backend: Backend) -> dict[str, Any]:
             cluster=f"hbone|{backend.ip}", tunneling_config={"hostname": backend.authority})}]}]}
 
 
-def _hbone_cluster(backend: Backend, files: CertPaths, options: BootstrapOptions) -> dict[str, Any]:
+def _hbone_cluster(backend: Backend, secrets: SecretFiles, options: BootstrapOptions) -> dict[str, Any]:
     name = f"hbone|{backend.ip}"
     return {
         "name": name, "type": "STATIC", "connect_timeout": options.connect_timeout,
@@ -151,11 +155,11 @@ def _hbone_cluster(backend: Backend, files: CertPaths, options: BootstrapOptions
             {"endpoint": {"address": {"socket_address": {"address": backend.ip, "port_value": HBONE_PORT}}}}]}]},
         "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
             "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context=_tls_context(files, {"exact": str(backend.identity)}))},
+            common_tls_context=_tls_context(secrets, {"exact": str(backend.identity)}))},
     }
 
 
-def _hbone_listener(plan: WaypointPlan, files: CertPaths, options: BootstrapOptions) -> dict[str, Any]:
+def _hbone_listener(plan: WaypointPlan, secrets: SecretFiles, options: BootstrapOptions) -> dict[str, Any]:
     def copy(key: str, value: str, **extra: str) -> dict[str, Any]:
         return {"object_key": key, "format_string": {"text_format_source": {"inline_string": value}},
                 "shared_with_upstream": "ONCE", **extra}
@@ -183,17 +187,17 @@ def _hbone_listener(plan: WaypointPlan, files: CertPaths, options: BootstrapOpti
         "filter_chains": [{
             "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
                 "extensions.transport_sockets.tls.v3.DownstreamTlsContext", require_client_certificate=True,
-                common_tls_context=_tls_context(files, {"prefix": f"spiffe://{plan.identity.trust_domain}/"}))},
+                common_tls_context=_tls_context(secrets, {"prefix": f"spiffe://{plan.identity.trust_domain}/"}))},
             "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
         }],
     }
 
 
-def waypoint_bootstrap(plan: WaypointPlan, files: CertPaths,
+def waypoint_bootstrap(plan: WaypointPlan, secrets: SecretFiles,
                        options: BootstrapOptions | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The bootstrap (as JSON-ready dicts) and notes on policy rules it could not express."""
     options = options or BootstrapOptions()
-    listeners = [_hbone_listener(plan, files, options)]
+    listeners = [_hbone_listener(plan, secrets, options)]
     clusters: list[dict[str, Any]] = []
     notes: list[str] = []
     backends: dict[str, Backend] = {}
@@ -213,7 +217,7 @@ def waypoint_bootstrap(plan: WaypointPlan, files: CertPaths,
         listeners.append(_connect_listener(backend))
         if backend.ip not in hbone_ips:
             hbone_ips.add(backend.ip)
-            clusters.append(_hbone_cluster(backend, files, options))
+            clusters.append(_hbone_cluster(backend, secrets, options))
     config = {
         "node": {"id": f"waypoint~{plan.waypoint.namespace}~{plan.waypoint.name}",
                  "cluster": plan.waypoint.key},

@@ -6,9 +6,14 @@ out what the waypoint stands in front of (agent/waypoint/destinations.py),
 issues its SPIFFE certificate from the mesh CA, and writes into --out-dir:
 
     envoy.json   the bootstrap (`envoy -c envoy.json`)
-    certs/       the waypoint's key and certificate and the trust bundle
+    certs/       the waypoint's key and certificate and the trust bundle, as
+                 the SDS files Envoy reads them from (credentials.py)
 
-Exit codes: 0 written, 1 the waypoint or the CA is unusable, 2 usage.
+With --run it then runs Envoy and re-issues the certificate at half its
+lifetime; Envoy reloads it without a restart (runner.py).
+
+Exit codes: 0 written (--run: Envoy's own status), 1 the waypoint or the CA is
+unusable, 2 usage.
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from ..discovery.files import BadFile, parse_documents
 from ..files import atomic_write
-from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, InvalidCA, LocalCA
-from ..identity.store import CertificateStore, CertPaths
+from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
+from ..identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
+from .credentials import CertificateRotator, SecretFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
 CONFIG_FILE = "envoy.json"
@@ -34,7 +41,9 @@ CONFIG_FILE = "envoy.json"
 class GeneratedWaypoint:
     plan: WaypointPlan
     config_path: Path
-    files: CertPaths
+    secrets: SecretFiles
+    certificate: WorkloadCert
+    rotator: CertificateRotator  # keeps the certificate current (`--run`)
     notes: tuple[str, ...]  # omissions and policy rules the waypoint cannot express
 
     def summary(self) -> list[str]:
@@ -49,17 +58,20 @@ class GeneratedWaypoint:
 
 
 def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, out_dir: Path, ca: LocalCA,
-             options: BootstrapOptions | None = None, service_account: str | None = None) -> GeneratedWaypoint:
+             options: BootstrapOptions | None = None, service_account: str | None = None,
+             cert_ttl: timedelta = DEFAULT_LEAF_TTL) -> GeneratedWaypoint:
     """Plan, issue the certificate and write the bootstrap; raises WaypointError."""
     options = options or BootstrapOptions()
     plan = plan_waypoint(state_from_objects(objects), namespace, name, ca.trust_domain, service_account)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = CertificateStore(ca, out_dir / "certs").get(plan.identity).paths
-    config, notes = waypoint_bootstrap(plan, files, options)
+    secrets = SecretFiles(out_dir / "certs")
+    rotator = CertificateRotator(CertificateStore(ca, secrets.directory, ttl=cert_ttl), plan.identity, secrets)
+    certificate = rotator.write()
+    config, notes = waypoint_bootstrap(plan, secrets, options)
     config_path = out_dir / CONFIG_FILE
     atomic_write(config_path, json.dumps(config, indent=1).encode(), 0o644, durable=False)
-    return GeneratedWaypoint(plan, config_path, files, plan.notes + notes)
+    return GeneratedWaypoint(plan, config_path, secrets, certificate, rotator, plan.notes + notes)
 
 
 def read_objects(paths: Sequence[Path]) -> list[Mapping[str, Any]]:
@@ -84,8 +96,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Write the Envoy bootstrap of the waypoint NAMESPACE/NAME (a Gateway of class istio-waypoint): "
                     "HBONE on :15008 with the waypoint's SPIFFE certificate from the mesh CA, the "
                     "AuthorizationPolicies whose targetRef(s) name it or its Services as L7 rules, and HBONE "
-                    "to the chosen endpoint's :15008. The configuration is static: run it again when "
-                    "the cluster changes.")
+                    "to the chosen endpoint's :15008. The certificate comes to Envoy through SDS files; "
+                    "with --run, ambit runs Envoy and rotates the certificate without restarting it. "
+                    "The rest is static: run it again when the cluster changes.")
     parser.add_argument("waypoint", metavar="NAMESPACE/NAME", help="the waypoint's Gateway")
     parser.add_argument("--config-file", action="append", type=Path, required=True, metavar="PATH",
                         help="YAML/JSON file or directory of the cluster's objects (repeatable)")
@@ -97,8 +110,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--listen-address", default="0.0.0.0", help="HBONE listen address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=15008, help="HBONE port (default: %(default)s)")
     parser.add_argument("--access-log", default="/dev/stdout", help="access log path (default: %(default)s)")
+    running = parser.add_argument_group("running Envoy (--run)")
+    running.add_argument("--run", action="store_true",
+                     help="then run Envoy with the bootstrap and re-issue the certificate at half its lifetime "
+                          "(Envoy reloads it); exits with Envoy's status")
+    running.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on PATH)")
+    running.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default: %(default)s)")
+    running.add_argument("--cert-ttl", type=_seconds, default=DEFAULT_LEAF_TTL, metavar="SECONDS",
+                         help="lifetime of the waypoint's certificates (default: 86400); each is replaced at half "
+                              "its lifetime")
+    running.add_argument("--envoy-log-level", default="warning", help="Envoy's own log level (default: %(default)s)")
     parser.set_defaults(func=run)
     return parser
+
+
+def _seconds(text: str) -> timedelta:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    # Leaves are backdated by the CA's 60 s clock-skew allowance, and replaced at
+    # half their whole lifetime: below ~75 s they would be replaced at once.
+    if not 75 <= value <= 365 * 86400:
+        raise argparse.ArgumentTypeError("must be between 75 seconds and a year")
+    return timedelta(seconds=value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,10 +145,22 @@ def run(args: argparse.Namespace) -> int:
         ca = LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain)
         options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
         generated = generate(read_objects(args.config_file), namespace, name, args.out_dir, ca, options,
-                             args.service_account)
+                             args.service_account, args.cert_ttl)
     except (WaypointError, InvalidCA, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
         print(f"ambit waypoint: {exc}", file=sys.stderr)
         return 1
     print("\n".join(generated.summary()))
-    print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
-    return 0
+    if not args.run:
+        print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
+        return 0
+    from .. import log as logconf
+    from .runner import envoy_argv, supervise
+
+    logconf.configure("info")  # a long-running process now: its rotations are worth a line each
+    print(f"wrote {generated.config_path}; running {args.envoy}", flush=True)
+    try:
+        return supervise(envoy_argv(args.envoy, str(generated.config_path), args.concurrency, args.envoy_log_level),
+                         args.port, generated.rotator)
+    except OSError as exc:
+        print(f"ambit waypoint: cannot run {args.envoy}: {exc}", file=sys.stderr)
+        return 1

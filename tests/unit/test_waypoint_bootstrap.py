@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from ambit.agent.cli.ambit import main as ambit_main
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.model import PolicyError, parse_authorization_policy
-from ambit.agent.identity.store import CertPaths
 from ambit.agent.waypoint.bootstrap import waypoint_bootstrap
+from ambit.agent.waypoint.credentials import SecretFiles
 from ambit.agent.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
 from ambit.agent.waypoint.rbac import PEER_PRINCIPAL_KEY, rbac_rules
 
@@ -210,8 +211,21 @@ def test_ambit_waypoint_writes_a_bootstrap_envoy_accepts(cluster_file: Path, cap
     assert hbone["address"]["socket_address"]["port_value"] == 15008
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     tls = clusters["hbone|10.1.1.3"]["transport_socket"]["typed_config"]["common_tls_context"]
-    assert tls["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
+    validation = tls["combined_validation_context"]
+    assert validation["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
         "exact": "spiffe://cluster.local/ns/shop/sa/web"}  # the backend's identity is checked
+    # Certificate and bundle come from SDS files next to the bootstrap (rotated without a restart).
+    (identity,) = tls["tls_certificate_sds_secret_configs"]
+    assert identity["sds_config"]["path_config_source"] == {
+        "path": str(out / "certs" / "identity-sds.json"), "watched_directory": {"path": str(out / "certs")}}
+    secret = json.loads((out / "certs" / "identity-sds.json").read_text())["resources"][0]
+    assert secret["name"] == identity["name"] == "waypoint-identity"
+    cert = x509.load_pem_x509_certificate(secret["tls_certificate"]["certificate_chain"]["inline_string"].encode())
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier) == ["spiffe://cluster.local/ns/shop/sa/waypoint"]
+    assert (out / "certs" / "identity-sds.json").stat().st_mode & 0o777 == 0o600  # holds the key
+    bundle = validation["validation_context_sds_secret_config"]
+    assert json.loads((out / "certs" / "bundle-sds.json").read_text())["resources"][0]["name"] == bundle["name"]
     result = subprocess.run([envoy, "--mode", "validate", "-c", str(out / "envoy.json")], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -236,8 +250,7 @@ def test_every_destination_of_an_empty_waypoint_is_refused() -> None:
     state = state_from_objects([o for o in objects() if o["kind"] in ("Namespace", "Gateway")])
     plan = plan_waypoint(state, "shop", "waypoint", TD)
     assert plan.destinations == () and plan.identity == SpiffeId(TD, "shop", "waypoint")  # Istio's default SA
-    files = CertPaths(Path("/c"), Path("/k"), Path("/b"))
-    config, _ = waypoint_bootstrap(plan, files)
+    config, _ = waypoint_bootstrap(plan, SecretFiles(Path("/certs")))
     (hbone,) = config["static_resources"]["listeners"]
     hcm = hbone["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["route_config"]["virtual_hosts"] == []  # every CONNECT: 404

@@ -1,0 +1,122 @@
+"""The waypoint's certificate as Envoy secrets on disk, and its rotation.
+
+Envoy reads the waypoint's key and certificate, and the mesh trust bundle,
+through file-based SDS: each is a Secret in a JSON file of its own, named by
+`path_config_source` with `watched_directory` in the bootstrap. Replacing a
+file atomically (rename into that directory) makes Envoy load it without a
+restart; new handshakes use the new certificate, tunnels already up keep
+theirs. The PEMs are inline in the Secret, so the key and the certificate
+always change together.
+
+    <certs>/identity-sds.json   the waypoint's key and certificate (0600)
+    <certs>/bundle-sds.json     the CA certificates peers must chain to
+
+The leaf lives 24 h; `CertificateRotator` re-issues it once half of that has
+passed (the CertificateStore's rule, as for the agent's own workloads) and
+rewrites the identity Secret.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..identity.pemfiles import ensure_private_dir, write_private, write_public
+from ..identity.spiffe import SpiffeId
+from ..identity.store import CertificateStore, WorkloadCert, rotation_due_at
+
+IDENTITY_SECRET = "waypoint-identity"
+BUNDLE_SECRET = "mesh-trust-bundle"
+IDENTITY_FILE = "identity-sds.json"
+BUNDLE_FILE = "bundle-sds.json"
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+_log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SecretFiles:
+    """Where the bootstrap tells Envoy to find its secrets."""
+
+    directory: Path
+
+    @property
+    def identity(self) -> Path:
+        return self.directory / IDENTITY_FILE
+
+    @property
+    def bundle(self) -> Path:
+        return self.directory / BUNDLE_FILE
+
+
+def sds_config(path: Path) -> dict[str, Any]:
+    """An SDS source that is a file, reloaded when a file is moved into its directory."""
+    return {"path_config_source": {"path": str(path), "watched_directory": {"path": str(path.parent)}},
+            "resource_api_version": "V3"}
+
+
+def identity_secret(certificate_pem: bytes, private_key_pem: bytes) -> dict[str, Any]:
+    """The SDS file holding the waypoint's certificate and key (pure)."""
+    return {"resources": [{"@type": _SECRET_TYPE, "name": IDENTITY_SECRET, "tls_certificate": {
+        "certificate_chain": {"inline_string": certificate_pem.decode()},
+        "private_key": {"inline_string": private_key_pem.decode()}}}]}
+
+
+def bundle_secret(bundle_pem: bytes) -> dict[str, Any]:
+    """The SDS file holding the trust bundle (pure)."""
+    return {"resources": [{"@type": _SECRET_TYPE, "name": BUNDLE_SECRET, "validation_context": {
+        "trusted_ca": {"inline_string": bundle_pem.decode()}}}]}
+
+
+def write_identity(files: SecretFiles, cert: WorkloadCert) -> None:
+    ensure_private_dir(files.directory)
+    secret = identity_secret(cert.issued.certificate_pem, cert.issued.private_key_pem)
+    write_private(files.identity, json.dumps(secret, indent=1).encode())
+
+
+def write_bundle(files: SecretFiles, bundle_pem: bytes) -> None:
+    ensure_private_dir(files.directory)
+    write_public(files.bundle, json.dumps(bundle_secret(bundle_pem), indent=1).encode())
+
+
+class CertificateRotator:
+    """Keeps one waypoint identity's Secret current (issue, then re-issue when due)."""
+
+    def __init__(self, store: CertificateStore, identity: SpiffeId, files: SecretFiles) -> None:
+        self.store = store
+        self.identity = identity
+        self.files = files
+        self.current: WorkloadCert | None = None
+
+    def write(self) -> WorkloadCert:
+        """Write both Secrets (at start-up); returns the certificate written."""
+        write_bundle(self.files, self.store.trust_bundle_pem)
+        self.current = self.store.get(self.identity)
+        write_identity(self.files, self.current)
+        return self.current
+
+    def due_at(self) -> datetime:
+        assert self.current is not None, "write() first"
+        return rotation_due_at(self.current.issued.certificate, self.store.rotate_fraction)
+
+    def rotate_if_due(self) -> bool:
+        """Re-issue and rewrite the identity Secret when the store says it is due."""
+        fresh = self.store.get(self.identity)  # re-issues once due
+        if self.current is not None and fresh.serial == self.current.serial:
+            return False
+        write_identity(self.files, fresh)
+        _log.info("waypoint.cert_rotated", spiffe_id=str(self.identity), serial=f"{fresh.serial:x}",
+                  previous_serial=f"{self.current.serial:x}" if self.current else None,
+                  not_after=str(fresh.issued.not_after))
+        self.current = fresh
+        return True
+
+    def renew(self) -> WorkloadCert:
+        """Re-issue now, whatever the schedule (e.g. after a CA change)."""
+        self.current = self.store.renew(self.identity)
+        write_identity(self.files, self.current)
+        return self.current

@@ -1,0 +1,108 @@
+"""Run Envoy as a waypoint and keep its certificate current (`ambit waypoint --run`).
+
+The supervisor starts Envoy with the bootstrap, reports ready once Envoy
+listens on the HBONE port, then sleeps until the certificate is due and
+rewrites the identity Secret (Envoy reloads it, credentials.py). It exits
+with Envoy's status; SIGTERM/SIGINT are passed on to Envoy.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+
+from .credentials import CertificateRotator
+
+log = structlog.get_logger(__name__)
+
+# Also the longest a rotation can be late (e.g. after the machine slept).
+MAX_CHECK_INTERVAL_S = 60.0
+# After a failed rotation (e.g. the CA unreadable): retry, without an error per second.
+RETRY_AFTER_FAILURE_S = 10.0
+
+
+def envoy_argv(envoy: str, config: str, concurrency: int, log_level: str) -> list[str]:
+    """Envoy for one waypoint: no hot restart, access log flushed every 100 ms
+    (Envoy's default is 10 s)."""
+    return [envoy, "-c", config, "--disable-hot-restart", "--base-id", str(os.getpid()),
+            "--concurrency", str(concurrency), "-l", log_level, "--file-flush-interval-msec", "100"]
+
+
+def is_listening(port: int) -> bool:
+    """A LISTEN socket on 0.0.0.0:`port` in this process's network namespace."""
+    wanted = f"00000000:{port:04X}"
+    with open("/proc/self/net/tcp") as table:
+        return any(f[1] == wanted and f[3] == "0A" for f in (line.split() for line in table.readlines()[1:]))
+
+
+def seconds_until(moment: datetime, now: datetime | None = None) -> float:
+    now = now or datetime.now(timezone.utc)
+    return (moment - now).total_seconds()
+
+
+def next_check_in(rotator: CertificateRotator | None, now: datetime | None = None) -> float:
+    """How long to sleep before looking at the certificate again (pure but for the clock)."""
+    if rotator is None or rotator.current is None:
+        return MAX_CHECK_INTERVAL_S
+    return min(MAX_CHECK_INTERVAL_S, max(1.0, seconds_until(rotator.due_at(), now)))
+
+
+def supervise(argv: list[str], port: int, rotator: CertificateRotator | None = None,
+              ready: Callable[[], None] | None = None, listen_timeout: float = 30.0) -> int:
+    """Run `argv` (Envoy) until it exits; returns its exit status (1 if it never listened)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        if proc.poll() is None:
+            proc.terminate()
+
+    # Handlers only from the main thread (Python's rule); elsewhere the caller stops Envoy.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main_thread else {}
+    try:
+        deadline = time.monotonic() + listen_timeout
+        while not is_listening(port):
+            if proc.poll() is not None:
+                print(f"waypoint: envoy exited with {proc.returncode} before listening on {port}", file=sys.stderr)
+                return 1
+            if stopping:
+                return proc.wait()
+            if time.monotonic() > deadline:
+                proc.terminate()
+                proc.wait()
+                print(f"waypoint: envoy did not listen on {port} within {listen_timeout:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        if ready is not None:
+            ready()
+        failed = False
+        while True:
+            wait = next_check_in(rotator)
+            try:
+                return proc.wait(timeout=max(wait, RETRY_AFTER_FAILURE_S) if failed else wait)
+            except subprocess.TimeoutExpired:
+                pass
+            if rotator is not None and not stopping:
+                try:
+                    rotator.rotate_if_due()
+                    failed = False
+                except Exception as exc:  # keep serving on the current certificate; retry later
+                    failed = True
+                    log.error("waypoint.cert_rotation_failed", error=f"{type(exc).__name__}: {exc}",
+                              retry_in_s=RETRY_AFTER_FAILURE_S)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()

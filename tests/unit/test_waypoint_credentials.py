@@ -1,0 +1,94 @@
+"""The waypoint's certificate as Envoy SDS files, and when it is replaced."""
+from __future__ import annotations
+
+import json
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
+                                              bundle_secret, identity_secret, sds_config)
+from ambit.agent.waypoint.runner import MAX_CHECK_INTERVAL_S, next_check_in
+
+TD = "cluster.local"
+WAYPOINT = SpiffeId(TD, "shop", "waypoint")
+START = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def served(files: SecretFiles) -> x509.Certificate:
+    secret = json.loads(files.identity.read_text())["resources"][0]
+    return x509.load_pem_x509_certificate(secret["tls_certificate"]["certificate_chain"]["inline_string"].encode())
+
+
+def rotator(tmp_path: Path, clock: Clock) -> CertificateRotator:
+    ca = LocalCA.create(TD, clock=clock)
+    files = SecretFiles(tmp_path / "certs")
+    return CertificateRotator(CertificateStore(ca, files.directory, ttl=timedelta(hours=24)), WAYPOINT, files)
+
+
+def test_secrets_are_envoy_sds_resources_with_the_pems_inline() -> None:
+    identity = identity_secret(b"CERT", b"KEY")["resources"][0]
+    assert identity["@type"].endswith("tls.v3.Secret") and identity["name"] == IDENTITY_SECRET
+    assert identity["tls_certificate"] == {"certificate_chain": {"inline_string": "CERT"},
+                                           "private_key": {"inline_string": "KEY"}}
+    bundle = bundle_secret(b"CA")["resources"][0]
+    assert bundle["name"] == BUNDLE_SECRET and bundle["validation_context"] == {"trusted_ca": {"inline_string": "CA"}}
+    # Envoy reloads a file moved into the watched directory: the atomic writes' rename.
+    assert sds_config(Path("/w/certs/identity-sds.json")) == {
+        "path_config_source": {"path": "/w/certs/identity-sds.json", "watched_directory": {"path": "/w/certs"}},
+        "resource_api_version": "V3"}
+
+
+def test_the_identity_secret_is_private_and_holds_the_waypoints_certificate(tmp_path: Path) -> None:
+    rot = rotator(tmp_path, Clock())
+    written = rot.write()
+    assert stat.S_IMODE(rot.files.identity.stat().st_mode) == 0o600
+    assert served(rot.files).serial_number == written.serial
+    bundle = json.loads(rot.files.bundle.read_text())["resources"][0]["validation_context"]["trusted_ca"]
+    assert bundle["inline_string"].encode() == rot.store.trust_bundle_pem
+
+
+def test_the_certificate_is_replaced_at_half_its_lifetime_and_not_before(tmp_path: Path) -> None:
+    clock = Clock()
+    rot = rotator(tmp_path, clock)
+    first = rot.write()
+    due = rot.due_at()
+    assert first.issued.not_before < due < first.issued.not_after
+    clock.now = due - timedelta(seconds=1)
+    assert not rot.rotate_if_due() and served(rot.files).serial_number == first.serial
+    clock.now = due
+    assert rot.rotate_if_due()
+    assert served(rot.files).serial_number == rot.current.serial != first.serial
+    assert not rot.rotate_if_due()  # the fresh one is not due
+
+
+def test_renew_replaces_it_at_once(tmp_path: Path) -> None:
+    rot = rotator(tmp_path, Clock())
+    first = rot.write()
+    renewed = rot.renew()
+    assert renewed.serial != first.serial
+    assert served(rot.files).serial_number == rot.current.serial
+
+
+def test_the_supervisor_sleeps_until_due_but_never_longer_than_a_minute(tmp_path: Path) -> None:
+    assert next_check_in(None) == MAX_CHECK_INTERVAL_S
+    clock = Clock()
+    rot = rotator(tmp_path, clock)
+    rot.write()
+    due = rot.due_at()
+    assert next_check_in(rot, due - timedelta(hours=3)) == MAX_CHECK_INTERVAL_S
+    assert next_check_in(rot, due - timedelta(seconds=12)) == 12.0
+    assert next_check_in(rot, due + timedelta(seconds=5)) == 1.0  # overdue: look again soon, not in a busy loop
