@@ -31,7 +31,7 @@ from h2.errors import ErrorCodes
 
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.tls import IdentityMismatch, client_context, server_context
-from ambit.agent.proxy.hbone_io import HboneConnectionLost, Tunnel, TunnelEnd, TunnelError, TunnelRefused
+from ambit.agent.proxy.hbone_io import HboneConnectionLost, Tunnel, TunnelEnd, TunnelError, TunnelRefused, reset_socket
 from ambit.agent.proxy.hbone_settings import HboneSettings, KiB, MiB
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
@@ -259,6 +259,33 @@ def test_8_mib_each_way_arrive_intact_between_the_configured_identities(lab: Lab
         outcome = await asyncio.wait_for(opened.tunnel.done, 5)
         token = 8  # Mesh.open's matching token went up first
         assert (outcome.end, outcome.bytes_to_stream, outcome.bytes_to_tcp) == (TunnelEnd.CLOSED, 8 * MiB + token, 8 * MiB)
+
+    lab.run(scenario)
+
+
+def test_tunnels_ended_every_way_leave_no_file_descriptor_behind(lab: Lab) -> None:
+    """30 tunnels ended by FIN both ways, a pod reset or an app reset, then the
+    pool closed: the process holds the descriptors it held before (both loops)."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario(mesh: Mesh) -> None:
+        before = open_fds()
+        pool = mesh.pool()
+        opened = [await mesh.open(pool) for _ in range(30)]
+        for i, o in enumerate(opened):
+            if i % 3 == 0:
+                o.pod.shutdown(socket.SHUT_WR)
+                o.upstream.shutdown(socket.SHUT_WR)
+            else:
+                reset_socket(o.pod if i % 3 == 1 else o.upstream)
+        await until(lambda: all(o.tunnel.done.done() for o in opened), timeout=10, what="every tunnel ended")
+        for o in opened:
+            o.pod.close()
+            o.upstream.close()
+        await pool.aclose()
+        await until(lambda: not mesh.inbound.connections, timeout=10, what="the server side closed")
+        await until(lambda: open_fds() == before, timeout=10, what=f"{before} descriptors again")
 
     lab.run(scenario)
 
