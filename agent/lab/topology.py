@@ -804,6 +804,10 @@ class Lab:
             if not pods:
                 continue
             with self._step(title):
+                if pods is waypoints:
+                    # The serving pods' addresses first: a waypoint plans from the
+                    # cluster file (and follows it from then on, `--watch`).
+                    self._write_cluster_file(plan, state)
                 started: list[tuple[PodPlan, int]] = []
                 try:
                     for pod in pods:  # all at once, then wait: they start in parallel
@@ -920,10 +924,17 @@ class Lab:
 
     def _start_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[PodPlan, int]:
         if pod.pod.waypoint:
-            config, identity = self._waypoint_bootstrap(plan, pod, state)
-            argv = [sys.executable, "-m", "ambit.agent.lab.workload", "waypoint", "--config", str(config),
-                    "--envoy", envoy_binary() or "envoy", "--port", str(pod.pod.workload_port("waypoint")),
-                    "--rotate", str(self.settings.ca_dir), TRUST_DOMAIN, identity]
+            self._waypoint_bootstrap(plan, pod, state)  # fails early, with the lab's error, on a bad plan
+            # The product's own command: Envoy under ambit, the certificate rotated,
+            # and the lab's cluster file watched like the agents watch it.
+            assert pod.pod.waypoint is not None
+            argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint",
+                    f"{pod.pod.namespace}/{pod.pod.waypoint}", "--config-file", str(self.settings.cluster_file),
+                    "--ca-dir", str(self.settings.ca_dir), "--trust-domain", TRUST_DOMAIN,
+                    "--out-dir", str(self.waypoint_dir(pod)), "--access-log", str(pod.log.with_suffix(".access.log")),
+                    "--port", str(pod.pod.workload_port("waypoint")), "--run", "--watch",
+                    "--envoy", envoy_binary() or "envoy",
+                    "--envoy-log-level", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning")]
         else:
             argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key,
                     "--node", pod.node]
@@ -1091,8 +1102,9 @@ class Lab:
         return new_ip
 
     def restart_waypoints(self) -> int:
-        """Regenerate every waypoint's bootstrap from the cluster as it is now
-        and restart its Envoy (the configuration is static); returns how many."""
+        """Regenerate every waypoint's configuration from the cluster as it is now
+        and restart its Envoy; returns how many. (Waypoints follow the cluster
+        file by themselves within ~2 s; this is for callers that must not wait.)"""
         _require_root()
         state = self.state()
         plan = self._recorded_plan(state)

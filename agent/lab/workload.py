@@ -3,7 +3,6 @@
   python -m ambit.agent.lab.workload --name shop/web-0 --http 8080 --echo 9000
   python -m ambit.agent.lab.workload get http://10.244.2.2:8080/
   python -m ambit.agent.lab.workload send 10.244.2.2 9000 < file
-  python -m ambit.agent.lab.workload waypoint --config envoy.json   (Envoy as a waypoint)
 
 The HTTP server answers `GET /` with JSON naming the pod and the peer address
 it saw: the point of a transparent mesh is that the server still sees the
@@ -29,7 +28,6 @@ import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import structlog
@@ -224,38 +222,6 @@ async def serve(me: Identity, http_ports: Sequence[int], echo_ports: Sequence[in
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
-# --- the waypoint: Envoy in the pod ----------------------------------------------------------------------------
-
-def run_waypoint(envoy: str, config: str, port: int, concurrency: int, ready_fd: int | None,
-                 rotation: tuple[str, str, str] | None = None) -> int:
-    """Run Envoy with the waypoint's bootstrap (agent/waypoint/runner.py); say
-    'ready' once it listens. `rotation` = (CA dir, trust domain, SPIFFE ID):
-    re-issue the waypoint's certificate from the lab CA when due, as
-    `ambit waypoint --run` does. Envoy's own log level is
-    AMBIT_WAYPOINT_LOG_LEVEL (default warning)."""
-    from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, LocalCA
-    from ..identity.spiffe import SpiffeId
-    from ..identity.store import CertificateStore
-    from ..waypoint.credentials import CertificateRotator, SecretFiles
-    from ..waypoint.runner import envoy_argv, supervise
-
-    rotator = None
-    if rotation is not None:
-        ca_dir, trust_domain, identity = rotation
-        ca = LocalCA.load(Path(ca_dir) / CA_CERT_FILE, Path(ca_dir) / CA_KEY_FILE, trust_domain=trust_domain)
-        secrets = SecretFiles(Path(config).parent / "certs")
-        rotator = CertificateRotator(CertificateStore(ca, secrets.directory), SpiffeId.parse(identity), secrets)
-        rotator.write()
-
-    def ready() -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
-
-    argv = envoy_argv(envoy, config, concurrency, os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning"))
-    return supervise(argv, port, rotator, ready)
-
-
 # --- clients ---------------------------------------------------------------------------------------------------
 
 def http_get(url: str, timeout: float) -> tuple[int, bytes]:
@@ -316,14 +282,6 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--echo", type=int, action="append", default=[], metavar="PORT")
     srv.add_argument("--ready-fd", type=int, help="write 'ready' to this descriptor once listening")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
-    wp = sub.add_parser("waypoint", help="run Envoy with a waypoint bootstrap (from `ambit waypoint`)")
-    wp.add_argument("--config", required=True, help="the Envoy bootstrap")
-    wp.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on PATH)")
-    wp.add_argument("--port", type=int, default=15008, help="the HBONE port to wait for (default: %(default)s)")
-    wp.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default: %(default)s)")
-    wp.add_argument("--ready-fd", type=int, help="write 'ready' to this descriptor once listening")
-    wp.add_argument("--rotate", nargs=3, metavar=("CA_DIR", "TRUST_DOMAIN", "SPIFFE_ID"),
-                    help="keep the certificate in the bootstrap's certs/ current, issued by this CA")
     get = sub.add_parser("get", help="HTTP GET a URL, print the body; exit 1 on an HTTP error, 2 if unreachable")
     get.add_argument("url")
     get.add_argument("--timeout", type=float, default=5.0)
@@ -353,12 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"serve: cannot listen: {exc}", file=sys.stderr)
             return 1
         return 0
-    if args.mode == "waypoint":
-        try:
-            return run_waypoint(args.envoy, args.config, args.port, args.concurrency, args.ready_fd, args.rotate)
-        except OSError as exc:
-            print(f"waypoint: cannot run {args.envoy}: {exc}", file=sys.stderr)
-            return 1
     logconf.configure("warn")
     try:
         if args.mode == "get":

@@ -1,4 +1,4 @@
-"""The Envoy bootstrap of a waypoint, built from a WaypointPlan (pure).
+"""The Envoy configuration of a waypoint, built from a WaypointPlan (pure).
 
     client node proxy ==HBONE (mTLS, CONNECT <dialled address>)==> :15008
       "hbone" listener: TLS with the waypoint's SPIFFE certificate, client
@@ -17,20 +17,24 @@
     ==HBONE==> the destination node's 15008, which authorizes the waypoint.
 
 Internal listeners (Envoy user-space sockets) keep every hop in one process
-without loopback ports. The certificate and trust bundle come from SDS files
-(credentials.py), rotated without a restart; the rest is static: regenerate it
-(and restart Envoy) when the destinations or their policies change.
+without loopback ports. The bootstrap only says who this Envoy is and where
+its resources are: listeners, clusters and the hbone routes come from files
+Envoy watches (xds_files.py), the certificate and trust bundle from SDS files
+(credentials.py), so `ambit waypoint --run --watch` applies cluster and policy
+changes, and certificate rotations, to the running Envoy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from .credentials import BUNDLE_SECRET, IDENTITY_SECRET, SecretFiles, sds_config
+from .credentials import BUNDLE_SECRET, IDENTITY_SECRET, SecretFiles
+from .xds_files import Resources, XdsFiles, file_config_source
 from .destinations import Backend, Destination, WaypointPlan
 from .rbac import PEER_PRINCIPAL_KEY, RbacRules, rbac_rules
 
 HBONE_PORT = 15008
+HBONE_ROUTES = "hbone"
 _TYPES = "type.googleapis.com/envoy."
 ORIGINAL_REMOTE_KEY = "envoy.filters.listener.original_dst.remote_ip"
 
@@ -53,11 +57,13 @@ def _tls_context(secrets: SecretFiles, peer_san: dict[str, str]) -> dict[str, An
     return {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
         "alpn_protocols": ["h2"],
-        "tls_certificate_sds_secret_configs": [{"name": IDENTITY_SECRET, "sds_config": sds_config(secrets.identity)}],
+        "tls_certificate_sds_secret_configs": [
+            {"name": IDENTITY_SECRET, "sds_config": file_config_source(secrets.identity)}],
         "combined_validation_context": {
             "default_validation_context": {
                 "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}]},
-            "validation_context_sds_secret_config": {"name": BUNDLE_SECRET, "sds_config": sds_config(secrets.bundle)},
+            "validation_context_sds_secret_config": {
+                "name": BUNDLE_SECRET, "sds_config": file_config_source(secrets.bundle)},
         },
     }
 
@@ -159,21 +165,27 @@ def _hbone_cluster(backend: Backend, secrets: SecretFiles, options: BootstrapOpt
     }
 
 
-def _hbone_listener(plan: WaypointPlan, secrets: SecretFiles, options: BootstrapOptions) -> dict[str, Any]:
+def _hbone_routes(plan: WaypointPlan) -> dict[str, Any]:
+    """CONNECT routed by authority; anything else (an unknown authority) gets 404."""
+    return {"name": HBONE_ROUTES, "virtual_hosts": [
+        {"name": d.authority, "domains": [d.authority], "routes": [
+            {"match": {"connect_matcher": {}}, "route": {
+                "cluster": f"inbound|{d.authority}", "timeout": "0s",
+                "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}}]}
+        for d in plan.destinations]}
+
+
+def _hbone_listener(plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
+                    options: BootstrapOptions) -> dict[str, Any]:
     def copy(key: str, value: str, **extra: str) -> dict[str, Any]:
         return {"object_key": key, "format_string": {"text_format_source": {"inline_string": value}},
                 "shared_with_upstream": "ONCE", **extra}
 
-    virtual_hosts = [{"name": d.authority, "domains": [d.authority], "routes": [
-        {"match": {"connect_matcher": {}}, "route": {
-            "cluster": f"inbound|{d.authority}", "timeout": "0s",
-            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}}]}
-        for d in plan.destinations]
     hcm = _typed(
         "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="hbone", codec_type="HTTP2", http2_protocol_options={"allow_connect": True},
         upgrade_configs=[{"upgrade_type": "CONNECT"}], stream_idle_timeout="0s",
-        route_config={"name": "hbone", "virtual_hosts": virtual_hosts},
+        rds={"route_config_name": HBONE_ROUTES, "config_source": file_config_source(xds.rds)},
         http_filters=[
             {"name": "envoy.filters.http.set_filter_state", "typed_config": _typed(
                 "extensions.filters.http.set_filter_state.v3.Config", on_request_headers=[
@@ -193,11 +205,12 @@ def _hbone_listener(plan: WaypointPlan, secrets: SecretFiles, options: Bootstrap
     }
 
 
-def waypoint_bootstrap(plan: WaypointPlan, secrets: SecretFiles,
-                       options: BootstrapOptions | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The bootstrap (as JSON-ready dicts) and notes on policy rules it could not express."""
+def waypoint_resources(plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
+                       options: BootstrapOptions | None = None) -> tuple[Resources, tuple[str, ...]]:
+    """Listeners, clusters and routes (as JSON-ready dicts), and notes on policy
+    rules they could not express."""
     options = options or BootstrapOptions()
-    listeners = [_hbone_listener(plan, secrets, options)]
+    listeners = [_hbone_listener(plan, secrets, xds, options)]
     clusters: list[dict[str, Any]] = []
     notes: list[str] = []
     backends: dict[str, Backend] = {}
@@ -218,11 +231,14 @@ def waypoint_bootstrap(plan: WaypointPlan, secrets: SecretFiles,
         if backend.ip not in hbone_ips:
             hbone_ips.add(backend.ip)
             clusters.append(_hbone_cluster(backend, secrets, options))
-    config = {
-        "node": {"id": f"waypoint~{plan.waypoint.namespace}~{plan.waypoint.name}",
-                 "cluster": plan.waypoint.key},
+    return Resources(listeners, clusters, [_hbone_routes(plan)]), tuple(notes)
+
+
+def waypoint_bootstrap(plan: WaypointPlan, xds: XdsFiles) -> dict[str, Any]:
+    """The bootstrap: who this Envoy is, and where its resources are (files it watches)."""
+    return {
+        "node": {"id": f"waypoint~{plan.waypoint.namespace}~{plan.waypoint.name}", "cluster": plan.waypoint.key},
         "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": _typed(
             "extensions.bootstrap.internal_listener.v3.InternalListener")}],
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "dynamic_resources": {"lds_config": file_config_source(xds.lds), "cds_config": file_config_source(xds.cds)},
     }
-    return config, tuple(notes)

@@ -5,12 +5,16 @@ reads: Namespaces, Pods, Services, Gateways, AuthorizationPolicies), works
 out what the waypoint stands in front of (agent/waypoint/destinations.py),
 issues its SPIFFE certificate from the mesh CA, and writes into --out-dir:
 
-    envoy.json   the bootstrap (`envoy -c envoy.json`)
+    envoy.json   the bootstrap (`envoy -c envoy.json`): who this Envoy is and
+                 where its resources are
+    xds/         listeners, clusters and routes, as files Envoy watches
+                 (xds_files.py)
     certs/       the waypoint's key and certificate and the trust bundle, as
                  the SDS files Envoy reads them from (credentials.py)
 
 With --run it then runs Envoy and re-issues the certificate at half its
-lifetime; Envoy reloads it without a restart (runner.py).
+lifetime (runner.py); with --watch as well, it applies changes of the cluster
+files to the running Envoy (live.py). Neither needs an Envoy restart.
 
 Exit codes: 0 written (--run: Envoy's own status), 1 the waypoint or the CA is
 unusable, 2 usage.
@@ -19,19 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..discovery.files import BadFile, parse_documents
 from ..files import atomic_write
 from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
 from ..identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
+from .live import ConfigWatcher, read_objects, write_configuration
+from .xds_files import XdsFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
 CONFIG_FILE = "envoy.json"
@@ -42,6 +48,7 @@ class GeneratedWaypoint:
     plan: WaypointPlan
     config_path: Path
     secrets: SecretFiles
+    xds: XdsFiles
     certificate: WorkloadCert
     rotator: CertificateRotator  # keeps the certificate current (`--run`)
     notes: tuple[str, ...]  # omissions and policy rules the waypoint cannot express
@@ -68,26 +75,11 @@ def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, ou
     secrets = SecretFiles(out_dir / "certs")
     rotator = CertificateRotator(CertificateStore(ca, secrets.directory, ttl=cert_ttl), plan.identity, secrets)
     certificate = rotator.write()
-    config, notes = waypoint_bootstrap(plan, secrets, options)
+    xds = XdsFiles(out_dir / "xds")
+    _, notes = write_configuration(plan, secrets, xds, options)
     config_path = out_dir / CONFIG_FILE
-    atomic_write(config_path, json.dumps(config, indent=1).encode(), 0o644, durable=False)
-    return GeneratedWaypoint(plan, config_path, secrets, certificate, rotator, plan.notes + notes)
-
-
-def read_objects(paths: Sequence[Path]) -> list[Mapping[str, Any]]:
-    """The objects of YAML/JSON files, and of the *.yaml/*.yml/*.json files of directories."""
-    objects: list[Mapping[str, Any]] = []
-    for path in paths:
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if path.is_dir() \
-            else [path]
-        for file in files:
-            try:
-                objects += parse_documents(file.read_text(), file)
-            except BadFile as exc:
-                raise WaypointError(f"{file}: {exc}") from None
-            except OSError as exc:
-                raise WaypointError(f"cannot read {file}: {exc.strerror}") from None
-    return objects
+    atomic_write(config_path, json.dumps(waypoint_bootstrap(plan, xds), indent=1).encode(), 0o644, durable=False)
+    return GeneratedWaypoint(plan, config_path, secrets, xds, certificate, rotator, plan.notes + notes)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -96,9 +88,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Write the Envoy bootstrap of the waypoint NAMESPACE/NAME (a Gateway of class istio-waypoint): "
                     "HBONE on :15008 with the waypoint's SPIFFE certificate from the mesh CA, the "
                     "AuthorizationPolicies whose targetRef(s) name it or its Services as L7 rules, and HBONE "
-                    "to the chosen endpoint's :15008. The certificate comes to Envoy through SDS files; "
-                    "with --run, ambit runs Envoy and rotates the certificate without restarting it. "
-                    "The rest is static: run it again when the cluster changes.")
+                    "to the chosen endpoint's :15008. Envoy reads its resources and certificate from files "
+                    "it watches: with --run, ambit runs Envoy and rotates the certificate, with --watch too "
+                    "it applies changes of the cluster files, both without restarting Envoy.")
     parser.add_argument("waypoint", metavar="NAMESPACE/NAME", help="the waypoint's Gateway")
     parser.add_argument("--config-file", action="append", type=Path, required=True, metavar="PATH",
                         help="YAML/JSON file or directory of the cluster's objects (repeatable)")
@@ -114,6 +106,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     running.add_argument("--run", action="store_true",
                      help="then run Envoy with the bootstrap and re-issue the certificate at half its lifetime "
                           "(Envoy reloads it); exits with Envoy's status")
+    running.add_argument("--watch", action="store_true",
+                         help="re-read the --config-file paths every 2 s and apply what changed (endpoints, "
+                              "policies, services) to the running Envoy")
+    running.add_argument("--ready-fd", type=int, metavar="FD",
+                         help="write 'ready' to this descriptor once Envoy listens (for a supervisor)")
     running.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on PATH)")
     running.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default: %(default)s)")
     running.add_argument("--cert-ttl", type=_seconds, default=DEFAULT_LEAF_TTL, metavar="SECONDS",
@@ -151,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(generated.summary()))
     if not args.run:
+        if args.watch:
+            print("ambit waypoint: --watch needs --run", file=sys.stderr)
+            return 2
         print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
         return 0
     from .. import log as logconf
@@ -158,9 +158,17 @@ def run(args: argparse.Namespace) -> int:
 
     logconf.configure("info")  # a long-running process now: its rotations are worth a line each
     print(f"wrote {generated.config_path}; running {args.envoy}", flush=True)
+    watcher = ConfigWatcher(args.config_file, generated.plan, generated.secrets, generated.xds, options,
+                            args.service_account) if args.watch else None
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+
     try:
         return supervise(envoy_argv(args.envoy, str(generated.config_path), args.concurrency, args.envoy_log_level),
-                         args.port, generated.rotator)
+                         args.port, generated.rotator, ready, refresh=watcher.refresh if watcher else None)
     except OSError as exc:
         print(f"ambit waypoint: cannot run {args.envoy}: {exc}", file=sys.stderr)
         return 1

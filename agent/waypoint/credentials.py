@@ -53,12 +53,6 @@ class SecretFiles:
         return self.directory / BUNDLE_FILE
 
 
-def sds_config(path: Path) -> dict[str, Any]:
-    """An SDS source that is a file, reloaded when a file is moved into its directory."""
-    return {"path_config_source": {"path": str(path), "watched_directory": {"path": str(path.parent)}},
-            "resource_api_version": "V3"}
-
-
 def identity_secret(certificate_pem: bytes, private_key_pem: bytes) -> dict[str, Any]:
     """The SDS file holding the waypoint's certificate and key (pure)."""
     return {"resources": [{"@type": _SECRET_TYPE, "name": IDENTITY_SECRET, "tls_certificate": {

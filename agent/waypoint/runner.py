@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 # Also the longest a rotation can be late (e.g. after the machine slept).
 MAX_CHECK_INTERVAL_S = 60.0
+# How often --watch looks at the cluster files.
+REFRESH_INTERVAL_S = 2.0
 # After a failed rotation (e.g. the CA unreadable): retry, without an error per second.
 RETRY_AFTER_FAILURE_S = 10.0
 
@@ -56,8 +58,11 @@ def next_check_in(rotator: CertificateRotator | None, now: datetime | None = Non
 
 
 def supervise(argv: list[str], port: int, rotator: CertificateRotator | None = None,
-              ready: Callable[[], None] | None = None, listen_timeout: float = 30.0) -> int:
-    """Run `argv` (Envoy) until it exits; returns its exit status (1 if it never listened)."""
+              ready: Callable[[], None] | None = None, listen_timeout: float = 30.0,
+              refresh: Callable[[], object] | None = None, refresh_interval: float = REFRESH_INTERVAL_S) -> int:
+    """Run `argv` (Envoy) until it exits; returns its exit status (1 if it never listened).
+    Meanwhile keep the certificate current (`rotator`) and call `refresh` every
+    `refresh_interval` seconds (the cluster files, live.py)."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     stopping: list[int] = []
 
@@ -85,21 +90,32 @@ def supervise(argv: list[str], port: int, rotator: CertificateRotator | None = N
             time.sleep(0.05)
         if ready is not None:
             ready()
-        failed = False
+        retry_rotation_at = 0.0  # monotonic; after a failed rotation, not before this
         while True:
             wait = next_check_in(rotator)
+            if retry_rotation_at:
+                wait = max(wait, retry_rotation_at - time.monotonic())
+            if refresh is not None:
+                wait = min(wait, refresh_interval)
             try:
-                return proc.wait(timeout=max(wait, RETRY_AFTER_FAILURE_S) if failed else wait)
+                return proc.wait(timeout=max(wait, 0.1))
             except subprocess.TimeoutExpired:
                 pass
-            if rotator is not None and not stopping:
+            if stopping:
+                continue  # Envoy is on its way out; wait() returns its status
+            if rotator is not None and time.monotonic() >= retry_rotation_at:
                 try:
                     rotator.rotate_if_due()
-                    failed = False
+                    retry_rotation_at = 0.0
                 except Exception as exc:  # keep serving on the current certificate; retry later
-                    failed = True
+                    retry_rotation_at = time.monotonic() + RETRY_AFTER_FAILURE_S
                     log.error("waypoint.cert_rotation_failed", error=f"{type(exc).__name__}: {exc}",
                               retry_in_s=RETRY_AFTER_FAILURE_S)
+            if refresh is not None:
+                try:
+                    refresh()
+                except Exception as exc:  # a bug here must not take the waypoint down
+                    log.exception("waypoint.refresh_failed", error=f"{type(exc).__name__}: {exc}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

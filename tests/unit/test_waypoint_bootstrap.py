@@ -21,9 +21,10 @@ from ambit.agent.cli.ambit import main as ambit_main
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.model import PolicyError, parse_authorization_policy
-from ambit.agent.waypoint.bootstrap import waypoint_bootstrap
+from ambit.agent.waypoint.bootstrap import waypoint_resources
 from ambit.agent.waypoint.credentials import SecretFiles
 from ambit.agent.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
+from ambit.agent.waypoint.xds_files import XdsFiles
 from ambit.agent.waypoint.rbac import PEER_PRINCIPAL_KEY, rbac_rules
 
 from tests.support import envoy as envoy_support
@@ -203,13 +204,23 @@ def test_ambit_waypoint_writes_a_bootstrap_envoy_accepts(cluster_file: Path, cap
     printed = capsys.readouterr().out
     assert "waypoint shop/waypoint (for all traffic) as spiffe://cluster.local/ns/shop/sa/waypoint" in printed
     config = json.loads((out / "envoy.json").read_text())
-    listeners = {l["name"]: l for l in config["static_resources"]["listeners"]}
+    # The bootstrap names the files Envoy watches; the resources are in them.
+    assert config["dynamic_resources"]["lds_config"]["path_config_source"]["path"] == str(out / "xds" / "lds.json")
+    assert config["dynamic_resources"]["cds_config"]["path_config_source"]["path"] == str(out / "xds" / "cds.json")
+    resources = XdsFiles(out / "xds").read()
+    listeners = {l["name"]: l for l in resources.listeners}
     assert set(listeners) == {"hbone", f"inbound|{VIP}:80", f"inbound|{VIP}:9000", "inbound|10.1.2.6:7000",
                               "connect|10.1.1.3:8080", "connect|10.1.2.3:8080", "connect|10.1.1.3:9000",
                               "connect|10.1.2.3:9000", "connect|10.1.2.6:7000"}
     hbone = listeners["hbone"]
     assert hbone["address"]["socket_address"]["port_value"] == 15008
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    # Routes by authority come from RDS: they change under HBONE connections already up.
+    rds = hbone["filter_chains"][0]["filters"][0]["typed_config"]["rds"]
+    assert rds["config_source"]["path_config_source"]["path"] == str(out / "xds" / "rds.json")
+    (routes,) = resources.routes
+    assert routes["name"] == rds["route_config_name"]
+    assert {vh["name"] for vh in routes["virtual_hosts"]} == {f"{VIP}:80", f"{VIP}:9000", "10.1.2.6:7000"}
+    clusters = {c["name"]: c for c in resources.clusters}
     tls = clusters["hbone|10.1.1.3"]["transport_socket"]["typed_config"]["common_tls_context"]
     validation = tls["combined_validation_context"]
     assert validation["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
@@ -250,10 +261,10 @@ def test_every_destination_of_an_empty_waypoint_is_refused() -> None:
     state = state_from_objects([o for o in objects() if o["kind"] in ("Namespace", "Gateway")])
     plan = plan_waypoint(state, "shop", "waypoint", TD)
     assert plan.destinations == () and plan.identity == SpiffeId(TD, "shop", "waypoint")  # Istio's default SA
-    config, _ = waypoint_bootstrap(plan, SecretFiles(Path("/certs")))
-    (hbone,) = config["static_resources"]["listeners"]
-    hcm = hbone["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["route_config"]["virtual_hosts"] == []  # every CONNECT: 404
+    resources, _ = waypoint_resources(plan, SecretFiles(Path("/certs")), XdsFiles(Path("/xds")))
+    assert [l["name"] for l in resources.listeners] == ["hbone"] and resources.clusters == []
+    (routes,) = resources.routes
+    assert routes["virtual_hosts"] == []  # every CONNECT: 404
 
 
 # --- the policy model keeps what a waypoint needs -----------------------------------------------------------

@@ -12,7 +12,8 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
-                                              bundle_secret, identity_secret, sds_config)
+                                              bundle_secret, identity_secret)
+from ambit.agent.waypoint.xds_files import file_config_source
 from ambit.agent.waypoint.runner import MAX_CHECK_INTERVAL_S, next_check_in
 
 TD = "cluster.local"
@@ -47,7 +48,7 @@ def test_secrets_are_envoy_sds_resources_with_the_pems_inline() -> None:
     bundle = bundle_secret(b"CA")["resources"][0]
     assert bundle["name"] == BUNDLE_SECRET and bundle["validation_context"] == {"trusted_ca": {"inline_string": "CA"}}
     # Envoy reloads a file moved into the watched directory: the atomic writes' rename.
-    assert sds_config(Path("/w/certs/identity-sds.json")) == {
+    assert file_config_source(Path("/w/certs/identity-sds.json")) == {
         "path_config_source": {"path": "/w/certs/identity-sds.json", "watched_directory": {"path": "/w/certs"}},
         "resource_api_version": "V3"}
 

@@ -1,0 +1,97 @@
+"""`--watch`: the waypoint is planned again when its cluster files change (agent/waypoint/live.py)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.waypoint.bootstrap import BootstrapOptions
+from ambit.agent.waypoint.cli import generate
+from ambit.agent.waypoint.live import ConfigWatcher, signature
+from ambit.agent.waypoint.xds_files import write_resources
+from tests.unit.test_waypoint_bootstrap import VIP, objects
+
+
+def write(path: Path, content: list | str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(content if isinstance(content, str) else yaml.safe_dump_all(content))
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def watched(tmp_path: Path):
+    cluster = tmp_path / "cluster.yaml"
+    without_web = [o for o in objects() if o["kind"] != "Service" or o["metadata"]["name"] != "web"]
+    write(cluster, without_web)
+    options = BootstrapOptions(access_log="/dev/null")
+    generated = generate(yaml.safe_load_all(cluster.read_text()), "shop", "waypoint", tmp_path / "out",
+                         LocalCA.create("cluster.local"), options)
+    return cluster, generated, ConfigWatcher([cluster], generated.plan, generated.secrets, generated.xds, options)
+
+
+def routed(generated) -> set[str]:
+    (routes,) = generated.xds.read().routes
+    return {vh["name"] for vh in routes["virtual_hosts"]}
+
+
+def test_nothing_is_rewritten_while_the_files_are_unchanged(watched) -> None:
+    _, generated, watcher = watched
+    before = generated.xds.lds.stat().st_ino
+    assert not watcher.refresh()
+    assert generated.xds.lds.stat().st_ino == before
+
+
+def test_a_changed_file_is_planned_again_and_written(watched) -> None:
+    cluster, generated, watcher = watched
+    assert f"{VIP}:80" not in routed(generated)
+    write(cluster, objects())  # the web Service (use-waypoint) appears
+    assert watcher.refresh()
+    assert {f"{VIP}:80", f"{VIP}:9000"} <= routed(generated)
+    assert {d.authority for d in watcher.plan.destinations} >= {f"{VIP}:80"}
+
+
+def test_a_touch_without_a_change_in_what_envoy_gets_writes_nothing(watched) -> None:
+    cluster, generated, watcher = watched
+    write(cluster, cluster.read_text() + "\n")  # new inode and mtime, same objects
+    before = generated.xds.cds.stat().st_ino
+    assert not watcher.refresh()
+    assert generated.xds.cds.stat().st_ino == before
+
+
+@pytest.mark.parametrize("bad", ["kind: [unclosed\n", "gone"])
+def test_bad_input_keeps_the_running_configuration(watched, bad: str) -> None:
+    cluster, generated, watcher = watched
+    before = generated.xds.read()
+    if bad == "gone":  # the Gateway removed: the waypoint does not exist any more
+        write(cluster, [o for o in objects() if o["kind"] != "Gateway"])
+    else:
+        write(cluster, bad)
+    assert not watcher.refresh()
+    assert generated.xds.read() == before
+
+
+def test_a_different_identity_needs_a_restart(watched) -> None:
+    cluster, generated, watcher = watched
+    changed = objects()
+    for o in changed:
+        if o["kind"] == "Pod" and o["metadata"]["name"] == "waypoint-0":
+            o["spec"]["serviceAccountName"] = "another"  # the waypoint's pods now run as another SA
+    before = generated.xds.read()
+    write(cluster, changed)
+    assert not watcher.refresh()
+    assert generated.xds.read() == before
+
+
+def test_signature_changes_with_a_file_in_a_watched_directory(tmp_path: Path) -> None:
+    first = signature([tmp_path])
+    (tmp_path / "more.yaml").write_text("kind: Namespace\n")
+    assert signature([tmp_path]) != first
+    assert signature([tmp_path / "missing.yaml"]) == ((str(tmp_path / "missing.yaml"), None),)
+
+
+def test_write_resources_skips_identical_content(tmp_path: Path, watched) -> None:
+    _, generated, _ = watched
+    assert not write_resources(generated.xds, generated.xds.read(), "again")
