@@ -36,7 +36,7 @@ from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA
 from ..identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
-from .live import ConfigWatcher, read_objects, write_configuration
+from .live import ConfigWatcher, FileClusterView, KubeClusterView, write_configuration
 from .xds_files import XdsFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
@@ -68,8 +68,14 @@ def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, ou
              options: BootstrapOptions | None = None, service_account: str | None = None,
              cert_ttl: timedelta = DEFAULT_LEAF_TTL) -> GeneratedWaypoint:
     """Plan, issue the certificate and write the bootstrap; raises WaypointError."""
-    options = options or BootstrapOptions()
     plan = plan_waypoint(state_from_objects(objects), namespace, name, ca.trust_domain, service_account)
+    return write_waypoint(plan, out_dir, ca, options, cert_ttl)
+
+
+def write_waypoint(plan: WaypointPlan, out_dir: Path, ca: LocalCA, options: BootstrapOptions | None = None,
+                   cert_ttl: timedelta = DEFAULT_LEAF_TTL) -> GeneratedWaypoint:
+    """Issue the certificate and write the secrets, the resources and the bootstrap of `plan`."""
+    options = options or BootstrapOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     secrets = SecretFiles(out_dir / "certs")
@@ -92,11 +98,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "it watches: with --run, ambit runs Envoy and rotates the certificate, with --watch too "
                     "it applies changes of the cluster files, both without restarting Envoy.")
     parser.add_argument("waypoint", metavar="NAMESPACE/NAME", help="the waypoint's Gateway")
-    parser.add_argument("--config-file", action="append", type=Path, required=True, metavar="PATH",
+    source = parser.add_argument_group("where the cluster's objects come from (one of)")
+    source.add_argument("--config-file", action="append", type=Path, default=[], metavar="PATH",
                         help="YAML/JSON file or directory of the cluster's objects (repeatable)")
+    source.add_argument("--kube", action="store_true",
+                        help="the Kubernetes API: --kubeconfig, else the in-cluster service account")
+    source.add_argument("--kubeconfig", help="kubeconfig for --kube (default: in-cluster)")
     parser.add_argument("--ca-dir", type=Path, required=True,
                         help=f"the mesh CA ({CA_CERT_FILE}, {CA_KEY_FILE}) that issues the waypoint's certificate")
-    parser.add_argument("--out-dir", type=Path, required=True, help=f"where {CONFIG_FILE} and certs/ are written")
+    parser.add_argument("--out-dir", type=Path, required=True, help=f"where {CONFIG_FILE}, xds/ and certs/ are written")
     parser.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     parser.add_argument("--service-account", help="the waypoint's service account (default: its pods', else NAME)")
     parser.add_argument("--listen-address", default="0.0.0.0", help="HBONE listen address (default: %(default)s)")
@@ -107,8 +117,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="then run Envoy with the bootstrap and re-issue the certificate at half its lifetime "
                           "(Envoy reloads it); exits with Envoy's status")
     running.add_argument("--watch", action="store_true",
-                         help="re-read the --config-file paths every 2 s and apply what changed (endpoints, "
-                              "policies, services) to the running Envoy")
+                         help="apply what changes in the cluster (endpoints, policies, services) to the running "
+                              "Envoy: the --config-file paths are checked every 2 s, --kube is watched")
     running.add_argument("--ready-fd", type=int, metavar="FD",
                          help="write 'ready' to this descriptor once Envoy listens (for a supervisor)")
     running.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on PATH)")
@@ -138,19 +148,35 @@ def run(args: argparse.Namespace) -> int:
     if not slash or not namespace or not name:
         print(f"ambit waypoint: expected NAMESPACE/NAME, got {args.waypoint!r}", file=sys.stderr)
         return 2
+    if bool(args.config_file) == bool(args.kube):
+        print("ambit waypoint: give --config-file PATH (repeatable) or --kube", file=sys.stderr)
+        return 2
+    if args.watch and not args.run:
+        print("ambit waypoint: --watch needs --run", file=sys.stderr)
+        return 2
+    view: FileClusterView | KubeClusterView | None = None
     try:
         ca = LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain)
         options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
-        generated = generate(read_objects(args.config_file), namespace, name, args.out_dir, ca, options,
-                             args.service_account, args.cert_ttl)
+        view = KubeClusterView(args.kubeconfig) if args.kube else FileClusterView(args.config_file)
+        plan = view.plan(namespace, name, ca.trust_domain, args.service_account)
+        generated = write_waypoint(plan, args.out_dir, ca, options, args.cert_ttl)
     except (WaypointError, InvalidCA, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
         print(f"ambit waypoint: {exc}", file=sys.stderr)
+        if isinstance(view, KubeClusterView):
+            view.close()
         return 1
+    try:
+        return _serve(args, generated, options, view)
+    finally:
+        if isinstance(view, KubeClusterView):
+            view.close()
+
+
+def _serve(args: argparse.Namespace, generated: GeneratedWaypoint, options: BootstrapOptions,
+           view: FileClusterView | KubeClusterView) -> int:
     print("\n".join(generated.summary()))
     if not args.run:
-        if args.watch:
-            print("ambit waypoint: --watch needs --run", file=sys.stderr)
-            return 2
         print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
         return 0
     from .. import log as logconf
@@ -158,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     logconf.configure("info")  # a long-running process now: its rotations are worth a line each
     print(f"wrote {generated.config_path}; running {args.envoy}", flush=True)
-    watcher = ConfigWatcher(args.config_file, generated.plan, generated.secrets, generated.xds, options,
+    watcher = ConfigWatcher(view, generated.plan, generated.secrets, generated.xds, options,
                             args.service_account) if args.watch else None
 
     def ready() -> None:

@@ -30,6 +30,7 @@ from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support import envoy as envoy_support
+from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import namespace
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
@@ -142,27 +143,33 @@ def envoy_binary() -> str:
 
 
 @contextlib.contextmanager
-def running_waypoint(tmp_path: Path, envoy: str, *extra: str) -> Iterator[tuple[NetnsThread, subprocess.Popen[bytes],
-                                                                           LocalCA]]:
-    """`ambit waypoint shop/waypoint --run ...` in a fresh namespace; stopped with SIGTERM after."""
+def running_waypoint(tmp_path: Path, envoy: str, *extra: str,
+                     source: Callable[[NetnsThread], contextlib.AbstractContextManager[list[str]]] | None = None,
+                     ) -> Iterator[tuple[NetnsThread, subprocess.Popen[bytes], LocalCA]]:
+    """`ambit waypoint shop/waypoint --run ...` in a fresh namespace, the cluster
+    from tmp_path/cluster.yaml unless `source(node)` gives other arguments."""
     ca = LocalCA.create(TD)
     ca.save(tmp_path / "ca")
-    if not (tmp_path / "cluster.yaml").exists():
+    if source is None and not (tmp_path / "cluster.yaml").exists():
         write_cluster(tmp_path / "cluster.yaml", cluster())
     with namespace("wpr", (ADDRESS,)) as ns:
         node = NetnsThread(netns_path(ns))
-        argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint", "shop/waypoint",
-                "--config-file", str(tmp_path / "cluster.yaml"), "--ca-dir", str(tmp_path / "ca"),
-                "--out-dir", str(tmp_path / "out"), "--access-log", str(tmp_path / "access.log"),
-                "--run", "--envoy", envoy, "--concurrency", "1", *extra]
-        proc = node.run(lambda: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 start_new_session=True))
         try:
-            yield node, proc, ca
+            with (source(node) if source else contextlib.nullcontext(
+                    ["--config-file", str(tmp_path / "cluster.yaml")])) as source_args:
+                argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint", "shop/waypoint", *source_args,
+                        "--ca-dir", str(tmp_path / "ca"), "--out-dir", str(tmp_path / "out"),
+                        "--access-log", str(tmp_path / "access.log"),
+                        "--run", "--envoy", envoy, "--concurrency", "1", *extra]
+                proc = node.run(lambda: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                         start_new_session=True))
+                try:
+                    yield node, proc, ca
+                finally:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
             node.close()
 
 
@@ -228,4 +235,48 @@ def test_watch_applies_cluster_changes_to_the_running_envoy_and_keeps_it_on_bad_
         events = [entry["event"] for entry in log]
         assert events.count("waypoint.config_updated") == 2
         assert "waypoint.config_unusable" in events
+        assert b"Traceback" not in err
+
+
+def test_watch_follows_the_kubernetes_api(tmp_path: Path, envoy_binary: str) -> None:
+    """The same, with the cluster from an API server (the in-repo one, real list/watch)."""
+    servers: list[FakeApiServer] = []
+
+    @contextlib.contextmanager
+    def api_server(node: NetnsThread) -> Iterator[list[str]]:
+        server = node.run(lambda: FakeApiServer(token="t0ken"))  # listens inside the namespace
+        server.start()
+        servers.append(server)
+        try:
+            for obj in cluster():
+                server.create(obj)
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: waypoint, user: {{token: t0ken}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: waypoint}}}}]
+current-context: fake
+""")
+            yield ["--kube", "--kubeconfig", str(kubeconfig)]
+        finally:
+            server.stop()
+
+    with running_waypoint(tmp_path, envoy_binary, "--watch", source=api_server) as (node, proc, ca):
+        client = client_context(ca, tmp_path / "client")
+        assert eventually(lambda: proc.poll() is None and connect_status(node, client, f"{VIP}:80"),
+                          "the waypoint answering CONNECT") == 404
+        (envoy_pid,) = envoy_children(proc.pid)
+        (server,) = servers
+        added = [o for o in cluster(with_service=True) if o["kind"] in ("Pod", "Service")]
+        for obj in added:
+            server.create(obj)
+        eventually(lambda: connect_status(node, client, f"{VIP}:80") == 200, "the new Service's route", 15)
+        service = next(o for o in added if o["kind"] == "Service")
+        server.delete(service)
+        eventually(lambda: connect_status(node, client, f"{VIP}:80") == 404, "the route removed", 15)
+        assert envoy_children(proc.pid) == [envoy_pid]
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()[-2000:]
         assert b"Traceback" not in err

@@ -249,7 +249,11 @@ def test_ambit_waypoint_reports_unusable_input(cluster_file: Path, capsys: pytes
     for argv, code, message in (
             (["waypoint", "shop/nope", "--ca-dir", str(cluster_file.parent / "ca"), *base], 1, "does not exist"),
             (["waypoint", "shop/waypoint", "--ca-dir", str(cluster_file.parent / "no-ca"), *base], 1, "no-ca"),
-            (["waypoint", "waypoint", "--ca-dir", str(cluster_file.parent / "ca"), *base], 2, "NAMESPACE/NAME")):
+            (["waypoint", "waypoint", "--ca-dir", str(cluster_file.parent / "ca"), *base], 2, "NAMESPACE/NAME"),
+            (["waypoint", "shop/waypoint", "--ca-dir", str(cluster_file.parent / "ca"), "--out-dir", str(out)], 2,
+             "give --config-file PATH (repeatable) or --kube"),
+            (["waypoint", "shop/waypoint", "--ca-dir", str(cluster_file.parent / "ca"), "--watch", *base], 2,
+             "--watch needs --run")):
         with pytest.raises(SystemExit) as exit_info:
             ambit_main(argv)
         assert exit_info.value.code == code

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 import yaml
 
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.waypoint.bootstrap import BootstrapOptions
 from ambit.agent.waypoint.cli import generate
-from ambit.agent.waypoint.live import ConfigWatcher, signature
+from ambit.agent.waypoint.destinations import WaypointError
+from ambit.agent.waypoint.live import ConfigWatcher, FileClusterView, KubeClusterView, signature
 from ambit.agent.waypoint.xds_files import write_resources
+from tests.support.fake_apiserver import FakeApiServer
 from tests.unit.test_waypoint_bootstrap import VIP, objects
 
 
@@ -19,6 +24,13 @@ def write(path: Path, content: list | str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(content if isinstance(content, str) else yaml.safe_dump_all(content))
     os.replace(tmp, path)
+
+
+@pytest.fixture(autouse=True)
+def logs():
+    """The watcher's log lines, captured (and never written to a stream an earlier test closed)."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
 
 
 @pytest.fixture
@@ -29,7 +41,7 @@ def watched(tmp_path: Path):
     options = BootstrapOptions(access_log="/dev/null")
     generated = generate(yaml.safe_load_all(cluster.read_text()), "shop", "waypoint", tmp_path / "out",
                          LocalCA.create("cluster.local"), options)
-    return cluster, generated, ConfigWatcher([cluster], generated.plan, generated.secrets, generated.xds, options)
+    return cluster, generated, ConfigWatcher(FileClusterView([cluster]), generated.plan, generated.secrets, generated.xds, options)
 
 
 def routed(generated) -> set[str]:
@@ -62,7 +74,7 @@ def test_a_touch_without_a_change_in_what_envoy_gets_writes_nothing(watched) -> 
 
 
 @pytest.mark.parametrize("bad", ["kind: [unclosed\n", "gone"])
-def test_bad_input_keeps_the_running_configuration(watched, bad: str) -> None:
+def test_bad_input_keeps_the_running_configuration(watched, logs, bad: str) -> None:
     cluster, generated, watcher = watched
     before = generated.xds.read()
     if bad == "gone":  # the Gateway removed: the waypoint does not exist any more
@@ -71,9 +83,11 @@ def test_bad_input_keeps_the_running_configuration(watched, bad: str) -> None:
         write(cluster, bad)
     assert not watcher.refresh()
     assert generated.xds.read() == before
+    (entry,) = [e for e in logs if e["event"] == "waypoint.config_unusable"]
+    assert entry["log_level"] == "error" and entry["keeping"] == "the running configuration"
 
 
-def test_a_different_identity_needs_a_restart(watched) -> None:
+def test_a_different_identity_needs_a_restart(watched, logs) -> None:
     cluster, generated, watcher = watched
     changed = objects()
     for o in changed:
@@ -83,6 +97,8 @@ def test_a_different_identity_needs_a_restart(watched) -> None:
     write(cluster, changed)
     assert not watcher.refresh()
     assert generated.xds.read() == before
+    (entry,) = [e for e in logs if e["event"] == "waypoint.identity_changed"]
+    assert entry["wanted"] == "spiffe://cluster.local/ns/shop/sa/another"
 
 
 def test_signature_changes_with_a_file_in_a_watched_directory(tmp_path: Path) -> None:
@@ -95,3 +111,56 @@ def test_signature_changes_with_a_file_in_a_watched_directory(tmp_path: Path) ->
 def test_write_resources_skips_identical_content(tmp_path: Path, watched) -> None:
     _, generated, _ = watched
     assert not write_resources(generated.xds, generated.xds.read(), "again")
+
+
+# --- the Kubernetes API as the view (the agent's own KubeSource, against the in-repo API server) ----------
+
+def _kubeconfig(path: Path, url: str, token: str) -> str:
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{url}"}}}}]
+users: [{{name: waypoint, user: {{token: {token}}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: waypoint}}}}]
+current-context: fake
+""")
+    return str(path)
+
+
+def _eventually(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_kubernetes_view_follows_the_api_server(tmp_path: Path) -> None:
+    by_kind = {}
+    for o in objects():
+        by_kind.setdefault(o["kind"], []).append(o)
+    with FakeApiServer(token="t0ken") as server:
+        for o in by_kind["Namespace"] + by_kind["Gateway"]:
+            server.create(o)
+        view = KubeClusterView(_kubeconfig(tmp_path / "kubeconfig", server.url, "t0ken"), sync_timeout=10)
+        try:
+            plan = view.plan("shop", "waypoint", "cluster.local", None)
+            assert plan.destinations == ()
+            assert not view.changed()
+            web = [o for o in by_kind["Pod"] if o["metadata"]["name"] in ("web-0", "web-1")]
+            for o in web + [o for o in by_kind["Service"] if o["metadata"]["name"] == "web"]:
+                server.create(o)
+            assert _eventually(view.changed), "no change seen after the Service and its pods were created"
+            assert _eventually(lambda: f"{VIP}:80" in {
+                d.authority for d in view.plan("shop", "waypoint", "cluster.local", None).destinations})
+            (http,) = [d for d in view.plan("shop", "waypoint", "cluster.local", None).destinations
+                       if d.authority == f"{VIP}:80"]
+            assert {b.authority for b in http.backends} == {"10.1.1.3:8080", "10.1.2.3:8080"}
+        finally:
+            view.close()
+
+
+def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
+    with pytest.raises(WaypointError, match="cannot use the Kubernetes API"):
+        KubeClusterView(str(tmp_path / "kubeconfig"), sync_timeout=2)
