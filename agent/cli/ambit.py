@@ -246,6 +246,36 @@ def _lab_exec(args: argparse.Namespace) -> int:
         return 130
 
 
+def _lab_apply(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..lab.labconfig import LabConfigError
+    from ..lab.topology import Lab, LabError
+    documents = []
+    try:
+        for path in args.files:
+            documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
+        applied = Lab(_settings(args)).apply_policies(documents)
+    except (OSError, yaml.YAMLError, LabError, LabConfigError, PermissionError) as exc:
+        print(f"ambit lab apply: {exc}", file=sys.stderr)
+        return 1
+    for name in applied:
+        print(f"{name} applied (agents and waypoints follow the cluster file within ~2 s)")
+    return 0
+
+
+def _lab_delete(args: argparse.Namespace) -> int:
+    from ..lab.labconfig import LabConfigError
+    from ..lab.topology import Lab, LabError
+    try:
+        deleted = Lab(_settings(args)).delete_policy(args.kind, args.name)
+    except (LabError, LabConfigError, PermissionError) as exc:
+        print(f"ambit lab delete: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.kind} {args.name} {'deleted' if deleted else 'not found'}")
+    return 0 if deleted else 1
+
+
 def _lab_down(args: argparse.Namespace) -> int:
     from ..lab.topology import Lab
     try:
@@ -286,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     exe.add_argument("pod", metavar="POD", help="namespace/name, or a unique pod name")
     exe.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
     exe.set_defaults(func=_lab_exec)
+
+    apply = lab_sub.add_parser("apply", parents=[common], help="add or replace AuthorizationPolicies and "
+                               "PeerAuthentications in the running lab (agents and waypoints apply them live)")
+    apply.add_argument("files", nargs="+", type=Path, metavar="FILE", help="YAML with the policies")
+    apply.set_defaults(func=_lab_apply)
+    delete = lab_sub.add_parser("delete", parents=[common], help="remove a policy from the running lab")
+    delete.add_argument("kind", choices=("AuthorizationPolicy", "PeerAuthentication"))
+    delete.add_argument("name", metavar="NAMESPACE/NAME")
+    delete.set_defaults(func=_lab_delete)
 
     lab_sub.add_parser("down", parents=[common], help="remove the lab, or the leftovers of a crashed run"
                        ).set_defaults(func=_lab_down)

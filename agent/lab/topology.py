@@ -1101,6 +1101,51 @@ class Lab:
         self.log.info("pod recreated", pod=record.key, old_ip=old_ip, new_ip=new_ip)
         return new_ip
 
+    def apply_policies(self, documents: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Add or replace AuthorizationPolicies and PeerAuthentications in the
+        running lab, as `kubectl apply` would: the cluster file is rewritten and
+        the agents and waypoints, which follow it, apply them without restarts.
+        Returns "Kind ns/name" of each. Other kinds would need pods or addresses
+        to change, so they are refused."""
+        _require_root()
+        state = self.state()
+        incoming = [dict(copy.deepcopy(doc)) for doc in documents]
+        for doc in incoming:
+            if doc.get("kind") not in POLICY_DOCUMENT_KINDS:
+                raise LabError(f"only {' and '.join(POLICY_DOCUMENT_KINDS)} can be applied to a running lab, "
+                               f"not {doc.get('kind')!r}")
+        kept = [d for d in state.documents if _document_id(d) not in {_document_id(d2) for d2 in incoming}]
+        return self._replace_documents(state, kept + incoming, [_document_id(d) for d in incoming])
+
+    def delete_policy(self, kind: str, key: str) -> bool:
+        """Remove one policy (kind, "ns/name") from the running lab; False if it was not there."""
+        _require_root()
+        state = self.state()
+        namespace, _, name = key.partition("/")
+        wanted = (kind, namespace, name)
+        if kind not in POLICY_DOCUMENT_KINDS:
+            raise LabError(f"only {' and '.join(POLICY_DOCUMENT_KINDS)} can be deleted from a running lab")
+        kept = [d for d in state.documents if _document_id(d) != wanted]
+        if len(kept) == len(state.documents):
+            return False
+        self._replace_documents(state, kept, [wanted])
+        return True
+
+    def _replace_documents(self, state: LabState, documents: list[dict[str, Any]],
+                           changed: list[tuple[str, str, str]]) -> list[str]:
+        previous = state.documents
+        state.documents = documents
+        try:
+            plan = self._recorded_plan(state)  # validates the policies as `up` would
+        except Exception:
+            state.documents = previous
+            raise
+        state.save()
+        self._write_cluster_file(plan, state)
+        names = [f"{kind} {namespace}/{name}" for kind, namespace, name in changed]
+        self.log.info("policies changed", policies=names)
+        return names
+
     def restart_waypoints(self) -> int:
         """Regenerate every waypoint's configuration from the cluster as it is now
         and restart its Envoy; returns how many. (Waypoints follow the cluster
@@ -1369,6 +1414,14 @@ def envoy_binary() -> str | None:
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise PermissionError("the lab creates network namespaces and runs processes in them: run it as root")
+
+
+POLICY_DOCUMENT_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
+
+
+def _document_id(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata") or {}
+    return (str(doc.get("kind")), str(meta.get("namespace", "default")), str(meta.get("name")))
 
 
 def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:

@@ -5,12 +5,14 @@ underlay, one real ambit-agent each, pods from the real CNI chain) and
 walks through what ambit does: identities, a cross-node call over HBONE
 with the client's own address preserved, proof that the underlay carried
 only TLS, a same-node call, a Service VIP balanced by the proxy, a request
-that policy denies, an L7 decision at an Envoy waypoint, and a metrics
+that policy denies, an L7 decision at an Envoy waypoint, a policy applied
+and removed while the waypoint's Envoy keeps running, and a metrics
 snapshot. Then it tears everything down;
 Ctrl-C at any point leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, TextIO
 
 from ..netns import NetnsThread, netns_path
@@ -132,6 +135,38 @@ def _waypoint_log(lab: Lab, match: Callable[[dict], bool]) -> dict | None:
     path = lab.waypoint_access_log("shop/waypoint-0")
     return _newest(lambda: [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
                    if path.exists() else [], match)
+
+
+NO_BYTES_POLICY = {
+    "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+    "metadata": {"name": "web-l7-no-bytes", "namespace": "shop"},
+    "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+             "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/bytes*"]}}]}]},
+}
+
+
+def _until_answer(lab: Lab, url: str, *, denied: bool, timeout: float = 20.0) -> float | None:
+    """Seconds until GET `url` from shop/client-0 is denied (or answered again); None on timeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        code, _ = _get(lab, "shop/client-0", url)
+        if (code != 0) == denied:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    return None
+
+
+def _waypoint_envoy_pid(lab: Lab) -> int | None:
+    """Envoy's pid: the child of the waypoint pod's `ambit waypoint --run` process."""
+    record = lab.state().pods["shop/waypoint-0"].workload
+    if record is None:
+        return None
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{record.pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            if children:
+                return int(children[0])
+    return None
 
 
 def _metrics(lab: Lab, node: str) -> list[str]:
@@ -256,6 +291,25 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
             if entry:
                 tour.say(f"waypoint access log: client {entry['client']} ({entry['client_identity']}) "
                          f"{entry['method']} {entry['path']} -> {entry['code']}, {entry['policy']}")
+
+        with tour.step("a policy change, live: `ambit lab apply` a waypoint rule denying GET /bytes*, "
+                       "then `ambit lab delete` it"):
+            envoy_before = _waypoint_envoy_pid(lab)
+            url = f"http://{l7_vip}/bytes/16"
+            code, body = _get(lab, "shop/client-0", url)
+            tour.say(f"before:  GET /bytes/16 -> {'200 (16 bytes)' if code == 0 else 'error ' + body}")
+            (name,) = lab.apply_policies([NO_BYTES_POLICY])
+            took = _until_answer(lab, url, denied=True)
+            tour.say(f"applied {name}: GET /bytes/16 -> "
+                     + (f"403 after {took:.1f} s" if took is not None else "still answered?! (not applied in 20 s)"))
+            lab.delete_policy("AuthorizationPolicy", "shop/web-l7-no-bytes")
+            took = _until_answer(lab, url, denied=False)
+            tour.say("deleted it: GET /bytes/16 -> "
+                     + (f"200 after {took:.1f} s" if took is not None else "still denied?! (not removed in 20 s)"))
+            envoy_after = _waypoint_envoy_pid(lab)
+            tour.say(f"the waypoint's Envoy: pid {envoy_before} before, {envoy_after} after -- "
+                     + ("not restarted (ambit waypoint --watch rewrote the files it watches)"
+                        if envoy_before == envoy_after else "RESTARTED?!"))
 
         with tour.step("metrics: node1 agent, http://127.0.0.1:15020/metrics in its namespace (excerpt)"):
             for sample in _metrics(lab, "node1")[:12]:

@@ -55,6 +55,11 @@ def test_the_tour_reports_what_ambit_does(tmp_path, bpffs_root, capture) -> None
     assert "GET /admin -> 403 RBAC: access denied" in text
     assert re.search(rf"waypoint access log: client {re.escape(client)}:\d+ "
                      r"\(spiffe://cluster.local/ns/shop/sa/client\) GET /admin -> 403", text)
+    assert "before:  GET /bytes/16 -> 200 (16 bytes)" in text
+    assert re.search(r"applied AuthorizationPolicy shop/web-l7-no-bytes: GET /bytes/16 -> 403 after \d+\.\d s", text)
+    assert re.search(r"deleted it: GET /bytes/16 -> 200 after \d+\.\d s", text)
+    assert re.search(r"the waypoint's Envoy: pid \d+ before, \d+ after -- not restarted", text)
     assert "istio_tcp_connections_opened_total{reporter=source" in text
     assert "not denied?!" not in text and "allowed?!" not in text and "NOT preserved" not in text
+    assert "?!" not in text
     assert re.search(r"removed \d+ namespace\(s\), stopped \d+ process\(es\); leftovers: none\n", text)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.lab import labconfig
-from ambit.agent.lab.topology import Lab, LabSettings
+from ambit.agent.lab.topology import Lab, LabError, LabSettings
 
 from tests.support.labcheck import lab_debris
 from tests.support.bpffs import lab_bpffs_root
@@ -259,3 +259,40 @@ def test_trace_names_the_waypoint(lab: Lab) -> None:
     assert (trace.route, trace.decision) == ("waypoint", "n/a")
     assert any(step.stage == "hbone" and f"CONNECT {WEB_VIP}:80" in step.detail for step in trace.steps)
     assert direct.route == "hbone"
+
+
+def test_a_policy_applied_to_the_running_lab_reaches_the_waypoint_without_a_restart(lab: Lab) -> None:
+    supervisor = lab.find_pod("shop/waypoint-0").workload
+    assert supervisor is not None
+    envoy_before = sorted(int(c) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
+                          for c in (t / "children").read_text().split())
+    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "web-no-bytes", "namespace": "shop"},
+              "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+                       "action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/bytes*"]}}]}]}}
+    url = f"http://{WEB_VIP}/bytes/8"
+    assert get(lab, "shop/client-0", url)[0] == 0
+    try:
+        assert lab.apply_policies([policy]) == ["AuthorizationPolicy shop/web-no-bytes"]
+        deadline = time.monotonic() + 20
+        while (result := get(lab, "shop/client-0", url))[0] == 0:
+            assert time.monotonic() < deadline, "the waypoint did not apply the new policy in 20 s"
+            time.sleep(0.2)
+        assert result[0] == 1 and "HTTP 403" in result[2]
+    finally:
+        assert lab.delete_policy("AuthorizationPolicy", "shop/web-no-bytes")
+    deadline = time.monotonic() + 20
+    while get(lab, "shop/client-0", url)[0] != 0:
+        assert time.monotonic() < deadline, "the waypoint did not drop the deleted policy in 20 s"
+        time.sleep(0.2)
+    envoy_after = sorted(int(c) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
+                         for c in (t / "children").read_text().split())
+    assert envoy_after == envoy_before and len(envoy_after) == 1  # the same Envoy throughout
+    assert not lab.delete_policy("AuthorizationPolicy", "shop/web-no-bytes")  # already gone
+
+
+def test_only_policies_can_be_applied_to_a_running_lab(lab: Lab) -> None:
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "extra", "namespace": "shop"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 81}]}}
+    with pytest.raises(LabError, match="only AuthorizationPolicy and PeerAuthentication"):
+        lab.apply_policies([service])
