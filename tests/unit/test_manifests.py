@@ -113,12 +113,29 @@ def test_namespaced_objects_live_in_ambit_system():
 
 # --- RBAC -------------------------------------------------------------------------------------------------------
 
+def test_cluster_role_grants_every_kind_the_agent_watches():
+    """A kind KubeSource lists without the grant is a 403 for ever: the agent never syncs."""
+    from ambit.agent.discovery.kube import GATEWAY_API_GROUP, ISTIO_SECURITY_GROUP
+    from ambit.agent.discovery.model import ALL_KINDS
+    resources = {"Namespace": ("", "namespaces"), "Pod": ("", "pods"), "Service": ("", "services"),
+                 "EndpointSlice": ("discovery.k8s.io", "endpointslices"),
+                 "AuthorizationPolicy": (ISTIO_SECURITY_GROUP, "authorizationpolicies"),
+                 "PeerAuthentication": (ISTIO_SECURITY_GROUP, "peerauthentications"),
+                 "Gateway": (GATEWAY_API_GROUP, "gateways")}
+    role = to_model(find("ClusterRole", "ambit-node"))
+    granted = {(group, resource) for rule in role.rules for group in rule.api_groups for resource in rule.resources
+               if {"list", "watch"} <= set(rule.verbs)}
+    for kind in ALL_KINDS:
+        assert resources[kind] in granted, f"the agent watches {kind} but the ClusterRole does not grant it"
+
+
 def test_cluster_role_grants_only_reads_discovery_needs():
     role = to_model(find("ClusterRole", "ambit-node"))
     granted = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
                for resource in rule.resources for verb in rule.verbs}
     needed = {("", "pods"), ("", "namespaces"), ("", "services"), ("discovery.k8s.io", "endpointslices"),
-              ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications")}
+              ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications"),
+              ("gateway.networking.k8s.io", "gateways")}
     assert granted == {(g, r, v) for g, r in needed for v in ("get", "list", "watch")}
     assert all(rule.resource_names is None and rule.non_resource_urls is None for rule in role.rules)
 
