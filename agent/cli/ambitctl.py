@@ -38,7 +38,8 @@ def cmd_status(client: AgentClient, output: str) -> str:
         return json.dumps(MessageToDict(st, preserving_proto_field_name=True))
     return "\n".join([f"node:        {st.node}", f"version:     {st.version}",
                       f"ready:       {'yes' if st.ready else 'no (' + st.reason + ')'}",
-                      f"uptime:      {_age(st.started_at)}", f"capture:     {st.capture}",
+                      f"uptime:      {_age(st.started_at)}", f"event loop:  {st.event_loop or '-'}",
+                      f"capture:     {st.capture}",
                       f"proxy netns: {st.proxy_netns or '-'}",
                       f"listeners:   {', '.join(st.listeners) or '-'}",
                       f"discovery:   {st.discovery}" + (f" ({'synced' if st.discovery_synced else 'not synced'}, "

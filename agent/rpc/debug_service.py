@@ -9,7 +9,7 @@ import grpc
 from ambit.api.v1 import agent_pb2 as pb
 from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 
-from .. import __version__
+from .. import __version__, eventloop
 from ..enrolment import Enrolment
 from ..proxy.connections import ConnectionInfo
 from ..proxy.trace import trace_connection
@@ -107,7 +107,7 @@ class DebugService(pb_grpc.DebugServicer):
                                       capture=proxy.capture, listeners=proxy.listeners(),
                                       proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()),
                                       discovery=proxy.discovery, discovery_synced=proxy.discovery_synced,
-                                      discovered_pods=proxy.discovered_pods)
+                                      discovered_pods=proxy.discovered_pods, event_loop=eventloop.current_name())
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context) -> pb.ListConnectionsResponse:
         return pb.ListConnectionsResponse(connections=[

@@ -331,3 +331,4 @@ def test_ambitctl_shows_a_live_connection_with_its_original_destination(mesh):
     assert row["client"].startswith(f"{ip_a}:") and row["listener"] == "outbound"
     assert int(row["bytes_sent"]) == 1000 and int(row["bytes_received"]) == 1000
     assert f"capture:     {mesh.backend.capture}" in status.stdout and "outbound:15001" in status.stdout
+    assert "event loop:  uvloop" in status.stdout  # the agent's default when uvloop is installed
