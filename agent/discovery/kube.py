@@ -301,8 +301,14 @@ class KubeSource:
                 stats.failures += 1
                 delay = self._backoff.delay(attempt, rng)
                 attempt += 1
-                log.warning("list/watch failed; retrying", error=_describe(exc), retry_in=round(delay, 3),
-                            resource_version=self._versions[kind])
+                if isinstance(exc, ApiException) and exc.status == 403:
+                    # Not transient: discovery cannot sync (and the agent cannot turn
+                    # ready) until RBAC changes; retried in case it does.
+                    log.error("forbidden to list/watch this kind: grant it in the agent's ClusterRole "
+                              "(install/kubernetes/ambit.yaml)", error=_describe(exc), retry_in=round(delay, 3))
+                else:
+                    log.warning("list/watch failed; retrying", error=_describe(exc), retry_in=round(delay, 3),
+                                resource_version=self._versions[kind])
                 self._stopping.wait(delay)
             except Exception:  # a bug must not silently end this kind's sync
                 stats.failures += 1

@@ -15,7 +15,10 @@ What it speaks, as kube-apiserver does for these kinds:
   a watch an object that starts/stops matching arrives as ADDED/DELETED;
 - list items of built-in kinds carry no kind/apiVersion, custom resources and
   watch event objects do; single-object GET; 404 Status for unknown objects;
-  an optional bearer token (401 without it).
+  an optional bearer token (401 without it);
+- optional RBAC (`allowed`: the (API group, resource) pairs the caller may
+  list and watch, e.g. read from a ClusterRole): anything else is a 403
+  Forbidden Status, worded as kube-apiserver words it.
 
 Test controls: create/update/delete/apply, compact() (forget history: a
 watcher behind the compaction gets 410, a caught-up one carries on),
@@ -148,8 +151,10 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 class FakeApiServer:
     """Start with `with FakeApiServer() as server:`; `server.url` is the API base URL."""
 
-    def __init__(self, token: str | None = None, gone_as_http_status: bool = False) -> None:
+    def __init__(self, token: str | None = None, gone_as_http_status: bool = False,
+                 allowed: set[tuple[str, str]] | None = None) -> None:
         self.token = token
+        self.allowed = allowed  # None: no RBAC; else the (group, plural) pairs the caller may read
         self.gone_as_http_status = gone_as_http_status
         self._cond = threading.Condition()
         self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r.plural: {} for r in RESOURCES}
@@ -370,6 +375,13 @@ class FakeApiServer:
         if route is None:
             return self._json(handler, 404, _status(404, "NotFound", f"the server could not find {url.path}"))
         resource, namespace, name = route
+        group = resource.api_version.rpartition("/")[0]
+        if self.allowed is not None and (group, resource.plural) not in self.allowed:
+            verb = "get" if name is not None else "watch" if query.get("watch") in ("true", "1") else "list"
+            message = (f'{resource.plural}{"." + group if group else ""} is forbidden: User '
+                       f'"system:serviceaccount:ambit-system:ambit-node" cannot {verb} resource '
+                       f'"{resource.plural}" in API group "{group}" at the cluster scope')
+            return self._json(handler, 403, _status(403, "Forbidden", message))
         if "labelSelector" in query:
             return self._json(handler, 400, _status(400, "BadRequest", "labelSelector is not implemented here"))
         try:

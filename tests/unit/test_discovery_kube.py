@@ -12,9 +12,13 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
+import yaml
 
 from ambit.agent.discovery.kube import Backoff, KubeSource, api_client_from
 from ambit.agent.discovery.model import ALL_KINDS
@@ -382,3 +386,52 @@ current-context: fake
             api.close()
 
     asyncio.run(scenario())
+
+
+# --- RBAC: the agent under exactly the ClusterRole the DaemonSet gets ------------------------------------------
+
+def _cluster_role_grants() -> set[tuple[str, str]]:
+    """(group, resource) pairs install/kubernetes/ambit.yaml lets the agent list and watch."""
+    manifest = Path(__file__).resolve().parents[2] / "install" / "kubernetes" / "ambit.yaml"
+    (role,) = [d for d in yaml.safe_load_all(manifest.read_text())
+               if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == "ambit-node"]
+    return {(group, resource) for rule in role["rules"] if {"list", "watch"} <= set(rule["verbs"])
+            for group in rule["apiGroups"] for resource in rule["resources"]}
+
+
+def test_the_agent_syncs_under_the_manifests_cluster_role() -> None:
+    state = ClusterState()
+
+    async def scenario(server: FakeApiServer) -> None:
+        server.create(namespace("demo", **AMBIENT))
+        async with running(server, state):
+            assert state.namespace("demo") is not None
+
+    with FakeApiServer(token=TOKEN, allowed=_cluster_role_grants()) as server:
+        asyncio.run(scenario(server))
+
+
+def test_a_kind_the_role_does_not_grant_says_so_and_syncs_once_granted() -> None:
+    """What a ClusterRole without gateways did on a real cluster: never synced."""
+    grants = _cluster_role_grants() - {("gateway.networking.k8s.io", "gateways")}
+    state = ClusterState()
+
+    async def scenario(server: FakeApiServer) -> None:
+        api = api_client_from(host=server.url, token=TOKEN)
+        source = KubeSource(api, state, "node-1", backoff=FAST)
+        with structlog.testing.capture_logs() as logs:
+            await source.start()
+            try:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(source.synced.wait()), 1.0)
+                forbidden = [e for e in logs if e["event"].startswith("forbidden to list/watch this kind")]
+                assert forbidden and "grant it in the agent's ClusterRole" in forbidden[0]["event"]
+                assert forbidden[0]["log_level"] == "error"
+                server.allowed = grants | {("gateway.networking.k8s.io", "gateways")}  # RBAC fixed live
+                await asyncio.wait_for(source.synced.wait(), 5)
+            finally:
+                await source.stop()
+                api.close()
+
+    with FakeApiServer(token=TOKEN, allowed=grants) as server:
+        asyncio.run(scenario(server))
