@@ -70,10 +70,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round (under a minute)")
     parser.add_argument("--pods", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--plugin", choices=("staged", "frozen"), default="staged",
+                        help="staged: the plugin under the host's python3 -IS (scripts/stage-cni.sh); frozen: the "
+                             "PyInstaller build the DaemonSet installs on hosts without Python (default: staged)")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
 
     plugin_dirs = cni_plugin_dirs()
+    if args.plugin == "frozen":
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(["bash", os.path.join(repo, "scripts", "freeze-cni.sh"), "--if-stale"], check=True)
+        plugin_dirs = [os.path.join(repo, "build", "cni-frozen", "ambit-cni"), plugin_dirs[-1]]
     with NodeNamespace("bca-node") as node, AgentProcess(node, "bca") as agent:
         with_ambit = CniRuntime(bridge_conflist("bca", "10.249.0.0/16", agent.socket, ipam_dir=node.workdir / "ipam",
                                                     portmap=True, ambit=True),
@@ -102,7 +109,7 @@ def main() -> None:
           f"(ratio {ambit_start / portmap_start:.2f})")
     p99 = percentile(ambit_steps, 99)
     print(json.dumps({
-        "bench": "cni_add", "pods": args.pods, "rounds": rounds,
+        "bench": "cni_add", "plugin": args.plugin, "pods": args.pods, "rounds": rounds,
         "ambit_added_p50_ms": ms(percentile(ambit_steps, 50)), "ambit_added_p99_ms": ms(p99),
         "chain_with_p99_ms": ms(percentile(chain_with, 99)), "chain_without_p99_ms": ms(percentile(chain_without, 99)),
         "startup_ambit_ms": ms(ambit_start), "startup_portmap_ms": ms(portmap_start),

@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout (editable install)
 
 
 def cni_plugin_dirs() -> list[str]:
-    """Where ambit-cni is found first, then the reference plugins. The
-    frozen build is preferred when `make` produced it."""
-    frozen = REPO / "build" / "cni-bin"
-    ours = frozen if (frozen / "ambit-cni").exists() else Path(sys.executable).parent
+    """Where ambit-cni is found first, then the reference plugins: the staged
+    plugin (`python3 -IS`, scripts/stage-cni.sh) when `make` produced it,
+    else the venv's console script."""
+    staged = REPO / "build" / "cni-bin"
+    ours = staged if (staged / "ambit-cni").exists() else Path(sys.executable).parent
     return [str(ours), REFERENCE_PLUGINS]
 
 
