@@ -125,8 +125,13 @@ def _inbound_listener(plan: WaypointPlan, destination: Destination, rules: RbacR
             stat_prefix=name, codec_type="AUTO",
             use_remote_address=True,  # appends the client pod's IP to x-forwarded-for
             access_log=_access_log(options.access_log, log),
-            route_config={"name": name, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                {"match": {"prefix": "/"}, "route": {"cluster": backends, "timeout": "0s"}}]}]},
+            # No cluster validation: listeners and clusters come from separate files
+            # that Envoy applies in its own order, and a cluster may still be warming
+            # when a listener naming it arrives; a validated route would make Envoy
+            # reject the whole listener update (Istio's routes do the same).
+            route_config={"name": name, "validate_clusters": False, "virtual_hosts": [
+                {"name": "all", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "route": {"cluster": backends, "timeout": "0s"}}]}]},
             http_filters=_http_rbac(rules) + [{"name": "envoy.filters.http.router", "typed_config": _typed(
                 "extensions.filters.http.router.v3.Router")}])
         filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
@@ -167,7 +172,7 @@ def _hbone_cluster(backend: Backend, secrets: SecretFiles, options: BootstrapOpt
 
 def _hbone_routes(plan: WaypointPlan) -> dict[str, Any]:
     """CONNECT routed by authority; anything else (an unknown authority) gets 404."""
-    return {"name": HBONE_ROUTES, "virtual_hosts": [
+    return {"name": HBONE_ROUTES, "validate_clusters": False, "virtual_hosts": [
         {"name": d.authority, "domains": [d.authority], "routes": [
             {"match": {"connect_matcher": {}}, "route": {
                 "cluster": f"inbound|{d.authority}", "timeout": "0s",

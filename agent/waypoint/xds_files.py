@@ -6,7 +6,9 @@ source's `watched_directory`. Every write here is a rename into that
 directory, so Envoy never sees half a file, and it applies what changed in
 place: listeners whose configuration is unchanged are kept, changed ones drain.
 
-    <out>/xds/cds.json   clusters      written first: what listeners point at
+    <out>/xds/cds.json   clusters      written first: what listeners point at (an
+                                       order Envoy need not keep: routes do not
+                                       validate clusters, see bootstrap.py)
     <out>/xds/lds.json   listeners
     <out>/xds/rds.json   the hbone listener's routes (a route change reaches
                          HBONE connections already up, no listener drain)

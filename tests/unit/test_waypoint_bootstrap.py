@@ -219,6 +219,10 @@ def test_ambit_waypoint_writes_a_bootstrap_envoy_accepts(cluster_file: Path, cap
     assert rds["config_source"]["path_config_source"]["path"] == str(out / "xds" / "rds.json")
     (routes,) = resources.routes
     assert routes["name"] == rds["route_config_name"]
+    # Listeners may arrive before the clusters they name (separate files, warming):
+    # a route that validated clusters would get the whole listener update rejected.
+    inbound = listeners[f"inbound|{VIP}:80"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert routes["validate_clusters"] is False and inbound["route_config"]["validate_clusters"] is False
     assert {vh["name"] for vh in routes["virtual_hosts"]} == {f"{VIP}:80", f"{VIP}:9000", "10.1.2.6:7000"}
     clusters = {c["name"]: c for c in resources.clusters}
     tls = clusters["hbone|10.1.1.3"]["transport_socket"]["typed_config"]["common_tls_context"]
