@@ -36,7 +36,7 @@ from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA
 from ..identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
-from .live import ConfigWatcher, FileClusterView, KubeClusterView, write_configuration
+from .live import ConfigWatcher, SourceClusterView, file_view, kube_view, write_configuration
 from .xds_files import XdsFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
@@ -154,27 +154,26 @@ def run(args: argparse.Namespace) -> int:
     if args.watch and not args.run:
         print("ambit waypoint: --watch needs --run", file=sys.stderr)
         return 2
-    view: FileClusterView | KubeClusterView | None = None
+    view: SourceClusterView | None = None
     try:
         ca = LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain)
         options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
-        view = KubeClusterView(args.kubeconfig) if args.kube else FileClusterView(args.config_file)
+        view = kube_view(args.kubeconfig) if args.kube else file_view(args.config_file)
         plan = view.plan(namespace, name, ca.trust_domain, args.service_account)
         generated = write_waypoint(plan, args.out_dir, ca, options, args.cert_ttl)
     except (WaypointError, InvalidCA, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
         print(f"ambit waypoint: {exc}", file=sys.stderr)
-        if isinstance(view, KubeClusterView):
+        if view is not None:
             view.close()
         return 1
     try:
         return _serve(args, generated, options, view)
     finally:
-        if isinstance(view, KubeClusterView):
-            view.close()
+        view.close()
 
 
 def _serve(args: argparse.Namespace, generated: GeneratedWaypoint, options: BootstrapOptions,
-           view: FileClusterView | KubeClusterView) -> int:
+           view: SourceClusterView) -> int:
     print("\n".join(generated.summary()))
     if not args.run:
         print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")

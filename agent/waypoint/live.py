@@ -1,15 +1,14 @@
 """Keep a running waypoint in step with the cluster (`ambit waypoint --run --watch`).
 
-Where the waypoint learns the cluster (a view):
-- FileClusterView: the files `--discovery files` reads, checked for changes
-  every couple of seconds;
-- KubeClusterView: the Kubernetes API, listed and watched by the agent's own
-  KubeSource on a thread of its own.
-When the view changed, the waypoint is planned again and its listeners,
-clusters and routes are rewritten into the files Envoy watches
+The waypoint learns the cluster from one of the agent's own discovery
+sources, feeding a ClusterState on an event loop of a thread of its own:
+FileSource (the files `--discovery files` reads; re-read at each check) or
+KubeSource (list/watch). When the state changed, the waypoint is planned
+again (on that loop, so it never sees the state half-updated) and its
+listeners, clusters and routes are rewritten into the files Envoy watches
 (xds_files.py). Envoy keeps what did not change, drains what did, and the
 hbone routes change under HBONE connections already up. Bad input (a file
-that does not parse, the waypoint's Gateway gone) is logged and the running
+the source rejects, the waypoint's Gateway gone) is logged and the running
 configuration stays.
 """
 from __future__ import annotations
@@ -17,63 +16,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import structlog
 
-from ..discovery.files import BadFile, parse_documents
+from ..discovery.files import FileSource
 from ..discovery.state import ClusterState
 from .bootstrap import BootstrapOptions, waypoint_resources
 from .credentials import SecretFiles
-from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
+from .destinations import WaypointError, WaypointPlan, plan_waypoint
 from .xds_files import XdsFiles, write_resources
 
 log = structlog.get_logger(__name__)
-
-SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def _files(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        files += sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
-    return files
-
-
-def read_objects(paths: Sequence[Path]) -> list[Mapping[str, Any]]:
-    """The objects of YAML/JSON files, and of the *.yaml/*.yml/*.json files of directories."""
-    objects: list[Mapping[str, Any]] = []
-    for file in _files(paths):
-        try:
-            objects += parse_documents(file.read_text(), file)
-        except BadFile as exc:
-            raise WaypointError(f"{file}: {exc}") from None
-        except OSError as exc:
-            raise WaypointError(f"cannot read {file}: {exc.strerror}") from None
-    return objects
-
-
-def signature(paths: Sequence[Path]) -> tuple[Any, ...]:
-    """What changes when any of the files does (names, inode, size, mtime, ctime)."""
-    marks: list[Any] = []
-    try:
-        files = _files(paths)
-    except OSError as exc:
-        return (("unreadable", str(exc)),)
-    for file in files:
-        try:
-            st = os.stat(file)
-        except OSError:
-            marks.append((str(file), None))
-            continue
-        marks.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(marks)
-
+T = TypeVar("T")
 
 def write_configuration(plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
                         options: BootstrapOptions) -> tuple[bool, tuple[str, ...]]:
@@ -83,90 +42,114 @@ def write_configuration(plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
     return write_resources(xds, resources, version), notes
 
 
-class ClusterView(Protocol):
-    def changed(self) -> bool:
-        """True (once) when the cluster may have changed since the last call."""
+class SourceClusterView:
+    """The cluster as a discovery source keeps it; see the module doc.
 
-    def plan(self, namespace: str, name: str, trust_domain: str, service_account: str | None) -> WaypointPlan:
-        """The waypoint as the cluster has it now; raises WaypointError."""
+    `start(state)` makes and starts the source on the view's loop and returns
+    it once the state holds the cluster; `poll(source)`, if given, is awaited
+    at each check (FileSource.reload: the files are looked at then, not on a
+    timer of their own)."""
 
-
-class FileClusterView:
-    """The cluster as YAML/JSON files; a change is a change of any file's stat."""
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
-        self._signature = signature(self.paths)
-
-    def changed(self) -> bool:
-        current = signature(self.paths)
-        if current == self._signature:
-            return False
-        self._signature = current
-        return True
-
-    def plan(self, namespace: str, name: str, trust_domain: str, service_account: str | None) -> WaypointPlan:
-        return plan_waypoint(state_from_objects(read_objects(self.paths)), namespace, name, trust_domain,
-                             service_account)
-
-
-class KubeClusterView:
-    """The cluster from the API server: the agent's KubeSource feeds a ClusterState
-    on an event loop of its own; plans are made on that loop, so they never see
-    the state half-updated."""
-
-    def __init__(self, kubeconfig: str | None, sync_timeout: float = 30.0) -> None:
-        from ..discovery.kube import KubeSource, api_client_from
-
+    def __init__(self, start: Callable[[ClusterState], Awaitable[Any]],
+                 poll: Callable[[Any], Awaitable[Any]] | None = None, timeout: float = 35.0) -> None:
         self.state = ClusterState()
+        self._poll = poll
+        self._source: Any = None
         self._dirty = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="waypoint-kube", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="waypoint-discovery", daemon=True)
         self._thread.start()
-        self._source: Any = None
 
-        async def start() -> None:
-            api = api_client_from(kubeconfig=kubeconfig, in_cluster=not kubeconfig)
-            self._source = KubeSource(api, self.state, node_name="")
+        async def begin() -> None:
             self.state.subscribe(lambda *_: self._dirty.set())
-            await self._source.start()
-            await asyncio.wait_for(self._source.synced.wait(), sync_timeout)
+            self._source = await start(self.state)
 
         try:
-            asyncio.run_coroutine_threadsafe(start(), self._loop).result(sync_timeout + 5)
+            self._run(begin(), timeout)
         except BaseException as exc:
             self.close()
-            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-                raise WaypointError(f"the API server did not answer every list within {sync_timeout:g}s") from None
-            if isinstance(exc, Exception):  # e.g. the kubeconfig unusable, or not in a cluster
-                raise WaypointError(f"cannot use the Kubernetes API: {type(exc).__name__}: {exc}") from None
+            if isinstance(exc, Exception) and not isinstance(exc, WaypointError):
+                raise WaypointError(f"cannot read the cluster: {type(exc).__name__}: {exc}") from None
             raise
         self._dirty.clear()
+        self._errors = self._source_errors()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _source_errors(self) -> dict[str, str]:
+        """What the source rejects now (FileSource: file -> reason)."""
+        errors = getattr(self._source, "errors", None)
+        return dict(errors()) if callable(errors) else {}
 
     def changed(self) -> bool:
+        """True (once) when the cluster, or what the source rejects, changed since the last call."""
+        if self._poll is not None:
+            self._run(self._poll(self._source))
+        errors = self._source_errors()
+        if errors != self._errors:
+            self._errors = errors
+            self._dirty.clear()
+            return True
         if not self._dirty.is_set():
             return False
         self._dirty.clear()
         return True
 
     def plan(self, namespace: str, name: str, trust_domain: str, service_account: str | None) -> WaypointPlan:
+        """The waypoint as the cluster has it now; WaypointError while the source rejects input."""
         async def make() -> WaypointPlan:
+            errors = self._source_errors()
+            if errors:
+                raise WaypointError("; ".join(f"{where}: {why}" for where, why in errors.items()))
             return plan_waypoint(self.state, namespace, name, trust_domain, service_account)
-        return asyncio.run_coroutine_threadsafe(make(), self._loop).result(30)
+        return self._run(make())
 
     def close(self) -> None:
-        if self._source is not None:
-            asyncio.run_coroutine_threadsafe(self._source.stop(), self._loop).result(15)
+        stop = getattr(self._source, "stop", None)
+        if stop is not None:
+            self._run(stop(), 15)
             self._source = None
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
 
 
+def file_view(paths: Sequence[Path]) -> SourceClusterView:
+    """The cluster from YAML/JSON files and directories, as `--discovery files` reads them."""
+    async def start(state: ClusterState) -> FileSource:
+        source = FileSource(list(paths), state)
+        await source.reload()  # no poller of its own: the view reloads at each check
+        return source
+
+    return SourceClusterView(start, poll=lambda source: source.reload())
+
+
+def kube_view(kubeconfig: str | None, sync_timeout: float = 30.0) -> SourceClusterView:
+    """The cluster from the API server (in-cluster credentials without a kubeconfig)."""
+    from ..discovery.kube import KubeSource, api_client_from  # the kubernetes client: only when asked for
+
+    async def start(state: ClusterState) -> KubeSource:
+        try:
+            api = api_client_from(kubeconfig=kubeconfig, in_cluster=not kubeconfig)
+        except Exception as exc:  # e.g. the kubeconfig unusable, or not in a cluster
+            raise WaypointError(f"cannot use the Kubernetes API: {type(exc).__name__}: {exc}") from None
+        source = KubeSource(api, state, node_name="")
+        await source.start()
+        try:
+            await asyncio.wait_for(source.synced.wait(), sync_timeout)
+        except BaseException:
+            await source.stop()
+            raise WaypointError(f"the API server did not answer every list within {sync_timeout:g}s") from None
+        return source
+
+    return SourceClusterView(start, timeout=sync_timeout + 5)
+
+
 class ConfigWatcher:
     """Re-plans one waypoint when its view of the cluster changed."""
 
-    def __init__(self, view: ClusterView, plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
+    def __init__(self, view: SourceClusterView, plan: WaypointPlan, secrets: SecretFiles, xds: XdsFiles,
                  options: BootstrapOptions, service_account: str | None = None) -> None:
         self.view = view
         self.plan = plan

@@ -14,7 +14,7 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.waypoint.bootstrap import BootstrapOptions
 from ambit.agent.waypoint.cli import generate
 from ambit.agent.waypoint.destinations import WaypointError
-from ambit.agent.waypoint.live import ConfigWatcher, FileClusterView, KubeClusterView, signature
+from ambit.agent.waypoint.live import ConfigWatcher, file_view, kube_view
 from ambit.agent.waypoint.xds_files import write_resources
 from tests.support.fake_apiserver import FakeApiServer
 from tests.unit.test_waypoint_bootstrap import VIP, objects
@@ -41,7 +41,11 @@ def watched(tmp_path: Path):
     options = BootstrapOptions(access_log="/dev/null")
     generated = generate(yaml.safe_load_all(cluster.read_text()), "shop", "waypoint", tmp_path / "out",
                          LocalCA.create("cluster.local"), options)
-    return cluster, generated, ConfigWatcher(FileClusterView([cluster]), generated.plan, generated.secrets, generated.xds, options)
+    view = file_view([cluster])
+    try:
+        yield cluster, generated, ConfigWatcher(view, generated.plan, generated.secrets, generated.xds, options)
+    finally:
+        view.close()
 
 
 def routed(generated) -> set[str]:
@@ -101,13 +105,6 @@ def test_a_different_identity_needs_a_restart(watched, logs) -> None:
     assert entry["wanted"] == "spiffe://cluster.local/ns/shop/sa/another"
 
 
-def test_signature_changes_with_a_file_in_a_watched_directory(tmp_path: Path) -> None:
-    first = signature([tmp_path])
-    (tmp_path / "more.yaml").write_text("kind: Namespace\n")
-    assert signature([tmp_path]) != first
-    assert signature([tmp_path / "missing.yaml"]) == ((str(tmp_path / "missing.yaml"), None),)
-
-
 def test_write_resources_skips_identical_content(tmp_path: Path, watched) -> None:
     _, generated, _ = watched
     assert not write_resources(generated.xds, generated.xds.read(), "again")
@@ -142,7 +139,7 @@ def test_the_kubernetes_view_follows_the_api_server(tmp_path: Path) -> None:
     with FakeApiServer(token="t0ken") as server:
         for o in by_kind["Namespace"] + by_kind["Gateway"]:
             server.create(o)
-        view = KubeClusterView(_kubeconfig(tmp_path / "kubeconfig", server.url, "t0ken"), sync_timeout=10)
+        view = kube_view(_kubeconfig(tmp_path / "kubeconfig", server.url, "t0ken"), sync_timeout=10)
         try:
             plan = view.plan("shop", "waypoint", "cluster.local", None)
             assert plan.destinations == ()
@@ -163,4 +160,4 @@ def test_the_kubernetes_view_follows_the_api_server(tmp_path: Path) -> None:
 def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
     with pytest.raises(WaypointError, match="cannot use the Kubernetes API"):
-        KubeClusterView(str(tmp_path / "kubeconfig"), sync_timeout=2)
+        kube_view(str(tmp_path / "kubeconfig"), sync_timeout=2)
