@@ -153,11 +153,6 @@ class CertificateStore:
                 return current
             return self._issue(spiffe_id, replacing=current)
 
-    def renew(self, spiffe_id: SpiffeId) -> WorkloadCert:
-        """Re-issue `spiffe_id` now, whether or not it is due."""
-        with self._lock:
-            return self._issue(spiffe_id, replacing=self._certs.get(spiffe_id))
-
     def rotate_due(self) -> list[SpiffeId]:
         """Re-issue every certificate past its rotation point; for a periodic task."""
         rotated = []

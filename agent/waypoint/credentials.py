@@ -108,9 +108,3 @@ class CertificateRotator:
                   not_after=str(fresh.issued.not_after))
         self.current = fresh
         return True
-
-    def renew(self) -> WorkloadCert:
-        """Re-issue now, whatever the schedule (e.g. after a CA change)."""
-        self.current = self.store.renew(self.identity)
-        write_identity(self.files, self.current)
-        return self.current

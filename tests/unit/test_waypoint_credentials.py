@@ -76,14 +76,6 @@ def test_the_certificate_is_replaced_at_half_its_lifetime_and_not_before(tmp_pat
     assert not rot.rotate_if_due()  # the fresh one is not due
 
 
-def test_renew_replaces_it_at_once(tmp_path: Path) -> None:
-    rot = rotator(tmp_path, Clock())
-    first = rot.write()
-    renewed = rot.renew()
-    assert renewed.serial != first.serial
-    assert served(rot.files).serial_number == rot.current.serial
-
-
 def test_the_supervisor_sleeps_until_due_but_never_longer_than_a_minute(tmp_path: Path) -> None:
     assert next_check_in(None) == MAX_CHECK_INTERVAL_S
     clock = Clock()
@@ -93,3 +85,4 @@ def test_the_supervisor_sleeps_until_due_but_never_longer_than_a_minute(tmp_path
     assert next_check_in(rot, due - timedelta(hours=3)) == MAX_CHECK_INTERVAL_S
     assert next_check_in(rot, due - timedelta(seconds=12)) == 12.0
     assert next_check_in(rot, due + timedelta(seconds=5)) == 1.0  # overdue: look again soon, not in a busy loop
+
