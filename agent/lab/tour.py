@@ -12,7 +12,6 @@ Ctrl-C at any point leaves nothing behind.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -22,7 +21,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, TextIO
 
 from ..netns import NetnsThread, netns_path
@@ -158,15 +156,11 @@ def _until_answer(lab: Lab, url: str, *, denied: bool, timeout: float = 20.0) ->
 
 def _waypoint_envoy_pid(lab: Lab) -> int | None:
     """Envoy's pid: the child of the waypoint pod's `ambit waypoint --run` process."""
+    from ..waypoint.runner import child_pids
+
     record = lab.state().pods["shop/waypoint-0"].workload
-    if record is None:
-        return None
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{record.pid}/task").iterdir():
-            children = (task / "children").read_text().split()
-            if children:
-                return int(children[0])
-    return None
+    children = child_pids(record.pid) if record is not None else []
+    return children[0] if children else None
 
 
 def _metrics(lab: Lab, node: str) -> list[str]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -39,10 +40,29 @@ def envoy_argv(envoy: str, config: str, concurrency: int, log_level: str) -> lis
 
 
 def is_listening(port: int) -> bool:
-    """A LISTEN socket on 0.0.0.0:`port` in this process's network namespace."""
-    wanted = f"00000000:{port:04X}"
-    with open("/proc/self/net/tcp") as table:
-        return any(f[1] == wanted and f[3] == "0A" for f in (line.split() for line in table.readlines()[1:]))
+    """A LISTEN socket on `port` at any address (`--listen-address` need not be
+    0.0.0.0), IPv4 or IPv6, in this process's network namespace."""
+    suffix = f":{port:04X}"
+    for path in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(path) as table:
+                rows = [line.split() for line in table.readlines()[1:]]
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+        if any(row[1].endswith(suffix) and row[3] == "0A" for row in rows):
+            return True
+    return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (e.g. a supervisor's Envoy); [] once it is gone."""
+    children: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return sorted(children)
 
 
 def seconds_until(moment: datetime, now: datetime | None = None) -> float:

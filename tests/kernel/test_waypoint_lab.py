@@ -26,6 +26,7 @@ import pytest
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.lab import labconfig
 from ambit.agent.lab.topology import Lab, LabError, LabSettings
+from ambit.agent.waypoint.runner import child_pids
 
 from tests.support.labcheck import lab_debris
 from tests.support.bpffs import lab_bpffs_root
@@ -264,8 +265,7 @@ def test_trace_names_the_waypoint(lab: Lab) -> None:
 def test_a_policy_applied_to_the_running_lab_reaches_the_waypoint_without_a_restart(lab: Lab) -> None:
     supervisor = lab.find_pod("shop/waypoint-0").workload
     assert supervisor is not None
-    envoy_before = sorted(int(c) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
-                          for c in (t / "children").read_text().split())
+    envoy_before = child_pids(supervisor.pid)
     policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
               "metadata": {"name": "web-no-bytes", "namespace": "shop"},
               "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
@@ -285,8 +285,7 @@ def test_a_policy_applied_to_the_running_lab_reaches_the_waypoint_without_a_rest
     while get(lab, "shop/client-0", url)[0] != 0:
         assert time.monotonic() < deadline, "the waypoint did not drop the deleted policy in 20 s"
         time.sleep(0.2)
-    envoy_after = sorted(int(c) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
-                         for c in (t / "children").read_text().split())
+    envoy_after = child_pids(supervisor.pid)
     assert envoy_after == envoy_before and len(envoy_after) == 1  # the same Envoy throughout
     assert not lab.delete_policy("AuthorizationPolicy", "shop/web-no-bytes")  # already gone
 

@@ -29,6 +29,7 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.netns import NetnsThread, netns_path
+from ambit.agent.waypoint.runner import child_pids
 from tests.support import envoy as envoy_support
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import namespace
@@ -114,13 +115,6 @@ def connect_status(node: NetnsThread, client: ssl.SSLContext, authority: str) ->
     return node.run(ask)
 
 
-def envoy_children(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return children
-
-
 def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -183,13 +177,13 @@ def test_the_running_waypoint_rotates_its_certificate_without_restarting_envoy(t
                            "the waypoint answering on 15008")
         san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [WAYPOINT_ID]
-        (envoy_pid,) = envoy_children(proc.pid)
+        (envoy_pid,) = child_pids(proc.pid)
 
         # Re-issued at half its lifetime and served by the same Envoy process.
         second = eventually(lambda: (cert := served_certificate(node, client)).serial_number != first.serial_number
                             and cert, "a new certificate served")
         assert second.not_valid_after_utc > first.not_valid_after_utc
-        assert envoy_children(proc.pid) == [envoy_pid]
+        assert child_pids(proc.pid) == [envoy_pid]
         secret = json.loads((tmp_path / "out/certs/identity-sds.json").read_text())["resources"][0]
         on_disk = secret["tls_certificate"]["certificate_chain"]["inline_string"].encode()
         # The file holds what Envoy served, or a later one if it rotated again meanwhile.
@@ -210,7 +204,7 @@ def test_watch_applies_cluster_changes_to_the_running_envoy_and_keeps_it_on_bad_
         # Nothing uses the waypoint yet: every CONNECT is answered 404.
         assert eventually(lambda: proc.poll() is None and connect_status(node, client, f"{VIP}:80"),
                           "the waypoint answering CONNECT") == 404
-        (envoy_pid,) = envoy_children(proc.pid)
+        (envoy_pid,) = child_pids(proc.pid)
 
         # A Service starts using it: the same Envoy now takes CONNECTs for its VIP.
         write_cluster(tmp_path / "cluster.yaml", cluster(with_service=True))
@@ -226,7 +220,7 @@ def test_watch_applies_cluster_changes_to_the_running_envoy_and_keeps_it_on_bad_
         # The Service goes away: its VIP is unknown again.
         write_cluster(tmp_path / "cluster.yaml", cluster())
         eventually(lambda: connect_status(node, client, f"{VIP}:80") == 404, "the route removed", 15)
-        assert envoy_children(proc.pid) == [envoy_pid]  # never restarted
+        assert child_pids(proc.pid) == [envoy_pid]  # never restarted
 
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
@@ -266,7 +260,7 @@ current-context: fake
         client = client_context(ca, tmp_path / "client")
         assert eventually(lambda: proc.poll() is None and connect_status(node, client, f"{VIP}:80"),
                           "the waypoint answering CONNECT") == 404
-        (envoy_pid,) = envoy_children(proc.pid)
+        (envoy_pid,) = child_pids(proc.pid)
         (server,) = servers
         added = [o for o in cluster(with_service=True) if o["kind"] in ("Pod", "Service")]
         for obj in added:
@@ -275,7 +269,7 @@ current-context: fake
         service = next(o for o in added if o["kind"] == "Service")
         server.delete(service)
         eventually(lambda: connect_status(node, client, f"{VIP}:80") == 404, "the route removed", 15)
-        assert envoy_children(proc.pid) == [envoy_pid]
+        assert child_pids(proc.pid) == [envoy_pid]
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err.decode()[-2000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from ambit.agent.identity.store import CertificateStore
 from ambit.agent.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
                                               bundle_secret, identity_secret)
 from ambit.agent.waypoint.xds_files import file_config_source
-from ambit.agent.waypoint.runner import MAX_CHECK_INTERVAL_S, next_check_in
+from ambit.agent.waypoint.runner import MAX_CHECK_INTERVAL_S, is_listening, next_check_in
 
 TD = "cluster.local"
 WAYPOINT = SpiffeId(TD, "shop", "waypoint")
@@ -86,3 +87,13 @@ def test_the_supervisor_sleeps_until_due_but_never_longer_than_a_minute(tmp_path
     assert next_check_in(rot, due - timedelta(seconds=12)) == 12.0
     assert next_check_in(rot, due + timedelta(seconds=5)) == 1.0  # overdue: look again soon, not in a busy loop
 
+
+def test_envoy_counts_as_listening_at_any_address_it_was_given() -> None:
+    """--listen-address may be a pod IP, not 0.0.0.0; IPv6 too."""
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+            port = sock.getsockname()[1]
+            assert not is_listening(port)  # bound is not listening
+            sock.listen()
+            assert is_listening(port)
