@@ -900,38 +900,32 @@ class Lab:
         """The Envoy access log (JSON lines) of a waypoint pod."""
         state = self.state()
         record = self.find_pod(pod_key, state)
-        pod = next(p for p in self._recorded_plan(state).pods if p.pod.key == record.key)
-        return pod.log.with_suffix(".access.log")
+        return _waypoint_access_log(next(p for p in self._recorded_plan(state).pods if p.pod.key == record.key))
 
-    def _waypoint_bootstrap(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[Path, str]:
-        """`ambit waypoint` for this pod's Gateway, from the cluster as it is now
-        (the lab CA issues the waypoint's certificate); (bootstrap, SPIFFE ID)."""
-        from ..waypoint.bootstrap import BootstrapOptions
-        from ..waypoint.cli import generate
-        from ..waypoint.destinations import WaypointError
+    def _check_waypoint(self, plan: LabPlan, pod: PodPlan, state: LabState) -> None:
+        """Plan this pod's waypoint from the cluster as it is now, so a bad one
+        fails with the lab's error before its process starts (which plans it
+        again and writes everything: `ambit waypoint --run`)."""
+        from ..waypoint.destinations import WaypointError, plan_waypoint, state_from_objects
         assert pod.pod.waypoint is not None
-        ca = LocalCA.load_or_create(self.settings.ca_dir, TRUST_DOMAIN)
-        options = BootstrapOptions(access_log=str(pod.log.with_suffix(".access.log")),
-                                   port=pod.pod.workload_port("waypoint"))
         try:
-            generated = generate(render_cluster(plan, state), pod.pod.namespace, pod.pod.waypoint,
-                                 self.waypoint_dir(pod), ca, options)
+            planned = plan_waypoint(state_from_objects(render_cluster(plan, state)), pod.pod.namespace,
+                                    pod.pod.waypoint, TRUST_DOMAIN)
         except WaypointError as exc:
             raise LabError(f"waypoint pod {pod.pod.key}: {exc}") from exc
-        self.log.info("waypoint bootstrap written", pod=pod.pod.key, config=str(generated.config_path),
-                      destinations=[d.authority for d in generated.plan.destinations], notes=list(generated.notes))
-        return generated.config_path, str(generated.plan.identity)
+        self.log.info("waypoint planned", pod=pod.pod.key, destinations=[d.authority for d in planned.destinations],
+                      notes=list(planned.notes))
 
     def _start_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> tuple[PodPlan, int]:
         if pod.pod.waypoint:
-            self._waypoint_bootstrap(plan, pod, state)  # fails early, with the lab's error, on a bad plan
+            self._check_waypoint(plan, pod, state)
             # The product's own command: Envoy under ambit, the certificate rotated,
             # and the lab's cluster file watched like the agents watch it.
             assert pod.pod.waypoint is not None
             argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint",
                     f"{pod.pod.namespace}/{pod.pod.waypoint}", "--config-file", str(self.settings.cluster_file),
                     "--ca-dir", str(self.settings.ca_dir), "--trust-domain", TRUST_DOMAIN,
-                    "--out-dir", str(self.waypoint_dir(pod)), "--access-log", str(pod.log.with_suffix(".access.log")),
+                    "--out-dir", str(self.waypoint_dir(pod)), "--access-log", str(_waypoint_access_log(pod)),
                     "--port", str(pod.pod.workload_port("waypoint")), "--run", "--watch",
                     "--envoy", envoy_binary() or "envoy",
                     "--envoy-log-level", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning")]
@@ -1414,6 +1408,10 @@ def envoy_binary() -> str | None:
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise PermissionError("the lab creates network namespaces and runs processes in them: run it as root")
+
+
+def _waypoint_access_log(pod: PodPlan) -> Path:
+    return pod.log.with_suffix(".access.log")
 
 
 POLICY_DOCUMENT_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
