@@ -59,17 +59,17 @@ WorkloadLookup = Callable[[str], Workload | None]
 _FAILED = {RelayEnd.CONNECT_REFUSED, RelayEnd.CONNECT_TIMEOUT, RelayEnd.CONNECT_FAILED}
 # Envoy-style response flags Istio reports: UF upstream connection failure,
 # UR/DR upstream/downstream reset, UAEX unauthorized (policy).
-# Envoy's flags for the destination side of a tunnel: policy (UAEX), upstream
+_RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
+                   RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
+# The same for the destination side of a tunnel: policy (UAEX), upstream
 # connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
+_TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
 
 
 def _known(principal: str) -> str | None:
     """A metrics label's principal for the access log, where unknown is null."""
     return None if principal == "unknown" else principal
-_TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
-_RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF", RelayEnd.CONNECT_FAILED: "UF",
-                   RelayEnd.UPSTREAM_RESET: "UR", RelayEnd.CLIENT_RESET: "DR"}
 
 
 @dataclass(frozen=True)
