@@ -35,6 +35,10 @@ COPY requirements.txt setup.cfg setup.py pyproject.toml README.md ./
 COPY proto ./proto
 COPY cni ./cni
 COPY agent ./agent
+COPY lab ./lab
+COPY waypoint ./waypoint
+COPY ca ./ca
+COPY cli ./cli
 COPY bpf ./bpf
 COPY install ./install
 COPY scripts ./scripts

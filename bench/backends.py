@@ -54,8 +54,8 @@ import capture  # noqa: E402  (bench/capture.py)
 from capture import ECHO_SERVER, pct  # noqa: E402
 from pyroute2.netns import setns  # noqa: E402
 
-from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
+from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
+from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
                                   make_pod_netns, remove_netns)
 from ambit.agent.netns import netns_path, run_in_netns, socket_in_netns  # noqa: E402
 from pyroute2 import Ethtool  # noqa: E402

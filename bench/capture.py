@@ -22,8 +22,8 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pyroute2.netns import setns  # noqa: E402
 
-from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
+from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
+from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
                                   make_pod_netns, remove_netns)
 
 TARGET_THROUGHPUT_RATIO = 0.25

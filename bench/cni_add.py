@@ -23,8 +23,8 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ambit.agent.lab.node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns  # noqa: E402
-from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
+from ambit.lab.node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns  # noqa: E402
+from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
 
 TARGET_P99_S = 0.300
 

@@ -208,8 +208,8 @@ def main() -> None:
     size = (48 if args.quick else 512) << 20
 
     from ambit.agent import log as logconf
-    from ambit.agent.lab import labconfig
-    from ambit.agent.lab.topology import Lab, LabSettings
+    from ambit.lab import labconfig
+    from ambit.lab.topology import Lab, LabSettings
 
     logconf.configure("error")
     if os.geteuid() != 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..netns import enter_netns
+from ambit.agent.netns import enter_netns
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 

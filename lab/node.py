@@ -24,12 +24,12 @@ from contextlib import AbstractContextManager
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
-from ..netlink import iproute
-from ..netns import create_netns, netns_path
-from ..netns import remove_netns as _remove_netns
+from ambit.agent.netlink import iproute
+from ambit.agent.netns import create_netns, netns_path
+from ambit.agent.netns import remove_netns as _remove_netns
 from .cniruntime import REFERENCE_PLUGINS
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout (editable install)
+REPO = Path(__file__).resolve().parents[1]  # the checkout (editable install)
 
 
 def cni_plugin_dirs() -> list[str]:
@@ -136,7 +136,7 @@ class AgentProcess:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        from ..cli.client import AgentClient
+        from ambit.agent.cli.client import AgentClient
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:

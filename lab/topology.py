@@ -45,11 +45,11 @@ import yaml
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
-from ..cli.client import AgentClient
-from ..identity.ca import LocalCA
-from ..netlink import iproute
-from ..netns import NetnsThread, remove_netns
-from ..netns import create_netns as _create_netns
+from ambit.agent.cli.client import AgentClient
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.netlink import iproute
+from ambit.agent.netns import NetnsThread, remove_netns
+from ambit.agent.netns import create_netns as _create_netns
 from .cniruntime import CniFailure, CniRuntime, PodSandbox
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
 from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, netns_path
@@ -906,7 +906,7 @@ class Lab:
         """Plan this pod's waypoint from the cluster as it is now, so a bad one
         fails with the lab's error before its process starts (which plans it
         again and writes everything: `ambit waypoint --run`)."""
-        from ..waypoint.destinations import WaypointError, plan_waypoint, state_from_objects
+        from ambit.waypoint.destinations import WaypointError, plan_waypoint, state_from_objects
         assert pod.pod.waypoint is not None
         try:
             planned = plan_waypoint(state_from_objects(render_cluster(plan, state)), pod.pod.namespace,
@@ -922,7 +922,7 @@ class Lab:
             # The product's own command: Envoy under ambit, the certificate rotated,
             # and the lab's cluster file watched like the agents watch it.
             assert pod.pod.waypoint is not None
-            argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint",
+            argv = [sys.executable, "-m", "ambit.cli", "waypoint",
                     f"{pod.pod.namespace}/{pod.pod.waypoint}", "--config-file", str(self.settings.cluster_file),
                     "--ca-dir", str(self.settings.ca_dir), "--trust-domain", TRUST_DOMAIN,
                     "--out-dir", str(self.waypoint_dir(pod)), "--access-log", str(_waypoint_access_log(pod)),
@@ -930,7 +930,7 @@ class Lab:
                     "--envoy", envoy_binary() or "envoy",
                     "--envoy-log-level", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning")]
         else:
-            argv = [sys.executable, "-m", "ambit.agent.lab.workload", "serve", "--name", pod.pod.key,
+            argv = [sys.executable, "-m", "ambit.lab.workload", "serve", "--name", pod.pod.key,
                     "--node", pod.node]
             for kind in pod.pod.workloads:
                 argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
@@ -1221,7 +1221,7 @@ class Lab:
         records: int | None = None
         enrolled: int | None = None
         if alive and ask_agent:
-            from ..cli.client import AgentClient, AgentUnavailable
+            from ambit.agent.cli.client import AgentClient, AgentUnavailable
             try:
                 with AgentClient(node.socket, timeout=2.0) as client:
                     status = client.status()
@@ -1254,7 +1254,7 @@ class Lab:
     def exec(self, pod: str, argv: Sequence[str], *, input: bytes | None = None, capture: bool = True,
              timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run a command in the pod's network namespace, with the lab's
-        Python first on PATH so `python -m ambit.agent.lab.workload` works."""
+        Python first on PATH so `python -m ambit.lab.workload` works."""
         _require_root()
         if not argv:
             raise LabError("no command given: ambit lab exec POD -- CMD [ARGS...]")

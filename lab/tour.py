@@ -23,13 +23,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-from ..netns import NetnsThread, netns_path
+from ambit.agent.netns import NetnsThread, netns_path
 from . import labconfig
 from .topology import Lab, LabSettings, LeftoversFound
 
 __all__ = ["LeftoversFound", "run_tour"]
 
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 MARKER = "ambit-tour-plaintext-marker"
 ETH_P_ALL = 0x0003
 
@@ -156,7 +156,7 @@ def _until_answer(lab: Lab, url: str, *, denied: bool, timeout: float = 20.0) ->
 
 def _waypoint_envoy_pid(lab: Lab) -> int | None:
     """Envoy's pid: the child of the waypoint pod's `ambit waypoint --run` process."""
-    from ..waypoint.runner import child_pids
+    from ambit.waypoint.runner import child_pids
 
     record = lab.state().pods["shop/waypoint-0"].workload
     children = child_pids(record.pid) if record is not None else []
@@ -192,7 +192,7 @@ def _short_labels(sample: str) -> str:
 def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> None:
     if os.geteuid() != 0:
         raise PermissionError("the lab creates network namespaces, veths and eBPF programs: run it as root")
-    from ..cli.ambit import PrintedSteps, format_status  # presentation shared with `ambit lab up`
+    from .report import PrintedSteps, format_status  # presentation shared with `ambit lab up`
     tour = Tour(out)
     build_steps = PrintedSteps(out)
     lab = Lab(settings or LabSettings(), build_steps)

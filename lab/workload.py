@@ -1,8 +1,8 @@
 """The lab's built-in workloads and clients, run inside pod namespaces.
 
-  python -m ambit.agent.lab.workload --name shop/web-0 --http 8080 --echo 9000
-  python -m ambit.agent.lab.workload get http://10.244.2.2:8080/
-  python -m ambit.agent.lab.workload send 10.244.2.2 9000 < file
+  python -m ambit.lab.workload --name shop/web-0 --http 8080 --echo 9000
+  python -m ambit.lab.workload get http://10.244.2.2:8080/
+  python -m ambit.lab.workload send 10.244.2.2 9000 < file
 
 The HTTP server answers `GET /` with JSON naming the pod and the peer address
 it saw: the point of a transparent mesh is that the server still sees the
@@ -272,7 +272,7 @@ def send_and_receive(host: str, port: int, source, sink, timeout: float) -> int:
 # --- entry point -----------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ambit.agent.lab.workload",
+    parser = argparse.ArgumentParser(prog="python -m ambit.lab.workload",
                                      description="the lab's built-in servers and clients")
     sub = parser.add_subparsers(dest="mode", required=True)
     srv = sub.add_parser("serve", help="run the HTTP and/or echo servers")
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
         argv.insert(0, "serve")  # `workload --http 8080 --name x` is the server
     args = _parser().parse_args(argv)
-    from .. import log as logconf
+    from ambit.agent import log as logconf
     if args.mode == "serve":
         logconf.configure(args.log_level)
         if not args.http and not args.echo:

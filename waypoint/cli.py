@@ -2,7 +2,7 @@
 
 Reads the cluster's objects (the same files `ambit-agent --discovery files`
 reads: Namespaces, Pods, Services, Gateways, AuthorizationPolicies), works
-out what the waypoint stands in front of (agent/waypoint/destinations.py),
+out what the waypoint stands in front of (waypoint/destinations.py),
 issues its SPIFFE certificate from the mesh CA, and writes into --out-dir:
 
     envoy.json   the bootstrap (`envoy -c envoy.json`): who this Envoy is and
@@ -31,9 +31,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
-from ..identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
-from ..identity.store import CertificateStore, WorkloadCert
+from ambit.agent.files import atomic_write
+from ambit.agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
+from ambit.agent.identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
 from .live import ConfigWatcher, SourceClusterView, file_view, kube_view, write_configuration
@@ -178,7 +178,7 @@ def _serve(args: argparse.Namespace, generated: GeneratedWaypoint, options: Boot
     if not args.run:
         print(f"wrote {generated.config_path}; run: envoy -c {generated.config_path} --file-flush-interval-msec 100")
         return 0
-    from .. import log as logconf
+    from ambit.agent import log as logconf
     from .runner import envoy_argv, supervise
 
     logconf.configure("info")  # a long-running process now: its rotations are worth a line each

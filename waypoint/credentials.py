@@ -25,9 +25,9 @@ from typing import Any
 
 import structlog
 
-from ..identity.pemfiles import ensure_private_dir, write_private, write_public
-from ..identity.spiffe import SpiffeId
-from ..identity.store import CertificateStore, WorkloadCert, rotation_due_at
+from ambit.agent.identity.pemfiles import ensure_private_dir, write_private, write_public
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore, WorkloadCert, rotation_due_at
 
 IDENTITY_SECRET = "waypoint-identity"
 BUNDLE_SECRET = "mesh-trust-bundle"

@@ -23,11 +23,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..discovery.model import ALL_KINDS, ContainerPort, PodInfo, ServiceInfo
-from ..discovery.state import ClusterState
-from ..discovery.waypoints import Waypoint, WaypointResolver
-from ..identity.spiffe import SpiffeId
-from ..policy.model import Action, AuthorizationPolicy
+from ambit.agent.discovery.model import ALL_KINDS, ContainerPort, PodInfo, ServiceInfo
+from ambit.agent.discovery.state import ClusterState
+from ambit.agent.discovery.waypoints import Waypoint, WaypointResolver
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.policy.model import Action, AuthorizationPolicy
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 _HTTP_PROTOCOLS = ("http", "http2", "grpc", "grpc-web", "h2c")

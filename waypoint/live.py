@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ..discovery.files import FileSource
-from ..discovery.state import ClusterState
+from ambit.agent.discovery.files import FileSource
+from ambit.agent.discovery.state import ClusterState
 from .bootstrap import BootstrapOptions, waypoint_resources
 from .credentials import SecretFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint
@@ -127,7 +127,7 @@ def file_view(paths: Sequence[Path]) -> SourceClusterView:
 
 def kube_view(kubeconfig: str | None, sync_timeout: float = 30.0) -> SourceClusterView:
     """The cluster from the API server (in-cluster credentials without a kubeconfig)."""
-    from ..discovery.kube import KubeSource, api_client_from  # the kubernetes client: only when asked for
+    from ambit.agent.discovery.kube import KubeSource, api_client_from  # the kubernetes client: only when asked for
 
     async def start(state: ClusterState) -> KubeSource:
         try:

@@ -8,7 +8,7 @@ passes. A policy matches when one of its rules does; a rule is its `from`,
 does; an entry when all its fields do. Each Istio rule becomes one Envoy
 policy (permissions = the request side, principals = the client side).
 
-Where the inputs come from in the waypoint's Envoy (agent/waypoint/bootstrap.py):
+Where the inputs come from in the waypoint's Envoy (waypoint/bootstrap.py):
 - the client's identity: the HBONE listener copies the mTLS peer's URI SAN
   into the filter-state string PEER_PRINCIPAL_KEY (the L7 listener behind
   it has no TLS of its own): principals, namespaces, serviceAccounts and
@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from ..policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
+from ambit.agent.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
 
 PEER_PRINCIPAL_KEY = "ambit.peer_principal"
 

@@ -20,9 +20,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox
+from ambit.lab.cniruntime import CniRuntime, PodSandbox
 from tests.support.agentapi import agent_status, workloads
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, cni_plugin_dirs, make_pod_netns, ptp_conflist,
+from ambit.lab.node import (AgentProcess, NodeNamespace, cni_plugin_dirs, make_pod_netns, ptp_conflist,
                                 remove_netns)
 
 pytestmark = pytest.mark.kernel

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ambit.agent.lab.cniruntime import CniRuntime, PodSandbox
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
+from ambit.lab.cniruntime import CniRuntime, PodSandbox
+from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
                                   remove_netns)
 from tests.support.agentapi import workloads
 from tests.support import nftstate

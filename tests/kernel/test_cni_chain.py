@@ -15,9 +15,9 @@ import uuid
 import pytest
 from pyroute2 import IPRoute
 
-from ambit.agent.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
+from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from tests.support.agentapi import workloads
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
+from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
                                 ptp_conflist, remove_netns)
 
 pytestmark = pytest.mark.kernel

@@ -17,10 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from ambit.agent.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
+from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from ambit.cni import spec
 from tests.support.agentapi import workloads
-from ambit.agent.lab.node import AgentProcess, NodeNamespace, cni_plugin_dirs, make_pod_netns, remove_netns
+from ambit.lab.node import AgentProcess, NodeNamespace, cni_plugin_dirs, make_pod_netns, remove_netns
 
 pytestmark = pytest.mark.kernel
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from ambit.agent.install.installer import PluginSource, install_plugin
-from ambit.agent.lab import cniruntime
-from ambit.agent.lab.cniruntime import REFERENCE_PLUGINS, CniRuntime, PodSandbox
-from ambit.agent.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, make_pod_netns, ptp_conflist,
+from ambit.lab import cniruntime
+from ambit.lab.cniruntime import REFERENCE_PLUGINS, CniRuntime, PodSandbox
+from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, make_pod_netns, ptp_conflist,
                                   remove_netns)
 from tests.support.agentapi import workloads
 

@@ -30,15 +30,15 @@ from typing import Any
 
 import pytest
 from ambit.agent.cli.client import AgentClient
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.topology import (
+from ambit.lab import labconfig
+from ambit.lab.topology import (
     Lab,
     LabSettings,
     lab_namespaces,
     lab_processes,
     process_start_time,
 )
-from ambit.agent.lab.tour import UnderlayCapture
+from ambit.lab.tour import UnderlayCapture
 from ambit.agent.netns import NetnsThread, netns_path
 from pyroute2 import IPRoute
 
@@ -53,7 +53,7 @@ UNDERLAY = "10.102.0.0/24"
 PODS = "10.246.0.0/16"
 RANGES = ("10.102.", "10.246.")
 SERVICE = "10.96.0.10"
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 CLIENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "support" / "labclient.py")]
 HBONE_PORT = 15008
 

@@ -24,9 +24,9 @@ import yaml
 from pyroute2 import IPRoute
 
 from ambit.agent.cli.client import AgentClient
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.labconfig import ContainerPort
-from ambit.agent.lab.topology import (MARKER_ENV, Lab, LabError, LabSettings, LeftoversFound, create_netns,
+from ambit.lab import labconfig
+from ambit.lab.labconfig import ContainerPort
+from ambit.lab.topology import (MARKER_ENV, Lab, LabError, LabSettings, LeftoversFound, create_netns,
                                       lab_namespaces, lab_processes, process_start_time)
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.kernel
 PREFIX = "labt-"
 UNDERLAY = "10.101.0.0/24"
 PODS = "10.245.0.0/16"
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 AMBIT = str(Path(sys.executable).parent / "ambit")
 
 
@@ -211,7 +211,7 @@ class TestRunningLab:
         text = subprocess.run([AMBIT, "lab", "status", *options], capture_output=True, timeout=30)
         assert b"shop/web-1" in text.stdout and b"10.101.0.2" in text.stdout
         result = subprocess.run([AMBIT, "lab", "exec", *options, "shop/client-0", "--", "python", "-m",
-                                 "ambit.agent.lab.workload", "get", f"http://{ips['shop/web-1']}:8080/"],
+                                 "ambit.lab.workload", "get", f"http://{ips['shop/web-1']}:8080/"],
                                 capture_output=True, timeout=30)
         assert result.returncode == 0, result.stderr.decode()
         assert json.loads(result.stdout)["peer"] == ips["shop/client-0"]

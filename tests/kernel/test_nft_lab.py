@@ -11,15 +11,15 @@ import sys
 import pytest
 
 from ambit.agent.cli.client import AgentClient
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes
+from ambit.lab import labconfig
+from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes
 from tests.support import nftstate
 from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
 PREFIX = "nftl-"
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 
 
 @pytest.fixture

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces
+from ambit.lab import labconfig
+from ambit.lab.topology import Lab, LabSettings, lab_namespaces
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
 PREFIX = "lops-"
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 

@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ambit.agent.lab.labconfig import parse_documents
-from ambit.agent.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
+from ambit.lab.labconfig import parse_documents
+from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.podnet import TcpServer, connect, recv_exactly
 from tests.support.bpffs import lab_bpffs_root

@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-from ambit.agent.lab.topology import LabSettings, lab_namespaces, lab_processes
-from ambit.agent.lab.tour import run_tour
+from ambit.lab.topology import LabSettings, lab_namespaces, lab_processes
+from ambit.lab.tour import run_tour
 from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 from ambit.agent.cli.client import AgentClient
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.topology import Lab, LabError, LabSettings
-from ambit.agent.waypoint.runner import child_pids
+from ambit.lab import labconfig
+from ambit.lab.topology import Lab, LabError, LabSettings
+from ambit.waypoint.runner import child_pids
 
 from tests.support.labcheck import lab_debris
 from tests.support.bpffs import lab_bpffs_root
@@ -38,7 +38,7 @@ UNDERLAY = "10.105.0.0/24"
 PODS = "10.234.0.0/16"
 RANGES = ("10.105.", "10.234.")
 WEB_VIP, PLAIN_VIP = "10.96.0.10", "10.96.0.11"
-WORKLOAD = [sys.executable, "-m", "ambit.agent.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
 WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 

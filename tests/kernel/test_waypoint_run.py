@@ -29,7 +29,7 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.netns import NetnsThread, netns_path
-from ambit.agent.waypoint.runner import child_pids
+from ambit.waypoint.runner import child_pids
 from tests.support import envoy as envoy_support
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import namespace
@@ -151,7 +151,7 @@ def running_waypoint(tmp_path: Path, envoy: str, *extra: str,
         try:
             with (source(node) if source else contextlib.nullcontext(
                     ["--config-file", str(tmp_path / "cluster.yaml")])) as source_args:
-                argv = [sys.executable, "-m", "ambit.agent.cli.ambit", "waypoint", "shop/waypoint", *source_args,
+                argv = [sys.executable, "-m", "ambit.cli", "waypoint", "shop/waypoint", *source_args,
                         "--ca-dir", str(tmp_path / "ca"), "--out-dir", str(tmp_path / "out"),
                         "--access-log", str(tmp_path / "access.log"),
                         "--run", "--envoy", envoy, "--concurrency", "1", *extra]

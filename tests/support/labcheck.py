@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ambit.agent.lab.topology import LabSettings, lab_namespaces, lab_processes
+from ambit.lab.topology import LabSettings, lab_namespaces, lab_processes
 from pyroute2 import IPRoute
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ambit.agent.lab import labconfig
-from ambit.agent.lab.labconfig import LabConfigError, parse_documents, parse_yaml
-from ambit.agent.lab.topology import LabError, LabSettings, lab_conflist, plan_lab
-from ambit.agent.lab.workload import BadRequest, Identity, body_chunks, parse_request_head, respond
+from ambit.lab import labconfig
+from ambit.lab.labconfig import LabConfigError, parse_documents, parse_yaml
+from ambit.lab.topology import LabError, LabSettings, lab_conflist, plan_lab
+from ambit.lab.workload import BadRequest, Identity, body_chunks, parse_request_head, respond
 
 
 def ns(name, labels=None):

@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
-from ambit.agent.cli.ambit import main as ambit_main
+from ambit.cli.main import main as ambit_main
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.model import PolicyError, parse_authorization_policy
-from ambit.agent.waypoint.bootstrap import waypoint_resources
-from ambit.agent.waypoint.credentials import SecretFiles
-from ambit.agent.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
-from ambit.agent.waypoint.xds_files import XdsFiles
-from ambit.agent.waypoint.rbac import PEER_PRINCIPAL_KEY, rbac_rules
+from ambit.waypoint.bootstrap import waypoint_resources
+from ambit.waypoint.credentials import SecretFiles
+from ambit.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
+from ambit.waypoint.xds_files import XdsFiles
+from ambit.waypoint.rbac import PEER_PRINCIPAL_KEY, rbac_rules
 
 from tests.support import envoy as envoy_support
 
@@ -291,7 +291,7 @@ def test_target_refs_are_kept_and_checked() -> None:
 # --- the lab's waypoint pods ----------------------------------------------------------------------------------
 
 def test_lab_waypoint_pods_must_name_their_gateway_and_stay_out_of_the_mesh() -> None:
-    from ambit.agent.lab import labconfig
+    from ambit.lab import labconfig
     tour = labconfig.load_tour()
     waypoint_pod = tour.pod("shop/waypoint-0")
     assert waypoint_pod.workloads == ("waypoint",) and waypoint_pod.waypoint == "waypoint"

@@ -12,10 +12,10 @@ from cryptography import x509
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
-from ambit.agent.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
+from ambit.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
                                               bundle_secret, identity_secret)
-from ambit.agent.waypoint.xds_files import file_config_source
-from ambit.agent.waypoint.runner import MAX_CHECK_INTERVAL_S, is_listening, next_check_in
+from ambit.waypoint.xds_files import file_config_source
+from ambit.waypoint.runner import MAX_CHECK_INTERVAL_S, is_listening, next_check_in
 
 TD = "cluster.local"
 WAYPOINT = SpiffeId(TD, "shop", "waypoint")

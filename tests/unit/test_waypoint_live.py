@@ -1,4 +1,4 @@
-"""`--watch`: the waypoint is planned again when its cluster files change (agent/waypoint/live.py)."""
+"""`--watch`: the waypoint is planned again when its cluster files change (waypoint/live.py)."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,11 @@ import structlog.testing
 import yaml
 
 from ambit.agent.identity.ca import LocalCA
-from ambit.agent.waypoint.bootstrap import BootstrapOptions
-from ambit.agent.waypoint.cli import generate
-from ambit.agent.waypoint.destinations import WaypointError
-from ambit.agent.waypoint.live import ConfigWatcher, file_view, kube_view
-from ambit.agent.waypoint.xds_files import write_resources
+from ambit.waypoint.bootstrap import BootstrapOptions
+from ambit.waypoint.cli import generate
+from ambit.waypoint.destinations import WaypointError
+from ambit.waypoint.live import ConfigWatcher, file_view, kube_view
+from ambit.waypoint.xds_files import write_resources
 from tests.support.fake_apiserver import FakeApiServer
 from tests.unit.test_waypoint_bootstrap import VIP, objects
 

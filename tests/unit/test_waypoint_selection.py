@@ -15,7 +15,7 @@ import pytest
 from ambit.agent.discovery.waypoints import WaypointFor, WaypointResolver
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.proxy.routing import OutboundRouter, Route
-from ambit.agent.waypoint.destinations import state_from_objects
+from ambit.waypoint.destinations import state_from_objects
 
 TD = "cluster.local"
 CLIENT = "10.1.1.2"
