@@ -179,11 +179,25 @@ def decode_config(stdin: bytes) -> dict:
         raise CniError(DECODE_FAILURE, "no network configuration on stdin")
     try:
         conf = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CniError(DECODE_FAILURE, "network configuration on stdin is not valid JSON", str(exc)) from None
+    except ValueError as exc:  # says what and where: "...: line 1 column 2 (char 1)"
+        raise CniError(DECODE_FAILURE, f"network configuration on stdin is not valid JSON: {exc}") from None
     if not isinstance(conf, dict):
-        raise CniError(DECODE_FAILURE, "network configuration must be a JSON object")
+        text = stdin.decode("utf-8")
+        where = json.DecodeError(f"not {_json_kind(conf)}", text, len(text) - len(text.lstrip(" \t\n\r")))
+        raise CniError(DECODE_FAILURE, f"network configuration must be a JSON object, {where}")
     return conf
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
 
 
 def check_version(conf: dict) -> str:

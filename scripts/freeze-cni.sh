@@ -118,6 +118,11 @@ got=$(cd / && env -i CNI_COMMAND=ADD CNI_CONTAINERID=c CNI_NETNS=/proc/self/ns/n
     "agentSocket":"/nonexistent/ambit.sock","prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.2/24"}]}}')
 set -e
 [[ $got == *'"code": 11'* ]] || { echo "freeze-cni: ADD without an agent answered: $got" >&2; exit 1; }
+set +e
+got=$(cd / && env -i CNI_COMMAND=ADD CNI_CONTAINERID=c CNI_NETNS=/proc/self/ns/net CNI_IFNAME=eth0 \
+    "$stage/dist/ambit-cni/ambit-cni" 2>/dev/null <<<'{not json')
+set -e
+[[ $got == *'"code": 6'*'(char 1)'* ]] || { echo "freeze-cni: ADD with malformed JSON answered: $got" >&2; exit 1; }
 
 rm -rf "$out.new"
 mkdir -p "$out.new"

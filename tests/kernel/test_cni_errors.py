@@ -20,6 +20,7 @@ import pytest
 from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from ambit.cni import spec
 from tests.support.agentapi import workloads
+from tests.support.malformed_cni import DUPLICATE_VERSION, MALFORMED_STDIN
 from ambit.lab.node import AgentProcess, NodeNamespace, cni_plugin_dirs, make_pod_netns, remove_netns
 
 pytestmark = pytest.mark.kernel
@@ -145,15 +146,26 @@ def hung_agent(tmp_path: Path) -> Iterator[HungAgent]:
 # -- configuration and environment errors (no agent involved) -----------------------
 
 @pytest.mark.parametrize("stdin, needle", [
-    (b'{"cniVersion": "1.0.0", "name": ', "not valid JSON"),
-    (b"cniVersion=1.0.0", "not valid JSON"),
+    *MALFORMED_STDIN.values(),
     (b"", "no network configuration"),
     (b"\n", "no network configuration"),
-    (b'["ambit-cni"]', "JSON object"),
-], ids=["truncated", "not-json", "empty", "newline", "array"])
+], ids=[*MALFORMED_STDIN, "empty", "newline"])
 def test_undecodable_configuration_is_code_6(stdin: bytes, needle: str, pod_netns: str) -> None:
-    assert_cni_error(run_plugin("ADD", stdin, netns=pod_netns), spec.DECODE_FAILURE, needle,
-                     version=spec.LATEST_VERSION)
+    error = assert_cni_error(run_plugin("ADD", stdin, netns=pod_netns), spec.DECODE_FAILURE, needle,
+                             version=spec.LATEST_VERSION)
+    assert needle in error["msg"]  # what and where, in the message itself
+
+
+def test_duplicate_keys_last_one_wins_as_in_json(pod_netns: str) -> None:
+    assert_cni_error(run_plugin("ADD", DUPLICATE_VERSION, netns=pod_netns), spec.INCOMPATIBLE_VERSION,
+                     "cniVersion 0.2.0 is not supported", version=spec.LATEST_VERSION)
+
+
+@pytest.mark.parametrize("stdin", [stdin for stdin, _ in MALFORMED_STDIN.values()], ids=list(MALFORMED_STDIN))
+def test_version_ignores_a_malformed_configuration(stdin: bytes) -> None:
+    result = run_plugin("VERSION", stdin, netns=None, container_id=None, ifname=None)
+    assert result.status == 0 and "Traceback" not in result.stderr, result
+    assert json.loads(result.stdout)["cniVersion"] == spec.LATEST_VERSION
 
 
 @pytest.mark.parametrize("command, needle", [(None, "CNI_COMMAND"), ("", "CNI_COMMAND"),

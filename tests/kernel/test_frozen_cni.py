@@ -23,6 +23,7 @@ from ambit.lab.cniruntime import REFERENCE_PLUGINS, CniRuntime, PodSandbox
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, make_pod_netns, ptp_conflist,
                                   remove_netns)
 from tests.support.agentapi import workloads
+from tests.support.malformed_cni import DUPLICATE_VERSION, MALFORMED_STDIN
 
 pytestmark = pytest.mark.kernel
 
@@ -93,6 +94,21 @@ def test_runs_where_no_python_exists(host_bin):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["cniVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize("stdin, needle", MALFORMED_STDIN.values(), ids=list(MALFORMED_STDIN))
+def test_malformed_configuration_is_code_6_saying_what_and_where(host_bin, stdin, needle):
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "eth0"}
+    done = run_plugin(host_bin / "ambit-cni", env, stdin)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done
+    error = json.loads(done.stdout)
+    assert error["code"] == 6 and needle in error["msg"], error
+
+
+def test_duplicate_keys_last_one_wins(host_bin):
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "eth0"}
+    error = json.loads(run_plugin(host_bin / "ambit-cni", env, DUPLICATE_VERSION).stdout)
+    assert error["code"] == 1 and "cniVersion 0.2.0 is not supported" in error["msg"], error
 
 
 class OnlyCniVariables:

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
 
 from ambit.cni import jsonlite
+from tests.support.malformed_cni import MALFORMED_STDIN
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DOCUMENTS = [
     {},
@@ -74,3 +79,75 @@ def test_unserialisable_values_are_type_errors() -> None:
     for value in ({"a": object()}, {"a": {1, 2}}, {(1, 2): "tuple key"}, b"bytes"):
         with pytest.raises(TypeError):
             jsonlite.dumps(value)
+
+
+# What the plugin sees: `python3 -IS` with nothing imported but the plugin, so
+# json.decoder (where the C scanner looks for its error class) is not loaded.
+ISOLATED_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from ambit.cni import jsonlite
+for line in sys.stdin.buffer:
+    try:
+        jsonlite.loads(bytes.fromhex(line.decode()))
+        print("accepted")
+    except ValueError as exc:
+        print(type(exc).__name__, exc)
+"""
+
+
+@pytest.fixture(scope="module")
+def isolated_loads(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("cni-lib")
+    (lib / "ambit").mkdir()
+    (lib / "ambit" / "cni").symlink_to(os.path.join(REPO, "cni"))
+
+    def run(documents: list[bytes]) -> list[str]:
+        out = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", ISOLATED_PROBE, str(lib)],
+                             input="".join(d.hex() + "\n" for d in documents), capture_output=True, text=True,
+                             check=True, timeout=30)
+        return out.stdout.splitlines()
+    return run
+
+
+def test_malformed_documents_say_what_and_where_without_json_imported(isolated_loads) -> None:
+    decoding = {k: v for k, v in MALFORMED_STDIN.items() if not k.startswith("top-level")}
+    answers = isolated_loads([stdin for stdin, _ in decoding.values()])
+    for (case, (_, needle)), answer in zip(decoding.items(), answers):
+        assert answer == f"DecodeError {needle}", case
+
+
+def test_syntax_errors_are_worded_and_placed_as_json_does(isolated_loads) -> None:
+    documents = ["{", '{"a" 1}', '{"a": 1,}', "[1,]", "{'a': 1}", '{"a": 1} x', "tru", "01", '"unterminated',
+                 '"bad \\x escape"', '"raw\ncontrol"', "[1 2]", "\n\n  [1,\n nul]"]
+    answers = isolated_loads([d.encode() for d in documents])
+    for document, answer in zip(documents, answers):
+        with pytest.raises(json.JSONDecodeError) as reference:
+            json.loads(document)
+        assert answer == f"DecodeError {reference.value}", document
+
+
+def test_duplicate_keys_last_one_wins_as_in_json() -> None:
+    assert jsonlite.loads('{"a": 1, "b": 2, "a": 3}') == json.loads('{"a": 1, "b": 2, "a": 3}') == {"a": 3, "b": 2}
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_not_lone_surrogates() -> None:
+    text = '{"pair": "\\ud83d\\ude00", "escaped": "\\\\ud800", "bmp": "\\u00e9"}'
+    assert jsonlite.loads(text) == json.loads(text) == {"pair": "\U0001f600", "escaped": "\\ud800", "bmp": "\u00e9"}
+
+
+@pytest.mark.parametrize("text, position", [('["\\ud800"]', 2), ('["\\udc00\\ud83d"]', 2), ('["ok", "x\\ud83d"]', 9),
+                                            ('["\\ud83d\\u0041"]', 2)])
+def test_lone_surrogate_escapes_are_refused_with_their_position(text: str, position: int) -> None:
+    with pytest.raises(jsonlite.DecodeError) as info:
+        jsonlite.loads(text)
+    assert info.value.pos == position and "Lone surrogate" in str(info.value)
+
+
+def test_nesting_is_bounded_exactly_and_brackets_in_strings_do_not_count() -> None:
+    limit = jsonlite.MAX_NESTING
+    assert jsonlite.loads("[" * limit + "]" * limit) == json.loads("[" * limit + "]" * limit)
+    assert jsonlite.loads(json.dumps(["[{" * limit])) == ["[{" * limit]
+    with pytest.raises(jsonlite.DecodeError) as info:
+        jsonlite.loads("[" * (limit + 1) + "]" * (limit + 1))
+    assert info.value.pos == limit

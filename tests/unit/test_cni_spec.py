@@ -122,10 +122,16 @@ def test_decode_failures_are_code_6(stdin: bytes) -> None:
         spec.decode_config(stdin)
 
 
-def test_malformed_json_keeps_the_parser_detail() -> None:
+@pytest.mark.parametrize("stdin, says", [
+    (b'{"name": ', "not valid JSON: Expecting value: line 1 column 10 (char 9)"),
+    (b'{"a": 1,\n "b": \xff}', "Invalid UTF-8 byte 0xff at byte 15 (invalid start byte): line 2 column 7 (char 15)"),
+    (b'\n [1]', "must be a JSON object, not an array: line 2 column 2 (char 2)"),
+    (b'"1.0.0"', "must be a JSON object, not a string: line 1 column 1 (char 0)"),
+])
+def test_decode_failure_says_what_and_where(stdin: bytes, says: str) -> None:
     with _CodeCheck(spec.DECODE_FAILURE) as info:
-        spec.decode_config(b'{"name": ')
-    assert "not valid JSON" in info.value.msg and info.value.details
+        spec.decode_config(stdin)
+    assert says in info.value.msg
 
 
 def test_decode_config_returns_the_object() -> None:
