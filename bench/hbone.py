@@ -105,7 +105,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 async def _client_agent(args: argparse.Namespace) -> None:
     from ambit.agent.identity.spiffe import SpiffeId
-    from ambit.agent.proxy.hbone_io import reset_socket
+    from ambit.agent.proxy.sockets import reset_socket
     from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 
     store = _store(args)

@@ -41,17 +41,14 @@ from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import TlsConnection, authenticate_client, require_alpn_h2
 
-from .hbone_io import (
-    HboneServerProtocol,
-    ScratchBuffers,
-    TlsContextCache,
-    Tunnel,
-    TunnelOutcome,
-    errno_name,
-    tune_allocator,
-)
-from .hbone_settings import HboneSettings
+from .hbone.buffers import ScratchBuffers, tune_allocator
+from .hbone.outcomes import TunnelOutcome
+from .hbone.protocol import HboneServerProtocol
+from .hbone.settings import HboneSettings
+from .hbone.tls_contexts import TlsContextCache
+from .hbone.tunnel import Tunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
+from .sockets import errno_name
 from .tls_stream import TlsStream
 
 __all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]

@@ -45,7 +45,7 @@ from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
-from .hbone_io import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
+from .hbone.outcomes import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
 from .inbound import HboneInbound, InboundTunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
 from .pool import HboneClientPool, PoolKey

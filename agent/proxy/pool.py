@@ -31,18 +31,12 @@ from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import IdentityMismatch, TlsConnection, require_alpn_h2, verify_server_identity
 
-from .hbone_io import (
-    HboneClientProtocol,
-    ScratchBuffers,
-    HboneConnectionLost,
-    TlsContextCache,
-    Tunnel,
-    TunnelError,
-    TunnelRefused,
-    TunnelReset,
-    tune_allocator,
-)
-from .hbone_settings import HBONE_PORT, HboneSettings
+from .hbone.buffers import ScratchBuffers, tune_allocator
+from .hbone.outcomes import HboneConnectionLost, TunnelError, TunnelRefused, TunnelReset
+from .hbone.protocol import HboneClientProtocol
+from .hbone.settings import HBONE_PORT, HboneSettings
+from .hbone.tls_contexts import TlsContextCache
+from .hbone.tunnel import Tunnel
 from .tls_stream import TlsStream
 
 __all__ = [

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.proxy.hbone_io import TunnelEnd, TunnelRefused
-from ambit.agent.proxy.hbone_settings import KiB, MiB
+from ambit.agent.proxy.hbone.outcomes import TunnelEnd, TunnelRefused
+from ambit.agent.proxy.hbone.settings import KiB, MiB
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey

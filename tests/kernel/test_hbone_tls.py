@@ -31,8 +31,10 @@ from h2.errors import ErrorCodes
 
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.tls import IdentityMismatch, client_context, server_context
-from ambit.agent.proxy.hbone_io import HboneConnectionLost, Tunnel, TunnelEnd, TunnelError, TunnelRefused, reset_socket
-from ambit.agent.proxy.hbone_settings import HboneSettings, KiB, MiB
+from ambit.agent.proxy.hbone.outcomes import HboneConnectionLost, TunnelEnd, TunnelError, TunnelRefused
+from ambit.agent.proxy.hbone.settings import HboneSettings, KiB, MiB
+from ambit.agent.proxy.hbone.tunnel import Tunnel
+from ambit.agent.proxy.sockets import reset_socket
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey

@@ -20,12 +20,12 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, WindowUpdateFrame
 
-from ambit.agent.proxy.hbone_core import (
+from ambit.agent.proxy.hbone.client import HboneClientConnection
+from ambit.agent.proxy.hbone.connect import format_authority, parse_authority
+from ambit.agent.proxy.hbone.connection import HboneProtocolError
+from ambit.agent.proxy.hbone.events import (
     ConnectionClosed,
     DataReceived,
-    HboneClientConnection,
-    HboneProtocolError,
-    HboneServerConnection,
     PingAcked,
     SettingsChanged,
     StreamEnded,
@@ -34,10 +34,9 @@ from ambit.agent.proxy.hbone_core import (
     TunnelRefused,
     TunnelRequested,
     WindowOpened,
-    format_authority,
-    parse_authority,
 )
-from ambit.agent.proxy.hbone_settings import HboneSettings, KiB, MiB
+from ambit.agent.proxy.hbone.server import HboneServerConnection
+from ambit.agent.proxy.hbone.settings import HboneSettings, KiB, MiB
 
 pytestmark = pytest.mark.timeout(60)
 

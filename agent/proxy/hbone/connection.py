@@ -1,102 +1,15 @@
 """Sans-I/O HBONE: TCP tunnels as HTTP/2 CONNECT streams, bytes in, events and bytes out.
 
-`HboneClientConnection` and `HboneServerConnection` work the way `h2` itself
-works: the I/O layer feeds received bytes in, acts on the returned events,
-calls the stream methods, and writes whatever `data_to_send()` returns.
-Nothing here touches a socket or a clock other than the injected one, so every
-behaviour is testable by pumping bytes between two objects in memory.
-
-DATA fast path (why this is not just a thin wrapper around h2)
-- h2 costs several microseconds of Python per frame and copies every payload
-  a few times; with it on the data path one stream tops out near a fifth of
-  Envoy's throughput. So the core parses frames itself: DATA and
-  WINDOW_UPDATE never reach h2, everything else (HEADERS, CONTINUATION,
-  SETTINGS, RST_STREAM, PING, GOAWAY, PRIORITY) is handed to h2 one whole frame
-  at a time, and h2 keeps the stream state machines, HPACK and SETTINGS.
-- The core therefore owns all flow-control accounting: the peer's send
-  windows (connection + per stream, fed by WINDOW_UPDATE and by changes of
-  SETTINGS_INITIAL_WINDOW_SIZE) and our receive windows (charged by DATA,
-  credited with our own WINDOW_UPDATEs). h2's own windows are never used.
-- h2 still has to see stream ends and DATA on streams we do not carry: for
-  those it is fed a zero-length DATA frame with the original END_STREAM flag,
-  which costs no window and yields h2's verdict (StreamEnded, RST_STREAM
-  STREAM_CLOSED, or a connection error for an idle stream).
-- DATA payloads are delivered as they arrive, not per whole frame, so a 1 MiB
-  frame never has to sit in a buffer: input is held only for an incomplete
-  frame header or control frame.
-- Copy-free receive: `get_buffer()`/`buffer_updated()` (the shape of
-  `asyncio.BufferedProtocol`) let the TLS layer decrypt straight into the
-  core's buffer; DataReceived.data is then a read-only memoryview into it,
-  valid only until the next `get_buffer()`/`receive_data()` call (it is
-  released then). `receive_data(bytes)` is the convenient form and delivers
-  `bytes` copies.
-- Outbound DATA is framed directly, up to the peer's SETTINGS_MAX_FRAME_SIZE
-  (1 MiB between ambit peers, 16 KiB towards Envoy). Payloads are copied into
-  the output buffer, or, with send_data(borrow=True), big ones are only
-  referenced and data_to_send_segments() hands out header and payload pieces
-  for the TLS layer to encrypt straight from the caller's buffer.
-
-Contract with the I/O layer
-- Flow control is tied to consumption. `DataReceived.flow_controlled_length`
-  bytes stay charged against the stream and connection windows until the
-  caller calls `acknowledge(stream_id, n)` after writing the data out, so a
-  slow TCP peer pushes back all the way to the sender and memory per
-  connection stays below the connection window (16 MiB by default). A
-  WINDOW_UPDATE goes out once a quarter of a window has been acknowledged, or
-  at once when the peer has less than half a window left. Padding and data
-  the caller never sees (streams that are gone, refused or reset) are
-  credited by the core, so the shared window cannot leak.
-- `send_data()` returns how many bytes it framed; fewer than offered means a
-  window is shut and the caller should pause reading that TCP socket until
-  `WindowOpened(stream_id)` (that stream's window) or `WindowOpened(None)`
-  (the connection window: retry every paused stream).
-- Server: a CONNECT arrives as `TunnelRequested`; the caller applies policy,
-  connects upstream, then calls `accept()` (200) or `refuse()`. DATA that
-  arrives before the answer is surfaced as ordinary `DataReceived` events;
-  the *caller* buffers it until the upstream socket is connected. That buffer
-  is bounded without extra limits: unacknowledged bytes can never exceed the
-  stream window. DATA is never sent before the 200: `send_data()` and
-  `end_stream()` on an unanswered tunnel raise `HboneProtocolError`.
-- Errors on one stream never reach the connection: stream operations on a
-  stream that is already gone are no-ops (`send_data` returns 0, `accept`
-  returns False); the event saying why has been or will be delivered.
-- Peer misbehaviour never raises out of `receive_data()`/`buffer_updated()`.
-  Stream-level faults become refusals or resets; connection-level faults
-  queue a GOAWAY and end the event list with `ConnectionClosed`, after which
-  the connection is dead (h2 treats any GOAWAY as final, so there is no
-  graceful drain). `HboneProtocolError` is raised only by calls that cannot
-  be carried out: opening a stream or pinging on a closed connection, sending
-  before the 200.
-
-Abuse limits (server side unless noted; numbers in `HboneSettings`)
-- Frames longer than our SETTINGS_MAX_FRAME_SIZE are rejected from their
-  9-byte header (FRAME_SIZE_ERROR), before the payload is buffered.
-- A header block (HEADERS + CONTINUATIONs) may hold at most twice the
-  advertised header list size; beyond that the connection is closed with
-  PROTOCOL_ERROR (CONTINUATION flood). A decoded header list above the
-  advertised size but within twice of it is refused with 431 (client side: the
-  stream is reset); above twice of it HPACK decoding stops and the connection
-  is closed with ENHANCE_YOUR_CALM, because HPACK state is then unusable.
-- A stream beyond max_concurrent_streams is reset with REFUSED_STREAM (a
-  stream error, so a client that raced our SETTINGS can retry).
-- Rapid reset: streams that end before we answered them (cancelled by the
-  peer, or refused by the core as malformed or over a limit) are counted in a
-  sliding window; more than `rapid_reset_limit` within `rapid_reset_window_s`
-  closes the connection with GOAWAY ENHANCE_YOUR_CALM. Refusals decided by the
-  caller (policy 401, upstream 503) are legitimate and not counted.
-- Not covered here: PING/SETTINGS floods (each costs one small ACK, the I/O
-  layer bounds its write buffer) and idle or slow peers (I/O-layer timeouts).
+`HboneClientConnection` (client.py) and `HboneServerConnection` (server.py) work the way
+`h2` itself works: the I/O layer feeds received bytes in, acts on the returned events
+(events.py), calls the stream methods, and writes whatever `data_to_send()` returns. Nothing
+here touches a socket or a clock other than the injected one. What both sides share lives
+here: framing of DATA and WINDOW_UPDATE outside h2, flow control, stream teardown. Why the
+core parses DATA itself, its contract with the I/O layer and the abuse limits: docs/hbone.md.
 """
 from __future__ import annotations
 
-import collections
-import enum
-import ipaddress
-import struct
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Final, TypeAlias
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -106,28 +19,41 @@ import h2.settings
 import structlog
 from h2.errors import ErrorCodes
 
-from ambit.agent.proxy.hbone_settings import HboneSettings
-
-__all__ = [
-    "ConnectionClosed",
-    "DataReceived",
-    "HboneClientConnection",
-    "HboneEvent",
-    "HboneProtocolError",
-    "HboneServerConnection",
-    "PingAcked",
-    "SettingsChanged",
-    "StreamEnded",
-    "StreamReset",
-    "TunnelAccepted",
-    "TunnelRefused",
-    "TunnelRequested",
-    "WindowOpened",
-    "format_authority",
-    "parse_authority",
-]
-
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+from .events import (
+    ConnectionClosed,
+    DataReceived,
+    HboneEvent,
+    PingAcked,
+    SettingsChanged,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
+from .frames import (
+    _BORROW_MIN,
+    _CLIENT_PREFACE,
+    _DEFAULT_WINDOW,
+    _FLAG_END_HEADERS,
+    _FLAG_END_STREAM,
+    _FLAG_PADDED,
+    _FRAME_HEADER,
+    _FRAME_HEADER_LENGTH,
+    _FatalInput,
+    _MAX_WINDOW,
+    _MIN_READ_ROOM,
+    _RECEIVE_BUFFER_SIZE,
+    _STREAM_ID_MASK,
+    _TYPE_CONTINUATION,
+    _TYPE_DATA,
+    _TYPE_HEADERS,
+    _TYPE_PUSH_PROMISE,
+    _TYPE_WINDOW_UPDATE,
+    _UINT32,
+    _WINDOW_UPDATE_FRAME,
+    _error_code,
+)
+from .settings import HboneSettings
+from .stream import _Phase, _Tunnel
 
 
 class HboneProtocolError(Exception):
@@ -138,319 +64,6 @@ class HboneProtocolError(Exception):
     that may not carry DATA (unanswered, or already half-closed by us).
     Whatever `data_to_send()` holds (e.g. a GOAWAY) is still valid.
     """
-
-
-# --- events ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelRequested:
-    """Server: a valid CONNECT arrived; answer with accept() or refuse()."""
-
-    stream_id: int
-    authority_host: str  # canonical IP text, no brackets
-    authority_port: int
-    headers: tuple[tuple[str, str], ...]  # regular headers (baggage, forwarded, ...), latin-1
-
-    def header(self, name: str) -> str | None:
-        """First value of a header (names are lower case on HTTP/2)."""
-        wanted = name.lower()
-        return next((value for key, value in self.headers if key == wanted), None)
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelAccepted:
-    """Client: the server answered 2xx; the tunnel is up."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelRefused:
-    """Client: the server answered with a non-2xx status; the stream is gone."""
-
-    stream_id: int
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    """Tunnel bytes; acknowledge flow_controlled_length once they are written out.
-
-    `data` is `bytes` from receive_data(); from buffer_updated() it is a
-    read-only memoryview into the receive buffer, valid until the next
-    get_buffer()/receive_data() call: write it out or copy it before then.
-    """
-
-    stream_id: int
-    data: bytes | memoryview
-    flow_controlled_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the tunnel (END_STREAM = TCP FIN)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The tunnel was aborted (RST_STREAM = TCP RST); the stream is gone.
-
-    remote=False means the core reset it because the peer broke the rules on
-    this stream (e.g. trailers on a tunnel, a response without a status).
-    """
-
-    stream_id: int
-    error_code: int
-    remote: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The connection is finished; flush data_to_send() and close the socket.
-
-    remote=True: the peer sent GOAWAY. remote=False: we sent one because the
-    peer broke the protocol or an abuse limit. Streams above last_stream_id
-    were never processed by whoever sent the GOAWAY and are safe to retry.
-    """
-
-    error_code: int
-    reason: str
-    last_stream_id: int
-    remote: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PingAcked:
-    """The peer answered the PING carrying opaque_data."""
-
-    opaque_data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOpened:
-    """A send window that made send_data() come back short has room again.
-
-    stream_id=None: the connection window; every paused stream may retry.
-    """
-
-    stream_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsChanged:
-    """The peer's SETTINGS now in force (what limits what we send)."""
-
-    max_frame_size: int
-    max_concurrent_streams: int
-    initial_window_size: int
-
-
-HboneEvent: TypeAlias = (
-    TunnelRequested
-    | TunnelAccepted
-    | TunnelRefused
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | ConnectionClosed
-    | PingAcked
-    | WindowOpened
-    | SettingsChanged
-)
-
-
-# --- authority ---------------------------------------------------------------
-
-# "[" + 45-char IPv6 text + "]:" + 5 digits fits in 60; anything longer is junk.
-_MAX_AUTHORITY_LENGTH: Final = 64
-
-
-def format_authority(host: str | IPAddress, port: int) -> str:
-    """`ip:port` for CONNECT's :authority; IPv6 in brackets (RFC 9110 §7.2)."""
-    address = ipaddress.ip_address(host) if isinstance(host, str) else host
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    if address.version == 6:
-        return f"[{address}]:{port}"
-    return f"{address}:{port}"
-
-
-def parse_authority(authority: str) -> tuple[IPAddress, int]:
-    """Parse an HBONE :authority: an IP literal and a port, nothing else.
-
-    HBONE names the original destination address (pod IP or service VIP), so
-    host names, zone IDs, user info and bare IPv6 without brackets are refused.
-    """
-    if len(authority) > _MAX_AUTHORITY_LENGTH or not authority.isascii():
-        raise ValueError("authority too long or not ASCII")
-    if authority.startswith("["):
-        close = authority.find("]")
-        if close < 0 or authority[close + 1 : close + 2] != ":":
-            raise ValueError("IPv6 authority must be [address]:port")
-        host_text, port_text = authority[1:close], authority[close + 2 :]
-        if "%" in host_text:
-            raise ValueError("zone IDs are not allowed in an authority")
-        address: IPAddress = ipaddress.IPv6Address(host_text)
-    else:
-        host_text, sep, port_text = authority.rpartition(":")
-        if not sep:
-            raise ValueError("authority has no port")
-        address = ipaddress.IPv4Address(host_text)
-    if not (port_text.isdigit() and len(port_text) <= 5):
-        raise ValueError("authority port is not a number")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"authority port {port} out of range")
-    return address, port
-
-
-# --- request/response validation ----------------------------------------------
-
-_REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":authority", b":scheme", b":path", b":protocol"})
-# Connection-specific fields make an HTTP/2 message malformed (RFC 9113 §8.2.2);
-# content-length has no meaning on a CONNECT tunnel.
-_FORBIDDEN_REQUEST_HEADERS: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
-)
-_FORBIDDEN_OUTBOUND_HEADERS: Final = frozenset(s.decode() for s in _FORBIDDEN_REQUEST_HEADERS) | {"te", "host"}
-_HEADER_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
-_HEADER_ENTRY_OVERHEAD: Final = 32  # RFC 9113 §6.5.2: name + value + 32 per field
-
-
-def _error_code(code: int | None) -> int:
-    """ErrorCodes member when the code is a known one (readable reprs and logs)."""
-    try:
-        return ErrorCodes(code or 0)
-    except ValueError:
-        return int(code or 0)
-
-
-class _BadRequest(Exception):
-    """A request that gets a 400: not a well-formed HBONE CONNECT."""
-
-
-@dataclass(frozen=True, slots=True)
-class _ConnectRequest:
-    host: str
-    port: int
-    headers: tuple[tuple[str, str], ...]
-
-
-def _header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
-    return sum(len(name) + len(value) + _HEADER_ENTRY_OVERHEAD for name, value in headers)
-
-
-def _parse_connect_request(headers: Iterable[tuple[bytes, bytes]]) -> _ConnectRequest:
-    """Validate a decoded request header list as an HBONE CONNECT (RFC 9113 §8.5)."""
-    pseudo: dict[bytes, bytes] = {}
-    regular: list[tuple[str, str]] = []
-    for name, value in headers:
-        if name.startswith(b":"):
-            if regular:
-                raise _BadRequest("pseudo-header after a regular header")
-            if name not in _REQUEST_PSEUDO_HEADERS:
-                raise _BadRequest(f"unknown pseudo-header {name!r}")
-            if name in pseudo:
-                raise _BadRequest(f"duplicate pseudo-header {name!r}")
-            pseudo[name] = value
-        else:
-            if name in _FORBIDDEN_REQUEST_HEADERS:
-                raise _BadRequest(f"header {name!r} not allowed on CONNECT")
-            regular.append((name.decode("latin-1"), value.decode("latin-1")))
-    method = pseudo.get(b":method")
-    if method != b"CONNECT":
-        raise _BadRequest(f"method {method!r} is not CONNECT")
-    if b":scheme" in pseudo or b":path" in pseudo or b":protocol" in pseudo:
-        raise _BadRequest("CONNECT must not carry :scheme, :path or :protocol")
-    authority = pseudo.get(b":authority")
-    if authority is None:
-        raise _BadRequest("CONNECT without :authority")
-    try:
-        address, port = parse_authority(authority.decode("latin-1"))
-    except ValueError as exc:
-        raise _BadRequest(f"bad authority {authority[:_MAX_AUTHORITY_LENGTH]!r}: {exc}") from None
-    return _ConnectRequest(host=str(address), port=port, headers=tuple(regular))
-
-
-def _response_status(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    statuses = [value for name, value in headers if name == b":status"]
-    if len(statuses) != 1 or len(statuses[0]) != 3 or not statuses[0].isdigit():
-        return None
-    return int(statuses[0])
-
-
-def _check_outbound_headers(extra_headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Reject extra request headers h2 would choke on halfway through sending."""
-    checked = []
-    for name, value in extra_headers:
-        if not name or not set(name) <= _HEADER_NAME_CHARS or name in _FORBIDDEN_OUTBOUND_HEADERS:
-            raise ValueError(f"header name {name!r} not allowed")
-        if any(c in value for c in "\r\n\0") or value != value.strip(" \t"):
-            raise ValueError(f"header value for {name!r} not allowed")
-        checked.append((name, value))
-    return checked
-
-
-# --- framing ---------------------------------------------------------------------
-
-_CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEADER_LENGTH: Final = 9
-# length (24 bits, as 8 + 16), type, flags, reserved bit + stream id
-_FRAME_HEADER: Final = struct.Struct(">BHBBL")
-_WINDOW_UPDATE_FRAME: Final = struct.Struct(">BHBBLL")
-_UINT32: Final = struct.Struct(">L")
-_TYPE_DATA: Final = 0x0
-_TYPE_HEADERS: Final = 0x1
-_TYPE_PUSH_PROMISE: Final = 0x5
-_TYPE_WINDOW_UPDATE: Final = 0x8
-_TYPE_CONTINUATION: Final = 0x9
-_FLAG_END_STREAM: Final = 0x1
-_FLAG_END_HEADERS: Final = 0x4
-_FLAG_PADDED: Final = 0x8
-_STREAM_ID_MASK: Final = 0x7FFF_FFFF
-_MAX_WINDOW: Final = 2**31 - 1
-_DEFAULT_WINDOW: Final = 65_535  # RFC 9113 §6.9.2: the connection window is not changed by SETTINGS
-
-# Receive buffer: what one TLS read may fill (asyncio reads 256 KiB of
-# ciphertext at a time). Only an incomplete frame header or control frame is
-# ever carried from one read to the next, so this is all a connection holds.
-_RECEIVE_BUFFER_SIZE: Final = 256 * 1024
-_MIN_READ_ROOM: Final = 64 * 1024
-# DATA payloads at least this big are referenced, not copied, by send_data(borrow=True).
-_BORROW_MIN: Final = 32 * 1024
-
-
-class _FatalInput(Exception):
-    """Inbound bytes that end the connection (GOAWAY with this code)."""
-
-    def __init__(self, error_code: ErrorCodes, reason: str) -> None:
-        super().__init__(reason)
-        self.error_code = error_code
-        self.reason = reason
-
-
-# --- connection ------------------------------------------------------------------
-
-
-class _Phase(enum.Enum):
-    PENDING = "pending"  # request sent / surfaced, no answer yet
-    OPEN = "open"  # answered 2xx: DATA may flow both ways
-
-
-@dataclass(slots=True)
-class _Tunnel:
-    """Per-stream bookkeeping the core keeps beside h2's stream state."""
-
-    phase: _Phase
-    send_window: int  # what the peer lets us send on this stream
-    recv_window: int  # what the peer may still send before our next WINDOW_UPDATE
-    unacked: int = 0  # flow-controlled bytes surfaced and not yet acknowledged
-    recv_credit: int = 0  # acknowledged bytes not yet announced in a WINDOW_UPDATE
-    local_ended: bool = False
-    remote_ended: bool = False
 
 
 class _HboneConnection:
@@ -1223,195 +836,3 @@ class _HboneConnection:
         self._quiet_reset(stream_id, error_code)
         out.append(StreamReset(stream_id, _error_code(error_code), remote=False))
         self._log.info("hbone_stream_aborted", stream_id=stream_id, reason=reason)
-
-
-class HboneClientConnection(_HboneConnection):
-    """The originating side: one CONNECT stream per tunnelled TCP connection."""
-
-    def __init__(
-        self,
-        settings: HboneSettings | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        log: structlog.typing.FilteringBoundLogger | None = None,
-    ) -> None:
-        super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
-        self._streams_opened = 0
-
-    @property
-    def streams_opened(self) -> int:
-        """Streams opened over this connection's lifetime."""
-        return self._streams_opened
-
-    @property
-    def can_open_stream(self) -> bool:
-        """Whether the pool should put another tunnel on this connection.
-
-        False once closed, once client_streams_per_connection streams have been
-        opened over its lifetime (ztunnel's rule; open_stream does not enforce
-        it), or while the peer's concurrent stream limit is reached.
-        """
-        return (
-            self._initiated
-            and not self._closed
-            and self._streams_opened < self._settings.client_streams_per_connection
-            and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
-        )
-
-    def open_stream(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
-        """Send CONNECT for `authority` ("ip:port", "[ipv6]:port"); returns the stream id.
-
-        extra_headers: e.g. baggage, forwarded, traceparent (lower-case names).
-        Raises ValueError for a bad authority or header, HboneProtocolError when
-        the connection is closed or the peer's stream limit is reached.
-        """
-        self._require_live()
-        address, port = parse_authority(authority)
-        headers = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
-        headers += _check_outbound_headers(extra_headers)
-        try:
-            stream_id = self._h2.get_next_available_stream_id()
-            self._h2.send_headers(stream_id, headers)
-        except h2.exceptions.TooManyStreamsError as exc:
-            raise HboneProtocolError(f"peer's concurrent stream limit reached: {exc}") from None
-        except h2.exceptions.NoAvailableStreamIDError:
-            raise HboneProtocolError("stream ids exhausted; open a new connection") from None
-        self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
-        self._streams_opened += 1
-        return stream_id
-
-    def _may_receive(self, tunnel: _Tunnel) -> bool:
-        # DATA before the response is not tunnel data; h2 makes it a connection error.
-        return tunnel.phase is _Phase.OPEN and not tunnel.remote_ended
-
-    def _on_response(self, event: h2.events.ResponseReceived, out: list[HboneEvent]) -> None:
-        stream_id = event.stream_id or 0
-        tunnel = self._tunnels.get(stream_id)
-        if tunnel is None:
-            return
-        headers = event.headers or []
-        if tunnel.phase is not _Phase.PENDING:
-            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "second response")
-            return
-        if _header_list_size(headers) > self._header_list_limit:
-            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response headers over the limit")
-            return
-        status = _response_status(headers)
-        if status is None or status < 200:
-            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response without a valid :status")
-        elif status < 300:
-            tunnel.phase = _Phase.OPEN
-            out.append(TunnelAccepted(stream_id))
-        else:
-            # The stream is over for us; a body (Envoy sends one) gets credited.
-            self._drop(stream_id)
-            self._quiet_reset(stream_id, ErrorCodes.CANCEL)
-            out.append(TunnelRefused(stream_id, status))
-
-
-class HboneServerConnection(_HboneConnection):
-    """The terminating side on port 15008: vets CONNECTs, the caller decides."""
-
-    def __init__(
-        self,
-        settings: HboneSettings | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        log: structlog.typing.FilteringBoundLogger | None = None,
-    ) -> None:
-        super().__init__(settings or HboneSettings(), client_side=False, clock=clock, log=log)
-        limit = self._settings.rapid_reset_limit
-        self._early_ends: collections.deque[float] = collections.deque(maxlen=limit + 1)
-
-    def _after_initiate(self) -> None:
-        # We advertised max_concurrent_streams; let h2 admit one more so the
-        # stream that crosses the limit reaches us and gets REFUSED_STREAM (a
-        # stream error) instead of h2's connection error.
-        self._h2.local_settings.max_concurrent_streams = self._settings.max_concurrent_streams + 1
-        self._h2.local_settings.acknowledge()
-
-    def accept(self, stream_id: int) -> bool:
-        """Answer 200: policy allowed and the upstream connect succeeded.
-
-        False if the stream is already gone (the peer reset it); close upstream then.
-        """
-        tunnel = self._tunnels.get(stream_id)
-        if self._closed or tunnel is None:
-            return False
-        if tunnel.phase is not _Phase.PENDING:
-            raise HboneProtocolError(f"stream {stream_id} was already answered")
-        try:
-            self._h2.send_headers(stream_id, [(":status", "200")])
-        except h2.exceptions.ProtocolError:
-            self._drop(stream_id)
-            return False
-        tunnel.phase = _Phase.OPEN
-        return True
-
-    def refuse(self, stream_id: int, status: int) -> bool:
-        """Answer with an error status (400 bad request, 401 denied, 503 unreachable).
-
-        The response ends the stream and is followed by RST_STREAM(NO_ERROR),
-        which RFC 9113 §8.1 allows after a complete response, so the client
-        stops sending and the stream frees its slot at once.
-        """
-        if not 400 <= status <= 599:
-            raise ValueError(f"refusal status {status} is not 4xx/5xx")
-        tunnel = self._tunnels.get(stream_id)
-        if self._closed or tunnel is None:
-            return False
-        if tunnel.phase is not _Phase.PENDING:
-            raise HboneProtocolError(f"stream {stream_id} was already answered")
-        self._drop(stream_id)
-        self._send_refusal(stream_id, status)
-        return True
-
-    def _check_may_send(self, tunnel: _Tunnel) -> None:
-        if tunnel.phase is _Phase.PENDING:
-            raise HboneProtocolError("no DATA or END_STREAM before the 200: accept() first")
-
-    def _send_refusal(self, stream_id: int, status: int) -> None:
-        try:
-            self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
-        except h2.exceptions.ProtocolError:
-            return  # already closed by the peer
-        self._quiet_reset(stream_id, ErrorCodes.NO_ERROR)
-
-    def _on_request(self, event: h2.events.RequestReceived, out: list[HboneEvent]) -> None:
-        stream_id = event.stream_id or 0
-        headers = event.headers or []
-        if self._h2.open_inbound_streams > self._settings.max_concurrent_streams:
-            self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
-            self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="max concurrent streams")
-            self._count_early_end(out)
-            return
-        if _header_list_size(headers) > self._header_list_limit:
-            self._refuse_unseen(stream_id, 431, "header list over the limit", out)
-            return
-        try:
-            request = _parse_connect_request(headers)
-        except _BadRequest as exc:
-            self._refuse_unseen(stream_id, 400, str(exc), out)
-            return
-        self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
-        out.append(TunnelRequested(stream_id, request.host, request.port, request.headers))
-
-    def _refuse_unseen(self, stream_id: int, status: int, reason: str, out: list[HboneEvent]) -> None:
-        """Refuse a request the caller never heard of."""
-        self._send_refusal(stream_id, status)
-        self._log.debug("hbone_request_refused", stream_id=stream_id, status=status, reason=reason)
-        self._count_early_end(out)
-
-    def _on_early_reset(self, out: list[HboneEvent]) -> None:
-        self._count_early_end(out)
-
-    def _count_early_end(self, out: list[HboneEvent]) -> None:
-        """Rapid-reset guard: too many streams ending unanswered closes the connection."""
-        now = self._clock()
-        horizon = now - self._settings.rapid_reset_window_s
-        early_ends = self._early_ends
-        while early_ends and early_ends[0] <= horizon:
-            early_ends.popleft()
-        early_ends.append(now)
-        if len(early_ends) > self._settings.rapid_reset_limit:
-            self._fail(out, ErrorCodes.ENHANCE_YOUR_CALM, "too many streams cancelled or refused before an answer")

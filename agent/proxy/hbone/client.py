@@ -1,0 +1,100 @@
+"""The originating side of an HBONE connection: one CONNECT stream per tunnelled TCP connection."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import h2.events
+import h2.exceptions
+import structlog
+from h2.errors import ErrorCodes
+
+from .connect import _check_outbound_headers, _header_list_size, _response_status, format_authority, parse_authority
+from .connection import HboneProtocolError, _HboneConnection
+from .events import HboneEvent, TunnelAccepted, TunnelRefused
+from .settings import HboneSettings
+from .stream import _Phase, _Tunnel
+
+
+class HboneClientConnection(_HboneConnection):
+    """The originating side: one CONNECT stream per tunnelled TCP connection."""
+
+    def __init__(
+        self,
+        settings: HboneSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
+        self._streams_opened = 0
+
+    @property
+    def streams_opened(self) -> int:
+        """Streams opened over this connection's lifetime."""
+        return self._streams_opened
+
+    @property
+    def can_open_stream(self) -> bool:
+        """Whether the pool should put another tunnel on this connection.
+
+        False once closed, once client_streams_per_connection streams have been
+        opened over its lifetime (ztunnel's rule; open_stream does not enforce
+        it), or while the peer's concurrent stream limit is reached.
+        """
+        return (
+            self._initiated
+            and not self._closed
+            and self._streams_opened < self._settings.client_streams_per_connection
+            and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
+        )
+
+    def open_stream(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
+        """Send CONNECT for `authority` ("ip:port", "[ipv6]:port"); returns the stream id.
+
+        extra_headers: e.g. baggage, forwarded, traceparent (lower-case names).
+        Raises ValueError for a bad authority or header, HboneProtocolError when
+        the connection is closed or the peer's stream limit is reached.
+        """
+        self._require_live()
+        address, port = parse_authority(authority)
+        headers = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
+        headers += _check_outbound_headers(extra_headers)
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+            self._h2.send_headers(stream_id, headers)
+        except h2.exceptions.TooManyStreamsError as exc:
+            raise HboneProtocolError(f"peer's concurrent stream limit reached: {exc}") from None
+        except h2.exceptions.NoAvailableStreamIDError:
+            raise HboneProtocolError("stream ids exhausted; open a new connection") from None
+        self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
+        self._streams_opened += 1
+        return stream_id
+
+    def _may_receive(self, tunnel: _Tunnel) -> bool:
+        # DATA before the response is not tunnel data; h2 makes it a connection error.
+        return tunnel.phase is _Phase.OPEN and not tunnel.remote_ended
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[HboneEvent]) -> None:
+        stream_id = event.stream_id or 0
+        tunnel = self._tunnels.get(stream_id)
+        if tunnel is None:
+            return
+        headers = event.headers or []
+        if tunnel.phase is not _Phase.PENDING:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "second response")
+            return
+        if _header_list_size(headers) > self._header_list_limit:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response headers over the limit")
+            return
+        status = _response_status(headers)
+        if status is None or status < 200:
+            self._abort_stream(stream_id, ErrorCodes.PROTOCOL_ERROR, out, "response without a valid :status")
+        elif status < 300:
+            tunnel.phase = _Phase.OPEN
+            out.append(TunnelAccepted(stream_id))
+        else:
+            # The stream is over for us; a body (Envoy sends one) gets credited.
+            self._drop(stream_id)
+            self._quiet_reset(stream_id, ErrorCodes.CANCEL)
+            out.append(TunnelRefused(stream_id, status))

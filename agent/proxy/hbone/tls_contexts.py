@@ -1,0 +1,42 @@
+"""HBONE's TLS contexts, one per workload identity and side, rebuilt when its certificate rotates."""
+from __future__ import annotations
+
+import ssl
+
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.identity.tls import client_context, server_context
+
+
+class TlsContextCache:
+    """HBONE TLS contexts per workload identity, rebuilt when its certificate rotates.
+
+    Building a context loads a key and a certificate from disk; doing that per
+    connection would cost more than the handshake. The serial of the store's
+    current certificate is part of the key, so a rotation is picked up by the
+    next connection.
+    """
+
+    def __init__(self, store: CertificateStore) -> None:
+        self._store = store
+        self._contexts: dict[tuple[bool, SpiffeId], tuple[int, ssl.SSLContext]] = {}
+
+    @property
+    def trust_domain(self) -> str:
+        return self._store.trust_domain
+
+    def server(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self._get(True, identity)
+
+    def client(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self._get(False, identity)
+
+    def _get(self, server_side: bool, identity: SpiffeId) -> ssl.SSLContext:
+        serial = self._store.get(identity).serial
+        cached = self._contexts.get((server_side, identity))
+        if cached is not None and cached[0] == serial:
+            return cached[1]
+        make = server_context if server_side else client_context
+        context = make(self._store, identity)
+        self._contexts[(server_side, identity)] = (serial, context)
+        return context
