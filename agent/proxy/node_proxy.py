@@ -49,7 +49,8 @@ from .hbone.outcomes import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
 from .inbound import HboneInbound, InboundTunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
 from .pool import HboneClientPool, PoolKey
-from .relay import NetnsUpstreamSockets, RelayEnd, RelayOptions, prepare_upstream, relay_plain_tcp, reset_socket
+from .relay import NetnsUpstreamSockets, RelayEnd, RelayOptions, prepare_upstream, relay_plain_tcp
+from .sockets import reset_socket
 from .routing import OutboundPlan, OutboundRouter, Route
 
 log = structlog.get_logger(__name__)

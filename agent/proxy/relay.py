@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -48,6 +46,7 @@ from ambit.agent.datapath.constants import MARK_PROXY
 
 from .connections import ConnectionProgress, ConnectionRegistry, ConnectionState
 from .listeners import IPV6_TRANSPARENT, AcceptedConnection, SocketAddress
+from .sockets import errno_name, reset_socket
 from ..netns import NetnsSocketPool, NetnsThread
 
 log = structlog.get_logger(__name__)
@@ -58,7 +57,6 @@ IP_BIND_ADDRESS_NO_PORT = 24
 CONNECT_TIMEOUT = 10.0
 PIPE_SIZE = 1 << 20  # default /proc/sys/fs/pipe-max-size; larger needs CAP_SYS_RESOURCE
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 UpstreamSocketSource = Callable[[socket.AddressFamily], Awaitable[socket.socket]]
 """Gives a fresh, unbound TCP socket of the given family in the namespace the
@@ -95,21 +93,6 @@ class RelayOptions:
     # SO_SNDBUF/SO_RCVBUF for both sockets; None keeps kernel autotuning,
     # which measured at least as fast (a fixed size turns autotuning off).
     socket_buffer: int | None = None
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Close with RST instead of FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass  # already dead: close() is all that is left
-    sock.close()
-
-
-def _errno_name(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
-    return type(exc).__name__
 
 
 def _tune(sock: socket.socket, options: RelayOptions) -> None:
@@ -286,10 +269,10 @@ class _SpliceRelay:
         self._close_pipes()
         if sock is self.client:
             reset_socket(self.upstream)
-            self._end(RelayEnd.CLIENT_RESET, _errno_name(exc))
+            self._end(RelayEnd.CLIENT_RESET, errno_name(exc))
         else:
             reset_socket(self.client)
-            self._end(RelayEnd.UPSTREAM_RESET, _errno_name(exc))
+            self._end(RelayEnd.UPSTREAM_RESET, errno_name(exc))
 
     def abort(self) -> None:
         """Reset both sides (cancellation)."""
@@ -358,17 +341,17 @@ async def relay_plain_tcp(
     except ConnectionRefusedError as exc:
         reset_socket(client)
         clog.info("upstream refused")
-        return outcome(RelayEnd.CONNECT_REFUSED, _errno_name(exc))
+        return outcome(RelayEnd.CONNECT_REFUSED, errno_name(exc))
     except OSError as exc:
         reset_socket(client)
-        clog.info("upstream connect failed", error=_errno_name(exc))
-        return outcome(RelayEnd.CONNECT_FAILED, _errno_name(exc))
+        clog.info("upstream connect failed", error=errno_name(exc))
+        return outcome(RelayEnd.CONNECT_FAILED, errno_name(exc))
 
     try:
         _tune(client, options)
     except OSError as exc:  # the client is already gone
         reset_socket(upstream)
-        return outcome(RelayEnd.CLIENT_RESET, _errno_name(exc))
+        return outcome(RelayEnd.CLIENT_RESET, errno_name(exc))
     try:
         relay = _SpliceRelay(asyncio.get_running_loop(), client, upstream, progress,
                              options.pipe_size)
