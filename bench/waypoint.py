@@ -209,7 +209,8 @@ def main() -> None:
 
     from ambit.agent import log as logconf
     from ambit.lab import labconfig
-    from ambit.lab.topology import Lab, LabSettings
+    from ambit.lab.plan import LabSettings
+    from ambit.lab.topology import Lab
 
     logconf.configure("error")
     if os.geteuid() != 0:

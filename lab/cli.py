@@ -24,7 +24,7 @@ from .report import PrintedSteps, format_status
 
 
 def _lab_tour(args: argparse.Namespace) -> int:
-    from .topology import LabError, LeftoversFound
+    from .errors import LabError, LeftoversFound
     from .tour import run_tour
     try:
         run_tour(settings=_settings(args))
@@ -43,8 +43,8 @@ def _lab_tour(args: argparse.Namespace) -> int:
 # --- lab settings shared by up/status/exec/down ---------------------------------------------------------------
 
 def _settings_parent() -> argparse.ArgumentParser:
-    from . import topology
-    defaults = topology.LabSettings()
+    from .plan import LabSettings
+    defaults = LabSettings()
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("where the lab lives (for tests and side-by-side labs; "
                                       "give the same values to every command)")
@@ -62,7 +62,7 @@ def _settings_parent() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from .topology import LabSettings
+    from .plan import LabSettings
     return LabSettings(prefix=args.prefix, state_dir=args.state_dir, underlay_cidr=args.underlay_cidr,
                        pod_supernet=args.pod_cidr, bpffs_root=args.bpffs_root,
                        capture=getattr(args, "capture", "ebpf"))
@@ -70,7 +70,7 @@ def _settings(args: argparse.Namespace):
 
 def _same_lab_options(args: argparse.Namespace) -> str:
     """The options to repeat in hints when the lab is not the default one."""
-    from .topology import LabSettings
+    from .plan import LabSettings
     defaults = LabSettings()
     # status/exec/down read the address ranges from the state file: only these matter to them
     pairs = [("--prefix", args.prefix, defaults.prefix), ("--state-dir", str(args.state_dir), str(defaults.state_dir)),
@@ -93,7 +93,8 @@ def _example_exec(status: Any, options: str) -> str | None:
 
 def _lab_up(args: argparse.Namespace) -> int:
     from . import labconfig
-    from .topology import Lab, LabError, LeftoversFound
+    from .errors import LabError, LeftoversFound
+    from .topology import Lab
     options = _same_lab_options(args)
     try:
         if args.config is not None:
@@ -134,7 +135,8 @@ def _lab_up(args: argparse.Namespace) -> int:
 
 
 def _lab_status(args: argparse.Namespace) -> int:
-    from .topology import Lab, LabError, LabNotRunning
+    from .errors import LabError, LabNotRunning
+    from .topology import Lab
     lab = Lab(_settings(args))
     try:
         status = lab.status()
@@ -157,7 +159,8 @@ def _lab_status(args: argparse.Namespace) -> int:
 
 
 def _lab_exec(args: argparse.Namespace) -> int:
-    from .topology import Lab, LabError
+    from .errors import LabError
+    from .topology import Lab
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -174,7 +177,8 @@ def _lab_apply(args: argparse.Namespace) -> int:
     import yaml
 
     from .labconfig import LabConfigError
-    from .topology import Lab, LabError
+    from .errors import LabError
+    from .topology import Lab
     documents = []
     try:
         for path in args.files:
@@ -190,7 +194,8 @@ def _lab_apply(args: argparse.Namespace) -> int:
 
 def _lab_delete(args: argparse.Namespace) -> int:
     from .labconfig import LabConfigError
-    from .topology import Lab, LabError
+    from .errors import LabError
+    from .topology import Lab
     try:
         deleted = Lab(_settings(args)).delete_policy(args.kind, args.name)
     except (LabError, LabConfigError, PermissionError) as exc:

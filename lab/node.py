@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from contextlib import AbstractContextManager
 
@@ -28,6 +28,9 @@ from ambit.agent.netlink import iproute
 from ambit.agent.netns import create_netns, netns_path
 from ambit.agent.netns import remove_netns as _remove_netns
 from .cniruntime import REFERENCE_PLUGINS
+
+if TYPE_CHECKING:  # the plan uses bridge_conflist from here: a type only
+    from .plan import NodePlan
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout (editable install)
 
@@ -177,6 +180,44 @@ class AgentProcess:
         self.stop()
         if self.capture != "none":
             self.cleanup()
+
+
+class LabNode(NodeNamespace):
+    """A planned node as node.py's helpers see it: its workdir is the lab's,
+    not a temporary one."""
+
+    def __init__(self, plan: NodePlan) -> None:  # no super(): the namespace and dir are made by the lab
+        self.name = plan.netns
+        self.path = netns_path(plan.netns)
+        self.workdir = plan.workdir
+        self.plan = plan
+
+
+class NodeAgent(AgentProcess):
+    """The node's ambit-agent, started in its own session so it outlives
+    `ambit lab up` and a Ctrl-C typed in that terminal later."""
+
+    def __init__(self, node: LabNode, marker: Mapping[str, str]) -> None:
+        super().__init__(node, node.plan.name)
+        self.plan = node.plan
+        self.marker = dict(marker)
+
+    def argv(self) -> list[str]:
+        """The plan's options; the node is named as pods' spec.nodeName names it."""
+        return [str(Path(sys.executable).parent / "ambit-agent"), "--socket", self.socket,
+                "--state-dir", self.state_dir, "--node-name", self.plan.name, "--log-level", "debug",
+                *self.plan.agent_args]
+
+    def start(self, wait: bool = True) -> "NodeAgent":
+        path = self.node.path
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log_file,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.marker},
+                                         preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        if wait:
+            self.wait_ready()
+        return self
 
 
 def ambit_plugin(socket: str, **extra: Any) -> dict[str, Any]:

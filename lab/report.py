@@ -1,11 +1,27 @@
-"""How the lab shows itself: numbered steps as they run, and `ambit lab status` as a person reads it.
-
-Shared by `ambit lab up` (cli.py) and the tour (tour.py)."""
+"""How the lab shows itself: its steps as they run (quietly, or numbered with timings), and
+`ambit lab status` as a person reads it. Shared by the lab, `ambit lab up` (cli.py) and the tour."""
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Iterator, Protocol, Sequence, TextIO
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class StepReporter(Protocol):
+    """Where `up` reports its steps (the CLI prints them with timings)."""
+
+    def step(self, title: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+class QuietSteps:
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        log.debug("lab step", step=title)
+        yield
 
 
 class PrintedSteps:

@@ -24,21 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ipaddress
-import json
 import os
-import re
 import select
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
 import yaml
@@ -49,654 +45,32 @@ from ambit.agent.cli.client import AgentClient
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
-from ambit.agent.netns import create_netns as _create_netns
-from .cniruntime import CniFailure, CniRuntime, PodSandbox
+
+from .clusterfile import render_cluster
+from .cniruntime import CniFailure, CniRuntime
+from .errors import LabError, LabNotRunning, LeftoversFound
+from .interrupts import Interrupts, interrupts_deferred
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
-from .node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, netns_path
+from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path
+from .plan import BPFFS_ROOT, LabPlan, LabSettings, NodePlan, PodPlan, lab_conflist, plan_lab
+from .processes import (
+    MARKER_ENV,
+    Leftovers,
+    create_netns,
+    find_leftovers,
+    lab_namespaces,
+    lab_processes,
+    lab_root_links,
+    process_start_time,
+    send_signal,
+)
+from .report import QuietSteps, StepReporter
+from .statefile import LabState, NodeRecord, PodRecord, ProcessRecord
+from .status import LabStatus, NodeStatus, PodStatus, ServiceStatus, TeardownReport
 
 log = structlog.get_logger(__name__)
 
-PREFIX = "ambitlab-"
-STATE_DIR = Path("/var/run/ambit-lab")
-BPFFS_ROOT = Path("/sys/fs/bpf/ambit")
-MARKER_ENV = "AMBIT_LAB"
-STATE_VERSION = 1
-UNIX_PATH_MAX = 107
-CAPTURE_MODES = ("none", "ebpf", "nftables")
 TRUST_DOMAIN = "cluster.local"
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
-
-
-class LabError(Exception):
-    """The lab cannot do what was asked; the message says what to do."""
-
-
-class LeftoversFound(LabError):
-    """A previous lab run did not clean up."""
-
-
-class LabNotRunning(LabError):
-    """There is no lab state to act on."""
-
-
-# --- settings and plan (pure) ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LabSettings:
-    """Names, address ranges and places of one lab. Tests use another prefix,
-    state dir and ranges so they never touch a user's lab."""
-
-    prefix: str = PREFIX
-    state_dir: Path = STATE_DIR
-    underlay_cidr: str = "10.100.0.0/24"  # node N is host N
-    pod_supernet: str = "10.244.0.0/16"   # node N gets the Nth /24
-    service_cidr: str = SERVICE_CIDR
-    bpffs_root: Path = BPFFS_ROOT
-    capture: str = "ebpf"                 # the agents' --capture: "ebpf"/"nftables" capture enrolled pods, "none" only records them
-    agent_args: tuple[str, ...] = ()      # extra options for every agent
-    ready_timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix):
-            raise LabError(f"lab prefix {self.prefix!r} must be 2-10 characters of a-z, 0-9 and '-', "
-                           "starting with a letter and ending with '-'")
-        if self.capture not in CAPTURE_MODES:
-            raise LabError(f"capture mode {self.capture!r} is not one of {', '.join(CAPTURE_MODES)}")
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
-        object.__setattr__(self, "bpffs_root", Path(self.bpffs_root))
-        for cidr in (self.underlay_cidr, self.pod_supernet, self.service_cidr):
-            try:
-                ipaddress.IPv4Network(cidr)
-            except ValueError as exc:
-                raise LabError(f"bad address range {cidr!r}: {exc}") from None
-
-    @property
-    def state_file(self) -> Path:
-        return self.state_dir / "state.json"
-
-    @property
-    def cluster_file(self) -> Path:
-        """The lab's objects with addresses filled in, as an API server would
-        return them: what file-based discovery reads."""
-        return self.state_dir / "cluster.yaml"
-
-    @property
-    def nodes_dir(self) -> Path:
-        return self.state_dir / "nodes"
-
-    @property
-    def ca_dir(self) -> Path:
-        """The lab's one CA: every node's agent issues from it, so they trust each other."""
-        return self.state_dir / "ca"
-
-    @property
-    def underlay_netns(self) -> str:
-        return f"{self.prefix}underlay"
-
-    @property
-    def underlay_bridge(self) -> str:
-        return f"{self.prefix}ul0"
-
-    @property
-    def network_name(self) -> str:
-        return self.prefix.rstrip("-")
-
-    def pod_netns(self, namespace: str, name: str) -> str:
-        return f"{self.prefix}{namespace}-{name}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "state_dir": str(self.state_dir), "underlay_cidr": self.underlay_cidr,
-                "pod_supernet": self.pod_supernet, "service_cidr": self.service_cidr,
-                "bpffs_root": str(self.bpffs_root), "capture": self.capture, "agent_args": list(self.agent_args)}
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    name: str            # the Kubernetes node name: the agent's --node-name, pods' spec.nodeName
-    index: int
-    netns: str
-    underlay_ip: str
-    underlay_prefixlen: int
-    underlay_port: str   # the node's port on the underlay bridge
-    pod_cidr: str
-    workdir: Path
-    bpffs_dir: Path
-    proxy_netns: str
-    agent_args: tuple[str, ...]
-
-    @property
-    def socket(self) -> Path:
-        return self.workdir / "agent.sock"
-
-    @property
-    def ipam_dir(self) -> Path:
-        return self.workdir / "ipam"
-
-    @property
-    def pods_dir(self) -> Path:
-        return self.workdir / "pods"
-
-
-@dataclass(frozen=True)
-class PodPlan:
-    pod: Pod
-    node: str
-    netns: str
-    log: Path
-
-
-@dataclass(frozen=True)
-class LabPlan:
-    settings: LabSettings
-    config: LabConfig
-    nodes: tuple[NodePlan, ...]
-    pods: tuple[PodPlan, ...]
-
-    def node(self, name: str) -> NodePlan:
-        return next(n for n in self.nodes if n.name == name)
-
-
-def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str) -> tuple[str, ...]:
-    """Every per-node agent option, in one place. The proxy namespace and the
-    pin directory carry the lab prefix, so `down` finds them even after a crash.
-    Discovery reads the lab's cluster file, as agents in a cluster would watch
-    the API server, and identities come from the lab's shared CA."""
-    return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
-            "--discovery", "files", "--config-file", str(settings.cluster_file), "--ca-dir", str(settings.ca_dir),
-            "--metrics-port", "15020", "--readiness-port", "15021", *settings.agent_args)
-
-
-def lab_conflist(settings: LabSettings, node: NodePlan) -> dict[str, Any]:
-    """The node's chain: bridge + host-local + portmap + ambit-cni, with a
-    default route in every pod via the bridge (what kubenet-style set-ups
-    configure), so pods reach other nodes' pods through their node."""
-    conflist = bridge_conflist(settings.network_name, node.pod_cidr, str(node.socket), ipam_dir=node.ipam_dir)
-    conflist["plugins"][0]["ipam"]["routes"] = [{"dst": "0.0.0.0/0"}]
-    return conflist
-
-
-def plan_lab(config: LabConfig, settings: LabSettings, node_count: int | None = None) -> LabPlan:
-    """Names and addresses for every node and pod; pure, so a bad config
-    is refused before anything is created."""
-    names = config.node_names(node_count)
-    placement = config.assign_nodes(names)
-    underlay = ipaddress.IPv4Network(settings.underlay_cidr)
-    supernet = ipaddress.IPv4Network(settings.pod_supernet)
-    if supernet.prefixlen > 24:
-        raise LabError(f"the pod range {supernet} must be /24 or larger: each node gets a /24")
-    capacity = min(underlay.num_addresses - 2, 2 ** (24 - supernet.prefixlen) - 1, 999)
-    if len(names) > capacity:
-        raise LabError(f"{len(names)} nodes do not fit: underlay {underlay} and pod range {supernet} "
-                       f"leave room for {capacity}")
-    nodes = []
-    for index, name in enumerate(names, start=1):
-        pod_cidr = ipaddress.IPv4Network((int(supernet.network_address) + index * 256, 24))
-        netns = f"{settings.prefix}node{index}"
-        workdir = settings.nodes_dir / name
-        bpffs_dir = settings.bpffs_root / netns
-        proxy_netns = f"{netns}-proxy"
-        nodes.append(NodePlan(
-            name=name, index=index, netns=netns, underlay_ip=str(underlay.network_address + index),
-            underlay_prefixlen=underlay.prefixlen, underlay_port=f"{settings.prefix}n{index}",
-            pod_cidr=str(pod_cidr), workdir=workdir, bpffs_dir=bpffs_dir, proxy_netns=proxy_netns,
-            agent_args=node_agent_args(settings, bpffs_dir, proxy_netns)))
-        if len(str(workdir / "agent.sock")) > UNIX_PATH_MAX:
-            raise LabError(f"the agent socket path under {settings.state_dir} is too long for a Unix socket")
-    pods = []
-    netns_owner: dict[str, str] = {}
-    for pod in config.pods:
-        netns = settings.pod_netns(pod.namespace, pod.name)
-        if netns in netns_owner:
-            raise LabError(f"pods {netns_owner[netns]} and {pod.key} would share the namespace name {netns}")
-        netns_owner[netns] = pod.key
-        node = next(n for n in nodes if n.name == placement[pod.key])
-        pods.append(PodPlan(pod, node.name, netns, node.pods_dir / f"{pod.namespace}-{pod.name}.log"))
-    return LabPlan(settings, config, tuple(nodes), tuple(pods))
-
-
-# --- state file ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    pid: int
-    start_time: int  # /proc/<pid>/stat field 22: tells a recycled pid apart
-    log: str
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    name: str
-    netns: str
-    underlay_ip: str
-    pod_cidr: str
-    socket: str
-    workdir: str
-    bpffs_dir: str
-    conflist: Mapping[str, Any] = field(hash=False)
-    agent: ProcessRecord | None = None
-
-
-@dataclass(frozen=True)
-class PodRecord:
-    namespace: str
-    name: str
-    node: str
-    netns: str
-    container_id: str
-    uid: str
-    ip: str | None = None
-    cni_result: Mapping[str, Any] | None = field(default=None, hash=False)  # kept for DEL, as libcni does
-    workload: ProcessRecord | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    def sandbox(self) -> PodSandbox:
-        return PodSandbox(container_id=self.container_id, netns=netns_path(self.netns), namespace=self.namespace,
-                          name=self.name, uid=self.uid)
-
-
-class LabState:
-    """The state file: what the lab made so far, written after every step."""
-
-    def __init__(self, path: Path, settings: Mapping[str, Any], documents: Sequence[Mapping[str, Any]],
-                 node_count: int) -> None:
-        self.path = path
-        self.settings = dict(settings)
-        self.documents = list(documents)
-        self.node_count = node_count
-        self.phase = "creating"
-        self.created = time.time()
-        self.nodes: dict[str, NodeRecord] = {}
-        self.pods: dict[str, PodRecord] = {}
-
-    def save(self) -> None:
-        data = {"version": STATE_VERSION, "phase": self.phase, "created": self.created, "settings": self.settings,
-                "node_count": self.node_count, "documents": self.documents,
-                "nodes": [asdict(n) for n in self.nodes.values()], "pods": [asdict(p) for p in self.pods.values()]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        os.replace(tmp, self.path)
-
-    @classmethod
-    def load(cls, path: Path) -> "LabState":
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LabNotRunning(f"no lab is running (no state file {path})") from None
-        except ValueError as exc:
-            raise LabError(f"the lab state file {path} is unreadable ({exc}); run `ambit lab down`") from None
-        try:
-            state = cls(path, data["settings"], data["documents"], data["node_count"])
-            state.phase = data.get("phase", "unknown")
-            state.created = data.get("created", 0.0)
-            for raw in data["nodes"]:
-                agent = raw.pop("agent", None)
-                state.nodes[raw["name"]] = NodeRecord(**raw, agent=ProcessRecord(**agent) if agent else None)
-            for raw in data["pods"]:
-                workload = raw.pop("workload", None)
-                pod = PodRecord(**raw, workload=ProcessRecord(**workload) if workload else None)
-                state.pods[pod.key] = pod
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise LabError(f"the lab state file {path} is not one this version understands ({exc!r}); "
-                           "run `ambit lab down`") from None
-        return state
-
-
-# --- namespaces --------------------------------------------------------------------------------------------------
-
-def create_netns(name: str) -> str:
-    """A named network namespace with loopback up, made without forking:
-    a forked copy of this process would run the lab's signal handlers (and
-    its teardown) on Ctrl-C."""
-    path = _create_netns(name)
-    with iproute(path) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    return path
-
-
-# --- processes -------------------------------------------------------------------------------------------------
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of a live (not zombie) process, None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _ancestors() -> set[int]:
-    """This process and its ancestors: never killed by a scan (think of
-    `ambit lab down` typed in a shell opened with `ambit lab exec`)."""
-    found = {os.getpid()}
-    pid = os.getppid()
-    while pid > 1 and pid not in found:
-        found.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError):
-            break
-    return found
-
-
-def lab_namespaces(prefix: str) -> tuple[str, ...]:
-    try:
-        return tuple(sorted(n for n in os.listdir("/var/run/netns") if n.startswith(prefix)))
-    except FileNotFoundError:
-        return ()
-
-
-def lab_processes(prefix: str) -> tuple[int, ...]:
-    """Processes carrying the lab's marker, or living in one of its namespaces."""
-    marker = f"{MARKER_ENV}={prefix}".encode()
-    inside: set[tuple[int, int]] = set()
-    for name in lab_namespaces(prefix):
-        with contextlib.suppress(OSError):
-            st = os.stat(netns_path(name))
-            inside.add((st.st_dev, st.st_ino))
-    spared = _ancestors()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in spared:
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                marked = marker in f.read().split(b"\0")
-            if not marked:
-                st = os.stat(f"/proc/{pid}/ns/net")
-                marked = (st.st_dev, st.st_ino) in inside
-        except OSError:
-            continue
-        if marked and process_start_time(pid) is not None:
-            found.append(pid)
-    return tuple(sorted(found))
-
-
-def _root_links(prefix: str) -> tuple[str, ...]:
-    """Lab links in the machine's own namespace: the lab never makes any, so
-    one here is debris (e.g. a veth stranded by a crash mid-move)."""
-    with IPRoute() as ipr:
-        return tuple(sorted(name for link in ipr.get_links()
-                            if (name := link.get("ifname") or "").startswith(prefix)))
-
-
-def _signal(pid: int, sig: int) -> None:
-    """Signal the process and, when it leads one, its process group (the lab
-    starts agents and workloads in their own sessions)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-
-
-# --- reports ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Leftovers:
-    """What a lab run left behind, found by scanning rather than trusting the state."""
-
-    namespaces: tuple[str, ...] = ()
-    processes: tuple[int, ...] = ()
-    links: tuple[str, ...] = ()
-    bpffs_dirs: tuple[str, ...] = ()
-    state_file: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.namespaces or self.processes or self.links or self.bpffs_dirs or self.state_file)
-
-    def describe(self) -> str:
-        parts = []
-        if self.state_file:
-            parts.append(f"state file {self.state_file}")
-        if self.namespaces:
-            parts.append(f"{len(self.namespaces)} namespace(s) ({', '.join(self.namespaces[:4])}"
-                         f"{', ...' if len(self.namespaces) > 4 else ''})")
-        if self.processes:
-            parts.append(f"{len(self.processes)} process(es) (pid {', '.join(map(str, self.processes[:6]))})")
-        if self.links:
-            parts.append(f"link(s) {', '.join(self.links)}")
-        if self.bpffs_dirs:
-            parts.append(f"pinned eBPF dir(s) {', '.join(self.bpffs_dirs)}")
-        return "; ".join(parts)
-
-
-def find_leftovers(settings: LabSettings) -> Leftovers:
-    bpffs = ()
-    if settings.bpffs_root.is_dir():
-        bpffs = tuple(sorted(str(p) for p in settings.bpffs_root.glob(f"{settings.prefix}*")))
-    return Leftovers(namespaces=lab_namespaces(settings.prefix), processes=lab_processes(settings.prefix),
-                     links=_root_links(settings.prefix), bpffs_dirs=bpffs,
-                     state_file=str(settings.state_file) if settings.state_file.exists() else None)
-
-
-@dataclass(frozen=True)
-class TeardownReport:
-    pods_deleted: tuple[str, ...] = ()
-    del_failures: tuple[str, ...] = ()
-    processes_stopped: int = 0
-    namespaces_removed: tuple[str, ...] = ()
-    links_removed: tuple[str, ...] = ()
-    bpffs_removed: tuple[str, ...] = ()
-    state_removed: bool = False
-
-    def summary(self) -> str:
-        if not (self.pods_deleted or self.processes_stopped or self.namespaces_removed or self.links_removed
-                or self.bpffs_removed or self.state_removed):
-            return "nothing to remove: no lab was running"
-        lines = [f"CNI DEL for {len(self.pods_deleted)} pod(s), stopped {self.processes_stopped} process(es), "
-                 f"removed {len(self.namespaces_removed)} namespace(s)"
-                 + (f", {len(self.links_removed)} stray link(s)" if self.links_removed else "")
-                 + (f", {len(self.bpffs_removed)} bpffs dir(s)" if self.bpffs_removed else "")
-                 + (", the state" if self.state_removed else "")]
-        lines += [f"warning: {failure}" for failure in self.del_failures]
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    name: str
-    netns: str
-    netns_present: bool
-    underlay_ip: str
-    pod_cidr: str
-    socket: str
-    agent_pid: int | None
-    agent_alive: bool
-    agent_ready: bool | None   # None: not asked (agent not running)
-    agent_detail: str
-    agent_records: int | None  # pods the CNI told the agent about
-    agent_log: str | None
-    agent_enrolled: int | None = None  # of those, pods in the mesh (captured)
-
-
-@dataclass(frozen=True)
-class PodStatus:
-    key: str
-    node: str
-    netns: str
-    netns_present: bool
-    ip: str | None
-    service_account: str
-    ambient: bool
-    workloads: tuple[str, ...]  # "http:8080"
-    workload_pid: int | None
-    workload_alive: bool
-
-
-@dataclass(frozen=True)
-class ServiceStatus:
-    key: str
-    cluster_ip: str | None
-    ports: tuple[str, ...]      # "http 80->http"
-    endpoints: tuple[str, ...]  # pod IPs
-
-
-@dataclass(frozen=True)
-class LabStatus:
-    prefix: str
-    phase: str
-    state_file: str
-    cluster_file: str
-    underlay_netns: str
-    underlay_bridge: str
-    underlay_cidr: str
-    nodes: tuple[NodeStatus, ...]
-    pods: tuple[PodStatus, ...]
-    services: tuple[ServiceStatus, ...]
-    policies: tuple[str, ...]   # "AuthorizationPolicy shop/web-from-shop-only"
-
-    @property
-    def healthy(self) -> bool:
-        return self.phase == "ready" and all(n.agent_alive and n.agent_ready for n in self.nodes) and all(
-            p.ip and p.netns_present and (p.workload_alive or not p.workloads) for p in self.pods)
-
-    def pod(self, key: str) -> PodStatus:
-        return next(p for p in self.pods if p.key == key)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"healthy": self.healthy}
-
-
-# --- signals -----------------------------------------------------------------------------------------------------
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-class Interrupts:
-    """Ctrl-C, SIGTERM and SIGHUP while `up` runs.
-
-    The handler only notes the signal; `up` acts on it at its next checkpoint
-    (between steps, after each pod), or at once while it is merely waiting.
-    Raising KeyboardInterrupt at an arbitrary point would land it inside
-    library code: in a fork hook (where CPython prints and drops it, so the
-    Ctrl-C would be lost) or in pyroute2's event loop (which it breaks)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self._owner = os.getpid()
-        self._waiting = False
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if os.getpid() != self._owner:  # a forked child not yet exec'd: never run our teardown there
-            os._exit(128 + signum)
-        self.received.append(signum)
-        if self._waiting:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    def check(self) -> None:
-        if self.received:
-            raise KeyboardInterrupt(signal.Signals(self.received[0]).name)
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """A stretch that only waits (for an agent, for a workload): stop it at once."""
-        self.check()
-        self._waiting = True
-        try:
-            yield
-        finally:
-            self._waiting = False
-        self.check()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["Interrupts"]:
-        if not _in_main_thread():  # signal handlers can only be set there
-            yield self
-            return
-        previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[list[int]]:
-    """Teardown must finish: a second Ctrl-C is noted, not obeyed."""
-    received: list[int] = []
-    if not _in_main_thread():
-        yield received
-        return
-    owner = os.getpid()
-
-    def note(signum: int, frame: object) -> None:
-        if os.getpid() != owner:
-            os._exit(128 + signum)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# --- the lab -----------------------------------------------------------------------------------------------------
-
-class StepReporter(Protocol):
-    """Where `up` reports its steps (the CLI prints them with timings)."""
-
-    def step(self, title: str) -> contextlib.AbstractContextManager[None]: ...
-
-
-class QuietSteps:
-    @contextlib.contextmanager
-    def step(self, title: str) -> Iterator[None]:
-        log.debug("lab step", step=title)
-        yield
-
-
-class LabNode(NodeNamespace):
-    """A planned node as node.py's helpers see it: its workdir is the lab's,
-    not a temporary one."""
-
-    def __init__(self, plan: NodePlan) -> None:  # no super(): the namespace and dir are made by the lab
-        self.name = plan.netns
-        self.path = netns_path(plan.netns)
-        self.workdir = plan.workdir
-        self.plan = plan
-
-
-class NodeAgent(AgentProcess):
-    """The node's ambit-agent, started in its own session so it outlives
-    `ambit lab up` and a Ctrl-C typed in that terminal later."""
-
-    def __init__(self, node: LabNode, marker: Mapping[str, str]) -> None:
-        super().__init__(node, node.plan.name)
-        self.plan = node.plan
-        self.marker = dict(marker)
-
-    def argv(self) -> list[str]:
-        """The plan's options; the node is named as pods' spec.nodeName names it."""
-        return [str(Path(sys.executable).parent / "ambit-agent"), "--socket", self.socket,
-                "--state-dir", self.state_dir, "--node-name", self.plan.name, "--log-level", "debug",
-                *self.plan.agent_args]
-
-    def start(self, wait: bool = True) -> "NodeAgent":
-        path = self.node.path
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log_file,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **self.marker},
-                                         preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
-        if wait:
-            self.wait_ready()
-        return self
-
 
 class Lab:
     """One lab: `up` builds it, `status`/`exec` use it, `down` removes it
@@ -735,7 +109,7 @@ class Lab:
                 self._build(plan, state)
                 interrupts.check()
             except BaseException as exc:
-                with _interrupts_deferred():
+                with interrupts_deferred():
                     self.log.info("lab up failed, tearing down", error=repr(exc))
                     self.down()
                 if interrupts.received and not isinstance(exc, KeyboardInterrupt):
@@ -1013,7 +387,7 @@ class Lab:
         if node.agent is None or not _alive(node.agent):
             return
         if kill:
-            _signal(node.agent.pid, signal.SIGKILL)
+            send_signal(node.agent.pid, signal.SIGKILL)
             if self._wait_gone([node.agent.pid], 5.0):
                 raise LabError(f"the agent on {node_name} (pid {node.agent.pid}) survived SIGKILL")
         else:
@@ -1281,7 +655,7 @@ class Lab:
         kubelet would: workloads, CNI DEL (reverse order), agents, then the
         namespaces; safe to run any number of times."""
         _require_root()
-        with _interrupts_deferred():
+        with interrupts_deferred():
             return self._down()
 
     def _down(self) -> TeardownReport:
@@ -1314,7 +688,7 @@ class Lab:
         namespaces = lab_namespaces(s.prefix)
         for name in namespaces:
             remove_netns(name)
-        links = _root_links(s.prefix)
+        links = lab_root_links(s.prefix)
         if links:
             with IPRoute() as ipr:
                 for name in links:
@@ -1362,11 +736,11 @@ class Lab:
 
     def _stop_pids(self, pids: Sequence[int], grace: float = 8.0) -> int:
         for pid in pids:
-            _signal(pid, signal.SIGTERM)
+            send_signal(pid, signal.SIGTERM)
         remaining = self._wait_gone(pids, grace)
         for pid in remaining:
             self.log.warning("process ignored SIGTERM, killing it", pid=pid)
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
         self._wait_gone(remaining, 5.0)
         return len(pids)
 
@@ -1420,40 +794,3 @@ POLICY_DOCUMENT_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 def _document_id(doc: Mapping[str, Any]) -> tuple[str, str, str]:
     meta = doc.get("metadata") or {}
     return (str(doc.get("kind")), str(meta.get("namespace", "default")), str(meta.get("name")))
-
-
-def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
-    """The input objects as an API server would show them once scheduled:
-    pods with spec.nodeName and status.podIP/hostIP, services with their
-    clusterIP, Node objects with their addresses."""
-    services = {s.key: s for s in plan.config.services}
-    planned_nodes = {p.pod.key: p.node for p in plan.pods}
-    planned_workloads = {p.pod.key: bool(p.pod.workloads) for p in plan.pods}
-    out: list[dict[str, Any]] = []
-    for node in plan.nodes:
-        out.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name},
-                    "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
-                    "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]}})
-    for doc in plan.config.documents:
-        obj = copy.deepcopy(dict(doc))
-        kind = obj.get("kind")
-        meta = obj.get("metadata") or {}
-        key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
-        if kind == "Node":
-            continue
-        if kind == "Pod" and key in state.pods and state.pods[key].ip:
-            record = state.pods[key]
-            obj.setdefault("spec", {})["nodeName"] = record.node
-            ready = "True" if record.workload is not None or not planned_workloads.get(key) else "False"
-            obj["status"] = {"phase": "Running", "hostIP": state.nodes[record.node].underlay_ip,
-                             "podIP": record.ip, "podIPs": [{"ip": record.ip}],
-                             "conditions": [{"type": "Ready", "status": ready}]}
-            obj["metadata"] = {**meta, "uid": record.uid}
-        elif kind == "Pod" and key in planned_nodes:
-            # Scheduled, not started yet: what the API server shows before the kubelet runs it.
-            obj.setdefault("spec", {})["nodeName"] = planned_nodes[key]
-            obj["status"] = {"phase": "Pending"}
-        elif kind == "Service" and key in services:
-            obj.setdefault("spec", {})["clusterIP"] = services[key].cluster_ip or "None"
-        out.append(obj)
-    return out

@@ -25,7 +25,9 @@ from typing import Iterator, TextIO
 
 from ambit.agent.netns import NetnsThread, netns_path
 from . import labconfig
-from .topology import Lab, LabSettings, LeftoversFound
+from .errors import LeftoversFound
+from .plan import LabSettings
+from .topology import Lab
 
 __all__ = ["LeftoversFound", "run_tour"]
 

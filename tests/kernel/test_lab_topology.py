@@ -26,8 +26,11 @@ from pyroute2 import IPRoute
 from ambit.agent.cli.client import AgentClient
 from ambit.lab import labconfig
 from ambit.lab.labconfig import ContainerPort
-from ambit.lab.topology import (MARKER_ENV, Lab, LabError, LabSettings, LeftoversFound, create_netns,
-                                      lab_namespaces, lab_processes, process_start_time)
+from ambit.lab.errors import LabError, LeftoversFound
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import MARKER_ENV, create_netns, lab_namespaces, lab_processes
+from ambit.lab.processes import process_start_time
+from ambit.lab.topology import Lab
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread
 from tests.support.bpffs import lab_bpffs_root

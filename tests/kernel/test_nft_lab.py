@@ -12,7 +12,9 @@ import pytest
 
 from ambit.agent.cli.client import AgentClient
 from ambit.lab import labconfig
-from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import lab_namespaces, lab_processes
+from ambit.lab.topology import Lab
 from tests.support import nftstate
 from tests.support.bpffs import lab_bpffs_root
 

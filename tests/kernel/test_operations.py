@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from ambit.lab import labconfig
-from ambit.lab.topology import Lab, LabSettings, lab_namespaces
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import lab_namespaces
+from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.bpffs import lab_bpffs_root
 

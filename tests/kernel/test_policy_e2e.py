@@ -36,7 +36,10 @@ import pytest
 import yaml
 
 from ambit.lab.labconfig import parse_documents
-from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
+from ambit.lab.clusterfile import render_cluster
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import lab_namespaces, lab_processes
+from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.podnet import TcpServer, connect, recv_exactly
 from tests.support.bpffs import lab_bpffs_root

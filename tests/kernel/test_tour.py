@@ -15,7 +15,8 @@ import re
 
 import pytest
 
-from ambit.lab.topology import LabSettings, lab_namespaces, lab_processes
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import lab_namespaces, lab_processes
 from ambit.lab.tour import run_tour
 from tests.support.bpffs import lab_bpffs_root
 

@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 from ambit.agent.cli.client import AgentClient
 from ambit.lab import labconfig
-from ambit.lab.topology import Lab, LabError, LabSettings
+from ambit.lab.errors import LabError
+from ambit.lab.plan import LabSettings
+from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
 
 from tests.support.labcheck import lab_debris

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ambit.lab.topology import LabSettings, lab_namespaces, lab_processes
+from ambit.lab.plan import LabSettings
+from ambit.lab.processes import lab_namespaces, lab_processes
 from pyroute2 import IPRoute
 
 
