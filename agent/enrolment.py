@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Protocol
 import structlog
 
 from .datapath.podlink import PodLink, PodLinkError, host_link_exists, inspect_pod_link
-from .state import StateStore
+from .enrolment_records import StateStore
 from .workload import OUTSIDE_MESH, AttachmentKey, PodRef, Workload
 
 log = structlog.get_logger(__name__)

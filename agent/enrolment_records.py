@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from .files import TEMP_MARKER, atomic_write
+from .atomic_files import TEMP_MARKER, atomic_write
 from .workload import AttachmentKey, Workload
 
 log = structlog.get_logger(__name__)

@@ -37,7 +37,7 @@ from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService, ProxyView
 from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
-from .state import StateStore
+from .enrolment_records import StateStore
 from .telemetry.http import TelemetryServer
 from .telemetry.metrics import Metrics
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from .discovery.files import FileSource
+from .discovery.file_source import FileSource
 from .discovery.kube import KubeSource, api_client_from
 from .discovery.model import PodInfo
 from .discovery.selector import AmbientSelector

@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ambit.agent.install.installer import PluginSource, install_plugin  # noqa: E402
+from ambit.agent.install_cni.installer import PluginSource, install_plugin  # noqa: E402
 from ambit.lab.cniruntime import REFERENCE_PLUGINS, CniRuntime, PodSandbox  # noqa: E402
 from ambit.lab.node import AgentProcess, NodeNamespace, bridge_conflist, make_pod_netns, remove_netns  # noqa: E402
 

@@ -24,7 +24,7 @@ AREAS: dict[str, tuple[str, str]] = {
     "waypoint": ("ambit.waypoint.cli", "write the Envoy bootstrap of a waypoint (L7 policy in front of Services "
                  "and pods)"),
     "ca": ("ambit.ca.cli", "the mesh's certificate authority"),
-    "install-cni": ("ambit.agent.install.cli", "copy ambit-cni onto this node and chain it after the primary CNI"),
+    "install-cni": ("ambit.agent.install_cni.cli", "copy ambit-cni onto this node and chain it after the primary CNI"),
 }
 
 

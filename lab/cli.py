@@ -86,7 +86,7 @@ def _example_exec(status: Any, options: str) -> str | None:
         for client in clients:
             if client.key != server.key and client.node != server.node:
                 port = next(w for w in server.workloads if w.startswith("http:")).split(":")[1]
-                return (f"ambit lab exec{options} {client.key} -- python -m ambit.lab.workload get "
+                return (f"ambit lab exec{options} {client.key} -- python -m ambit.lab.podapp get "
                         f"http://{server.ip}:{port}/")
     return None
 

@@ -8,7 +8,7 @@ frozen objects out, and every error names the document and the field.
 
 Lab-specific meaning is carried by one annotation on Pods,
 `lab.ambit.dev/workload: http,echo`, which picks the built-in servers the lab
-starts inside the pod (see `workload.py`). `waypoint` runs Envoy as the
+starts inside the pod (see `podapp.py`). `waypoint` runs Envoy as the
 waypoint its gateway.networking.k8s.io/gateway-name label names, with the
 bootstrap `ambit waypoint` writes (docs/waypoint.md).
 """

@@ -1,8 +1,8 @@
 """The lab's built-in workloads and clients, run inside pod namespaces.
 
-  python -m ambit.lab.workload --name shop/web-0 --http 8080 --echo 9000
-  python -m ambit.lab.workload get http://10.244.2.2:8080/
-  python -m ambit.lab.workload send 10.244.2.2 9000 < file
+  python -m ambit.lab.podapp --name shop/web-0 --http 8080 --echo 9000
+  python -m ambit.lab.podapp get http://10.244.2.2:8080/
+  python -m ambit.lab.podapp send 10.244.2.2 9000 < file
 
 The HTTP server answers `GET /` with JSON naming the pod and the peer address
 it saw: the point of a transparent mesh is that the server still sees the
@@ -272,7 +272,7 @@ def send_and_receive(host: str, port: int, source, sink, timeout: float) -> int:
 # --- entry point -----------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ambit.lab.workload",
+    parser = argparse.ArgumentParser(prog="python -m ambit.lab.podapp",
                                      description="the lab's built-in servers and clients")
     sub = parser.add_subparsers(dest="mode", required=True)
     srv = sub.add_parser("serve", help="run the HTTP and/or echo servers")

@@ -304,7 +304,7 @@ class Lab:
                     "--envoy", envoy_binary() or "envoy",
                     "--envoy-log-level", os.environ.get("AMBIT_WAYPOINT_LOG_LEVEL", "warning")]
         else:
-            argv = [sys.executable, "-m", "ambit.lab.workload", "serve", "--name", pod.pod.key,
+            argv = [sys.executable, "-m", "ambit.lab.podapp", "serve", "--name", pod.pod.key,
                     "--node", pod.node]
             for kind in pod.pod.workloads:
                 argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
@@ -628,7 +628,7 @@ class Lab:
     def exec(self, pod: str, argv: Sequence[str], *, input: bytes | None = None, capture: bool = True,
              timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run a command in the pod's network namespace, with the lab's
-        Python first on PATH so `python -m ambit.lab.workload` works."""
+        Python first on PATH so `python -m ambit.lab.podapp` works."""
         _require_root()
         if not argv:
             raise LabError("no command given: ambit lab exec POD -- CMD [ARGS...]")

@@ -31,7 +31,7 @@ from .topology import Lab
 
 __all__ = ["LeftoversFound", "run_tour"]
 
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 MARKER = "ambit-tour-plaintext-marker"
 ETH_P_ALL = 0x0003
 

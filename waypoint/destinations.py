@@ -27,7 +27,7 @@ from ambit.agent.discovery.model import ALL_KINDS, ContainerPort, PodInfo, Servi
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.discovery.waypoints import Waypoint, WaypointResolver
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.policy.model import Action, AuthorizationPolicy
+from ambit.agent.discovery.policy_model import Action, AuthorizationPolicy
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 _HTTP_PROTOCOLS = ("http", "http2", "grpc", "grpc-web", "h2c")

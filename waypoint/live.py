@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from ambit.agent.discovery.files import FileSource
+from ambit.agent.discovery.file_source import FileSource
 from ambit.agent.discovery.state import ClusterState
 from .bootstrap import BootstrapOptions, waypoint_resources
 from .credentials import SecretFiles

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from ambit.agent.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
+from ambit.agent.discovery.policy_model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
 
 PEER_PRINCIPAL_KEY = "ambit.peer_principal"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ambit.agent.files import atomic_write
+from ambit.agent.atomic_files import atomic_write
 
 _TYPES = "type.googleapis.com/envoy."
 LISTENER_TYPE = _TYPES + "config.listener.v3.Listener"

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import structlog
 
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
-from ..policy.authz import PolicyEngine
-from ..policy.model import AuthorizationPolicy, PeerAuthentication, PolicyError, parse_policy
-from ..policy.peerauth import PeerAuthenticationPolicy
+from .policy_model import AuthorizationPolicy, PeerAuthentication, PolicyError, parse_policy
 from .model import (
     ALL_KINDS,
     API_VERSIONS,
@@ -65,6 +63,21 @@ StoredObject: TypeAlias = (NamespaceInfo | PodInfo | ServiceInfo | EndpointSlice
                            | PeerAuthentication)
 ChangeCallback: TypeAlias = Callable[[str, str, Any, Any], None]
 AmbientCallback: TypeAlias = Callable[[PodInfo, bool, str], None]
+
+
+class AuthorizationPolicySink(Protocol):
+    """Where the state pushes AuthorizationPolicies (the policy engine), before subscribers hear of
+    a change. Discovery defines what it needs; the policy package, which reads the state, provides it."""
+
+    def update(self, policies: Iterable[AuthorizationPolicy]) -> object: ...
+    def upsert(self, policy: AuthorizationPolicy) -> object: ...
+    def remove(self, namespace: str, name: str) -> object: ...
+
+
+class PeerAuthenticationSink(Protocol):
+    """Where the state pushes PeerAuthentications (the policy package's PeerAuthenticationPolicy)."""
+
+    def update(self, policies: Iterable[PeerAuthentication]) -> object: ...
 
 
 class Endpoint(NamedTuple):
@@ -115,8 +128,8 @@ class ClusterState:
 
     def __init__(
         self,
-        policy_engine: PolicyEngine | None = None,
-        peer_authentication: PeerAuthenticationPolicy | None = None,
+        policy_engine: AuthorizationPolicySink | None = None,
+        peer_authentication: PeerAuthenticationSink | None = None,
         logger: Any = None,
     ) -> None:
         self._log: Any = logger if logger is not None else structlog.get_logger(__name__)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from .. import files
-from ..files import fsync_dir, temp_path
+from .. import atomic_files
+from ..atomic_files import fsync_dir, temp_path
 from . import cniconf
 from .cniconf import CniConfError, NoPrimaryConfig, Plan, PluginSettings, RemoveFile, WriteFile
 
@@ -49,7 +49,7 @@ def _temp_path(path: Path) -> Path:
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` with `data`: temp file in the same directory (named so
     cniconf never mistakes it for a configuration), fsync, rename."""
-    files.atomic_write(path, data, mode, marker=cniconf.TEMP_MARKER)
+    atomic_files.atomic_write(path, data, mode, marker=cniconf.TEMP_MARKER)
 
 
 def atomic_copy(source: Path, dest: Path, mode: int = PLUGIN_MODE) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from structlog.typing import BindableLogger
 
-from .model import Action, AuthorizationPolicy, Condition, IPNetwork, Labels, Operation, Rule, Source, labels_match
+from ..discovery.policy_model import Action, AuthorizationPolicy, Condition, IPNetwork, Labels, Operation, Rule, Source, labels_match
 from .peerauth import DEFAULT_ROOT_NAMESPACE, PeerAuthenticationPolicy
 
 SPIFFE_PREFIX = "spiffe://"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .model import MtlsMode, PeerAuthentication, labels_match
+from ..discovery.policy_model import MtlsMode, PeerAuthentication, labels_match
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 _CACHE_LIMIT = 4096

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ambit.agent.install.installer import PluginSource, install_plugin
+from ambit.agent.install_cni.installer import PluginSource, install_plugin
 from ambit.lab import cniruntime
 from ambit.lab.cniruntime import REFERENCE_PLUGINS, CniRuntime, PodSandbox
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, make_pod_netns, ptp_conflist,

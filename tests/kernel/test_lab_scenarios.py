@@ -50,7 +50,7 @@ UNDERLAY = "10.102.0.0/24"
 PODS = "10.246.0.0/16"
 RANGES = ("10.102.", "10.246.")
 SERVICE = "10.96.0.10"
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 CLIENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "support" / "labclient.py")]
 HBONE_PORT = 15008
 

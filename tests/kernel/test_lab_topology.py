@@ -40,7 +40,7 @@ pytestmark = pytest.mark.kernel
 PREFIX = "labt-"
 UNDERLAY = "10.101.0.0/24"
 PODS = "10.245.0.0/16"
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 AMBIT = str(Path(sys.executable).parent / "ambit")
 
 
@@ -214,7 +214,7 @@ class TestRunningLab:
         text = subprocess.run([AMBIT, "lab", "status", *options], capture_output=True, timeout=30)
         assert b"shop/web-1" in text.stdout and b"10.101.0.2" in text.stdout
         result = subprocess.run([AMBIT, "lab", "exec", *options, "shop/client-0", "--", "python", "-m",
-                                 "ambit.lab.workload", "get", f"http://{ips['shop/web-1']}:8080/"],
+                                 "ambit.lab.podapp", "get", f"http://{ips['shop/web-1']}:8080/"],
                                 capture_output=True, timeout=30)
         assert result.returncode == 0, result.stderr.decode()
         assert json.loads(result.stdout)["peer"] == ips["shop/client-0"]

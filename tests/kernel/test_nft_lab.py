@@ -21,7 +21,7 @@ from tests.support.bpffs import lab_bpffs_root
 pytestmark = pytest.mark.kernel
 
 PREFIX = "nftl-"
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 
 
 @pytest.fixture

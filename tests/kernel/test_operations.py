@@ -28,7 +28,7 @@ from tests.support.bpffs import lab_bpffs_root
 pytestmark = pytest.mark.kernel
 
 PREFIX = "lops-"
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 

@@ -40,7 +40,7 @@ UNDERLAY = "10.105.0.0/24"
 PODS = "10.234.0.0/16"
 RANGES = ("10.105.", "10.234.")
 WEB_VIP, PLAIN_VIP = "10.96.0.10", "10.96.0.11"
-WORKLOAD = [sys.executable, "-m", "ambit.lab.workload"]
+WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
 CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ambit.agent.install import cniconf
-from ambit.agent.install.cniconf import (BACKUP_SUFFIX, CniConfError, NoPrimaryConfig, PluginSettings, RemoveFile,
+from ambit.agent.install_cni import cniconf
+from ambit.agent.install_cni.cniconf import (BACKUP_SUFFIX, CniConfError, NoPrimaryConfig, PluginSettings, RemoveFile,
                                          WriteFile, plan_install, plan_uninstall)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cni"

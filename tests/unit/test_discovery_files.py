@@ -12,7 +12,7 @@ import pytest
 import structlog
 from structlog.testing import CapturingLogger
 
-from ambit.agent.discovery.files import BadFile, FileSource, parse_documents
+from ambit.agent.discovery.file_source import BadFile, FileSource, parse_documents
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.policy.authz import PolicyEngine
 

@@ -25,7 +25,7 @@ from ambit.agent.discovery.model import ALL_KINDS
 from ambit.agent.discovery.selector import AmbientSelector
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.policy.authz import PolicyEngine
-from ambit.agent.policy.model import MtlsMode
+from ambit.agent.discovery.policy_model import MtlsMode
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
 from ambit.agent.workload import PodRef
 from tests.support.fake_apiserver import FakeApiServer

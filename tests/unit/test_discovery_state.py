@@ -22,7 +22,7 @@ from ambit.agent.discovery.selector import AmbientSelector
 from ambit.agent.discovery.state import ClusterState, Endpoint
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.authz import PolicyEngine
-from ambit.agent.policy.model import MtlsMode
+from ambit.agent.discovery.policy_model import MtlsMode
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
 from ambit.agent.workload import PodRef
 

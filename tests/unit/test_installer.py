@@ -18,9 +18,9 @@ from typing import Callable
 
 import pytest
 
-from ambit.agent.install import installer as inst
-from ambit.agent.install.cniconf import BACKUP_SUFFIX, TEMP_MARKER, CniConfError, PluginSettings
-from ambit.agent.install.installer import Installer, PluginSource
+from ambit.agent.install_cni import installer as inst
+from ambit.agent.install_cni.cniconf import BACKUP_SUFFIX, TEMP_MARKER, CniConfError, PluginSettings
+from ambit.agent.install_cni.installer import Installer, PluginSource
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cni"
 AMBIT_CLI = Path(sys.executable).parent / "ambit"

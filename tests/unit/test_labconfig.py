@@ -15,7 +15,7 @@ from ambit.lab import labconfig
 from ambit.lab.labconfig import LabConfigError, parse_documents, parse_yaml
 from ambit.lab.errors import LabError
 from ambit.lab.plan import lab_conflist, LabSettings, plan_lab
-from ambit.lab.workload import BadRequest, Identity, body_chunks, parse_request_head, respond
+from ambit.lab.podapp import BadRequest, Identity, body_chunks, parse_request_head, respond
 
 
 def ns(name, labels=None):

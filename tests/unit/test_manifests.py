@@ -26,8 +26,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes.client import ApiClient
 
-from ambit.agent.install import cli as install_cli
-from ambit.agent.install.cniconf import PluginSettings
+from ambit.agent.install_cni import cli as install_cli
+from ambit.agent.install_cni.cniconf import PluginSettings
 from ambit.cni import spec as cnispec
 
 REPO = Path(__file__).resolve().parents[2]

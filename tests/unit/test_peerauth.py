@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from ambit.agent.policy.model import MtlsMode, PeerAuthentication, PolicyError, parse_peer_authentication
+from ambit.agent.discovery.policy_model import MtlsMode, PeerAuthentication, PolicyError, parse_peer_authentication
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
 
 ROOT = "istio-system"

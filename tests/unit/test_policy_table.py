@@ -14,7 +14,7 @@ import structlog
 import structlog.testing
 
 from ambit.agent.policy.authz import ConnectionAttributes, Decision, PolicyEngine
-from ambit.agent.policy.model import (
+from ambit.agent.discovery.policy_model import (
     Action,
     AuthorizationPolicy,
     PolicyError,

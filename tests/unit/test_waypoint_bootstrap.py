@@ -20,7 +20,7 @@ from cryptography import x509
 from ambit.cli.main import main as ambit_main
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.policy.model import PolicyError, parse_authorization_policy
+from ambit.agent.discovery.policy_model import PolicyError, parse_authorization_policy
 from ambit.waypoint.bootstrap import waypoint_resources
 from ambit.waypoint.credentials import SecretFiles
 from ambit.waypoint.destinations import WaypointError, plan_waypoint, port_protocol, state_from_objects
