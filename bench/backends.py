@@ -51,7 +51,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 import capture  # noqa: E402  (bench/capture.py)
-from capture import ECHO_SERVER, pct  # noqa: E402
+from capture import ECHO_SERVER  # noqa: E402
+from stats import percentile  # noqa: E402
 from pyroute2.netns import setns  # noqa: E402
 
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
@@ -288,8 +289,8 @@ def measure(settings: Settings, log) -> tuple[dict[str, list[Point]], dict[str, 
             for backend in BACKENDS:
                 rtt, rtt_direct = runs[backend, "rtt"], runs[backend, "rtt_direct"]
                 point = Point(backend, size, statistics.median(runs[backend, "mesh"]),
-                              statistics.median(runs[backend, "direct"]), pct(rtt, 50), pct(rtt, 99),
-                              pct(rtt_direct, 50), *probes[backend])
+                              statistics.median(runs[backend, "direct"]), percentile(rtt, 50), percentile(rtt, 99),
+                              percentile(rtt_direct, 50), *probes[backend])
                 points[backend].append(point)
                 log(f"  {backend:8} {size:4} pods: {point.gbps:.2f} Gb/s (direct {point.gbps_direct:.2f}), "
                     f"RTT p50 {point.rtt_p50_us:.0f} us, enrol {point.enrol_agent_ms:.2f} ms, "

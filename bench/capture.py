@@ -21,6 +21,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pyroute2.netns import setns  # noqa: E402
+from stats import percentile  # noqa: E402  (bench/stats.py)
 
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
@@ -93,11 +94,6 @@ def rtt_us(client_ns: str, server_ip: str, count: int, enter=None, timeout: floa
     return [int(x) / 1000 for x in out.stdout.split()]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
@@ -142,20 +138,20 @@ def main() -> None:
     d, m = results["direct"], results["mesh"]
     ratio_1 = m["gbps_1"] / d["gbps_1"]
     ratio_4 = m["gbps_4"] / d["gbps_4"]
-    added_p50 = pct(m["rtt"], 50) - pct(d["rtt"], 50)
-    added_p99 = pct(m["rtt"], 99) - pct(d["rtt"], 99)
+    added_p50 = percentile(m["rtt"], 50) - percentile(d["rtt"], 50)
+    added_p99 = percentile(m["rtt"], 99) - percentile(d["rtt"], 99)
     print(f"same node, {seconds}s iperf3 runs, {pings} 64-byte round trips")
     print(f"{'':8} {'1 stream':>12} {'4 streams':>12} {'RTT p50':>10} {'RTT p99':>10}")
     for label, r in (("direct", d), ("mesh", m)):
-        print(f"{label:8} {r['gbps_1']:9.2f} Gb/s {r['gbps_4']:9.2f} Gb/s {pct(r['rtt'], 50):7.1f} us "
-              f"{pct(r['rtt'], 99):7.1f} us")
+        print(f"{label:8} {r['gbps_1']:9.2f} Gb/s {r['gbps_4']:9.2f} Gb/s {percentile(r['rtt'], 50):7.1f} us "
+              f"{percentile(r['rtt'], 99):7.1f} us")
     print(f"ratio    {ratio_1:12.2f} {ratio_4:12.2f}   added p50 {added_p50:.1f} us, p99 {added_p99:.1f} us")
     met = min(ratio_1, ratio_4) >= TARGET_THROUGHPUT_RATIO and added_p50 <= TARGET_ADDED_RTT_P50_US
     print(json.dumps({
         "bench": "capture", "throughput_1s_vs_direct": round(ratio_1, 3), "throughput_4s_vs_direct": round(ratio_4, 3),
         "direct_gbps_1": round(d["gbps_1"], 2), "mesh_gbps_1": round(m["gbps_1"], 2),
         "direct_gbps_4": round(d["gbps_4"], 2), "mesh_gbps_4": round(m["gbps_4"], 2),
-        "rtt_p50_direct_us": round(pct(d["rtt"], 50), 1), "rtt_p50_mesh_us": round(pct(m["rtt"], 50), 1),
+        "rtt_p50_direct_us": round(percentile(d["rtt"], 50), 1), "rtt_p50_mesh_us": round(percentile(m["rtt"], 50), 1),
         "added_rtt_p50_us": round(added_p50, 1), "added_rtt_p99_us": round(added_p99, 1),
         "target_throughput_ratio": TARGET_THROUGHPUT_RATIO, "target_added_rtt_p50_us": TARGET_ADDED_RTT_P50_US,
         "met": met}))

@@ -25,13 +25,9 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ambit.lab.node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns  # noqa: E402
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
+from stats import percentile  # noqa: E402  (bench/stats.py)
 
 TARGET_P99_S = 0.300
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def startup_seconds(argv: list[str], runs: int) -> float:

@@ -58,6 +58,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from stats import percentile  # noqa: E402  (bench/stats.py)
 
 POD_A = "10.253.1.1"
 POD_B = "10.253.1.2"
@@ -261,11 +262,6 @@ def pingpong_rtts(tool: Path, ip: str, port: int, count: int) -> list[float]:
     out = subprocess.run([str(tool), "client", ip, str(port), str(count), "64"], capture_output=True, check=True, timeout=120)
     values = [int(line) / 1000 for line in out.stdout.split()]
     return values[len(values) // 10 :]  # drop the warm-up tenth
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def idle_tunnel_kib(procs: Processes, tool: Path, port: int, pids: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:

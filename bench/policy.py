@@ -46,6 +46,7 @@ from ambit.agent.identity.spiffe import SpiffeId  # noqa: E402
 from ambit.agent.policy.authz import PolicyEngine  # noqa: E402
 from ambit.agent.policy.enforce import Authorizer  # noqa: E402
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy  # noqa: E402
+from stats import percentile  # noqa: E402  (bench/stats.py)
 
 TARGET_P99_US = 50.0
 TARGET_STATE_MB = 20.0
@@ -54,11 +55,6 @@ NAMESPACES = 20
 NODES = 10
 APPS = 100
 PORTS = (8080, 9000, 5432, 443, 15090)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def rss_bytes() -> int:

@@ -43,6 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from stats import percentile  # noqa: E402  (bench/stats.py)
 
 PREFIX = "lwpb-"
 UNDERLAY = "10.105.0.128/25"
@@ -187,11 +188,6 @@ def lab_documents() -> str:
             *waypoint("far", "node3"), *waypoint("near", "node1"),
             service("direct", None), service("far", "far"), service("near", "near")]
     return "---\n".join(docs)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:
