@@ -47,7 +47,7 @@ COPY scripts ./scripts
 RUN python3 -m venv --system-site-packages /opt/ambit/.venv \
  && /opt/ambit/.venv/bin/pip install --no-cache-dir -r requirements.txt \
  && /opt/ambit/.venv/bin/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
-      --grpc_python_out=proto proto/ambit/api/v1/agent.proto \
+      --grpc_python_out=proto proto/ambit/api/v1/agent.proto proto/ambit/api/istio/ca.proto \
  && /opt/ambit/.venv/bin/pip install --no-cache-dir --no-deps -e .
 
 # The plugin `ambit install-cni` copies into the host's /opt/cni/bin

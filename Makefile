@@ -4,8 +4,10 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-PROTO := proto/ambit/api/v1/agent.proto
-GEN   := proto/ambit/api/v1/agent_pb2.py proto/ambit/api/v1/agent_pb2_grpc.py proto/ambit/api/v1/agent_pb2.pyi
+# The agent's own API, and Istio's certificate API (the same wire contract as
+# istio/api security/v1alpha1/ca.proto, so the agent and istiod interoperate).
+PROTOS := proto/ambit/api/v1/agent.proto proto/ambit/api/istio/ca.proto
+GEN    := $(foreach p,$(PROTOS:.proto=),$(p)_pb2.py $(p)_pb2_grpc.py $(p)_pb2.pyi)
 HOST_STAMP := build/.host-ready
 VENV_STAMP := $(VENV)/.installed
 
@@ -29,8 +31,8 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt setup.cfg setup.py $(HOST_S
 	@touch $@
 
 proto: $(GEN)
-$(GEN) &: $(PROTO) $(VENV_STAMP)
-	@$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+$(GEN) &: $(PROTOS) $(VENV_STAMP)
+	@$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
 	@echo "generated $(GEN)"
 
 # ambit-cni for this host's system Python (stdlib only, fast start-up).
