@@ -18,7 +18,11 @@ What it speaks, as kube-apiserver does for these kinds:
   an optional bearer token (401 without it);
 - optional RBAC (`allowed`: the (API group, resource) pairs the caller may
   list and watch, e.g. read from a ClusterRole): anything else is a 403
-  Forbidden Status, worded as kube-apiserver words it.
+  Forbidden Status, worded as kube-apiserver words it;
+- `POST /apis/authentication.k8s.io/v1/tokenreviews` (create, under the same
+  RBAC as ("authentication.k8s.io", "tokenreviews")) for service-account
+  tokens minted by `mint_token`: signature, expiry, audiences and pod binding
+  as a projected token has them (fake_tokens.py).
 
 Test controls: create/update/delete/apply, compact() (forget history: a
 watcher behind the compaction gets 410, a caught-up one carries on),
@@ -42,6 +46,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from .fake_tokens import API_AUDIENCE, BoundPod, TokenSigner
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ RESOURCES = (
 )
 _BY_KIND = {r.kind: r for r in RESOURCES}
 _SELECTABLE_FIELDS = {"metadata.name", "metadata.namespace", "spec.nodeName"}
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,7 @@ class FakeApiServer:
         self._closing = False
         self._sockets: set[socket.socket] = set()
         self.requests: list[Request] = []
+        self.tokens = TokenSigner()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._http.daemon_threads = True
         self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
@@ -245,6 +253,21 @@ class FakeApiServer:
         with self._cond:
             found = self._objects[_BY_KIND[kind].plural].get((namespace, name))
             return copy.deepcopy(found) if found else None
+
+    def mint_token(self, namespace: str, service_account: str, *, audiences: tuple[str, ...] = (API_AUDIENCE,),
+                   expires_in: float = 3600.0, pod: str | None = None) -> str:
+        """A projected service-account token; bound to `pod` (which must exist
+        now, in `namespace`) when given, as the kubelet mints them."""
+        bound = None
+        if pod is not None:
+            obj = self.get("Pod", namespace, pod)
+            if obj is None:
+                raise KeyError(f"Pod {namespace}/{pod} does not exist")
+            bound = BoundPod(pod, obj["metadata"]["uid"], (obj.get("spec") or {}).get("nodeName", ""))
+        return self.tokens.mint(namespace, service_account, audiences=audiences, expires_in=expires_in, pod=bound)
+
+    def token_reviews(self) -> list[Request]:
+        return [r for r in list(self.requests) if r.method == "POST" and r.path == TOKEN_REVIEWS]
 
     def _prepare(self, obj: Mapping[str, Any]) -> tuple[Resource, tuple[str, str], dict[str, Any]]:
         resource = _BY_KIND[obj["kind"]]
@@ -349,6 +372,9 @@ class FakeApiServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server._serve(self)
 
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                server._serve_post(self)
+
         return Handler
 
     def _route(self, path: str) -> tuple[Resource, str | None, str | None] | None:
@@ -378,10 +404,7 @@ class FakeApiServer:
         group = resource.api_version.rpartition("/")[0]
         if self.allowed is not None and (group, resource.plural) not in self.allowed:
             verb = "get" if name is not None else "watch" if query.get("watch") in ("true", "1") else "list"
-            message = (f'{resource.plural}{"." + group if group else ""} is forbidden: User '
-                       f'"system:serviceaccount:ambit-system:ambit-node" cannot {verb} resource '
-                       f'"{resource.plural}" in API group "{group}" at the cluster scope')
-            return self._json(handler, 403, _status(403, "Forbidden", message))
+            return self._json(handler, 403, self._forbidden(resource.plural, group, verb))
         if "labelSelector" in query:
             return self._json(handler, 400, _status(400, "BadRequest", "labelSelector is not implemented here"))
         try:
@@ -393,6 +416,39 @@ class FakeApiServer:
         if query.get("watch") in ("true", "1"):
             return self._watch(handler, resource, namespace, selector, query)
         return self._list(handler, resource, namespace, selector, query)
+
+    def _forbidden(self, resource: str, group: str, verb: str) -> dict[str, Any]:
+        message = (f'{resource}{"." + group if group else ""} is forbidden: User '
+                   f'"system:serviceaccount:ambit-system:ambit-node" cannot {verb} resource '
+                   f'"{resource}" in API group "{group}" at the cluster scope')
+        return _status(403, "Forbidden", message)
+
+    def _serve_post(self, handler: BaseHTTPRequestHandler) -> None:
+        """Only TokenReview is created here; anything else is 405, as for a read-only resource."""
+        url = urlsplit(handler.path)
+        self.requests.append(Request("POST", url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}))
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length) if length else b""
+        if self.token is not None and handler.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._json(handler, 401, _status(401, "Unauthorized", "Unauthorized"))
+        if url.path != TOKEN_REVIEWS:
+            return self._json(handler, 405, _status(405, "MethodNotAllowed", "the server does not allow this "
+                                                                             "method on the requested resource"))
+        if self.allowed is not None and ("authentication.k8s.io", "tokenreviews") not in self.allowed:
+            return self._json(handler, 403, self._forbidden("tokenreviews", "authentication.k8s.io", "create"))
+        try:
+            body = json.loads(raw)
+            spec = body["spec"]
+            token = spec["token"]
+            audiences = spec.get("audiences") or []
+            if body.get("kind") != "TokenReview" or not isinstance(token, str) or not isinstance(audiences, list):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return self._json(handler, 400, _status(400, "BadRequest", "not a TokenReview"))
+        status = self.tokens.review(token, audiences, lambda ns, name: self.get("Pod", ns, name))
+        self._json(handler, 201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                  "metadata": {"creationTimestamp": None},
+                                  "spec": {"token": token, "audiences": audiences}, "status": status})
 
     def _json(self, handler: BaseHTTPRequestHandler, code: int, body: Mapping[str, Any]) -> None:
         data = json.dumps(body).encode()
