@@ -47,6 +47,7 @@ from kubernetes import client as kube_client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
+from ..backoff import Backoff
 from .model import (
     ALL_KINDS,
     KIND_AUTHORIZATION_POLICY,
@@ -64,20 +65,6 @@ ISTIO_SECURITY_VERSION = "v1"
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 GATEWAY_API_VERSION = "v1"
 _WATCH_EVENTS = frozenset({"ADDED", "MODIFIED", "DELETED"})
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential, capped and jittered, so a fleet of agents does not reconnect in step."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * self.multiplier ** min(attempt, 32))
-        return min(self.maximum, base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0)))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import structlog
 from cryptography import x509
@@ -51,11 +51,19 @@ class InvalidCA(ValueError):
 
 @dataclass(frozen=True)
 class IssuedCert:
-    """A workload certificate and, when the CA generated it, its private key."""
+    """A workload certificate, what it chains to and, when held here, its private key.
+
+    `intermediates` are the CA certificates between the leaf and `root`
+    (sent to peers with the leaf); `root` is the trust anchor the CA said it
+    chains to; `issuer` says which CA signed it (for `ambitctl certs`).
+    """
 
     spiffe_id: SpiffeId
     certificate: x509.Certificate
     private_key: ec.EllipticCurvePrivateKey | None
+    intermediates: tuple[x509.Certificate, ...] = ()
+    root: x509.Certificate | None = None
+    issuer: str = ""
 
     @property
     def serial(self) -> int:
@@ -72,6 +80,17 @@ class IssuedCert:
     @property
     def certificate_pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The leaf and its intermediates: what a TLS endpoint presents."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, *self.intermediates))
+
+    @property
+    def root_pem(self) -> bytes:
+        if self.root is None:
+            raise ValueError(f"certificate for {self.spiffe_id} came without a root")
+        return self.root.public_bytes(serialization.Encoding.PEM)
 
     @property
     def private_key_pem(self) -> bytes:
@@ -101,7 +120,8 @@ def _signature_hash(key: CASigningKey) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
-def _check_leaf_key(public_key: LeafPublicKey) -> None:
+def check_leaf_key(public_key: object) -> None:
+    """Refuse workload keys too weak (or of a kind) the mesh does not accept."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if not isinstance(public_key.curve, _LEAF_CURVES):
             raise ValueError(f"EC curve {public_key.curve.name} is not allowed for workload keys")
@@ -327,21 +347,49 @@ class LocalCA:
         if public_key is None:
             private_key = ec.generate_private_key(ec.SECP256R1())
             public_key = private_key.public_key()
-        _check_leaf_key(public_key)
+        check_leaf_key(public_key)
 
+        certificate = self._sign_leaf(
+            # X.509-SVID: the identity is the URI SAN alone, the subject may be empty.
+            [x509.UniformResourceIdentifier(str(spiffe_id))], public_key, ttl, str(spiffe_id))
+        return IssuedCert(spiffe_id, certificate, private_key, root=self._certificate, issuer="local CA")
+
+    def issue_serving(
+        self,
+        dns_names: Sequence[str],
+        *,
+        public_key: LeafPublicKey | None = None,
+        ttl: timedelta = DEFAULT_LEAF_TTL,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | None]:
+        """A TLS server certificate for `dns_names` (the CA service's own, as
+        istiod serves 15012 with one from its CA); generates the key unless given."""
+        if not dns_names:
+            raise ValueError("a serving certificate needs at least one DNS name")
+        private_key: ec.EllipticCurvePrivateKey | None = None
+        if public_key is None:
+            private_key = ec.generate_private_key(ec.SECP256R1())
+            public_key = private_key.public_key()
+        check_leaf_key(public_key)
+        names = [x509.DNSName(name) for name in dns_names]
+        return self._sign_leaf(names, public_key, ttl, ",".join(dns_names)), private_key
+
+    def _sign_leaf(
+        self, names: list[x509.GeneralName], public_key: LeafPublicKey, ttl: timedelta, label: str
+    ) -> x509.Certificate:
+        """An end-entity certificate for `names` (the SAN), subject empty, usable
+        for TLS client and server authentication."""
         now = self._clock()
         not_before = now - CLOCK_SKEW_ALLOWANCE
         not_after = now + ttl
         if not_after > self.not_after:
             # A leaf outliving its issuer fails verification at the CA's expiry anyway.
-            self._log.warning("ca.leaf_clamped", spiffe_id=str(spiffe_id), ca_not_after=str(self.not_after))
+            self._log.warning("ca.leaf_clamped", subject=label, ca_not_after=str(self.not_after))
             not_after = self.not_after
         if not_after <= now:
-            raise ValueError(f"CA expired at {self.not_after}; cannot issue for {spiffe_id}")
+            raise ValueError(f"CA expired at {self.not_after}; cannot issue for {label}")
 
         certificate = (
             x509.CertificateBuilder()
-            # X.509-SVID: the identity is the URI SAN alone, the subject may be empty.
             .subject_name(x509.Name([]))
             .issuer_name(self._certificate.subject)
             .public_key(public_key)
@@ -349,10 +397,7 @@ class LocalCA:
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             # With an empty subject the SAN must be critical (RFC 5280 4.2.1.6).
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-                critical=True,
-            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -379,8 +424,8 @@ class LocalCA:
         )
         self._log.debug(
             "ca.issued",
-            spiffe_id=str(spiffe_id),
+            subject=label,
             serial=f"{certificate.serial_number:x}",
             not_after=str(not_after),
         )
-        return IssuedCert(spiffe_id, certificate, private_key)
+        return certificate

@@ -23,14 +23,15 @@ def ensure_private_dir(directory: Path) -> None:
     os.chmod(directory, PRIVATE_DIR_MODE)
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data`; the file has `mode` from its first byte on."""
-    atomic_write(path, data, mode)
+def write_atomically(path: Path, data: bytes, mode: int, durable: bool = True) -> None:
+    """Replace `path` with `data`; the file has `mode` from its first byte on.
+    durable=False skips the fsyncs, for files that are made again after a crash."""
+    atomic_write(path, data, mode, durable=durable)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    write_atomically(path, data, PRIVATE_FILE_MODE)
+def write_private(path: Path, data: bytes, durable: bool = True) -> None:
+    write_atomically(path, data, PRIVATE_FILE_MODE, durable)
 
 
-def write_public(path: Path, data: bytes) -> None:
-    write_atomically(path, data, PUBLIC_FILE_MODE)
+def write_public(path: Path, data: bytes, durable: bool = True) -> None:
+    write_atomically(path, data, PUBLIC_FILE_MODE, durable)

@@ -1,12 +1,21 @@
-"""The agent's workload certificates: one key + certificate per local service account.
+"""The node's workload certificates: one key + certificate per local service account.
 
-Certificates are short-lived, so the store re-issues each one once a fixed
-fraction of its lifetime has passed (half, by default), leaving the other half
-to ride out a CA outage. Python's `ssl` loads certificates only from files, so
-every certificate and key is also kept on disk:
+Certificates are short-lived, so each one is replaced once a fixed fraction
+of its lifetime has passed (half, by default), leaving the other half to ride
+out a CA outage. Every key is generated here (csr.py) and only the request
+leaves the node; the issuer (issuer.py) is the local CA or a remote one.
 
-    <directory>/trust-bundle.pem
-    <directory>/<namespace>/<service-account>/cert.pem   (0644)
+Two ways in:
+- `await certificate(id)` / `await renew(id)`, for the agent: a usable
+  certificate, or a new one from the issuer; concurrent requests for one
+  identity share one issuance;
+- `get(id)`, synchronous, for the local CA (waypoint tools, tests): issues or
+  rotates on the spot. With a remote issuer it only hands out what is held.
+
+Python's `ssl` loads certificates only from files, so all are kept on disk:
+
+    <directory>/trust-bundle.pem                         the roots peers must chain to
+    <directory>/<namespace>/<service-account>/cert.pem   leaf + intermediates (0644)
     <directory>/<namespace>/<service-account>/key.pem    (0600)
 
 Namespace and service account cannot contain '/' or be '.'/'..' (SpiffeId
@@ -16,14 +25,20 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from ..singleflight import SingleFlight
 from .ca import DEFAULT_LEAF_TTL, Clock, IssuedCert, LocalCA
+from .csr import new_workload_key
+from .issuer import Issuer, LocalIssuer
+from .istio_ca import IssueError
 from .pemfiles import ensure_private_dir, write_private, write_public
 from .spiffe import SpiffeId
 
@@ -31,6 +46,9 @@ DEFAULT_ROTATE_FRACTION = 0.5
 BUNDLE_FILE = "trust-bundle.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+
+# Called with the identity and its new certificate, or None once removed.
+CertListener = Callable[[SpiffeId, "WorkloadCert | None"], None]
 
 _log = structlog.get_logger(__name__)
 
@@ -47,6 +65,11 @@ def needs_rotation(
     """True once the rotation point has passed, or if the clock went back before
     the certificate's start (peers would then refuse it as not yet valid)."""
     return now >= rotation_due_at(certificate, fraction) or now < certificate.not_valid_before_utc
+
+
+def usable(certificate: x509.Certificate, now: datetime) -> bool:
+    """Within its validity: peers accept it, even if it is due for replacement."""
+    return certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,7 @@ class CertStatus:
     not_after: datetime
     rotation_due_at: datetime
     rotation_due: bool
+    issuer: str = ""
 
     @property
     def serial_hex(self) -> str:
@@ -95,41 +119,57 @@ class CertificateStore:
 
     def __init__(
         self,
-        ca: LocalCA,
+        issuer: Issuer | LocalCA,
         directory: Path,
         *,
         ttl: timedelta = DEFAULT_LEAF_TTL,
         rotate_fraction: float = DEFAULT_ROTATE_FRACTION,
         clock: Clock | None = None,
     ) -> None:
-        """`clock` defaults to the CA's: the two must agree, or a certificate the
-        CA just issued could already look due for rotation."""
+        """`clock` defaults to the issuer's: the two must agree, or a certificate
+        the CA just issued could already look due for rotation."""
         if not 0.0 < rotate_fraction < 1.0:
             raise ValueError(f"rotate_fraction must be between 0 and 1, got {rotate_fraction}")
-        self._ca = ca
+        self._issuer: Issuer = LocalIssuer(issuer) if isinstance(issuer, LocalCA) else issuer
+        self._local = self._issuer if isinstance(self._issuer, LocalIssuer) else None
         self._directory = Path(directory)
         self._ttl = ttl
         self._rotate_fraction = rotate_fraction
-        self._clock = clock if clock is not None else ca.clock
+        self._clock = clock if clock is not None else self._issuer.clock
         self._certs: dict[SpiffeId, WorkloadCert] = {}
+        self._epochs: dict[SpiffeId, int] = {}  # bumped by remove(): a late issuance is not installed
+        self._renewals: SingleFlight[SpiffeId, WorkloadCert] = SingleFlight()
+        self._listeners: list[CertListener] = []
+        self._bundle = b""
         # TLS contexts may be built from worker threads; writes and the
         # `ssl` loads that read the files must not interleave.
         self._lock = threading.RLock()
-        self._log = _log.bind(trust_domain=ca.trust_domain, directory=str(self._directory))
+        self._log = _log.bind(trust_domain=self._issuer.trust_domain, directory=str(self._directory))
         ensure_private_dir(self._directory)
-        write_public(self.bundle_path, ca.trust_bundle_pem)
+        if self._local is not None:
+            self._write_bundle(self._local.ca.trust_bundle_pem)
 
     @property
     def trust_domain(self) -> str:
-        return self._ca.trust_domain
+        return self._issuer.trust_domain
+
+    @property
+    def issuer(self) -> str:
+        return self._issuer.description
 
     @property
     def trust_bundle_pem(self) -> bytes:
-        return self._ca.trust_bundle_pem
+        """The roots of the certificates held (a local CA's from the start)."""
+        with self._lock:
+            return self._bundle
 
     @property
     def rotate_fraction(self) -> float:
         return self._rotate_fraction
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def bundle_path(self) -> Path:
@@ -143,30 +183,61 @@ class CertificateStore:
         with self._lock:
             return sorted(self._certs, key=str)
 
-    def get(self, spiffe_id: SpiffeId) -> WorkloadCert:
-        """Current credentials for `spiffe_id`, issued or rotated first if needed."""
-        with self._lock:
-            current = self._certs.get(spiffe_id)
-            if current is not None and not needs_rotation(
-                current.issued.certificate, self._clock(), self._rotate_fraction
-            ):
-                return current
-            return self._issue(spiffe_id, replacing=current)
+    def subscribe(self, listener: CertListener) -> None:
+        self._listeners.append(listener)
 
-    def rotate_due(self) -> list[SpiffeId]:
-        """Re-issue every certificate past its rotation point; for a periodic task."""
-        rotated = []
+    def current(self, spiffe_id: SpiffeId) -> WorkloadCert | None:
         with self._lock:
+            return self._certs.get(spiffe_id)
+
+    def due_at(self, cert: WorkloadCert) -> datetime:
+        return rotation_due_at(cert.issued.certificate, self._rotate_fraction)
+
+    # -- the agent's way: asynchronous, any issuer ----------------------------
+
+    async def certificate(self, spiffe_id: SpiffeId) -> WorkloadCert:
+        """A certificate peers accept now: the one held (even if due: its
+        replacement is the rotation's business), else a new one."""
+        held = self.current(spiffe_id)
+        if held is not None and usable(held.issued.certificate, self._clock()):
+            return held
+        return await self.renew(spiffe_id)
+
+    async def renew(self, spiffe_id: SpiffeId) -> WorkloadCert:
+        """A new key and certificate; IssueError (or ValueError) when none could be had."""
+        return await self._renewals.run(spiffe_id, lambda: self._renew(spiffe_id))
+
+    async def _renew(self, spiffe_id: SpiffeId) -> WorkloadCert:
+        with self._lock:
+            epoch = self._epochs.get(spiffe_id, 0)
+        issued = await self._issuer.issue(spiffe_id, new_workload_key(), self._ttl)
+        with self._lock:
+            if self._epochs.get(spiffe_id, 0) != epoch:
+                raise IssueError(f"{spiffe_id} was removed while its certificate was being issued")
+            return self._install(issued)
+
+    # -- the synchronous way: a local CA issues on the spot -------------------
+
+    def get(self, spiffe_id: SpiffeId) -> WorkloadCert:
+        """Current credentials for `spiffe_id`; a local CA issues or rotates them
+        first if needed, a remote one only hands out what is held and usable."""
+        with self._lock:
+            held = self._certs.get(spiffe_id)
             now = self._clock()
-            for spiffe_id, current in list(self._certs.items()):
-                if needs_rotation(current.issued.certificate, now, self._rotate_fraction):
-                    self._issue(spiffe_id, replacing=current)
-                    rotated.append(spiffe_id)
-        return rotated
+            if held is not None and not needs_rotation(held.issued.certificate, now, self._rotate_fraction):
+                return held
+            if self._local is not None:
+                return self._install(self._local.issue_now(spiffe_id, new_workload_key(), self._ttl))
+            if held is not None and usable(held.issued.certificate, now):
+                return held
+        raise IssueError(f"no certificate for {spiffe_id} yet ({self.issuer})")
+
+    # -- both -----------------------------------------------------------------
 
     def remove(self, spiffe_id: SpiffeId) -> bool:
         """Forget `spiffe_id` (its last local pod left) and delete its files."""
         with self._lock:
+            self._epochs[spiffe_id] = self._epochs.get(spiffe_id, 0) + 1
             existed = self._certs.pop(spiffe_id, None) is not None
             paths = self.paths(spiffe_id)
             for path in (paths.key_file, paths.cert_file):
@@ -176,16 +247,19 @@ class CertificateStore:
                     directory.rmdir()
                 except OSError:
                     break  # not empty (another service account) or already gone
+            if existed:
+                self._refresh_bundle()
         if existed:
             self._log.info("cert.removed", spiffe_id=str(spiffe_id))
+            self._notify(spiffe_id, None)
         return existed
 
     def load_cert_chain_into(self, context: ssl.SSLContext, spiffe_id: SpiffeId) -> WorkloadCert:
         """Load `spiffe_id`'s current key and certificate into an SSL context."""
         with self._lock:
-            current = self.get(spiffe_id)
-            context.load_cert_chain(current.paths.cert_file, current.paths.key_file)
-            return current
+            held = self.get(spiffe_id)
+            context.load_cert_chain(held.paths.cert_file, held.paths.key_file)
+            return held
 
     def status(self) -> list[CertStatus]:
         with self._lock:
@@ -198,27 +272,57 @@ class CertificateStore:
                     not_after=cert.issued.not_after,
                     rotation_due_at=rotation_due_at(cert.issued.certificate, self._rotate_fraction),
                     rotation_due=needs_rotation(cert.issued.certificate, now, self._rotate_fraction),
+                    issuer=cert.issued.issuer,
                 )
                 for spiffe_id, cert in self._certs.items()
             ]
         return sorted(rows, key=lambda row: str(row.spiffe_id))
 
-    def _issue(self, spiffe_id: SpiffeId, replacing: WorkloadCert | None) -> WorkloadCert:
-        issued = self._ca.issue(spiffe_id, ttl=self._ttl)
+    def _install(self, issued: IssuedCert) -> WorkloadCert:
+        """Under the lock: write the files, make it current, tell the listeners."""
+        spiffe_id = issued.spiffe_id
+        replacing = self._certs.get(spiffe_id)
         paths = self.paths(spiffe_id)
         ensure_private_dir(paths.cert_file.parent.parent)
         ensure_private_dir(paths.cert_file.parent)
         # Key first; readers in this process hold the lock, so they never see
-        # the new key with the old certificate.
-        write_private(paths.key_file, issued.private_key_pem)
-        write_public(paths.cert_file, issued.certificate_pem)
+        # the new key with the old certificate. Not fsynced: after a crash the
+        # agent asks again.
+        write_private(paths.key_file, issued.private_key_pem, durable=False)
+        write_public(paths.cert_file, issued.chain_pem, durable=False)
         current = WorkloadCert(issued, paths)
         self._certs[spiffe_id] = current
+        self._refresh_bundle()
         self._log.info(
             "cert.rotated" if replacing is not None else "cert.issued",
             spiffe_id=str(spiffe_id),
             serial=f"{issued.serial:x}",
             previous_serial=f"{replacing.serial:x}" if replacing is not None else None,
             not_after=str(issued.not_after),
+            issuer=issued.issuer,
         )
+        self._notify(spiffe_id, current)
         return current
+
+    def _refresh_bundle(self) -> None:
+        """The bundle is every root a held certificate chains to (two during a root rotation)."""
+        roots: dict[bytes, None] = {}
+        if self._local is not None:
+            roots[self._local.ca.trust_bundle_pem] = None
+        for cert in self._certs.values():
+            if cert.issued.root is not None:
+                roots[cert.issued.root.public_bytes(serialization.Encoding.PEM)] = None
+        bundle = b"".join(roots)
+        if bundle and bundle != self._bundle:
+            self._write_bundle(bundle)
+
+    def _write_bundle(self, bundle: bytes) -> None:
+        write_public(self.bundle_path, bundle, durable=False)
+        self._bundle = bundle
+
+    def _notify(self, spiffe_id: SpiffeId, cert: WorkloadCert | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(spiffe_id, cert)
+            except Exception:  # a listener's bug must not undo an issuance
+                self._log.exception("cert.listener_failed", spiffe_id=str(spiffe_id))

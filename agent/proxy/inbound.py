@@ -194,7 +194,7 @@ class HboneInbound:
             sock.close()
             return
         try:
-            context = self._contexts.server(identity)
+            context = await self._contexts.server(identity)
         except Exception as exc:  # e.g. the certificate cannot be issued
             self._refuse_connection(log, f"no certificate for {identity}: {exc}")
             sock.close()

@@ -212,7 +212,7 @@ class HboneClientPool:
     async def _dial(self, key: PoolKey, log: structlog.typing.FilteringBoundLogger) -> HboneClientProtocol:
         loop = asyncio.get_running_loop()
         settings = self._settings
-        context = self._contexts.client(key.source_identity)
+        context = await self._contexts.client(key.source_identity)
         sock = await _maybe_await(self._socket_factory(key.source_ip))
         if not isinstance(sock, socket.socket):
             raise TypeError(f"socket_factory returned {type(sock).__name__}, not a socket")

@@ -14,7 +14,8 @@ class TlsContextCache:
     Building a context loads a key and a certificate from disk; doing that per
     connection would cost more than the handshake. The serial of the store's
     current certificate is part of the key, so a rotation is picked up by the
-    next connection.
+    next connection. Asking may wait for the CA when the identity has no
+    usable certificate yet (a pod's very first connection).
     """
 
     def __init__(self, store: CertificateStore) -> None:
@@ -25,14 +26,14 @@ class TlsContextCache:
     def trust_domain(self) -> str:
         return self._store.trust_domain
 
-    def server(self, identity: SpiffeId) -> ssl.SSLContext:
-        return self._get(True, identity)
+    async def server(self, identity: SpiffeId) -> ssl.SSLContext:
+        return await self._get(True, identity)
 
-    def client(self, identity: SpiffeId) -> ssl.SSLContext:
-        return self._get(False, identity)
+    async def client(self, identity: SpiffeId) -> ssl.SSLContext:
+        return await self._get(False, identity)
 
-    def _get(self, server_side: bool, identity: SpiffeId) -> ssl.SSLContext:
-        serial = self._store.get(identity).serial
+    async def _get(self, server_side: bool, identity: SpiffeId) -> ssl.SSLContext:
+        serial = (await self._store.certificate(identity)).serial
         cached = self._contexts.get((server_side, identity))
         if cached is not None and cached[0] == serial:
             return cached[1]
