@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from kubernetes import client as kube_client
 from kubernetes.client.exceptions import ApiException
 
-from ambit.agent.discovery.files import FileSource
+from ambit.agent.discovery.file_source import FileSource
 from ambit.agent.discovery.model import ModelError, PodInfo, parse_pod
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.singleflight import SingleFlight

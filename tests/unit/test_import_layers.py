@@ -28,6 +28,8 @@ AGENT_RANKS = {
     "identity": 2, "telemetry": 2, "datapath": 2, "enrolment_records": 2,
     # helpers without a concept of the mesh: namespaces, netlink, files, logging, the pod record
     "netns": 1, "netlink": 1, "rtnl_query": 1, "atomic_files": 1, "log": 1, "eventloop": 1, "workload": 1,
+    # retry delays and shared in-flight calls (watches, certificate requests, the CA's lookups)
+    "backoff": 1, "singleflight": 1,
 }
 NEVER_IN_THE_AGENT = ("ambit.lab", "ambit.waypoint", "ambit.ca", "ambit.cli")
 
