@@ -23,9 +23,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from ambit.agent.datapath.constants import HBONE_PORT
+
 WORKLOAD_ANNOTATION = "lab.ambit.dev/workload"
 WORKLOAD_KINDS = ("http", "echo", "waypoint")
-DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000, "waypoint": 15008}
+DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000, "waypoint": HBONE_PORT}
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 SERVICE_CIDR = "10.96.0.0/16"

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
+from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import create_netns, netns_path
 from ambit.agent.netns import remove_netns as _remove_netns
@@ -104,7 +105,7 @@ class AgentProcess:
         self.log_path = node.workdir / f"agent-{tag}.log"
         self.capture = capture
         self.proxy_netns = f"{node.name}-proxy"
-        self.bpffs_dir = f"/sys/fs/bpf/ambit/{node.name}"
+        self.bpffs_dir = f"{BPFFS_ROOT}/{node.name}"
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ambit.agent.datapath.constants import BPFFS_ROOT, METRICS_PORT, READINESS_PORT
+
 from .errors import LabError
 from .labconfig import SERVICE_CIDR, LabConfig, Pod
 from .node import bridge_conflist
@@ -16,7 +18,6 @@ from .node import bridge_conflist
 
 PREFIX = "ambitlab-"
 STATE_DIR = Path("/var/run/ambit-lab")
-BPFFS_ROOT = Path("/sys/fs/bpf/ambit")
 UNIX_PATH_MAX = 107
 CAPTURE_MODES = ("none", "ebpf", "nftables")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,8}-$")  # short: link names are prefix + "n<N>", at most 15
@@ -32,7 +33,7 @@ class LabSettings:
     underlay_cidr: str = "10.100.0.0/24"  # node N is host N
     pod_supernet: str = "10.244.0.0/16"   # node N gets the Nth /24
     service_cidr: str = SERVICE_CIDR
-    bpffs_root: Path = BPFFS_ROOT
+    bpffs_root: Path = Path(BPFFS_ROOT)
     capture: str = "ebpf"                 # the agents' --capture: "ebpf"/"nftables" capture enrolled pods, "none" only records them
     agent_args: tuple[str, ...] = ()      # extra options for every agent
     ready_timeout: float = 30.0
@@ -144,7 +145,7 @@ def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str) ->
     the API server, and identities come from the lab's shared CA."""
     return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
             "--discovery", "files", "--config-file", str(settings.cluster_file), "--ca-dir", str(settings.ca_dir),
-            "--metrics-port", "15020", "--readiness-port", "15021", *settings.agent_args)
+            "--metrics-port", str(METRICS_PORT), "--readiness-port", str(READINESS_PORT), *settings.agent_args)
 
 
 def lab_conflist(settings: LabSettings, node: NodePlan) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
 from ambit.agent.cli.client import AgentClient
+from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
@@ -52,7 +53,7 @@ from .errors import LabError, LabNotRunning, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
 from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path
-from .plan import BPFFS_ROOT, LabPlan, LabSettings, NodePlan, PodPlan, lab_conflist, plan_lab
+from .plan import LabPlan, LabSettings, NodePlan, PodPlan, lab_conflist, plan_lab
 from .processes import (
     MARKER_ENV,
     Leftovers,

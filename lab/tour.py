@@ -23,7 +23,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
+from ambit.agent.datapath.constants import HBONE_PORT, METRICS_PORT
 from ambit.agent.netns import NetnsThread, netns_path
+
 from . import labconfig
 from .errors import LeftoversFound
 from .plan import LabSettings
@@ -168,7 +170,7 @@ def _waypoint_envoy_pid(lab: Lab) -> int | None:
 def _metrics(lab: Lab, node: str) -> list[str]:
     """istio_tcp_* samples from a node agent's /metrics (inside the node's namespace)."""
     def scrape() -> str:
-        with urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as response:
             return response.read().decode()
 
     with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
@@ -239,10 +241,10 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
                 tour.say(f"node1 access log: via={entry['via']} {entry['src_identity']} -> {entry['dst_identity']}, "
                          f"sent {entry['sent']} B, received {entry['received']} B")
             packets = capture.tcp_payloads()
-            hbone = [p for p in packets if 15008 in (p[0], p[1]) and p[2]]
+            hbone = [p for p in packets if HBONE_PORT in (p[0], p[1]) and p[2]]
             tls_records = sum(1 for p in hbone if p[2][:1] in (b"\x16", b"\x17") and p[2][1:3] == b"\x03\x03")
             plaintext = [p for p in packets if MARKER.encode() in p[2] or b"GET /" in p[2]]
-            tour.say(f"underlay capture: {len(packets)} TCP frames, {len(hbone)} with payload on port 15008, "
+            tour.say(f"underlay capture: {len(packets)} TCP frames, {len(hbone)} with payload on port {HBONE_PORT}, "
                      f"{tls_records} of them starting a TLS record")
             tour.say(f"the HTTP request or the echoed text seen in clear on the underlay: "
                      f"{'YES (' + str(len(plaintext)) + ' frames)' if plaintext else 'no -- only TLS crossed'}")
@@ -307,7 +309,7 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
                      + ("not restarted (ambit waypoint --watch rewrote the files it watches)"
                         if envoy_before == envoy_after else "RESTARTED?!"))
 
-        with tour.step("metrics: node1 agent, http://127.0.0.1:15020/metrics in its namespace (excerpt)"):
+        with tour.step(f"metrics: node1 agent, http://127.0.0.1:{METRICS_PORT}/metrics in its namespace (excerpt)"):
             for sample in _metrics(lab, "node1")[:12]:
                 tour.say(_short_labels(sample))
     finally:

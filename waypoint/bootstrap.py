@@ -28,12 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ambit.agent.datapath.constants import HBONE_PORT
+
 from .credentials import BUNDLE_SECRET, IDENTITY_SECRET, SecretFiles
 from .xds_files import Resources, XdsFiles, file_config_source
 from .destinations import Backend, Destination, WaypointPlan
 from .rbac import PEER_PRINCIPAL_KEY, RbacRules, rbac_rules
 
-HBONE_PORT = 15008
 HBONE_ROUTES = "hbone"
 _TYPES = "type.googleapis.com/envoy."
 ORIGINAL_REMOTE_KEY = "envoy.filters.listener.original_dst.remote_ip"

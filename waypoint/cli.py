@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ambit.agent.atomic_files import atomic_write
+from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
 from ambit.agent.identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
@@ -110,7 +111,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     parser.add_argument("--service-account", help="the waypoint's service account (default: its pods', else NAME)")
     parser.add_argument("--listen-address", default="0.0.0.0", help="HBONE listen address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=15008, help="HBONE port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=HBONE_PORT, help="HBONE port (default: %(default)s)")
     parser.add_argument("--access-log", default="/dev/stdout", help="access log path (default: %(default)s)")
     running = parser.add_argument_group("running Envoy (--run)")
     running.add_argument("--run", action="store_true",

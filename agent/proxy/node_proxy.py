@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from ..datapath.constants import HBONE_PORT
 from ..discovery.model import KIND_POD, POLICY_KINDS
 from ..discovery.state import EVENT_MODIFIED, ClusterState
 from ..identity.spiffe import SpiffeId
@@ -300,7 +301,7 @@ class NodeProxy:
             return self._refuse(sock, tracked, f"HBONE CONNECT {plan.authority} refused by {next_hop}: "
                                                f"HTTP {exc.status}", flags)
         except (TunnelError, IdentityError, OSError, TimeoutError) as exc:
-            tracked.meta.reason = f"HBONE to {next_hop}:15008 failed: {type(exc).__name__}: {exc}"
+            tracked.meta.reason = f"HBONE to {next_hop}:{HBONE_PORT} failed: {type(exc).__name__}: {exc}"
             reset_socket(sock)
             return _Outcome("connect_failed", 0, 0, error=type(exc).__name__, flags="UF", failed=True)
         try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import IdentityMismatch, TlsConnection, require_alpn_h2, verify_server_identity
@@ -34,7 +35,7 @@ from ambit.agent.identity.tls import IdentityMismatch, TlsConnection, require_al
 from .hbone.buffers import ScratchBuffers, tune_allocator
 from .hbone.outcomes import HboneConnectionLost, TunnelError, TunnelRefused, TunnelReset
 from .hbone.protocol import HboneClientProtocol
-from .hbone.settings import HBONE_PORT, HboneSettings
+from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
 from .tls_stream import TlsStream

@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..datapath.constants import METRICS_PORT, READINESS_PORT
+
 log = structlog.get_logger(__name__)
 
 Readiness = Callable[[], tuple[bool, str]]
@@ -41,7 +43,7 @@ def _handler(routes: dict[str, Callable[[], tuple[int, str, bytes]]]) -> type[Ba
 
 class TelemetryServer:
     def __init__(self, registry: CollectorRegistry, readiness: Readiness, address: str = "0.0.0.0",
-                 metrics_port: int = 15020, readiness_port: int = 15021) -> None:
+                 metrics_port: int = METRICS_PORT, readiness_port: int = READINESS_PORT) -> None:
         def metrics() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 

@@ -29,6 +29,7 @@ import pytest
 import structlog
 from h2.errors import ErrorCodes
 
+from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.tls import IdentityMismatch, client_context, server_context
 from ambit.agent.proxy.hbone.outcomes import HboneConnectionLost, TunnelEnd, TunnelError, TunnelRefused
@@ -62,7 +63,6 @@ CLIENT_IP = "10.253.0.1"
 SERVER_IP = "10.253.0.2"
 OTHER_POD_IP = "10.253.0.3"
 NOT_LOCAL_IP = "10.253.0.4"
-HBONE_PORT = 15008
 TD = "cluster.local"
 CART = SpiffeId(TD, "shop", "cart")
 PAYMENTS = SpiffeId(TD, "shop", "payments")

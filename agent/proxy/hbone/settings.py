@@ -16,8 +16,6 @@ from typing import Final
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
 
-HBONE_PORT: Final = 15008
-
 # RFC 9113 limits.
 _MIN_FRAME_SIZE: Final = 16 * KiB
 _MAX_FRAME_SIZE: Final = 2**24 - 1
