@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from types import MappingProxyType
@@ -48,6 +48,12 @@ def _empty_map() -> Mapping[str, str]:
 
 class ModelError(ValueError):
     """A malformed object; the message names kind, namespace/name and field."""
+
+
+def labels_match(selector: Iterable[tuple[str, str]], labels: Mapping[str, str]) -> bool:
+    """Kubernetes matchLabels: every (key, value) of the selector is among `labels`
+    (a Mapping selector: pass its .items())."""
+    return all(labels.get(key) == value for key, value in selector)
 
 
 def is_namespaced(kind: str) -> bool:

@@ -105,11 +105,6 @@ class MtlsMode(enum.Enum):
 Labels: TypeAlias = tuple[tuple[str, str], ...]
 
 
-def labels_match(selector: Labels, labels: Mapping[str, str]) -> bool:
-    """Kubernetes matchLabels: every selector pair is present in `labels`."""
-    return all(labels.get(key) == value for key, value in selector)
-
-
 @dataclass(frozen=True)
 class Source:
     """One `from[].source` entry, reduced to what a node proxy can check.

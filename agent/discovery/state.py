@@ -43,6 +43,7 @@ from .model import (
     ServicePort,
     canonical_ip,
     is_namespaced,
+    labels_match,
     object_key,
 )
 
@@ -90,10 +91,6 @@ class Endpoint(NamedTuple):
 
 def _family(ip: str) -> int:
     return 6 if ":" in ip else 4
-
-
-def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _serving(pod: PodInfo) -> bool:
@@ -310,7 +307,7 @@ class ClusterState:
         found: dict[tuple[str, int], Endpoint] = {}
         for key in sorted(self._pods_by_namespace.get(service.namespace, ())):
             pod = pods[key]
-            if not _serving(pod) or not _labels_match(service.selector, pod.labels):
+            if not _serving(pod) or not labels_match(service.selector.items(), pod.labels):
                 continue
             target = port.target_port
             if isinstance(target, str):

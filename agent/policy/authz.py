@@ -27,7 +27,8 @@ from typing import Any
 import structlog
 from structlog.typing import BindableLogger
 
-from ..discovery.policy_model import Action, AuthorizationPolicy, Condition, IPNetwork, Labels, Operation, Rule, Source, labels_match
+from ..discovery.model import labels_match
+from ..discovery.policy_model import Action, AuthorizationPolicy, Condition, IPNetwork, Labels, Operation, Rule, Source
 from .peerauth import DEFAULT_ROOT_NAMESPACE, PeerAuthenticationPolicy
 
 SPIFFE_PREFIX = "spiffe://"

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ..discovery.policy_model import MtlsMode, PeerAuthentication, labels_match
+from ..discovery.model import labels_match
+from ..discovery.policy_model import MtlsMode, PeerAuthentication
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 _CACHE_LIMIT = 4096
