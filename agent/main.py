@@ -31,6 +31,7 @@ from .datapath.backend import CAPTURE_BACKENDS, capture_backend, make_datapath, 
 from .datapath.capture import Datapath
 from .datapath.errors import CaptureUnavailable, require_backend
 from .datapath.nft_capture import NftDatapath
+from .discovery.report import NO_DISCOVERY, DiscoveryReport
 from .enrolment import Enrolment, RecordOnly
 from .mesh import MeshRuntime, MeshSettings
 from .proxy.node_proxy import NodeProxy
@@ -164,18 +165,18 @@ class Agent:
             CniService(self.enrolment, self.readiness,
                        lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view,
-                         lambda: self.mesh))
+                         lambda: self.mesh, self.discovery_report))
 
     def proxy_view(self) -> ProxyView:
-        mesh = self.mesh
-        discovery = dict(discovery=self.config.discovery, discovery_synced=bool(mesh and mesh.synced),
-                         discovered_pods=sum(1 for p in mesh.state.pods() if p.ips) if mesh else 0)
         if self.proxy is None:
             return ProxyView(capture=self.config.capture, proxy_netns="", listeners=lambda: [],
-                             connections=lambda: (), **discovery)
+                             connections=lambda: ())
         proxy = self.proxy
         return ProxyView(capture=self.config.capture, proxy_netns=self.config.proxy_netns,
-                         listeners=proxy.listener_names, connections=proxy.connections.snapshot, **discovery)
+                         listeners=proxy.listener_names, connections=proxy.connections.snapshot)
+
+    def discovery_report(self) -> DiscoveryReport:
+        return self.mesh.report() if self.mesh is not None else NO_DISCOVERY
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:

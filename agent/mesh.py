@@ -13,6 +13,7 @@ import structlog
 from .discovery.file_source import FileSource
 from .discovery.kube import KubeSource, api_client_from
 from .discovery.model import PodInfo
+from .discovery.report import DiscoveryReport, discovery_report
 from .discovery.selector import AmbientSelector
 from .discovery.state import ClusterState
 from .enrolment import Enrolment
@@ -85,6 +86,10 @@ class MeshRuntime:
     def synced(self) -> bool:
         event = getattr(self.source, "loaded", None) or getattr(self.source, "synced", None)
         return bool(event and event.is_set())
+
+    def report(self) -> DiscoveryReport:
+        """What discovery has applied (AgentStatus), read on the event loop between updates."""
+        return discovery_report(self.settings.discovery, self.source, self.synced, self.state)
 
     def follow(self, enrolment: Enrolment) -> None:
         """Label changes move this node's pods in or out of the mesh live."""

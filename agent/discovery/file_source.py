@@ -11,6 +11,9 @@ while a file removed from a listed directory takes its objects with it.
 Changes are found by polling (size, mtime, inode, ctime); a file modified
 within a second of being read is re-read and compared by content, because a
 second write in the same timestamp tick leaves the stat unchanged.
+
+`revision()` names the content the state holds (`content_revision`), so
+whoever writes the files can wait until an agent has applied what it wrote.
 """
 from __future__ import annotations
 
@@ -66,14 +69,25 @@ class _Read:
 @dataclass
 class _Known:
     signature: Signature
-    digest: bytes
+    digest: bytes  # of the bytes last read, good or bad
     read_at_ns: int
     mtime_ns: int
     objects: tuple[Mapping[str, Any], ...] = ()
+    applied: bytes = b""  # digest of the bytes `objects` came from (b"": none yet)
 
     @property
     def stable(self) -> bool:
         return self.read_at_ns - self.mtime_ns > _STABLE_AFTER_NS
+
+
+def content_revision(contents: Iterable[bytes]) -> str:
+    """The revision of a set of discovery files: what FileSource.revision()
+    reports once it holds exactly these contents (paths do not count)."""
+    return _revision(hashlib.sha256(data).digest() for data in contents)
+
+
+def _revision(digests: Iterable[bytes]) -> str:
+    return "sha256:" + hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 def parse_documents(text: str, path: Path) -> list[Mapping[str, Any]]:
@@ -164,6 +178,12 @@ class FileSource:
     def errors(self) -> dict[str, str]:
         """Files currently rejected, with the reason."""
         return {str(path): message for path, message in sorted(self._errors.items())}
+
+    def revision(self) -> str:
+        """content_revision() of the files whose objects the state holds (a
+        rejected file with its last good content); "" before the first load."""
+        applied = [known.applied for known in self._known.values() if known.applied]
+        return _revision(applied) if applied or self.loaded.is_set() else ""
 
     async def reload(self) -> bool:
         """Look at every file now; returns whether the state was updated."""
@@ -266,7 +286,7 @@ class FileSource:
             known.signature, known.digest = read.signature, read.digest
             known.read_at_ns, known.mtime_ns = read.read_at_ns, read.signature[0]
             if read.objects is not None:
-                known.objects = read.objects
+                known.objects, known.applied = read.objects, read.digest
                 changed = True
                 self._log.info("discovery file loaded", file=str(read.path), objects=len(read.objects))
         return changed

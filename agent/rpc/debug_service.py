@@ -10,6 +10,7 @@ from ambit.api.v1 import agent_pb2 as pb
 from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 
 from .. import __version__, eventloop
+from ..discovery.report import NO_DISCOVERY, DiscoveryReport
 from ..enrolment import Enrolment
 from ..proxy.connections import ConnectionInfo
 from ..proxy.trace import trace_connection
@@ -23,9 +24,6 @@ class ProxyView:
     proxy_netns: str
     listeners: Callable[[], list[str]]
     connections: Callable[[], tuple[ConnectionInfo, ...]]
-    discovery: str = "none"
-    discovery_synced: bool = False
-    discovered_pods: int = 0
 
 
 NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], connections=lambda: ())
@@ -34,7 +32,8 @@ NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], conne
 class DebugService(pb_grpc.DebugServicer):
     def __init__(self, enrolment: Enrolment, node: str, started_at: float,
                  readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY,
-                 mesh: Callable[[], Any] = lambda: None) -> None:
+                 mesh: Callable[[], Any] = lambda: None,
+                 discovery: Callable[[], DiscoveryReport] = lambda: NO_DISCOVERY) -> None:
         """`mesh` returns the agent's MeshRuntime (None without discovery)."""
         self.enrolment = enrolment
         self.node = node
@@ -42,6 +41,7 @@ class DebugService(pb_grpc.DebugServicer):
         self.readiness = readiness
         self.proxy = proxy
         self.mesh = mesh
+        self.discovery = discovery
 
     async def _need_mesh(self, context) -> Any:
         runtime = self.mesh()
@@ -102,12 +102,17 @@ class DebugService(pb_grpc.DebugServicer):
     async def AgentStatus(self, request: pb.AgentStatusRequest, context) -> pb.AgentStatusResponse:
         ready, reason = self.readiness()
         proxy = self.proxy()
+        discovery = self.discovery()
         return pb.AgentStatusResponse(version=__version__, node=self.node, started_at=self.started_at,
                                       enrolled=self.enrolment.enrolled_count(), ready=ready, reason=reason,
                                       capture=proxy.capture, listeners=proxy.listeners(),
                                       proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()),
-                                      discovery=proxy.discovery, discovery_synced=proxy.discovery_synced,
-                                      discovered_pods=proxy.discovered_pods, event_loop=eventloop.current_name())
+                                      discovery=discovery.source, discovery_synced=discovery.synced,
+                                      discovered_pods=discovery.pods_with_addresses,
+                                      event_loop=eventloop.current_name(), discovery_revision=discovery.revision,
+                                      discovered_objects=dict(discovery.objects),
+                                      ready_waypoints=discovery.ready_waypoints,
+                                      discovery_errors=dict(discovery.errors))
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context) -> pb.ListConnectionsResponse:
         return pb.ListConnectionsResponse(connections=[

@@ -12,7 +12,8 @@ import pytest
 import structlog
 from structlog.testing import CapturingLogger
 
-from ambit.agent.discovery.file_source import BadFile, FileSource, parse_documents
+from ambit.agent.discovery.file_source import BadFile, FileSource, content_revision, parse_documents
+from ambit.agent.discovery.report import discovery_report
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.policy.authz import PolicyEngine
 
@@ -157,7 +158,8 @@ def test_load_modify_delete_bad_file_and_fix(tmp_path: Path) -> None:
             assert "invalid YAML" in source.errors()[str(cluster)]
             errors = [c.kwargs for c in capture.calls if c.method_name == "error"]
             assert errors[-1]["file"] == str(cluster) and "invalid YAML" in errors[-1]["error"]
-            await asyncio.sleep(POLL * 5)  # several polls over the same bad bytes: one report, no change
+            for _ in range(3):  # more looks at the same bad bytes: one report, no change
+                assert await source.reload() is False
             assert len([c for c in capture.calls if c.method_name == "error"]) == 1
             assert events == [] and state.pod("demo", "web-1") is not None and state.namespace("demo") is not None
 
@@ -256,3 +258,69 @@ def test_unchanged_stat_is_trusted_only_once_the_file_is_older_than_a_tick(tmp_p
     racy = source._scan({path: (signature, stale_digest, False)})
     assert [r.objects[0]["metadata"]["name"] for r in racy] == ["aaaa"]
     assert source._scan({path: (signature, stale_digest, True)}) == []
+
+
+def test_revision_names_the_content_held_and_a_bad_file_keeps_its_last_good_one(tmp_path: Path) -> None:
+    cluster, policies = tmp_path / "cluster.yaml", tmp_path / "policies.json"
+    cluster.write_text(CLUSTER)
+    policies.write_text(json.dumps(POLICIES))
+    state = ClusterState()
+
+    async def scenario() -> None:
+        source = FileSource([cluster, policies], state, poll_interval=3600)
+        assert source.revision() == ""  # nothing read yet
+        await source.reload()
+        good = content_revision([policies.read_bytes(), cluster.read_bytes()])  # paths and order do not count
+        assert source.revision() == good == content_revision([cluster.read_bytes(), policies.read_bytes()])
+
+        write(cluster, CLUSTER.replace("10.1.0.1", "10.1.0.9"))
+        await source.reload()
+        assert source.revision() == content_revision([cluster.read_bytes(), policies.read_bytes()]) != good
+        newer = source.revision()
+
+        write(cluster, "kind: Pod\nmetadata: {name: [unclosed\n")
+        await source.reload()
+        assert str(cluster) in source.errors() and source.revision() == newer  # still holds the last good one
+        report = discovery_report("files", source, True, state)
+        assert report.revision == newer and dict(report.errors)[str(cluster)].startswith("invalid YAML")
+
+        policies.unlink()  # a listed file that disappears is an error too: its objects stay
+        await source.reload()
+        assert source.revision() == newer
+
+    asyncio.run(scenario())
+
+
+GATEWAY = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-0, namespace: demo, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: node-2}
+status:
+  phase: Running
+  podIPs: [{ip: 10.1.0.5}]
+  conditions: [{type: Ready, status: "READY"}]
+"""
+
+
+@pytest.mark.parametrize("ready, listed", [("True", ("demo/waypoint",)), ("False", ())])
+def test_report_counts_objects_and_lists_waypoints_with_a_ready_instance(tmp_path: Path, ready: str,
+                                                                        listed: tuple[str, ...]) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER + "---\n" + GATEWAY.replace("READY", ready))
+    state = ClusterState()
+
+    async def scenario() -> None:
+        source = FileSource([cluster], state)
+        await source.reload()
+        report = discovery_report("files", source, source.loaded.is_set(), state)
+        assert report.synced and report.revision == content_revision([cluster.read_bytes()])
+        assert report.pods_with_addresses == 3 and report.ready_waypoints == listed
+        assert dict(report.objects)["Pod"] == 3 and dict(report.objects)["Gateway"] == 1
+        assert report.errors == ()
+
+    asyncio.run(scenario())
