@@ -142,18 +142,21 @@ class AgentProcess:
     def wait_ready(self, timeout: float = 30.0) -> None:
         from ambit.agent.cli.client import AgentClient
         deadline = time.monotonic() + timeout
+        said = f"no socket at {self.socket}"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
             if os.path.exists(self.socket):
                 try:
                     with AgentClient(self.socket, timeout=2.0) as client:
-                        if client.status().ready:
-                            return
-                except Exception:
-                    pass
+                        status = client.status()
+                    if status.ready:
+                        return
+                    said = f"not ready: {status.reason}"
+                except Exception as exc:
+                    said = f"not answering: {exc}"
             time.sleep(0.05)
-        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.logs()}")
+        raise TimeoutError(f"agent not ready after {timeout}s ({said}):\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -43,6 +43,7 @@ from pyroute2 import netns as nsmod
 
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.datapath.constants import BPFFS_ROOT
+from ambit.agent.discovery.file_source import content_revision
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
@@ -193,10 +194,10 @@ class Lab:
                 finally:
                     for _, ready_fd in started:
                         os.close(ready_fd)
-        with self._step("publish the pods' addresses and readiness; wait until every agent has discovered them"):
-            self._write_cluster_file(plan, state)
+        with self._step("publish the pods' addresses and readiness; wait until every agent has applied them"):
+            revision = self._write_cluster_file(plan, state)
             with self._interrupts.waiting():
-                self._wait_discovered([(a.plan.name, a.socket) for a in agents], len(plan.pods))
+                self._wait_applied([(a.plan.name, a.socket) for a in agents], revision, _waypoints_up(plan, state))
         state.phase = "ready"
         state.save()
 
@@ -343,31 +344,47 @@ class Lab:
         raise LabError(f"the workload of pod {pod.pod.key} did not start"
                        + (" in time" if not readable else "") + (f":\n{tail}" if tail else ""))
 
-    def _write_cluster_file(self, plan: LabPlan, state: LabState) -> None:
-        """Atomically, so an agent polling it never reads half a file."""
+    def _write_cluster_file(self, plan: LabPlan, state: LabState) -> str:
+        """Atomically, so an agent polling it never reads half a file; returns
+        its revision, which each agent reports once it holds this content."""
         path = self.settings.cluster_file
+        data = yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False).encode()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
+        return content_revision([data])
 
-    def _wait_discovered(self, agents: Sequence[tuple[str, str]], pods: int, *, exactly: bool = False) -> None:
-        """Until each agent ((node name, socket)) has discovered `pods` pods
-        with addresses (at least, or `exactly` that many: how a withdrawn
-        pod is seen to be gone)."""
+    def wait_applied(self) -> str:
+        """Until every running agent holds the cluster file as it is now (for
+        callers that rewrite it themselves); returns its revision."""
+        state = self.state()
+        revision = content_revision([self.settings.cluster_file.read_bytes()])
+        self._wait_applied(_running_agents(state), revision, _waypoints_up(self._recorded_plan(state), state))
+        return revision
+
+    def _wait_applied(self, agents: Sequence[tuple[str, str]], revision: str, waypoints: frozenset[str]) -> None:
+        """Until each agent ((node name, socket)) reports that it holds
+        `revision` of the cluster file and sees an instance of each of
+        `waypoints` ready: the state its proxy decides from. (Counting pods
+        is not enough: the file before a readiness change has as many.)"""
         deadline = time.monotonic() + self.settings.ready_timeout
-        pending = list(agents)
-        while pending:
-            self._interrupts.check()
-            name, socket_path = pending[0]
-            with AgentClient(socket_path, timeout=2.0) as client:
-                status = client.status()
-            if status.discovered_pods == pods or (not exactly and status.discovered_pods > pods):
-                pending.pop(0)
-                continue
-            if time.monotonic() > deadline:
-                raise LabError(f"the agent on {name} discovered {status.discovered_pods} of "
-                               f"{pods} pods from {self.settings.cluster_file}")
-            time.sleep(0.1)
+        for name, socket_path in agents:
+            while True:
+                self._interrupts.check()
+                with AgentClient(socket_path, timeout=2.0) as client:
+                    status = client.status()
+                rejected = "".join(f"; it rejects {what}: {why}" for what, why in status.discovery_errors.items())
+                if status.discovery_revision == revision:
+                    missing = sorted(waypoints - set(status.ready_waypoints))
+                    if missing:
+                        raise LabError(f"the agent on {name} holds the lab's cluster file but sees no ready "
+                                       f"instance of waypoint {', '.join(missing)}{rejected}")
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"the agent on {name} did not apply {self.settings.cluster_file} within "
+                                   f"{self.settings.ready_timeout:g}s: it holds {status.discovery_revision or 'nothing'}, "
+                                   f"the lab wrote {revision}{rejected}")
+                time.sleep(0.05)
 
     # -- changes to a running lab: an agent crash or restart, a pod replaced -----------------------------
 
@@ -408,7 +425,7 @@ class Lab:
             agent.wait_ready(self.settings.ready_timeout)
         except (RuntimeError, TimeoutError) as exc:
             raise LabError(f"the agent on {node_name} did not become ready: {exc}") from exc
-        self._wait_discovered([(node_name, agent.socket)], _addressed(state))
+        self.wait_applied()
         record = state.nodes[node_name].agent
         assert record is not None
         self.log.info("agent started", node=node_name, pid=record.pid)
@@ -441,12 +458,11 @@ class Lab:
         if node.agent is None or not _alive(node.agent):
             raise LabError(f"the agent on {node.name} is not running, so CNI ADD would be refused; "
                            "start it first")
-        agents = [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and _alive(n.agent)]
+        agents = _running_agents(state)
         old_ip = record.ip
         state.pods[record.key] = replace(record, ip=None)
         state.save()
-        self._write_cluster_file(plan, state)
-        self._wait_discovered(agents, _addressed(state), exactly=True)
+        self._wait_applied(agents, self._write_cluster_file(plan, state), _waypoints_up(plan, state))
         self._stop([record.workload])
         state.pods[record.key] = replace(state.pods[record.key], workload=None)
         state.save()
@@ -461,8 +477,7 @@ class Lab:
                 self._wait_workload(pod, ready_fd)
             finally:
                 os.close(ready_fd)
-        self._write_cluster_file(plan, state)
-        self._wait_discovered(agents, _addressed(state), exactly=True)
+        self._wait_applied(agents, self._write_cluster_file(plan, state), _waypoints_up(plan, state))
         if not pod.pod.waypoint:
             self.restart_waypoints()  # their static bootstrap still lists the old address
         new_ip = state.pods[record.key].ip
@@ -510,7 +525,8 @@ class Lab:
             state.documents = previous
             raise
         state.save()
-        self._write_cluster_file(plan, state)
+        revision = self._write_cluster_file(plan, state)
+        self._wait_applied(_running_agents(state), revision, _waypoints_up(plan, state))
         names = [f"{kind} {namespace}/{name}" for kind, namespace, name in changed]
         self.log.info("policies changed", policies=names)
         return names
@@ -765,9 +781,17 @@ class Lab:
             os.waitpid(pid, os.WNOHANG)
 
 
-def _addressed(state: LabState) -> int:
-    """Pods with an address: what the agents count as discovered."""
-    return sum(1 for p in state.pods.values() if p.ip)
+def _running_agents(state: LabState) -> list[tuple[str, str]]:
+    """(node name, socket) of each agent that is running now."""
+    return [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and _alive(n.agent)]
+
+
+def _waypoints_up(plan: LabPlan, state: LabState) -> frozenset[str]:
+    """"namespace/name" of each waypoint with a pod that has an address and a
+    running workload: what render_cluster publishes as a ready instance."""
+    return frozenset(f"{p.pod.namespace}/{p.pod.waypoint}" for p in plan.pods
+                     if p.pod.waypoint and (record := state.pods.get(p.pod.key)) is not None
+                     and record.ip and record.workload is not None)
 
 
 def _alive(record: ProcessRecord) -> bool:

@@ -160,18 +160,10 @@ class PolicyLab:
         plan = self.lab.plan(parse_documents(copy.deepcopy(documents), self.lab.settings.service_cidr))
         text = yaml.safe_dump_all(render_cluster(plan, self.lab.state()), sort_keys=False)
         path = self.lab.settings.cluster_file
-        if path.read_text() == text:
-            return  # nothing changes: the agents have it already
-        before = {node: len(self.events(node, "discovery file loaded")) for node in ("node1", "node2")}
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:6]}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-        deadline = time.monotonic() + 10
-        for node, count in before.items():
-            while len(self.events(node, "discovery file loaded")) <= count:
-                assert time.monotonic() < deadline, f"the agent on {node} did not reload {path}"
-                time.sleep(0.05)
-        time.sleep(0.2)  # the reload's log line comes just before the state is published
+        self.lab.wait_applied()  # each agent reports it holds this content
 
     def open(self, client: str, server: str, port: int = PORT) -> socket.socket:
         return connect(self.netns(client), self.ips[server], port)

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from ambit.agent.cli.client import AgentClient
+from ambit.agent.discovery.file_source import content_revision
 from ambit.lab import labconfig
 from ambit.lab.errors import LabError
 from ambit.lab.plan import LabSettings
@@ -185,6 +186,20 @@ def agent_log(lab: Lab, node: str) -> list[dict[str, Any]]:
 
 
 # --- scenarios ----------------------------------------------------------------------------------------------------
+
+def test_the_lab_is_handed_over_once_every_agent_holds_the_cluster_with_the_waypoint_ready(lab: Lab) -> None:
+    """What the fixture waited on, as each agent reports it: the cluster file
+    the lab wrote last (its revision), every object, no rejects, and an
+    instance of the waypoint ready (without one, traffic for it is refused)."""
+    revision = content_revision([lab.settings.cluster_file.read_bytes()])
+    for node in lab.state().nodes.values():
+        with AgentClient(node.socket) as agent:
+            status = agent.status()
+        assert status.discovery_revision == revision, node.name
+        assert list(status.ready_waypoints) == ["shop/waypoint"], node.name
+        assert (status.discovered_objects["Pod"], status.discovered_objects["Gateway"]) == (5, 1)
+        assert dict(status.discovery_errors) == {} and status.discovered_pods == 5
+
 
 def test_allowed_path_goes_through_the_waypoint_to_both_endpoints(lab: Lab) -> None:
     client, waypoint = ip(lab, "shop/client-0"), ip(lab, "shop/waypoint-0")
