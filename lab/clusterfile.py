@@ -1,13 +1,40 @@
 """The cluster file: the lab's objects as an API server would show them once scheduled. The agents
-and waypoints discover the cluster from it.
+and waypoints discover the cluster from it; each agent reports the revision it holds.
 """
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ambit.agent.discovery.file_source import content_revision
 from .plan import LabPlan
-from .statefile import LabState
+from .statefile import LabState, PodRecord
+
+
+def write_cluster_file(path: Path, plan: LabPlan, state: LabState) -> str:
+    """Atomically, so an agent polling it never reads half a file; returns
+    its revision, which each agent reports once it holds this content."""
+    data = yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False).encode()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return content_revision([data])
+
+
+def ready_waypoints(plan: LabPlan, state: LabState) -> frozenset[str]:
+    """"namespace/name" of each waypoint that the cluster file shows with a ready pod."""
+    return frozenset(f"{p.pod.namespace}/{p.pod.waypoint}" for p in plan.pods
+                     if p.pod.waypoint and (record := state.pods.get(p.pod.key)) is not None
+                     and record.ip and _ready(record, bool(p.pod.workloads)))
+
+
+def _ready(record: PodRecord, has_workloads: bool) -> bool:
+    """A pod with workloads is ready once they started; one without, once it has an address."""
+    return record.workload is not None or not has_workloads
 
 
 def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
@@ -32,7 +59,7 @@ def render_cluster(plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
         if kind == "Pod" and key in state.pods and state.pods[key].ip:
             record = state.pods[key]
             obj.setdefault("spec", {})["nodeName"] = record.node
-            ready = "True" if record.workload is not None or not planned_workloads.get(key) else "False"
+            ready = "True" if _ready(record, planned_workloads.get(key, False)) else "False"
             obj["status"] = {"phase": "Running", "hostIP": state.nodes[record.node].underlay_ip,
                              "podIP": record.ip, "podIPs": [{"ip": record.ip}],
                              "conditions": [{"type": "Ready", "status": ready}]}

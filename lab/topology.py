@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
-import yaml
 from pyroute2 import IPRoute
 from pyroute2 import netns as nsmod
 
@@ -48,7 +47,7 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
 
-from .clusterfile import render_cluster
+from .clusterfile import ready_waypoints, render_cluster, write_cluster_file
 from .cniruntime import CniFailure, CniRuntime
 from .errors import LabError, LabNotRunning, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
@@ -197,7 +196,7 @@ class Lab:
         with self._step("publish the pods' addresses and readiness; wait until every agent has applied them"):
             revision = self._write_cluster_file(plan, state)
             with self._interrupts.waiting():
-                self._wait_applied([(a.plan.name, a.socket) for a in agents], revision, _waypoints_up(plan, state))
+                self._wait_applied([(a.plan.name, a.socket) for a in agents], revision, ready_waypoints(plan, state))
         state.phase = "ready"
         state.save()
 
@@ -345,21 +344,14 @@ class Lab:
                        + (" in time" if not readable else "") + (f":\n{tail}" if tail else ""))
 
     def _write_cluster_file(self, plan: LabPlan, state: LabState) -> str:
-        """Atomically, so an agent polling it never reads half a file; returns
-        its revision, which each agent reports once it holds this content."""
-        path = self.settings.cluster_file
-        data = yaml.safe_dump_all(render_cluster(plan, state), sort_keys=False).encode()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return content_revision([data])
+        return write_cluster_file(self.settings.cluster_file, plan, state)
 
     def wait_applied(self) -> str:
         """Until every running agent holds the cluster file as it is now (for
         callers that rewrite it themselves); returns its revision."""
         state = self.state()
         revision = content_revision([self.settings.cluster_file.read_bytes()])
-        self._wait_applied(_running_agents(state), revision, _waypoints_up(self._recorded_plan(state), state))
+        self._wait_applied(_running_agents(state), revision, ready_waypoints(self._recorded_plan(state), state))
         return revision
 
     def _wait_applied(self, agents: Sequence[tuple[str, str]], revision: str, waypoints: frozenset[str]) -> None:
@@ -462,7 +454,7 @@ class Lab:
         old_ip = record.ip
         state.pods[record.key] = replace(record, ip=None)
         state.save()
-        self._wait_applied(agents, self._write_cluster_file(plan, state), _waypoints_up(plan, state))
+        self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
         self._stop([record.workload])
         state.pods[record.key] = replace(state.pods[record.key], workload=None)
         state.save()
@@ -477,7 +469,7 @@ class Lab:
                 self._wait_workload(pod, ready_fd)
             finally:
                 os.close(ready_fd)
-        self._wait_applied(agents, self._write_cluster_file(plan, state), _waypoints_up(plan, state))
+        self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
         if not pod.pod.waypoint:
             self.restart_waypoints()  # their static bootstrap still lists the old address
         new_ip = state.pods[record.key].ip
@@ -526,7 +518,7 @@ class Lab:
             raise
         state.save()
         revision = self._write_cluster_file(plan, state)
-        self._wait_applied(_running_agents(state), revision, _waypoints_up(plan, state))
+        self._wait_applied(_running_agents(state), revision, ready_waypoints(plan, state))
         names = [f"{kind} {namespace}/{name}" for kind, namespace, name in changed]
         self.log.info("policies changed", policies=names)
         return names
@@ -784,14 +776,6 @@ class Lab:
 def _running_agents(state: LabState) -> list[tuple[str, str]]:
     """(node name, socket) of each agent that is running now."""
     return [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and _alive(n.agent)]
-
-
-def _waypoints_up(plan: LabPlan, state: LabState) -> frozenset[str]:
-    """"namespace/name" of each waypoint with a pod that has an address and a
-    running workload: what render_cluster publishes as a ready instance."""
-    return frozenset(f"{p.pod.namespace}/{p.pod.waypoint}" for p in plan.pods
-                     if p.pod.waypoint and (record := state.pods.get(p.pod.key)) is not None
-                     and record.ip and record.workload is not None)
 
 
 def _alive(record: ProcessRecord) -> bool:
