@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 
@@ -33,6 +34,9 @@ from .datapath.errors import CaptureUnavailable, require_backend
 from .datapath.nft_capture import NftDatapath
 from .discovery.report import NO_DISCOVERY, DiscoveryReport
 from .enrolment import Enrolment, RecordOnly
+from .identity.ca import DEFAULT_LEAF_TTL
+from .identity.ca_options import add_ca_client_arguments, ca_client_settings
+from .identity.istio_ca import CaClientSettings
 from .mesh import MeshRuntime, MeshSettings
 from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
@@ -67,13 +71,16 @@ class AgentConfig:
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     ca_dir: str = "/var/run/ambit/ca"
+    ca: CaClientSettings | None = None
+    cert_ttl: timedelta = DEFAULT_LEAF_TTL
     cleanup: bool = False
     event_loop: str = "auto"
 
     def mesh_settings(self) -> MeshSettings:
         return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
                             root_namespace=self.root_namespace, files=self.files, kubeconfig=self.kubeconfig,
-                            ca_dir=self.ca_dir, certs_dir=os.path.join(self.state_dir, "certs"))
+                            ca_dir=self.ca_dir, ca=self.ca, cert_ttl=self.cert_ttl,
+                            certs_dir=os.path.join(self.state_dir, "certs"))
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -120,9 +127,16 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                       help="SPIFFE trust domain (default: %(default)s)")
     mesh.add_argument("--root-namespace", default="istio-system",
                       help="mesh-wide policy namespace (default: %(default)s)")
-    mesh.add_argument("--ca-dir", default=os.environ.get("AMBIT_CA_DIR", "/var/run/ambit/ca"),
-                      help="directory with ca-cert.pem/ca-key.pem; a CA is created there if absent. Every node "
-                           "of a mesh must use the same CA (default: %(default)s)")
+    identity = parser.add_argument_group(
+        "identity", "workload keys are made on this node; certificates come from a CA over Istio's certificate "
+                    "API (--ca-address), or, without one, from a CA key on this host (--ca-dir)")
+    add_ca_client_arguments(identity, who="the agent")
+    identity.add_argument("--ca-dir", default=os.environ.get("AMBIT_CA_DIR", "/var/run/ambit/ca"),
+                          help="without --ca-address: directory with ca-cert.pem/ca-key.pem; a CA is created there "
+                               "if absent. Every node of a mesh must use the same CA (default: %(default)s)")
+    identity.add_argument("--cert-ttl", type=float, default=DEFAULT_LEAF_TTL.total_seconds(), metavar="SECONDS",
+                          help="lifetime asked for workload certificates; each is replaced at half the lifetime "
+                               "it got (default: %(default)s)")
     parser.add_argument("--event-loop", default=os.environ.get("AMBIT_EVENT_LOOP", "auto"), choices=eventloop.CHOICES,
                         help="event loop: uvloop (libuv, less proxy latency per hop), asyncio, or auto = uvloop "
                              "when installed (default: %(default)s)")
@@ -133,14 +147,16 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     args = parser.parse_args(argv)
     if args.discovery == "files" and not args.config_file:
         parser.error("--discovery files needs at least one --config-file")
+    if not 75 <= args.cert_ttl <= 365 * 86400:  # below, the CA's backdating would make it due at once
+        parser.error("--cert-ttl must be between 75 seconds and a year")
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
                        node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
                        capture=args.capture, proxy_netns=args.proxy_netns, bpffs_dir=args.bpffs_dir,
                        telemetry_address=args.telemetry_address, metrics_port=args.metrics_port,
                        readiness_port=args.readiness_port, discovery=args.discovery,
                        files=tuple(args.config_file), kubeconfig=args.kubeconfig, trust_domain=args.trust_domain,
-                       root_namespace=args.root_namespace, ca_dir=args.ca_dir, cleanup=args.cleanup,
-                       event_loop=args.event_loop)
+                       root_namespace=args.root_namespace, ca_dir=args.ca_dir, ca=ca_client_settings(args),
+                       cert_ttl=timedelta(seconds=args.cert_ttl), cleanup=args.cleanup, event_loop=args.event_loop)
 
 
 class Agent:

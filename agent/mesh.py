@@ -1,10 +1,16 @@
 """The agent's view of the mesh: discovery (Kubernetes or local files),
-identities (the CA and per-service-account certificates) and policy, put
-together once at start-up and handed to enrolment and the proxy."""
+identities (per-service-account certificates from the CA) and policy, put
+together once at start-up and handed to enrolment and the proxy.
+
+Certificates come from a CA speaking Istio's API (`ca` settings: istiod,
+istio-csr, `ambit ca`), asked on behalf of each identity with a pod in the
+mesh on this node as soon as discovery shows one; without those settings a
+local CA on disk signs them (no Kubernetes, tests)."""
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +18,16 @@ import structlog
 
 from .discovery.file_source import FileSource
 from .discovery.kube import KubeSource, api_client_from
-from .discovery.model import PodInfo
+from .discovery.model import KIND_NAMESPACE, PodInfo
 from .discovery.report import DiscoveryReport, discovery_report
 from .discovery.selector import AmbientSelector
 from .discovery.state import ClusterState
 from .enrolment import Enrolment
-from .identity.ca import LocalCA
+from .identity.ca import DEFAULT_LEAF_TTL, LocalCA
+from .identity.issuer import Issuer, IstioCaIssuer, LocalIssuer
+from .identity.istio_ca import CaClientSettings, IstioCaClient
+from .identity.rotation import CertificateRotation
+from .identity.spiffe import SpiffeId
 from .identity.store import CertificateStore
 from .policy.authz import PolicyEngine
 from .policy.enforce import Authorizer
@@ -38,8 +48,16 @@ class MeshSettings:
     files: tuple[str, ...] = ()
     kubeconfig: str | None = None
     ca_dir: str = "/var/run/ambit/ca"
+    ca: CaClientSettings | None = None  # a remote CA; None: the local CA in ca_dir
+    cert_ttl: timedelta = DEFAULT_LEAF_TTL
     certs_dir: str = "/var/run/ambit/certs"
     sync_timeout: float = 30.0
+
+
+def local_identities(state: ClusterState, node_name: str, trust_domain: str) -> set[SpiffeId]:
+    """The identities of this node's pods in the mesh: the certificates the node needs."""
+    return {state.identity(pod, trust_domain) for pod in state.local_pods(node_name)
+            if not pod.terminated and pod.deletion is None and state.ambient_decision(pod)[0]}
 
 
 class MeshRuntime:
@@ -53,6 +71,8 @@ class MeshRuntime:
         self.source: Any = None
         self.selector: AmbientSelector | None = None
         self.mesh: Mesh | None = None
+        self.rotation: CertificateRotation | None = None
+        self._ca_client: IstioCaClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Any] = []
 
@@ -76,11 +96,31 @@ class MeshRuntime:
             log.warning("discovery not synced yet; the agent stays not ready until it is",
                         source=s.discovery, waited_s=s.sync_timeout)
         self.selector = AmbientSelector(self.state, fetch=fetch)
-        ca = await asyncio.to_thread(LocalCA.load_or_create, Path(s.ca_dir), s.trust_domain)
-        certificates = CertificateStore(ca, Path(s.certs_dir))
+        certificates = CertificateStore(await self._issuer(), Path(s.certs_dir), ttl=s.cert_ttl)
+        self.rotation = CertificateRotation(certificates)
+        self.rotation.start()
+        self._unsubscribe.append(self.state.subscribe(self._on_cluster_change))
+        self._want_certificates()
         self.mesh = Mesh(state=self.state, router=OutboundRouter(self.state, s.node_name, s.trust_domain),
                          authorizer=Authorizer(self.state, self.engine), certificates=certificates)
-        log.info("mesh view ready", discovery=s.discovery, trust_domain=s.trust_domain, counts=self.state.counts())
+        log.info("mesh view ready", discovery=s.discovery, trust_domain=s.trust_domain, counts=self.state.counts(),
+                 ca=certificates.issuer)
+
+    async def _issuer(self) -> Issuer:
+        s = self.settings
+        if s.ca is None:
+            return LocalIssuer(await asyncio.to_thread(LocalCA.load_or_create, Path(s.ca_dir), s.trust_domain))
+        self._ca_client = IstioCaClient(s.ca)
+        return IstioCaIssuer(self._ca_client, s.trust_domain, impersonate=True)
+
+    def _on_cluster_change(self, kind: str, event_type: str, old: Any, new: Any) -> None:
+        node = self.settings.node_name
+        if kind == KIND_NAMESPACE or any(isinstance(p, PodInfo) and p.node_name == node for p in (old, new)):
+            self._want_certificates()
+
+    def _want_certificates(self) -> None:
+        assert self.rotation is not None
+        self.rotation.want(local_identities(self.state, self.settings.node_name, self.settings.trust_domain))
 
     @property
     def synced(self) -> bool:
@@ -117,5 +157,9 @@ class MeshRuntime:
             unsubscribe()
         for task in list(self._tasks):
             task.cancel()
+        if self.rotation is not None:
+            await self.rotation.stop()
+        if self._ca_client is not None:
+            await self._ca_client.close()
         if self.source is not None:
             await self.source.stop()

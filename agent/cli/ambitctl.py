@@ -107,11 +107,14 @@ def cmd_certs(client: AgentClient, output: str) -> str:
     if output == "json":
         return _json(reply)
     rows = [[c.identity, c.serial[:16], time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.not_after)),
-             "due" if c.rotation_due else time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.rotation_due_at))]
+             "due" if c.rotation_due else time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.rotation_due_at)),
+             c.issuer or "-"]
             for c in reply.certificates]
-    return f"trust domain: {reply.trust_domain}\n" + (_table(rows, ["IDENTITY", "SERIAL", "EXPIRES (UTC)",
-                                                                       "ROTATES (UTC)"]) if rows else
-                                                        "no certificate issued yet (issued on first use)")
+    head = f"trust domain: {reply.trust_domain}\nCA:           {reply.ca or '-'}\n"
+    table = (_table(rows, ["IDENTITY", "SERIAL", "EXPIRES (UTC)", "ROTATES (UTC)", "ISSUED BY"]) if rows else
+             "no certificate yet (one is requested for each identity with a pod in the mesh on this node)")
+    failing = [f"  {f.identity}: {f.error}" for f in reply.failing]
+    return head + table + ("\nrequests failing (retried with backoff):\n" + "\n".join(failing) if failing else "")
 
 
 def cmd_trace(client: AgentClient, output: str, source: str = "", destination: str = "") -> str:

@@ -79,12 +79,16 @@ class DebugService(pb_grpc.DebugServicer):
 
     async def ListCertificates(self, request: pb.ListCertificatesRequest, context) -> pb.ListCertificatesResponse:
         runtime = await self._need_mesh(context)
-        reply = pb.ListCertificatesResponse(trust_domain=runtime.settings.trust_domain)
-        for cert in runtime.mesh.certificates.status():
+        certificates = runtime.mesh.certificates
+        reply = pb.ListCertificatesResponse(trust_domain=runtime.settings.trust_domain, ca=certificates.issuer)
+        for cert in certificates.status():
             reply.certificates.append(pb.Certificate(
                 identity=str(cert.spiffe_id), serial=cert.serial_hex, not_before=cert.not_before.timestamp(),
                 not_after=cert.not_after.timestamp(), rotation_due_at=cert.rotation_due_at.timestamp(),
-                rotation_due=cert.rotation_due))
+                rotation_due=cert.rotation_due, issuer=cert.issuer))
+        failing = runtime.rotation.failures() if runtime.rotation is not None else {}
+        for identity, error in sorted(failing.items(), key=lambda item: str(item[0])):
+            reply.failing.append(pb.CertificateRequestFailure(identity=str(identity), error=error))
         return reply
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
