@@ -35,6 +35,7 @@ MANIFESTS = sorted((REPO / "install" / "kubernetes").glob("*.yaml"))
 KUBERNETES_VERSION = "1.30"  # the oldest release the manifests are checked against
 MODEL = {("v1", "Namespace"): "V1Namespace", ("v1", "ServiceAccount"): "V1ServiceAccount",
          ("v1", "ConfigMap"): "V1ConfigMap", ("apps/v1", "DaemonSet"): "V1DaemonSet",
+         ("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
          ("rbac.authorization.k8s.io/v1", "ClusterRole"): "V1ClusterRole",
          ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "V1ClusterRoleBinding"}
 
@@ -82,7 +83,8 @@ def mounts(c: dict[str, Any], pod_spec: dict[str, Any]) -> dict[str, tuple[str, 
 
 def test_there_are_manifests():
     kinds = sorted(doc["kind"] for _, doc in DOCS)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "DaemonSet", "Namespace",
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap",
+                     "DaemonSet", "DaemonSet", "Deployment", "Namespace", "Service", "ServiceAccount",
                      "ServiceAccount"]
 
 
@@ -130,6 +132,7 @@ def test_cluster_role_grants_every_kind_the_agent_watches():
 
 
 def test_cluster_role_grants_only_reads_discovery_needs():
+    """Nothing to write, no Secrets: the agent holds no CA key and cannot fetch one."""
     role = to_model(find("ClusterRole", "ambit-node"))
     granted = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
                for resource in rule.resources for verb in rule.verbs}
@@ -140,14 +143,61 @@ def test_cluster_role_grants_only_reads_discovery_needs():
     assert all(rule.resource_names is None and rule.non_resource_urls is None for rule in role.rules)
 
 
-def test_binding_gives_the_role_to_the_node_service_account():
-    binding = to_model(find("ClusterRoleBinding", "ambit-node"))
-    assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", "ambit-node")
-    assert [(s.kind, s.namespace, s.name) for s in binding.subjects] == \
-        [("ServiceAccount", "ambit-system", "ambit-node")]
-    ds = find("DaemonSet", "ambit-node")
-    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "ambit-node"
-    find("ServiceAccount", "ambit-node")
+@pytest.mark.parametrize("name, kind", [("ambit-node", "DaemonSet"), ("ambit-ca", "Deployment")])
+def test_bindings_give_each_role_to_its_own_service_account(name, kind):
+    binding = to_model(find("ClusterRoleBinding", name))
+    assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", name)
+    assert [(s.kind, s.namespace, s.name) for s in binding.subjects] == [("ServiceAccount", "ambit-system", name)]
+    assert find(kind, name)["spec"]["template"]["spec"]["serviceAccountName"] == name
+    find("ServiceAccount", name)
+
+
+def test_the_ca_may_review_tokens_and_see_pods_and_nothing_else():
+    role = to_model(find("ClusterRole", "ambit-ca"))
+    granted = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
+               for resource in rule.resources for verb in rule.verbs}
+    assert granted == {("authentication.k8s.io", "tokenreviews", "create"), ("", "pods", "get"), ("", "pods", "list")}
+
+
+# --- the CA Deployment: the only place the key is --------------------------------------------------------------
+
+def test_the_ca_key_secret_is_mounted_by_the_ca_deployment_alone():
+    holders = []
+    for label, doc in DOCS:
+        if doc["kind"] in ("DaemonSet", "Deployment"):
+            spec = doc["spec"]["template"]["spec"]
+            if any(v.get("secret", {}).get("secretName") == "ambit-ca" for v in spec.get("volumes", [])):
+                holders.append(label)
+    assert holders == ["ambit.yaml:Deployment/ambit-ca"]
+
+
+def test_ca_deployment_serves_istios_api_unprivileged(monkeypatch):
+    from ambit.ca.cli import add_parser as ca_parser
+    deployment = find("Deployment", "ambit-ca")
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert spec["securityContext"]["runAsNonRoot"] is True and "hostNetwork" not in spec
+    ca = container(spec, "ambit-ca")
+    ctx = ca["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] is True
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e["value"] for e in ca["env"]}
+    assert env["CA_TRUSTED_NODE_ACCOUNTS"] == "ambit-system/ambit-node"
+    # the command goes through the real parser, with the Deployment's environment
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    ca_parser(parser.add_subparsers())
+    args = parser.parse_args(ca["command"][1:])
+    assert (args.action, str(args.ca_dir), args.dns_name) == ("serve", "/etc/ambit/ca", ["ambit-ca.ambit-system.svc"])
+    assert args.trusted_node_accounts == "ambit-system/ambit-node" and args.token_file is None
+    assert {"name": "ca", "mountPath": str(args.ca_dir), "readOnly": True} in ca["volumeMounts"]
+    service = find("Service", "ambit-ca")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(15012, 15012)]
+    port = args.listen.rpartition(":")[2]
+    assert int(port) == 15012 and {p["containerPort"] for p in ca["ports"]} == {15012, 15014, 15021}
 
 
 # --- the node DaemonSet -----------------------------------------------------------------------------------------
@@ -202,7 +252,7 @@ def test_install_cni_containers(node_pod, name, init, args):
 
 def test_every_container_has_requests_and_limits():
     for label, doc in DOCS:
-        if doc["kind"] != "DaemonSet":
+        if doc["kind"] not in ("DaemonSet", "Deployment"):
             continue
         spec = doc["spec"]["template"]["spec"]
         for c in spec.get("initContainers", []) + spec["containers"]:
@@ -212,7 +262,7 @@ def test_every_container_has_requests_and_limits():
 
 def test_all_host_mounts_are_the_expected_ones(node_pod):
     paths = {v["hostPath"]["path"] for v in node_pod["volumes"] if "hostPath" in v}
-    assert [v["secret"]["secretName"] for v in node_pod["volumes"] if "secret" in v] == ["ambit-ca"]
+    assert [v for v in node_pod["volumes"] if "secret" in v] == []
     assert paths == {"/opt/cni/bin", "/etc/cni/net.d", "/sys/fs/bpf", "/var/run/netns", "/var/run/ambit",
                      "/lib/modules", "/usr/src"}
 
@@ -245,10 +295,20 @@ def test_config_map_drives_the_agent(monkeypatch):
     assert agent.socket == config["AMBIT_AGENT_SOCKET"] == cnispec.DEFAULT_AGENT_SOCKET
     assert agent.socket.startswith("/var/run/ambit/")
     assert (agent.node_name, agent.capture, agent.state_dir) == ("worker-1", "ebpf", "/var/run/ambit/state")
-    # discovery from the API server, certificates from the cluster-wide CA Secret the agent mounts
-    assert (agent.discovery, agent.ca_dir) == ("kube", "/etc/ambit/ca")
-    agent_container = find("DaemonSet", "ambit-node")["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "ca", "mountPath": "/etc/ambit/ca", "readOnly": True} in agent_container["volumeMounts"]
+    # discovery from the API server, certificates from the CA service, asked with the node's own token
+    assert agent.discovery == "kube" and agent.ca is not None
+    service = find("Service", "ambit-ca")
+    assert agent.ca.target == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:" \
+                              f"{service['spec']['ports'][0]['port']}"
+    node_spec = find("DaemonSet", "ambit-node")["spec"]["template"]["spec"]
+    agent_container = container(node_spec, "ambit-agent")
+    volumes = {v["name"]: v for v in node_spec["volumes"]}
+    mounted = {m["name"]: m["mountPath"] for m in agent_container["volumeMounts"]}
+    token = volumes["istio-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "istio-ca"  # what the CA's TokenReview asks for, as istiod's
+    assert agent.ca.token_file == Path(mounted["istio-token"]) / token["path"]
+    assert volumes["istio-ca-root-cert"]["configMap"]["name"] == "istio-ca-root-cert"
+    assert agent.ca.root_cert_file == Path(mounted["istio-ca-root-cert"]) / "root-cert.pem"
 
 
 # --- uninstall --------------------------------------------------------------------------------------------------
