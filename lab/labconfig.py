@@ -3,8 +3,10 @@
 The file uses the same schema as the API server's objects (Namespace,
 ServiceAccount, Pod, Service, Node, and pass-through kinds such as
 AuthorizationPolicy), so the discovery code can read the very same file and a
-user can paste objects from a real cluster. Parsing is pure: documents in,
-frozen objects out, and every error names the document and the field.
+user can paste objects from a real cluster. Pods, Services and Namespaces are
+read by the agent's own parser (agent/discovery/model.py); this module adds
+what only the lab decides (names usable as namespaces, nodes, ClusterIPs, the
+built-in workloads) and says which document an error is in.
 
 Lab-specific meaning is carried by one annotation on Pods,
 `lab.ambit.dev/workload: http,echo`, which picks the built-in servers the lab
@@ -16,20 +18,31 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
 from ambit.agent.datapath.constants import HBONE_PORT
+from ambit.agent.discovery.model import (
+    ContainerPort,
+    ModelError,
+    NamespaceInfo,
+    PodInfo,
+    ServiceInfo,
+    ServicePort,
+    labels_match,
+    parse_namespace,
+    parse_pod,
+    parse_service,
+)
+from ambit.agent.discovery.state import DATAPLANE_MODE_LABEL, GATEWAY_NAME_LABEL
 
 WORKLOAD_ANNOTATION = "lab.ambit.dev/workload"
 WORKLOAD_KINDS = ("http", "echo", "waypoint")
 DEFAULT_WORKLOAD_PORTS = {"http": 8080, "echo": 9000, "waypoint": HBONE_PORT}
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 SERVICE_CIDR = "10.96.0.0/16"
 FIRST_SERVICE_HOST = 10  # leave the first addresses free, as clusters do for kubernetes/kube-dns
 DEFAULT_NODE_COUNT = 2
@@ -38,21 +51,10 @@ DEFAULT_FILE = "default-lab.yaml"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NODE_INDEXED = re.compile(r"^node([1-9][0-9]*)$")
 _CORE_KINDS = ("Namespace", "ServiceAccount", "Pod", "Service", "Node")
-_PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
 class LabConfigError(ValueError):
     """The lab file is not a cluster the lab can build; says where and why."""
-
-
-@dataclass(frozen=True)
-class Namespace:
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
-
-    @property
-    def ambient(self) -> bool:
-        return self.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
 
 
 @dataclass(frozen=True)
@@ -62,22 +64,36 @@ class ServiceAccount:
 
 
 @dataclass(frozen=True)
-class ContainerPort:
-    container_port: int
-    name: str | None = None
-    protocol: str = "TCP"
-
-
-@dataclass(frozen=True)
 class Pod:
-    namespace: str
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
-    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
-    node_name: str | None = None
-    service_account: str = "default"
-    ports: tuple[ContainerPort, ...] = ()
-    workloads: tuple[str, ...] = ()  # built-in servers to run: "http", "echo"
+    """A pod of the lab file: the object as the agent's discovery reads it, and
+    the built-in servers the lab starts inside it."""
+
+    info: PodInfo
+    workloads: tuple[str, ...] = ()  # built-in servers to run: "http", "echo", "waypoint"
+
+    @property
+    def namespace(self) -> str:
+        return self.info.namespace
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.info.labels
+
+    @property
+    def service_account(self) -> str:
+        return self.info.service_account
+
+    @property
+    def node_name(self) -> str | None:
+        return self.info.node_name or None
+
+    @property
+    def ports(self) -> tuple[ContainerPort, ...]:
+        return self.info.container_ports
 
     @property
     def key(self) -> str:
@@ -88,47 +104,48 @@ class Pod:
         """The Gateway this pod serves as a waypoint for (its workload is `waypoint`)."""
         return self.labels.get(GATEWAY_NAME_LABEL) if "waypoint" in self.workloads else None
 
-    def port_named(self, name: str) -> int | None:
-        for port in self.ports:
-            if port.name == name:
-                return port.container_port
-        return None
-
     def workload_port(self, kind: str) -> int:
         """The port a built-in server listens on: the container port named
         after it, else its default."""
-        return self.port_named(kind) or DEFAULT_WORKLOAD_PORTS[kind]
-
-
-@dataclass(frozen=True)
-class ServicePort:
-    port: int
-    target_port: int | str
-    name: str | None = None
-    protocol: str = "TCP"
+        return self.info.named_port(kind) or DEFAULT_WORKLOAD_PORTS[kind]
 
 
 @dataclass(frozen=True)
 class Service:
-    namespace: str
-    name: str
-    cluster_ip: str | None  # None: headless
-    ports: tuple[ServicePort, ...] = ()
-    selector: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """A Service of the lab file as discovery reads it, with the ClusterIP the lab gave it."""
+
+    info: ServiceInfo
+
+    @property
+    def namespace(self) -> str:
+        return self.info.namespace
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def cluster_ip(self) -> str | None:
+        """None: headless."""
+        return self.info.cluster_ips[0] if self.info.cluster_ips else None
+
+    @property
+    def ports(self) -> tuple[ServicePort, ...]:
+        return self.info.ports
+
     def selects(self, pod: Pod) -> bool:
         """Kubernetes semantics: a Service without a selector selects nothing."""
-        return bool(self.selector) and pod.namespace == self.namespace and all(
-            pod.labels.get(k) == v for k, v in self.selector.items())
+        return bool(self.info.selector) and pod.namespace == self.namespace and labels_match(
+            self.info.selector.items(), pod.labels)
 
 
 @dataclass(frozen=True)
 class LabConfig:
-    namespaces: tuple[Namespace, ...] = ()
+    namespaces: tuple[NamespaceInfo, ...] = ()
     service_accounts: tuple[ServiceAccount, ...] = ()
     pods: tuple[Pod, ...] = ()
     services: tuple[Service, ...] = ()
@@ -136,11 +153,11 @@ class LabConfig:
     passthrough: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)  # policies etc., raw
     documents: tuple[Mapping[str, Any], ...] = field(default=(), hash=False, compare=False)  # the input
 
-    def namespace(self, name: str) -> Namespace:
+    def namespace(self, name: str) -> NamespaceInfo:
         for ns in self.namespaces:
             if ns.name == name:
                 return ns
-        return Namespace(name)
+        return NamespaceInfo(name)
 
     def pod(self, key: str) -> Pod:
         for pod in self.pods:
@@ -153,7 +170,7 @@ class LabConfig:
         mode = pod.labels.get(DATAPLANE_MODE_LABEL)
         if mode is not None:
             return mode == "ambient"
-        return self.namespace(pod.namespace).ambient
+        return self.namespace(pod.namespace).labels.get(DATAPLANE_MODE_LABEL) == "ambient"
 
     def endpoints(self, service: Service) -> tuple[Pod, ...]:
         return tuple(p for p in self.pods if service.selects(p))
@@ -200,6 +217,9 @@ class LabConfig:
 
 # --- parsing ---------------------------------------------------------------------------------------------------
 
+_Parsed = TypeVar("_Parsed")
+
+
 class _Doc:
     """One document being read, for errors that say where."""
 
@@ -225,30 +245,23 @@ class _Doc:
             raise self.error(path, f"must be {_type_names(expected)}, not {type(node).__name__}")
         return node
 
-    def string_map(self, path: str) -> dict[str, str]:
-        raw = self.get(path, Mapping, {})
-        out: dict[str, str] = {}
-        for k, v in raw.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise self.error(f"{path}.{k}", f"must be a string, not {type(v).__name__} (quote it in YAML)")
-            out[k] = v
-        return out
-
     def dns_label(self, path: str, value: str) -> str:
         if len(value) > 63 or not _DNS_LABEL.match(value):
             raise self.error(path, f"{value!r} is not a DNS label (lower-case letters, digits and '-', at most 63)")
         return value
 
-    def port(self, path: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise self.error(path, f"must be a port number 1-65535, not {value!r}")
-        return value
-
-    def protocol(self, path: str, value: Any) -> str:
-        value = "TCP" if value is None else value
-        if value not in _PROTOCOLS:
-            raise self.error(path, f"must be one of {', '.join(_PROTOCOLS)}, not {value!r}")
-        return value
+    def parsed(self, parse: Callable[[Any], _Parsed], kind: str, namespace: str, name: str) -> _Parsed:
+        """The object read by the agent's own parser (discovery/model.py), its
+        namespace defaulted as kubectl does; its errors name this document."""
+        obj = dict(self.obj)
+        if namespace:
+            obj["metadata"] = {**self.obj["metadata"], "namespace": namespace}
+        try:
+            return parse(obj)
+        except ModelError as exc:
+            message = str(exc)
+            where = f"{kind} {namespace}/{name}: " if namespace else f"{kind} {name}: "
+            raise LabConfigError(f"{self.label}: {message.removeprefix(where)}") from None
 
 
 def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -299,29 +312,9 @@ def _workloads(doc: _Doc, annotations: Mapping[str, str]) -> tuple[str, ...]:
 
 def _pod(doc: _Doc) -> Pod:
     namespace, name = _meta(doc, namespaced=True)
-    containers = doc.get("spec.containers", list, [])
-    ports: list[ContainerPort] = []
-    for ci, container in enumerate(containers):
-        if not isinstance(container, Mapping):
-            raise doc.error(f"spec.containers[{ci}]", "must be a mapping")
-        raw_ports = container.get("ports") or []
-        if not isinstance(raw_ports, list):
-            raise doc.error(f"spec.containers[{ci}].ports", "must be a list")
-        for pi, port in enumerate(raw_ports):
-            path = f"spec.containers[{ci}].ports[{pi}]"
-            if not isinstance(port, Mapping):
-                raise doc.error(path, "must be a mapping")
-            port_name = port.get("name")
-            if port_name is not None and not isinstance(port_name, str):
-                raise doc.error(f"{path}.name", "must be a string")
-            ports.append(ContainerPort(doc.port(f"{path}.containerPort", port.get("containerPort")), port_name,
-                                       doc.protocol(f"{path}.protocol", port.get("protocol"))))
-    annotations = doc.string_map("metadata.annotations")
-    workloads = _workloads(doc, annotations)
-    pod = Pod(namespace=namespace, name=name, labels=doc.string_map("metadata.labels"), annotations=annotations,
-              node_name=doc.get("spec.nodeName", str), ports=tuple(ports), workloads=workloads,
-              service_account=doc.get("spec.serviceAccountName", str)
-              or doc.get("spec.serviceAccount", str, "default"))
+    info = doc.parsed(parse_pod, "Pod", namespace, name)
+    workloads = _workloads(doc, info.annotations)
+    pod = Pod(info, workloads)
     listening = [pod.workload_port(kind) for kind in workloads]
     if len(set(listening)) != len(listening):
         raise doc.error(f"metadata.annotations.{WORKLOAD_ANNOTATION}",
@@ -329,35 +322,18 @@ def _pod(doc: _Doc) -> Pod:
     return pod
 
 
-def _service(doc: _Doc) -> tuple[Service, str | None]:
+def _service(doc: _Doc) -> tuple[ServiceInfo, str | None]:
     """The service and its requested clusterIP (None: allocate; "None": headless)."""
     namespace, name = _meta(doc, namespaced=True)
-    raw_ports = doc.get("spec.ports", list, [])
-    ports: list[ServicePort] = []
-    for pi, port in enumerate(raw_ports):
-        path = f"spec.ports[{pi}]"
-        if not isinstance(port, Mapping):
-            raise doc.error(path, "must be a mapping")
-        number = doc.port(f"{path}.port", port.get("port"))
-        target = port.get("targetPort", number)
-        if isinstance(target, str):
-            if not target:
-                raise doc.error(f"{path}.targetPort", "must not be empty")
-        else:
-            doc.port(f"{path}.targetPort", target)
-        port_name = port.get("name")
-        if port_name is not None and not isinstance(port_name, str):
-            raise doc.error(f"{path}.name", "must be a string")
-        ports.append(ServicePort(number, target, port_name, doc.protocol(f"{path}.protocol", port.get("protocol"))))
-    if len(ports) > 1 and any(p.name is None for p in ports):
+    info = doc.parsed(parse_service, "Service", namespace, name)
+    if len(info.ports) > 1 and any(not p.name for p in info.ports):
         raise doc.error("spec.ports", "every port needs a name when there is more than one")
-    requested = doc.get("spec.clusterIP", str)
-    service = Service(namespace=namespace, name=name, cluster_ip=None, ports=tuple(ports),
-                      selector=doc.string_map("spec.selector"))
-    return service, requested
+    requested = "None" if doc.get("spec.clusterIP", str) == "None" else \
+        (info.cluster_ips[0] if info.cluster_ips else None)
+    return info, requested
 
 
-def _allocate_cluster_ips(requests: list[tuple[_Doc, Service, str | None]], cidr: str) -> list[Service]:
+def _allocate_cluster_ips(requests: list[tuple[_Doc, ServiceInfo, str | None]], cidr: str) -> list[Service]:
     """Explicit clusterIPs are kept (and must be in the service range and
     unique); the rest get the next free address, in file order."""
     network = ipaddress.ip_network(cidr)
@@ -365,10 +341,7 @@ def _allocate_cluster_ips(requests: list[tuple[_Doc, Service, str | None]], cidr
     for doc, _, requested in requests:
         if requested is None or requested == "None":
             continue
-        try:
-            addr = ipaddress.ip_address(requested)
-        except ValueError:
-            raise doc.error("spec.clusterIP", f"{requested!r} is not an IP address") from None
+        addr = ipaddress.ip_address(requested)  # discovery's parser checked it
         if addr not in network:
             raise doc.error("spec.clusterIP", f"{addr} is outside the lab's service range {network}")
         if addr in taken:
@@ -379,25 +352,25 @@ def _allocate_cluster_ips(requests: list[tuple[_Doc, Service, str | None]], cidr
     out: list[Service] = []
     for doc, service, requested in requests:
         if requested == "None":
-            ip = None
+            ips: tuple[str, ...] = ()
         elif requested is not None:
-            ip = requested
+            ips = (requested,)
         else:
             try:
-                ip = str(next(free))
+                ips = (str(next(free)),)
             except StopIteration:
                 raise doc.error("spec.clusterIP", f"the service range {network} is full") from None
-        out.append(Service(service.namespace, service.name, ip, service.ports, service.selector))
+        out.append(Service(replace(service, cluster_ips=ips)))
     return out
 
 
 def parse_documents(documents: Iterable[Any], service_cidr: str = SERVICE_CIDR) -> LabConfig:
     """Kubernetes objects (already loaded from YAML/JSON) -> a checked LabConfig."""
     documents = list(documents)
-    namespaces: dict[str, Namespace] = {}
+    namespaces: dict[str, NamespaceInfo] = {}
     accounts: dict[str, tuple[_Doc, ServiceAccount]] = {}
     pods: dict[str, tuple[_Doc, Pod]] = {}
-    services: list[tuple[_Doc, Service, str | None]] = []
+    services: list[tuple[_Doc, ServiceInfo, str | None]] = []
     nodes: list[str] = []
     passthrough: list[Mapping[str, Any]] = []
     seen: set[tuple[str, str, str]] = set()
@@ -417,7 +390,7 @@ def parse_documents(documents: Iterable[Any], service_cidr: str = SERVICE_CIDR) 
         elif kind == "Namespace":
             _, name = _meta(doc, namespaced=False)
             identity = (kind, "", name)
-            namespaces[name] = Namespace(name, doc.string_map("metadata.labels"))
+            namespaces[name] = doc.parsed(parse_namespace, kind, "", name)
         elif kind == "Node":
             _, name = _meta(doc, namespaced=False)
             identity = (kind, "", name)
@@ -439,7 +412,7 @@ def parse_documents(documents: Iterable[Any], service_cidr: str = SERVICE_CIDR) 
                                              "is defined twice")
         seen.add(identity)
 
-    namespaces.setdefault("default", Namespace("default"))
+    namespaces.setdefault("default", NamespaceInfo("default"))
     for doc, pod in pods.values():
         if "waypoint" in pod.workloads:
             if not pod.labels.get(GATEWAY_NAME_LABEL):

@@ -43,6 +43,7 @@ from pyroute2 import netns as nsmod
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.discovery.file_source import content_revision
+from ambit.agent.discovery.model import PodInfo
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
@@ -573,7 +574,7 @@ class Lab:
             try:
                 pod = config.pod(record.key)
             except KeyError:
-                pod = Pod(record.namespace, record.name)
+                pod = Pod(PodInfo(record.namespace, record.name))
             alive = bool(record.workload and _alive(record.workload))
             pods.append(PodStatus(key=record.key, node=record.node, netns=record.netns,
                                   netns_present=os.path.exists(netns_path(record.netns)), ip=record.ip,

@@ -32,8 +32,7 @@ import pytest
 from ambit.agent.cli.client import AgentClient
 from ambit.lab import labconfig
 from ambit.lab.plan import LabSettings
-from ambit.lab.processes import lab_namespaces, lab_processes
-from ambit.lab.processes import process_start_time
+from ambit.lab.processes import lab_namespaces, lab_processes, process_start_time
 from ambit.lab.topology import Lab
 from ambit.lab.tour import UnderlayCapture
 from ambit.agent.netns import NetnsThread, netns_path

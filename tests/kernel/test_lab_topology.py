@@ -24,12 +24,11 @@ import yaml
 from pyroute2 import IPRoute
 
 from ambit.agent.cli.client import AgentClient
+from ambit.agent.discovery.model import ContainerPort
 from ambit.lab import labconfig
-from ambit.lab.labconfig import ContainerPort
 from ambit.lab.errors import LabError, LeftoversFound
 from ambit.lab.plan import LabSettings
-from ambit.lab.processes import MARKER_ENV, create_netns, lab_namespaces, lab_processes
-from ambit.lab.processes import process_start_time
+from ambit.lab.processes import MARKER_ENV, create_netns, lab_namespaces, lab_processes, process_start_time
 from ambit.lab.topology import Lab
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread
@@ -239,7 +238,8 @@ class TestRunningLab:
 def test_a_bad_pod_in_the_middle_of_up_leaves_nothing(clean_lab):
     config = labconfig.load_default()
     # A pod spec the parser would refuse, injected past it: its workload cannot listen.
-    bad = dataclasses.replace(config.pod("shop/web-1"), ports=(ContainerPort(70000, "http"),))
+    web = config.pod("shop/web-1")
+    bad = dataclasses.replace(web, info=dataclasses.replace(web.info, container_ports=(ContainerPort("http", 70000),)))
     config = dataclasses.replace(config, pods=tuple(bad if p.key == bad.key else p for p in config.pods))
     with pytest.raises(LabError, match="workload of pod shop/web-1 did not start"):
         clean_lab.up(config)

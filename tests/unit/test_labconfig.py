@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ambit.lab import labconfig
+from ambit.agent.discovery.model import ContainerPort
 from ambit.lab.labconfig import LabConfigError, parse_documents, parse_yaml
 from ambit.lab.errors import LabError
 from ambit.lab.plan import lab_conflist, LabSettings, plan_lab
@@ -51,7 +52,7 @@ def svc(namespace, name, selector, ports, cluster_ip=None):
 def test_default_lab_is_two_nodes_with_ambient_and_legacy_namespaces():
     cfg = labconfig.load_default()
     assert cfg.node_names() == ("node1", "node2")
-    assert cfg.namespace("shop").ambient and not cfg.namespace("legacy").ambient
+    assert cfg.ambient(cfg.pod("shop/web-0")) and not cfg.ambient(cfg.pod("legacy/probe-0"))
     placement = cfg.assign_nodes(cfg.node_names())
     assert placement["shop/web-0"] == "node1" and placement["shop/web-1"] == "node2"
     assert {"shop/client-0", "legacy/probe-0"} <= set(placement)
@@ -87,7 +88,7 @@ def test_pod_fields_and_workload_ports():
     assert (p.node_name, p.service_account, dict(p.labels)) == ("node2", "web", {"app": "web"})
     assert p.workloads == ("echo", "http")
     assert p.workload_port("http") == 8000 and p.workload_port("echo") == 9000  # named port, else default
-    assert p.ports[1] == labconfig.ContainerPort(53, None, "UDP")
+    assert p.ports[1] == ContainerPort("", 53, "UDP")  # read by the agent's own parser
 
 
 def test_pod_label_opts_out_of_an_ambient_namespace():
@@ -153,18 +154,18 @@ def test_node_count_from_pods_or_explicit_and_round_robin():
     ([pod("default", "p", workload="http,echo", ports=[{"name": "http", "containerPort": 9000}])],
      r"would listen on the same port"),
     ([pod("default", "p", ports=[{"containerPort": 70000}])],
-     r"spec.containers\[0\].ports\[0\].containerPort: must be a port number"),
-    ([pod("default", "p", labels={"version": 1})], r"metadata.labels.version: must be a string, not int"),
+     r"spec.containers\[0\].ports\[0\].containerPort: expected a port number"),
+    ([pod("default", "p", labels={"version": 1})], r"metadata.labels.version: expected a string, got 1"),
     ([pod("default", "p"), pod("default", "p")], r"document 1 \(Pod p\): metadata.name: a Pod named default/p "
                                                  r"is defined twice"),
-    ([svc("default", "s", {}, [{"port": "eighty"}])], r"spec.ports\[0\].port: must be a port number"),
+    ([svc("default", "s", {}, [{"port": "eighty"}])], r"spec.ports\[0\].port: expected a port number"),
     ([svc("default", "s", {}, [{"port": 80}, {"port": 81}])], r"spec.ports: every port needs a name"),
     ([svc("default", "s", {}, [{"port": 80}], cluster_ip="10.0.0.1")], r"10.0.0.1 is outside the lab's service"),
     ([svc("default", "s", {}, [{"port": 80}], cluster_ip="10.96.0.20"),
       svc("default", "t", {}, [{"port": 80}], cluster_ip="10.96.0.20")], r"document 1 .*already used"),
     ([sa("nowhere", "x")], r"document 0 \(ServiceAccount x\): metadata.namespace: namespace 'nowhere'"),
     ([{"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": "web"}}],
-     r"spec.containers: must be a list, not str"),
+     r"document 0 \(Pod p\): spec.containers: expected a list, got str"),
 ])
 def test_errors_name_the_document_and_the_field(docs, message):
     with pytest.raises(LabConfigError, match=message):
@@ -182,7 +183,7 @@ def test_yaml_errors_name_the_source():
         metadata: {name: p, namespace: shop}
         spec: {nodeName: 7}
         """)
-    with pytest.raises(LabConfigError, match=r"^lab.yaml: document 1 \(Pod p\): spec.nodeName: must be a string"):
+    with pytest.raises(LabConfigError, match=r"^lab.yaml: document 1 \(Pod p\): spec.nodeName: expected a string"):
         parse_yaml(text, "lab.yaml")
 
 
