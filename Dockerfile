@@ -43,7 +43,8 @@ COPY bpf ./bpf
 COPY install ./install
 COPY scripts ./scripts
 
-# bcc lives in Debian's dist-packages: the venv sees system site packages.
+# bcc lives in Debian's dist-packages: the venv sees system site packages (only the
+# short-lived eBPF loader imports it; the agent uses libbpf1, which bcc depends on).
 RUN python3 -m venv --system-site-packages /opt/ambit/.venv \
  && /opt/ambit/.venv/bin/pip install --no-cache-dir -r requirements.txt \
  && /opt/ambit/.venv/bin/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \

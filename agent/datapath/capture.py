@@ -116,8 +116,8 @@ def _remove_clsact(ipr: IPRoute, ifindex: int) -> None:
 def ensure_filter(ipr: IPRoute, ifindex: int, parent: int, name: str, program: TcProgram,
                   *, clsact: bool = True) -> None:
     """Put program on the hook under name; replaces our previous one (a
-    restarted agent's fresh compile), never someone else's. `clsact=False`:
-    the caller has just made sure the qdisc is there. One dump of the hook
+    changed program set), never someone else's. `clsact=False`: the
+    caller has just made sure the qdisc is there. One dump of the hook
     answers both questions (ours, and who holds our slot): each netlink
     round trip through pyroute2 costs ~0.4 ms of the agent's CPU per enrol."""
     if clsact:
@@ -191,20 +191,23 @@ class Datapath:
 
     # node ---------------------------------------------------------------
     def install(self) -> ProxyLink:
-        """Proxy namespace, programs, proxy_link map, proxy_ingress filter;
-        then points every pod filter a previous agent left at the fresh
-        programs. Idempotent."""
+        """Proxy namespace, programs (pinned, or loaded by the loader child),
+        proxy_link map, proxy_ingress filter; then points every pod filter a
+        previous agent left at this agent's program set. Idempotent."""
         with self._lock:
             link = self.proxy_ns.ensure()
             if self._programs is None:
-                self._programs = Programs.load(self.pin_dir, self._source_dir)
+                self._programs = Programs.open(self.pin_dir, self._source_dir)
             self._programs.set_proxy_link(link)
             with open_rtnl(self.proxy_ns.path) as proxy:
                 eth = proxy.link_lookup(ifname=self.proxy_ns.proxy_link)[0]
                 ensure_filter(proxy, eth, TC_INGRESS, FILTER_PROXY, self._programs.proxy_ingress)
             adopted = self._refresh_pod_filters()
-        self._log.info("datapath_installed", node_ifindex=link.node_ifindex,
-                       proxy_mac=link.proxy_mac, adopted_pods=adopted)
+            # No filter uses an older set now: unpin it (the kernel frees it).
+            replaced = self._programs.remove_other_sets()
+        self._log.info("datapath_installed", node_ifindex=link.node_ifindex, proxy_mac=link.proxy_mac,
+                       adopted_pods=adopted, program_set=self._programs.program_set.set_id,
+                       compiled=self._programs.compiled, replaced_sets=replaced)
         return link
 
     def _refresh_pod_filters(self) -> int:

@@ -2,31 +2,19 @@
 from the kernel itself (netlink, bpffs), never from the agent's memory."""
 from __future__ import annotations
 
-import ctypes
 import os
 
-from bcc import libbcc
-
+from ambit.agent.datapath.bpfsys import BpfMap
 from ambit.agent.netlink import iproute
 
 
-def _map_keys(path: str, key_size: int = 4) -> int:
+def _map_keys(path: str) -> int:
     """Number of keys in a pinned BPF hash map."""
-    fd = libbcc.lib.bpf_obj_get(path.encode())
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"bpf_obj_get {path}")
+    bpf_map = BpfMap.open_pinned(path)
     try:
-        count = 0
-        key = ctypes.create_string_buffer(key_size)
-        nxt = ctypes.create_string_buffer(key_size)
-        current = None
-        while libbcc.lib.bpf_get_next_key(fd, current, nxt) == 0:
-            count += 1
-            ctypes.memmove(key, nxt, key_size)
-            current = key
-        return count
+        return sum(1 for _ in bpf_map.keys())
     finally:
-        os.close(fd)
+        bpf_map.close()
 
 
 def node_snapshot(node_netns: str, bpffs_dir: str) -> dict:

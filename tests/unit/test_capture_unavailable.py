@@ -20,7 +20,7 @@ def test_nftables_without_its_python_binding(monkeypatch) -> None:
 def test_ebpf_without_bcc(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "bcc", None)
     with pytest.raises(CaptureUnavailable, match="python3-bpfcc"):
-        Programs.load(str(tmp_path / "pins"))
+        Programs.open(str(tmp_path / "pins"))
     assert not (tmp_path / "pins").exists()  # nothing made on the way
 
 
