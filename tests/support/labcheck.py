@@ -4,8 +4,8 @@
 namespaces, processes (marked or inside a lab namespace), links named like
 the lab's and routes or rules using its address ranges in the machine's own
 namespace, pins under the lab's bpffs root, the state file and node
-directories. Empty means clean. test_lab_topology.py keeps its own copy
-for the `labt-` lab; this one takes the prefix and ranges as arguments.
+directories. Empty means clean. tests/kernel/conftest.py runs it before and
+after every lab it makes.
 """
 from __future__ import annotations
 
