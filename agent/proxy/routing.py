@@ -1,6 +1,7 @@
 """Where a captured connection goes, decided from the cluster state alone.
 
-Pure logic (no sockets), so every rule is unit-tested:
+Pure logic (no sockets), so every rule is unit-tested (tests/unit/test_routing.py,
+one table per route):
 
   outbound (15001), client = an enrolled pod on this node
     - destination is a Service VIP:port -> pick a ready endpoint (even
