@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 
-# The agent forks short-lived helpers (pyroute2 opens netlink sockets in pod
-# namespaces from a child) while gRPC threads run; gRPC's fork handlers are
-# for processes that use gRPC in the child, which these never do.
+# The agent never forks (agent/netlink.py says why), so gRPC's fork support,
+# handlers that let a forked child go on using gRPC, is left off.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse

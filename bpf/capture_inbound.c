@@ -1,10 +1,10 @@
 /* capture_inbound: tc egress of an enrolled pod's host-side veth, i.e.
- * every frame about to enter the pod (seed: "egress on VETH0").
+ * every frame about to enter the pod (docs/datapath.md, "Hooks and verdicts").
  *
  * TCP from the outside world goes to the proxy namespace first (HBONE to
  * 15008, plaintext to 15006, replies to the proxy's sockets). Packets the
  * proxy itself sends to the pod arrive here too, after it authorized them:
- * they came in through ambit0 and pass (seed: "bypass"). */
+ * they came in through ambit0 and pass (the bypass). */
 #include "ambit.h"
 
 int capture_inbound(struct __sk_buff *skb)

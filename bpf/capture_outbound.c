@@ -1,5 +1,5 @@
 /* capture_outbound: tc ingress of an enrolled pod's host-side veth, i.e.
- * every frame the pod sends (seed: "ingress on VETH0").
+ * every frame the pod sends (docs/datapath.md, "Hooks and verdicts").
  *
  * IPv4 TCP goes to the proxy namespace, where proxy_ingress hands a new
  * connection to the outbound listener (the source is a local pod) and every

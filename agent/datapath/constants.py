@@ -10,7 +10,7 @@ too: do not run both on one node):
                    packet it accepts from ambit0; `ip rule fwmark 0x100/0x100
                    lookup 100` + `local 0.0.0.0/0 dev lo table 100` make the
                    proxy namespace deliver it locally although the destination
-                   is not one of its addresses (seed: "packet marking").
+                   is not one of its addresses (docs/datapath.md, "Marks, rules, tables").
   0x200  PROXY     SO_MARK on every socket the proxy opens, so its own traffic
                    is recognisable (the nftables backend and `ambitctl trace`
                    use it; the eBPF backend recognises proxy traffic on the

@@ -127,7 +127,7 @@ class ProxyNamespace:
         # pod's address) leaves through the node, which routes it.
         proxy.route("replace", dst="0.0.0.0/0", gateway=self.node_addr, oif=eth)
         # Captured packets (marked by proxy_ingress) are delivered locally
-        # whatever their destination (seed: "packet marking").
+        # whatever their destination (docs/datapath.md, "Marks, rules, tables").
         proxy.route(
             "replace",
             dst="0.0.0.0/0",

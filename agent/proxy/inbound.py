@@ -1,6 +1,6 @@
 """Inbound HBONE (port 15008): terminate mTLS, vet each CONNECT, splice to the local pod.
 
-For one accepted connection (seed: the packet walk's step 3):
+For one accepted connection (docs/architecture.md, "A connection", step 4):
 1. The certificate presented is the one of the workload the connection was
    addressed to (the accepted socket's original destination); an address
    with no local workload gets the connection closed.

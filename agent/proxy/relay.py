@@ -1,4 +1,4 @@
-"""Plain-TCP relay: the outbound path until HBONE exists (issue 3).
+"""Plain-TCP relay: same-node, passthrough and inbound plaintext (15006) connections.
 
 For a captured connection the relay opens a TCP connection to the original
 destination *from the client pod's IP* (IP_TRANSPARENT + bind), so the server
