@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-# The agent never forks (agent/netlink.py says why), so gRPC's fork support,
-# handlers that let a forked child go on using gRPC, is left off.
+# The agent never forks a copy of itself (agent/netlink.py says why); its only
+# child, the eBPF loader (datapath/programs.py), is exec'd at once. gRPC's fork
+# handlers are for children that go on using gRPC, which it never does.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse

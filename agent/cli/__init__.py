@@ -1,1 +1,1 @@
-"""Command-line front ends: ambitctl (debug) and ambit (lab, tools)."""
+"""ambitctl: the agent's debug CLI over its socket, and the client it uses (the lab uses it too)."""
