@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from .frames import _MAX_WINDOW
+
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
 
@@ -20,7 +22,6 @@ MiB: Final = 1024 * KiB
 _MIN_FRAME_SIZE: Final = 16 * KiB
 _MAX_FRAME_SIZE: Final = 2**24 - 1
 _MIN_WINDOW: Final = 65_535
-_MAX_WINDOW: Final = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
