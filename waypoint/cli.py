@@ -3,7 +3,9 @@
 Reads the cluster's objects (the same files `ambit-agent --discovery files`
 reads: Namespaces, Pods, Services, Gateways, AuthorizationPolicies), works
 out what the waypoint stands in front of (waypoint/destinations.py),
-issues its SPIFFE certificate from the mesh CA, and writes into --out-dir:
+gets its SPIFFE certificate from the mesh CA (over Istio's certificate API
+with the waypoint's own token, --ca-address; or from a CA key on this host,
+--ca-dir), and writes into --out-dir:
 
     envoy.json   the bootstrap (`envoy -c envoy.json`): who this Envoy is and
                  where its resources are
@@ -34,6 +36,9 @@ from typing import Any
 from ambit.agent.atomic_files import atomic_write
 from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
+from ambit.agent.identity.ca_options import add_ca_client_arguments, ca_client_settings
+from ambit.agent.identity.issuer import Issuer, IstioCaIssuer, LocalIssuer
+from ambit.agent.identity.istio_ca import IssueError, IstioCaClient
 from ambit.agent.identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
@@ -65,7 +70,7 @@ class GeneratedWaypoint:
         return lines
 
 
-def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, out_dir: Path, ca: LocalCA,
+def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, out_dir: Path, ca: LocalCA | Issuer,
              options: BootstrapOptions | None = None, service_account: str | None = None,
              cert_ttl: timedelta = DEFAULT_LEAF_TTL) -> GeneratedWaypoint:
     """Plan, issue the certificate and write the bootstrap; raises WaypointError."""
@@ -73,15 +78,20 @@ def generate(objects: Iterable[Mapping[str, Any]], namespace: str, name: str, ou
     return write_waypoint(plan, out_dir, ca, options, cert_ttl)
 
 
-def write_waypoint(plan: WaypointPlan, out_dir: Path, ca: LocalCA, options: BootstrapOptions | None = None,
+def write_waypoint(plan: WaypointPlan, out_dir: Path, ca: LocalCA | Issuer, options: BootstrapOptions | None = None,
                    cert_ttl: timedelta = DEFAULT_LEAF_TTL) -> GeneratedWaypoint:
-    """Issue the certificate and write the secrets, the resources and the bootstrap of `plan`."""
+    """Get the certificate and write the secrets, the resources and the bootstrap of `plan`;
+    IssueError when the CA gives no certificate."""
     options = options or BootstrapOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     secrets = SecretFiles(out_dir / "certs")
     rotator = CertificateRotator(CertificateStore(ca, secrets.directory, ttl=cert_ttl), plan.identity, secrets)
-    certificate = rotator.write()
+    try:
+        certificate = rotator.write()
+    except BaseException:
+        rotator.close()
+        raise
     xds = XdsFiles(out_dir / "xds")
     _, notes = write_configuration(plan, secrets, xds, options)
     config_path = out_dir / CONFIG_FILE
@@ -105,8 +115,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument("--kube", action="store_true",
                         help="the Kubernetes API: --kubeconfig, else the in-cluster service account")
     source.add_argument("--kubeconfig", help="kubeconfig for --kube (default: in-cluster)")
-    parser.add_argument("--ca-dir", type=Path, required=True,
-                        help=f"the mesh CA ({CA_CERT_FILE}, {CA_KEY_FILE}) that issues the waypoint's certificate")
+    identity = parser.add_argument_group(
+        "the waypoint's certificate (one of): from the mesh CA over Istio's certificate API with the waypoint's "
+        "own service-account token, or from a CA key on this host")
+    add_ca_client_arguments(identity, who="the waypoint pod")
+    identity.add_argument("--ca-dir", type=Path,
+                          help=f"without --ca-address: the mesh CA ({CA_CERT_FILE}, {CA_KEY_FILE}) on this host")
     parser.add_argument("--out-dir", type=Path, required=True, help=f"where {CONFIG_FILE}, xds/ and certs/ are written")
     parser.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     parser.add_argument("--service-account", help="the waypoint's service account (default: its pods', else NAME)")
@@ -155,14 +169,21 @@ def run(args: argparse.Namespace) -> int:
     if args.watch and not args.run:
         print("ambit waypoint: --watch needs --run", file=sys.stderr)
         return 2
+    remote = ca_client_settings(args)
+    if (remote is None) == (args.ca_dir is None):
+        print("ambit waypoint: give --ca-address (the mesh CA's API) or --ca-dir (a CA key on this host)",
+              file=sys.stderr)
+        return 2
     view: SourceClusterView | None = None
     try:
-        ca = LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain)
+        issuer: LocalCA | Issuer = (
+            IstioCaIssuer(IstioCaClient(remote), args.trust_domain, impersonate=False) if remote is not None else
+            LocalCA.load(args.ca_dir / CA_CERT_FILE, args.ca_dir / CA_KEY_FILE, trust_domain=args.trust_domain))
         options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
         view = kube_view(args.kubeconfig) if args.kube else file_view(args.config_file)
-        plan = view.plan(namespace, name, ca.trust_domain, args.service_account)
-        generated = write_waypoint(plan, args.out_dir, ca, options, args.cert_ttl)
-    except (WaypointError, InvalidCA, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
+        plan = view.plan(namespace, name, args.trust_domain, args.service_account)
+        generated = write_waypoint(plan, args.out_dir, issuer, options, args.cert_ttl)
+    except (WaypointError, InvalidCA, IssueError, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
         print(f"ambit waypoint: {exc}", file=sys.stderr)
         if view is not None:
             view.close()
@@ -170,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _serve(args, generated, options, view)
     finally:
+        generated.rotator.close()
         view.close()
 
 

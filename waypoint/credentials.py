@@ -13,10 +13,14 @@ always change together.
 
 The leaf lives 24 h; `CertificateRotator` re-issues it once half of that has
 passed (the CertificateStore's rule, as for the agent's own workloads) and
-rewrites the identity Secret.
+rewrites the identity Secret. The key is made here; the certificate comes from
+the mesh CA over Istio's API with the waypoint's own token (or, without
+Kubernetes, from a CA key on this host). When the CA cannot be reached the
+rotation fails and Envoy keeps the certificate it has.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +31,7 @@ import structlog
 
 from ambit.agent.identity.pemfiles import ensure_private_dir, write_private, write_public
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.identity.store import CertificateStore, WorkloadCert, rotation_due_at
+from ambit.agent.identity.store import CertificateStore, WorkloadCert, needs_rotation, rotation_due_at
 
 IDENTITY_SECRET = "waypoint-identity"
 BUNDLE_SECRET = "mesh-trust-bundle"
@@ -68,7 +72,7 @@ def bundle_secret(bundle_pem: bytes) -> dict[str, Any]:
 
 def write_identity(files: SecretFiles, cert: WorkloadCert) -> None:
     ensure_private_dir(files.directory)
-    secret = identity_secret(cert.issued.certificate_pem, cert.issued.private_key_pem)
+    secret = identity_secret(cert.issued.chain_pem, cert.issued.private_key_pem)
     write_private(files.identity, json.dumps(secret, indent=1).encode())
 
 
@@ -78,18 +82,41 @@ def write_bundle(files: SecretFiles, bundle_pem: bytes) -> None:
 
 
 class CertificateRotator:
-    """Keeps one waypoint identity's Secret current (issue, then re-issue when due)."""
+    """Keeps one waypoint identity's Secret current (issue, then re-issue when due).
+
+    Synchronous, for the supervisor's loop: each request to the CA runs on one
+    event loop kept for the rotator's life, so a remote CA's channel is reused.
+    """
 
     def __init__(self, store: CertificateStore, identity: SpiffeId, files: SecretFiles) -> None:
         self.store = store
         self.identity = identity
         self.files = files
         self.current: WorkloadCert | None = None
+        self._bundle = b""
+        self._runner = asyncio.Runner()
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def _fresh(self) -> WorkloadCert:
+        """The held certificate until it is due, then a new one (IssueError if none came)."""
+        held = self.store.current(self.identity)
+        if held is not None and not needs_rotation(held.issued.certificate, self.store.clock(),
+                                                   self.store.rotate_fraction):
+            return held
+        return self._runner.run(self.store.renew(self.identity))
+
+    def _write_bundle_if_changed(self) -> None:
+        bundle = self.store.trust_bundle_pem
+        if bundle != self._bundle:
+            write_bundle(self.files, bundle)
+            self._bundle = bundle
 
     def write(self) -> WorkloadCert:
         """Write both Secrets (at start-up); returns the certificate written."""
-        write_bundle(self.files, self.store.trust_bundle_pem)
-        self.current = self.store.get(self.identity)
+        self.current = self._fresh()  # first: with a remote CA the roots come with it
+        self._write_bundle_if_changed()
         write_identity(self.files, self.current)
         return self.current
 
@@ -99,9 +126,10 @@ class CertificateRotator:
 
     def rotate_if_due(self) -> bool:
         """Re-issue and rewrite the identity Secret when the store says it is due."""
-        fresh = self.store.get(self.identity)  # re-issues once due
+        fresh = self._fresh()  # re-issues once due
         if self.current is not None and fresh.serial == self.current.serial:
             return False
+        self._write_bundle_if_changed()  # a new root comes before the certificate it signs
         write_identity(self.files, fresh)
         _log.info("waypoint.cert_rotated", spiffe_id=str(self.identity), serial=f"{fresh.serial:x}",
                   previous_serial=f"{self.current.serial:x}" if self.current else None,

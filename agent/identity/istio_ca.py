@@ -102,7 +102,10 @@ class IstioCaClient:
                 IMPERSONATED_IDENTITY: struct_pb2.Value(string_value=str(impersonate))}))
         metadata = (("authorization", f"Bearer {token}"), ("clusterid", self.settings.cluster_id))
         try:
-            response = await stub.CreateCertificate(request, metadata=metadata, timeout=self.settings.timeout)
+            # wait_for_ready: a CA that is coming back (the channel reconnecting) gets
+            # the whole timeout, rather than the call failing at once.
+            response = await stub.CreateCertificate(request, metadata=metadata, timeout=self.settings.timeout,
+                                                    wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _TRANSIENT:

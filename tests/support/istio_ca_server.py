@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -138,3 +139,31 @@ async def scripted_ca(ca: LocalCA) -> AsyncIterator[CaEndpoint]:
         yield endpoint
     finally:
         await endpoint.stop()
+
+
+class ThreadedCa:
+    """A CaEndpoint on its own event loop thread, for synchronous clients
+    (the waypoint's rotator). `stop()`/`start()` take it away and bring it back
+    on the same port."""
+
+    def __init__(self, ca: LocalCA) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="scripted-ca", daemon=True)
+        self._thread.start()
+        self.endpoint = CaEndpoint(ScriptedCa(ca))
+        self.start()
+
+    def _call(self, coroutine: Awaitable[None]) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self._call(self.endpoint.start())
+
+    def stop(self) -> None:
+        self._call(self.endpoint.stop())
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()

@@ -7,15 +7,19 @@ import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.issuer import IstioCaIssuer
+from ambit.agent.identity.istio_ca import CaClientSettings, IssueError, IstioCaClient
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
                                               bundle_secret, identity_secret)
 from ambit.waypoint.xds_files import file_config_source
 from ambit.waypoint.runner import MAX_CHECK_INTERVAL_S, is_listening, next_check_in
+from tests.support.istio_ca_server import SERVER_NAME, ThreadedCa
 
 TD = "cluster.local"
 WAYPOINT = SpiffeId(TD, "shop", "waypoint")
@@ -97,3 +101,37 @@ def test_envoy_counts_as_listening_at_any_address_it_was_given() -> None:
             assert not is_listening(port)  # bound is not listening
             sock.listen()
             assert is_listening(port)
+
+
+def test_a_waypoint_gets_and_rotates_its_certificate_over_the_ca_api(tmp_path: Path) -> None:
+    """As itself (no impersonation), with its own token; a CA away keeps the current Secret."""
+    mesh_ca = LocalCA.create(TD)
+    (tmp_path / "token").write_text("waypoint-token")
+    (tmp_path / "root.pem").write_bytes(mesh_ca.trust_bundle_pem)
+    ca = ThreadedCa(mesh_ca)
+    try:
+        client = IstioCaClient(CaClientSettings(address=ca.endpoint.address, token_file=tmp_path / "token",
+                                                root_cert_file=tmp_path / "root.pem", server_name=SERVER_NAME))
+        clock = Clock()
+        clock.now = datetime.now(timezone.utc)
+        files = SecretFiles(tmp_path / "certs")
+        store = CertificateStore(IstioCaIssuer(client, TD, impersonate=False, clock=clock), files.directory,
+                                 ttl=timedelta(hours=24))
+        rot = CertificateRotator(store, WAYPOINT, files)
+        first = rot.write()
+        sent = ca.endpoint.servicer.received[0]
+        assert sent.impersonated is None and sent.metadata["authorization"] == "Bearer waypoint-token"
+        assert served(files).serial_number == first.serial
+        bundle = json.loads(files.bundle.read_text())["resources"][0]["validation_context"]["trusted_ca"]
+        assert bundle["inline_string"].encode() == mesh_ca.trust_bundle_pem
+
+        clock.now = rot.due_at()
+        ca.stop()
+        with pytest.raises(IssueError):
+            rot.rotate_if_due()
+        assert served(files).serial_number == first.serial  # Envoy keeps serving the one it has
+        ca.start()
+        assert rot.rotate_if_due() and served(files).serial_number == rot.current.serial != first.serial
+        rot.close()
+    finally:
+        ca.close()
