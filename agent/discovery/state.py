@@ -156,8 +156,11 @@ class ClusterState:
     def subscribe_ambient(self, callback: AmbientCallback, node_name: str | None = None) -> Callable[[], None]:
         """callback(pod, in_mesh, reason) whenever a pod's enrolment decision flips.
 
-        Flips come from pod labels, namespace labels, pods appearing (already
-        in the mesh) and pods being deleted. `node_name` limits it to one node.
+        Flips come from pod labels, namespace labels and pods appearing
+        (already in the mesh). A pod or namespace object being deleted is no
+        flip: it is not an opt-out, and a sandbox still running (a force
+        delete, a view that lost the object) must stay captured, failing
+        closed, until CNI DEL releases it. `node_name` limits it to one node.
         """
         entry = (callback, node_name)
         self._ambient_subscribers.append(entry)
@@ -457,20 +460,17 @@ class ClusterState:
             self._namespace_flip((new or old).name, old, new)
 
     def _pod_flip(self, old: PodInfo | None, new: PodInfo | None) -> None:
-        if not self._ambient_subscribers:
+        # A deleted object is not an opt-out (see subscribe_ambient): no flip.
+        if not self._ambient_subscribers or new is None:
             return
-        namespace = self.namespace((new or old).namespace)  # type: ignore[union-attr]
+        namespace = self.namespace(new.namespace)
         before = self._decide(old, namespace)[0] if old is not None else False
-        if new is None:
-            if before:
-                self._pending.append(("ambient", "", old, (False, "pod deleted")))
-            return
         after = self._decide(new, namespace)
         if after[0] != before:
             self._pending.append(("ambient", "", new, after))
 
     def _namespace_flip(self, name: str, before: NamespaceInfo | None, after: NamespaceInfo | None) -> None:
-        if not self._ambient_subscribers:
+        if not self._ambient_subscribers or after is None:
             return
         pods = self._stores[KIND_POD]
         for key in sorted(self._pods_by_namespace.get(name, ())):

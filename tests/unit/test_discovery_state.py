@@ -368,9 +368,22 @@ def test_label_flip_notifies_old_and_new_and_ambient_subscribers() -> None:
     assert flips[-1][:2] == ("web-2", True) and local_flips == ["web-2"]
     state.apply("MODIFIED", pod("web-2", node="node-2", labels=NONE))
     assert flips[-1] == ("web-2", False, "pod label istio.io/dataplane-mode=none")
-    state.apply("DELETED", pod("web-1", labels=AMBIENT))
-    assert flips[-1] == ("web-1", False, "pod deleted")
     assert local_flips == ["web-2", "web-2"]
+
+
+def test_deleting_a_pod_or_namespace_object_is_no_opt_out() -> None:
+    """Only a label opts a pod out: a deleted object (force delete, an edited
+    file that lost it) leaves the sandbox captured until CNI DEL."""
+    state = ClusterState()
+    flips: list[tuple[str, bool, str]] = []
+    state.subscribe_ambient(lambda p, in_mesh, reason: flips.append((p.name, in_mesh, reason)))
+    state.apply("ADDED", namespace("demo", **AMBIENT))
+    state.apply("ADDED", pod("web-1", labels=AMBIENT))
+    state.apply("ADDED", pod("web-2"))
+    assert [f[:2] for f in flips] == [("web-1", True), ("web-2", True)]
+    state.apply("DELETED", pod("web-1", labels=AMBIENT))
+    state.apply("DELETED", namespace("demo", **AMBIENT))
+    assert len(flips) == 2
 
 
 def test_a_failing_subscriber_does_not_stop_others() -> None:
