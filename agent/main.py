@@ -173,7 +173,8 @@ class Agent:
                                          config.metrics_port, config.readiness_port)
         self.datapath: Datapath | NftDatapath | None = None
         self.proxy: NodeProxy | None = None
-        self.mesh = MeshRuntime(config.mesh_settings()) if config.discovery != "none" else None
+        self.mesh = MeshRuntime(config.mesh_settings(), self.enrolment.workload_by_ip) \
+            if config.discovery != "none" else None
         self._ready = False
         self._not_ready_reason = "starting"
         self.server = AgentServer(

@@ -9,6 +9,7 @@ local CA on disk signs them (no Kubernetes, tests)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from .discovery.attribution import Attributor, EnrolledPod
 from .discovery.file_source import FileSource
 from .discovery.model import KIND_NAMESPACE, PodInfo
 from .discovery.report import DiscoveryReport, discovery_report
@@ -33,7 +35,7 @@ from .policy.enforce import Authorizer
 from .policy.peerauth import PeerAuthenticationPolicy
 from .proxy.node_proxy import Mesh
 from .proxy.routing import OutboundRouter
-from .workload import PodRef
+from .workload import PodRef, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +64,10 @@ def local_identities(state: ClusterState, node_name: str, trust_domain: str) -> 
 class MeshRuntime:
     """Owns the discovery source and the live enrolment reactions."""
 
-    def __init__(self, settings: MeshSettings) -> None:
+    def __init__(self, settings: MeshSettings, enrolled: Callable[[str], Workload | None] = lambda ip: None) -> None:
+        """`enrolled`: this node's enrolment record for an address (destinations are attributed by it)."""
         self.settings = settings
+        self._enrolled = enrolled
         self.peer_authentication = PeerAuthenticationPolicy(settings.root_namespace)
         self.engine = PolicyEngine(settings.root_namespace, peer_authentication=self.peer_authentication)
         self.state = ClusterState(self.engine, self.peer_authentication)
@@ -104,8 +108,9 @@ class MeshRuntime:
         self.rotation.start()
         self._unsubscribe.append(self.state.subscribe(self._on_cluster_change))
         self._want_certificates()
-        self.mesh = Mesh(state=self.state, router=OutboundRouter(self.state, s.node_name, s.trust_domain),
-                         authorizer=Authorizer(self.state, self.engine), certificates=certificates)
+        attributor = Attributor(self.state, s.node_name, self._enrolled_pod)
+        self.mesh = Mesh(state=self.state, router=OutboundRouter(self.state, s.node_name, s.trust_domain, attributor),
+                         authorizer=Authorizer(self.state, self.engine, attributor), certificates=certificates)
         log.info("mesh view ready", discovery=s.discovery, trust_domain=s.trust_domain, counts=self.state.counts(),
                  ca=certificates.issuer)
 
@@ -124,6 +129,10 @@ class MeshRuntime:
     def _want_certificates(self) -> None:
         assert self.rotation is not None
         self.rotation.want(local_identities(self.state, self.settings.node_name, self.settings.trust_domain))
+
+    def _enrolled_pod(self, address: str) -> EnrolledPod | None:
+        workload = self._enrolled(address)
+        return workload.pod if workload is not None else None
 
     @property
     def synced(self) -> bool:

@@ -103,13 +103,23 @@ class ConnectionAttributes:
         setter(self, "workload_key", (self.destination_namespace, frozenset(self.destination_labels.items())))
 
 
+# Why a connection was denied because the agent could not decide for it
+# (Decision.fail_closed): the label of ambit_connections_failed_closed_total.
+UNKNOWN_DESTINATION = "unknown_destination"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The verdict on one connection, with the reason written to the logs."""
+    """The verdict on one connection, with the reason written to the logs.
+
+    `fail_closed` names why a denial was not a policy's verdict but the
+    agent failing closed (e.g. UNKNOWN_DESTINATION); empty otherwise.
+    """
 
     allowed: bool
     reason: str
     policy: str | None = None
+    fail_closed: str = ""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ is registered for `ambitctl connections`, counted in the Istio metrics and
 logged once when it closes.
 
 Policy is decided once per connection, at the destination side: 15006
-plaintext, same-node relays and 15008 tunnels. When policies (or a
+plaintext, same-node relays and 15008 tunnels, for the workload the
+destination address is attributed to (agent/discovery/attribution.py); an
+address that cannot be attributed is denied as an unknown destination
+(counted in ambit_connections_failed_closed_total, reason in the access log). When policies (or a
 destination pod's labels) change, every live connection this node admitted
 is decided again with the same inputs and the ones no longer allowed are
 reset ("connection closed by policy", response flag UAEX).
@@ -34,13 +37,14 @@ from typing import Any
 import structlog
 
 from ..datapath.constants import HBONE_PORT
+from ..discovery.attribution import Attribution, Attributor
 from ..discovery.model import KIND_POD, POLICY_KINDS
 from ..discovery.state import EVENT_MODIFIED, ClusterState
 from ..identity.spiffe import SpiffeId
 from ..identity.store import CertificateStore
 from ..identity.tls import IdentityError
 from ..netns import NetnsThread
-from ..policy.authz import Decision
+from ..policy.authz import UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
@@ -82,6 +86,11 @@ class Mesh:
     router: OutboundRouter
     authorizer: Authorizer
     certificates: CertificateStore
+
+    @property
+    def attributor(self) -> Attributor:
+        """Who holds a destination address (the one the authorizer decides for)."""
+        return self.authorizer.attributor
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,7 @@ class NodeProxy:
     def _local_identity(self, ip: str) -> SpiffeId | None:
         """The identity of an in-mesh pod of this node at `ip`, else None."""
         assert self.mesh is not None
-        pod = self.mesh.state.pod_by_ip(ip)
+        pod = self.mesh.attributor.attribute(ip).pod
         if pod is None or pod.node_name != self.mesh.router.node_name:
             return None
         in_mesh, _ = self.mesh.state.ambient_decision(pod)
@@ -191,7 +200,7 @@ class NodeProxy:
         """(name, namespace) of the pod at `ip`: the cluster view when there
         is one (remote pods too), else this node's records."""
         if self.mesh is not None:
-            pod = self.mesh.state.pod_by_ip(ip)
+            pod = self.mesh.attributor.attribute(ip).pod
             return (pod.name, pod.namespace) if pod else ("unknown", "unknown")
         workload = self._workload_by_ip(ip)
         return (workload.pod.name, workload.pod.namespace) if workload else ("unknown", "unknown")
@@ -244,9 +253,13 @@ class NodeProxy:
         return _Outcome(outcome.end.value, outcome.bytes_to_upstream, outcome.bytes_to_client, outcome.error,
                         _RESPONSE_FLAGS.get(outcome.end, "-"), outcome.end in _FAILED)
 
-    def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str) -> _Outcome:
+    def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str,
+                fail_closed: str = "") -> _Outcome:
+        """Reset the client; `fail_closed` (a Decision.fail_closed reason) counts it as the agent failing closed."""
         tracked.meta.decision = "deny"
         tracked.meta.reason = reason
+        if fail_closed:
+            self.metrics.failed_closed.labels(tracked.accepted.listener.value, fail_closed).inc()
         reset_socket(sock)
         return _Outcome("denied", 0, 0, flags=flags, failed=True)
 
@@ -269,7 +282,7 @@ class NodeProxy:
             meta.service = plan.service or ""
             self._opened(accepted, tracked)
             if plan.route is Route.REFUSE:
-                outcome = self._refuse(sock, tracked, plan.reason, "NR")
+                outcome = self._refuse(sock, tracked, plan.reason, "NR", plan.fail_closed)
             elif plan.route in (Route.HBONE, Route.WAYPOINT):
                 outcome = await self._tunnel(accepted, sock, tracked, plan)
             else:
@@ -278,7 +291,7 @@ class NodeProxy:
                                                           source_identity=plan.source_identity,
                                                           dst_ip=plan.dst_ip, dst_port=plan.dst_port)
                     if not decision.allowed:
-                        outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
+                        outcome = self._refuse(sock, tracked, decision.reason, "UAEX", decision.fail_closed)
                         return
                     meta.reason = decision.reason
                     meta.authorized = DestinationCheck(accepted.client.ip, plan.source_identity, plan.dst_ip,
@@ -320,13 +333,13 @@ class NodeProxy:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
                                                       dst_ip=accepted.original_dst.ip,
                                                       dst_port=accepted.original_dst.port)
-                pod = self.mesh.state.pod_by_ip(accepted.original_dst.ip)
+                pod = self.mesh.attributor.attribute(accepted.original_dst.ip).pod
                 tracked.meta.destination_identity = str(self.mesh.router.identity(pod)) if pod else ""
             self._opened(accepted, tracked)
             if decision is not None and not decision.allowed:
                 log.info("plaintext connection denied", src=str(accepted.client), dst=str(accepted.original_dst),
                          reason=decision.reason)
-                outcome = self._refuse(sock, tracked, decision.reason, "UAEX")
+                outcome = self._refuse(sock, tracked, decision.reason, "UAEX", decision.fail_closed)
                 return
             tracked.meta.reason = decision.reason if decision is not None else "no discovery: plain relay"
             if decision is not None:
@@ -342,7 +355,29 @@ class NodeProxy:
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
+        destination = self.mesh.attributor.attribute(accepted.original_dst.ip) if self.mesh else None
+        if destination is not None and destination.pod is None:
+            self._refuse_unattributed(accepted, sock, destination)
+            return
         await self.inbound.handle(accepted, sock)
+
+    def _refuse_unattributed(self, accepted: AcceptedConnection, sock: socket.socket,
+                             destination: Attribution) -> None:
+        """An HBONE connection for an address no workload can be attributed to:
+        closed before TLS (there is no identity to present), logged and counted."""
+        reason = f"denied: unknown destination: {destination.reason}"
+        log.info("hbone_connection_refused", peer=str(accepted.client), dst=str(accepted.original_dst),
+                 reason=reason)
+        reset_socket(sock)
+        self.metrics.failed_closed.labels(accepted.listener.value, UNKNOWN_DESTINATION).inc()
+        labels = TcpLabels(reporter="destination", response_flags="NR", connection_security_policy="mutual_tls")
+        self.metrics.failed(labels)
+        self.metrics.closed(labels, 0, 0)
+        log_connection(ConnectionRecord(
+            listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
+            src_identity=None, dst_identity=None, sent=0, received=0,
+            duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision="deny", reason=reason,
+            end="refused", via=Route.HBONE.value))
 
     # -- policy changes -------------------------------------------------------
     def _on_cluster_change(self, kind: str, event: str, old: Any, new: Any) -> None:

@@ -7,7 +7,10 @@ one table per route):
     - destination is a Service VIP:port -> pick a ready endpoint (even
       spread), map port -> targetPort; none ready -> refuse
     - destination pod unknown or not in the mesh -> passthrough: plain TCP
-      from the client's IP, as if there were no mesh
+      from the client's IP, as if there were no mesh; but an address
+      enrolled on this node whose pod cannot be attributed
+      (agent/discovery/attribution.py) -> refuse: it would bypass the
+      destination's policy
     - destination pod on this node -> local: inbound policy in-process, then
       plain TCP from the client's IP (it never leaves the node)
     - destination pod on another node -> HBONE to <pod IP>:15008 with
@@ -26,11 +29,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ..discovery.attribution import Attributor
 from ..discovery.balance import EvenSpread
 from ..discovery.model import PodInfo
 from ..discovery.state import ClusterState
 from ..discovery.waypoints import WaypointChoice, WaypointResolver
 from ..identity.spiffe import SpiffeId
+from ..policy.authz import UNKNOWN_DESTINATION
 
 
 class Route(enum.Enum):
@@ -59,6 +64,7 @@ class OutboundPlan:
     service: str | None = None   # "namespace/name" when dialled through a Service
     waypoint: str | None = None  # "namespace/name" of the waypoint (WAYPOINT)
     via_ip: str | None = None    # the waypoint instance's IP (WAYPOINT)
+    fail_closed: str = ""        # REFUSE because the agent cannot decide (policy.authz.Decision.fail_closed)
 
     @property
     def next_hop_ip(self) -> str:
@@ -72,10 +78,13 @@ class OutboundPlan:
 
 
 class OutboundRouter:
-    def __init__(self, state: ClusterState, node_name: str, trust_domain: str) -> None:
+    def __init__(self, state: ClusterState, node_name: str, trust_domain: str,
+                 attributor: Attributor | None = None) -> None:
+        """`attributor`: the agent's, which knows its enrolment records; by default discovery alone."""
         self.state = state
         self.node_name = node_name
         self.trust_domain = trust_domain
+        self.attributor = attributor or Attributor(state, node_name)
         self._spread = EvenSpread()
         self.waypoints = WaypointResolver(state)
 
@@ -103,8 +112,12 @@ class OutboundRouter:
                 return OutboundPlan(Route.REFUSE, f"service {service} port {dst_port} has no ready endpoint",
                                     dst_ip, dst_port, source, source_identity, service=service)
             dst_ip, dst_port = endpoint.ip, endpoint.target_port
-        destination = self.state.pod_by_ip(dst_ip)
+        attributed = self.attributor.attribute(dst_ip)
+        destination = attributed.pod
         if destination is None:
+            if attributed.enrolled:
+                return OutboundPlan(Route.REFUSE, f"unknown destination: {attributed.reason}", dst_ip, dst_port,
+                                    source, source_identity, service=service, fail_closed=UNKNOWN_DESTINATION)
             return OutboundPlan(Route.PASSTHROUGH, "destination is not a known pod", dst_ip, dst_port, source,
                                 source_identity, service=service)
         in_mesh, why = self.state.ambient_decision(destination)

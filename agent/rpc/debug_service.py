@@ -59,7 +59,7 @@ class DebugService(pb_grpc.DebugServicer):
             keys = list(statuses)
         else:
             ns, _, name = request.workload.partition("/")
-            pod = state.pod(ns, name) if name else state.pod_by_ip(request.workload)
+            pod = state.pod(ns, name) if name else runtime.mesh.attributor.attribute(request.workload).pod
             if pod is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no pod {request.workload!r} in the cluster view")
             applicable = engine.applicable(pod.namespace, pod.labels)

@@ -74,6 +74,9 @@ class Metrics:
         self.pool_connections = Gauge("ambit_hbone_pool_connections", "Open HBONE client connections", registry=r)
         self.pool_streams = Gauge("ambit_hbone_pool_streams", "Open HBONE tunnels on pooled connections",
                                   registry=r)
+        self.failed_closed = Counter("ambit_connections_failed_closed",
+                                     "Connections refused because the agent could not decide for them "
+                                     "(reason: unknown_destination, ...)", ("listener", "reason"), registry=r)
 
     def opened(self, labels: TcpLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()

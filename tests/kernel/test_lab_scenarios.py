@@ -17,7 +17,6 @@ import collections
 import contextlib
 import ipaddress
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from ambit.lab.tour import UnderlayCapture
 from ambit.agent.netns import NetnsThread, netns_path
 
 from tests.support.kernelstate import node_snapshot
+from tests.support.labobserve import access_log, log_mark, metric
 
 pytestmark = pytest.mark.kernel
 
@@ -102,39 +102,6 @@ def echo(lab: Lab, client: str, server: str, data: bytes) -> bytes:
     result = lab.exec(client, [*WORKLOAD, "send", ip(lab, server), "9000"], input=data, timeout=30)
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout
-
-
-def log_mark(lab: Lab, node: str) -> int:
-    return lab.agent_log(node).stat().st_size
-
-
-def access_log(lab: Lab, node: str, since: int, **match: str) -> dict[str, Any]:
-    """The first access-log line of the node's agent written after `since`
-    whose fields equal `match` (lines are written when a connection closes)."""
-    deadline = time.monotonic() + 5
-    while True:
-        with open(lab.agent_log(node), "rb") as f:
-            f.seek(since)
-            lines = [json.loads(line) for line in f.read().splitlines() if b'"event": "connection"' in line]
-        found = [e for e in lines if all(e.get(k) == v for k, v in match.items())]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"no access log line with {match} on {node}; saw {lines}"
-        time.sleep(0.05)
-
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$')
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples carrying `labels`, from Prometheus text."""
-    total = 0.0
-    for line in text.splitlines():
-        sample = _SAMPLE.match(line)
-        if sample and sample.group(1) == name and labels.items() <= dict(_LABEL.findall(sample.group(2) or "")).items():
-            total += float(sample.group(3))
-    return total
 
 
 @contextlib.contextmanager

@@ -1,0 +1,306 @@
+"""No fail-open decision (issue 16, item 2): attacks on the moments the node
+agent cannot decide, on a two-node lab with real agents, the real CNI chain
+and eBPF capture.
+
+    node1: legacy/probe-0 (outside the mesh: the plaintext attacker; with a
+           certificate of its own from the lab CA it is also a hostile mesh peer)
+    node2: vault/safe-0 (STRICT), shop/web-1 (PERMISSIVE)
+
+Each scenario changes what discovery says (the lab's cluster file, as the API
+server's view would change) and checks the refusal from both ends: the
+attacker's connection fails, the destination's server never sees a byte, and
+node2's agent says why in its access log and counts it.
+
+Prefix `lfcl-`, underlay 10.112.0.0/24, pods 10.222.0.0/16.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import ssl
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h2.events
+import pytest
+import yaml
+
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.identity.tls import client_context, peer_spiffe_id
+from ambit.lab.labconfig import parse_documents
+from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
+from tests.support.bpffs import lab_bpffs_root
+from tests.support.hbone_lab import RawH2Client, run_in_netns, status_of
+from tests.support.labobserve import access_log, log_mark, metric, scrape
+from tests.support.podnet import TcpServer, connect, recv_exactly
+
+pytestmark = pytest.mark.kernel
+
+PREFIX = "lfcl-"
+UNDERLAY = "10.112.0.0/24"
+PODS = "10.222.0.0/16"
+PORT = 9000
+TRUST_DOMAIN = "cluster.local"
+FAILED_CLOSED = "ambit_connections_failed_closed_total"
+
+
+def _namespace(name: str, ambient: bool) -> dict[str, Any]:
+    labels = {"istio.io/dataplane-mode": "ambient"} if ambient else {}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def _account(namespace: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}
+
+
+def _pod(namespace: str, name: str, node: str, account: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name.rsplit("-", 1)[0]}},
+            "spec": {"nodeName": node, "serviceAccountName": account,
+                     "containers": [{"name": "main", "image": "test"}]}}
+
+
+CLUSTER = [
+    _namespace("vault", True), _namespace("shop", True), _namespace("legacy", False),
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+     "metadata": {"name": "strict", "namespace": "vault"}, "spec": {"mtls": {"mode": "STRICT"}}},
+    _account("vault", "safe"), _account("shop", "web"), _account("legacy", "probe"),
+    _pod("vault", "safe-0", "node2", "safe"),
+    _pod("shop", "web-1", "node2", "web"),
+    _pod("legacy", "probe-0", "node1", "probe"),
+]
+SERVERS = ("vault/safe-0", "shop/web-1")
+
+Documents = list[dict[str, Any]]
+
+
+class RecordingEcho:
+    """Echoes what it reads and counts, per client IP, the bytes that arrived."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def __call__(self, conn: socket.socket, peer: tuple) -> None:
+        while chunk := conn.recv(1 << 16):
+            with self._lock:
+                self.received[peer[0]] += len(chunk)
+            conn.sendall(chunk)
+
+
+class FailClosedLab:
+    def __init__(self, lab: Lab, identities: Path) -> None:
+        self.lab = lab
+        self.ips = {p.key: p.ip for p in lab.status(ask_agents=False).pods}
+        self.echoes = {pod: RecordingEcho() for pod in SERVERS}
+        self.servers = [TcpServer(self.netns(pod), PORT, self.echoes[pod]) for pod in SERVERS]
+        self.certificates = CertificateStore(LocalCA.load_or_create(lab.settings.ca_dir, TRUST_DOMAIN), identities)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def netns(self, pod: str) -> str:
+        return self.lab.find_pod(pod).netns
+
+    def node_socket(self, node: str) -> str:
+        return self.lab.state().nodes[node].socket
+
+    # -- what discovery says -------------------------------------------------------------------------
+    def publish(self, change: Callable[[Documents], Documents] = lambda docs: docs) -> None:
+        """Write the cluster file as the lab renders it, passed through
+        `change`, and wait until both agents hold that revision of it."""
+        plan = self.lab.plan(parse_documents(copy.deepcopy(CLUSTER), self.lab.settings.service_cidr))
+        documents = change(render_cluster(plan, self.lab.state()))
+        path = self.lab.settings.cluster_file
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+        tmp.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        os.replace(tmp, path)
+        self.lab.wait_applied()
+
+    # -- the attacker ----------------------------------------------------------------------------------
+    def refused(self, client: str, server: str) -> bool:
+        """True when a new connection is closed without an answer: reset or EOF."""
+        try:
+            sock = connect(self.netns(client), self.ips[server], PORT)
+        except OSError:
+            return True
+        with sock:
+            try:
+                sock.sendall(b"x" * 4096)
+                return sock.recv(1) == b""
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                return True
+            except socket.timeout:
+                return False
+
+    def exchange(self, client: str, server: str) -> bytes:
+        with connect(self.netns(client), self.ips[server], PORT) as sock:
+            payload = f"hello from {client}".encode()
+            sock.sendall(payload)
+            return recv_exactly(sock, len(payload))
+
+    def hbone(self, client: str, server: str, identity: SpiffeId) -> tuple[SpiffeId | None, int | None, str]:
+        """From `client`'s namespace, as `identity` (a valid certificate of the
+        lab CA): mTLS to `server`:15008 and CONNECT `server`:PORT. Returns the
+        identity the server presented (None: no TLS), the CONNECT status and
+        what went wrong."""
+        context = client_context(self.certificates, identity)
+        ip = self.ips[server]
+
+        async def attempt() -> tuple[SpiffeId | None, int | None, str]:
+            try:
+                h2c = await RawH2Client.connect(ip, 15008, context)
+            except (OSError, ssl.SSLError) as exc:
+                return None, None, f"{type(exc).__name__}: {exc}"
+            try:
+                presented = peer_spiffe_id(h2c.writer.get_extra_info("ssl_object"))
+                stream = h2c.h2.get_next_available_stream_id()
+                h2c.h2.send_headers(stream, [(":method", "CONNECT"), (":authority", f"{ip}:{PORT}")])
+                await h2c.flush()
+                response = await h2c.wait_for(lambda e: isinstance(e, h2.events.ResponseReceived))
+                return presented, status_of(response) if response else None, ""
+            finally:
+                await h2c.close()
+
+        return run_in_netns(self.netns(client), attempt, timeout=30)
+
+    def failed_closed(self, node: str, listener: str) -> float:
+        return metric(scrape(self.lab, node), FAILED_CLOSED, listener=listener, reason="unknown_destination")
+
+
+def without_address(*pods: str) -> Callable[[Documents], Documents]:
+    """Discovery knows these pods' objects but not their addresses yet (the
+    API server publishes status.podIP after the CNI ADD)."""
+    def change(documents: Documents) -> Documents:
+        for doc in documents:
+            if doc["kind"] == "Pod" and f"{doc['metadata']['namespace']}/{doc['metadata']['name']}" in pods:
+                doc["status"] = {"phase": "Pending"}
+        return documents
+    return change
+
+
+def without_object(pod: str) -> Callable[[Documents], Documents]:
+    """Discovery does not know the pod at all (its object not seen yet, or
+    force-deleted while the sandbox runs)."""
+    def change(documents: Documents) -> Documents:
+        return [d for d in documents
+                if not (d["kind"] == "Pod" and f"{d['metadata']['namespace']}/{d['metadata']['name']}" == pod)]
+    return change
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Iterator[FailClosedLab]:
+    assert not lab_namespaces(PREFIX), f"a previous run left {PREFIX} namespaces: `ambit lab down --prefix {PREFIX}`"
+    with lab_bpffs_root(PREFIX) as bpffs_root:
+        settings = LabSettings(prefix=PREFIX, state_dir=tmp_path_factory.mktemp("lfcl") / "state",
+                               underlay_cidr=UNDERLAY, pod_supernet=PODS, bpffs_root=bpffs_root)
+        lab = Lab(settings)
+        env: FailClosedLab | None = None
+        try:
+            lab.up(parse_documents(copy.deepcopy(CLUSTER)))
+            env = FailClosedLab(lab, tmp_path_factory.mktemp("lfcl-identities"))
+            yield env
+        finally:
+            if env is not None:
+                env.close()
+            lab.down()
+    assert lab_namespaces(PREFIX) == () and lab_processes(PREFIX) == ()
+
+
+def test_plaintext_to_a_strict_pod_whose_address_discovery_does_not_know_yet_is_denied(env):
+    """Before: node2 found no pod at the address and decided for a workload
+    in no namespace, where vault's STRICT does not apply: allowed."""
+    env.publish(without_address("vault/safe-0", "shop/web-1"))
+    probe = env.ips["legacy/probe-0"]
+    mark = log_mark(env.lab, "node2")
+
+    assert env.refused("legacy/probe-0", "vault/safe-0")
+    # The same moment for a PERMISSIVE pod: decided as that pod (its record), so plaintext gets through.
+    assert env.exchange("legacy/probe-0", "shop/web-1") == b"hello from legacy/probe-0"
+
+    assert env.echoes["vault/safe-0"].received.get(probe, 0) == 0
+    denied = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="deny",
+                        dst=f"{env.ips['vault/safe-0']}:{PORT}")
+    assert "plaintext refused" in denied["reason"] and "vault/strict" in denied["reason"]
+    allowed = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="allow")
+    assert allowed["dst_identity"] == "spiffe://cluster.local/ns/shop/sa/web"
+
+
+def test_a_pod_object_claiming_a_strict_pods_address_does_not_lend_it_its_policy(env):
+    """Discovery still shows a stale pod at the address that node2 enrolled
+    for vault/safe-0 (an IP reused before the old object went). Before: the
+    address was taken for that pod, PERMISSIVE, and plaintext got through."""
+    safe_ip = env.ips["vault/safe-0"]
+
+    def stale_claim(documents: Documents) -> Documents:
+        documents = without_address("vault/safe-0")(documents)
+        stale = copy.deepcopy(_pod("shop", "old-0", "node2", "web"))
+        stale["status"] = {"phase": "Running", "podIP": safe_ip, "podIPs": [{"ip": safe_ip}],
+                           "conditions": [{"type": "Ready", "status": "True"}]}
+        return [*documents, stale]
+
+    env.publish(stale_claim)
+    probe = env.ips["legacy/probe-0"]
+    mark = log_mark(env.lab, "node2")
+
+    assert env.refused("legacy/probe-0", "vault/safe-0")
+
+    assert env.echoes["vault/safe-0"].received.get(probe, 0) == 0
+    denied = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="deny")
+    assert "vault/strict" in denied["reason"], denied
+    assert denied["dst_identity"] == "spiffe://cluster.local/ns/vault/sa/safe"
+
+
+def test_plaintext_to_an_enrolled_pod_discovery_does_not_know_is_denied_as_unknown(env):
+    """Before: the pod object's removal released the pod from capture, so
+    plaintext reached it directly, past the proxy."""
+    env.publish(without_object("vault/safe-0"))
+    probe = env.ips["legacy/probe-0"]
+    counted = env.failed_closed("node2", "inbound_plaintext")
+    mark = log_mark(env.lab, "node2")
+
+    assert env.refused("legacy/probe-0", "vault/safe-0")
+
+    assert env.echoes["vault/safe-0"].received.get(probe, 0) == 0
+    denied = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="deny")
+    assert denied["reason"].startswith("denied: unknown destination:"), denied
+    assert "enrolled on this node as vault/safe-0, a pod discovery does not know" in denied["reason"]
+    assert env.failed_closed("node2", "inbound_plaintext") == counted + 1
+
+
+def test_hbone_to_an_address_the_agent_cannot_attribute_is_refused(env):
+    """A hostile mesh peer with a valid certificate dials 15008 of an enrolled
+    address whose pod discovery does not know: there is no workload to present
+    or decide for. Refused before TLS, in the access log and counted."""
+    env.publish(without_object("vault/safe-0"))
+    counted = env.failed_closed("node2", "hbone")
+    mark = log_mark(env.lab, "node2")
+
+    presented, status, error = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+
+    assert presented is None and status is None, (presented, status)
+    assert error, "the TLS handshake should have failed"
+    denied = access_log(env.lab, "node2", mark, listener="hbone", decision="deny")
+    assert "unknown destination" in denied["reason"] and "vault/safe-0" in denied["reason"], denied
+    assert env.failed_closed("node2", "hbone") == counted + 1
+    assert env.echoes["vault/safe-0"].received.get(env.ips["legacy/probe-0"], 0) == 0
+
+
+def test_hbone_to_a_pod_enrolled_before_discovery_saw_its_address_presents_that_pods_identity(env):
+    """The attributed side of the same moment: the record names the pod, the
+    pod object gives its service account, so the tunnel is served as
+    vault/safe-0 and its policy decides (before: refused, no identity)."""
+    env.publish(without_address("vault/safe-0"))
+
+    presented, status, error = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+
+    assert error == "" and presented == SpiffeId(TRUST_DOMAIN, "vault", "safe")
+    assert status == 200  # mTLS satisfies STRICT; no AuthorizationPolicy

@@ -1,0 +1,66 @@
+"""What a lab node's agent shows of itself: its Prometheus metrics, read as
+a scraper would (from inside the node's namespace), and its log (JSON
+lines, the access log included), read from a mark on."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ambit.agent.netns import NetnsThread, netns_path
+from ambit.lab.topology import Lab
+
+
+def scrape(lab: Lab, node: str, port: int = 15020) -> str:
+    """The node agent's /metrics, as Prometheus text."""
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
+        return thread.run(get)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` (a counter's `_total` included)
+    that carry `labels`, from Prometheus text."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def log_mark(lab: Lab, node: str) -> int:
+    """Where the node agent's log ends now: read events written after it."""
+    return lab.agent_log(node).stat().st_size
+
+
+def events(lab: Lab, node: str, since: int, event: str, **match: Any) -> list[dict[str, Any]]:
+    """The node agent's log lines written after `since` for `event` whose
+    fields equal `match`."""
+    needle = f'"event": "{event}"'.encode()
+    with open(lab.agent_log(node), "rb") as f:
+        f.seek(since)
+        lines = [json.loads(line) for line in f.read().splitlines() if needle in line]
+    return [e for e in lines if e.get("event") == event and all(e.get(k) == v for k, v in match.items())]
+
+
+def wait_event(lab: Lab, node: str, since: int, event: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+    """The first such line, waiting for it (access log lines are written when
+    a connection closes)."""
+    deadline = time.monotonic() + timeout
+    while not (found := events(lab, node, since, event, **match)):
+        assert time.monotonic() < deadline, \
+            f"no {event!r} log line with {match} on {node}; saw {events(lab, node, since, event)}"
+        time.sleep(0.05)
+    return found[0]
+
+
+def access_log(lab: Lab, node: str, since: int, **match: Any) -> dict[str, Any]:
+    """The first access-log line written after `since` whose fields equal `match`."""
+    return wait_event(lab, node, since, "connection", **match)

@@ -1,0 +1,154 @@
+"""Destination attribution and what the proxy's decisions make of it: an
+address is the pod its enrolment record names (with the pod object's labels),
+else the pod discovery says holds it; anything else is an unknown destination,
+denied (ztunnel's rule), never evaluated as a workload without namespace."""
+from __future__ import annotations
+
+from typing import Any
+
+from ambit.agent.discovery.attribution import Attributor
+from ambit.agent.discovery.state import ClusterState
+from ambit.agent.policy.authz import UNKNOWN_DESTINATION, PolicyEngine
+from ambit.agent.policy.enforce import Authorizer
+from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
+from ambit.agent.proxy.routing import OutboundRouter, Route
+from ambit.agent.workload import PodRef
+
+NODE = "node1"
+
+
+def namespace(name: str, ambient: bool = True) -> dict[str, Any]:
+    labels = {"istio.io/dataplane-mode": "ambient"} if ambient else {}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def pod(ns: str, name: str, ip: str | None, *, node: str = NODE, labels: dict[str, str] | None = None,
+        uid: str | None = None, sa: str = "web") -> dict[str, Any]:
+    obj: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": name, "namespace": ns, "uid": uid or f"uid-{name}",
+                                        "labels": labels or {}},
+                           "spec": {"nodeName": node, "serviceAccountName": sa,
+                                    "containers": [{"name": "main", "image": "app"}]},
+                           "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+    if ip is not None:
+        obj["status"].update(podIP=ip, podIPs=[{"ip": ip}])
+    return obj
+
+
+def strict(ns: str) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": ns}, "spec": {"mtls": {"mode": "STRICT"}}}
+
+
+def deny_selected(ns: str, app: str) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": f"deny-{app}", "namespace": ns},
+            "spec": {"action": "DENY", "selector": {"matchLabels": {"app": app}}, "rules": [{}]}}
+
+
+class Mesh:
+    """A cluster state, this node's enrolment records by address, and the decisions built on them."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.peer_authentication = PeerAuthenticationPolicy("istio-system")
+        self.engine = PolicyEngine("istio-system", peer_authentication=self.peer_authentication)
+        self.state = ClusterState(self.engine, self.peer_authentication)
+        for obj in objects:
+            self.state.apply("ADDED", obj)
+        self.records: dict[str, PodRef] = {}
+        self.attributor = Attributor(self.state, NODE, self.records.get)
+        self.authorizer = Authorizer(self.state, self.engine, self.attributor)
+        self.router = OutboundRouter(self.state, NODE, "cluster.local", self.attributor)
+
+    def enrol(self, ip: str, ns: str, name: str, uid: str | None = None) -> None:
+        self.records[ip] = PodRef(ns, name, uid or f"uid-{name}")
+
+    def plaintext(self, dst_ip: str, port: int = 8080):
+        return self.authorizer.check(source_ip="10.0.9.9", source_identity=None, dst_ip=dst_ip, dst_port=port)
+
+
+def test_an_enrolled_pod_whose_address_discovery_lacks_is_its_record_with_the_pod_objects_labels():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", None, labels={"app": "web"}))
+    mesh.enrol("10.1.0.5", "shop", "web-0")
+
+    found = mesh.attributor.attribute("10.1.0.5")
+
+    assert found.pod is not None and (found.pod.namespace, found.pod.name) == ("shop", "web-0")
+    assert found.pod.labels == {"app": "web"} and found.enrolled
+    assert "enrolment record" in found.reason and "not yet known to discovery" in found.reason
+
+
+def test_the_record_wins_over_a_stale_pod_object_that_still_lists_the_address():
+    mesh = Mesh(namespace("shop"), pod("shop", "old", "10.1.0.5", labels={"app": "old"}),
+                pod("shop", "new", None, labels={"app": "new"}))
+    mesh.enrol("10.1.0.5", "shop", "new")
+
+    assert mesh.attributor.attribute("10.1.0.5").pod.name == "new"
+    # Its policies are the new pod's: a DENY selecting app=new applies, one selecting app=old does not.
+    mesh.state.apply("ADDED", deny_selected("shop", "new"))
+    assert mesh.plaintext("10.1.0.5").reason == "denied by shop/deny-new rule 0"
+
+
+def test_an_enrolled_address_is_unattributed_when_discovery_contradicts_or_lacks_its_pod():
+    mesh = Mesh(namespace("shop"),
+                pod("shop", "recreated", None, uid="uid-now"),
+                pod("shop", "moved", None, node="node2"),
+                pod("shop", "renumbered", "10.1.0.99"))
+    cases = {"10.1.0.1": ("ghost", None, "a pod discovery does not know"),
+             "10.1.0.2": ("recreated", "uid-before", "is uid uid-now"),
+             "10.1.0.3": ("moved", None, "on node node2"),
+             "10.1.0.4": ("renumbered", None, "the address(es) 10.1.0.99")}
+    for ip, (name, uid, _) in cases.items():
+        mesh.enrol(ip, "shop", name, uid)
+
+    for ip, (name, _, why) in cases.items():
+        found = mesh.attributor.attribute(ip)
+        assert found.pod is None and found.enrolled, ip
+        assert f"enrolled on this node as shop/{name}" in found.reason and why in found.reason, found.reason
+
+
+def test_other_addresses_are_what_discovery_says_or_nobody():
+    mesh = Mesh(namespace("shop"), pod("shop", "remote", "10.2.0.7", node="node2"))
+
+    remote = mesh.attributor.attribute("10.2.0.7")
+    nobody = mesh.attributor.attribute("10.9.9.9")
+
+    assert remote.pod.name == "remote" and not remote.enrolled
+    assert nobody.pod is None and not nobody.enrolled and "unknown to discovery" in nobody.reason
+
+
+def test_plaintext_to_a_strict_pod_discovery_has_no_address_for_is_refused_by_strict():
+    """Before: the destination was looked up by address only, found nobody, and
+    was evaluated as a workload in no namespace: STRICT never applied."""
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", None), strict("shop"))
+    mesh.enrol("10.1.0.5", "shop", "web-0")
+
+    decision = mesh.plaintext("10.1.0.5")
+
+    assert not decision.allowed and "plaintext refused" in decision.reason and "shop/strict" in decision.reason
+    assert decision.fail_closed == ""  # a policy's verdict, not the agent failing closed
+
+
+def test_a_destination_nobody_holds_is_denied_as_unknown_whatever_the_policies_allow():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5"))  # no policy at all: allow-all
+    mesh.enrol("10.1.0.6", "shop", "ghost")
+
+    assert mesh.plaintext("10.1.0.5").allowed
+    for ip in ("10.1.0.6", "10.9.9.9"):
+        decision = mesh.plaintext(ip)
+        assert not decision.allowed and decision.fail_closed == UNKNOWN_DESTINATION
+        assert decision.reason.startswith("denied: unknown destination:"), decision.reason
+
+
+def test_outbound_to_a_local_pod_discovery_has_no_address_for_is_decided_locally_not_passed_through():
+    mesh = Mesh(namespace("shop"), pod("shop", "client", "10.1.0.2", sa="client"), pod("shop", "web-0", None))
+    mesh.enrol("10.1.0.5", "shop", "web-0")
+    mesh.enrol("10.1.0.6", "shop", "ghost")
+
+    local = mesh.router.plan("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
+    ghost = mesh.router.plan("10.1.0.2", "10.1.0.6", 8080, dry_run=True)
+    outside = mesh.router.plan("10.1.0.2", "192.0.2.1", 443, dry_run=True)
+
+    assert local.route is Route.LOCAL and str(local.destination_identity) == "spiffe://cluster.local/ns/shop/sa/web"
+    assert ghost.route is Route.REFUSE and ghost.fail_closed == UNKNOWN_DESTINATION  # never a bypass of its policy
+    assert outside.route is Route.PASSTHROUGH and outside.fail_closed == ""
