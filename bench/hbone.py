@@ -203,13 +203,14 @@ class Processes:
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], *, ready_line: bool = False, stdin: int | None = None,
-              node: Any = None) -> subprocess.Popen[bytes]:
+              node: Any = None, output: bool = False) -> subprocess.Popen[bytes]:
         """`node`: start it from a thread inside that node's namespace (children
-        inherit the namespace of the thread that spawns them)."""
+        inherit the namespace of the thread that spawns them). `output`: its
+        stdout is a pipe for the caller to read (as with `ready_line`)."""
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 argv,
-                stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if ready_line or output else subprocess.DEVNULL,
                 stderr=None,
                 stdin=stdin,
                 start_new_session=True,

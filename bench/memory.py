@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""Node agent memory with eBPF capture, against an Envoy HBONE chain carrying the same tunnels, same run.
+
+An agent runs on every node, so its memory is paid once per node. Real
+agents (`ambit-agent --capture ebpf --discovery files`) in a two-node lab
+(`ambit.lab`: node namespaces on an underlay, pods from the real bridge +
+host-local + portmap + ambit-cni chain, pods without processes except the
+measured client and server). The anchor is Envoy as HBONE client and
+server (bench/envoychain.py), carrying the same tunnels and the same load
+as ambit at the same time:
+
+  (a) idle, 10 enrolled pods (5 per node);
+  (b) 100 enrolled pods (50 per node) and 1,000 idle HBONE tunnels: a client
+      in a pod on node 1 holds 1,000 connections to a server pod on node 2
+      (one 64-byte exchange each), through both agents; 1,000 through Envoy;
+  (c) after 60 s (--quick: 10 s) of 1,000 requests/s (64-byte exchanges over
+      20 kept-open connections), the tunnels still held;
+  (d) a 10-minute (--quick: 20 s) soak of connection churn, 100 new
+      connections/s (100 bytes each way, half-close, close): RSS sampled
+      throughout, growth = median of the last fifth over the first fifth,
+      and the least-squares slope;
+  start to ready: an agent restarted with its program set already pinned
+      (no compile), from spawning the process to its "agent ready" log line;
+      the median of 3 restarts (and the first start's loader seconds).
+
+RSS from /proc/PID/status, PSS from /proc/PID/smaps_rollup (shared pages
+divided among their users). Targets: (b) each agent <= 60 MB RSS and <= the
+Envoy on its side; (d) growth < 5%; start to ready <= 1 s. Other engineers'
+load on the machine may be present; it shows in the soak as noise.
+
+    python bench/memory.py --quick     # < 1 min
+    python bench/memory.py             # the full (c) and 10-minute (d)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+from stats import percentile  # noqa: E402  (bench/stats.py)
+from envoychain import EnvoyChain, build_pingpong, tune_client_namespace  # noqa: E402
+
+from ambit.agent.netns import NetnsThread, netns_path  # noqa: E402
+from ambit.lab import labconfig  # noqa: E402
+from ambit.lab.plan import LabSettings  # noqa: E402
+from ambit.lab.topology import Lab  # noqa: E402
+
+PREFIX = "bmem-"
+UNDERLAY = "10.110.0.0/24"
+PODS = "10.210.0.0/16"
+ECHO_PORT = 7000
+TUNNELS = 1000
+REQUEST_RATE = 1000
+REQUEST_CONNECTIONS = 20
+CHURN_RATE = 100
+TARGET_RSS_MB = 60.0
+TARGET_GROWTH = 0.05
+TARGET_START_TO_READY_S = 1.0
+CLIENT_POD, SERVER_POD = "lab/node1-pod0", "lab/node2-pod0"
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """RSS and PSS of one process, KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        pss = next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+    return {"rss": rss, "pss": pss}
+
+
+def lab_config(pods_per_node: int) -> labconfig.LabConfig:
+    """The generated lab, every pod without a process (the bench starts its own)."""
+    documents = labconfig.generated_documents(2, pods_per_node)
+    for doc in documents:
+        if doc["kind"] == "Pod":
+            doc["metadata"]["annotations"][labconfig.WORKLOAD_ANNOTATION] = "none"
+    return labconfig.parse_documents(documents)
+
+
+def agent_pids(lab: Lab) -> dict[str, int]:
+    nodes = lab.state().nodes
+    return {"agent_node1": nodes["node1"].agent.pid, "agent_node2": nodes["node2"].agent.pid}
+
+
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    found = []
+    with open(path) as log:
+        for line in log:
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                found.append(json.loads(line))
+    return found
+
+
+def restart_to_ready(lab: Lab, node: str) -> tuple[float, bool]:
+    """Seconds from spawning the node's agent to its 'agent ready' line, and
+    whether it reused the pinned program set (no loader run)."""
+    log = lab.agent_log(node)
+    reused_before = len(log_events(log, "bpf_programs_reused"))
+    ready_before = len(log_events(log, "agent ready"))
+    lab.stop_agent(node)
+    spawned = time.time()
+    lab.start_agent(node)
+    reused = len(log_events(log, "bpf_programs_reused")) == reused_before + 1
+    ready = log_events(log, "agent ready")[ready_before]
+    seconds = datetime.datetime.fromisoformat(ready["timestamp"].replace("Z", "+00:00")).timestamp() - spawned
+    return seconds, reused
+
+
+class PodProcesses:
+    """Processes in lab pods' namespaces (started from a thread inside each)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.threads: dict[str, NetnsThread] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def thread(self, pod: str) -> NetnsThread:
+        if pod not in self.threads:
+            self.threads[pod] = NetnsThread(netns_path(self.lab.find_pod(pod).netns))
+        return self.threads[pod]
+
+    def start(self, pod: str, argv: list[str], *, ready_line: bool = False, output: bool = False,
+              stdin: int | None = None) -> subprocess.Popen[bytes]:
+        proc = self.thread(pod).run(lambda: subprocess.Popen(
+            argv, stdout=subprocess.PIPE if ready_line or output else subprocess.DEVNULL, stdin=stdin,
+            start_new_session=True))
+        self.procs.append(proc)
+        if ready_line:
+            assert proc.stdout is not None
+            if b"ready" not in proc.stdout.readline():
+                raise RuntimeError(f"{argv[:3]} in {pod} did not start (exit {proc.poll()})")
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for thread in self.threads.values():
+            thread.close()
+
+
+def done_line(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, float]:
+    """(ok, errors, seconds) from a pingpong rate/churn run."""
+    out, _ = proc.communicate(timeout=timeout)
+    fields = out.split(b"\n", 1)[0].split()
+    if not fields or fields[0] != b"done":
+        raise RuntimeError(f"load tool ended without a result (exit {proc.returncode})")
+    return int(fields[1]), int(fields[2]), int(fields[3]) / 1e9
+
+
+def hold(start, argv: list[str]) -> subprocess.Popen[bytes]:
+    """A `pingpong hold` once all of its connections are up."""
+    return start(argv, ready_line=True, stdin=subprocess.PIPE)
+
+
+def growth(samples: list[tuple[float, int]]) -> tuple[float, float]:
+    """(relative growth of the last fifth's median over the first fifth's,
+    least-squares slope in KiB per minute)."""
+    fifth = max(1, len(samples) // 5)
+    first = percentile([v for _, v in samples[:fifth]], 50)
+    last = percentile([v for _, v in samples[-fifth:]], 50)
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    mean_v = sum(v for _, v in samples) / n
+    var = sum((t - mean_t) ** 2 for t, _ in samples)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in samples) / var if var else 0.0
+    return (last - first) / first, slope * 60
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    request_seconds = args.request_seconds or (10 if quick else 60)
+    soak_seconds = args.soak_seconds or (20 if quick else 600)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the agents inherit it, as from a container runtime
+    workdir = Path(tempfile.mkdtemp(prefix="bmem-"))
+    bpffs_root = Path(f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:6]}")
+    bpffs_root.mkdir()
+    settings = LabSettings(prefix=PREFIX, state_dir=workdir / "lab", underlay_cidr=UNDERLAY, pod_supernet=PODS,
+                           bpffs_root=bpffs_root, agent_args=("--log-level", "info"))
+    report: dict[str, Any] = {"bench": "memory", "mode": "quick" if quick else "full"}
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    tool = build_pingpong(workdir)
+    chain = EnvoyChain(workdir, tool)
+    lab = Lab(settings)
+    pods = PodProcesses(lab)
+    try:
+        chain.__enter__()
+        # (a) and start to ready: 10 pods.
+        try:
+            lab.up(lab_config(5))
+            loaded = [e for n in ("node1", "node2") for e in log_events(lab.agent_log(n), "bpf_programs_loaded")]
+            report["first_start_loader_s"] = round(max(e.get("seconds", 0) for e in loaded), 2) if loaded else None
+            table["a_idle_10_pods"] = {name: memory_kib(pid) for name, pid in {**agent_pids(lab), **chain.pids}.items()}
+            restarts = [restart_to_ready(lab, "node1") for _ in range(3)]
+            report["start_to_ready_s"] = [round(seconds, 3) for seconds, _ in restarts]
+            report["start_to_ready_median_s"] = round(percentile(report["start_to_ready_s"], 50), 3)
+            report["start_reused_pins"] = all(reused for _, reused in restarts)
+        finally:
+            lab.down()
+        print(f"(a) {table['a_idle_10_pods']}; start to ready {report['start_to_ready_s']} s", file=sys.stderr)
+
+        # (b)-(d): 100 pods, tunnels, load, soak; Envoy alongside.
+        lab.up(lab_config(50))
+        pids = {**agent_pids(lab), **chain.pids}
+        server_ip = lab.find_pod(SERVER_POD).ip
+        assert server_ip is not None
+        tune_client_namespace(pods.thread(CLIENT_POD))
+        pods.start(SERVER_POD, [str(tool), "server", "0.0.0.0", str(ECHO_PORT)], ready_line=True)
+        ambit_target = [server_ip, str(ECHO_PORT)]
+        envoy_target = [chain.entry[0], str(chain.entry[1])]
+        holders = [
+            hold(lambda argv, **kw: pods.start(CLIENT_POD, argv, **kw),
+                 [str(tool), "hold", *ambit_target, str(TUNNELS), "64"]),
+            hold(chain.spawn, [str(tool), "hold", *envoy_target, str(TUNNELS), "64"]),
+        ]
+        table["b_100_pods_1000_tunnels"] = {name: memory_kib(pid) for name, pid in pids.items()}
+        print(f"(b) {table['b_100_pods_1000_tunnels']}", file=sys.stderr)
+
+        rate_args = [str(REQUEST_CONNECTIONS), str(REQUEST_RATE), str(request_seconds), "64"]
+        loads = [pods.start(CLIENT_POD, [str(tool), "rate", *ambit_target, *rate_args], output=True),
+                 chain.spawn([str(tool), "rate", *envoy_target, *rate_args], output=True)]
+        results = [done_line(p, request_seconds + 60) for p in loads]
+        report["requests"] = {path: {"ok": ok, "errors": errors, "per_s": round(ok / seconds)}
+                              for path, (ok, errors, seconds) in zip(("ambit", "envoy"), results)}
+        table["c_after_requests"] = {name: memory_kib(pid) for name, pid in pids.items()}
+        print(f"(c) {table['c_after_requests']} {report['requests']}", file=sys.stderr)
+
+        churn_args = [str(soak_seconds), str(CHURN_RATE), "4", "100"]
+        loads = [pods.start(CLIENT_POD, [str(tool), "churn", *ambit_target, *churn_args], output=True),
+                 chain.spawn([str(tool), "churn", *envoy_target, *churn_args], output=True)]
+        samples: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
+        started = time.monotonic()
+        interval = max(0.5, soak_seconds / 120)
+        while any(p.poll() is None for p in loads):
+            now = time.monotonic() - started
+            for name, pid in pids.items():
+                samples[name].append((now, memory_kib(pid)["rss"]))
+            time.sleep(interval)
+        results = [done_line(p, 60) for p in loads]
+        report["churn"] = {path: {"ok": ok, "errors": errors, "per_s": round(ok / seconds)}
+                           for path, (ok, errors, seconds) in zip(("ambit", "envoy"), results)}
+        table["d_after_soak"] = {name: memory_kib(pid) for name, pid in pids.items()}
+        soak = {name: growth(values) for name, values in samples.items()}
+        report["soak_growth"] = {name: round(g, 4) for name, (g, _) in soak.items()}
+        report["soak_slope_kib_per_min"] = {name: round(s, 1) for name, (_, s) in soak.items()}
+        print(f"(d) {report['soak_growth']} {report['churn']}", file=sys.stderr)
+        for holder in holders:
+            assert holder.stdin is not None
+            holder.stdin.close()
+    finally:
+        pods.close()
+        lab.down()
+        chain.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            for child in bpffs_root.iterdir():
+                shutil.rmtree(child, ignore_errors=True)
+            bpffs_root.rmdir()
+
+    report["memory_kib"] = table
+    b = table["b_100_pods_1000_tunnels"]
+    agents_b = {"agent_node1": "envoy_client", "agent_node2": "envoy_server"}
+    report["b_agent_rss_mb"] = {a: round(b[a]["rss"] / 1024, 1) for a in agents_b}
+    report["b_envoy_rss_mb"] = {e: round(b[e]["rss"] / 1024, 1) for e in agents_b.values()}
+    report["targets"] = {"b_rss_mb": TARGET_RSS_MB, "b_rss_vs_envoy": "<=", "d_growth": TARGET_GROWTH,
+                         "start_to_ready_s": TARGET_START_TO_READY_S}
+    met_b = all(b[a]["rss"] / 1024 <= TARGET_RSS_MB and b[a]["rss"] <= b[e]["rss"] for a, e in agents_b.items())
+    met_d = all(report["soak_growth"][a] < TARGET_GROWTH for a in agents_b)
+    met_ready = report["start_reused_pins"] and report["start_to_ready_median_s"] <= TARGET_START_TO_READY_S
+    report["met_b"], report["met_d"], report["met_start_to_ready"] = met_b, met_d, met_ready
+    report["met"] = met_b and met_d and met_ready
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    columns = ("agent_node1", "agent_node2", "envoy_client", "envoy_server")
+    rows = (("a_idle_10_pods", "(a) idle, 10 pods"), ("b_100_pods_1000_tunnels", "(b) 100 pods, 1000 tunnels"),
+            ("c_after_requests", "(c) after 1000 req/s"), ("d_after_soak", "(d) after churn soak"))
+    print(f"\nmemory, MB RSS/PSS ({report['mode']}; node1 = client side, node2 = server side)")
+    print(f"{'':30}" + "".join(f"{c:>20}" for c in columns))
+    for key, title in rows:
+        cells = report["memory_kib"].get(key, {})
+        print(f"{title:30}" + "".join(
+            f"{cells[c]['rss'] / 1024:>11.1f} /{cells[c]['pss'] / 1024:>6.1f}" if c in cells else f"{'-':>20}"
+            for c in columns))
+    growth_cells = report["soak_growth"]
+    print(f"{'(d) soak growth':30}" + "".join(f"{growth_cells[c] * 100:>19.1f}%" for c in columns))
+    print(f"start to ready, restart with the same sources: {report['start_to_ready_s']} s (pinned programs "
+          f"reused: {report['start_reused_pins']}; first start's compile: {report['first_start_loader_s']} s)")
+    print(f"load: requests {report['requests']}; churn {report['churn']}")
+    print(f"targets: (b) <= {TARGET_RSS_MB:.0f} MB and <= Envoy: {report['met_b']}; (d) growth < "
+          f"{TARGET_GROWTH:.0%}: {report['met_d']}; start to ready <= {TARGET_START_TO_READY_S} s: "
+          f"{report['met_start_to_ready']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="(c) 10 s, (d) 20 s: under a minute")
+    parser.add_argument("--request-seconds", type=float, default=0, help="length of (c)")
+    parser.add_argument("--soak-seconds", type=float, default=0, help="length of (d)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces, eBPF)")
+    from ambit.agent import log as logconf
+
+    logconf.configure("warn")
+    started = time.monotonic()
+    report = run(args)
+    report["bench_seconds"] = round(time.monotonic() - started, 1)
+    print_table(report)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
