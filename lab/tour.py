@@ -64,8 +64,15 @@ class UnderlayCapture:
                 return
 
     def stop(self) -> None:
+        """Stop reading, after taking the frames the socket still holds."""
         self._stop.set()
         self._thread.join()
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.frames.append(self.sock.recv(65535))
+        except OSError:  # BlockingIOError: nothing left
+            pass
         self.sock.close()
 
     def tcp_payloads(self) -> list[tuple[int, int, bytes]]:

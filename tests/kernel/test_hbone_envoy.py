@@ -27,6 +27,7 @@ from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from tests.support import envoy
+from tests.support.waiting import until
 from tests.support.hbone_lab import (
     Identities,
     bound_socket,
@@ -241,7 +242,7 @@ def test_envoy_terminator_with_server_fin_first_delivers_everything_then_stops_t
             # the answer and reset with INTERNAL_ERROR: an RST for the pod then.)
             down = down[: 2 * MiB]
             await send_all_then_eof(upstream, down)
-            await asyncio.sleep(0.5)
+            await until(lambda: tunnel.peer_stopped_reading, "Envoy's RST_STREAM(NO_ERROR)")
             assert digest(await read_to_eof(pod)) == digest(down)
             outcome = await asyncio.wait_for(tunnel.done, 10)
             assert outcome.end is TunnelEnd.CLOSED and outcome.bytes_to_tcp == len(down)

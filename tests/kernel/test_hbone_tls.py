@@ -39,6 +39,7 @@ from ambit.agent.proxy.sockets import reset_socket
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
+from tests.support.waiting import until
 from tests.support.hbone_lab import (
     AppServer,
     Identities,
@@ -228,14 +229,6 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
         yield Lab(ns, ids, tmp_path, request.param)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 # --- data, half-close, reset -------------------------------------------------------------------------
 
 
@@ -361,11 +354,16 @@ def test_a_stalled_reader_closes_the_window_and_memory_stays_bounded(lab: Lab) -
         payload = os.urandom(48 * MiB)
         # The destination app does not read; the pod keeps writing.
         sender = loop.create_task(send_all_then_eof(opened.pod, payload))
-        progress = -1
-        while progress != opened.tunnel.bytes_to_stream:  # until the flow stops
-            progress = opened.tunnel.bytes_to_stream
-            await asyncio.sleep(0.5)
         tunnel = opened.tunnel
+        # Until the flow stops: the pod is no longer read because the windows
+        # are shut (bytes wait for them), and nothing moved between two looks
+        # (one stall can be lifted by a window update).
+        deadline = loop.time() + 60
+        progress = -1
+        while tunnel.is_reading or not tunnel.pending_to_stream or progress != tunnel.bytes_to_stream:
+            assert loop.time() < deadline, f"the flow never stopped ({tunnel.bytes_to_stream} bytes sent)"
+            progress = tunnel.bytes_to_stream
+            await asyncio.sleep(0.5)
         # send_data came back short, and the client side stopped reading the pod.
         assert tunnel.window_stalls >= 1
         assert not tunnel.is_reading
@@ -617,9 +615,12 @@ def test_a_server_with_an_unexpected_identity_gets_no_connect(lab: Lab) -> None:
         with pytest.raises(IdentityMismatch) as mismatch:
             await pool.open_tunnel(mesh.key(expected=frozenset({ORDERS})), mesh.authority, proxy_side)
         assert mismatch.value.actual == PAYMENTS
-        # The check ran right after the handshake: not one CONNECT reached the server.
-        await asyncio.sleep(0.2)
-        assert mesh.inbound.stats.tunnels_requested == 0 and mesh.authorized == []
+        # The check ran right after the handshake: not one CONNECT reached the server,
+        # which has handled that connection to its end (a CONNECT would be counted).
+        stats = mesh.inbound.stats
+        await until(lambda: stats.connections_accepted + stats.connections_refused >= 1
+                    and not mesh.inbound.connections, what="the server done with that connection")
+        assert stats.tunnels_requested == 0 and mesh.authorized == []
         assert pool.stats().connections == 0
         proxy_side.setblocking(False)  # the pod's socket is still the caller's, untouched
         await mesh.assert_fresh_tunnel_works()

@@ -38,6 +38,7 @@ from ambit.agent.netns import NetnsThread, netns_path
 
 from tests.support.kernelstate import node_snapshot
 from tests.support.labobserve import access_log, log_mark, metric
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -122,8 +123,7 @@ def watching(netns: str, interface: str) -> Iterator[UnderlayCapture]:
     try:
         yield capture
     finally:
-        time.sleep(0.1)  # let the reader thread take the last frames
-        capture.stop()
+        capture.stop()  # takes what the socket still holds too
 
 
 def ipv4_tcp(frames: list[bytes]) -> list[tuple[str, int, str, int]]:
@@ -147,7 +147,9 @@ def echo_loop(lab: Lab, client: str, server: str, stop_file: Path) -> Iterator[d
     """Echo exchanges from `client` to `server` one after another while the
     block runs; the dict is filled with the loop's report when it ends."""
     report: dict[str, Any] = {}
-    argv = [*CLIENT, "loop", ip(lab, server), "9000", "--until-file", str(stop_file), "--max-seconds", "60"]
+    progress = stop_file.with_name(stop_file.name + ".progress")
+    argv = [*CLIENT, "loop", ip(lab, server), "9000", "--until-file", str(stop_file), "--max-seconds", "60",
+            "--progress-file", str(progress)]
 
     def run() -> None:
         result = lab.exec(client, argv, timeout=90)
@@ -156,7 +158,15 @@ def echo_loop(lab: Lab, client: str, server: str, stop_file: Path) -> Iterator[d
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        time.sleep(0.3)  # a few exchanges before the block acts
+        def going() -> bool | None:
+            """True after 3 exchanges succeeded, False if the loop ended before, None meanwhile."""
+            try:
+                done = int(progress.read_text())
+            except (OSError, ValueError):
+                done = 0
+            return True if done >= 3 else (None if thread.is_alive() else False)
+        wait_until(lambda: going() is not None, f"3 exchanges {client} -> {server}", timeout=30)
+        assert going(), f"the echo loop ended before 3 exchanges: {report}"
         yield report
     finally:
         stop_file.touch()

@@ -136,6 +136,27 @@ def envoy_binary() -> str:
         pytest.skip("envoy binary not installed")
 
 
+def waypoint_log(tmp_path: Path) -> Path:
+    """Where running_waypoint's process (and its Envoy) write their output."""
+    return tmp_path / "waypoint.log"
+
+
+def waypoint_events(tmp_path: Path) -> list[str]:
+    """The `event` of each complete JSON line the waypoint has logged so far."""
+    events = []
+    for line in waypoint_log(tmp_path).read_text().splitlines(keepends=True):
+        if line.startswith("{") and line.endswith("\n"):
+            events.append(json.loads(line)["event"])
+    return events
+
+
+def stopped(tmp_path: Path, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """SIGTERM the waypoint, wait for it; its whole output."""
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=timeout)
+    return waypoint_log(tmp_path).read_bytes()
+
+
 @contextlib.contextmanager
 def running_waypoint(tmp_path: Path, envoy: str, *extra: str,
                      source: Callable[[NetnsThread], contextlib.AbstractContextManager[list[str]]] | None = None,
@@ -155,8 +176,8 @@ def running_waypoint(tmp_path: Path, envoy: str, *extra: str,
                         "--ca-dir", str(tmp_path / "ca"), "--out-dir", str(tmp_path / "out"),
                         "--access-log", str(tmp_path / "access.log"),
                         "--run", "--envoy", envoy, "--concurrency", "1", *extra]
-                proc = node.run(lambda: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                         start_new_session=True))
+                with open(waypoint_log(tmp_path), "ab") as log:  # a file: read while it runs, never fills up
+                    proc = node.run(lambda: subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True))
                 try:
                     yield node, proc, ca
                 finally:
@@ -190,8 +211,7 @@ def test_the_running_waypoint_rotates_its_certificate_without_restarting_envoy(t
         assert x509.load_pem_x509_certificate(on_disk).not_valid_after_utc >= second.not_valid_after_utc
 
         # SIGTERM reaches Envoy through the supervisor, which exits with Envoy's status.
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        err = stopped(tmp_path, proc, 20)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert not Path(f"/proc/{envoy_pid}").exists()  # stopped and reaped
         assert b"Traceback" not in err
@@ -214,7 +234,7 @@ def test_watch_applies_cluster_changes_to_the_running_envoy_and_keeps_it_on_bad_
 
         # A file that does not parse is reported; the running configuration stays.
         write_cluster(tmp_path / "cluster.yaml", "kind: [unclosed\n")
-        time.sleep(3)  # more than one --watch round
+        eventually(lambda: "waypoint.config_unusable" in waypoint_events(tmp_path), "the bad file reported", 15)
         assert connect_status(node, client, f"{VIP}:80") == 200
 
         # The Service goes away: its VIP is unknown again.
@@ -222,11 +242,9 @@ def test_watch_applies_cluster_changes_to_the_running_envoy_and_keeps_it_on_bad_
         eventually(lambda: connect_status(node, client, f"{VIP}:80") == 404, "the route removed", 15)
         assert child_pids(proc.pid) == [envoy_pid]  # never restarted
 
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        err = stopped(tmp_path, proc, 20)
         assert proc.returncode == 0, err.decode()[-2000:]
-        log = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
-        events = [entry["event"] for entry in log]
+        events = waypoint_events(tmp_path)
         assert events.count("waypoint.config_updated") == 2
         assert "waypoint.config_unusable" in events
         assert b"Traceback" not in err
@@ -270,7 +288,6 @@ current-context: fake
         server.delete(service)
         eventually(lambda: connect_status(node, client, f"{VIP}:80") == 404, "the route removed", 15)
         assert child_pids(proc.pid) == [envoy_pid]
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        err = stopped(tmp_path, proc, 30)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert b"Traceback" not in err

@@ -209,10 +209,29 @@ def test_missing_host_directory_is_explained(node, tmp_path):
 # --- watch ------------------------------------------------------------------------------------------------------
 
 class Watcher:
+    """installer.watch() on a thread, counting its looks at the directories."""
+
     def __init__(self, installer: Installer, interval: float = 0.05) -> None:
         self.stop = threading.Event()
         self.passes: list[int] = []
+        self.looks = 0
+        fingerprint = installer.fingerprint
+
+        def counted() -> tuple:
+            try:
+                return fingerprint()
+            finally:
+                self.looks += 1
+
+        installer.fingerprint = counted  # type: ignore[method-assign]
         self.thread = threading.Thread(target=lambda: self.passes.append(installer.watch(self.stop, interval)))
+
+    def looked_again(self) -> None:
+        """Until the watcher has taken a look that began after this call and
+        acted on it: the one under way may predate a change, the next may not,
+        and its pass is over when the one after begins."""
+        target = self.looks + 3
+        wait_for(lambda: self.looks >= target)
 
     def __enter__(self) -> "Watcher":
         self.thread.start()
@@ -248,7 +267,8 @@ def test_watch_reapplies_after_the_primary_rewrites_its_file(node):
 
         # settled: the watcher does not keep rewriting its own output
         settled = (conflist.stat().st_ino, conflist.stat().st_mtime_ns, (bin_dir / "ambit-cni").stat().st_ino)
-        time.sleep(0.5)
+        watcher.looked_again()
+        watcher.looked_again()  # its own writes cost one pass, a no-op, and nothing more
         assert settled == (conflist.stat().st_ino, conflist.stat().st_mtime_ns,
                            (bin_dir / "ambit-cni").stat().st_ino)
     assert watcher.passes == [3]  # first install, after the rewrite, after the removal
@@ -263,10 +283,10 @@ def test_watch_waits_for_the_primary_and_survives_a_half_written_file(node):
     bin_dir, conf_dir, plugin = node
     installer = Installer(bin_dir, conf_dir, PluginSource.locate(plugin), SETTINGS)
     with Watcher(installer) as watcher:
-        time.sleep(0.2)
+        watcher.looked_again()
         assert not list(conf_dir.iterdir())
         (conf_dir / "10-ptp.conflist").write_bytes(b'{"cniVersion": "0.4.0", "plugins": [')  # being written
-        time.sleep(0.2)
+        watcher.looked_again()
         assert watcher.thread.is_alive()
         (conf_dir / "10-ptp.conflist").write_bytes((DATA / "ptp" / "10-ptp.conflist").read_bytes())
         wait_for(lambda: chained_types(conf_dir / "10-ptp.conflist")[-1] == "ambit-cni")

@@ -110,6 +110,12 @@ class Tunnel:
         return self._reading
 
     @property
+    def peer_stopped_reading(self) -> bool:
+        """The peer sent RST_STREAM(NO_ERROR) after its END_STREAM: its bytes
+        are complete and it takes no more of ours."""
+        return self._peer_stopped_reading
+
+    @property
     def pending_to_stream(self) -> int:
         """TCP bytes read but not yet taken by the stream's windows."""
         return len(self._pending) if self._pending else 0
