@@ -51,7 +51,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 import capture  # noqa: E402  (bench/capture.py)
-from capture import ECHO_SERVER  # noqa: E402
+from capture import ECHO_SERVER, wait_listening  # noqa: E402
 from stats import percentile  # noqa: E402
 from pyroute2.netns import setns  # noqa: E402
 
@@ -148,7 +148,7 @@ def start_servers(netns: str) -> list[subprocess.Popen]:
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE,
                             preexec_fn=pinned(netns))
     assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-    time.sleep(0.3)
+    wait_listening(iperf, 5201)
     return [iperf, echo]
 
 

@@ -22,8 +22,10 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pyroute2.netns import setns  # noqa: E402
 from stats import percentile  # noqa: E402  (bench/stats.py)
+from iperf import iperf_received  # noqa: E402  (bench/iperf.py)
 
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
+from ambit.waypoint.runner import is_listening  # noqa: E402
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
                                   make_pod_netns, remove_netns)
 
@@ -66,25 +68,31 @@ def in_netns(path: str):
     return lambda: setns(path, flags=0, fork=False)
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> None:
+    """Until `proc` listens on `port` (in its own namespace), or fail saying so."""
+    deadline = time.monotonic() + timeout
+    while not is_listening(port, proc.pid):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]} (pid {proc.pid}) never listened on port {port}"
+                               + (f": it exited with {proc.returncode}" if proc.poll() is not None else ""))
+        time.sleep(0.02)
+
+
 def start_servers(netns: str) -> list[subprocess.Popen]:
     iperf = subprocess.Popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              preexec_fn=in_netns(netns))
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE,
                             preexec_fn=in_netns(netns))
     assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-    time.sleep(0.3)
+    wait_listening(iperf, 5201)
     return [iperf, echo]
 
 
 def iperf_gbps(client_ns: str, server_ip: str, streams: int, seconds: float, enter=None) -> float:
     """iperf3 from client_ns; `enter(ns)` makes the child's preexec_fn (default in_netns)."""
-    out = subprocess.run(["iperf3", "-c", server_ip, "-p", "5201", "-P", str(streams), "-t", str(seconds), "-J"],
-                         capture_output=True, text=True, preexec_fn=(enter or in_netns)(client_ns),
-                         timeout=seconds + 30)
-    data = json.loads(out.stdout)
-    if "error" in data:
-        raise RuntimeError(data["error"])
-    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    received = iperf_received(["iperf3", "-c", server_ip, "-p", "5201", "-P", str(streams), "-t", str(seconds)],
+                              seconds, preexec_fn=(enter or in_netns)(client_ns))
+    return received["bits_per_second"] / 1e9
 
 
 def rtt_us(client_ns: str, server_ip: str, count: int, enter=None, timeout: float = 120) -> list[float]:

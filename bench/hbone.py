@@ -59,6 +59,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from stats import percentile  # noqa: E402  (bench/stats.py)
+from iperf import iperf_received  # noqa: E402  (bench/iperf.py)
 
 POD_A = "10.253.1.1"
 POD_B = "10.253.1.2"
@@ -126,12 +127,7 @@ async def _client_agent(args: argparse.Namespace) -> None:
             return
         await opened.done
 
-    async def entry(port: int, authority: str) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((POD_A, port))
-        listener.listen(4096)
-        listener.setblocking(False)
+    async def entry(listener: socket.socket, authority: str) -> None:
         while True:
             conn, _ = await loop.sock_accept(listener)
             task = loop.create_task(tunnel(conn, authority))
@@ -141,8 +137,12 @@ async def _client_agent(args: argparse.Namespace) -> None:
     servers = []
     for spec in args.entry:
         port, authority = spec.split("=")
-        servers.append(loop.create_task(entry(int(port), authority)))
-    await asyncio.sleep(0.1)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((POD_A, int(port)))
+        listener.listen(4096)  # connections queue from here on: ready
+        listener.setblocking(False)
+        servers.append(loop.create_task(entry(listener, authority)))
     print("ready", flush=True)
     await asyncio.gather(*servers)
 
@@ -249,13 +249,7 @@ def rss_kib(pid: int) -> int:
 
 def iperf(ip: str, port: int, seconds: float, streams: int) -> tuple[float, float]:
     """(Gbit/s, GB) received by the server side."""
-    out = subprocess.run(
-        ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
-        capture_output=True,
-        check=True,
-        timeout=seconds + 30,
-    ).stdout
-    received = json.loads(out)["end"]["sum_received"]
+    received = iperf_received(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-P", str(streams)], seconds)
     return received["bits_per_second"] / 1e9, received["bytes"] / 1e9
 
 
@@ -265,17 +259,30 @@ def pingpong_rtts(tool: Path, ip: str, port: int, count: int) -> list[float]:
     return values[len(values) // 10 :]  # drop the warm-up tenth
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def idle_tunnel_kib(procs: Processes, tool: Path, port: int, pids: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
     """Per-process RSS growth per idle tunnel while IDLE_TUNNELS are held open
-    through `port`, and each process's RSS (KiB) at that moment."""
+    through `port`, and each process's RSS (KiB) at that moment.
+
+    "hold" prints ready once each of its connections did a ping-pong, so
+    every tunnel is then open in both proxies. The warm-up tunnel is
+    measured from after each proxy closed its socket for it (its descriptor
+    count back below what it was with the tunnel open)."""
     warm = procs.start([str(tool), "hold", POD_A, str(port), "1", "64"], ready_line=True, stdin=subprocess.PIPE)
+    with_warm = {name: open_fds(pid) for name, pid in pids.items()}
     assert warm.stdin is not None
     warm.stdin.close()
     warm.wait(timeout=30)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while lingering := [name for name, pid in pids.items() if open_fds(pid) >= with_warm[name]]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm-up tunnel was never closed in {', '.join(lingering)}")
+        time.sleep(0.02)
     before = {name: rss_kib(pid) for name, pid in pids.items()}
     holder = procs.start([str(tool), "hold", POD_A, str(port), str(IDLE_TUNNELS), "64"], ready_line=True, stdin=subprocess.PIPE)
-    time.sleep(1.0)
     after = {name: rss_kib(pid) for name, pid in pids.items()}
     assert holder.stdin is not None
     holder.stdin.close()

@@ -39,11 +39,12 @@ def envoy_argv(envoy: str, config: str, concurrency: int, log_level: str) -> lis
             "--concurrency", str(concurrency), "-l", log_level, "--file-flush-interval-msec", "100"]
 
 
-def is_listening(port: int) -> bool:
+def is_listening(port: int, pid: int | str = "self") -> bool:
     """A LISTEN socket on `port` at any address (`--listen-address` need not be
-    0.0.0.0), IPv4 or IPv6, in this process's network namespace."""
+    0.0.0.0), IPv4 or IPv6, in the network namespace of process `pid`
+    (default: this one)."""
     suffix = f":{port:04X}"
-    for path in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+    for path in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         try:
             with open(path) as table:
                 rows = [line.split() for line in table.readlines()[1:]]
