@@ -136,7 +136,15 @@ class AgentProcess:
                                      preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
         log.close()
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                # `with AgentProcess(...)` never reaches __exit__ when start
+                # fails: stop and clean up here, or the agent outlives the
+                # test. The start failure is the error worth reporting.
+                with contextlib.suppress(Exception):
+                    self.__exit__(None, None, None)
+                raise
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
