@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,14 @@ class LabSettings:
 
     @property
     def ca_dir(self) -> Path:
-        """The lab's one CA: every node's agent issues from it, so they trust each other."""
+        """What everyone may read of the lab's CA: its certificate (the mesh root) and its log."""
         return self.state_dir / "ca"
+
+    @property
+    def ca_key_dir(self) -> Path:
+        """Where the CA's key and token file are: a tmpfs in the CA's own mount
+        namespace; for every other process an empty directory (labca.py)."""
+        return self.state_dir / "ca-key"
 
     @property
     def underlay_netns(self) -> str:
@@ -90,6 +96,41 @@ class LabSettings:
         return {"prefix": self.prefix, "state_dir": str(self.state_dir), "underlay_cidr": self.underlay_cidr,
                 "pod_supernet": self.pod_supernet, "service_cidr": self.service_cidr,
                 "bpffs_root": str(self.bpffs_root), "capture": self.capture, "agent_args": list(self.agent_args)}
+
+
+CA_PORT = 15012  # istiod's
+CA_SERVER_NAME = "ambit-ca.ambit-system.svc"  # what the CA's serving certificate names, as in a cluster
+NODE_AGENT_ACCOUNT = "ambit-system/ambit-node"
+
+
+@dataclass(frozen=True)
+class LabCaPlan:
+    """The lab's CA service: where it listens (the underlay's last address, in
+    the underlay namespace) and the files its clients and it use."""
+
+    address: str
+    root_cert: Path   # public: what clients verify the CA (and peers) against
+    key_dir: Path     # private to the CA
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{CA_PORT}"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.key_dir / "tokens.csv"
+
+    def client_args(self, token_file: Path) -> tuple[str, ...]:
+        """`ambit-agent` / `ambit waypoint` options to get certificates from it."""
+        return ("--ca-address", self.target, "--ca-server-name", CA_SERVER_NAME, "--ca-token-file", str(token_file),
+                "--ca-root-cert", str(self.root_cert))
+
+
+def lab_ca_plan(settings: LabSettings) -> LabCaPlan:
+    underlay = ipaddress.IPv4Network(settings.underlay_cidr)
+    return LabCaPlan(address=str(underlay.broadcast_address - 1), root_cert=settings.ca_dir / "root-cert.pem",
+                     key_dir=settings.ca_key_dir, log=settings.ca_dir / "ca.log")
 
 
 @dataclass(frozen=True)
@@ -118,6 +159,11 @@ class NodePlan:
     def pods_dir(self) -> Path:
         return self.workdir / "pods"
 
+    @property
+    def ca_token(self) -> Path:
+        """The agent's token for the CA (its projected service-account token, in a cluster)."""
+        return self.workdir / "ca-token"
+
 
 @dataclass(frozen=True)
 class PodPlan:
@@ -126,6 +172,11 @@ class PodPlan:
     netns: str
     log: Path
 
+    @property
+    def ca_token(self) -> Path:
+        """A waypoint pod's own token for the CA."""
+        return self.log.with_name(self.log.stem + ".ca-token")
+
 
 @dataclass(frozen=True)
 class LabPlan:
@@ -133,18 +184,21 @@ class LabPlan:
     config: LabConfig
     nodes: tuple[NodePlan, ...]
     pods: tuple[PodPlan, ...]
+    ca: LabCaPlan
 
     def node(self, name: str) -> NodePlan:
         return next(n for n in self.nodes if n.name == name)
 
 
-def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str) -> tuple[str, ...]:
+def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str, ca_token: Path) -> tuple[str, ...]:
     """Every per-node agent option, in one place. The proxy namespace and the
     pin directory carry the lab prefix, so `down` finds them even after a crash.
     Discovery reads the lab's cluster file, as agents in a cluster would watch
-    the API server, and identities come from the lab's shared CA."""
+    the API server, and certificates come from the lab's CA service with the
+    node's own token: no agent holds a CA key."""
     return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
-            "--discovery", "files", "--config-file", str(settings.cluster_file), "--ca-dir", str(settings.ca_dir),
+            "--discovery", "files", "--config-file", str(settings.cluster_file),
+            *lab_ca_plan(settings).client_args(ca_token),
             "--metrics-port", str(METRICS_PORT), "--readiness-port", str(READINESS_PORT), *settings.agent_args)
 
 
@@ -166,7 +220,7 @@ def plan_lab(config: LabConfig, settings: LabSettings, node_count: int | None = 
     supernet = ipaddress.IPv4Network(settings.pod_supernet)
     if supernet.prefixlen > 24:
         raise LabError(f"the pod range {supernet} must be /24 or larger: each node gets a /24")
-    capacity = min(underlay.num_addresses - 2, 2 ** (24 - supernet.prefixlen) - 1, 999)
+    capacity = min(underlay.num_addresses - 3, 2 ** (24 - supernet.prefixlen) - 1, 999)  # the last: the CA
     if len(names) > capacity:
         raise LabError(f"{len(names)} nodes do not fit: underlay {underlay} and pod range {supernet} "
                        f"leave room for {capacity}")
@@ -177,11 +231,11 @@ def plan_lab(config: LabConfig, settings: LabSettings, node_count: int | None = 
         workdir = settings.nodes_dir / name
         bpffs_dir = settings.bpffs_root / netns
         proxy_netns = f"{netns}-proxy"
-        nodes.append(NodePlan(
+        node = NodePlan(
             name=name, index=index, netns=netns, underlay_ip=str(underlay.network_address + index),
             underlay_prefixlen=underlay.prefixlen, underlay_port=f"{settings.prefix}n{index}",
-            pod_cidr=str(pod_cidr), workdir=workdir, bpffs_dir=bpffs_dir, proxy_netns=proxy_netns,
-            agent_args=node_agent_args(settings, bpffs_dir, proxy_netns)))
+            pod_cidr=str(pod_cidr), workdir=workdir, bpffs_dir=bpffs_dir, proxy_netns=proxy_netns, agent_args=())
+        nodes.append(replace(node, agent_args=node_agent_args(settings, bpffs_dir, proxy_netns, node.ca_token)))
         if len(str(workdir / "agent.sock")) > UNIX_PATH_MAX:
             raise LabError(f"the agent socket path under {settings.state_dir} is too long for a Unix socket")
     pods = []
@@ -193,4 +247,4 @@ def plan_lab(config: LabConfig, settings: LabSettings, node_count: int | None = 
         netns_owner[netns] = pod.key
         node = next(n for n in nodes if n.name == placement[pod.key])
         pods.append(PodPlan(pod, node.name, netns, node.pods_dir / f"{pod.namespace}-{pod.name}.log"))
-    return LabPlan(settings, config, tuple(nodes), tuple(pods))
+    return LabPlan(settings, config, tuple(nodes), tuple(pods), lab_ca_plan(settings))

@@ -71,6 +71,11 @@ def format_status(status: Any) -> str:
         rows.append([n.name, n.netns + ("" if n.netns_present else " (gone)"), n.underlay_ip, n.pod_cidr, agent,
                      n.socket])
     lines += _table(rows)
+    if status.ca is not None:
+        ca = status.ca
+        state = "not started" if ca.pid is None else f"pid {ca.pid} " + ("serving" if ca.alive else "STOPPED")
+        lines += ["", f"CA  `ambit ca serve` on {ca.address}: {state} (its key only in its own mount namespace; "
+                      f"log {ca.log})"]
     lines += ["", "pods"]
     rows = [["POD", "NODE", "IP", "SERVICE ACCOUNT", "AMBIENT", "WORKLOAD"]]
     for p in status.pods:

@@ -71,11 +71,15 @@ class LabState:
         self.created = time.time()
         self.nodes: dict[str, NodeRecord] = {}
         self.pods: dict[str, PodRecord] = {}
+        self.ca: ProcessRecord | None = None         # `ambit ca serve`
+        self.ca_holder: ProcessRecord | None = None  # owns the CA's private filesystem (its key)
 
     def save(self) -> None:
         data = {"version": STATE_VERSION, "phase": self.phase, "created": self.created, "settings": self.settings,
                 "node_count": self.node_count, "documents": self.documents,
-                "nodes": [asdict(n) for n in self.nodes.values()], "pods": [asdict(p) for p in self.pods.values()]}
+                "nodes": [asdict(n) for n in self.nodes.values()], "pods": [asdict(p) for p in self.pods.values()],
+                "ca": asdict(self.ca) if self.ca else None,
+                "ca_holder": asdict(self.ca_holder) if self.ca_holder else None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
@@ -96,6 +100,8 @@ class LabState:
             for raw in data["nodes"]:
                 agent = raw.pop("agent", None)
                 state.nodes[raw["name"]] = NodeRecord(**raw, agent=ProcessRecord(**agent) if agent else None)
+            state.ca = ProcessRecord(**data["ca"]) if data.get("ca") else None
+            state.ca_holder = ProcessRecord(**data["ca_holder"]) if data.get("ca_holder") else None
             for raw in data["pods"]:
                 workload = raw.pop("workload", None)
                 pod = PodRecord(**raw, workload=ProcessRecord(**workload) if workload else None)

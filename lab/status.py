@@ -46,6 +46,16 @@ class NodeStatus:
 
 
 @dataclass(frozen=True)
+class CaStatus:
+    """The lab's CA service: its own process, its key in its own mount namespace."""
+
+    address: str  # host:port on the underlay
+    pid: int | None
+    alive: bool
+    log: str
+
+
+@dataclass(frozen=True)
 class PodStatus:
     key: str
     node: str
@@ -80,10 +90,12 @@ class LabStatus:
     pods: tuple[PodStatus, ...]
     services: tuple[ServiceStatus, ...]
     policies: tuple[str, ...]   # "AuthorizationPolicy shop/web-from-shop-only"
+    ca: CaStatus | None = None
 
     @property
     def healthy(self) -> bool:
-        return self.phase == "ready" and all(n.agent_alive and n.agent_ready for n in self.nodes) and all(
+        return self.phase == "ready" and (self.ca is None or self.ca.alive) and all(
+            n.agent_alive and n.agent_ready for n in self.nodes) and all(
             p.ip and p.netns_present and (p.workload_alive or not p.workloads) for p in self.pods)
 
     def pod(self, key: str) -> PodStatus:

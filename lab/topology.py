@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ipaddress
+import json
 import os
 import select
 import shutil
@@ -44,17 +46,17 @@ from ambit.agent.cli.client import AgentClient
 from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.discovery.file_source import content_revision
 from ambit.agent.discovery.model import PodInfo
-from ambit.agent.identity.ca import LocalCA
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
 
+from . import labca
 from .clusterfile import ready_waypoints, render_cluster, write_cluster_file
 from .cniruntime import CniFailure, CniRuntime
 from .errors import LabError, LabNotRunning, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
 from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path
-from .plan import LabPlan, LabSettings, NodePlan, PodPlan, lab_conflist, plan_lab
+from .plan import LabPlan, LabSettings, NodePlan, PodPlan, lab_ca_plan, lab_conflist, plan_lab
 from .processes import (
     MARKER_ENV,
     Leftovers,
@@ -68,7 +70,7 @@ from .processes import (
 )
 from .report import QuietSteps, StepReporter
 from .statefile import LabState, NodeRecord, PodRecord, ProcessRecord
-from .status import LabStatus, NodeStatus, PodStatus, ServiceStatus, TeardownReport
+from .status import CaStatus, LabStatus, NodeStatus, PodStatus, ServiceStatus, TeardownReport
 
 log = structlog.get_logger(__name__)
 
@@ -154,9 +156,12 @@ class Lab:
             with self._step(f"{node.name}: namespace {node.netns}, eth0 {node.underlay_ip} on the underlay, "
                             f"routes to the other nodes' pod CIDRs"):
                 self._make_node(plan, node, state)
-        with self._step(f"cluster objects for discovery ({settings.cluster_file.name}) and the lab CA"):
+        with self._step(f"cluster objects for discovery ({settings.cluster_file.name})"):
             self._write_cluster_file(plan, state)
-            LocalCA.load_or_create(settings.ca_dir, TRUST_DOMAIN)
+        with self._step(f"the CA: `ambit ca serve` on {plan.ca.target} (the underlay), its own process; its key "
+                        f"only in its own mount namespace; a token for each agent and waypoint"):
+            self._start_ca_holder(plan, state)
+            self._start_ca(plan, state)
         agents: list[NodeAgent] = []
         with self._step(f"start ambit-agent on {', '.join(n.name for n in plan.nodes)}"):
             for node in plan.nodes:
@@ -202,11 +207,16 @@ class Lab:
         state.save()
 
     def _make_underlay(self) -> None:
+        """The wire, and on it the CA's address (the CA runs in this namespace)."""
         s = self.settings
+        ca = lab_ca_plan(s)
         create_netns(s.underlay_netns)
         with iproute(netns_path(s.underlay_netns)) as ipr:
             ipr.link("add", ifname=s.underlay_bridge, kind="bridge")
-            ipr.link("set", index=ipr.link_lookup(ifname=s.underlay_bridge)[0], state="up")
+            bridge = ipr.link_lookup(ifname=s.underlay_bridge)[0]
+            ipr.addr("add", index=bridge, address=ca.address,
+                     prefixlen=ipaddress.IPv4Network(s.underlay_cidr).prefixlen)
+            ipr.link("set", index=bridge, state="up")
 
     def _make_node(self, plan: LabPlan, node: NodePlan, state: LabState) -> None:
         s = self.settings
@@ -237,8 +247,41 @@ class Lab:
             bridge = ipr.link_lookup(ifname=s.underlay_bridge)[0]
             port = ipr.link_lookup(ifname=node.underlay_port)[0]
             ipr.link("set", index=port, master=bridge, state="up")
+            # The CA answers pods (waypoints) through their node, as a cluster's network would.
+            ipr.route("add", dst=node.pod_cidr, gateway=node.underlay_ip)
         with NetnsThread(path) as thread:  # /proc/sys/net is per namespace: write it from inside
             thread.run(Path("/proc/sys/net/ipv4/ip_forward").write_text, "1\n")
+
+    def _start_ca_holder(self, plan: LabPlan, state: LabState) -> None:
+        """The CA's private filesystem: its key and the token file, made inside it."""
+        token_file = labca.write_tokens(labca.caller_tokens(plan))
+        try:
+            holder = labca.start_holder(plan.ca, TRUST_DOMAIN, token_file, self.marker)
+        except (RuntimeError, OSError) as exc:
+            raise LabError(f"the lab CA: {exc}") from exc
+        self._children[holder.pid] = holder
+        state.ca_holder = ProcessRecord(holder.pid, process_start_time(holder.pid) or 0, str(plan.ca.log))
+        state.save()
+
+    def _start_ca(self, plan: LabPlan, state: LabState) -> ProcessRecord:
+        """`ambit ca serve` in the holder's mount namespace and on the underlay; returns once it serves."""
+        assert state.ca_holder is not None
+        proc, ready_fd = labca.start_ca(plan.ca, state.ca_holder.pid, self.settings.underlay_netns,
+                                        self.settings.cluster_file, TRUST_DOMAIN, self.marker)
+        self._children[proc.pid] = proc
+        state.ca = ProcessRecord(proc.pid, process_start_time(proc.pid) or 0, str(plan.ca.log))
+        state.save()
+        try:
+            with self._interrupts.waiting():
+                readable, _, _ = select.select([ready_fd], [], [], self.settings.ready_timeout)
+            if not (readable and os.read(ready_fd, 64).startswith(b"ready")):
+                tail = ""
+                with contextlib.suppress(OSError):
+                    tail = plan.ca.log.read_text()[-600:].strip()
+                raise LabError(f"the lab CA did not start (see {plan.ca.log})" + (f":\n{tail}" if tail else ""))
+        finally:
+            os.close(ready_fd)
+        return state.ca
 
     def _start_agent(self, node: NodePlan, state: LabState) -> NodeAgent:
         agent = NodeAgent(LabNode(node), self.marker)
@@ -300,7 +343,7 @@ class Lab:
             assert pod.pod.waypoint is not None
             argv = [sys.executable, "-m", "ambit.cli", "waypoint",
                     f"{pod.pod.namespace}/{pod.pod.waypoint}", "--config-file", str(self.settings.cluster_file),
-                    "--ca-dir", str(self.settings.ca_dir), "--trust-domain", TRUST_DOMAIN,
+                    *plan.ca.client_args(pod.ca_token), "--trust-domain", TRUST_DOMAIN,
                     "--out-dir", str(self.waypoint_dir(pod)), "--access-log", str(_waypoint_access_log(pod)),
                     "--port", str(pod.pod.workload_port("waypoint")), "--run", "--watch",
                     "--envoy", envoy_binary() or "envoy",
@@ -379,7 +422,53 @@ class Lab:
                                    f"the lab wrote {revision}{rejected}")
                 time.sleep(0.05)
 
-    # -- changes to a running lab: an agent crash or restart, a pod replaced -----------------------------
+    # -- changes to a running lab: the CA away, an agent crash or restart, a pod replaced ----------------
+
+    def ca_log(self) -> Path:
+        """The CA's log (JSON lines): `ca.issued` / `ca.refused`, each with its reason."""
+        return self._recorded_plan(self.state()).ca.log
+
+    def stop_ca(self) -> None:
+        """Stop the CA service (SIGTERM), as if its pods were gone: agents and
+        waypoints keep the certificates they hold and retry with backoff.
+        Its key stays in its private filesystem for `start_ca`."""
+        _require_root()
+        state = self.state()
+        if state.ca is not None and _alive(state.ca):
+            self._stop([state.ca])
+            self.log.info("CA stopped", pid=state.ca.pid)
+
+    def ask_ca(self, node_name: str, identity: str, *, token_file: Path | None = None,
+               own: bool = False) -> dict[str, Any]:
+        """Ask the lab's CA for `identity` from `node_name`'s namespace, as its
+        agent would (with its token, or `token_file`): {"issued": bool, "code",
+        "message"} (labca.py `probe`)."""
+        _require_root()
+        state = self.state()
+        node = self._node_record(state, node_name)
+        plan = self._recorded_plan(state)
+        token = token_file or plan.node(node_name).ca_token
+        argv = [sys.executable, "-m", "ambit.lab.labca", "probe", "--address", plan.ca.target, "--token-file",
+                str(token), "--root-cert", str(plan.ca.root_cert), "--identity", identity, *(["--own"] if own else [])]
+        path = netns_path(node.netns)
+        result = subprocess.run(argv, capture_output=True, timeout=60, env={**os.environ, **self.marker},
+                                preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        if result.returncode != 0:
+            raise LabError(f"asking the CA from {node_name} failed: {result.stderr.decode(errors='replace')[-500:]}")
+        return json.loads(result.stdout)
+
+    def start_ca(self) -> ProcessRecord:
+        """Start the CA service again, with the same key; returns once it serves."""
+        _require_root()
+        state = self.state()
+        if state.ca_holder is None or not _alive(state.ca_holder):
+            raise LabError("the lab CA's filesystem holder is gone; recreate the lab")
+        if state.ca is not None and _alive(state.ca):
+            raise LabError(f"the lab CA is running (pid {state.ca.pid}); stop it first")
+        record = self._start_ca(self._recorded_plan(state), state)
+        self.log.info("CA started", pid=record.pid)
+        return record
+
 
     def agent_log(self, node_name: str) -> Path:
         """The node agent's log (access log lines included); a restarted
@@ -429,6 +518,49 @@ class Lab:
         self.stop_agent(node_name, kill=kill)
         return self.start_agent(node_name)
 
+    def add_pod(self, document: Mapping[str, Any]) -> str:
+        """Schedule, create and start one more pod in the running lab (a Pod
+        document; spec.nodeName picks its node, else the lab places it), in a
+        kubelet's order: the pod appears in the cluster view as scheduled
+        (its node's agent asks the CA for its identity at once), CNI ADD, its
+        workload, then its address published. Returns the address."""
+        _require_root()
+        if document.get("kind") != "Pod":
+            raise LabError(f"add_pod takes a Pod, not {document.get('kind')!r}")
+        state = self.state()
+        state.documents = [*state.documents, dict(copy.deepcopy(document))]
+        plan = self._recorded_plan(state)  # validates it as `up` would
+        key = _document_id(document)
+        pod = next(p for p in plan.pods if (p.pod.namespace, p.pod.name) == key[1:])
+        if pod.pod.key in state.pods:
+            raise LabError(f"pod {pod.pod.key} exists")
+        if pod.pod.waypoint:
+            raise LabError("waypoint pods are made by `ambit lab up` only (they need a CA token)")
+        state.save()
+        agents = _running_agents(state)
+        self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
+        address = self._create_pod(plan, pod, state, agents)
+        self.log.info("pod added", pod=pod.pod.key, node=pod.node, ip=address)
+        return address
+
+    def _create_pod(self, plan: LabPlan, pod: PodPlan, state: LabState, agents: Sequence[tuple[str, str]]) -> str:
+        """CNI ADD, the workload, then the address published and applied by `agents`; returns the address."""
+        self._add_pod(plan, pod, state)
+        if pod.pod.workloads:
+            self._run_workload(plan, pod, state)
+        self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
+        address = state.pods[pod.pod.key].ip
+        assert address is not None
+        return address
+
+    def _run_workload(self, plan: LabPlan, pod: PodPlan, state: LabState) -> None:
+        """Start the pod's workload and return once it is ready."""
+        _, ready_fd = self._start_workload(plan, pod, state)
+        try:
+            self._wait_workload(pod, ready_fd)
+        finally:
+            os.close(ready_fd)
+
     def recreate_pod(self, key: str) -> str:
         """Delete the pod and create it again, as a rollout replaces a pod,
         and return its new address.
@@ -463,18 +595,9 @@ class Lab:
         if error:
             raise LabError(f"CNI DEL of pod {record.key}: {error}")
         remove_netns(record.netns)
-        self._add_pod(plan, pod, state)
-        if pod.pod.workloads:
-            _, ready_fd = self._start_workload(plan, pod, state)
-            try:
-                self._wait_workload(pod, ready_fd)
-            finally:
-                os.close(ready_fd)
-        self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
+        new_ip = self._create_pod(plan, pod, state, agents)
         if not pod.pod.waypoint:
             self.restart_waypoints()  # their static bootstrap still lists the old address
-        new_ip = state.pods[record.key].ip
-        assert new_ip is not None
         self.log.info("pod recreated", pod=record.key, old_ip=old_ip, new_ip=new_ip)
         return new_ip
 
@@ -536,11 +659,7 @@ class Lab:
             self._stop([state.pods[pod.pod.key].workload])
             state.pods[pod.pod.key] = replace(state.pods[pod.pod.key], workload=None)
             state.save()
-            _, ready_fd = self._start_workload(plan, pod, state)
-            try:
-                self._wait_workload(pod, ready_fd)
-            finally:
-                os.close(ready_fd)
+            self._run_workload(plan, pod, state)
         return len(waypoints)
 
     def _node_record(self, state: LabState, name: str) -> NodeRecord:
@@ -596,7 +715,13 @@ class Lab:
                          underlay_netns=f"{settings.get('prefix', self.settings.prefix)}underlay",
                          underlay_bridge=f"{settings.get('prefix', self.settings.prefix)}ul0",
                          underlay_cidr=settings.get("underlay_cidr", ""), nodes=nodes, pods=tuple(pods),
-                         services=services, policies=policies)
+                         services=services, policies=policies, ca=self._ca_status(state))
+
+    def _ca_status(self, state: LabState) -> CaStatus:
+        ca = self._recorded_plan(state).ca
+        record = state.ca
+        return CaStatus(address=ca.target, pid=record.pid if record else None,
+                        alive=bool(record and _alive(record)), log=str(ca.log))
 
     def _node_status(self, node: NodeRecord, ask_agent: bool) -> NodeStatus:
         alive = bool(node.agent and _alive(node.agent))
@@ -692,6 +817,7 @@ class Lab:
                 else:
                     deleted.append(pod.key)
             stopped += self._stop([n.agent for n in state.nodes.values() if n.agent])
+            stopped += self._stop([state.ca, state.ca_holder])  # the holder's going takes the CA key with it
         stray = lab_processes(s.prefix)
         if stray:
             stopped += self._stop_pids(stray)
@@ -715,6 +841,8 @@ class Lab:
                 path.unlink()
         shutil.rmtree(s.nodes_dir, ignore_errors=True)
         shutil.rmtree(s.ca_dir, ignore_errors=True)  # the lab's CA lives and dies with the lab
+        with contextlib.suppress(OSError):
+            s.ca_key_dir.rmdir()  # here only ever an empty mount point: the key was in the holder's tmpfs
         if s.bpffs_root == Path(BPFFS_ROOT):
             with contextlib.suppress(OSError):
                 s.bpffs_root.rmdir()  # the shared default, once empty (a root given by the caller is theirs)

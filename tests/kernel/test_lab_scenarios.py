@@ -69,10 +69,11 @@ def only_the_lab_remains(lab: Lab) -> Iterator[None]:
     for node in state.nodes.values():
         expected |= {node.netns, f"{node.netns}-proxy"}
     assert set(lab_namespaces(lab.settings.prefix)) == expected
-    running = {r.pid for r in [*(n.agent for n in state.nodes.values()), *(p.workload for p in state.pods.values())]
+    running = {r.pid for r in [*(n.agent for n in state.nodes.values()), *(p.workload for p in state.pods.values()),
+                               state.ca, state.ca_holder]
                if r is not None and process_start_time(r.pid) == r.start_time}
     assert set(lab_processes(lab.settings.prefix)) == running
-    assert len(running) == 4  # two agents, two web workloads
+    assert len(running) == 6  # two agents, two web workloads, the CA and the holder of its key
 
 
 # --- helpers: what a person would type in `ambit lab exec` --------------------------------------------------------

@@ -280,9 +280,10 @@ def test_down_after_a_crash_that_lost_the_state_file(clean_lab):
     clean_lab.up(labconfig.generated_config(1, 1))
     settings = clean_lab.settings
     settings.state_file.unlink()
-    assert len(lab_processes(PREFIX)) == 2  # the agent and the workload, found by their marker
+    # the agent, the workload, the CA and the holder of its key, found by their marker
+    assert len(lab_processes(PREFIX)) == 4
     report = Lab(settings).down()
-    assert report.processes_stopped == 2
+    assert report.processes_stopped == 4
     assert set(report.namespaces_removed) == {"labt-underlay", "labt-node1", "labt-node1-proxy", "labt-lab-node1-pod0"}
     assert_clean(settings)
 

@@ -6,6 +6,9 @@
   python labclient.py loop HOST PORT --until-file PATH
       one short echo exchange after another until PATH exists, noting each
       result with its time
+  python labclient.py hold HOST PORT --until-file PATH --ready-file READY
+      one connection, kept open: an echo exchange on it every 0.1 s until
+      PATH exists (READY appears after the first), noting any that fails
 
 Both print one JSON object. Run as a script (`lab.exec(pod, [python, path,
 ...])`), so the test process never has to enter the pod's namespace itself.
@@ -97,6 +100,33 @@ def loop(host: str, port: int, until_file: str, max_seconds: float, timeout: flo
             "failures": [a for a in attempts if not a["ok"]], "seconds": round(time.monotonic() - started, 3)}
 
 
+def hold(host: str, port: int, until_file: str, ready_file: str, max_seconds: float, timeout: float) -> dict[str, Any]:
+    """Many exchanges on one connection: it (and the tunnel under it) must outlive whatever the test does."""
+    started = time.monotonic()
+    exchanges, failures = 0, []
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        while not os.path.exists(until_file) and time.monotonic() - started < max_seconds:
+            payload = os.urandom(16).hex().encode() + b"\n"
+            try:
+                sock.sendall(payload)
+                echoed = b""
+                while len(echoed) < len(payload):
+                    chunk = sock.recv(len(payload) - len(echoed))
+                    if not chunk:
+                        raise ConnectionError("the connection was closed")
+                    echoed += chunk
+                if echoed != payload:
+                    raise ValueError("the echo differs")
+                exchanges += 1
+            except (OSError, ValueError) as exc:
+                failures.append({"at": round(time.monotonic() - started, 3), "error": repr(exc)})
+                break  # a dead connection stays dead: that is the failure being looked for
+            if exchanges == 1:
+                open(ready_file, "w").close()
+            time.sleep(0.1)
+    return {"exchanges": exchanges, "failures": failures, "seconds": round(time.monotonic() - started, 3)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -113,9 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     lp.add_argument("--max-seconds", type=float, default=60.0)
     lp.add_argument("--timeout", type=float, default=3.0)
     lp.add_argument("--progress-file", help="where to keep the count of exchanges that succeeded so far")
+    hd = sub.add_parser("hold")
+    hd.add_argument("host")
+    hd.add_argument("port", type=int)
+    hd.add_argument("--until-file", required=True)
+    hd.add_argument("--ready-file", required=True)
+    hd.add_argument("--max-seconds", type=float, default=180.0)
+    hd.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     if args.mode == "fanout":
         result = asyncio.run(fanout(args.host, args.port, args.connections, args.size, args.timeout))
+    elif args.mode == "hold":
+        result = hold(args.host, args.port, args.until_file, args.ready_file, args.max_seconds, args.timeout)
     else:
         result = loop(args.host, args.port, args.until_file, args.max_seconds, args.timeout, args.progress_file)
     json.dump(result, sys.stdout)
