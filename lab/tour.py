@@ -2,7 +2,9 @@
 
 It builds the default two-node lab (nodes as network namespaces on an
 underlay, one real ambit-agent each, pods from the real CNI chain) and
-walks through what ambit does: identities, a cross-node call over HBONE
+walks through what ambit does: identities from the CA service (its own
+process, the only one with the key) and a certificate it refuses a node
+for a pod on another node, a cross-node call over HBONE
 with the client's own address preserved, proof that the underlay carried
 only TLS, a same-node call, a Service VIP balanced by the proxy, a request
 that policy denies, an L7 decision at an Envoy waypoint, a policy applied
@@ -21,8 +23,10 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, TextIO
 
+from ambit.agent.cli.client import AgentClient
 from ambit.agent.datapath.constants import HBONE_PORT, METRICS_PORT
 from ambit.agent.netns import NetnsThread, netns_path
 
@@ -220,7 +224,7 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
 
         with tour.step("the lab: nodes, pods, addresses and identities"):
             tour.say(format_status(status).split("\nstate ")[0])
-            tour.say("identities (SPIFFE, issued by the lab CA to each node's agent):")
+            tour.say("identities (SPIFFE; each node's agent asks the CA for those of its own pods):")
             for pod in status.pods:
                 ns = pod.key.split("/")[0]
                 waypoint = any(w.startswith("waypoint:") for w in pod.workloads)
@@ -228,6 +232,28 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
                     else "- (not in the mesh)"
                 ident += " (Envoy waypoint: out of the mesh, speaks HBONE itself)" if waypoint else ""
                 tour.say(f"  {pod.key:<16} {ident}")
+
+        with tour.step(f"the CA: `ambit ca serve`, its own process on {status.ca.address}; node agents ask it "
+                       "for certificates with Istio's API and hold no CA key"):
+            tour.say(f"CA pid {status.ca.pid}; agents: "
+                     + ", ".join(f"{n.name} pid {n.agent_pid}" for n in status.nodes))
+            key_dir = lab.settings.ca_key_dir
+            views = {"the CA": status.ca.pid, "node1's agent": status.nodes[0].agent_pid}
+            for who, pid in views.items():
+                seen = sorted(p.name for p in Path(f"/proc/{pid}/root{key_dir}").iterdir()) if pid else []
+                tour.say(f"{key_dir} as {who} sees it: {', '.join(seen) or 'empty'}")
+            with AgentClient(lab.state().nodes["node1"].socket, timeout=5.0) as client:
+                held = client.certificates()
+            for cert in held.certificates:
+                tour.say(f"node1 holds {cert.identity}, serial {cert.serial[:12]}, issued by {cert.issuer}")
+            foreign = "spiffe://cluster.local/ns/legacy/sa/probe"
+            answer = lab.ask_ca("node1", foreign)
+            tour.say(f"node1's agent asks for {foreign} (legacy/probe-0 runs on node2): "
+                     + (f"refused, {answer['code']}" if not answer["issued"] else "ISSUED?!"))
+            refusal = _newest(lambda: [json.loads(l) for l in lab.ca_log().read_text().splitlines()
+                                       if '"event": "ca.refused"' in l], lambda e: e.get("impersonated") == foreign)
+            if refusal:
+                tour.say(f"CA log: {refusal['reason']}: {refusal['detail']} (caller {refusal['caller']})")
 
         with tour.step(f"cross-node: shop/client-0 ({ips['shop/client-0']}, node1) -> "
                        f"shop/web-1 ({ips['shop/web-1']}:8080, node2), watching the underlay"):

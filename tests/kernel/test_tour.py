@@ -2,7 +2,8 @@
 
 The tour prints what it observes (it never prints a canned result), so these
 tests run it end to end, with each capture backend, and check the facts it
-reports: HBONE across nodes with the client's own address preserved, only
+reports: the CA as its own process, the only one that sees its key, and its
+refusal of node1's request for a pod of node2; HBONE across nodes with the client's own address preserved, only
 TLS on the underlay, a Service spread over both endpoints, a policy denial,
 the waypoint's 403 and its access log naming the client pod, and a teardown
 with no leftovers (checked by tests/kernel/conftest.py). Prefix `ltour-`.
@@ -29,6 +30,14 @@ def test_the_tour_reports_what_ambit_does(lab_factory, capture) -> None:
     assert {"ebpf": "eBPF (tc programs", "nftables": "nftables (policy route"}[capture] in text.splitlines()[0]
     client = re.search(r"shop/client-0 \((\d+\.\d+\.\d+\.\d+), node1\)", text).group(1)
     assert ipaddress.ip_address(client) in ipaddress.ip_network(settings.pod_supernet)
+    ca = re.search(r"CA pid (\d+); agents: node1 pid (\d+), node2 pid (\d+)", text)
+    assert ca and len(set(ca.groups())) == 3  # three processes
+    assert re.search(r"ca-key as the CA sees it: ca-cert.pem, ca-key.pem, tokens.csv\n", text)
+    assert re.search(r"ca-key as node1's agent sees it: empty\n", text)
+    assert re.search(r"node1 holds spiffe://cluster.local/ns/shop/sa/client, serial \w+, issued by Istio CA at "
+                     r"[\d.]+:15012", text)
+    assert "(legacy/probe-0 runs on node2): refused, PERMISSION_DENIED" in text
+    assert "CA log: identity-not-on-node: no pod of legacy/probe runs on node node1" in text
     assert f"the server saw the client as {client} -- the client pod's own address (preserved)" in text
     assert "via=hbone spiffe://cluster.local/ns/shop/sa/client -> spiffe://cluster.local/ns/shop/sa/web" in text
     assert "seen in clear on the underlay: no -- only TLS crossed" in text
