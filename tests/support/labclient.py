@@ -10,7 +10,7 @@
       one connection, kept open: an echo exchange on it every 0.1 s until
       PATH exists (READY appears after the first), noting any that fails
 
-Both print one JSON object. Run as a script (`lab.exec(pod, [python, path,
+Each prints one JSON object. Run as a script (`lab.exec(pod, [python, path,
 ...])`), so the test process never has to enter the pod's namespace itself.
 """
 from __future__ import annotations
