@@ -3,14 +3,15 @@
 The Kubernetes client (and pydantic, which it brings) only with
 `--discovery kube` (~0.25 s and ~21 MB of RSS otherwise spent for nothing);
 bcc never (it maps LLVM: the loader child compiles); the lab, waypoint,
-CA and `ambit` command code never."""
+CA and `ambit` command code never; of pyroute2 only what the agent uses."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-NEVER = ("bcc", "ambit.lab", "ambit.waypoint", "ambit.ca", "ambit.cli")
+NEVER = ("bcc", "ambit.lab", "ambit.waypoint", "ambit.ca", "ambit.cli",
+         "pyroute2.ndb", "pyroute2.ipdb", "sqlite3")  # pyroute2's __init__ brings these (pyroute2_lazy.py)
 ONLY_FOR_KUBE = ("kubernetes", "pydantic")
 
 
@@ -27,3 +28,14 @@ def offending(modules: set[str], prefixes: tuple[str, ...]) -> set[str]:
 def test_importing_the_agent_loads_no_kubernetes_client_compiler_or_tool_code() -> None:
     assert offending(loaded_after("import ambit.agent.main"), NEVER + ONLY_FOR_KUBE) == set()
 
+
+
+def test_the_rest_of_pyroute2_is_there_for_whoever_asks() -> None:
+    """The lab and the benches take more of pyroute2 than the agent does."""
+    code = ("import ambit.agent.main, pyroute2\n"
+            "from pyroute2.iproute.linux import IPRoute as lean\n"
+            "assert pyroute2.IPRoute is lean\n"
+            "from pyroute2 import Ethtool, IPRoute, netns\n"
+            "assert IPRoute is lean and netns.__name__ == 'pyroute2.netns' and pyroute2.__version__\n"
+            "try:\n    pyroute2.NoSuchName\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)")
+    assert "pyroute2.ndb" in loaded_after(code)
