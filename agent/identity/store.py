@@ -146,6 +146,7 @@ class CertificateStore:
         self._lock = threading.RLock()
         self._log = _log.bind(trust_domain=self._issuer.trust_domain, directory=str(self._directory))
         ensure_private_dir(self._directory)
+        self._delete_earlier_keys()
         if self._local is not None:
             self._write_bundle(self._local.ca.trust_bundle_pem)
 
@@ -303,6 +304,18 @@ class CertificateStore:
         )
         self._notify(spiffe_id, current)
         return current
+
+    def _delete_earlier_keys(self) -> None:
+        """A store starts empty (certificates are asked for again): keys an earlier
+        run left, perhaps of identities this node no longer has, go."""
+        for key_file in self._directory.glob(f"*/*/{KEY_FILE}"):
+            for path in (key_file, key_file.with_name(CERT_FILE)):
+                path.unlink(missing_ok=True)
+            for directory in (key_file.parent, key_file.parent.parent):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
 
     def _refresh_bundle(self) -> None:
         """The bundle is every root a held certificate chains to (two during a root rotation)."""

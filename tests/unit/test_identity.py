@@ -382,6 +382,13 @@ def test_store_remove_deletes_credentials(store: CertificateStore, tmp_path: Pat
     assert not store.remove(cart)
 
 
+def test_a_new_store_deletes_the_keys_an_earlier_one_left(store: CertificateStore, tmp_path: Path) -> None:
+    left = store.get(SpiffeId(TD, "shop", "cart")).paths
+    assert left.key_file.exists()
+    CertificateStore(LocalCA.create(TD), tmp_path / "certs")  # the agent restarted
+    assert not left.key_file.exists() and not left.cert_file.parent.parent.exists()
+
+
 def test_store_refuses_foreign_identities_and_bad_fractions(
     store: CertificateStore, tmp_path: Path
 ) -> None:
