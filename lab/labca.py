@@ -169,6 +169,12 @@ def _probe(args: argparse.Namespace) -> int:
         try:
             issued = await IstioCaIssuer(client, identity.trust_domain, impersonate=not args.own).issue(
                 identity, new_workload_key(), timedelta(hours=1))
+            if args.out_dir:  # what the agent would hold: the key, the chain, the root
+                out = Path(args.out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write(out / "key.pem", issued.private_key_pem, 0o600, durable=False)
+                atomic_write(out / "cert.pem", issued.chain_pem, 0o644, durable=False)
+                atomic_write(out / "root-cert.pem", issued.root_pem, 0o644, durable=False)
             return {"issued": True, "identity": str(issued.spiffe_id), "serial": f"{issued.serial:x}"}
         except CaRefused as exc:
             return {"issued": False, "code": exc.code.name, "message": str(exc)}
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--identity", required=True, help="spiffe://TD/ns/NS/sa/SA")
     probe.add_argument("--own", action="store_true", help="ask as the token's own identity (no impersonation)")
     probe.add_argument("--timeout", type=float, default=5.0)
+    probe.add_argument("--out-dir", help="write the key, the certificate chain and the root here when issued")
     probe.set_defaults(func=_probe)
     args = parser.parse_args(argv)
     return args.func(args)

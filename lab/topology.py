@@ -439,17 +439,19 @@ class Lab:
             self.log.info("CA stopped", pid=state.ca.pid)
 
     def ask_ca(self, node_name: str, identity: str, *, token_file: Path | None = None,
-               own: bool = False) -> dict[str, Any]:
+               own: bool = False, out_dir: Path | None = None) -> dict[str, Any]:
         """Ask the lab's CA for `identity` from `node_name`'s namespace, as its
         agent would (with its token, or `token_file`): {"issued": bool, "code",
-        "message"} (labca.py `probe`)."""
+        "message"} (labca.py `probe`); when issued, `out_dir` gets key.pem,
+        cert.pem and root-cert.pem."""
         _require_root()
         state = self.state()
         node = self._node_record(state, node_name)
         plan = self._recorded_plan(state)
         token = token_file or plan.node(node_name).ca_token
         argv = [sys.executable, "-m", "ambit.lab.labca", "probe", "--address", plan.ca.target, "--token-file",
-                str(token), "--root-cert", str(plan.ca.root_cert), "--identity", identity, *(["--own"] if own else [])]
+                str(token), "--root-cert", str(plan.ca.root_cert), "--identity", identity, *(["--own"] if own else []),
+                *(["--out-dir", str(out_dir)] if out_dir else [])]
         path = netns_path(node.netns)
         result = subprocess.run(argv, capture_output=True, timeout=60, env={**os.environ, **self.marker},
                                 preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))

@@ -3,7 +3,8 @@ agent cannot decide, on a two-node lab with real agents, the real CNI chain
 and eBPF capture.
 
     node1: legacy/probe-0 (outside the mesh: the plaintext attacker; with a
-           certificate of its own from the lab CA it is also a hostile mesh peer)
+           certificate of its own from the lab's CA, asked for as node1's agent
+           would, it is also a hostile mesh peer)
     node2: vault/safe-0 (STRICT), shop/web-1 (PERMISSIVE)
 
 Each scenario changes what discovery says (the lab's cluster file, as the API
@@ -15,6 +16,7 @@ Prefix `lfcl-`, underlay 10.112.0.0/24, pods 10.222.0.0/16.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import socket
@@ -27,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import h2.events
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 import pytest
 import yaml
 
-from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.ca import IssuedCert, utc_now
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import client_context, peer_spiffe_id
@@ -95,13 +99,35 @@ class RecordingEcho:
             conn.sendall(chunk)
 
 
+class LabCaCertificates:
+    """The attacker's certificate, a valid one: what node1's agent gets from
+    the lab's CA for a pod of node1 (asked from node1 with its token)."""
+
+    trust_domain = TRUST_DOMAIN
+    description = "the lab's CA, asked as node1's agent"
+
+    def __init__(self, lab: Lab, directory: Path) -> None:
+        self.lab = lab
+        self.directory = directory
+        self.clock = utc_now
+
+    async def issue(self, identity: SpiffeId, key: object, ttl: object) -> IssuedCert:
+        out = self.directory / identity.namespace / identity.service_account
+        answer = self.lab.ask_ca("node1", str(identity), out_dir=out)
+        assert answer["issued"], answer
+        return IssuedCert(identity, x509.load_pem_x509_certificate((out / "cert.pem").read_bytes()),
+                          serialization.load_pem_private_key((out / "key.pem").read_bytes(), None),  # type: ignore[arg-type]
+                          root=x509.load_pem_x509_certificate((out / "root-cert.pem").read_bytes()),
+                          issuer=self.description)
+
+
 class FailClosedLab:
     def __init__(self, lab: Lab, identities: Path) -> None:
         self.lab = lab
         self.ips = {p.key: p.ip for p in lab.status(ask_agents=False).pods}
         self.echoes = {pod: RecordingEcho() for pod in SERVERS}
         self.servers = [TcpServer(self.netns(pod), PORT, self.echoes[pod]) for pod in SERVERS]
-        self.certificates = CertificateStore(LocalCA.load_or_create(lab.settings.ca_dir, TRUST_DOMAIN), identities)
+        self.certificates = CertificateStore(LabCaCertificates(lab, identities / "from-ca"), identities)
 
     def close(self) -> None:
         for server in self.servers:
@@ -152,6 +178,7 @@ class FailClosedLab:
         lab CA): mTLS to `server`:15008 and CONNECT `server`:PORT. Returns the
         identity the server presented (None: no TLS), the CONNECT status and
         what went wrong."""
+        asyncio.run(self.certificates.certificate(identity))
         context = client_context(self.certificates, identity)
         ip = self.ips[server]
 
