@@ -22,9 +22,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab import labconfig
 from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(400)]
 
@@ -143,17 +143,6 @@ def serials(lab: Lab, node: str) -> dict[str, str]:
     return {c.identity: c.serial for c in certs(lab, node).certificates}
 
 
-def until(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
-        time.sleep(every)
-
-
 def ca_metrics(lab: Lab) -> str:
     address = lab.status(ask_agents=False).ca.address.rpartition(":")[0]
     with NetnsThread(netns_path(lab.settings.underlay_netns)) as thread:
@@ -192,7 +181,8 @@ class Held:
 
         self.thread = threading.Thread(target=run)
         self.thread.start()
-        until("the held connection's first exchange", lambda: ready.exists() or not self.thread.is_alive(), 30)
+        wait_until(lambda: ready.exists() or not self.thread.is_alive(), "the held connection's first exchange", 30,
+                   0.1)
 
     def finish(self) -> dict[str, Any]:
         self.stop.touch()
@@ -263,8 +253,8 @@ def _spki_pem(root_pem: bytes) -> bytes:
 def test_agents_hold_certificates_for_their_own_pods_from_the_ca(lab):
     for node, expected in (("node1", {spiffe("shop", "client"), spiffe("shop", "web")}),
                            ("node2", {spiffe("shop", "web")})):  # legacy is out of the mesh, the waypoint its own
-        reply = until(f"{node}'s certificates", lambda n=node: (r := certs(lab, n)) and
-                      {c.identity for c in r.certificates} == expected and r)
+        reply = wait_until(lambda n=node: (r := certs(lab, n)) and {c.identity for c in r.certificates} == expected
+                           and r, f"{node}'s certificates", 60, 0.2)
         assert reply.ca == f"Istio CA at {lab.status(ask_agents=False).ca.address}"
         assert {c.issuer for c in reply.certificates} == {reply.ca}
     issued = {(e["identity"], e["node"]) for e in ca_log_lines(lab, "ca.issued") if e["request"] == "impersonated"}
@@ -325,15 +315,15 @@ def test_without_the_ca_tunnels_and_certificates_keep_working_and_a_new_pod_is_s
                      "spec": {"nodeName": "node1", "serviceAccountName": "newcomer",
                               "containers": [{"name": "c", "image": "lab"}]}})
         newcomer = spiffe("shop", "newcomer")
-        failing = until("node1 reporting the newcomer's request failing",
-                        lambda: {f.identity: f.error for f in certs(lab, "node1").failing}.get(newcomer))
+        failing = wait_until(lambda: {f.identity: f.error for f in certs(lab, "node1").failing}.get(newcomer),
+                             "node1 reporting the newcomer's request failing", 60, 0.2)
         assert "UNAVAILABLE" in failing or "DEADLINE" in failing
         assert newcomer not in serials(lab, "node1")
         # It cannot talk in the mesh yet: no certificate, no tunnel (never plaintext).
         assert call(lab, "shop/newcomer-0", f"http://{ip(lab, 'shop/web-1')}:8080/").returncode != 0
     finally:
         lab.start_ca()
-    until("the newcomer's certificate", lambda: newcomer in serials(lab, "node1"), timeout=120)
+    wait_until(lambda: newcomer in serials(lab, "node1"), "the newcomer's certificate", 120, 0.2)
     result = call(lab, "shop/newcomer-0", f"http://{ip(lab, 'shop/web-1')}:8080/")
     assert result.returncode == 0 and json.loads(result.stdout)["peer"] == ip(lab, "shop/newcomer-0")
     report = held.finish()
@@ -345,9 +335,9 @@ def test_rotation_replaces_certificates_without_dropping_tunnels(lab, tmp_path):
     client, web = spiffe("shop", "client"), spiffe("shop", "web")
     held = Held(lab, "shop/client-0", "shop/web-1", tmp_path)
     # 90 s certificates, replaced at half their life (backdated 60 s): within ~15 s.
-    until("node1's client and node2's web certificates replaced",
-          lambda: serials(lab, "node1").get(client) not in (None, node1[client])
-          and serials(lab, "node2").get(web) not in (None, node2[web]), timeout=90)
+    wait_until(lambda: serials(lab, "node1").get(client) not in (None, node1[client])
+               and serials(lab, "node2").get(web) not in (None, node2[web]),
+               "node1's client and node2's web certificates replaced", 90, 0.2)
     # New connections work with the new certificates; meanwhile the held one goes on.
     result = call(lab, "shop/client-0", f"http://{ip(lab, 'shop/web-1')}:8080/")
     assert result.returncode == 0, result.stderr

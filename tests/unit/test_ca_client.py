@@ -24,6 +24,7 @@ from ambit.agent.identity.istio_ca import CaClientSettings, CaRefused, CaUnavail
 from ambit.agent.identity.rotation import CertificateRotation
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
+from tests.support.waiting import until
 from tests.support.istio_ca_server import SERVER_NAME, CaEndpoint, ScriptedCa, pem, scripted_ca
 
 TD = "cluster.local"
@@ -250,22 +251,22 @@ def test_rotation_retries_while_the_ca_is_away_and_serves_with_what_it_has(
         rotation = CertificateRotation(store, FAST, random.Random(1))
         rotation.start()
         rotation.want([CART])
-        first = await _until(lambda: store.current(CART))
+        first = await until(lambda: store.current(CART), "cart's first certificate")
         port = endpoint.port
 
         await endpoint.stop()  # the CA goes away
         rotation.want([CART, WEB])  # a new pod's identity, while the CA is away
-        await _until(lambda: WEB in rotation.failures() and rotation.failures()[WEB])
+        await until(lambda: WEB in rotation.failures() and rotation.failures()[WEB], "web's request failing")
         assert (await store.certificate(CART)).serial == first.serial  # still served
 
         back = CaEndpoint(endpoint.servicer, port)  # back on the same address
         await back.start()
-        web = await _until(lambda: store.current(WEB), timeout=10)
+        web = await until(lambda: store.current(WEB), "web's certificate once the CA is back")
         assert web.issued.spiffe_id == WEB and WEB not in rotation.failures()
 
         # At the rotation point a new certificate replaces the first.
-        rotated = await _until(lambda: (c := store.current(CART)) is not None and c.serial != first.serial and c,
-                               timeout=20)
+        rotated = await until(lambda: (c := store.current(CART)) is not None and c.serial != first.serial and c,
+                              "cart's certificate rotated", timeout=20)
         assert rotated.issued.not_after > first.issued.not_after
 
         rotation.want([WEB])  # the cart pods left: its key goes
@@ -285,7 +286,7 @@ def test_a_refused_identity_is_retried_and_never_installed(mesh_ca: LocalCA, fil
             rotation = CertificateRotation(store, FAST, random.Random(2))
             rotation.start()
             rotation.want([CART])
-            await _until(lambda: len(endpoint.servicer.received) >= 3)
+            await until(lambda: len(endpoint.servicer.received) >= 3, "three requests")
             assert store.current(CART) is None and store.current(WEB) is None
             assert "the CA certified" in rotation.failures()[CART]
             with pytest.raises(BadCertificate):
@@ -293,17 +294,6 @@ def test_a_refused_identity_is_retried_and_never_installed(mesh_ca: LocalCA, fil
             await rotation.stop()
             await client.close()
     run(scenario)
-
-
-async def _until(check: Callable[[], object], timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition never held within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def test_keys_are_p256_and_private_to_the_node(mesh_ca: LocalCA, files, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from ambit.agent.identity.istio_ca import CaClientSettings
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.mesh import MeshRuntime, MeshSettings
 from tests.support.istio_ca_server import SERVER_NAME, scripted_ca
+from tests.support.waiting import until
 
 TD = "cluster.local"
 
@@ -50,7 +51,7 @@ def test_the_node_fetches_certificates_for_its_mesh_pods_and_drops_departed_ones
             try:
                 store = runtime.mesh.certificates
                 cart, admin = SpiffeId(TD, "shop", "cart"), SpiffeId(TD, "shop", "admin")
-                await until(lambda: store.identities() == [cart])
+                await until(lambda: store.identities() == [cart], "cart's certificate")
                 assert [r.impersonated for r in endpoint.servicer.received] == [str(cart)]
                 assert store.status()[0].issuer == f"Istio CA at {endpoint.address}"
 
@@ -58,16 +59,8 @@ def test_the_node_fetches_certificates_for_its_mesh_pods_and_drops_departed_ones
                 # the cart pods left, and with them the cart key.
                 write(cluster, [pod("admin-1", "admin", "node1"), pod("web-1", "web", "node2")])
                 await runtime.source.reload()
-                await until(lambda: store.identities() == [admin])
+                await until(lambda: store.identities() == [admin], "admin's certificate, and cart's gone")
                 assert not store.paths(cart).key_file.exists()
             finally:
                 await runtime.stop()
     asyncio.run(asyncio.wait_for(scenario(), 30))
-
-
-async def until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition never held")
-        await asyncio.sleep(0.02)
