@@ -16,12 +16,15 @@ import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import grpc
 import structlog
 from google.protobuf import struct_pb2
 
-from ambit.api.istio import ca_pb2, ca_pb2_grpc
+from ambit.api.istio import ca_pb2
+
+if TYPE_CHECKING:
+    import grpc
 
 from .spiffe import SpiffeId
 
@@ -35,9 +38,8 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 # Statuses that say "not now" rather than "no": the CA is away, overloaded or
 # could not reach the API server. Retried with backoff like the others, but
 # logged as the CA being unavailable, not as a refusal.
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                        grpc.StatusCode.CANCELLED})
+# grpcio is imported when the first channel is made: an agent with a local CA never needs it.
+_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"})
 
 _log = structlog.get_logger(__name__)
 
@@ -53,7 +55,7 @@ class CaUnavailable(IssueError):
 class CaRefused(IssueError):
     """The CA answered the request with an error status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: "grpc.StatusCode", message: str) -> None:
         super().__init__(f"the CA refused: {code.name}: {message}")
         self.code = code
 
@@ -82,8 +84,8 @@ class CaClientSettings:
 class IstioCaClient:
     def __init__(self, settings: CaClientSettings) -> None:
         self.settings = settings
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
+        self._channel: Any = None  # grpc.aio.Channel
+        self._stub: Any = None     # ca_pb2_grpc.IstioCertificateServiceStub
         self._root_signature: tuple[int, int, int] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -94,6 +96,8 @@ class IstioCaClient:
     async def create_certificate(self, csr_pem: str, ttl_seconds: int,
                                  impersonate: SpiffeId | None = None) -> list[str]:
         """The PEM chain the CA returns for `csr_pem` (leaf first, root last)."""
+        import grpc
+
         token = self._token()
         stub = await self._current_stub()
         request = ca_pb2.IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds)
@@ -108,7 +112,7 @@ class IstioCaClient:
                                                     wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if code in _TRANSIENT:
+            if code.name in _TRANSIENT:
                 raise CaUnavailable(f"{self.description}: {code.name}: {exc.details()}") from None
             raise CaRefused(code, exc.details() or "") from None
         return list(response.cert_chain)
@@ -128,8 +132,12 @@ class IstioCaClient:
             raise IssueError(f"the CA token {path} is empty")
         return token
 
-    async def _current_stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+    async def _current_stub(self) -> Any:
         """The channel, rebuilt when the root certificate file changed (root rotation)."""
+        import grpc
+
+        from ambit.api.istio import ca_pb2_grpc
+
         path = self.settings.root_cert_file
         try:
             st = os.stat(path)

@@ -8,21 +8,20 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import grpc
 import structlog
 
 from ambit.api.v1 import agent_pb2 as pb
-from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 
 from ..enrolment import Enrolment, EnrolmentError, EnrolRequest
 from ..workload import AttachmentKey, PodRef
+from .unary import CallContext, StatusCode
 
 log = structlog.get_logger(__name__)
 
 _STATUS = {
-    EnrolmentError.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    EnrolmentError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    EnrolmentError.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    EnrolmentError.INVALID: StatusCode.INVALID_ARGUMENT,
+    EnrolmentError.NOT_FOUND: StatusCode.NOT_FOUND,
+    EnrolmentError.PRECONDITION: StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -34,11 +33,11 @@ def _pod(ref: pb.PodRef) -> PodRef:
     return PodRef(namespace=ref.namespace, name=ref.name, uid=ref.uid)
 
 
-async def _refuse(context: grpc.aio.ServicerContext, exc: EnrolmentError) -> None:
+async def _refuse(context: CallContext, exc: EnrolmentError) -> None:
     await context.abort(_STATUS[exc.kind], str(exc))
 
 
-class CniService(pb_grpc.CNIServicer):
+class CniService:
     def __init__(self, enrolment: Enrolment, readiness: Callable[[], tuple[bool, str]],
                  observe_latency: Callable[[str, float], None] | None = None) -> None:
         self.enrolment = enrolment
@@ -48,12 +47,12 @@ class CniService(pb_grpc.CNIServicer):
     async def EnrolPod(self, request: pb.EnrolPodRequest, context) -> pb.EnrolPodResponse:
         started = time.monotonic()
         if not request.attachment.container_id or not request.attachment.ifname:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attachment needs container_id and ifname")
+            await context.abort(StatusCode.INVALID_ARGUMENT, "attachment needs container_id and ifname")
         ready, why = self.readiness()
         if not ready:
             # The runtime retries on "try again later": better than deciding
             # on a partial view of the cluster.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent not ready: {why}")
+            await context.abort(StatusCode.UNAVAILABLE, f"agent not ready: {why}")
         try:
             result = await self.enrolment.enrol(EnrolRequest(
                 key=_key(request.attachment), netns=request.netns, pod=_pod(request.pod),

@@ -4,16 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import grpc
 
 from ambit.api.v1 import agent_pb2 as pb
-from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 
 from .. import __version__, eventloop
 from ..discovery.report import NO_DISCOVERY, DiscoveryReport
 from ..enrolment import Enrolment
 from ..proxy.connections import ConnectionInfo
 from ..proxy.trace import trace_connection
+from .unary import StatusCode
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class ProxyView:
 NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], connections=lambda: ())
 
 
-class DebugService(pb_grpc.DebugServicer):
+class DebugService:
     def __init__(self, enrolment: Enrolment, node: str, started_at: float,
                  readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY,
                  mesh: Callable[[], Any] = lambda: None,
@@ -46,7 +45,7 @@ class DebugService(pb_grpc.DebugServicer):
     async def _need_mesh(self, context) -> Any:
         runtime = self.mesh()
         if runtime is None or runtime.mesh is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            await context.abort(StatusCode.FAILED_PRECONDITION,
                                 "the agent runs without discovery (--discovery none): no identities or policies")
         return runtime
 
@@ -61,7 +60,7 @@ class DebugService(pb_grpc.DebugServicer):
             ns, _, name = request.workload.partition("/")
             pod = state.pod(ns, name) if name else runtime.mesh.attributor.attribute(request.workload).pod
             if pod is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no pod {request.workload!r} in the cluster view")
+                await context.abort(StatusCode.NOT_FOUND, f"no pod {request.workload!r} in the cluster view")
             applicable = engine.applicable(pod.namespace, pod.labels)
             keys = [*applicable.deny, *applicable.allow]
             mtls = runtime.peer_authentication.effective(pod.namespace, pod.labels).for_port(0)

@@ -1,5 +1,6 @@
 """The agent's gRPC server on a Unix socket (mode 0600), with the standard
-gRPC health service beside the CNI and Debug services."""
+gRPC health service beside the CNI and Debug services (unary.py serves
+them: unary calls over h2, no grpcio in the agent)."""
 from __future__ import annotations
 
 import errno
@@ -7,11 +8,12 @@ import os
 import socket
 import stat
 
-import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from ambit.api.v1 import agent_pb2_grpc as pb_grpc
+from ambit.api.v1 import agent_pb2 as pb
+
+from .unary import CallContext, StatusCode, UnaryServer, methods_of
 
 log = structlog.get_logger(__name__)
 HEALTH_SERVICES = ("", "ambit.agent.v1.CNI", "ambit.agent.v1.Debug")
@@ -54,14 +56,33 @@ def prepare_socket_path(path: str) -> None:
     raise SocketInUse(f"another agent is already serving {path}")
 
 
+class HealthService:
+    """grpc.health.v1.Health/Check: SERVING while the API is up, for the
+    whole server ("") and each service by name."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, int] = {}
+
+    def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.statuses = {name: status for name in HEALTH_SERVICES}
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: CallContext) -> health_pb2.HealthCheckResponse:
+        if request.service not in self.statuses:
+            await context.abort(StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self.statuses[request.service])
+
+
 class AgentServer:
     def __init__(self, socket_path: str, cni_service, debug_service) -> None:
         self.socket_path = socket_path
-        self._server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 256)])
-        pb_grpc.add_CNIServicer_to_server(cni_service, self._server)
-        pb_grpc.add_DebugServicer_to_server(debug_service, self._server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.health = HealthService()
+        self._server = UnaryServer({
+            **methods_of(cni_service, pb.DESCRIPTOR.services_by_name["CNI"], pb),
+            **methods_of(debug_service, pb.DESCRIPTOR.services_by_name["Debug"], pb),
+            **methods_of(self.health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2),
+        })
 
     async def start(self) -> None:
         prepare_socket_path(self.socket_path)
@@ -69,21 +90,17 @@ class AgentServer:
         # instant between bind() and chmod(): bind under a tight umask.
         old = os.umask(0o177)
         try:
-            try:
-                self._server.add_insecure_port(f"unix:{self.socket_path}")
-            except RuntimeError as exc:  # grpc's "Failed to bind": say so without a traceback
-                raise SocketInUse(f"cannot listen on {self.socket_path}: {exc}") from None
-            await self._server.start()
+            await self._server.listen(self.socket_path)
+        except OSError as exc:
+            raise SocketInUse(f"cannot listen on {self.socket_path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
         os.chmod(self.socket_path, 0o600)
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(serving=True)
         log.info("serving agent API", socket=self.socket_path)
 
     async def stop(self, grace: float = 5.0) -> None:
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(serving=False)
         await self._server.stop(grace)
         try:
             os.unlink(self.socket_path)
