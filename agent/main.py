@@ -190,7 +190,8 @@ class Agent:
                              connections=lambda: ())
         proxy = self.proxy
         return ProxyView(capture=self.config.capture, proxy_netns=self.config.proxy_netns,
-                         listeners=proxy.listener_names, connections=proxy.connections.snapshot)
+                         listeners=proxy.listener_names, connections=proxy.connections.snapshot,
+                         failed_closed=self.metrics.failed_closed_by_reason)
 
     def discovery_report(self) -> DiscoveryReport:
         return self.mesh.report() if self.mesh is not None else NO_DISCOVERY
@@ -198,8 +199,12 @@ class Agent:
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
             return False, self._not_ready_reason
-        if self.mesh is not None and not self.mesh.synced:
-            return False, f"waiting for discovery ({self.config.discovery}) to sync"
+        if self.mesh is not None and not self.mesh.settled:
+            pending = self.mesh.pending()
+            if pending:
+                return False, (f"discovery ({self.config.discovery}) has not synced, new connections are refused: "
+                               f"{pending}")
+            return False, "discovery synced; matching the enrolment records against the labels"
         return True, "ready"
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -220,18 +225,20 @@ class Agent:
         if self.config.capture in CAPTURE_BACKENDS:
             await self._start_datapath()
         await self.enrolment.reconcile()
-        if self.mesh is not None:
-            await self.mesh.resync(self.enrolment)
         await self.server.start()
         self._ready = True
-        log.info("agent ready", node=self.config.node_name, version=__version__, capture=self.config.capture,
-                 enrolled=len(self.enrolment.workloads()), event_loop=eventloop.current_name())
+        settling = asyncio.get_running_loop().create_task(self.mesh.settle(self.enrolment)) if self.mesh else None
+        log.info("agent serving", node=self.config.node_name, version=__version__, capture=self.config.capture,
+                 enrolled=len(self.enrolment.workloads()), event_loop=eventloop.current_name(),
+                 ready=self.readiness()[0])
         try:
             await stop.wait()
         finally:
             self._ready = False
             self._not_ready_reason = "stopping"
             log.info("agent stopping")
+            if settling is not None:
+                settling.cancel()
             await self.server.stop()
             if self.proxy is not None:
                 await self.proxy.stop()

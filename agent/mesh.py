@@ -2,6 +2,12 @@
 identities (per-service-account certificates from the CA) and policy, put
 together once at start-up and handed to enrolment and the proxy.
 
+Until discovery has synced every kind the agent reads, policies included,
+the view is partial: the proxy refuses new connections (`Mesh.pending`), the
+agent is not ready, and records are not yet matched against labels. No
+timeout ends that: a source that never syncs keeps the agent not ready and
+its pods failing closed, with the reason in /healthz/ready and AgentStatus.
+
 Certificates come from a CA speaking Istio's API (`ca` settings: istiod,
 istio-csr, `ambit ca`), asked on behalf of each identity with a pod in the
 mesh on this node as soon as discovery shows one; without those settings a
@@ -52,7 +58,6 @@ class MeshSettings:
     ca: CaClientSettings | None = None  # a remote CA; None: the local CA in ca_dir
     cert_ttl: timedelta = DEFAULT_LEAF_TTL
     certs_dir: str = "/var/run/ambit/certs"
-    sync_timeout: float = 30.0
 
 
 def local_identities(state: ClusterState, node_name: str, trust_domain: str) -> set[SpiffeId]:
@@ -72,6 +77,8 @@ class MeshRuntime:
         self.engine = PolicyEngine(settings.root_namespace, peer_authentication=self.peer_authentication)
         self.state = ClusterState(self.engine, self.peer_authentication)
         self.source: Any = None
+        self._synced: asyncio.Event | None = None  # the source's: set once every kind is in
+        self.settled = False  # synced, and the enrolment records follow the labels
         self.selector: AmbientSelector | None = None
         self.mesh: Mesh | None = None
         self.rotation: CertificateRotation | None = None
@@ -96,12 +103,8 @@ class MeshRuntime:
             fetch = self.source.fetch_pod
         else:
             raise ValueError(f"unknown discovery source {s.discovery!r}")
+        self._synced = ready
         await self.source.start()
-        try:
-            await asyncio.wait_for(ready.wait(), s.sync_timeout)
-        except TimeoutError:
-            log.warning("discovery not synced yet; the agent stays not ready until it is",
-                        source=s.discovery, waited_s=s.sync_timeout)
         self.selector = AmbientSelector(self.state, fetch=fetch)
         certificates = CertificateStore(await self._issuer(), Path(s.certs_dir), ttl=s.cert_ttl)
         self.rotation = CertificateRotation(certificates)
@@ -110,9 +113,10 @@ class MeshRuntime:
         self._want_certificates()
         attributor = Attributor(self.state, s.node_name, self._enrolled_pod)
         self.mesh = Mesh(state=self.state, router=OutboundRouter(self.state, s.node_name, s.trust_domain, attributor),
-                         authorizer=Authorizer(self.state, self.engine, attributor), certificates=certificates)
-        log.info("mesh view ready", discovery=s.discovery, trust_domain=s.trust_domain, counts=self.state.counts(),
-                 ca=certificates.issuer)
+                         authorizer=Authorizer(self.state, self.engine, attributor), certificates=certificates,
+                         pending=self.pending)
+        log.info("mesh started", discovery=s.discovery, trust_domain=s.trust_domain, ca=certificates.issuer,
+                 synced=self.synced, counts=self.state.counts())
 
     async def _issuer(self) -> Issuer:
         s = self.settings
@@ -136,8 +140,26 @@ class MeshRuntime:
 
     @property
     def synced(self) -> bool:
-        event = getattr(self.source, "loaded", None) or getattr(self.source, "synced", None)
-        return bool(event and event.is_set())
+        return self._synced is not None and self._synced.is_set()
+
+    def pending(self) -> str:
+        """Why the cluster view is partial ("" once discovery has synced)."""
+        if self.synced:
+            return ""
+        pending = self.source.pending() if self.source is not None else {}
+        return "; ".join(f"{what}: {why}" for what, why in sorted(pending.items())) or "not started"
+
+    async def settle(self, enrolment: Enrolment) -> None:
+        """Wait for discovery to sync, however long (a timeout would turn a
+        partial view into a served one), then let records follow the labels."""
+        assert self._synced is not None
+        if not self.synced:
+            log.warning("discovery has not synced: the proxy refuses new connections and the agent is not ready "
+                        "until it has", source=self.settings.discovery, pending=self.pending())
+        await self._synced.wait()
+        log.info("discovery synced", source=self.settings.discovery, counts=self.state.counts())
+        await self.resync(enrolment)
+        self.settled = True
 
     def report(self) -> DiscoveryReport:
         """What discovery has applied (AgentStatus), read on the event loop between updates."""

@@ -136,15 +136,7 @@ class AgentProcess:
                                      preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
         log.close()
         if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                # `with AgentProcess(...)` never reaches __exit__ when start
-                # fails: stop and clean up here, or the agent outlives the
-                # test. The start failure is the error worth reporting.
-                with contextlib.suppress(Exception):
-                    self.__exit__(None, None, None)
-                raise
+            self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:

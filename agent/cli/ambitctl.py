@@ -46,14 +46,17 @@ def cmd_status(client: AgentClient, output: str) -> str:
                                                         f"{st.discovered_pods} pods with addresses)"
                                                         if st.discovery != "none" else ""),
                       *_discovery_lines(st),
-                      f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live"])
+                      f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live",
+                      "fail closed: " + (", ".join(f"{n} {reason}" for reason, n in sorted(st.failed_closed.items()))
+                                         or "none")])
 
 
 def _discovery_lines(st) -> list[str]:
     if st.discovery == "none":
         return []
     held = ", ".join(f"{n} {kind}" for kind, n in sorted(st.discovered_objects.items()) if n) or "nothing"
-    return [f"  revision:  {st.discovery_revision or '-'}", f"  objects:   {held}",
+    return [*[f"  not synced: {what}: {why}" for what, why in sorted(st.discovery_pending.items())],
+            f"  revision:  {st.discovery_revision or '-'}", f"  objects:   {held}",
             f"  waypoints ready: {', '.join(st.ready_waypoints) or '-'}",
             *[f"  rejected:  {what}: {why}" for what, why in sorted(st.discovery_errors.items())]]
 

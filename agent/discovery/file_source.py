@@ -179,6 +179,13 @@ class FileSource:
         """Files currently rejected, with the reason."""
         return {str(path): message for path, message in sorted(self._errors.items())}
 
+    def pending(self) -> dict[str, str]:
+        """Until every file has been read once without error (the view would
+        be partial): the files that stop it, with the reason."""
+        if self.loaded.is_set():
+            return {}
+        return self.errors() or {"files": "not read yet"}
+
     def revision(self) -> str:
         """content_revision() of the files whose objects the state holds (a
         rejected file with its last good content); "" before the first load."""

@@ -183,6 +183,7 @@ class KubeSource:
         self._versions: dict[str, str | None] = {kind: None for kind in self._kinds}
         self._stats: dict[str, WatchStats] = {kind: WatchStats() for kind in self._kinds}
         self._unsynced: set[str] = set(self._kinds)
+        self._failures: dict[str, str] = {}  # kind -> its last list/watch failure (worker threads write)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.synced = asyncio.Event()  # every kind listed once and applied: ready to serve
 
@@ -213,6 +214,13 @@ class KubeSource:
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             self._log.warning("watch threads did not stop in time", threads=alive)
+
+    def pending(self) -> dict[str, str]:
+        """The kinds not listed yet, each with its last failure: while any is
+        left the view is partial and the agent is not ready (a 404 kind, one
+        the API server does not serve, counts as listed, empty)."""
+        failures = dict(self._failures)
+        return {kind: failures.get(kind, "not listed yet") for kind in self._kinds if kind in self._unsynced}
 
     def resource_version(self, kind: str) -> str | None:
         """The last resourceVersion seen for a kind (from a list, an event or a bookmark)."""
@@ -286,6 +294,7 @@ class KubeSource:
                 if self._stopping.is_set():
                     break
                 stats.failures += 1
+                self._failures[kind] = _describe(exc)
                 delay = self._backoff.delay(attempt, rng)
                 attempt += 1
                 if isinstance(exc, ApiException) and exc.status == 403:
@@ -297,8 +306,9 @@ class KubeSource:
                     log.warning("list/watch failed; retrying", error=_describe(exc), retry_in=round(delay, 3),
                                 resource_version=self._versions[kind])
                 self._stopping.wait(delay)
-            except Exception:  # a bug must not silently end this kind's sync
+            except Exception as exc:  # a bug must not silently end this kind's sync
                 stats.failures += 1
+                self._failures[kind] = _describe(exc)
                 log.exception("list/watch crashed; retrying")
                 self._stopping.wait(self._backoff.maximum)
         log.debug("watch thread stopped")

@@ -23,6 +23,7 @@ class DiscoveryReport:
     objects: tuple[tuple[str, int], ...] = ()  # (kind, how many held), by kind
     ready_waypoints: tuple[str, ...] = ()      # "namespace/name" with an instance ready now
     errors: tuple[tuple[str, str], ...] = ()   # (file or object, why it is rejected)
+    pending: tuple[tuple[str, str], ...] = ()  # until synced: (kind or file, why it is not in yet)
 
 
 NO_DISCOVERY = DiscoveryReport(source="none")
@@ -38,8 +39,9 @@ def discovery_report(source_name: str, source: Any, synced: bool, state: Cluster
             ready.append(waypoint.key)
     revision = getattr(source, "revision", None)
     source_errors = getattr(source, "errors", None)
+    pending = {} if synced else source.pending()
     errors = {**(source_errors() if callable(source_errors) else {}), **state.errors()}
     return DiscoveryReport(source=source_name, synced=synced, revision=revision() if callable(revision) else "",
                            pods_with_addresses=sum(1 for pod in state.pods() if pod.ips),
                            objects=tuple(sorted(state.counts().items())), ready_waypoints=tuple(ready),
-                           errors=tuple(sorted(errors.items())))
+                           errors=tuple(sorted(errors.items())), pending=tuple(sorted(pending.items())))

@@ -103,9 +103,10 @@ class ConnectionAttributes:
         setter(self, "workload_key", (self.destination_namespace, frozenset(self.destination_labels.items())))
 
 
-# Why a connection was denied because the agent could not decide for it
-# (Decision.fail_closed): the label of ambit_connections_failed_closed_total.
-UNKNOWN_DESTINATION = "unknown_destination"
+# Why a connection was refused because the agent could not decide for it
+# (Decision.fail_closed): the reason label of ambit_connections_failed_closed_total.
+UNKNOWN_DESTINATION = "unknown_destination"    # no workload holds the destination address
+DISCOVERY_NOT_SYNCED = "discovery_not_synced"  # the cluster view is partial: decide nothing
 
 
 @dataclass(frozen=True, slots=True)

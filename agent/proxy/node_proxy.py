@@ -12,18 +12,22 @@ each does with a captured connection.
   15008 HBONE     mTLS tunnels for enrolled pods (agent/proxy/inbound.py)
 
 Without discovery (no identities, no policies) outbound and inbound
-connections are relayed as plain TCP and 15008 is refused. Every connection
-is registered for `ambitctl connections`, counted in the Istio metrics and
-logged once when it closes.
+connections are relayed as plain TCP and 15008 is refused. With discovery
+that has not synced every kind yet (`Mesh.pending`), all three refuse new
+connections: a partial view would skip policies not seen yet. Every
+connection is registered for `ambitctl connections`, counted in the Istio
+metrics and logged once when it closes.
 
 Policy is decided once per connection, at the destination side: 15006
 plaintext, same-node relays and 15008 tunnels, for the workload the
 destination address is attributed to (agent/discovery/attribution.py); an
-address that cannot be attributed is denied as an unknown destination
-(counted in ambit_connections_failed_closed_total, reason in the access log). When policies (or a
-destination pod's labels) change, every live connection this node admitted
-is decided again with the same inputs and the ones no longer allowed are
-reset ("connection closed by policy", response flag UAEX).
+address that cannot be attributed is denied as an unknown destination.
+Refusals where the agent cannot decide are counted in
+ambit_connections_failed_closed_total{listener,reason}, with the reason in
+the access log. When policies (or a destination pod's labels) change, every
+live connection this node admitted is decided again with the same inputs and
+the ones no longer allowed are reset ("connection closed by policy",
+response flag UAEX).
 """
 from __future__ import annotations
 
@@ -37,14 +41,14 @@ from typing import Any
 import structlog
 
 from ..datapath.constants import HBONE_PORT
-from ..discovery.attribution import Attribution, Attributor
+from ..discovery.attribution import Attributor
 from ..discovery.model import KIND_POD, POLICY_KINDS
 from ..discovery.state import EVENT_MODIFIED, ClusterState
 from ..identity.spiffe import SpiffeId
 from ..identity.store import CertificateStore
 from ..identity.tls import IdentityError
 from ..netns import NetnsThread
-from ..policy.authz import UNKNOWN_DESTINATION, Decision
+from ..policy.authz import DISCOVERY_NOT_SYNCED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import ConnectionRecord, log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
@@ -73,6 +77,10 @@ _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
 
 
+def _not_synced(pending: str) -> str:
+    return f"refused: discovery has not synced, the cluster view is partial ({pending})"
+
+
 def _known(principal: str) -> str | None:
     """A metrics label's principal for the access log, where unknown is null."""
     return None if principal == "unknown" else principal
@@ -86,6 +94,7 @@ class Mesh:
     router: OutboundRouter
     authorizer: Authorizer
     certificates: CertificateStore
+    pending: Callable[[], str] = lambda: ""  # why the cluster view is partial, "" once discovery synced
 
     @property
     def attributor(self) -> Attributor:
@@ -272,6 +281,11 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
+            partial = self.mesh.pending()
+            if partial:
+                self._opened(accepted, tracked)
+                outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
+                return
             plan = self.mesh.router.plan(accepted.client.ip, accepted.original_dst.ip, accepted.original_dst.port)
             meta = tracked.meta
             meta.via = plan.route.value
@@ -329,6 +343,11 @@ class NodeProxy:
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
+            partial = self.mesh.pending() if self.mesh is not None else ""
+            if partial:
+                self._opened(accepted, tracked)
+                outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
+                return
             if self.mesh is not None:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
                                                       dst_ip=accepted.original_dst.ip,
@@ -350,26 +369,31 @@ class NodeProxy:
             self._finish(accepted, tracked, outcome)
 
     async def _hbone(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        if self.inbound is None:
+        if self.inbound is None or self.mesh is None:
             # Fail closed: nothing may reach a pod's 15008 in plaintext.
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        destination = self.mesh.attributor.attribute(accepted.original_dst.ip) if self.mesh else None
-        if destination is not None and destination.pod is None:
-            self._refuse_unattributed(accepted, sock, destination)
+        partial = self.mesh.pending()
+        if partial:
+            self._refuse_before_tls(accepted, sock, _not_synced(partial), DISCOVERY_NOT_SYNCED)
+            return
+        destination = self.mesh.attributor.attribute(accepted.original_dst.ip)
+        if destination.pod is None:
+            self._refuse_before_tls(accepted, sock, f"denied: unknown destination: {destination.reason}",
+                                    UNKNOWN_DESTINATION)
             return
         await self.inbound.handle(accepted, sock)
 
-    def _refuse_unattributed(self, accepted: AcceptedConnection, sock: socket.socket,
-                             destination: Attribution) -> None:
-        """An HBONE connection for an address no workload can be attributed to:
-        closed before TLS (there is no identity to present), logged and counted."""
-        reason = f"denied: unknown destination: {destination.reason}"
+    def _refuse_before_tls(self, accepted: AcceptedConnection, sock: socket.socket, reason: str,
+                           fail_closed: str) -> None:
+        """An HBONE connection the agent cannot decide for (no workload at the
+        address, no complete view): closed before TLS, as there is no identity
+        to present or decide for; logged and counted."""
         log.info("hbone_connection_refused", peer=str(accepted.client), dst=str(accepted.original_dst),
                  reason=reason)
         reset_socket(sock)
-        self.metrics.failed_closed.labels(accepted.listener.value, UNKNOWN_DESTINATION).inc()
+        self.metrics.failed_closed.labels(accepted.listener.value, fail_closed).inc()
         labels = TcpLabels(reporter="destination", response_flags="NR", connection_security_policy="mutual_tls")
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)

@@ -75,6 +75,10 @@ class CniService:
         return pb.ReleasePodResponse(released=released)
 
     async def CheckPod(self, request: pb.CheckPodRequest, context) -> pb.CheckPodResponse:
+        ready, why = self.readiness()
+        if not ready:
+            # "Should this pod be in the mesh?" has no answer on a partial view.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"agent not ready: {why}")
         try:
             await self.enrolment.check(_key(request.attachment), _pod(request.pod), request.netns, request.ips)
         except EnrolmentError as exc:

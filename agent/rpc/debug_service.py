@@ -23,6 +23,7 @@ class ProxyView:
     proxy_netns: str
     listeners: Callable[[], list[str]]
     connections: Callable[[], tuple[ConnectionInfo, ...]]
+    failed_closed: Callable[[], dict[str, int]] = dict  # refusals where it could not decide, by reason
 
 
 NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], connections=lambda: ())
@@ -115,7 +116,9 @@ class DebugService:
                                       event_loop=eventloop.current_name(), discovery_revision=discovery.revision,
                                       discovered_objects=dict(discovery.objects),
                                       ready_waypoints=discovery.ready_waypoints,
-                                      discovery_errors=dict(discovery.errors))
+                                      discovery_errors=dict(discovery.errors),
+                                      discovery_pending=dict(discovery.pending),
+                                      failed_closed=proxy.failed_closed())
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context) -> pb.ListConnectionsResponse:
         return pb.ListConnectionsResponse(connections=[

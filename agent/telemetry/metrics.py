@@ -76,7 +76,8 @@ class Metrics:
                                   registry=r)
         self.failed_closed = Counter("ambit_connections_failed_closed",
                                      "Connections refused because the agent could not decide for them "
-                                     "(reason: unknown_destination, ...)", ("listener", "reason"), registry=r)
+                                     "(reason: unknown_destination, discovery_not_synced, ...)",
+                                     ("listener", "reason"), registry=r)
 
     def opened(self, labels: TcpLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()
@@ -91,3 +92,13 @@ class Metrics:
 
     def failed(self, labels: TcpLabels) -> None:
         self.tcp_failed.labels(*labels.values()).inc()
+
+    def failed_closed_by_reason(self) -> dict[str, int]:
+        """ambit_connections_failed_closed_total summed over listeners (for AgentStatus)."""
+        counts: dict[str, int] = {}
+        for family in self.failed_closed.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    reason = sample.labels["reason"]
+                    counts[reason] = counts.get(reason, 0) + int(sample.value)
+        return counts

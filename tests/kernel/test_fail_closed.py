@@ -10,17 +10,22 @@ and eBPF capture.
 Each scenario changes what discovery says (the lab's cluster file, as the API
 server's view would change) and checks the refusal from both ends: the
 attacker's connection fails, the destination's server never sees a byte, and
-node2's agent says why in its access log and counts it.
+node2's agent says why in its access log and counts it. The last one restarts
+node2's agent on the Kubernetes API (the in-repo server) with one kind
+withheld, so its discovery never syncs.
 
 Prefix `lfcl-`, underlay 10.112.0.0/24, pods 10.222.0.0/16.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import uuid
 from collections import defaultdict
@@ -34,16 +39,21 @@ from cryptography.hazmat.primitives import serialization
 import pytest
 import yaml
 
+from ambit.agent.cli.client import AgentClient
 from ambit.agent.identity.ca import IssuedCert, utc_now
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import client_context, peer_spiffe_id
+from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab.labconfig import parse_documents
+from ambit.lab.node import LabNode, NodeAgent
 from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
 from tests.support.bpffs import lab_bpffs_root
+from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import RawH2Client, run_in_netns, status_of
-from tests.support.labobserve import access_log, log_mark, metric, scrape
+from tests.support.labobserve import access_log, log_mark, metric, readiness, scrape
 from tests.support.podnet import TcpServer, connect, recv_exactly
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -53,6 +63,7 @@ PODS = "10.222.0.0/16"
 PORT = 9000
 TRUST_DOMAIN = "cluster.local"
 FAILED_CLOSED = "ambit_connections_failed_closed_total"
+AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 
 def _namespace(name: str, ambient: bool) -> dict[str, Any]:
@@ -331,3 +342,130 @@ def test_hbone_to_a_pod_enrolled_before_discovery_saw_its_address_presents_that_
 
     assert error == "" and presented == SpiffeId(TRUST_DOMAIN, "vault", "safe")
     assert status == 200  # mTLS satisfies STRICT; no AuthorizationPolicy
+
+
+# --- discovery that never syncs (this one restarts node2's agent: it comes last) -------------------------------
+
+GRANTS = {("", "namespaces"), ("", "pods"), ("", "services"), ("discovery.k8s.io", "endpointslices"),
+          ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications"),
+          ("gateway.networking.k8s.io", "gateways")}
+WITHHELD = ("security.istio.io", "authorizationpolicies")
+
+
+class KubeAgent(NodeAgent):
+    """The lab node's agent with the same options, but discovery from an API server."""
+
+    def __init__(self, node: LabNode, marker: dict[str, str], kubeconfig: Path) -> None:
+        super().__init__(node, marker)
+        self.kubeconfig = kubeconfig
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--discovery", "kube", "--kubeconfig", str(self.kubeconfig)]
+
+
+@contextlib.contextmanager
+def api_server(env: FailClosedLab, node: str, objects: Documents, tmp_path: Path) -> Iterator[tuple[FakeApiServer, Path]]:
+    """The in-repo API server, listening in `node`'s namespace, holding `objects`."""
+    with NetnsThread(netns_path(env.lab.state().nodes[node].netns)) as thread:
+        server = thread.run(lambda: FakeApiServer(token="t0ken", allowed=GRANTS - {WITHHELD}))
+    server.start()
+    try:
+        for obj in objects:
+            server.create(obj)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "{server.url}"}}}}]
+users: [{{name: ambit-node, user: {{token: t0ken}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: ambit-node}}}}]
+current-context: fake
+""")
+        yield server, kubeconfig
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def agent_on_kube(env: FailClosedLab, node: str, kubeconfig: Path) -> Iterator[KubeAgent]:
+    """Replace `node`'s agent with one on the Kubernetes API; the lab's own comes back afterwards."""
+    plan = env.lab.plan(parse_documents(copy.deepcopy(CLUSTER), env.lab.settings.service_cidr))
+    env.lab.stop_agent(node)
+    agent = KubeAgent(LabNode(plan.node(node)), env.lab.marker, kubeconfig)
+    try:
+        agent.start(wait=False)
+        yield agent
+    finally:
+        agent.stop()
+        env.lab.start_agent(node)
+
+
+def status_of_agent(env: FailClosedLab, node: str) -> Any:
+    with AgentClient(env.node_socket(node), timeout=2.0) as client:
+        return client.status()
+
+
+def test_an_agent_whose_discovery_never_syncs_refuses_new_connections_and_is_not_ready(env, tmp_path):
+    """node2's agent restarts on the Kubernetes API with AuthorizationPolicy
+    withheld (403, as under a ClusterRole without it). Its pods stay captured
+    and the agent serves its API, but it is not ready and refuses every new
+    connection to them, however long the retries last, instead of serving them
+    on a view without the DENY policy it cannot list. Before: after waiting 30 s
+    it served that partial view, and the DENY did not exist."""
+    env.publish()
+    probe = env.ips["legacy/probe-0"]
+    deny_probe = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                  "metadata": {"name": "no-probe", "namespace": "shop"},
+                  "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "web"}},
+                           "rules": [{"from": [{"source": {"ipBlocks": [f"{probe}/32"]}}]}]}}
+    plan = env.lab.plan(parse_documents(copy.deepcopy(CLUSTER), env.lab.settings.service_cidr))
+    objects = [d for d in render_cluster(plan, env.lab.state())
+               if d["kind"] in ("Namespace", "Pod", "PeerAuthentication")] + [deny_probe]
+    received = env.echoes["shop/web-1"].received.get(probe, 0)
+
+    with api_server(env, "node2", objects, tmp_path) as (server, kubeconfig), \
+            agent_on_kube(env, "node2", kubeconfig) as agent:
+        def refused_the_kind() -> Any:
+            assert agent.proc is not None and agent.proc.poll() is None, agent.logs()[-3000:]
+            try:
+                status = status_of_agent(env, "node2")
+            except Exception:  # not serving its API yet
+                return None
+            return status if "AuthorizationPolicy" in status.discovery_pending else None
+
+        status = wait_until(refused_the_kind, "node2's agent reporting AuthorizationPolicy not synced", 30)
+        mark = log_mark(env.lab, "node2")
+
+        assert not status.ready and status.discovery_pending["AuthorizationPolicy"] == "HTTP 403 Forbidden"
+        assert "has not synced" in status.reason and "AuthorizationPolicy: HTTP 403 Forbidden" in status.reason
+        code, body = readiness(env.lab, "node2")
+        assert code == 503 and "AuthorizationPolicy: HTTP 403 Forbidden" in body, body
+        shown = subprocess.run([AMBITCTL, "--socket", env.node_socket("node2"), "status"], capture_output=True,
+                               text=True, timeout=20).stdout
+        assert "ready:       no (" in shown and "not synced: AuthorizationPolicy: HTTP 403 Forbidden" in shown, shown
+
+        # However many times the list is refused (no timeout turns the partial view into a served one):
+        failures = len(server.list_requests("AuthorizationPolicy"))
+        wait_until(lambda: len(server.list_requests("AuthorizationPolicy")) >= failures + 3,
+                   "three more refused lists of AuthorizationPolicy", 30)
+        assert env.refused("legacy/probe-0", "shop/web-1")
+        presented, status_code, _ = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+        assert presented is None and status_code is None
+
+        assert env.echoes["shop/web-1"].received.get(probe, 0) == received
+        for listener in ("inbound_plaintext", "hbone"):
+            refused = access_log(env.lab, "node2", mark, listener=listener, decision="deny")
+            assert refused["reason"].startswith("refused: discovery has not synced"), refused
+            assert "AuthorizationPolicy: HTTP 403 Forbidden" in refused["reason"]
+        assert status_of_agent(env, "node2").failed_closed["discovery_not_synced"] >= 2
+        assert metric(scrape(env.lab, "node2"), FAILED_CLOSED, reason="discovery_not_synced") >= 2
+
+        # The ClusterRole is fixed: the agent syncs, turns ready, and the DENY it could not see applies.
+        server.allowed = GRANTS
+        wait_until(lambda: status_of_agent(env, "node2").ready, "node2's agent ready once the kind is granted", 60)
+        assert readiness(env.lab, "node2")[0] == 200
+        assert env.refused("legacy/probe-0", "shop/web-1")
+        denied = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="deny",
+                            reason="denied by shop/no-probe rule 0")
+        assert denied["dst"] == f"{env.ips['shop/web-1']}:{PORT}"
+        presented, status_code, _ = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+        assert presented == SpiffeId(TRUST_DOMAIN, "vault", "safe") and status_code == 200

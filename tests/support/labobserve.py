@@ -1,10 +1,11 @@
-"""What a lab node's agent shows of itself: its Prometheus metrics, read as
-a scraper would (from inside the node's namespace), and its log (JSON
-lines, the access log included), read from a mark on."""
+"""What a lab node's agent shows of itself: its Prometheus metrics and its
+readiness, read as a scraper or the kubelet would (from inside the node's
+namespace), and its log (JSON lines, the access log included), read from a
+mark on."""
 from __future__ import annotations
 
 import json
-import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab.topology import Lab
+from tests.support.waiting import wait_until
 
 
 def scrape(lab: Lab, node: str, port: int = 15020) -> str:
@@ -19,6 +21,19 @@ def scrape(lab: Lab, node: str, port: int = 15020) -> str:
     def get() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             return response.read().decode()
+
+    with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
+        return thread.run(get)
+
+
+def readiness(lab: Lab, node: str, port: int = 15021) -> tuple[int, str]:
+    """(HTTP status, body) of the node agent's /healthz/ready."""
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
         return thread.run(get)
@@ -53,12 +68,8 @@ def events(lab: Lab, node: str, since: int, event: str, **match: Any) -> list[di
 def wait_event(lab: Lab, node: str, since: int, event: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
     """The first such line, waiting for it (access log lines are written when
     a connection closes)."""
-    deadline = time.monotonic() + timeout
-    while not (found := events(lab, node, since, event, **match)):
-        assert time.monotonic() < deadline, \
-            f"no {event!r} log line with {match} on {node}; saw {events(lab, node, since, event)}"
-        time.sleep(0.05)
-    return found[0]
+    return wait_until(lambda: events(lab, node, since, event, **match),
+                      f"a {event!r} log line with {match} on {node}", timeout)[0]
 
 
 def access_log(lab: Lab, node: str, since: int, **match: Any) -> dict[str, Any]:

@@ -216,11 +216,13 @@ def test_bad_file_at_start_is_reported_and_not_ready(tmp_path: Path) -> None:
             assert not source.loaded.is_set()
             assert set(source.errors()) == {str(bad), str(missing)}
             assert source.errors()[str(missing)] == "file not found"
+            assert source.pending() == source.errors()  # what AgentStatus reports, and why
             assert state.namespace("demo") is not None  # the good file still counts
             bad.write_text('{"kind": "Namespace", "metadata": {"name": "x"}}')
             missing.write_text("kind: Namespace\nmetadata: {name: y}\n")
             await asyncio.wait_for(source.loaded.wait(), 5)
             assert state.namespace("x") is not None and state.namespace("y") is not None
+            assert source.pending() == {}
         finally:
             await source.stop()
 

@@ -354,6 +354,7 @@ def test_wrong_token_is_retried_with_backoff_and_never_syncs(server: FakeApiServ
         try:
             await eventually(lambda: source.stats()["Namespace"].failures >= 2)
             assert not source.synced.is_set()
+            assert source.pending() == {"Namespace": "HTTP 401 Unauthorized"}
         finally:
             await source.stop()
             api.close()
@@ -427,8 +428,10 @@ def test_a_kind_the_role_does_not_grant_says_so_and_syncs_once_granted() -> None
                 forbidden = [e for e in logs if e["event"].startswith("forbidden to list/watch this kind")]
                 assert forbidden and "grant it in the agent's ClusterRole" in forbidden[0]["event"]
                 assert forbidden[0]["log_level"] == "error"
+                assert source.pending() == {"Gateway": "HTTP 403 Forbidden"}  # what AgentStatus reports
                 server.allowed = grants | {("gateway.networking.k8s.io", "gateways")}  # RBAC fixed live
                 await asyncio.wait_for(source.synced.wait(), 5)
+                assert source.pending() == {}
             finally:
                 await source.stop()
                 api.close()
