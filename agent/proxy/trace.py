@@ -70,6 +70,10 @@ def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, W
     if mesh is None:
         step("route", "no discovery: plain TCP relay from the client's IP")
         return Trace(tuple(steps), listener, "direct", "allow", "no discovery: plain relay")
+    partial = mesh.pending()
+    if partial:
+        step("discovery", f"not synced ({partial}): every new connection is refused until it is")
+        return Trace(tuple(steps), listener, "refuse", "deny", f"discovery has not synced: {partial}")
 
     if listener == "outbound":
         plan = mesh.router.plan(src_ip, dst_ip, dst_port, dry_run=True)
