@@ -32,6 +32,8 @@ from .datapath.backend import CAPTURE_BACKENDS, capture_backend, make_datapath, 
 from .datapath.capture import Datapath
 from .datapath.errors import CaptureUnavailable, require_backend
 from .datapath.nft_capture import NftDatapath
+from .discovery.model import POLICY_KINDS
+from .discovery.state import EVENT_REJECTED
 from .discovery.report import NO_DISCOVERY, DiscoveryReport
 from .enrolment import Enrolment, RecordOnly
 from .identity.ca import DEFAULT_LEAF_TTL
@@ -175,6 +177,10 @@ class Agent:
         self.proxy: NodeProxy | None = None
         self.mesh = MeshRuntime(config.mesh_settings(), self.enrolment.workload_by_ip) \
             if config.discovery != "none" else None
+        if self.mesh is not None:
+            for kind in POLICY_KINDS:
+                self.metrics.policies_rejected.labels(kind).set(0)
+            self.mesh.state.subscribe(self._count_rejected)
         self._ready = False
         self._not_ready_reason = "starting"
         self.server = AgentServer(
@@ -183,6 +189,11 @@ class Agent:
                        lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view,
                          lambda: self.mesh, self.discovery_report))
+
+    def _count_rejected(self, kind: str, event: str, old: object, new: object) -> None:
+        """ambit_policies_rejected follows the state's rejections (on the loop, as they happen)."""
+        if event == EVENT_REJECTED and (old is None) != (new is None):
+            self.metrics.policies_rejected.labels(kind).inc(1 if old is None else -1)
 
     def proxy_view(self) -> ProxyView:
         if self.proxy is None:

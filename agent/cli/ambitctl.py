@@ -97,12 +97,16 @@ def cmd_policies(client: AgentClient, output: str, workload: str = "") -> str:
     reply = client.policies(workload)
     if output == "json":
         return _json(reply)
-    head = [f"workload: {reply.workload}", f"mTLS:     {reply.mtls}", ""] if reply.workload else []
+    head = [f"workload: {reply.workload}", f"mTLS:     {reply.mtls}"] if reply.workload else []
     rows = [[f"{p.namespace}/{p.name}", p.kind, p.action, "yes" if p.enforced else "no", p.message or "-"]
             for p in reply.policies]
     if not rows:
-        return "\n".join(head + ["no AuthorizationPolicy applies: every connection is allowed"])
-    return "\n".join(head) + _table(rows, ["POLICY", "KIND", "ACTION", "ENFORCED", "NOTES"])
+        return "\n".join(head + ["", "no AuthorizationPolicy applies: every connection is allowed"][not head:])
+    rejected = sum(1 for p in reply.policies if p.error)
+    if rejected:
+        head.append(f"{rejected} polic{'y' if rejected == 1 else 'ies'} failed to parse: each denies every "
+                    "connection to the workloads it would select (NOTES say which)")
+    return "\n".join([*head, ""] if head else []) + _table(rows, ["POLICY", "KIND", "ACTION", "ENFORCED", "NOTES"])
 
 
 def cmd_certs(client: AgentClient, output: str) -> str:

@@ -701,3 +701,72 @@ def parse_policy(obj: Any) -> AuthorizationPolicy | PeerAuthentication:
     raise PolicyError(
         f"unsupported kind {kind!r}, expected {KIND_AUTHORIZATION_POLICY} or {KIND_PEER_AUTHENTICATION}"
     )
+
+
+@dataclass(frozen=True)
+class RejectedPolicy:
+    """A policy that failed to parse: rather than not exist, it denies every
+    connection to the workloads it would select (fail closed).
+
+    Its scope is read from what did parse. `selector` None means every
+    workload of `namespace` (in the root namespace: of the mesh), as a policy
+    without selector; when the selector itself is what failed, that is the
+    scope too, since it could have selected any of them. `denies` is False
+    for what the node proxy would not enforce even when valid (a waypoint's
+    targetRef policy, a dry-run one, AUDIT/CUSTOM, a selector without
+    labels): those are reported, and deny nothing here.
+    """
+
+    kind: str
+    namespace: str
+    name: str
+    error: str
+    selector: Labels | None = None
+    denies: bool = True
+    scope: str = ""  # the workloads it denies, in words (for ambitctl policies and the decision's reason)
+
+    @property
+    def key(self) -> str:
+        """As ClusterState.errors() names it: "Kind namespace/name"."""
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def rejected_policy(kind: str, namespace: str, name: str, obj: Any, error: str) -> RejectedPolicy:
+    """What a policy the parser rejected (`error`) would have selected.
+
+    `namespace`/`name` are the object's (the API server always has them;
+    local files default the namespace)."""
+    ctx = _Context(kind, namespace, name)
+    spec = obj.get("spec") if isinstance(obj, Mapping) else None
+    spec = spec if isinstance(spec, Mapping) else {}
+    metadata = obj.get("metadata") if isinstance(obj, Mapping) else None
+    every = f"every workload of namespace {namespace} (its selector did not parse)"
+    whole = f"every workload of namespace {namespace}"
+
+    def rejected(selector: Labels | None, scope: str, denies: bool = True) -> RejectedPolicy:
+        return RejectedPolicy(kind, namespace, name, error, selector, denies, scope)
+
+    if kind == KIND_AUTHORIZATION_POLICY:
+        if spec.get("selector") is None and (spec.get("targetRef") is not None or spec.get("targetRefs")):
+            return rejected(None, "none here: a waypoint's policy (targetRef)", denies=False)
+        if _annotated_dry_run(metadata):
+            return rejected(None, "none: a dry-run policy", denies=False)
+        if spec.get("action") in (Action.AUDIT.value, Action.CUSTOM.value):
+            return rejected(None, f"none: the node proxy does not enforce {spec['action']}", denies=False)
+    if spec.get("selector") is None:
+        return rejected(None, whole)
+    try:
+        labels, _, _ = _selector(ctx, spec["selector"])
+    except PolicyError:
+        return rejected(None, every)
+    if not labels:
+        if kind == KIND_AUTHORIZATION_POLICY:  # istiod attaches it to no workload
+            return rejected(None, "none: its selector has no labels", denies=False)
+        return rejected(None, whole)  # PeerAuthentication: namespace level, as Istio reads it
+    shown = ",".join(f"{k}={v}" for k, v in labels)
+    return rejected(labels, f"workloads of namespace {namespace} labelled {shown}")
+
+
+def _annotated_dry_run(metadata: Any) -> bool:
+    annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else None
+    return isinstance(annotations, Mapping) and annotations.get(DRY_RUN_ANNOTATION) in _TRUE_STRINGS

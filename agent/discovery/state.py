@@ -8,6 +8,10 @@ owner calls it from one thread only (the agent's event loop).
 Rules kept here because every source must agree on them:
 - a malformed object is reported (`errors()`, `policy_errors()`, a log line)
   and never replaces the last good version of the same object;
+- a malformed policy also denies its scope: it is held as a RejectedPolicy
+  (`rejected_policies()`) that the engine turns into a deny of every
+  connection to the workloads it would select, until it parses again or is
+  deleted (fail closed: a policy never silently stops existing);
 - subscribers hear only real changes (an update that changes nothing the
   agent keeps is not an event), after the policy engine has been updated;
 - Istio's ambient enrolment rules (`ambient_decision`).
@@ -21,7 +25,14 @@ from typing import Any, NamedTuple, Protocol, TypeAlias
 import structlog
 
 from ..identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
-from .policy_model import AuthorizationPolicy, PeerAuthentication, PolicyError, parse_policy
+from .policy_model import (
+    AuthorizationPolicy,
+    PeerAuthentication,
+    PolicyError,
+    RejectedPolicy,
+    parse_policy,
+    rejected_policy,
+)
 from .model import (
     ALL_KINDS,
     API_VERSIONS,
@@ -57,6 +68,10 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 EVENT_ADDED = "ADDED"
 EVENT_MODIFIED = "MODIFIED"
 EVENT_DELETED = "DELETED"
+# A policy kind's object started or stopped failing to parse (old/new: the
+# RejectedPolicy before and after, None when there is none).
+EVENT_REJECTED = "REJECTED"
+_REJECTED = "rejected"  # _policy_dirty marker: the rejected policies changed
 _UPSERT_EVENTS = frozenset({EVENT_ADDED, EVENT_MODIFIED})
 
 Key: TypeAlias = tuple[str, str]
@@ -73,6 +88,7 @@ class AuthorizationPolicySink(Protocol):
     def update(self, policies: Iterable[AuthorizationPolicy]) -> object: ...
     def upsert(self, policy: AuthorizationPolicy) -> object: ...
     def remove(self, namespace: str, name: str) -> object: ...
+    def set_rejected(self, rejected: Iterable[RejectedPolicy]) -> object: ...
 
 
 class PeerAuthenticationSink(Protocol):
@@ -141,6 +157,7 @@ class ClusterState:
         self._service_by_vip: dict[str, Key] = {}
         self._slices_by_service: dict[Key, set[str]] = {}
         self._errors: dict[tuple[str, Key], str] = {}
+        self._rejected: dict[tuple[str, Key], RejectedPolicy] = {}
         self._subscribers: list[ChangeCallback] = []
         self._ambient_subscribers: list[tuple[AmbientCallback, str | None]] = []
         self._pending: list[tuple[str, str, Any, Any]] = []
@@ -211,6 +228,7 @@ class ClusterState:
             for (error_kind, key) in [e for e in self._errors if e[0] == kind]:
                 if key not in rejected:
                     del self._errors[(error_kind, key)]
+                    self._reject(kind, key, None)
             for key, info in parsed.items():
                 changes += self._put(kind, key, info)
         finally:
@@ -390,6 +408,10 @@ class ClusterState:
         """Objects rejected as malformed, by "Kind namespace/name"."""
         return {_label(kind, key): message for (kind, key), message in sorted(self._errors.items())}
 
+    def rejected_policies(self) -> list[RejectedPolicy]:
+        """Policies that failed to parse, each denying its scope, by key."""
+        return sorted(self._rejected.values(), key=lambda p: p.key)
+
     def policy_errors(self) -> dict[str, str]:
         return {_label(kind, key): message for (kind, key), message in sorted(self._errors.items())
                 if kind in POLICY_KINDS}
@@ -412,14 +434,34 @@ class ClusterState:
                 parsed = WORKLOAD_PARSERS[kind](obj)
         except (ModelError, PolicyError) as exc:
             message = str(exc)
-            if self._errors.get((kind, key)) != message:
+            if kind in POLICY_KINDS:
+                rejected = rejected_policy(kind, key[0], key[1], obj, message)
+                if self._errors.get((kind, key)) != message:
+                    self._log.error("policy rejected; it denies every connection to the workloads it would select",
+                                    kind=kind, object=_label(kind, key), error=message, scope=rejected.scope,
+                                    denies=rejected.denies)
+                self._reject(kind, key, rejected)
+            elif self._errors.get((kind, key)) != message:
                 self._log.error("object rejected; keeping its last good version", kind=kind,
                                 object=_label(kind, key), error=message)
             self._errors[(kind, key)] = message
             return None
         if self._errors.pop((kind, key), None) is not None:
             self._log.info("object accepted again", kind=kind, object=_label(kind, key))
+            self._reject(kind, key, None)
         return parsed
+
+    def _reject(self, kind: str, key: Key, rejected: RejectedPolicy | None) -> None:
+        """Hold (or, with None, drop) the RejectedPolicy of one policy object."""
+        old = self._rejected.get((kind, key))
+        if old == rejected:
+            return
+        if rejected is None:
+            del self._rejected[(kind, key)]
+        else:
+            self._rejected[(kind, key)] = rejected
+        self._policy_dirty.add(_REJECTED)
+        self._pending.append((kind, EVENT_REJECTED, old, rejected))
 
     # -- internals: storing -------------------------------------------------
     def _put(self, kind: str, key: Key, new: Any) -> bool:
@@ -435,7 +477,8 @@ class ClusterState:
         return True
 
     def _delete(self, kind: str, key: Key) -> bool:
-        self._errors.pop((kind, key), None)
+        if self._errors.pop((kind, key), None) is not None and kind in POLICY_KINDS:
+            self._reject(kind, key, None)
         old = self._stores[kind].pop(key, None)
         if old is None:
             return False
@@ -529,6 +572,8 @@ class ClusterState:
             self._engine.update(self._stores[KIND_AUTHORIZATION_POLICY].values())
         if KIND_PEER_AUTHENTICATION in self._policy_dirty and self._peer_authentication is not None:
             self._peer_authentication.update(self._stores[KIND_PEER_AUTHENTICATION].values())
+        if _REJECTED in self._policy_dirty and self._engine is not None:
+            self._engine.set_rejected(self._rejected.values())
         self._policy_dirty.clear()
         pending, self._pending = self._pending, []
         for kind, event, old, new in pending:

@@ -28,7 +28,17 @@ import structlog
 from structlog.typing import BindableLogger
 
 from ..discovery.model import labels_match
-from ..discovery.policy_model import Action, AuthorizationPolicy, Condition, IPNetwork, Labels, Operation, Rule, Source
+from ..discovery.policy_model import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    IPNetwork,
+    Labels,
+    Operation,
+    RejectedPolicy,
+    Rule,
+    Source,
+)
 from .peerauth import DEFAULT_ROOT_NAMESPACE, PeerAuthenticationPolicy
 
 SPIFFE_PREFIX = "spiffe://"
@@ -107,6 +117,7 @@ class ConnectionAttributes:
 # (Decision.fail_closed): the reason label of ambit_connections_failed_closed_total.
 UNKNOWN_DESTINATION = "unknown_destination"    # no workload holds the destination address
 DISCOVERY_NOT_SYNCED = "discovery_not_synced"  # the cluster view is partial: decide nothing
+POLICY_INVALID = "policy_invalid"              # a policy that failed to parse denies its scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,16 +365,29 @@ def _compile_rule(rule: Rule) -> _CompiledRule | None:
 
 
 class _CompiledPolicy:
-    __slots__ = ("key", "namespace", "action", "selector", "selects_nothing", "rules")
+    """`verdict`, when set, is the Decision every rule yields (a rejected
+    policy's deny); `order` puts those first among a workload's policies, so
+    the decision names the broken policy."""
 
-    def __init__(self, policy: AuthorizationPolicy) -> None:
-        self.key = policy.key
+    __slots__ = ("key", "namespace", "action", "selector", "selects_nothing", "rules", "verdict", "order")
+
+    def __init__(self, policy: AuthorizationPolicy, verdict: Decision | None = None) -> None:
+        self.key = verdict.policy if verdict is not None and verdict.policy else policy.key
         self.namespace = policy.namespace
         self.action = policy.action
         self.selector: Labels | None = policy.selector
         self.selects_nothing = policy.selects_nothing
         compiled = (_compile_rule(rule) for rule in policy.rules)
         self.rules = tuple(r for r in compiled if r is not None)
+        self.verdict = verdict
+        self.order = (verdict is None, self.key)
+
+    @classmethod
+    def denying(cls, rejected: RejectedPolicy, reason: str) -> "_CompiledPolicy":
+        """A policy that failed to parse, as a DENY of everything in its scope."""
+        scope = AuthorizationPolicy(name=rejected.name, namespace=rejected.namespace, action=Action.DENY,
+                                    selector=rejected.selector, rules=(Rule(index=0),))
+        return cls(scope, Decision(False, reason, rejected.key, fail_closed=POLICY_INVALID))
 
 
 @dataclass(frozen=True)
@@ -392,7 +416,7 @@ class _Plan:
 def _planned(policies: tuple[_CompiledPolicy, ...], port: int, allowed: bool) -> tuple[_PlannedRule, ...]:
     verb = "allowed" if allowed else "denied"
     return tuple(
-        (rule.test, Decision(allowed, f"{verb} by {policy.key} rule {rule.index}", policy.key))
+        (rule.test, policy.verdict or Decision(allowed, f"{verb} by {policy.key} rule {rule.index}", policy.key))
         for policy in policies
         for rule in policy.rules
         if rule.ports is None or port in rule.ports
@@ -447,6 +471,8 @@ class PolicyEngine:
             peer_authentication.set_root_namespace(root_namespace)
         self._policies: dict[str, AuthorizationPolicy] = {}
         self._compiled: dict[str, _CompiledPolicy] = {}
+        self._rejected: dict[str, RejectedPolicy] = {}  # by RejectedPolicy.key ("Kind ns/name")
+        self._denying: dict[str, _CompiledPolicy] = {}   # the rejected ones that deny, compiled
         self._global: tuple[_CompiledPolicy, ...] = ()
         self._by_namespace: dict[str, tuple[_CompiledPolicy, ...]] = {}
         self._selected_by_namespace: dict[str, tuple[_CompiledPolicy, ...]] = {}
@@ -465,7 +491,35 @@ class PolicyEngine:
         self._root_namespace = namespace
         if self._peer_authentication is not None:
             self._peer_authentication.set_root_namespace(namespace)
+        self._compile_rejected()
         self._reindex()
+
+    def set_rejected(self, rejected: Iterable[RejectedPolicy]) -> None:
+        """Policies (of either kind) that failed to parse: each denies every
+        connection to the workloads it would select, until replaced."""
+        found = {policy.key: policy for policy in rejected}
+        if found == self._rejected:
+            return
+        self._rejected = found
+        self._compile_rejected()
+        self._reindex()
+
+    def rejected(self, key: str) -> RejectedPolicy | None:
+        """The rejected policy stored under "Kind namespace/name"."""
+        return self._rejected.get(key)
+
+    def rejected_scope(self, policy: RejectedPolicy) -> str:
+        """The workloads a rejected policy denies, in words (the root namespace is mesh-wide)."""
+        if not policy.denies or policy.namespace != self._root_namespace:
+            return policy.scope
+        return policy.scope.replace(f"of namespace {policy.namespace}",
+                                    f"of every namespace (root namespace {policy.namespace})")
+
+    def _compile_rejected(self) -> None:
+        self._denying = {
+            key: _CompiledPolicy.denying(policy, f"denied: {key} failed to parse, so it denies every connection "
+                                                 f"to {self.rejected_scope(policy)}: {policy.error}")
+            for key, policy in self._rejected.items() if policy.denies}
 
     def update(self, policies: Iterable[AuthorizationPolicy]) -> tuple[PolicyStatus, ...]:
         """Replace every policy; returns the status of each one."""
@@ -494,7 +548,15 @@ class PolicyEngine:
         return self._policies.get(key)
 
     def statuses(self) -> tuple[PolicyStatus, ...]:
-        return tuple(self._status(self._policies[key]) for key in sorted(self._policies))
+        """Every policy held, and every rejected one (keyed "Kind namespace/name")."""
+        valid = tuple(self._status(self._policies[key]) for key in sorted(self._policies))
+        return valid + tuple(self._rejected_status(self._rejected[key]) for key in sorted(self._rejected))
+
+    def _rejected_status(self, policy: RejectedPolicy) -> PolicyStatus:
+        if policy.denies:
+            return PolicyStatus(policy.key, True, f"rejected: {policy.error}; denies every connection to "
+                                                  f"{self.rejected_scope(policy)}")
+        return PolicyStatus(policy.key, False, f"rejected: {policy.error}; denies nothing: {policy.scope}")
 
     def _store(self, policy: AuthorizationPolicy) -> None:
         self._policies[policy.key] = policy
@@ -518,8 +580,7 @@ class PolicyEngine:
         global_scope: list[_CompiledPolicy] = []
         by_namespace: dict[str, list[_CompiledPolicy]] = {}
         selected: dict[str, list[_CompiledPolicy]] = {}
-        for key in sorted(self._compiled):
-            policy = self._compiled[key]
+        for policy in sorted([*self._compiled.values(), *self._denying.values()], key=lambda p: p.order):
             if policy.selector is not None or policy.selects_nothing:
                 if not policy.selects_nothing:
                     selected.setdefault(policy.namespace, []).append(policy)
@@ -540,7 +601,7 @@ class PolicyEngine:
             for policy in self._selected_by_namespace.get(ns, ()):
                 if labels_match(policy.selector or (), labels):
                     candidates.append(policy)
-        candidates.sort(key=lambda p: p.key)
+        candidates.sort(key=lambda p: p.order)
         return _Applicable(
             deny=tuple(p for p in candidates if p.action is Action.DENY),
             allow=tuple(p for p in candidates if p.action is Action.ALLOW),

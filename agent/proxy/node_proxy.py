@@ -202,6 +202,8 @@ class NodeProxy:
         assert self.mesh is not None
         decision = self.mesh.authorizer.check(source_ip=client_ip, source_identity=peer, dst_ip=dst_ip,
                                               dst_port=dst_port)
+        if decision.fail_closed:
+            self.metrics.failed_closed.labels(ListenerKind.HBONE.value, decision.fail_closed).inc()
         return decision.allowed, decision.reason
 
     # -- telemetry ------------------------------------------------------------

@@ -68,8 +68,15 @@ class DebugService:
             reply.workload = f"{pod.namespace}/{pod.name}"
             reply.mtls = f"{mtls.mode.value} ({mtls.level}{' ' + mtls.policy if mtls.policy else ''})"
         for key in keys:
-            policy = engine.policy(key)
             status = statuses.get(key)
+            rejected = engine.rejected(key)
+            if rejected is not None:
+                reply.policies.append(pb.Policy(
+                    namespace=rejected.namespace, name=rejected.name, kind=rejected.kind,
+                    action="DENY" if rejected.denies else "", enforced=rejected.denies,
+                    message=status.message if status else "", error=rejected.error))
+                continue
+            policy = engine.policy(key)
             ns, _, name = key.partition("/")
             reply.policies.append(pb.Policy(
                 namespace=ns, name=name, kind="AuthorizationPolicy",

@@ -78,6 +78,9 @@ class Metrics:
                                      "Connections refused because the agent could not decide for them "
                                      "(reason: unknown_destination, discovery_not_synced, ...)",
                                      ("listener", "reason"), registry=r)
+        self.policies_rejected = Gauge("ambit_policies_rejected",
+                                       "Policies that failed to parse; each denies every connection to the "
+                                       "workloads it would select", ("kind",), registry=r)
 
     def opened(self, labels: TcpLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()

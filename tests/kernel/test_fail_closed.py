@@ -5,7 +5,7 @@ and eBPF capture.
     node1: legacy/probe-0 (outside the mesh: the plaintext attacker; with a
            certificate of its own from the lab's CA, asked for as node1's agent
            would, it is also a hostile mesh peer)
-    node2: vault/safe-0 (STRICT), shop/web-1 (PERMISSIVE)
+    node2: vault/safe-0 (STRICT), shop/web-1 and shop/api-0 (PERMISSIVE)
 
 Each scenario changes what discovery says (the lab's cluster file, as the API
 server's view would change) and checks the refusal from both ends: the
@@ -22,13 +22,10 @@ import asyncio
 import contextlib
 import copy
 import os
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,8 +48,8 @@ from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, 
 from tests.support.bpffs import lab_bpffs_root
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import RawH2Client, run_in_netns, status_of
-from tests.support.labobserve import access_log, log_mark, metric, readiness, scrape
-from tests.support.podnet import TcpServer, connect, recv_exactly
+from tests.support.labobserve import access_log, log_mark, metric, readiness, scrape, wait_event
+from tests.support.podnet import RecordingEcho, TcpServer, connect, recv_exactly, refused
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
@@ -89,25 +86,12 @@ CLUSTER = [
     _account("vault", "safe"), _account("shop", "web"), _account("legacy", "probe"),
     _pod("vault", "safe-0", "node2", "safe"),
     _pod("shop", "web-1", "node2", "web"),
+    _pod("shop", "api-0", "node2", "web"),
     _pod("legacy", "probe-0", "node1", "probe"),
 ]
-SERVERS = ("vault/safe-0", "shop/web-1")
+SERVERS = ("vault/safe-0", "shop/web-1", "shop/api-0")
 
 Documents = list[dict[str, Any]]
-
-
-class RecordingEcho:
-    """Echoes what it reads and counts, per client IP, the bytes that arrived."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def __call__(self, conn: socket.socket, peer: tuple) -> None:
-        while chunk := conn.recv(1 << 16):
-            with self._lock:
-                self.received[peer[0]] += len(chunk)
-            conn.sendall(chunk)
 
 
 class LabCaCertificates:
@@ -165,18 +149,7 @@ class FailClosedLab:
     # -- the attacker ----------------------------------------------------------------------------------
     def refused(self, client: str, server: str) -> bool:
         """True when a new connection is closed without an answer: reset or EOF."""
-        try:
-            sock = connect(self.netns(client), self.ips[server], PORT)
-        except OSError:
-            return True
-        with sock:
-            try:
-                sock.sendall(b"x" * 4096)
-                return sock.recv(1) == b""
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-                return True
-            except socket.timeout:
-                return False
+        return refused(self.netns(client), self.ips[server], PORT)
 
     def exchange(self, client: str, server: str) -> bytes:
         with connect(self.netns(client), self.ips[server], PORT) as sock:
@@ -342,6 +315,64 @@ def test_hbone_to_a_pod_enrolled_before_discovery_saw_its_address_presents_that_
 
     assert error == "" and presented == SpiffeId(TRUST_DOMAIN, "vault", "safe")
     assert status == 200  # mTLS satisfies STRICT; no AuthorizationPolicy
+
+
+# --- policies the parser rejects ----------------------------------------------------------------------------
+
+def with_policy(policy: dict[str, Any]) -> Callable[[Documents], Documents]:
+    """Discovery holds `policy` as written (the lab would refuse to plan a broken one)."""
+    return lambda documents: [*documents, policy]
+
+
+BROKEN_WEB_POLICY = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                     "metadata": {"name": "web-from-shop", "namespace": "shop"},
+                     "spec": {"selector": {"matchLabels": {"app": "web"}},
+                              "rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}}  # a port must be a number
+
+
+def test_an_authorization_policy_the_parser_rejects_denies_its_scope_and_its_scope_only(env):
+    """Before: the broken policy was logged and did not exist, so shop/web-1
+    took plaintext from anyone."""
+    env.publish(with_policy(BROKEN_WEB_POLICY))
+    probe = env.ips["legacy/probe-0"]
+    received = env.echoes["shop/web-1"].received.get(probe, 0)
+    counted = metric(scrape(env.lab, "node2"), FAILED_CLOSED, reason="policy_invalid")
+    mark = log_mark(env.lab, "node2")
+
+    assert env.refused("legacy/probe-0", "shop/web-1")
+    # Its scope only: shop's pod without the label, and vault's pod over mTLS, still answer.
+    assert env.exchange("legacy/probe-0", "shop/api-0") == b"hello from legacy/probe-0"
+    presented, status, _ = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+    assert presented == SpiffeId(TRUST_DOMAIN, "vault", "safe") and status == 200
+
+    assert env.echoes["shop/web-1"].received.get(probe, 0) == received
+    denied = access_log(env.lab, "node2", mark, listener="inbound_plaintext", decision="deny")
+    assert denied["reason"].startswith("denied: AuthorizationPolicy shop/web-from-shop failed to parse"), denied
+    assert "workloads of namespace shop labelled app=web" in denied["reason"] and "bad port" in denied["reason"]
+    text = scrape(env.lab, "node2")
+    assert metric(text, "ambit_policies_rejected", kind="AuthorizationPolicy") == 1
+    assert metric(text, FAILED_CLOSED, listener="inbound_plaintext", reason="policy_invalid") == counted + 1
+    shown = subprocess.run([AMBITCTL, "--socket", env.node_socket("node2"), "policies", "shop/web-1"],
+                           capture_output=True, text=True, timeout=20).stdout
+    assert "1 policy failed to parse" in shown and "shop/web-from-shop" in shown and "bad port" in shown, shown
+
+
+def test_a_peer_authentication_the_parser_rejects_denies_its_scope_even_over_mtls(env):
+    """It could have said anything from DISABLE to STRICT: its workloads take
+    nothing, mTLS included (before: it did not exist, PERMISSIVE applied)."""
+    broken = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "safe-mtls", "namespace": "vault"},
+              "spec": {"selector": {"matchLabels": {"app": "safe"}}, "mtls": {"mode": "STRICTEST"}}}
+    env.publish(with_policy(broken))
+    mark = log_mark(env.lab, "node2")
+
+    presented, status, _ = env.hbone("legacy/probe-0", "vault/safe-0", SpiffeId(TRUST_DOMAIN, "legacy", "probe"))
+
+    assert presented == SpiffeId(TRUST_DOMAIN, "vault", "safe") and status == 401
+    refused = wait_event(env.lab, "node2", mark, "connection", listener="hbone", decision="deny")
+    assert "PeerAuthentication vault/safe-mtls failed to parse" in refused["reason"], refused
+    assert metric(scrape(env.lab, "node2"), "ambit_policies_rejected", kind="PeerAuthentication") == 1
+    assert env.exchange("legacy/probe-0", "shop/web-1") == b"hello from legacy/probe-0"  # not its scope
 
 
 # --- discovery that never syncs (this one restarts node2's agent: it comes last) -------------------------------

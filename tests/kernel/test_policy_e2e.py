@@ -23,11 +23,9 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from ambit.lab.labconfig import parse_documents
 from ambit.lab.clusterfile import render_cluster
 from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
-from tests.support.podnet import TcpServer, connect, recv_exactly
+from tests.support.podnet import RecordingEcho, TcpServer, connect, recv_exactly, refused
 
 pytestmark = pytest.mark.kernel
 
@@ -103,20 +101,6 @@ ALLOW_ALPHA_TO_SERVERS = authorization("servers-from-alpha", "ALLOW", [{"from": 
                                        selector={"app": "server"})
 
 
-class RecordingEcho:
-    """Echoes what it reads and counts, per client IP, the bytes that arrived."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, int] = defaultdict(int)
-        self._lock = threading.Lock()
-
-    def __call__(self, conn: socket.socket, peer: tuple) -> None:
-        while chunk := conn.recv(1 << 16):
-            with self._lock:
-                self.received[peer[0]] += len(chunk)
-            conn.sendall(chunk)
-
-
 class PolicyLab:
     """The running lab, its servers, and how to change what the agents see."""
 
@@ -170,18 +154,7 @@ class PolicyLab:
 
     def refused(self, client: str, server: str, port: int = PORT) -> bool:
         """True when a new connection is closed without an answer: reset or EOF."""
-        try:
-            sock = self.open(client, server, port)
-        except OSError:
-            return True
-        with sock:
-            try:
-                sock.sendall(b"x" * 4096)
-                return sock.recv(1) == b""
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-                return True
-            except socket.timeout:
-                return False
+        return refused(self.netns(client), self.ips[server], port)
 
     def workload_capture(self, node: str, pod: str) -> str:
         socket_path = self.lab.state().nodes[node].socket

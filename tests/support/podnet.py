@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections import defaultdict
 from collections.abc import Callable
 
 from ambit.agent.netns import socket_in_netns
@@ -27,6 +28,23 @@ def connect(netns: str, ip: str, port: int, timeout: float = 5.0) -> socket.sock
         sock.close()
         raise
     return sock
+
+
+def refused(netns: str, ip: str, port: int) -> bool:
+    """True when a new connection from `netns` is closed without an answer:
+    refused, reset or EOF (a proxy's denial), False when it stays open."""
+    try:
+        sock = connect(netns, ip, port)
+    except OSError:
+        return True
+    with sock:
+        try:
+            sock.sendall(b"x" * 4096)
+            return sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            return True
+        except socket.timeout:
+            return False
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -97,6 +115,20 @@ class TcpServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RecordingEcho:
+    """Echoes what it reads and counts, per client IP, the bytes that arrived."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def __call__(self, conn: socket.socket, peer: tuple) -> None:
+        while chunk := conn.recv(1 << 16):
+            with self._lock:
+                self.received[peer[0]] += len(chunk)
+            conn.sendall(chunk)
 
 
 def echo_until_eof(conn: socket.socket, peer: tuple) -> None:

@@ -21,7 +21,7 @@ from ambit.agent.discovery.model import (
 from ambit.agent.discovery.selector import AmbientSelector
 from ambit.agent.discovery.state import ClusterState, Endpoint
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.policy.authz import PolicyEngine
+from ambit.agent.policy.authz import ApplicablePolicies, PolicyEngine
 from ambit.agent.discovery.policy_model import MtlsMode
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
 from ambit.agent.workload import PodRef
@@ -402,7 +402,7 @@ def test_a_failing_subscriber_does_not_stop_others() -> None:
 
 
 # -- policies ---------------------------------------------------------------------
-def test_policies_reach_the_engine_and_bad_ones_stay_out() -> None:
+def test_policies_reach_the_engine_and_bad_ones_deny_their_scope() -> None:
     peer = PeerAuthenticationPolicy()
     engine = PolicyEngine(peer_authentication=peer)
     logger, capture = recording_logger()
@@ -419,14 +419,18 @@ def test_policies_reach_the_engine_and_bad_ones_stay_out() -> None:
     assert state.apply("ADDED", bad) is False
     assert "AuthorizationPolicy demo/bad" in state.policy_errors()
     assert "bad port" in state.policy_errors()["AuthorizationPolicy demo/bad"]
-    assert engine.applicable("demo", web).allow == ("demo/allow-web",)
+    # It does not parse, so it denies the workloads it would select (the whole namespace: no selector).
+    assert engine.applicable("demo", web) == ApplicablePolicies(deny=("AuthorizationPolicy demo/bad",),
+                                                                allow=("demo/allow-web",))
+    assert [p.key for p in state.rejected_policies()] == ["AuthorizationPolicy demo/bad"]
     error_logs = [c.kwargs for c in capture.calls if c.method_name == "error"]
     assert error_logs and error_logs[0]["object"] == "AuthorizationPolicy demo/bad"
 
-    # A good policy turned bad keeps its last good version in the engine.
+    # A good policy turned bad keeps its last good version in the engine, and denies its scope too.
     state.apply("MODIFIED", authz("allow-web", action="MAYBE"))
     assert "AuthorizationPolicy demo/allow-web" in state.policy_errors()
     assert engine.applicable("demo", web).allow == ("demo/allow-web",)
+    assert "AuthorizationPolicy demo/allow-web" in engine.applicable("demo", web).deny
 
     state.apply("ADDED", peer_auth("strict"))
     assert peer.mode_for("demo", web, 8080).mode is MtlsMode.STRICT
@@ -435,13 +439,15 @@ def test_policies_reach_the_engine_and_bad_ones_stay_out() -> None:
 
     state.apply("DELETED", authz("allow-web"))
     state.apply("DELETED", bad)
-    assert engine.applicable("demo", web).allow == ()
-    assert state.policy_errors() == {}
+    assert engine.applicable("demo", web) == ApplicablePolicies(deny=(), allow=())
+    assert state.policy_errors() == {} and state.rejected_policies() == []
 
     state.replace_kind("AuthorizationPolicy", [authz("one"), authz("two", action="DENY"), bad])
     assert engine.applicable("demo", web).allow == ("demo/one",)
-    assert engine.applicable("demo", web).deny == ("demo/two",)
+    assert engine.applicable("demo", web).deny == ("AuthorizationPolicy demo/bad", "demo/two")
     assert list(state.policy_errors()) == ["AuthorizationPolicy demo/bad"]
+    state.replace_kind("AuthorizationPolicy", [authz("one")])  # gone from the list: denies no more
+    assert engine.applicable("demo", web) == ApplicablePolicies(deny=(), allow=("demo/one",))
 
 
 def test_malformed_workload_object_keeps_last_good_version() -> None:
