@@ -51,9 +51,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 import capture  # noqa: E402  (bench/capture.py)
-from capture import ECHO_SERVER, wait_listening  # noqa: E402
 from stats import percentile  # noqa: E402
-from pyroute2.netns import setns  # noqa: E402
 
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
@@ -126,30 +124,12 @@ def mean_ms(before: tuple[float, int], after: tuple[float, int]) -> float:
     return (after[0] - before[0]) / calls * 1000 if calls else float("nan")
 
 
-def pinned(netns: str):
-    """preexec_fn: enter the pod's namespace and the bench CPU."""
-    def enter() -> None:
-        setns(netns, flags=0, fork=False)
-        os.sched_setaffinity(0, {BENCH_CPU})
-    return enter
-
-
 def pin_process(pid: int) -> None:
     """Every thread of a running process onto the bench CPU (threads made
     later inherit it from their creator)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(tid), {BENCH_CPU})
-
-
-def start_servers(netns: str) -> list[subprocess.Popen]:
-    iperf = subprocess.Popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=pinned(netns))
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE,
-                            preexec_fn=pinned(netns))
-    assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
-    wait_listening(iperf, 5201)
-    return [iperf, echo]
 
 
 def segmentation_off(netns: str, ifname: str = "eth0") -> None:
@@ -166,12 +146,16 @@ def segmentation_off(netns: str, ifname: str = "eth0") -> None:
     run_in_netns(netns, switch)
 
 
+def start_servers(netns: str) -> list[subprocess.Popen]:
+    return capture.start_servers(netns, {BENCH_CPU})
+
+
 def iperf_gbps(client_ns: str, server_ip: str, seconds: float) -> float:
-    return capture.iperf_gbps(client_ns, server_ip, 1, seconds, enter=pinned)
+    return capture.iperf_gbps(client_ns, server_ip, 1, seconds, {BENCH_CPU})
 
 
 def rtt_us(client_ns: str, server_ip: str, count: int) -> list[float]:
-    return capture.rtt_us(client_ns, server_ip, count, enter=pinned, timeout=300)
+    return capture.rtt_us(client_ns, server_ip, count, {BENCH_CPU}, timeout=300)
 
 
 class BenchNode:

@@ -18,16 +18,16 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Collection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pyroute2.netns import setns  # noqa: E402
 from stats import percentile  # noqa: E402  (bench/stats.py)
 from iperf import iperf_received  # noqa: E402  (bench/iperf.py)
 
 from ambit.lab.cniruntime import CniRuntime, PodSandbox  # noqa: E402
 from ambit.waypoint.runner import is_listening  # noqa: E402
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs,  # noqa: E402
-                                  make_pod_netns, remove_netns)
+                            make_pod_netns, remove_netns, spawn_in_netns)
 
 TARGET_THROUGHPUT_RATIO = 0.25
 TARGET_ADDED_RTT_P50_US = 150.0
@@ -64,10 +64,6 @@ while True:
 """
 
 
-def in_netns(path: str):
-    return lambda: setns(path, flags=0, fork=False)
-
-
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> None:
     """Until `proc` listens on `port` (in its own namespace), or fail saying so."""
     deadline = time.monotonic() + timeout
@@ -78,27 +74,30 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> 
         time.sleep(0.02)
 
 
-def start_servers(netns: str) -> list[subprocess.Popen]:
-    iperf = subprocess.Popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=in_netns(netns))
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE,
-                            preexec_fn=in_netns(netns))
+def start_servers(netns: str, cpus: Collection[int] | None = None) -> list[subprocess.Popen]:
+    """iperf3 -s and the echo server in `netns` (on `cpus`), once both listen."""
+    iperf, echo = spawn_in_netns(netns, lambda: (
+        subprocess.Popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE)), cpus)
     assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
     wait_listening(iperf, 5201)
     return [iperf, echo]
 
 
-def iperf_gbps(client_ns: str, server_ip: str, streams: int, seconds: float, enter=None) -> float:
-    """iperf3 from client_ns; `enter(ns)` makes the child's preexec_fn (default in_netns)."""
-    received = iperf_received(["iperf3", "-c", server_ip, "-p", "5201", "-P", str(streams), "-t", str(seconds)],
-                              seconds, preexec_fn=(enter or in_netns)(client_ns))
+def iperf_gbps(client_ns: str, server_ip: str, streams: int, seconds: float,
+               cpus: Collection[int] | None = None) -> float:
+    """iperf3 from client_ns (on `cpus`)."""
+    received = spawn_in_netns(client_ns, lambda: iperf_received(
+        ["iperf3", "-c", server_ip, "-p", "5201", "-P", str(streams), "-t", str(seconds)], seconds), cpus)
     return received["bits_per_second"] / 1e9
 
 
-def rtt_us(client_ns: str, server_ip: str, count: int, enter=None, timeout: float = 120) -> list[float]:
-    """64-byte round trips (us) from client_ns to the echo server on port 7000."""
-    out = subprocess.run([sys.executable, "-c", PING_PONG, server_ip, "7000", str(count)], capture_output=True,
-                         text=True, preexec_fn=(enter or in_netns)(client_ns), timeout=timeout, check=True)
+def rtt_us(client_ns: str, server_ip: str, count: int, cpus: Collection[int] | None = None,
+           timeout: float = 120) -> list[float]:
+    """64-byte round trips (us) from client_ns (on `cpus`) to the echo server on port 7000."""
+    out = spawn_in_netns(client_ns, lambda: subprocess.run(
+        [sys.executable, "-c", PING_PONG, server_ip, "7000", str(count)], capture_output=True, text=True,
+        timeout=timeout, check=True), cpus)
     return [int(x) / 1000 for x in out.stdout.split()]
 
 

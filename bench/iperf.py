@@ -12,18 +12,16 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 BUSY = "the server is busy"
 
 
-def iperf_received(argv: Sequence[str], seconds: float, preexec_fn: Callable[[], object] | None = None,
-                   busy_timeout: float = 30.0) -> dict:
+def iperf_received(argv: Sequence[str], seconds: float, busy_timeout: float = 30.0) -> dict:
     """`iperf3 -c ... -J` (argv without -J); the end.sum_received of its report."""
     deadline = time.monotonic() + busy_timeout
     while True:
-        out = subprocess.run([*argv, "-J"], capture_output=True, text=True, preexec_fn=preexec_fn,
-                             timeout=seconds + 30)
+        out = subprocess.run([*argv, "-J"], capture_output=True, text=True, timeout=seconds + 30)
         try:
             report = json.loads(out.stdout)
         except ValueError:

@@ -10,7 +10,8 @@ gives its CA the same separation on one machine:
   the agents, the waypoints and the lab itself, <state>/ca-key is an empty
   directory: no file they can open holds the key;
 - the CA process joins that mount namespace and the underlay's network
-  namespace, where it listens on the underlay's last address (:15012).
+  namespace (`python -m ambit.lab.labca join ... -- ambit ca serve ...`),
+  where it listens on the underlay's last address (:15012).
   Stopping and starting it again keeps the key: the namespace lives as long
   as its holder, which `ambit lab down` stops with everything else.
 
@@ -35,6 +36,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import NoReturn
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def start_holder(ca: LabCaPlan, trust_domain: str, token_file: str, env: Mapping
             [sys.executable, "-m", "ambit.lab.labca", "hold", "--key-dir", str(ca.key_dir), "--root-cert",
              str(ca.root_cert), "--trust-domain", trust_domain],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True, cwd="/",
-            env={**os.environ, **env}, preexec_fn=lambda: mountns.private_tmpfs_namespace(str(ca.key_dir)))
+            env={**os.environ, **env})
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(token_file.encode())
     proc.stdin.close()
@@ -112,14 +114,15 @@ def start_ca(ca: LabCaPlan, holder_pid: int, underlay_netns: str, cluster_file: 
     network namespace; returns the process and the descriptor it writes
     'ready' to once it serves."""
     ready_read, ready_write = os.pipe()
-    namespaces = [(f"/proc/{holder_pid}/ns/mnt", mountns.CLONE_NEWNS), (netns_path(underlay_netns),
-                                                                          mountns.CLONE_NEWNET)]
+    # Joined by a process of its own that then becomes the CA (`join`), never by a
+    # preexec_fn: that would fork the lab, whose gRPC fork handlers can deadlock.
+    argv = [sys.executable, "-m", "ambit.lab.labca", "join", "--mount-of", str(holder_pid), "--netns",
+            netns_path(underlay_netns), "--", *ca_argv(ca, cluster_file, trust_domain, ready_write)]
     try:
         with open(ca.log, "ab") as log:
-            proc = subprocess.Popen(ca_argv(ca, cluster_file, trust_domain, ready_write), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, pass_fds=(ready_write,),
-                                    start_new_session=True, cwd="/", env={**os.environ, **env},
-                                    preexec_fn=lambda: mountns.enter(namespaces))
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    pass_fds=(ready_write,), start_new_session=True, cwd="/",
+                                    env={**os.environ, **env})
     except BaseException:
         os.close(ready_read)
         raise
@@ -132,12 +135,18 @@ def start_ca(ca: LabCaPlan, holder_pid: int, underlay_netns: str, cluster_file: 
 
 
 def _hold(args: argparse.Namespace) -> int:
-    """Inside the private mount namespace: create the CA and the token file, publish the root, wait."""
+    """Make the private mount namespace (first: still one thread), create the CA
+    and the token file there, publish the root, wait."""
+    key_dir = Path(args.key_dir)
+    try:
+        mountns.private_tmpfs_namespace(str(key_dir))
+    except OSError as exc:
+        print(f"failed: {exc}", flush=True)
+        return 1
     from ambit.agent import log as logconf
     from ambit.agent.identity.ca import CA_CERT_FILE, LocalCA
 
     logconf.configure("info")  # to stderr (the CA's log): stdout is the lab's ready channel
-    key_dir = Path(args.key_dir)
     tokens = sys.stdin.read()
     try:
         LocalCA.load_or_create(key_dir, args.trust_domain)
@@ -150,6 +159,14 @@ def _hold(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         signal.pause()
+
+
+def _join(args: argparse.Namespace) -> NoReturn:
+    """Join the holder's mount namespace and a network namespace, then become
+    `command`: setns into a mount namespace needs a single-threaded caller."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    mountns.enter([(f"/proc/{args.mount_of}/ns/mnt", mountns.CLONE_NEWNS), (args.netns, mountns.CLONE_NEWNET)])
+    os.execvp(command[0], command)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -195,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     hold.add_argument("--root-cert", required=True)
     hold.add_argument("--trust-domain", required=True)
     hold.set_defaults(func=_hold)
+    join = sub.add_parser("join", help="(the lab runs it) run a command in the holder's filesystem and a netns")
+    join.add_argument("--mount-of", type=int, required=True, metavar="PID", help="the holder's pid")
+    join.add_argument("--netns", required=True, metavar="PATH")
+    join.add_argument("command", nargs=argparse.REMAINDER)
+    join.set_defaults(func=_join)
     probe = sub.add_parser("probe", help="ask the lab's CA for a certificate, as a node agent would")
     probe.add_argument("--address", default=f"10.100.0.254:{CA_PORT}")
     probe.add_argument("--token-file", required=True)

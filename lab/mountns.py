@@ -3,8 +3,11 @@
 For the lab's CA: its key lives on a tmpfs mounted only inside its mount
 namespace, so no other process of the machine (the agents, the waypoints,
 the lab itself) has a file holding it; elsewhere the mount point is an
-empty directory. Both calls are meant for a `preexec_fn` (the forked child,
-single-threaded, before exec). Python 3.11 has no os.unshare/os.setns,
+empty directory. Both calls need a single-threaded process (the kernel
+refuses a new or another mount namespace to a thread of many): the holder
+calls the first as it starts, `python -m ambit.lab.labca join` the second
+before it execs the CA. Never from a preexec_fn: that forks the lab, whose
+gRPC fork handlers can deadlock. Python 3.11 has no os.unshare/os.setns,
 hence libc through ctypes.
 """
 from __future__ import annotations

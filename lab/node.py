@@ -16,17 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from contextlib import AbstractContextManager
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as nsmod
 
 from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.netlink import iproute
-from ambit.agent.netns import create_netns, netns_path
+from ambit.agent.netns import create_netns, netns_path, run_in_netns
 from ambit.agent.netns import remove_netns as _remove_netns
 from .cniruntime import REFERENCE_PLUGINS
 
@@ -34,6 +34,25 @@ if TYPE_CHECKING:  # the plan uses bridge_conflist from here: a type only
     from .plan import NodePlan
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout (editable install)
+_T = TypeVar("_T")
+
+
+def spawn_in_netns(path: str, start: Callable[[], _T], cpus: Collection[int] | None = None) -> _T:
+    """Call `start` (which starts processes with subprocess) on a thread inside
+    the network namespace `path`, pinned to `cpus` if given: a child begins
+    in its creator thread's namespace and CPU set.
+
+    Never subprocess with preexec_fn=setns: that makes it fork() this whole
+    process, which runs every pthread_atfork handler first, and gRPC's (the
+    lab talks to its agents with it) deadlocked against gRPC's own threads
+    under CPU load (a full kernel run hung in Lab.exec, issue 14); the copy
+    would also run Python, signal handlers included, until exec. Without
+    preexec_fn subprocess uses vfork: no handlers, no copy."""
+    def inside() -> _T:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)  # this thread (it ends with `start`), and what it starts
+        return start()
+    return run_in_netns(path, inside)
 
 
 def cni_plugin_dirs() -> list[str]:
@@ -87,8 +106,7 @@ class NodeNamespace:
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         """Run a command inside the node namespace."""
-        path = self.path
-        return subprocess.run(argv, preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False), **kwargs)
+        return spawn_in_netns(self.path, lambda: subprocess.run(argv, **kwargs))
 
 
 class AgentProcess:
@@ -130,11 +148,9 @@ class AgentProcess:
                 parent.rmdir()  # only when empty: other nodes may still use it
 
     def start(self, wait: bool = True) -> "AgentProcess":
-        path = self.node.path
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = spawn_in_netns(self.node.path, lambda: subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT))
         if wait:
             self.wait_ready()
         return self
@@ -213,12 +229,10 @@ class NodeAgent(AgentProcess):
                 *self.plan.agent_args]
 
     def start(self, wait: bool = True) -> "NodeAgent":
-        path = self.node.path
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log_file,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **self.marker},
-                                         preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+            self.proc = spawn_in_netns(self.node.path, lambda: subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, **self.marker}))
         if wait:
             self.wait_ready()
         return self

@@ -40,7 +40,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
 from pyroute2 import IPRoute
-from pyroute2 import netns as nsmod
 
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.datapath.constants import BPFFS_ROOT
@@ -55,7 +54,7 @@ from .cniruntime import CniFailure, CniRuntime
 from .errors import LabError, LabNotRunning, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
-from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path
+from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path, spawn_in_netns
 from .plan import LabPlan, LabSettings, NodePlan, PodPlan, lab_ca_plan, lab_conflist, plan_lab
 from .processes import (
     MARKER_ENV,
@@ -355,13 +354,11 @@ class Lab:
                 argv += [f"--{kind}", str(pod.pod.workload_port(kind))]
         ready_read, ready_write = os.pipe()
         argv += ["--ready-fd", str(ready_write)]
-        path = netns_path(pod.netns)
         try:
             with open(pod.log, "ab") as log_file:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                        pass_fds=(ready_write,), start_new_session=True, cwd="/",
-                                        env={**os.environ, **self.marker},
-                                        preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+                proc = spawn_in_netns(netns_path(pod.netns), lambda: subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(ready_write,),
+                    start_new_session=True, cwd="/", env={**os.environ, **self.marker}))
         except BaseException:
             os.close(ready_read)
             raise
@@ -452,9 +449,8 @@ class Lab:
         argv = [sys.executable, "-m", "ambit.lab.labca", "probe", "--address", plan.ca.target, "--token-file",
                 str(token), "--root-cert", str(plan.ca.root_cert), "--identity", identity, *(["--own"] if own else []),
                 *(["--out-dir", str(out_dir)] if out_dir else [])]
-        path = netns_path(node.netns)
-        result = subprocess.run(argv, capture_output=True, timeout=60, env={**os.environ, **self.marker},
-                                preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+        result = spawn_in_netns(netns_path(node.netns), lambda: subprocess.run(
+            argv, capture_output=True, timeout=60, env={**os.environ, **self.marker}))
         if result.returncode != 0:
             raise LabError(f"asking the CA from {node_name} failed: {result.stderr.decode(errors='replace')[-500:]}")
         return json.loads(result.stdout)
@@ -777,8 +773,8 @@ class Lab:
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
                "AMBIT_LAB_POD": record.key}
         try:
-            return subprocess.run(list(argv), input=input, capture_output=capture, timeout=timeout, env=env,
-                                  preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+            return spawn_in_netns(path, lambda: subprocess.run(list(argv), input=input, capture_output=capture,
+                                                               timeout=timeout, env=env))
         except FileNotFoundError:
             raise LabError(f"command not found: {argv[0]}") from None
 

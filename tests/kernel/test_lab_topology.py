@@ -29,6 +29,7 @@ from ambit.agent.cli.client import AgentClient
 from ambit.agent.discovery.model import ContainerPort
 from ambit.lab import labconfig
 from ambit.lab.errors import LabError, LeftoversFound
+from ambit.lab.node import AgentProcess, NodeNamespace
 from ambit.lab.plan import LabSettings
 from ambit.lab.processes import MARKER_ENV, create_netns, lab_namespaces, lab_processes, process_start_time
 from ambit.lab.topology import Lab
@@ -304,3 +305,23 @@ def test_ebpf_capture_gives_each_node_its_own_proxy_namespace_and_pins(clean_lab
         report = lab.down()
     assert {"labt-node1-proxy", "labt-node2-proxy"} <= set(report.namespaces_removed)
     assert len(report.bpffs_removed) == 2
+
+
+def test_the_lab_starts_processes_in_a_namespace_without_forking_itself(tmp_path):
+    """A full kernel run under CPU load hung for good in Lab.exec: subprocess
+    with preexec_fn forks the whole lab process, running gRPC's pthread_atfork
+    handler, which deadlocked against gRPC's own threads (issue 14). The lab
+    now spawns from a thread inside the namespace (vfork, no handlers): not
+    one fork, even with gRPC in use, and the child is in the namespace."""
+    forks: list[str] = []
+    watching = True
+    os.register_at_fork(before=lambda: forks.append("fork") if watching else None)  # preexec_fn runs these
+    try:
+        with NodeNamespace(f"{PREFIX}nofork") as node, AgentProcess(node, "nofork") as agent:
+            with AgentClient(agent.socket) as client:
+                assert client.status().ready  # gRPC initialised in this process, threads and all
+            inside = node.run(["readlink", "/proc/self/ns/net"], capture_output=True, text=True, check=True)
+            assert inside.stdout.strip() == f"net:[{os.stat(node.path).st_ino}]"
+    finally:
+        watching = False
+    assert forks == []
