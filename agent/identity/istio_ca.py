@@ -9,23 +9,25 @@ an agent pointed at istiod needs no other setting.
 
 What the CA answered is returned as is; checking it is the issuer's job
 (issuer.py), because "is this the certificate I asked for" needs the key.
+
+The call is grpc_call.py's (h2 over TLS, a connection per call, waiting for
+a CA that is away until the deadline): grpcio would cost every agent ~17 MB
+of RSS for a call per identity every few hours.
 """
 from __future__ import annotations
 
-import asyncio
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import structlog
 from google.protobuf import struct_pb2
 
 from ambit.api.istio import ca_pb2
 
-if TYPE_CHECKING:
-    import grpc
-
+from ..grpc_call import client_context, unary_call
+from ..grpc_wire import RpcError, StatusCode
 from .spiffe import SpiffeId
 
 DEFAULT_CA_ADDRESS = "istiod.istio-system.svc:15012"
@@ -38,8 +40,9 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 # Statuses that say "not now" rather than "no": the CA is away, overloaded or
 # could not reach the API server. Retried with backoff like the others, but
 # logged as the CA being unavailable, not as a refusal.
-# grpcio is imported when the first channel is made: an agent with a local CA never needs it.
-_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"})
+_TRANSIENT = frozenset({StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.RESOURCE_EXHAUSTED,
+                        StatusCode.ABORTED, StatusCode.CANCELLED})
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 _log = structlog.get_logger(__name__)
 
@@ -55,7 +58,7 @@ class CaUnavailable(IssueError):
 class CaRefused(IssueError):
     """The CA answered the request with an error status."""
 
-    def __init__(self, code: "grpc.StatusCode", message: str) -> None:
+    def __init__(self, code: StatusCode, message: str) -> None:
         super().__init__(f"the CA refused: {code.name}: {message}")
         self.code = code
 
@@ -84,10 +87,8 @@ class CaClientSettings:
 class IstioCaClient:
     def __init__(self, settings: CaClientSettings) -> None:
         self.settings = settings
-        self._channel: Any = None  # grpc.aio.Channel
-        self._stub: Any = None     # ca_pb2_grpc.IstioCertificateServiceStub
+        self._context: ssl.SSLContext | None = None
         self._root_signature: tuple[int, int, int] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def description(self) -> str:
@@ -96,31 +97,36 @@ class IstioCaClient:
     async def create_certificate(self, csr_pem: str, ttl_seconds: int,
                                  impersonate: SpiffeId | None = None) -> list[str]:
         """The PEM chain the CA returns for `csr_pem` (leaf first, root last)."""
-        import grpc
-
         token = self._token()
-        stub = await self._current_stub()
+        context = self._current_context()
         request = ca_pb2.IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds)
         if impersonate is not None:
             request.metadata.CopyFrom(struct_pb2.Struct(fields={
                 IMPERSONATED_IDENTITY: struct_pb2.Value(string_value=str(impersonate))}))
         metadata = (("authorization", f"Bearer {token}"), ("clusterid", self.settings.cluster_id))
+        host, port = self._host_port()
         try:
-            # wait_for_ready: a CA that is coming back (the channel reconnecting) gets
-            # the whole timeout, rather than the call failing at once.
-            response = await stub.CreateCertificate(request, metadata=metadata, timeout=self.settings.timeout,
-                                                    wait_for_ready=True)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code.name in _TRANSIENT:
-                raise CaUnavailable(f"{self.description}: {code.name}: {exc.details()}") from None
-            raise CaRefused(code, exc.details() or "") from None
+            answer = await unary_call(host, port, context, self.settings.server_name, CREATE_CERTIFICATE,
+                                      request.SerializeToString(), metadata, self.settings.timeout,
+                                      max_response=MAX_RESPONSE_BYTES)
+        except RpcError as exc:
+            if exc.code in _TRANSIENT:
+                raise CaUnavailable(f"{self.description}: {exc.code.name}: {exc.details}") from None
+            raise CaRefused(exc.code, exc.details) from None
+        try:
+            response = ca_pb2.IstioCertificateResponse.FromString(answer)
+        except Exception as exc:  # protobuf's DecodeError
+            raise CaRefused(StatusCode.INTERNAL, f"unreadable answer: {exc}") from None
         return list(response.cert_chain)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        """Nothing stays open between calls."""
+
+    def _host_port(self) -> tuple[str, int]:
+        host, _, port = self.settings.target.rpartition(":")
+        if not host or not port.isdigit():
+            raise IssueError(f"the CA address {self.settings.address!r} is not host:port")
+        return host.strip("[]"), int(port)
 
     def _token(self) -> str:
         path = self.settings.token_file
@@ -132,40 +138,26 @@ class IstioCaClient:
             raise IssueError(f"the CA token {path} is empty")
         return token
 
-    async def _current_stub(self) -> Any:
-        """The channel, rebuilt when the root certificate file changed (root rotation)."""
-        import grpc
-
-        from ambit.api.istio import ca_pb2_grpc
-
+    def _current_context(self) -> ssl.SSLContext:
+        """TLS trusting the root file, made again when the file changed (root rotation)."""
         path = self.settings.root_cert_file
         try:
             st = os.stat(path)
             signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if self._stub is not None and signature == self._root_signature:
-                return self._stub
+            if self._context is not None and signature == self._root_signature:
+                return self._context
             root = path.read_bytes()
         except OSError as exc:
-            if self._stub is not None:
-                return self._stub  # keep the channel we have; the file may be mid-update
+            if self._context is not None:
+                return self._context  # keep what we have; the file may be mid-update
             raise IssueError(f"cannot read the CA root certificate {path}: {exc.strerror or exc}") from None
         if b"-----BEGIN CERTIFICATE-----" not in root:
             raise IssueError(f"{path} holds no PEM certificate")
-        old = self._channel
-        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
-                                             # The CA may be away for minutes: reconnect soon after it is back.
-                                             ("grpc.initial_reconnect_backoff_ms", 500),
-                                             ("grpc.max_reconnect_backoff_ms", 5000)]
-        if self.settings.server_name:
-            options.append(("grpc.ssl_target_name_override", self.settings.server_name))
-        self._channel = grpc.aio.secure_channel(self.settings.target, grpc.ssl_channel_credentials(root),
-                                                options=options)
-        self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
-        if old is not None:
+        try:
+            context = client_context(root)
+        except ssl.SSLError as exc:
+            raise IssueError(f"{path}: {exc}") from None
+        if self._context is not None:
             _log.info("ca_client.root_reloaded", root=str(path))
-            # Calls still on the old channel finish there; nobody waits for it.
-            closing = asyncio.get_running_loop().create_task(old.close(grace=self.settings.timeout))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-        self._root_signature = signature
-        return self._stub
+        self._context, self._root_signature = context, signature
+        return context

@@ -4,10 +4,9 @@ The agent serves two small unary services on a local socket (a CNI call per
 pod event, ambitctl now and then). grpcio cost the agent ~17 MB of RSS for
 that (its core library and threads: 12.9 MB at import, 4.3 MB serving,
 measured), paid on every node. HTTP/2 here is h2's (the proxy's HBONE
-library), messages are protobuf's; what is written here is gRPC's mapping
-onto HTTP/2: a 5-byte prefix (compressed flag, length) per message, the
-status in trailers (`grpc-status`, percent-encoded `grpc-message`), or in
-a trailers-only response when a call fails before answering.
+library), messages are protobuf's, gRPC's framing is grpc_wire.py's; this is
+the server: a call's status in trailers, or in a trailers-only response when
+it fails before answering.
 
 Clients are the real ones: ambit-cni's standard-library client
 (cni/grpc_unary.py) and grpcio (ambitctl, the tests). Headers are sent
@@ -19,9 +18,6 @@ its own deadline.
 from __future__ import annotations
 
 import asyncio
-import enum
-import struct
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -31,47 +27,19 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
 import structlog
 from google.protobuf.message import DecodeError, Message
+
+from ..grpc_wire import CONTENT_TYPE, PREFIX, PlainEncoder, RpcError, StatusCode, decode_message, encode_message, \
+    status_headers
+
+__all__ = ["CallContext", "Method", "RpcAbort", "StatusCode", "UnaryServer", "methods_of"]
 
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE = 4 * 1024 * 1024  # grpcio's default receive limit
 MAX_CONCURRENT_CALLS = 256     # per connection
-PREFIX = struct.Struct(">?I")  # compressed flag, message length
-GRPC_CONTENT_TYPE = b"application/grpc"
-
-
-class StatusCode(enum.IntEnum):
-    """gRPC status codes (grpc/include/grpc/status.h)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
-
-
-class RpcAbort(Exception):
-    """A handler's refusal: the call ends with this status and message."""
-
-    def __init__(self, code: StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
+RpcAbort = RpcError  # what a handler's refusal raises
 
 
 class CallContext:
@@ -105,38 +73,6 @@ def methods_of(service: Any, descriptor: Any, messages: Any) -> dict[str, Method
     return found
 
 
-def encode_message(payload: bytes) -> bytes:
-    return PREFIX.pack(False, len(payload)) + payload
-
-
-def decode_message(body: bytes) -> bytes:
-    """The one message of a unary request; RpcAbort when it is not that."""
-    if len(body) < PREFIX.size:
-        raise RpcAbort(StatusCode.INTERNAL, "request without a gRPC message")
-    compressed, length = PREFIX.unpack_from(body)
-    if compressed:
-        raise RpcAbort(StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
-    if len(body) != PREFIX.size + length:
-        raise RpcAbort(StatusCode.INTERNAL, "a unary request carries exactly one message")
-    return body[PREFIX.size:]
-
-
-def status_headers(code: StatusCode, details: str) -> list[tuple[bytes, bytes]]:
-    headers = [(b"grpc-status", str(int(code)).encode())]
-    if details:
-        # gRPC's percent-encoding: printable ASCII but '%' stays, the rest is %XX of UTF-8.
-        headers.append((b"grpc-message", urllib.parse.quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-                        .encode()))
-    return headers
-
-
-class _PlainEncoder(hpack.Encoder):
-    """Header values as literals, never Huffman-coded (see the module doc)."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
-
-
 class _Connection(asyncio.Protocol):
     """One client connection: h2 state, its calls, flow control."""
 
@@ -144,7 +80,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         self.h2 = h2.connection.H2Connection(config)
-        self.h2.encoder = _PlainEncoder()
+        self.h2.encoder = PlainEncoder()
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_CALLS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384})
@@ -198,7 +134,7 @@ class _Connection(asyncio.Protocol):
         self._flush()
 
     def _request(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
-        if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(GRPC_CONTENT_TYPE):
+        if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(CONTENT_TYPE):
             self._trailers_only(stream_id, StatusCode.INTERNAL, "not a gRPC request", http_status=b"415")
             return
         self.paths[stream_id] = headers.get(b":path", b"")
@@ -248,7 +184,7 @@ class _Connection(asyncio.Protocol):
 
     async def _respond(self, stream_id: int, payload: bytes) -> None:
         try:
-            self.h2.send_headers(stream_id, [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)])
+            self.h2.send_headers(stream_id, [(b":status", b"200"), (b"content-type", CONTENT_TYPE)])
             view = memoryview(payload)
             while view:
                 room = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
@@ -278,7 +214,7 @@ class _Connection(asyncio.Protocol):
 
     def _trailers_only(self, stream_id: int, code: StatusCode, details: str, http_status: bytes = b"200") -> None:
         try:
-            self.h2.send_headers(stream_id, [(b":status", http_status), (b"content-type", GRPC_CONTENT_TYPE),
+            self.h2.send_headers(stream_id, [(b":status", http_status), (b"content-type", CONTENT_TYPE),
                                              *status_headers(code, details)], end_stream=True)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return

@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ambit.agent import eventloop
 from ambit.agent.rpc.server import AgentServer
-from ambit.agent.rpc.unary import CallContext, StatusCode, _PlainEncoder
+from ambit.agent.grpc_wire import PlainEncoder
+from ambit.agent.rpc.unary import CallContext, StatusCode
 from ambit.api.v1 import agent_pb2 as pb
 from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 from ambit.cni.grpc_unary import RpcError, unary_call
@@ -150,5 +151,5 @@ def test_a_client_that_gives_up_leaves_the_server_serving(server: str) -> None:
 
 def test_header_values_are_literals_as_grpcio_sends_them() -> None:
     """ambit-cni decodes Huffman only on a rare path (it costs an import)."""
-    block = _PlainEncoder().encode([(b"content-type", b"application/grpc"), (b"grpc-status", b"0")])
+    block = PlainEncoder().encode([(b"content-type", b"application/grpc"), (b"grpc-status", b"0")])
     assert b"application/grpc" in block

@@ -136,7 +136,7 @@ def test_a_node_agent_gets_certificates_for_its_own_pods_only(tmp_path: Path) ->
 
                 # web runs on node2: node1's agent may not have it.
                 refusal = await refused(ca.client(agent_a), WEB)
-                assert refusal.code == grpc.StatusCode.PERMISSION_DENIED and "node node1" in str(refusal)
+                assert refusal.code.name == "PERMISSION_DENIED" and "node node1" in str(refusal)
                 assert ca.refused("PERMISSION_DENIED", "identity-not-on-node") == 1
 
                 # ... node2's may.
@@ -145,7 +145,7 @@ def test_a_node_agent_gets_certificates_for_its_own_pods_only(tmp_path: Path) ->
 
                 # A finished pod vouches for nothing.
                 batch = SpiffeId(TD, "shop", "batch")
-                assert (await refused(ca.client(agent_a), batch)).code == grpc.StatusCode.PERMISSION_DENIED
+                assert (await refused(ca.client(agent_a), batch)).code.name == "PERMISSION_DENIED"
                 assert ca.refused("PERMISSION_DENIED", "identity-not-on-node") == 2
 
                 # The CA asked the API server, per request: a TokenReview with istio-ca, pods by node.
@@ -160,7 +160,7 @@ def test_a_new_pod_is_authorised_the_moment_the_api_server_has_it(tmp_path: Path
         with api_server() as fake:
             async with kube_ca(fake, tmp_path) as ca:
                 agent_a = fake.mint_token("ambit-system", "ambit-node", audiences=("istio-ca",), pod="ambit-node-a")
-                assert (await refused(ca.client(agent_a), WEB)).code == grpc.StatusCode.PERMISSION_DENIED
+                assert (await refused(ca.client(agent_a), WEB)).code.name == "PERMISSION_DENIED"
                 fake.create(pod("shop", "web-2", "web", "node1"))
                 assert (await issue(ca.client(agent_a), WEB)).spiffe_id == WEB
     run(scenario)
@@ -196,7 +196,7 @@ def test_tokens_that_prove_nothing_are_unauthenticated(tmp_path: Path, kind: str
                     await channel.close()
                     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 else:
-                    assert (await refused(ca.client(token), CART)).code == grpc.StatusCode.UNAUTHENTICATED
+                    assert (await refused(ca.client(token), CART)).code.name == "UNAUTHENTICATED"
                 assert ca.refused("UNAUTHENTICATED", "unauthenticated") == 1
                 assert ca.issued("impersonated") == 0
     run(scenario)
@@ -210,14 +210,14 @@ def test_only_node_agents_may_ask_for_others_but_anyone_for_itself(tmp_path: Pat
                 # cart's pod shares node1 with... cart only; it asks for web's identity, and for cart's.
                 for wanted in (WEB, CART):
                     refusal = await refused(ca.client(cart), wanted)
-                    assert refusal.code == grpc.StatusCode.PERMISSION_DENIED and "not a trusted node" in str(refusal)
+                    assert refusal.code.name == "PERMISSION_DENIED" and "not a trusted node" in str(refusal)
                 assert ca.refused("PERMISSION_DENIED", "not-a-node-proxy") == 2
                 # As itself (a waypoint's way): its own identity, nothing else.
                 assert (await issue(ca.client(cart), CART, impersonate=False)).spiffe_id == CART
                 assert ca.issued("own") == 1
                 # The CSR may not ask for another identity than the token's.
                 refusal = await refused(ca.client(cart), WEB, impersonate=False)
-                assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert refusal.code.name == "INVALID_ARGUMENT"
                 assert ca.refused("INVALID_ARGUMENT", "csr-identity-mismatch") == 1
     run(scenario)
 
@@ -233,14 +233,14 @@ def test_a_csr_whose_san_is_not_the_impersonated_identity_is_invalid(tmp_path: P
                     await client.create_certificate(certificate_request(WEB, new_workload_key()), 3600,
                                                     impersonate=CART)
                 await client.close()
-                assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert caught.value.code.name == "INVALID_ARGUMENT"
                 assert ca.refused("INVALID_ARGUMENT", "csr-identity-mismatch") == 1
                 client = ca.client(agent_a)
                 with pytest.raises(CaRefused) as caught:
                     await client.create_certificate("-----BEGIN CERTIFICATE REQUEST-----\nnope\n", 3600,
                                                     impersonate=CART)
                 await client.close()
-                assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert caught.value.code.name == "INVALID_ARGUMENT"
                 assert ca.refused("INVALID_ARGUMENT", "bad-csr") == 1
     run(scenario)
 
@@ -298,8 +298,8 @@ def test_token_file_and_cluster_files_authorise_per_node(tmp_path: Path) -> None
         await pods.start()
         async with ca_service(tmp_path, StaticTokenAuthenticator(tokens), pods) as ca:
             assert (await issue(ca.client("node1-secret"), CART)).spiffe_id == CART
-            assert (await refused(ca.client("node1-secret"), WEB)).code == grpc.StatusCode.PERMISSION_DENIED
-            assert (await refused(ca.client("guess"), CART)).code == grpc.StatusCode.UNAUTHENTICATED
+            assert (await refused(ca.client("node1-secret"), WEB)).code.name == "PERMISSION_DENIED"
+            assert (await refused(ca.client("guess"), CART)).code.name == "UNAUTHENTICATED"
             waypoint = SpiffeId(TD, "shop", "waypoint")
             assert (await issue(ca.client("waypoint-secret"), waypoint, impersonate=False)).spiffe_id == waypoint
             # web moves to node1: the file changes and the very next request sees it (no poll wait).

@@ -27,7 +27,7 @@ AGENT_RANKS = {
     "discovery": 3,
     "identity": 2, "telemetry": 2, "datapath": 2, "enrolment_records": 2,
     # helpers without a concept of the mesh: namespaces, netlink, files, logging, the pod record
-    "netns": 1, "netlink": 1, "rtnl_query": 1, "pyroute2_lazy": 1, "atomic_files": 1, "log": 1, "eventloop": 1, "workload": 1,
+    "netns": 1, "netlink": 1, "rtnl_query": 1, "pyroute2_lazy": 1, "grpc_wire": 1, "grpc_call": 1, "atomic_files": 1, "log": 1, "eventloop": 1, "workload": 1,
     # retry delays and shared in-flight calls (watches, certificate requests, the CA's lookups)
     "backoff": 1, "singleflight": 1,
 }
