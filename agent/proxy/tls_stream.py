@@ -18,8 +18,13 @@ with only what HBONE needs:
   What the socket does not take waits in one buffer; the protocol is told to pause producing above
   `high_water` and to resume below `low_water` (like asyncio's
   pause_writing/resume_writing);
-- `close()` sends close_notify and FIN once the buffer is written out;
-  `abort()` drops everything at once.
+- `pause_reading()`/`resume_reading()` stop and restart reading the socket
+  (the protocol's back-pressure on a peer that does not read our replies);
+- `close()` sends close_notify and FIN once the buffer is written out, then
+  reads and drops whatever the peer still sends until its FIN (at most
+  `_CLOSE_TIMEOUT_S`): closing a socket with unread input makes the kernel
+  answer RST and throw away what we sent and it has not delivered yet, such
+  as the GOAWAY telling an abusive peer why; `abort()` drops everything at once.
 
 The protocol object is duck-typed the way asyncio protocols are:
 connection_made(stream), get_buffer(n), buffer_updated(n), eof_received(),
@@ -87,8 +92,13 @@ class TlsStream:
         self._low_water = low_water
         self._protocol: StreamProtocol | None = None
         self._reading = False
+        self._read_paused = False  # by the protocol
+        self._peer_eof = False
         self._writing = False
         self._write_paused = False
+        # Ciphertext handed to the kernel since the start: with get_write_buffer_size()
+        # it tells the protocol when bytes it wrote have left (control-frame accounting).
+        self.bytes_sent = 0
         self._closing = False  # close() called: no more writes, FIN after the buffer
         self._closed = False  # socket closed, connection_lost scheduled
         self._close_timer: asyncio.TimerHandle | None = None
@@ -110,6 +120,32 @@ class TlsStream:
 
     def get_write_buffer_size(self) -> int:
         return self._wq_size + self._outgoing.pending
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (and decrypting what is buffered) until resume_reading()."""
+        self._read_paused = True
+        if not self._closing:
+            self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self._read_paused:
+            return
+        self._read_paused = False
+        if self._closing or self._protocol is None:
+            return
+        self._start_reading()
+        if self._incoming.pending or self._ssl.pending():
+            self._loop.call_soon(self._decrypt_if_reading)
+
+    def _start_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
 
     # --- handshake ----------------------------------------------------------------------------------
 
@@ -149,10 +185,9 @@ class TlsStream:
         """Hand the connection to `protocol` and start reading."""
         self._protocol = protocol
         protocol.connection_made(self)
-        if self._closed or self._closing:
+        if self._closed or self._closing or self._read_paused:
             return
-        self._loop.add_reader(self._fd, self._on_readable)
-        self._reading = True
+        self._start_reading()
         if self._incoming.pending or self._ssl.pending():
             # Application data that arrived with the end of the handshake.
             self._decrypt()
@@ -167,11 +202,23 @@ class TlsStream:
         except OSError as exc:
             self._fatal(exc)
             return
+        if self._closing:
+            # After close(): dropped unread (see the module doc); the peer's FIN ends it.
+            if count == 0:
+                self._peer_eof = True
+                self._stop_reading()
+                if not self._wq:
+                    self._shutdown(None)
+            return
         if count == 0:
             self._on_eof()
             return
         self._incoming.write(self._read_view[:count])
         self._decrypt()
+
+    def _decrypt_if_reading(self) -> None:
+        if self._reading and not self._closing:
+            self._decrypt()
 
     def _decrypt(self) -> None:
         """Decrypt everything buffered into the protocol's buffer, filling it
@@ -182,7 +229,7 @@ class TlsStream:
         tls = self._ssl
         incoming = self._incoming
         more = True
-        while more and not self._closed:
+        while more and not self._closing and not self._read_paused:
             buffer = protocol.get_buffer(-1)
             size = len(buffer)
             filled = 0
@@ -272,6 +319,7 @@ class TlsStream:
             except OSError as exc:
                 self._fatal(exc)
                 return
+            self.bytes_sent += sent
             if sent == len(data):
                 return
             rest = memoryview(data)[sent:]
@@ -294,6 +342,7 @@ class TlsStream:
             self._fatal(exc)
             return
         self._wq_size -= sent
+        self.bytes_sent += sent
         while sent:
             first = wq[0]
             if len(first) <= sent:
@@ -306,7 +355,7 @@ class TlsStream:
             self._loop.remove_writer(self._fd)
             self._writing = False
             if self._closing:
-                self._shutdown(None)
+                self._finish_close()
                 return
         if self._write_paused and self._wq_size <= self._low_water and self._protocol is not None:
             self._write_paused = False
@@ -323,11 +372,22 @@ class TlsStream:
             self._ssl.unwrap()
         except ssl.SSLError:
             pass  # SSLWantRead: the peer's close_notify is not awaited
+        self._close_timer = self._loop.call_later(_CLOSE_TIMEOUT_S, self.abort)
         self._send_outgoing_raw()
         if not self._wq:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        """Everything is written: FIN, then drop input until the peer's FIN."""
+        if self._peer_eof or self._closed:
             self._shutdown(None)
-        else:
-            self._close_timer = self._loop.call_later(_CLOSE_TIMEOUT_S, self.abort)
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._shutdown(None)
+            return
+        self._start_reading()
 
     def _send_outgoing_raw(self) -> None:
         """Like _send_outgoing, but usable while closing (no pause/resume)."""
@@ -341,6 +401,7 @@ class TlsStream:
                 sent = 0
             except OSError:
                 return
+            self.bytes_sent += sent
             data = data[sent:]
         if data:
             self._wq.append(data)
@@ -364,9 +425,7 @@ class TlsStream:
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        if self._reading:
-            self._loop.remove_reader(self._fd)
-            self._reading = False
+        self._stop_reading()
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False

@@ -35,6 +35,9 @@ class Link:
         for _ in range(100_000):
             to_server = self.client.data_to_send()
             to_client = self.server.data_to_send()
+            for side in (self.client, self.server):  # the wire took everything: tell our cores
+                if isinstance(side, (HboneClientConnection, HboneServerConnection)):
+                    side.control_replies_written(side.queued_control_replies)
             if not to_server and not to_client:
                 return
             if to_server:

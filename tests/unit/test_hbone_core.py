@@ -560,6 +560,74 @@ def test_resets_spread_over_time_are_tolerated() -> None:
     assert len(of_type(link.take_server(), StreamReset)) == 3 * limit
 
 
+def _pings(raw: h2.connection.H2Connection, count: int) -> bytes:
+    for number in range(count):
+        raw.ping(number.to_bytes(8, "big"))
+    return raw.data_to_send()
+
+
+@pytest.mark.parametrize("frame", ["ping", "settings"])
+def test_a_peer_that_sends_control_frames_without_reading_gets_goaway(frame: str) -> None:
+    link = raw_client_link()
+    raw, server = link.client, link.server
+    limit = server.settings.max_outbound_control_frames
+    if frame == "ping":
+        flood = _pings(raw, limit + 1)
+    else:
+        for _ in range(limit + 1):
+            raw.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        flood = raw.data_to_send()
+    more = _pings(raw, 10)
+    events = server.receive_data(flood)
+    closed = _closed_by(events)
+    assert (closed.error_code, closed.remote) == (ErrorCodes.ENHANCE_YOUR_CALM, False)
+    assert "acknowledgements queued" in closed.reason
+    # The unsent acknowledgements were dropped: the GOAWAY is all that goes out.
+    answer = raw.receive_data(server.data_to_send())
+    assert [type(e) for e in answer] == [h2.events.ConnectionTerminated]
+    assert answer[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert server.receive_data(more) == [] and server.data_to_send() == b""
+
+
+def test_acknowledgements_count_until_written_even_across_reads() -> None:
+    link = raw_client_link()
+    raw, server = link.client, link.server
+    limit = server.settings.max_outbound_control_frames
+    # Split across many reads, at odd boundaries: still one count per PING.
+    flood = _pings(raw, limit)
+    for offset in range(0, len(flood), 1000):
+        assert server.receive_data(flood[offset : offset + 1000]) == []
+    assert server.queued_control_replies == limit
+    acks = server.data_to_send()  # handed to the I/O layer, not yet written
+    server.control_replies_written(limit - 1)
+    assert server.queued_control_replies == 1
+    assert server.receive_data(_pings(raw, limit - 1)) == []  # back at the limit, not over it
+    assert not server.closed
+    assert _closed_by(server.receive_data(_pings(raw, 1))).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert len(of_type(raw.receive_data(acks), h2.events.PingAckReceived)) == limit
+
+
+def test_a_peer_that_reads_its_acknowledgements_may_ping_without_end(link: Link) -> None:
+    limit = link.server.settings.max_outbound_control_frames
+    for _ in range(3):
+        for _ in range(limit):
+            link.client.ping()
+        link.pump()  # written, and the ACKs read by the client
+    assert not link.server.closed and not link.client.closed
+    assert len(of_type(link.take_client(), PingAcked)) == 3 * limit
+    assert link.server.queued_control_replies == 0
+
+
+def test_control_frame_limit_is_a_setting() -> None:
+    server = HboneServerConnection(HboneSettings(max_outbound_control_frames=3))
+    server.initiate_connection()
+    raw = raw_h2(True)
+    assert not of_type(server.receive_data(raw.data_to_send()), ConnectionClosed)
+    assert server.queued_control_replies == 1  # the SETTINGS ACK
+    events = server.receive_data(_pings(raw, 3))
+    assert _closed_by(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def test_header_list_over_the_limit_is_refused_431(link: Link) -> None:
     stream_id = link.client.open_stream(DEST, [("x-padding", "p" * (70 * KiB))])
     link.pump()

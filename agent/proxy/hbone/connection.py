@@ -33,6 +33,7 @@ from .frames import (
     _BORROW_MIN,
     _CLIENT_PREFACE,
     _DEFAULT_WINDOW,
+    _FLAG_ACK,
     _FLAG_END_HEADERS,
     _FLAG_END_STREAM,
     _FLAG_PADDED,
@@ -46,7 +47,9 @@ from .frames import (
     _TYPE_CONTINUATION,
     _TYPE_DATA,
     _TYPE_HEADERS,
+    _TYPE_PING,
     _TYPE_PUSH_PROMISE,
+    _TYPE_SETTINGS,
     _TYPE_WINDOW_UPDATE,
     _UINT32,
     _WINDOW_UPDATE_FRAME,
@@ -145,6 +148,7 @@ class _HboneConnection:
         self._initiated = False
         self._closed = False
         self._ping_counter = 0
+        self._control_replies = 0  # PING/SETTINGS ACKs queued, not yet reported written
 
     # --- public state -----------------------------------------------------------
 
@@ -176,6 +180,16 @@ class _HboneConnection:
     def receive_window(self) -> int:
         """Connection bytes the peer may still send before our next WINDOW_UPDATE."""
         return self._recv_window
+
+    @property
+    def queued_control_replies(self) -> int:
+        """PING and SETTINGS acknowledgements queued for the peer and not yet
+        reported written with control_replies_written() (0 for a peer that reads)."""
+        return self._control_replies
+
+    def control_replies_written(self, count: int) -> None:
+        """The I/O layer wrote `count` queued acknowledgements to the socket."""
+        self._control_replies = max(0, self._control_replies - count)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes send_data() would accept on this stream right now."""
@@ -441,12 +455,31 @@ class _HboneConnection:
                 raise _FatalInput(ErrorCodes.PROTOCOL_ERROR, f"header block over {self._max_header_block} bytes")
             if frame_end > end:
                 break
+            if (frame_type == _TYPE_PING or frame_type == _TYPE_SETTINGS) and not flags & _FLAG_ACK:
+                self._queue_control_reply()  # h2 answers it with an ACK
             h2_events = self._h2.receive_data(view[pos:frame_end])
             pos = frame_end
             if block >= 0:
                 self._header_block = -1 if flags & _FLAG_END_HEADERS else block
             self._dispatch(h2_events, out)
         return pos
+
+    def _queue_control_reply(self) -> None:
+        """Control-frame flood guard: a peer that sends PINGs or SETTINGS and
+        does not read the ACKs ends here, before we queue one more. What is
+        queued and unsent is dropped so the GOAWAY goes out at once."""
+        limit = self._settings.max_outbound_control_frames
+        if self._control_replies >= limit:
+            self._discard_output()
+            raise _FatalInput(
+                ErrorCodes.ENHANCE_YOUR_CALM, f"more than {limit} PING/SETTINGS acknowledgements queued, peer not reading"
+            )
+        self._control_replies += 1
+
+    def _discard_output(self) -> None:
+        self._h2.data_to_send()
+        self._out = bytearray()
+        self._segments = []
 
     def _take_preface(self, view: memoryview, pos: int, end: int, out: list[HboneEvent]) -> int:
         done = len(_CLIENT_PREFACE) - self._preface_left

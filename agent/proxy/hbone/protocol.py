@@ -13,6 +13,7 @@ Python calls per read and write. Back-pressure and the data path: docs/hbone.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import time
 from collections.abc import Callable
@@ -72,6 +73,13 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.blocked: set[Tunnel] = set()  # tunnels waiting for a window
         self.touched: list[Tunnel] = []  # tunnels with DATA batched in this receive round
         self.write_paused = False
+        self.reading_paused = False  # our write queue is past settings.max_write_queue
+        self.read_pauses = 0
+        # PING/SETTINGS ACKs handed to the transport: (transport byte mark, count);
+        # they have left once transport.bytes_sent reaches the mark.
+        self._reply_marks: collections.deque[tuple[int, int]] = collections.deque()
+        self._replies_marked = 0
+        self.goaway: events.ConnectionClosed | None = None  # how the connection ended, if by GOAWAY
         self._closing = False
         self.peer_identity: SpiffeId | None = None
         self.failure: BaseException | None = None  # why the connection was refused
@@ -128,6 +136,8 @@ class HboneConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._lost:
             return
+        if self._reply_marks:
+            self._release_control_replies()
         events = self.core.buffer_updated(nbytes)
         if events:
             self._handle(events)
@@ -156,6 +166,14 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.reading_paused:
+            self.reading_paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
+        if self.blocked:
+            for tunnel in list(self.blocked):
+                tunnel._on_window_opened()  # held back while paused, or its window is still shut
+            self.flush()
         for tunnel in list(self.tunnels.values()):
             tunnel._update_reading()
 
@@ -164,11 +182,51 @@ class HboneConnection(asyncio.BufferedProtocol):
     def flush(self) -> None:
         """Write whatever the core has queued (TLS encrypts it at once)."""
         segments = self.core.data_to_send_segments()
-        if segments and self._transport is not None and not self._lost:
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        if segments:
             if len(segments) == 1:
-                self._transport.write(segments[0])
+                transport.write(segments[0])
             else:
-                self._transport.writelines(segments)
+                transport.writelines(segments)
+        if self.core.queued_control_replies:
+            self._mark_control_replies(transport)
+        if self.write_paused and not self.reading_paused:
+            self._bound_write_queue(transport)
+
+    def _mark_control_replies(self, transport: asyncio.Transport) -> None:
+        """Note where the acknowledgements just written end in the transport's
+        byte stream, so the core learns when they have left (its flood guard
+        counts the ones that have not)."""
+        new = self.core.queued_control_replies - self._replies_marked
+        if new > 0:
+            sent = getattr(transport, "bytes_sent", None)
+            if sent is None:  # a transport that cannot tell: only an empty queue proves it
+                if not transport.get_write_buffer_size():
+                    self.core.control_replies_written(new)
+                return
+            self._reply_marks.append((sent + transport.get_write_buffer_size(), new))
+            self._replies_marked += new
+        self._release_control_replies()
+
+    def _release_control_replies(self) -> None:
+        marks = self._reply_marks
+        sent = getattr(self._transport, "bytes_sent", 0)
+        while marks and marks[0][0] <= sent:
+            _, count = marks.popleft()
+            self._replies_marked -= count
+            self.core.control_replies_written(count)
+
+    def _bound_write_queue(self, transport: asyncio.Transport) -> None:
+        """Stop reading a peer that does not read: what it sends makes us write
+        (acknowledgements, answers), and that must not pile up here."""
+        queued = transport.get_write_buffer_size()
+        if queued > self.settings.max_write_queue:
+            self.reading_paused = True
+            self.read_pauses += 1
+            transport.pause_reading()
+            self._log.info("hbone_reading_paused", write_queue=queued, limit=self.settings.max_write_queue)
 
     def close(self, reason: str = "") -> None:
         """Graceful: GOAWAY, reset the tunnels, close the TLS connection."""
@@ -259,6 +317,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 tunnel._on_window_opened()
 
     def _on_connection_closed(self, event: events.ConnectionClosed) -> None:
+        self.goaway = event
         who = "peer" if event.remote else "us"
         code = getattr(event.error_code, "name", event.error_code)
         self._log.info("hbone_connection_goaway", by=who, error_code=code, reason=event.reason)

@@ -47,6 +47,11 @@ class HboneSettings:
     # Streams a client opens on one pooled connection over its lifetime before
     # the pool starts a fresh connection (ztunnel's max_streams_per_conn).
     client_streams_per_connection: int = 100
+    # Control-frame flood (both sides): every PING and SETTINGS the peer sends
+    # makes us queue an acknowledgement. More than this many queued and not yet
+    # written to the socket means the peer sends them without reading: GOAWAY
+    # ENHANCE_YOUR_CALM. Envoy's max_outbound_control_frames, same default.
+    max_outbound_control_frames: int = 1000
     # Rapid-reset protection (server): streams that end before we answered
     # them - cancelled by the peer, or refused by the core as malformed or over
     # a limit - cost us work and give the peer nothing. More than
@@ -73,6 +78,18 @@ class HboneSettings:
     server_idle_timeout_s: float = 600.0
     # Bytes read from a tunnel's TCP socket at once (one DATA frame at most).
     tcp_read_size: int = 256 * KiB
+    # Reading from the peer pauses while more than this many bytes wait in our
+    # TLS write queue (tunnels already stop producing DATA at 1 MiB), so a peer
+    # that does not read cannot make us buffer what we owe it without bound.
+    max_write_queue: int = 4 * MiB
+    # Inbound (15008) connection caps, enforced before the TLS handshake.
+    # Concurrent handshakes not yet authenticated; a new connection over the
+    # cap takes the place of the oldest one, so idle handshakes cannot lock
+    # real clients out.
+    max_pending_handshakes: int = 128
+    # Connections (handshaking or established) from one peer address, and in total.
+    max_connections_per_peer: int = 256
+    max_connections: int = 8192
 
     def __post_init__(self) -> None:
         if not _MIN_WINDOW <= self.stream_window <= _MAX_WINDOW:
@@ -88,7 +105,12 @@ class HboneSettings:
             "server_max_header_list_size",
             "client_streams_per_connection",
             "rapid_reset_limit",
+            "max_outbound_control_frames",
             "tcp_read_size",
+            "max_write_queue",
+            "max_pending_handshakes",
+            "max_connections_per_peer",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -207,6 +207,8 @@ class Tunnel:
             self._update_reading()
             return
         conn = self._conn
+        if conn.write_paused:
+            return  # the TLS queue is full: resume_writing() retries, so a window burst cannot pile up here
         taken = conn.core.send_data(self.stream_id, pending, borrow=True)  # bytes: immutable
         self.bytes_to_stream += taken
         if taken < len(pending):
