@@ -15,11 +15,12 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio
+import resource
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
@@ -40,6 +41,7 @@ from .identity.ca import DEFAULT_LEAF_TTL
 from .identity.ca_options import add_ca_client_arguments, ca_client_settings
 from .identity.istio_ca import CaClientSettings
 from .mesh import MeshRuntime, MeshSettings
+from .proxy.hbone.settings import HboneSettings
 from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService, ProxyView
@@ -77,6 +79,7 @@ class AgentConfig:
     cert_ttl: timedelta = DEFAULT_LEAF_TTL
     cleanup: bool = False
     event_loop: str = "auto"
+    hbone: HboneSettings = field(default_factory=HboneSettings)
 
     def mesh_settings(self) -> MeshSettings:
         return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
@@ -139,6 +142,23 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     identity.add_argument("--cert-ttl", type=float, default=DEFAULT_LEAF_TTL.total_seconds(), metavar="SECONDS",
                           help="lifetime asked for workload certificates; each is replaced at half the lifetime "
                                "it got (default: %(default)s)")
+    limits = parser.add_argument_group("limits", "what a hostile peer can make the proxy hold (HBONE, port 15008)")
+    defaults = HboneSettings()
+    limits.add_argument("--hbone-max-connections", type=int, default=defaults.max_connections,
+                        help="connections to 15008 at once, handshaking or established (default: %(default)s)")
+    limits.add_argument("--hbone-max-connections-per-peer", type=int, default=defaults.max_connections_per_peer,
+                        help="connections to 15008 at once from one peer address (default: %(default)s)")
+    limits.add_argument("--hbone-max-pending-handshakes", type=int, default=defaults.max_pending_handshakes,
+                        help="TLS handshakes in progress on 15008; over it the oldest is dropped "
+                             "(default: %(default)s)")
+    limits.add_argument("--hbone-max-outbound-control-frames", type=int,
+                        default=defaults.max_outbound_control_frames,
+                        help="PING/SETTINGS acknowledgements queued for a peer that does not read them before "
+                             "GOAWAY ENHANCE_YOUR_CALM, as Envoy's max_outbound_control_frames "
+                             "(default: %(default)s)")
+    limits.add_argument("--hbone-max-write-queue", type=int, default=defaults.max_write_queue, metavar="BYTES",
+                        help="bytes queued for one HBONE peer beyond which we stop reading it until it reads "
+                             "(default: %(default)s)")
     parser.add_argument("--event-loop", default=os.environ.get("AMBIT_EVENT_LOOP", "auto"), choices=eventloop.CHOICES,
                         help="event loop: uvloop (libuv, less proxy latency per hop), asyncio, or auto = uvloop "
                              "when installed (default: %(default)s)")
@@ -151,6 +171,14 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         parser.error("--discovery files needs at least one --config-file")
     if not 75 <= args.cert_ttl <= 365 * 86400:  # below, the CA's backdating would make it due at once
         parser.error("--cert-ttl must be between 75 seconds and a year")
+    try:
+        hbone = HboneSettings(max_connections=args.hbone_max_connections,
+                              max_connections_per_peer=args.hbone_max_connections_per_peer,
+                              max_pending_handshakes=args.hbone_max_pending_handshakes,
+                              max_outbound_control_frames=args.hbone_max_outbound_control_frames,
+                              max_write_queue=args.hbone_max_write_queue)
+    except ValueError as exc:
+        parser.error(str(exc))
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
                        node_name=args.node_name or socket.gethostname(), log_level=args.log_level,
                        capture=args.capture, proxy_netns=args.proxy_netns, bpffs_dir=args.bpffs_dir,
@@ -158,7 +186,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                        readiness_port=args.readiness_port, discovery=args.discovery,
                        files=tuple(args.config_file), kubeconfig=args.kubeconfig, trust_domain=args.trust_domain,
                        root_namespace=args.root_namespace, ca_dir=args.ca_dir, ca=ca_client_settings(args),
-                       cert_ttl=timedelta(seconds=args.cert_ttl), cleanup=args.cleanup, event_loop=args.event_loop)
+                       cert_ttl=timedelta(seconds=args.cert_ttl), cleanup=args.cleanup, event_loop=args.event_loop,
+                       hbone=hbone)
 
 
 class Agent:
@@ -271,7 +300,7 @@ class Agent:
         self._not_ready_reason = "creating the proxy namespace"
         await asyncio.to_thread(self.datapath.proxy_ns.ensure)
         self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip,
-                               self.mesh.mesh if self.mesh is not None else None)
+                               self.mesh.mesh if self.mesh is not None else None, hbone=self.config.hbone)
         await self.proxy.start()
         self._not_ready_reason = f"installing the {self.config.capture} datapath"
         await asyncio.to_thread(self.datapath.install)
@@ -300,6 +329,19 @@ def cleanup(config: AgentConfig) -> None:
     log.info("cleaned up", proxy_netns=config.proxy_netns, bpffs_dir=config.bpffs_dir)
 
 
+def raise_open_files_limit(config: AgentConfig) -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (as ztunnel does): every proxied
+    connection takes two descriptors and the caps on 15008 assume they exist.
+    Warns when the hard limit cannot hold --hbone-max-connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = hard if hard != resource.RLIM_INFINITY else None
+    if limit is not None and limit < 2 * config.hbone.max_connections + 1024:
+        log.warning("open files limit below what --hbone-max-connections needs", open_files=limit,
+                    hbone_max_connections=config.hbone.max_connections)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logconf.configure(config.log_level)
@@ -307,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         cleanup(config)
         return
     try:
+        raise_open_files_limit(config)
         require_backend(config.capture)
         eventloop.run(_serve(config), config.event_loop)
     except (SocketInUse, CaptureUnavailable, eventloop.EventLoopUnavailable) as exc:

@@ -18,6 +18,12 @@ For one accepted connection (docs/architecture.md, "A connection", step 4):
    (bounded by the stream window) and delivered after the connect.
 Every refusal is logged with its reason, bound to peer= and dst=.
 
+Before any of that, an accepted connection must fit the caps of
+`HboneSettings`: connections in total and per peer address (over either, it
+is closed at once), and handshakes not yet authenticated (over that cap the
+oldest one is dropped: idle handshakes cannot lock a real client out, and
+the cap bounds what they cost). Counted in `InboundStats.refused` by reason.
+
 Each tunnel admitted by policy is remembered with what it was admitted as
 (`InboundTunnel`) until it ends, so the node can decide again when policy
 changes and `revoke` the ones no longer allowed (RST_STREAM to the client,
@@ -26,6 +32,7 @@ RST to the pod).
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import ipaddress
 import socket
@@ -40,6 +47,7 @@ from ambit.agent.datapath.constants import PROXY_PORTS
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import TlsConnection, authenticate_client, require_alpn_h2
+from ambit.agent.telemetry.metrics import HboneServerCounters
 
 from .hbone.buffers import ScratchBuffers, tune_allocator
 from .hbone.outcomes import TunnelOutcome
@@ -48,7 +56,7 @@ from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
-from .sockets import errno_name
+from .sockets import errno_name, reset_socket
 from .tls_stream import TlsStream
 
 __all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]
@@ -74,15 +82,41 @@ async def _maybe_await(value: object) -> object:
     return value
 
 
+# Why a connection was refused or dropped before it could carry a tunnel (InboundStats.refused).
+REFUSAL_REASONS = ("max_connections", "max_connections_per_peer", "handshake_displaced", "tls_handshake",
+                   "client_identity", "no_local_workload", "no_certificate")
+
+
+_LIMIT_LOG_INTERVAL_S = 10.0
+
+
+class _Handshake:
+    """A TLS handshake in progress, and how to end it early."""
+
+    __slots__ = ("timeout", "displaced")
+
+    def __init__(self) -> None:
+        self.timeout: asyncio.Timeout | None = None
+        self.displaced = False
+
+    def displace(self) -> None:
+        self.displaced = True
+        if self.timeout is not None:
+            self.timeout.reschedule(asyncio.get_running_loop().time())
+
+
 class InboundStats:
     """Counters since start (plain attributes: cheap to bump on the data path)."""
 
     __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused",
-                 "tunnels_revoked")
+                 "tunnels_revoked", "refused", "goaway_sent", "read_pauses")
 
     def __init__(self) -> None:
         self.connections_accepted = 0  # mTLS up, client identity accepted
-        self.connections_refused = 0
+        self.connections_refused = 0  # all reasons
+        self.refused: collections.Counter[str] = collections.Counter(dict.fromkeys(REFUSAL_REASONS, 0))
+        self.goaway_sent: collections.Counter[str] = collections.Counter()  # by error code, peer's fault
+        self.read_pauses = 0  # of connections that ended: times one stopped reading a peer that did not read
         self.tunnels_requested = 0  # well-formed CONNECTs surfaced by the core
         self.tunnels_opened = 0  # answered 200
         self.tunnels_refused = 0  # answered 400/401/503 by us
@@ -148,6 +182,11 @@ class HboneInbound:
         self._revoked: set[Tunnel] = set()  # closed by policy: the revoker reports those
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
         self.stats = InboundStats()
+        self._admitted_total = 0  # connections past the caps: handshaking or established
+        self._per_peer: collections.Counter[str] = collections.Counter()
+        # Handshakes in progress, oldest first; displacing one expires its timeout now.
+        self._handshakes: dict[_Handshake, None] = {}
+        self._limit_logged: dict[str, float] = {}
 
     @property
     def settings(self) -> HboneSettings:
@@ -165,6 +204,14 @@ class HboneInbound:
     def connections(self) -> tuple[HboneServerProtocol, ...]:
         """The live connections (peer identity, tunnels, counters)."""
         return tuple(self._connections)
+
+    def counters(self) -> HboneServerCounters:
+        """A snapshot for the metrics (safe to take from another thread: copies made in C)."""
+        stats = self.stats
+        live = tuple(self._connections)
+        return HboneServerCounters(
+            connections=len(live), handshakes=len(self._handshakes), refused=stats.refused.copy(),
+            goaway_sent=stats.goaway_sent.copy(), read_pauses=stats.read_pauses + sum(c.read_pauses for c in live))
 
     def admitted_tunnels(self) -> tuple[InboundTunnel, ...]:
         """Tunnels policy admitted that have not ended (opening or open)."""
@@ -186,17 +233,40 @@ class HboneInbound:
 
     async def handle(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
         """Serve one accepted connection until it ends (a TransparentListener handler)."""
-        loop = asyncio.get_running_loop()
         log = self._log.bind(peer=str(accepted.client), dst=str(accepted.original_dst))
+        peer_ip = accepted.client.ip
+        settings = self._settings
+        if self._admitted_total >= settings.max_connections:
+            self._refuse_at_limit(log, "max_connections", settings.max_connections)
+            reset_socket(sock)
+            return
+        if self._per_peer[peer_ip] >= settings.max_connections_per_peer:
+            self._refuse_at_limit(log, "max_connections_per_peer", settings.max_connections_per_peer)
+            reset_socket(sock)
+            return
+        self._admitted_total += 1
+        self._per_peer[peer_ip] += 1
+        try:
+            await self._serve_connection(accepted, sock, log)
+        finally:
+            self._admitted_total -= 1
+            self._per_peer[peer_ip] -= 1
+            if not self._per_peer[peer_ip]:
+                del self._per_peer[peer_ip]
+
+    async def _serve_connection(
+        self, accepted: AcceptedConnection, sock: socket.socket, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        loop = asyncio.get_running_loop()
         identity = self._identity_for_local_ip(accepted.original_dst.ip)
         if identity is None:
-            self._refuse_connection(log, "no local workload at the destination address")
+            self._refuse_connection(log, "no_local_workload", "no local workload at the destination address")
             sock.close()
             return
         try:
             context = await self._contexts.server(identity)
         except Exception as exc:  # e.g. the certificate cannot be issued
-            self._refuse_connection(log, f"no certificate for {identity}: {exc}")
+            self._refuse_connection(log, "no_certificate", f"no certificate for {identity}: {exc}")
             sock.close()
             return
         trust_domain = self._contexts.trust_domain
@@ -209,22 +279,29 @@ class HboneInbound:
             self._start_tunnel(connection, tunnel, accepted, log)
 
         stream = TlsStream(loop, sock, context, server_side=True, read_buffer=self._scratch.tls)
+        handshake = _Handshake()
         try:
-            async with asyncio.timeout(self._settings.handshake_timeout_s):
+            async with asyncio.timeout(self._settings.handshake_timeout_s) as handshake.timeout:
+                self._begin_handshake(handshake)
                 await stream.handshake()
-        except Exception as exc:  # bad or missing client certificate, timeout, reset
+        except Exception as exc:  # bad or missing client certificate, timeout, displaced, reset
             stream.abort()
-            self._refuse_connection(log, f"TLS handshake failed: {type(exc).__name__}: {exc}")
+            if handshake.displaced:
+                self._refuse_at_limit(log, "handshake_displaced", self._settings.max_pending_handshakes)
+            else:
+                self._refuse_connection(log, "tls_handshake", f"TLS handshake failed: {type(exc).__name__}: {exc}")
             return
         except BaseException:
             stream.abort()
             raise
+        finally:
+            self._end_handshake(handshake)
         connection = HboneServerProtocol(
             self._settings, check_peer=check_client, on_tunnel_requested=on_request, scratch=self._scratch, log=log
         )
         stream.start(connection)
         if connection.failure is not None:
-            self._refuse_connection(log, f"client identity refused: {connection.failure}")
+            self._refuse_connection(log, "client_identity", f"client identity refused: {connection.failure}")
             return
         self._connections.add(connection)
         self.stats.connections_accepted += 1
@@ -236,6 +313,24 @@ class HboneInbound:
             raise
         finally:
             self._connections.discard(connection)
+            self._connection_ended(connection)
+
+    def _begin_handshake(self, handshake: _Handshake) -> None:
+        """Register a handshake; at the cap the oldest one makes room (its timeout fires now)."""
+        while len(self._handshakes) >= self._settings.max_pending_handshakes:
+            oldest = next(iter(self._handshakes))
+            del self._handshakes[oldest]
+            oldest.displace()
+        self._handshakes[handshake] = None
+
+    def _end_handshake(self, handshake: _Handshake) -> None:
+        self._handshakes.pop(handshake, None)
+
+    def _connection_ended(self, connection: HboneServerProtocol) -> None:
+        self.stats.read_pauses += connection.read_pauses
+        goaway = connection.goaway
+        if goaway is not None and not goaway.remote and goaway.error_code:
+            self.stats.goaway_sent[getattr(goaway.error_code, "name", str(goaway.error_code))] += 1
 
     async def serve_socket(self, listening: socket.socket) -> None:
         """Accept loop for a plain listening socket (no transparent capture)."""
@@ -262,9 +357,23 @@ class HboneInbound:
             for task in handlers:
                 task.cancel()
 
-    def _refuse_connection(self, log: structlog.typing.FilteringBoundLogger, reason: str) -> None:
+    def _refuse_connection(self, log: structlog.typing.FilteringBoundLogger, kind: str, reason: str) -> None:
         self.stats.connections_refused += 1
+        self.stats.refused[kind] += 1
         log.info("hbone_connection_refused", reason=reason)
+
+    def _refuse_at_limit(self, log: structlog.typing.FilteringBoundLogger, limit_name: str, limit: int) -> None:
+        """A cap refused or displaced a connection: counted always, logged at info
+        at most once per 10 s per cap (a flood must not become a log flood)."""
+        self.stats.connections_refused += 1
+        self.stats.refused[limit_name] += 1
+        now = time.monotonic()
+        if now - self._limit_logged.get(limit_name, -_LIMIT_LOG_INTERVAL_S) >= _LIMIT_LOG_INTERVAL_S:
+            self._limit_logged[limit_name] = now
+            log.warning("hbone_connection_limit", limit=limit_name, value=limit,
+                        refused_so_far=self.stats.refused[limit_name])
+        else:
+            log.debug("hbone_connection_refused", reason=f"{limit_name} ({limit}) reached")
 
     # --- tunnels -----------------------------------------------------------------------------
 

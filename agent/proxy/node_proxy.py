@@ -55,6 +55,7 @@ from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
 from .hbone.outcomes import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
+from .hbone.settings import HboneSettings
 from .inbound import HboneInbound, InboundTunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress, TransparentListener
 from .pool import HboneClientPool, PoolKey
@@ -114,8 +115,9 @@ class _Outcome:
 
 class NodeProxy:
     def __init__(self, proxy_netns: str, metrics: Metrics, workload_by_ip: WorkloadLookup,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None, hbone: HboneSettings | None = None) -> None:
         self.proxy_netns = proxy_netns
+        self.hbone_settings = hbone or HboneSettings()
         self.connections = ConnectionRegistry()
         self.metrics = metrics
         self.mesh = mesh
@@ -139,11 +141,13 @@ class NodeProxy:
         self._thread = NetnsThread(self.proxy_netns)
         self._upstream = NetnsUpstreamSockets(self._thread)
         if self.mesh is not None:
-            self.pool = HboneClientPool(self.mesh.certificates, self._socket_from)
+            self.pool = HboneClientPool(self.mesh.certificates, self._socket_from, settings=self.hbone_settings)
             self.inbound = HboneInbound(
                 self.mesh.certificates, identity_for_local_ip=self._local_identity,
                 is_local_workload=lambda ip: self._local_identity(ip) is not None,
-                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone, observer=self)
+                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone, observer=self,
+                settings=self.hbone_settings)
+            self.metrics.watch_hbone_server(lambda: self.inbound.counters() if self.inbound else None)
             self.metrics.pool_connections.set_function(lambda: self.pool.stats().connections if self.pool else 0)
             self.metrics.pool_streams.set_function(lambda: self.pool.stats().tunnels if self.pool else 0)
             self._unsubscribe = self.mesh.state.subscribe(self._on_cluster_change)

@@ -8,9 +8,11 @@ touches a metric.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Istio's TCP label set (istio.io/latest/docs/reference/config/metrics).
 TCP_LABELS = (
@@ -51,6 +53,49 @@ class TcpLabels:
         return tuple(asdict(self).values())
 
 
+@dataclass(frozen=True)
+class HboneServerCounters:
+    """What the HBONE server (15008) counts, taken at scrape time (agent/proxy/inbound.py)."""
+
+    connections: int  # authenticated, open now
+    handshakes: int  # TLS handshakes in progress now
+    refused: Mapping[str, int]  # by reason, since start
+    goaway_sent: Mapping[str, int]  # by error code, since start
+    read_pauses: int  # since start
+
+
+class _HboneServerCollector:
+    """Renders the HBONE server's counters when scraped: nothing on the data path."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], HboneServerCounters | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.source()
+        if server is None:
+            return
+        yield GaugeMetricFamily("ambit_hbone_server_connections", "Authenticated HBONE connections open on 15008",
+                                value=server.connections)
+        yield GaugeMetricFamily("ambit_hbone_server_handshakes", "TLS handshakes in progress on 15008 "
+                                "(capped: --hbone-max-pending-handshakes)", value=server.handshakes)
+        refused = CounterMetricFamily("ambit_hbone_server_connections_refused",
+                                      "Connections to 15008 refused or dropped before carrying a tunnel, by reason "
+                                      "(the caps: max_connections, max_connections_per_peer, handshake_displaced)",
+                                      labels=("reason",))
+        for reason, count in server.refused.items():
+            refused.add_metric((reason,), count)
+        yield refused
+        goaways = CounterMetricFamily("ambit_hbone_server_goaways_sent",
+                                      "Connections we closed with GOAWAY because the peer broke a rule, by error code "
+                                      "(ENHANCE_YOUR_CALM: control-frame flood, rapid reset)", labels=("error_code",))
+        for code, count in server.goaway_sent.items():
+            goaways.add_metric((code,), count)
+        yield goaways
+        yield CounterMetricFamily("ambit_hbone_server_reading_paused",
+                                  "Times a connection stopped reading a peer that left our replies unread",
+                                  value=server.read_pauses)
+
+
 class Metrics:
     """Every metric the agent exports, in one registry (tests get their own)."""
 
@@ -81,6 +126,12 @@ class Metrics:
         self.policies_rejected = Gauge("ambit_policies_rejected",
                                        "Policies that failed to parse; each denies every connection to the "
                                        "workloads it would select", ("kind",), registry=r)
+        self._hbone_server = _HboneServerCollector()
+        r.register(self._hbone_server)  # type: ignore[arg-type]
+
+    def watch_hbone_server(self, source: Callable[[], HboneServerCounters | None]) -> None:
+        """Export the HBONE server's counters (read from `source` at each scrape)."""
+        self._hbone_server.source = source
 
     def opened(self, labels: TcpLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()

@@ -39,6 +39,7 @@ from ambit.agent.proxy.sockets import reset_socket
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.listeners import ListenerKind, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
+from tests.support import hostile_peer
 from tests.support.waiting import until
 from tests.support.hbone_lab import (
     AppServer,
@@ -778,3 +779,121 @@ def test_a_silent_tcp_client_is_dropped_after_the_handshake_timeout(lab: Lab) ->
         await mesh.assert_fresh_tunnel_works()
 
     lab.run(scenario, settings=HboneSettings(handshake_timeout_s=0.5))
+
+
+# --- peers that do not read ------------------------------------------------------------------------------
+
+
+def test_a_peer_that_pings_without_reading_is_cut_off_with_goaway(lab: Lab) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        bystander = await mesh.open(mesh.pool())
+        context = client_context(mesh.ids.store, CART)
+        report = await asyncio.to_thread(
+            hostile_peer.ping_flood, SERVER_IP, HBONE_PORT, context, 300_000, source_ip=CLIENT_IP
+        )
+        assert report.goaway_error == "ENHANCE_YOUR_CALM", report
+        assert "acknowledgements queued" in report.goaway_reason
+        assert report.end == "eof", report  # close_notify and FIN after the GOAWAY, no RST
+        assert report.ping_acks < report.pings_sent
+        (failed,) = mesh.refusals("hbone_connection_failed")
+        assert failed["error_code"] == "ENHANCE_YOUR_CALM"
+        await until(lambda: mesh.inbound.connection_count == 1, what="flooding connection gone")
+        assert mesh.inbound.stats.goaway_sent == {"ENHANCE_YOUR_CALM": 1}
+        await asyncio.get_running_loop().sock_sendall(bystander.pod, b"still fine")
+        assert await read_exactly(bystander.upstream, 10) == b"still fine"
+        await mesh.assert_fresh_tunnel_works()
+
+    lab.run(scenario)
+
+
+def test_reading_pauses_while_a_peer_leaves_our_replies_unread(lab: Lab) -> None:
+    """No control-frame cap here: what bounds us is the write queue. The peer's
+    PINGs wait in the kernel, not in the agent, until it reads again."""
+    settings = HboneSettings(max_outbound_control_frames=10**9, max_write_queue=1 * MiB)
+    pings = 3_000_000  # 51 MB of PINGs, 51 MB of ACKs owed
+
+    async def scenario(mesh: Mesh) -> None:
+        context = client_context(mesh.ids.store, CART)
+        queued: list[int] = []
+
+        def largest_queue() -> bool:
+            queued.extend(c.write_queue_size for c in mesh.inbound.connections)
+            return any(c.read_pauses for c in mesh.inbound.connections)
+
+        flood = asyncio.create_task(asyncio.to_thread(
+            hostile_peer.ping_flood, SERVER_IP, HBONE_PORT, context, pings, source_ip=CLIENT_IP,
+            send_deadline_s=2.0, read_idle_s=10.0,
+        ))
+        await until(largest_queue, timeout=60, what="reading paused")
+        while not flood.done():
+            largest_queue()
+            await asyncio.sleep(0.01)
+        report = flood.result()
+        # It read again: everything it sent was answered, nothing was cut off.
+        assert report.end == "all acknowledged" and report.goaway_error is None, report
+        assert report.ping_acks >= report.pings_sent > 0  # (a TLS record cut short at the deadline went too)
+        # Past the bound by at most one read's worth of replies (256 KiB of PINGs).
+        assert max(queued) <= settings.max_write_queue + 256 * KiB, max(queued)
+        assert mesh.refusals("hbone_reading_paused")
+
+    lab.run(scenario, settings=settings, timeout=180)
+
+
+# --- connection caps ------------------------------------------------------------------------------------------
+
+
+def test_idle_handshakes_over_the_cap_make_room_for_new_ones(lab: Lab) -> None:
+    settings = HboneSettings(max_pending_handshakes=5)
+
+    async def scenario(mesh: Mesh) -> None:
+        hello = hostile_peer.client_hello_start()
+        socks, report = await asyncio.to_thread(
+            hostile_peer.hold_idle, SERVER_IP, HBONE_PORT, 20, hello=hello, source_ip=NOT_LOCAL_IP)
+        mesh.sockets += socks
+        assert report.opened == 20, report
+        refused = mesh.inbound.stats.refused
+        await until(lambda: refused["handshake_displaced"] == 15, what="15 handshakes displaced")
+        await until(lambda: hostile_peer.count_closed(socks) == 15, what="the 15 oldest closed by the server")
+        assert mesh.inbound.counters().handshakes == 5
+        (logged,) = mesh.refusals("hbone_connection_limit")  # once, not once per connection
+        assert logged["limit"] == "handshake_displaced"
+        # A real client's handshake displaces the oldest idle one and completes.
+        await mesh.assert_fresh_tunnel_works()
+        assert refused["handshake_displaced"] == 16
+
+    lab.run(scenario, settings=settings)
+
+
+def test_connections_over_the_per_peer_and_total_caps_are_reset(lab: Lab) -> None:
+    settings = HboneSettings(max_connections_per_peer=2, max_connections=3)
+
+    async def scenario(mesh: Mesh) -> None:
+        refused = mesh.inbound.stats.refused
+
+        async def hold(source_ip: str, count: int) -> list[socket.socket]:
+            socks, report = await asyncio.to_thread(hostile_peer.hold_idle, SERVER_IP, HBONE_PORT, count,
+                                                    source_ip=source_ip)
+            mesh.sockets.extend(socks)
+            # A reset can beat the client's own view of its connect.
+            return socks + [None] * report.failed.get("ECONNRESET", 0)  # type: ignore[list-item]
+
+        def reset(socks: list[socket.socket]) -> bool:
+            return hostile_peer.count_closed([s for s in socks if s is not None]) + socks.count(None) == len(socks)
+
+        two = await hold(CLIENT_IP, 2)
+        await until(lambda: mesh.inbound.counters().handshakes == 2, what="two handshakes under way")
+        third = await hold(CLIENT_IP, 1)
+        await until(lambda: reset(third), what="the third from one address reset")
+        assert refused["max_connections_per_peer"] == 1
+        await hold(NOT_LOCAL_IP, 1)
+        await until(lambda: mesh.inbound.counters().handshakes == 3, what="three handshakes under way")
+        fourth = await hold(OTHER_POD_IP, 1)
+        await until(lambda: reset(fourth), what="the fourth overall reset")
+        assert refused["max_connections"] == 1
+        assert hostile_peer.count_closed(two) == 0
+        for sock in two:
+            sock.close()
+        await until(lambda: mesh.inbound.counters().handshakes == 1, what="the closed ones forgotten")
+        await mesh.assert_fresh_tunnel_works()
+
+    lab.run(scenario, settings=settings)

@@ -106,6 +106,11 @@ class HboneConnection(asyncio.BufferedProtocol):
     def tunnel_count(self) -> int:
         return len(self.tunnels)
 
+    @property
+    def write_queue_size(self) -> int:
+        """Bytes written to the transport and not yet taken by the kernel."""
+        return self._transport.get_write_buffer_size() if self._transport is not None and not self._lost else 0
+
     def read_buffer(self) -> memoryview:
         """The buffer tunnels read their TCP sockets into (used synchronously, then reused)."""
         return self._scratch.tcp
