@@ -47,7 +47,7 @@ from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService, ProxyView
 from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
 from .enrolment_records import StateStore
-from .telemetry.http import TelemetryServer
+from .telemetry.http import HttpLimits, TelemetryServer
 from .telemetry.metrics import Metrics
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
@@ -80,6 +80,7 @@ class AgentConfig:
     cleanup: bool = False
     event_loop: str = "auto"
     hbone: HboneSettings = field(default_factory=HboneSettings)
+    telemetry: HttpLimits = field(default_factory=HttpLimits)
 
     def mesh_settings(self) -> MeshSettings:
         return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
@@ -142,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     identity.add_argument("--cert-ttl", type=float, default=DEFAULT_LEAF_TTL.total_seconds(), metavar="SECONDS",
                           help="lifetime asked for workload certificates; each is replaced at half the lifetime "
                                "it got (default: %(default)s)")
-    limits = parser.add_argument_group("limits", "what a hostile peer can make the proxy hold (HBONE, port 15008)")
+    limits = parser.add_argument_group("limits", "what a hostile peer can make the agent hold (HBONE on 15008, "
+                                                 "metrics and readiness on 15020/15021)")
     defaults = HboneSettings()
     limits.add_argument("--hbone-max-connections", type=int, default=defaults.max_connections,
                         help="connections to 15008 at once, handshaking or established (default: %(default)s)")
@@ -159,6 +161,13 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     limits.add_argument("--hbone-max-write-queue", type=int, default=defaults.max_write_queue, metavar="BYTES",
                         help="bytes queued for one HBONE peer beyond which we stop reading it until it reads "
                              "(default: %(default)s)")
+    http_defaults = HttpLimits()
+    limits.add_argument("--telemetry-max-connections", type=int, default=http_defaults.max_connections,
+                        help="connections held per metrics/readiness port; a new one displaces the longest idle "
+                             "(default: %(default)s)")
+    limits.add_argument("--telemetry-request-timeout", type=float, default=http_defaults.request_timeout_s,
+                        metavar="SECONDS", help="for a metrics/readiness client to send its request "
+                                                "(default: %(default)s)")
     parser.add_argument("--event-loop", default=os.environ.get("AMBIT_EVENT_LOOP", "auto"), choices=eventloop.CHOICES,
                         help="event loop: uvloop (libuv, less proxy latency per hop), asyncio, or auto = uvloop "
                              "when installed (default: %(default)s)")
@@ -177,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                               max_pending_handshakes=args.hbone_max_pending_handshakes,
                               max_outbound_control_frames=args.hbone_max_outbound_control_frames,
                               max_write_queue=args.hbone_max_write_queue)
+        telemetry = HttpLimits(max_connections=args.telemetry_max_connections,
+                               request_timeout_s=args.telemetry_request_timeout)
     except ValueError as exc:
         parser.error(str(exc))
     return AgentConfig(socket=args.socket, state_dir=args.state_dir,
@@ -187,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                        files=tuple(args.config_file), kubeconfig=args.kubeconfig, trust_domain=args.trust_domain,
                        root_namespace=args.root_namespace, ca_dir=args.ca_dir, ca=ca_client_settings(args),
                        cert_ttl=timedelta(seconds=args.cert_ttl), cleanup=args.cleanup, event_loop=args.event_loop,
-                       hbone=hbone)
+                       hbone=hbone, telemetry=telemetry)
 
 
 class Agent:
@@ -201,7 +212,7 @@ class Agent:
         self.enrolment = Enrolment(self.store, RecordOnly(), on_capture_failure=self.metrics.ebpf_attach_failures.inc)
         self.metrics.enrolled_pods.set_function(self.enrolment.enrolled_count)
         self.telemetry = TelemetryServer(self.metrics.registry, self.readiness, config.telemetry_address,
-                                         config.metrics_port, config.readiness_port)
+                                         config.metrics_port, config.readiness_port, config.telemetry)
         self.datapath: Datapath | NftDatapath | None = None
         self.proxy: NodeProxy | None = None
         self.mesh = MeshRuntime(config.mesh_settings(), self.enrolment.workload_by_ip) \
