@@ -1,6 +1,7 @@
 /* proxy_ingress: tc ingress of eth0 inside the proxy namespace; sees every
- * packet capture_outbound/capture_inbound redirected, plus the node's own
- * traffic to the proxy's address.
+ * packet capture_outbound/capture_inbound redirected, plus what is routed
+ * to the proxy's own address (only the node's metrics/readiness traffic is
+ * let through there).
  *
  * Steering by bpf_sk_assign, no NAT: the packet keeps its original
  * destination, so an accepted socket's getsockname() is the address the
@@ -13,6 +14,26 @@ static __always_inline int accept_marked(struct __sk_buff *skb, __u32 verdict)
 {
 	skb->mark |= MARK_CAPTURED;
 	return count(verdict, TC_ACT_OK);
+}
+
+/* The proxy's own address is no way in: the listeners are bound to any
+ * address, so a SYN for 169.254.7.2:15001 from a pod would reach one without
+ * the capture (and the outbound proxy would dial its own address again).
+ * Only the node, to the metrics and readiness ports, may use it. A pod
+ * cannot pass for the node: the node drops pod packets with a node source
+ * (no accept_local on veths), and what it cannot see (the capture's
+ * redirect) would be a blind SYN, whose answer goes to the node. */
+static __always_inline int to_own_addr(struct __sk_buff *skb, struct iphdr *ip)
+{
+	if (ip->saddr == bpf_htonl(NODE_LINK_ADDR)) {
+		if (ip->frag_off & bpf_htons(AMBIT_IP_FRAG_MASK))
+			return count(VERDICT_PROXY_PASS_OWN_ADDR, TC_ACT_OK);
+		struct tcphdr *tcp = tcp_header(skb, ip);
+		if (tcp && (tcp->dest == bpf_htons(METRICS_PORT) ||
+			    tcp->dest == bpf_htons(READINESS_PORT)))
+			return count(VERDICT_PROXY_PASS_OWN_ADDR, TC_ACT_OK);
+	}
+	return count(VERDICT_PROXY_DROP_OWN_ADDR, TC_ACT_SHOT);
 }
 
 /* The listener for a new connection, chosen by direction. */
@@ -44,9 +65,10 @@ int proxy_ingress(struct __sk_buff *skb)
 		 * stack (nothing else is captured). */
 		return count(VERDICT_PROXY_PASS_NOT_TCP4, TC_ACT_OK);
 	if (ip->daddr == bpf_htonl(PROXY_LINK_ADDR))
-		/* Addressed to the proxy itself (the node scraping 15020 or
-		 * probing 15021): ordinary local delivery, no steering. */
-		return count(VERDICT_PROXY_PASS_OWN_ADDR, TC_ACT_OK);
+		/* Addressed to the proxy itself: the node scraping 15020 or
+		 * probing 15021 gets ordinary local delivery, anyone else is
+		 * dropped. */
+		return to_own_addr(skb, ip);
 	if (ip->frag_off & bpf_htons(AMBIT_IP_FRAG_MASK))
 		/* A fragment carries no reliable ports; the stack reassembles
 		 * it and finds the owning socket itself (a SYN is never

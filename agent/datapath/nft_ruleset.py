@@ -28,7 +28,8 @@ Proxy namespace:
       set local_pods  { pod IPv4 }  (an enrolled pod's SYN is outbound)
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif != eth0 or not TCP      -> accept untouched
-        ip daddr 169.254.7.2        -> accept: the node talks to the proxy [proxy_pass_own_addr]
+        ip daddr 169.254.7.2        -> from the node (169.254.7.1) to 15020/15021: accept
+                                       [proxy_pass_own_addr]; else drop    [proxy_drop_own_addr]
         not a pure SYN              -> mark 0x100, accept: the stack finds
                                        the owner or answers RST            [proxy_not_syn]
         ip saddr @local_pods        -> goto to_outbound
@@ -70,8 +71,8 @@ MANGLE_PRIORITY = -150
 # Named counters per namespace, the nftables counterpart of verdict_counts.
 NODE_COUNTERS = ("in_pass_from_proxy", "out_pass_to_node", "out_redirect", "in_redirect")
 BRIDGE_COUNTERS = ("bridge_lift_out", "bridge_lift_in")
-PROXY_COUNTERS = ("proxy_pass_own_addr", "proxy_not_syn", "proxy_to_outbound", "proxy_to_hbone",
-                  "proxy_to_inbound_plaintext", "proxy_drop_no_listener")
+PROXY_COUNTERS = ("proxy_pass_own_addr", "proxy_drop_own_addr", "proxy_not_syn", "proxy_to_outbound",
+                  "proxy_to_hbone", "proxy_to_inbound_plaintext", "proxy_drop_no_listener")
 
 # Which listener a pure SYN goes to, by chain (see proxy_rules).
 PROXY_STEERING = (
@@ -225,8 +226,15 @@ def proxy_rules(proxy_link_ifindex: int) -> list[Command]:
     cmds += [
         _rule("ip", "prerouting", _match(_meta("iif"), proxy_link_ifindex, "!="), {"accept": None}),
         _rule("ip", "prerouting", _match(_meta("l4proto"), "tcp", "!="), {"accept": None}),
+        # The proxy's own address is no way in around the capture (the
+        # listeners are bound to any address): only the node, to the
+        # metrics and readiness ports (docs/datapath.md).
         _rule("ip", "prerouting", _match(_payload("ip", "daddr"), constants.PROXY_LINK_ADDR),
+              _match(_payload("ip", "saddr"), constants.NODE_LINK_ADDR),
+              _match(_payload("tcp", "dport"), {"set": [constants.METRICS_PORT, constants.READINESS_PORT]}),
               _counter("proxy_pass_own_addr"), {"accept": None}),
+        _rule("ip", "prerouting", _match(_payload("ip", "daddr"), constants.PROXY_LINK_ADDR),
+              _counter("proxy_drop_own_addr"), {"drop": None}),
         # Replies to the proxy's upstream sockets, segments of accepted
         # connections, TIME_WAIT, strays: the mark makes them local; the
         # stack's own socket lookup finds the owner or resets.

@@ -67,7 +67,7 @@ VERDICTS = (
     "drop_no_proxy_link", "drop_rewrite_failed",
     "proxy_pass_not_tcp4", "proxy_pass_own_addr", "proxy_owned", "proxy_no_owner",
     "proxy_to_outbound", "proxy_to_inbound_plaintext", "proxy_to_hbone",
-    "proxy_drop_malformed", "proxy_drop_no_listener", "proxy_drop_assign_failed",
+    "proxy_drop_malformed", "proxy_drop_no_listener", "proxy_drop_assign_failed", "proxy_drop_own_addr",
 )
 
 # The C structs of bpf/ambit.h as the maps hold them (native byte order,
@@ -107,6 +107,9 @@ def cflags(pin_dir: str) -> list[str]:
         f"-DHBONE_PORT={constants.HBONE_PORT}",
         f"-DMARK_CAPTURED={constants.MARK_CAPTURED:#x}",
         f"-DPROXY_LINK_ADDR={int(ipaddress.IPv4Address(constants.PROXY_LINK_ADDR)):#x}",
+        f"-DNODE_LINK_ADDR={int(ipaddress.IPv4Address(constants.NODE_LINK_ADDR)):#x}",
+        f"-DMETRICS_PORT={constants.METRICS_PORT}",
+        f"-DREADINESS_PORT={constants.READINESS_PORT}",
         f"-DMAX_LOCAL_PODS={MAX_LOCAL_PODS}",
         f"-DVERDICT_COUNT={len(VERDICTS)}",
     ]

@@ -11,9 +11,11 @@ pods') see, which must be the same for both backends; the verdict counters
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import select
 import socket
 import subprocess
 import time
@@ -456,6 +458,41 @@ def test_node_reaches_the_proxy_address_without_steering(node, proxy, closing):
     delta = counts_delta(node, before)
     assert delta.get("proxy_pass_own_addr", 0) >= 2
     assert not any(k.startswith("proxy_to_") for k in delta)
+
+
+def test_pods_cannot_reach_the_proxy_through_its_own_address(node, pods, proxy, closing):
+    """The listeners are bound to any address, so a SYN for 169.254.7.2:15001
+    would reach one without the capture. Enrolled (a) or not (c), a pod's
+    SYN to the proxy's address is dropped on every port, and counted."""
+    proxy_link = f"{ipaddress.ip_interface(constants.PROXY_LINK_ADDR + '/30').network}"
+    routed = []
+    try:
+        for pod in (pods.a, pods.c):  # these pods have no default route: give them one there
+            gateway = str(next(ipaddress.ip_network(f"{pod.ip}/25", strict=False).hosts()))
+            with IPRoute(netns=pod.netns, flags=0) as ipr:
+                ipr.route("replace", dst=proxy_link, gateway=gateway)
+            routed.append(pod)
+        before = node.datapath.verdict_counts()
+        ports = (constants.OUTBOUND_PORT, constants.INBOUND_PLAINTEXT_PORT, constants.HBONE_PORT,
+                 constants.METRICS_PORT)
+        attempts = []
+        for pod in (pods.a, pods.c):
+            for port in ports:
+                client = closing(tcp_socket(pod.netns))
+                client.setblocking(False)
+                result = client.connect_ex((constants.PROXY_LINK_ADDR, port))
+                assert result == errno.EINPROGRESS, (pod.name, port, errno.errorcode.get(result))
+                attempts.append(client)
+        # Dropped: no SYN-ACK, no RST; each SYN counted (retransmissions too).
+        assert select.select([], attempts, attempts, SHORT) == ([], [], [])
+        assert proxy.idle()
+        delta = counts_delta(node, before)
+        assert delta.get("proxy_drop_own_addr", 0) >= len(attempts)
+        assert "proxy_pass_own_addr" not in delta
+    finally:
+        for pod in routed:
+            with IPRoute(netns=pod.netns, flags=0) as ipr:
+                ipr.route("del", dst=proxy_link)
 
 
 def test_port_reuse_against_a_proxy_time_wait_connects(node, pods, proxy, closing):

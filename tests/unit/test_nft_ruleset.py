@@ -62,7 +62,12 @@ def test_every_steering_chain_ends_fail_closed_and_uses_the_shared_constants():
         assert {"tproxy": {"port": port}} in steer and {"counter": counter} in steer
         assert last == [{"counter": "proxy_drop_no_listener"}, {"drop": None}]
     own = [r for r in rules if {"counter": "proxy_pass_own_addr"} in r["expr"]][0]
-    assert own["expr"][0]["match"]["right"] == constants.PROXY_LINK_ADDR
+    assert [e["match"]["right"] for e in own["expr"][:3]] == [
+        constants.PROXY_LINK_ADDR, constants.NODE_LINK_ADDR, {"set": [constants.METRICS_PORT, constants.READINESS_PORT]}]
+    # Right after it, anything else for the proxy's address is dropped.
+    assert rules[rules.index(own) + 1]["expr"] == [
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": constants.PROXY_LINK_ADDR}},
+        {"counter": "proxy_drop_own_addr"}, {"drop": None}]
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     assert node[2]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iif"}}, "right": 3}
     # every counter a rule names is declared
