@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import resource
 import selectors
 import socket
@@ -232,7 +233,13 @@ def hold_idle(host: str, port: int, count: int, *, hello: bytes = b"", source_ip
                     sock.close()
                     continue
                 if hello:
-                    sock.send(hello)
+                    try:
+                        sock.send(hello)
+                    except OSError as exc:  # already reset by the server
+                        name = errno.errorcode.get(exc.errno or 0, str(exc))
+                        report.failed[name] = report.failed.get(name, 0) + 1
+                        sock.close()
+                        continue
                 socks.append(sock)
         for key in list(selector.get_map().values()):
             report.failed["timeout"] = report.failed.get("timeout", 0) + 1
@@ -359,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     idle.add_argument("port", type=int)
     idle.add_argument("--count", type=int, required=True)
     idle.add_argument("--tls-hello", action="store_true", help="start a TLS handshake on each, then go silent")
+    idle.add_argument("--ready-file", help="written (opened/failed counts) once every connection is set up")
     dialp = sub.add_parser("dial")
     dialp.add_argument("host")
     dialp.add_argument("port", type=int)
@@ -373,7 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       args.authority)))
     elif args.command == "idle":
         socks, report = hold_idle(args.host, args.port, args.count, hello=client_hello_start() if args.tls_hello else b"")
-        print(json.dumps({"opened": report.opened, "failed": report.failed}), flush=True)
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as ready:
+                json.dump({"opened": report.opened, "failed": report.failed}, ready)
+            os.rename(args.ready_file + ".tmp", args.ready_file)
         sys.stdin.read()  # hold until the test says so (closes our stdin)
         report.closed_by_server = count_closed(socks)
         report.still_open = len(socks) - report.closed_by_server
