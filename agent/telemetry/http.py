@@ -39,6 +39,7 @@ Route = Callable[[], Awaitable[Response]]
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _LIMIT_LOG_INTERVAL_S = 10.0
+_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retransmissions
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class TelemetryServer:
         socks: list[socket.socket] = []
         try:
             for port in self._port_numbers:
-                socks.append(socket.create_server((self._address, port), reuse_port=False, backlog=1024))
+                socks.append(socket.create_server((self._address, port), backlog=_BACKLOG))
         except OSError:
             for sock in socks:
                 sock.close()
@@ -219,7 +220,7 @@ class TelemetryServer:
         try:
             for port in self._ports:
                 servers.append(await asyncio.start_server(
-                    lambda r, w, port=port: self._client(port, r, w), sock=port.sock,
+                    lambda r, w, port=port: self._client(port, r, w), sock=port.sock, backlog=_BACKLOG,
                     limit=self.limits.max_request_bytes))
             started.set()
             await self._stop.wait()

@@ -197,6 +197,7 @@ def test_2000_idle_tls_handshakes_do_not_delay_a_good_clients_connect(lab, clien
     before = scrape(lab, "node2")
     displaced = metric(before, "ambit_hbone_server_connections_refused_total", reason="handshake_displaced")
     rss_before = proc_status(pid, "VmRSS")
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
     attacker = Background(lab, "legacy/probe-0", [*TOOL, "idle", web1, str(constants.HBONE_PORT), "--count", "2000",
                                                   "--tls-hello"], tmp_path / "ready")
     try:
@@ -204,8 +205,9 @@ def test_2000_idle_tls_handshakes_do_not_delay_a_good_clients_connect(lab, clien
         answer = in_node(lab, "node1", hostile_peer.connect_once, web1, constants.HBONE_PORT,
                          client_identity.context(), f"{web1}:8080")
         rss_growth = proc_status(pid, "VmRSS") - rss_before
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
         observed("idle handshakes", attacker=setup, good_connect=answer, agent_rss_growth_kb=rss_growth,
-                 agent_fds=len(os.listdir(f"/proc/{pid}/fd")))
+                 agent_fds=(fds_before, fds))
         assert answer["status"] == 200, answer
         assert answer["seconds"] < 1.0, answer  # the one time budget the issue states
         # All but the newest 128 were displaced (and the good client displaced one more).
@@ -213,7 +215,7 @@ def test_2000_idle_tls_handshakes_do_not_delay_a_good_clients_connect(lab, clien
                                   reason="handshake_displaced") >= displaced + 2000 - 128,
                    "2000 - 128 handshakes displaced")
         assert metric(scrape(lab, "node2"), "ambit_hbone_server_handshakes") <= 128
-        assert rss_growth < 16 * 1024  # 128 handshakes at most, not 2,000
+        assert fds - fds_before <= 128 + 64  # the cap's worth of sockets (and some in flight), not 2,000
     finally:
         report = attacker.stop()
     # Closed by the server: seen while holding, or already while connecting.
