@@ -16,20 +16,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 
 from ambit.agent.datapath import constants
 from ambit.agent.datapath.bpfsys import BpfMap
 from ambit.agent.datapath.programs import COUNTER, U32_KEY, VERDICTS
 from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab import labconfig
+from ambit.lab.node import spawn_in_netns
 from ambit.lab.topology import Lab
 
 from tests.support import hostile_peer
@@ -133,32 +132,21 @@ class Background:
     its stdin closes, then prints its report; `ready` is what it wrote once they were all set up."""
 
     def __init__(self, lab: Lab, pod: str, argv: list[str], ready_file: Path) -> None:
-        self.result: dict[str, Any] = {}
         self._ready_file = ready_file
         argv = [*argv, "--ready-file", str(ready_file)]
-        read_fd, self._write_fd = os.pipe()
-        path = netns_path(lab.find_pod(pod).netns)
-
-        def run() -> None:
-            with open(read_fd, "rb") as stdin:
-                proc = subprocess.run(argv, stdin=stdin, capture_output=True, timeout=300,
-                                      preexec_fn=lambda: pyroute2_netns.setns(path, flags=0, fork=False))
-            lines = proc.stdout.decode().splitlines()
-            self.result = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr.decode()}
-
-        self._thread = threading.Thread(target=run)
-        self._thread.start()
+        self._proc = spawn_in_netns(netns_path(lab.find_pod(pod).netns), lambda: subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
 
     def ready(self) -> dict[str, Any]:
-        wait_until(lambda: self._ready_file.exists() or not self._thread.is_alive(), "the attacker's connections set up",
-                   timeout=120)
-        assert self._ready_file.exists(), self.result
+        wait_until(lambda: self._ready_file.exists() or self._proc.poll() is not None,
+                   "the attacker's connections set up", timeout=120)
+        assert self._ready_file.exists(), self._proc.communicate(timeout=10)
         return json.loads(self._ready_file.read_text())
 
     def stop(self) -> dict[str, Any]:
-        os.close(self._write_fd)
-        self._thread.join(320)
-        return self.result
+        out, err = self._proc.communicate(b"", timeout=300)
+        lines = out.decode().splitlines()
+        return json.loads(lines[-1]) if self._proc.returncode == 0 and lines else {"error": err.decode()}
 
 
 # --- a peer with a valid certificate that does not read ------------------------------------------------------------
