@@ -166,6 +166,11 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # The queue grew unchecked while writing was not paused (the transport
+        # sends at the end of a loop round): check it now, not at the next read,
+        # so it passes the bound by at most what one read made us write.
+        if not self.reading_paused and self._transport is not None and not self._lost:
+            self._bound_write_queue(self._transport)
         for tunnel in self.tunnels.values():
             tunnel._update_reading()
 
