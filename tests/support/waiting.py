@@ -10,25 +10,29 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+class _Deadline:
+    def __init__(self, what: str, timeout: float) -> None:
+        self.what, self.timeout = what, timeout
+        self.at = time.monotonic() + timeout
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            raise AssertionError(f"never happened within {self.timeout:g}s: {self.what}")
+
+
 def wait_until(check: Callable[[], T], what: str, timeout: float = 10.0, interval: float = 0.02) -> T:
     """check()'s first truthy value; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened within {timeout:g}s: {what}")
+    deadline = _Deadline(what, timeout)
+    while not (value := check()):
+        deadline.check()
         time.sleep(interval)
+    return value
 
 
 async def until(check: Callable[[], T], what: str, timeout: float = 10.0, interval: float = 0.02) -> T:
     """wait_until for a coroutine: the event loop runs between looks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened within {timeout:g}s: {what}")
+    deadline = _Deadline(what, timeout)
+    while not (value := check()):
+        deadline.check()
         await asyncio.sleep(interval)
+    return value
