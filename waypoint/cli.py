@@ -18,6 +18,10 @@ With --run it then runs Envoy and re-issues the certificate at half its
 lifetime (runner.py); with --watch as well, it applies changes of the cluster
 files to the running Envoy (live.py). Neither needs an Envoy restart.
 
+A CA that is unavailable at start is asked again with backoff for up to
+--ca-wait seconds (300 with --run): a waypoint rolled out beside its CA waits
+for it rather than crash-looping.
+
 Exit codes: 0 written (--run: Envoy's own status), 1 the waypoint or the CA is
 unusable, 2 usage.
 """
@@ -26,19 +30,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ambit.agent.atomic_files import atomic_write
+from ambit.agent.backoff import Backoff
 from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.ca import CA_CERT_FILE, CA_KEY_FILE, DEFAULT_LEAF_TTL, InvalidCA, LocalCA
 from ambit.agent.identity.ca_options import add_ca_client_arguments, ca_client_settings
 from ambit.agent.identity.issuer import Issuer, IstioCaIssuer, LocalIssuer
-from ambit.agent.identity.istio_ca import IssueError, IstioCaClient
+from ambit.agent.identity.istio_ca import CaUnavailable, IssueError, IstioCaClient
+from ambit.agent.identity.rotation import CA_RETRY
 from ambit.agent.identity.store import CertificateStore, WorkloadCert
 from .bootstrap import BootstrapOptions, waypoint_bootstrap
 from .credentials import CertificateRotator, SecretFiles
@@ -47,6 +55,7 @@ from .xds_files import XdsFiles
 from .destinations import WaypointError, WaypointPlan, plan_waypoint, state_from_objects
 
 CONFIG_FILE = "envoy.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="lifetime of the waypoint's certificates (default: 86400); each is replaced at half "
                               "its lifetime")
     running.add_argument("--envoy-log-level", default="warning", help="Envoy's own log level (default: %(default)s)")
+    identity.add_argument("--ca-wait", type=float, metavar="SECONDS",
+                          help="how long to keep asking a CA that is unavailable (unreachable, or answering "
+                               "UNAVAILABLE and the like) for the first certificate, with backoff, before exiting 1 "
+                               "(default: 300 with --run, so a waypoint that starts before its CA waits for it; "
+                               "else 0); a refusal ends it at once")
     parser.set_defaults(func=run)
     return parser
 
@@ -156,6 +170,31 @@ def _seconds(text: str) -> timedelta:
     if not 75 <= value <= 365 * 86400:
         raise argparse.ArgumentTypeError("must be between 75 seconds and a year")
     return timedelta(seconds=value)
+
+
+def retry_while_ca_unavailable(attempt: Callable[[], T], wait_s: float, backoff: Backoff = CA_RETRY,
+                               rng: random.Random | None = None,
+                               notify: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+                               ) -> T:
+    """`attempt()`, again after a jittered backoff while the CA is unavailable,
+    for up to `wait_s` seconds: a waypoint rolled out with (or before) its CA
+    waits for it instead of crash-looping. A refusal is final at once."""
+    rng = rng or random.Random()
+    deadline = time.monotonic() + wait_s
+    tries = 0
+    while True:
+        try:
+            return attempt()
+        except CaUnavailable as exc:
+            delay = backoff.delay(tries, rng)
+            tries += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            delay = min(delay, left)
+            notify(f"ambit waypoint: {exc}; asking again in {delay:.1f} s (attempt {tries}, "
+                   f"gives up in {left:.0f} s)")
+            time.sleep(delay)  # backoff between attempts, not a wait on a condition
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
         options = BootstrapOptions(listen_address=args.listen_address, port=args.port, access_log=args.access_log)
         view = kube_view(args.kubeconfig) if args.kube else file_view(args.config_file)
         plan = view.plan(namespace, name, args.trust_domain, args.service_account)
-        generated = write_waypoint(plan, args.out_dir, issuer, options, args.cert_ttl)
+        wait = args.ca_wait if args.ca_wait is not None else (300.0 if args.run else 0.0)
+        generated = retry_while_ca_unavailable(
+            lambda: write_waypoint(plan, args.out_dir, issuer, options, args.cert_ttl), wait)
     except (WaypointError, InvalidCA, IssueError, OSError) as exc:  # OSError: e.g. no CA files in --ca-dir
         print(f"ambit waypoint: {exc}", file=sys.stderr)
         if view is not None:

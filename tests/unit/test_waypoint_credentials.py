@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,11 +13,14 @@ from cryptography import x509
 
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.issuer import IstioCaIssuer
-from ambit.agent.identity.istio_ca import CaClientSettings, IssueError, IstioCaClient
+from ambit.agent.backoff import Backoff
+from ambit.agent.grpc_wire import StatusCode
+from ambit.agent.identity.istio_ca import CaClientSettings, CaRefused, CaUnavailable, IssueError, IstioCaClient
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.waypoint.credentials import (BUNDLE_SECRET, IDENTITY_SECRET, CertificateRotator, SecretFiles,
                                               bundle_secret, identity_secret)
+from ambit.waypoint.cli import retry_while_ca_unavailable
 from ambit.waypoint.xds_files import file_config_source
 from ambit.waypoint.runner import MAX_CHECK_INTERVAL_S, is_listening, next_check_in
 from tests.support.istio_ca_server import SERVER_NAME, ThreadedCa
@@ -135,3 +139,58 @@ def test_a_waypoint_gets_and_rotates_its_certificate_over_the_ca_api(tmp_path: P
         rot.close()
     finally:
         ca.close()
+
+
+def test_a_waypoint_started_before_its_ca_waits_for_it(tmp_path: Path) -> None:
+    """The first certificate: asked again with backoff while the CA is away,
+    got over the real API once it is back; a refusal or the deadline ends it."""
+    mesh_ca = LocalCA.create(TD)
+    (tmp_path / "token").write_text("waypoint-token")
+    (tmp_path / "root.pem").write_bytes(mesh_ca.trust_bundle_pem)
+    ca = ThreadedCa(mesh_ca)
+    ca.stop()
+    try:
+        client = IstioCaClient(CaClientSettings(address=ca.endpoint.address, token_file=tmp_path / "token",
+                                                root_cert_file=tmp_path / "root.pem", server_name=SERVER_NAME,
+                                                timeout=0.5))  # each attempt waits this long for a connection
+        files = SecretFiles(tmp_path / "certs")
+        store = CertificateStore(IstioCaIssuer(client, TD, impersonate=False), files.directory,
+                                 ttl=timedelta(hours=24))
+        rot = CertificateRotator(store, WAYPOINT, files)
+        fast = Backoff(initial=0.01, maximum=0.05)
+        notes: list[str] = []
+
+        def notify(line: str) -> None:
+            notes.append(line)
+            if len(notes) == 3:
+                ca.start()  # the CA comes up after the third refusal to connect
+
+        cert = retry_while_ca_unavailable(rot.write, 30, fast, notify=notify)
+        assert len(notes) == 3 and all("asking again" in line for line in notes), notes
+        assert served(files).serial_number == cert.serial
+
+        rot.close()
+
+        ca.stop()
+        other = SecretFiles(tmp_path / "other")
+        late = CertificateRotator(CertificateStore(IstioCaIssuer(client, TD, impersonate=False), other.directory,
+                                                   ttl=timedelta(hours=24)), WAYPOINT, other)
+        started = time.monotonic()
+        with pytest.raises(CaUnavailable):  # the deadline: the last error, not a hang
+            retry_while_ca_unavailable(late.write, 0.3, fast, notify=lambda line: None)
+        assert time.monotonic() - started < 10
+        late.close()
+    finally:
+        ca.close()
+
+
+def test_a_refusal_is_not_retried() -> None:
+    calls: list[int] = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise CaRefused(StatusCode.PERMISSION_DENIED, "not yours")
+
+    with pytest.raises(CaRefused):
+        retry_while_ca_unavailable(refused, 30, Backoff(initial=0.01), notify=lambda line: None)
+    assert calls == [1]
