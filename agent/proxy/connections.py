@@ -145,6 +145,10 @@ class ConnectionRegistry:
         tracked = self._live.pop(connection_id, None)
         return None if tracked is None else tracked.info()
 
+    def discard(self, connection_id: int) -> None:
+        """Forget a connection (the proxy's close path: no final snapshot built)."""
+        self._live.pop(connection_id, None)
+
     def get(self, connection_id: int) -> TrackedConnection | None:
         return self._live.get(connection_id)
 

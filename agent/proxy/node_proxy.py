@@ -50,7 +50,7 @@ from ..identity.tls import IdentityError
 from ..netns import NetnsThread
 from ..policy.authz import DISCOVERY_NOT_SYNCED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
-from ..telemetry.access_log import ConnectionRecord, log_connection
+from ..telemetry.access_log import log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
@@ -76,6 +76,7 @@ _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF
 # connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
+MAX_LABEL_SETS = 4096  # cached metric label sets (pod pairs x flags); cleared when full
 
 
 def _not_synced(pending: str) -> str:
@@ -129,6 +130,8 @@ class NodeProxy:
         self.inbound: HboneInbound | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._recheck: asyncio.Handle | None = None
+        # Metric label sets per (who, whom, how), built once: a pod event empties it.
+        self._label_sets: dict[tuple[Any, ...], TcpLabels] = {}
 
     @property
     def listening(self) -> bool:
@@ -220,19 +223,38 @@ class NodeProxy:
         workload = self._workload_by_ip(ip)
         return (workload.pod.name, workload.pod.namespace) if workload else ("unknown", "unknown")
 
+    def _label_set(self, key: tuple[Any, ...], make: Callable[[], TcpLabels]) -> TcpLabels:
+        """The label set for `key`, made once (the pods at both addresses and
+        the identities do not change between a pair's connections; a pod
+        event clears the lot, see _on_cluster_change)."""
+        labels = self._label_sets.get(key)
+        if labels is None:
+            labels = make()
+            if self.mesh is not None:  # without discovery nothing says when a pod changed: no caching
+                if len(self._label_sets) >= MAX_LABEL_SETS:
+                    self._label_sets.clear()
+                self._label_sets[key] = labels
+        return labels
+
     def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
-        src_name, src_ns = self._pod_at(accepted.client.ip)
-        dst_name, dst_ns = self._pod_at(tracked.meta.destination_ip or accepted.original_dst.ip)
-        secure = tracked.meta.via in (Route.HBONE.value, Route.WAYPOINT.value) or \
-            accepted.listener is ListenerKind.HBONE
-        return TcpLabels(
-            reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
-            source_workload=src_name, source_workload_namespace=src_ns,
-            source_principal=tracked.meta.source_identity or "unknown",
-            destination_workload=dst_name, destination_workload_namespace=dst_ns,
-            destination_principal=tracked.meta.destination_identity or "unknown",
-            destination_service=tracked.meta.service or "unknown",
-            response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
+        meta = tracked.meta
+        client_ip, dst_ip = accepted.client.ip, meta.destination_ip or accepted.original_dst.ip
+        key = (accepted.listener, client_ip, dst_ip, meta.source_identity, meta.destination_identity, meta.service,
+               meta.via, flags)
+
+        def make() -> TcpLabels:
+            src_name, src_ns = self._pod_at(client_ip)
+            dst_name, dst_ns = self._pod_at(dst_ip)
+            secure = meta.via in (Route.HBONE.value, Route.WAYPOINT.value) or accepted.listener is ListenerKind.HBONE
+            return TcpLabels(
+                reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
+                source_workload=src_name, source_workload_namespace=src_ns,
+                source_principal=meta.source_identity or "unknown",
+                destination_workload=dst_name, destination_workload_namespace=dst_ns,
+                destination_principal=meta.destination_identity or "unknown",
+                destination_service=meta.service or "unknown",
+                response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
+        return self._label_set(key, make)
 
     def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
         if outcome.end == "cancelled":  # the task was cancelled mid-relay: count what it moved
@@ -240,18 +262,18 @@ class NodeProxy:
             outcome = _Outcome("closed_by_policy" if tracked.meta.revoked else "cancelled",
                                progress.bytes_to_upstream, progress.bytes_to_client,
                                flags="UAEX" if tracked.meta.revoked else "-")
-        self.connections.remove(tracked.id)
+        self.connections.discard(tracked.id)
         labels = self._labels(accepted, tracked, outcome.flags)
         if outcome.failed:
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.sent, outcome.received)
         meta = tracked.meta
-        log_connection(ConnectionRecord(
+        log_connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
             src_identity=meta.source_identity or None, dst_identity=meta.destination_identity or None,
             sent=outcome.sent, received=outcome.received,
             duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision=meta.decision,
-            reason=meta.reason, end=outcome.end, error=outcome.error, via=meta.via))
+            reason=meta.reason, end=outcome.end, error=outcome.error, via=meta.via)
 
     def _opened(self, accepted: AcceptedConnection, tracked: TrackedConnection) -> None:
         """Counted once the route and identities are known, so the opened and
@@ -403,16 +425,19 @@ class NodeProxy:
         labels = TcpLabels(reporter="destination", response_flags="NR", connection_security_policy="mutual_tls")
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
-        log_connection(ConnectionRecord(
+        log_connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
             src_identity=None, dst_identity=None, sent=0, received=0,
             duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision="deny", reason=reason,
-            end="refused", via=Route.HBONE.value))
+            end="refused", via=Route.HBONE.value)
 
     # -- policy changes -------------------------------------------------------
     def _on_cluster_change(self, kind: str, event: str, old: Any, new: Any) -> None:
         """Policies, or the labels their selectors match, changed: decide
-        again, once per burst of events (a file reload or relist is many)."""
+        again, once per burst of events (a file reload or relist is many).
+        A pod changed: the metric label sets are made anew."""
+        if kind == KIND_POD:
+            self._label_sets.clear()
         relabelled = kind == KIND_POD and event == EVENT_MODIFIED and old.labels != new.labels
         if (kind in POLICY_KINDS or relabelled) and self._recheck is None:
             self._recheck = asyncio.get_running_loop().call_soon(self._recheck_soon)
@@ -457,13 +482,15 @@ class NodeProxy:
 
     # -- the destination side of HBONE (HboneInbound's TunnelObserver) -----------
     def _inbound_labels(self, peer: SpiffeId, client_ip: str, dst_ip: str, flags: str = "-") -> TcpLabels:
-        src_name, src_ns = self._pod_at(client_ip)
-        dst_name, dst_ns = self._pod_at(dst_ip)
-        return TcpLabels(
-            reporter="destination", source_workload=src_name, source_workload_namespace=src_ns,
-            source_principal=str(peer), destination_workload=dst_name, destination_workload_namespace=dst_ns,
-            destination_principal=str(self._local_identity(dst_ip) or "unknown"), response_flags=flags,
-            connection_security_policy="mutual_tls")
+        def make() -> TcpLabels:
+            src_name, src_ns = self._pod_at(client_ip)
+            dst_name, dst_ns = self._pod_at(dst_ip)
+            return TcpLabels(
+                reporter="destination", source_workload=src_name, source_workload_namespace=src_ns,
+                source_principal=str(peer), destination_workload=dst_name, destination_workload_namespace=dst_ns,
+                destination_principal=str(self._local_identity(dst_ip) or "unknown"), response_flags=flags,
+                connection_security_policy="mutual_tls")
+        return self._label_set((ListenerKind.HBONE, peer, client_ip, dst_ip, flags), make)
 
     def tunnel_opened(self, admitted: InboundTunnel) -> None:
         self.metrics.opened(self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip))
@@ -475,22 +502,22 @@ class NodeProxy:
         if flags != "-":
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
-        log_connection(ConnectionRecord(
+        log_connection(
             listener=ListenerKind.HBONE.value, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
             src_identity=str(admitted.peer_identity), dst_identity=_known(labels.destination_principal),
             sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
             duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=outcome.end.value,
-            error=outcome.detail or None, via=Route.HBONE.value))
+            error=outcome.detail or None, via=Route.HBONE.value)
 
     def tunnel_refused(self, peer: SpiffeId, client: SocketAddress, dst_ip: str, dst_port: int, status: int,
                        reason: str) -> None:
         labels = self._inbound_labels(peer, client.ip, dst_ip, _REFUSAL_FLAGS.get(status, "-"))
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
-        log_connection(ConnectionRecord(
+        log_connection(
             listener=ListenerKind.HBONE.value, src=str(client), dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
             dst_identity=_known(labels.destination_principal), sent=0, received=0, duration_ms=0.0,
-            decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value))
+            decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value)
 
     def _revoked_tunnel(self, admitted: InboundTunnel, decision: Decision) -> None:
         """Inbound tunnels are not in the registry: log and count the close here."""
