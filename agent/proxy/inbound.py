@@ -181,6 +181,7 @@ class HboneInbound:
         self._admitted: dict[Tunnel, InboundTunnel] = {}
         self._revoked: set[Tunnel] = set()  # closed by policy: the revoker reports those
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
+        self._going_away: str | None = None  # why this server drains (no new streams)
         self.stats = InboundStats()
         self._admitted_total = 0  # connections past the caps: handshaking or established
         self._per_peer: collections.Counter[str] = collections.Counter()
@@ -306,6 +307,8 @@ class HboneInbound:
         self._connections.add(connection)
         self.stats.connections_accepted += 1
         log.debug("hbone_connection_open", peer_identity=str(connection.peer_identity), server_identity=str(identity))
+        if self._going_away is not None:
+            connection.go_away(self._going_away)  # accepted just before the drain: the peer goes elsewhere
         try:
             await asyncio.shield(connection.closed)
         except asyncio.CancelledError:
@@ -482,6 +485,14 @@ class HboneInbound:
         return sock
 
     # --- shutdown --------------------------------------------------------------------------
+
+    def go_away(self, reason: str = "draining") -> None:
+        """Drain: a graceful GOAWAY on every connection (and on any accepted
+        from now on), so peers open their next tunnels elsewhere; the tunnels
+        already open carry on, and each connection closes after its last."""
+        self._going_away = reason
+        for connection in list(self._connections):
+            connection.go_away(reason)
 
     async def aclose(self) -> None:
         """Abort every connection (tunnels are reset) and pending tunnel set-ups."""

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
+from h2.errors import ErrorCodes
 
 from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.agent.identity.spiffe import SpiffeId
@@ -168,14 +169,16 @@ class HboneClientPool:
                 # open_tunnel reset the stream on its way out; the socket is still the caller's.
                 raise TunnelError(f"no answer to CONNECT {authority} within "
                                   f"{self._settings.connect_response_timeout_s:g}s") from None
-            except HboneConnectionLost:
+            except (HboneConnectionLost, TunnelReset) as exc:
                 # The connection went away before the answer (e.g. the server's
-                # idle GOAWAY crossed our CONNECT). No pod byte was sent before
-                # a 200, so one retry on a fresh connection is safe.
-                if retried:
+                # idle GOAWAY crossed our CONNECT), or the server refused the
+                # stream unprocessed (REFUSED_STREAM: it is draining, or at its
+                # stream limit). No pod byte was sent before a 200, so one
+                # retry on a fresh connection is safe.
+                if retried or (isinstance(exc, TunnelReset) and exc.error_code != ErrorCodes.REFUSED_STREAM):
                     raise
                 retried = True
-                self._log.debug("hbone_connect_retry", pool_key=str(key))
+                self._log.debug("hbone_connect_retry", pool_key=str(key), reason=str(exc))
 
     def _usable(self, key: PoolKey) -> HboneClientProtocol | None:
         for connection in self._connections.get(key, ()):
@@ -253,6 +256,14 @@ class HboneClientPool:
             del self._connections[key]
 
     # --- shutdown --------------------------------------------------------------------------
+
+    def drain(self, reason: str = "draining") -> None:
+        """Put no new tunnel on the open connections: each closes when its
+        last tunnel ends (a GOAWAY tells the server so at once). A tunnel
+        asked for later (a connection accepted before the drain) gets a
+        connection of its own, closed by aclose()."""
+        for connection in [c for conns in self._connections.values() for c in conns]:
+            connection.go_away(reason)
 
     async def aclose(self) -> None:
         """Close every connection (their tunnels are reset) and wait for them."""

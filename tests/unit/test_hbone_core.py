@@ -24,6 +24,7 @@ from ambit.agent.proxy.hbone.connection import HboneProtocolError
 from ambit.agent.proxy.hbone.events import (
     ConnectionClosed,
     DataReceived,
+    GoingAway,
     PingAcked,
     SettingsChanged,
     StreamEnded,
@@ -485,12 +486,12 @@ def test_streams_beyond_max_concurrent_are_refused() -> None:
     assert [e.stream_id for e in of_type(link.take_server(), TunnelRequested)] == [latest]
 
 
-def test_peer_goaway_closes_the_connection(link: Link) -> None:
+def test_peer_goaway_with_an_error_closes_the_connection(link: Link) -> None:
     stream_id = open_tunnel(link)
-    link.client.close()
+    link.client.close(ErrorCodes.INTERNAL_ERROR, "bug")
     link.pump()
     (closed,) = link.take_server()
-    assert closed == ConnectionClosed(ErrorCodes.NO_ERROR, "", 0, remote=True)
+    assert closed == ConnectionClosed(ErrorCodes.INTERNAL_ERROR, "bug", 0, remote=True)
     assert link.server.closed and link.client.closed
     assert link.server.send_data(stream_id, b"x") == 0
     with pytest.raises(HboneProtocolError):
@@ -498,6 +499,69 @@ def test_peer_goaway_closes_the_connection(link: Link) -> None:
     with pytest.raises(HboneProtocolError):
         link.server.ping()
     assert link.server.receive_data(b"\x00" * 20) == []
+
+
+# --- graceful GOAWAY: a draining agent lets its tunnels finish ---------------------
+
+
+def test_server_goaway_stops_new_streams_and_open_tunnels_carry_on(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.server.go_away("agent upgrade")
+    link.pump()
+    assert link.take_client() == [GoingAway(stream_id, "agent upgrade")]
+    assert link.client.going_away and link.server.going_away
+    assert not link.client.can_open_stream and not link.client.closed and not link.server.closed
+    payload = bytes(range(256)) * 2048  # 512 KiB: several windows' worth
+    assert transfer(link, stream_id, payload, client_to_server=True).received == payload
+    assert transfer(link, stream_id, payload, client_to_server=False).received == payload
+    link.client.end_stream(stream_id)
+    link.server.end_stream(stream_id)
+    link.pump()
+    assert of_type(link.take_server(), StreamEnded) == [StreamEnded(stream_id)]
+    assert of_type(link.take_client(), StreamEnded) == [StreamEnded(stream_id)]
+    assert link.client.tunnel_count == link.server.tunnel_count == 0
+
+
+def test_connect_crossing_the_goaway_is_refused_unprocessed(link: Link) -> None:
+    first = open_tunnel(link)
+    late = link.client.open_stream(DEST)  # on the wire while the server drains
+    link.server.go_away("draining")
+    link.pump()
+    assert of_type(link.take_server(), TunnelRequested) == []
+    assert link.take_client() == [StreamReset(late, ErrorCodes.REFUSED_STREAM, remote=True),
+                                  GoingAway(first, "draining")]
+    assert link.client.tunnel_count == 1  # the first one is still open
+    assert link.client.send_data(first, b"still here") == 10
+    link.pump()
+    assert b"".join(e.data for e in of_type(link.take_server(), DataReceived)) == b"still here"
+
+
+def test_a_second_goaway_never_names_a_later_stream(link: Link) -> None:
+    first = open_tunnel(link)
+    link.server.go_away("draining")
+    link.client.open_stream(DEST)  # crosses it and is refused
+    link.pump()
+    link.take_client()
+    link.server.close()
+    link.pump()
+    assert link.take_client() == [GoingAway(first, "")]
+
+
+def test_client_goaway_lets_the_server_finish_too(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.client.go_away("pool draining")
+    link.pump()
+    assert link.take_server() == [GoingAway(0, "pool draining")]
+    assert not link.client.can_open_stream
+    assert link.server.send_data(stream_id, b"reply") == 5
+    link.pump()
+    assert b"".join(e.data for e in of_type(link.take_client(), DataReceived)) == b"reply"
+
+
+def test_go_away_on_a_closed_connection_is_a_usage_error(link: Link) -> None:
+    link.server.close()
+    with pytest.raises(HboneProtocolError):
+        link.server.go_away()
 
 
 def test_settings_changes_are_reported() -> None:

@@ -11,7 +11,7 @@ from h2.errors import ErrorCodes
 
 from .connect import _check_outbound_headers, _header_list_size, _response_status, format_authority, parse_authority
 from .connection import HboneProtocolError, _HboneConnection
-from .events import HboneEvent, TunnelAccepted, TunnelRefused
+from .events import HboneEvent, StreamReset, TunnelAccepted, TunnelRefused
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
 
@@ -38,13 +38,14 @@ class HboneClientConnection(_HboneConnection):
     def can_open_stream(self) -> bool:
         """Whether the pool should put another tunnel on this connection.
 
-        False once closed, once client_streams_per_connection streams have been
+        False once closed or going away, once client_streams_per_connection streams have been
         opened over its lifetime (ztunnel's rule; open_stream does not enforce
         it), or while the peer's concurrent stream limit is reached.
         """
         return (
             self._initiated
             and not self._closed
+            and not self.going_away
             and self._streams_opened < self._settings.client_streams_per_connection
             and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
         )
@@ -70,6 +71,14 @@ class HboneClientConnection(_HboneConnection):
         self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
         self._streams_opened += 1
         return stream_id
+
+    def _refuse_unprocessed(self, last_stream_id: int, out: list[HboneEvent]) -> None:
+        # Above the server's last stream id: never processed, so the caller
+        # may retry it on another connection (REFUSED_STREAM says exactly that).
+        for stream_id in sorted(s for s in self._tunnels if s > last_stream_id):
+            self._drop(stream_id)
+            self._quiet_reset(stream_id, ErrorCodes.CANCEL)
+            out.append(StreamReset(stream_id, ErrorCodes.REFUSED_STREAM, remote=True))
 
     def _may_receive(self, tunnel: _Tunnel) -> bool:
         # DATA before the response is not tunnel data; h2 makes it a connection error.

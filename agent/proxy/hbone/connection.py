@@ -22,6 +22,7 @@ from h2.errors import ErrorCodes
 from .events import (
     ConnectionClosed,
     DataReceived,
+    GoingAway,
     HboneEvent,
     PingAcked,
     SettingsChanged,
@@ -39,6 +40,8 @@ from .frames import (
     _FLAG_PADDED,
     _FRAME_HEADER,
     _FRAME_HEADER_LENGTH,
+    _GOAWAY_DEBUG_MAX,
+    _GOAWAY_HEAD,
     _FatalInput,
     _MAX_WINDOW,
     _MIN_READ_ROOM,
@@ -46,6 +49,7 @@ from .frames import (
     _STREAM_ID_MASK,
     _TYPE_CONTINUATION,
     _TYPE_DATA,
+    _TYPE_GOAWAY,
     _TYPE_HEADERS,
     _TYPE_PING,
     _TYPE_PUSH_PROMISE,
@@ -54,6 +58,7 @@ from .frames import (
     _UINT32,
     _WINDOW_UPDATE_FRAME,
     _error_code,
+    goaway_frame,
 )
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
@@ -149,6 +154,10 @@ class _HboneConnection:
         self._closed = False
         self._ping_counter = 0
         self._control_replies = 0  # PING/SETTINGS ACKs queued, not yet reported written
+        # Graceful shutdown (RFC 9113 §6.8): the last stream id our GOAWAY
+        # named, and the one the peer's named; None until one was sent/received.
+        self._goaway_sent: int | None = None
+        self._goaway_received: int | None = None
 
     # --- public state -----------------------------------------------------------
 
@@ -160,6 +169,12 @@ class _HboneConnection:
     def closed(self) -> bool:
         """True once a GOAWAY went either way; only data_to_send() is left."""
         return self._closed
+
+    @property
+    def going_away(self) -> bool:
+        """A graceful GOAWAY went either way: no new streams; close once the
+        open ones have ended."""
+        return self._goaway_sent is not None or self._goaway_received is not None
 
     @property
     def tunnel_count(self) -> int:
@@ -243,11 +258,25 @@ class _HboneConnection:
         self._h2.ping(opaque_data)
         return opaque_data
 
+    def go_away(self, reason: str = "") -> None:
+        """Graceful shutdown: queue a GOAWAY(NO_ERROR) naming the last stream
+        the peer opened that we took; the peer opens no more on this
+        connection, the open ones carry on (close() once they have ended).
+        A CONNECT that crosses it gets RST_STREAM(REFUSED_STREAM)."""
+        self._require_live()
+        if self._goaway_sent is not None:
+            return
+        last = 0 if self._client_side else self._h2.highest_inbound_stream_id
+        self._pull_h2_output()
+        self._out += goaway_frame(last, ErrorCodes.NO_ERROR, reason)
+        self._goaway_sent = last
+
     def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
         """Queue a GOAWAY; the connection and every stream on it end here."""
         if self._closed:
             return
-        self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:256])
+        self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:_GOAWAY_DEBUG_MAX],
+                                  last_stream_id=self._goaway_sent)  # never above an earlier GOAWAY's
         self._mark_closed()
 
     # --- inbound ----------------------------------------------------------------
@@ -457,6 +486,15 @@ class _HboneConnection:
                 break
             if (frame_type == _TYPE_PING or frame_type == _TYPE_SETTINGS) and not flags & _FLAG_ACK:
                 self._queue_control_reply()  # h2 answers it with an ACK
+            if frame_type == _TYPE_GOAWAY and stream_id == 0 and length >= _GOAWAY_HEAD.size:
+                last, code = _GOAWAY_HEAD.unpack_from(view, pos + _FRAME_HEADER_LENGTH)
+                if code == ErrorCodes.NO_ERROR:
+                    # Not shown to h2, whose connection would close: the
+                    # streams the peer keeps must carry on.
+                    debug = bytes(view[pos + _FRAME_HEADER_LENGTH + _GOAWAY_HEAD.size : frame_end])
+                    self._on_graceful_goaway(last & _STREAM_ID_MASK, debug, out)
+                    pos = frame_end
+                    continue
             h2_events = self._h2.receive_data(view[pos:frame_end])
             pos = frame_end
             if block >= 0:
@@ -633,6 +671,20 @@ class _HboneConnection:
     def _on_early_reset(self, out: list[HboneEvent]) -> None:
         """The peer cancelled a stream before it was answered (server counts these)."""
 
+    def _on_graceful_goaway(self, last_stream_id: int, debug: bytes, out: list[HboneEvent]) -> None:
+        if self._goaway_received is not None:
+            # A second one may only lower the bound (RFC 9113 §6.8).
+            last_stream_id = min(last_stream_id, self._goaway_received)
+        self._goaway_received = last_stream_id
+        self._refuse_unprocessed(last_stream_id, out)
+        reason = debug[:_GOAWAY_DEBUG_MAX].decode("utf-8", "replace")
+        out.append(GoingAway(last_stream_id, reason))
+        self._log.info("hbone_goaway_received", error_code="NO_ERROR", last_stream_id=last_stream_id, reason=reason,
+                       open_streams=len(self._tunnels))
+
+    def _refuse_unprocessed(self, last_stream_id: int, out: list[HboneEvent]) -> None:
+        """Hook: the client's streams the peer never processed."""
+
     def _on_trailers(self, event: h2.events.TrailersReceived, out: list[HboneEvent]) -> None:
         # RFC 9113 §8.5: only DATA and stream management frames on a tunnel.
         self._abort_stream(event.stream_id or 0, ErrorCodes.PROTOCOL_ERROR, out, "trailers on a tunnel")
@@ -679,7 +731,8 @@ class _HboneConnection:
         if self._closed:
             return
         if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
-            self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:256])
+            self._h2.close_connection(error_code, additional_data=reason.encode("utf-8", "replace")[:_GOAWAY_DEBUG_MAX],
+                                      last_stream_id=self._goaway_sent)
         self._mark_closed()
         code = _error_code(error_code)
         out.append(ConnectionClosed(code, reason, self._h2.highest_inbound_stream_id, remote=False))

@@ -88,6 +88,19 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class GoingAway:
+    """The peer sent a graceful GOAWAY (NO_ERROR): it takes no new stream on
+    this connection; the streams already open carry on until they end, then
+    close the connection. On the client, streams above last_stream_id were
+    never processed: they come as StreamReset(REFUSED_STREAM) just before
+    this event and are safe to retry elsewhere.
+    """
+
+    last_stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PingAcked:
     """The peer answered the PING carrying opaque_data."""
 
@@ -121,6 +134,7 @@ HboneEvent: TypeAlias = (
     | StreamEnded
     | StreamReset
     | ConnectionClosed
+    | GoingAway
     | PingAcked
     | WindowOpened
     | SettingsChanged

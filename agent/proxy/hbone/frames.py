@@ -15,11 +15,14 @@ _FRAME_HEADER_LENGTH: Final = 9
 _FRAME_HEADER: Final = struct.Struct(">BHBBL")
 _WINDOW_UPDATE_FRAME: Final = struct.Struct(">BHBBLL")
 _UINT32: Final = struct.Struct(">L")
+_GOAWAY_HEAD: Final = struct.Struct(">LL")  # reserved bit + last stream id, error code
+_GOAWAY_DEBUG_MAX: Final = 256  # bytes of reason we send or log
 _TYPE_DATA: Final = 0x0
 _TYPE_HEADERS: Final = 0x1
 _TYPE_SETTINGS: Final = 0x4
 _TYPE_PUSH_PROMISE: Final = 0x5
 _TYPE_PING: Final = 0x6
+_TYPE_GOAWAY: Final = 0x7
 _TYPE_WINDOW_UPDATE: Final = 0x8
 _TYPE_CONTINUATION: Final = 0x9
 _FLAG_END_STREAM: Final = 0x1
@@ -54,3 +57,12 @@ def _error_code(code: int | None) -> int:
         return ErrorCodes(code or 0)
     except ValueError:
         return int(code or 0)
+
+
+def goaway_frame(last_stream_id: int, error_code: int, reason: str = "") -> bytes:
+    """A GOAWAY frame built by the core itself, so h2's connection state
+    stays open for the streams a graceful GOAWAY lets finish."""
+    debug = reason.encode("utf-8", "replace")[:_GOAWAY_DEBUG_MAX]
+    length = _GOAWAY_HEAD.size + len(debug)
+    return (_FRAME_HEADER.pack(length >> 16, length & 0xFFFF, _TYPE_GOAWAY, 0, 0)
+            + _GOAWAY_HEAD.pack(last_stream_id & _STREAM_ID_MASK, error_code) + debug)

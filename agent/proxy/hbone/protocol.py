@@ -238,8 +238,25 @@ class HboneConnection(asyncio.BufferedProtocol):
             transport.pause_reading()
             self._log.info("hbone_reading_paused", write_queue=queued, limit=self.settings.max_write_queue)
 
+    @property
+    def going_away(self) -> bool:
+        """A graceful GOAWAY went either way: the connection closes when its last tunnel ends."""
+        return self.core.going_away
+
+    def go_away(self, reason: str = "") -> None:
+        """Drain: tell the peer to open no more streams here (GOAWAY with
+        NO_ERROR); the tunnels already open carry on, and the connection
+        closes when the last one ends (at once if there is none)."""
+        if self._lost or self._closing or self.core.closed:
+            return
+        self.core.go_away(reason)
+        self.flush()
+        self._log.info("hbone_connection_draining", reason=reason, tunnels=len(self.tunnels))
+        if not self.tunnels:
+            self.close(reason or "drained")
+
     def close(self, reason: str = "") -> None:
-        """Graceful: GOAWAY, reset the tunnels, close the TLS connection."""
+        """Close now: GOAWAY, reset the tunnels, close the TLS connection."""
         if self._lost or self._closing:
             return
         self._closing = True
@@ -301,6 +318,10 @@ class HboneConnection(asyncio.BufferedProtocol):
             self._flush_touched()
             self._on_connection_closed(event)  # type: ignore[arg-type]
             return True
+        elif kind is events.GoingAway:
+            self._flush_touched()
+            if not self.tunnels:
+                self.close("peer going away")
         elif kind is events.PingAcked:
             self._on_ping_acked(event.opaque_data)  # type: ignore[union-attr]
         else:
@@ -351,7 +372,10 @@ class HboneConnection(asyncio.BufferedProtocol):
             del self.tunnels[tunnel.stream_id]
         self.blocked.discard(tunnel)
         if not self.tunnels and not self._lost and not self._closing:
-            self._on_no_tunnels()
+            if self.core.going_away:
+                self.close("drained")
+            else:
+                self._on_no_tunnels()
 
     def _on_no_tunnels(self) -> None:
         self._arm_idle()

@@ -90,6 +90,11 @@ class HboneServerConnection(_HboneConnection):
     def _on_request(self, event: h2.events.RequestReceived, out: list[HboneEvent]) -> None:
         stream_id = event.stream_id or 0
         headers = event.headers or []
+        if self._goaway_sent is not None and stream_id > self._goaway_sent:
+            # Crossed our GOAWAY: not processed, the client retries elsewhere.
+            self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="going away")
+            return
         if self._h2.open_inbound_streams > self._settings.max_concurrent_streams:
             self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
             self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="max concurrent streams")
