@@ -8,9 +8,11 @@ parallel, with kernel calls on worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Protocol
 
@@ -29,6 +31,7 @@ class EnrolmentError(Exception):
     INVALID = "invalid"
     NOT_FOUND = "not-found"
     PRECONDITION = "precondition"
+    UNAVAILABLE = "unavailable"  # frozen for a hand-over: try again (at the successor)
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -118,6 +121,10 @@ class Enrolment:
         self._workloads: dict[AttachmentKey, Workload] = {}
         self._by_ip: dict[str, Workload] = {}  # the proxy asks per connection: no scans
         self._locks: dict[AttachmentKey, asyncio.Lock] = {}
+        self._frozen: str | None = None  # why no record may change (a successor takes over)
+        self._changing_now = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
 
     # -- bookkeeping -------------------------------------------------------
     def workloads(self) -> list[Workload]:
@@ -164,6 +171,35 @@ class Enrolment:
         if lock is not None and not lock.locked():
             del self._locks[key]
 
+    # -- one agent changes records at a time --------------------------------
+    @property
+    def frozen(self) -> bool:
+        return self._frozen is not None
+
+    async def freeze(self, reason: str) -> None:
+        """Change no record or capture from now on; returns once the changes
+        under way have finished (they run to their end)."""
+        self._frozen = reason
+        await self._quiet.wait()
+        log.info("enrolment frozen", reason=reason)
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+        log.info("enrolment unfrozen")
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        if self._frozen is not None:
+            raise EnrolmentError(EnrolmentError.UNAVAILABLE, f"this agent is handing over: {self._frozen}")
+        self._changing_now += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._changing_now -= 1
+            if not self._changing_now:
+                self._quiet.set()
+
     # -- CNI operations ----------------------------------------------------
     async def _decide(self, pod: PodRef) -> tuple[bool, str]:
         ensure_known = getattr(self.selector, "ensure_known", None)
@@ -174,6 +210,10 @@ class Enrolment:
     async def enrol(self, req: EnrolRequest) -> EnrolResult:
         """CNI ADD. Every pod is recorded (so a later label change can bring
         it into the mesh live); only pods the selector wants are captured."""
+        async with self._changing():
+            return await self._enrol(req)
+
+    async def _enrol(self, req: EnrolRequest) -> EnrolResult:
         ips = _normalise_ips(req.ips)
         wanted, reason = await self._decide(req.pod)
         started = time.monotonic()
@@ -233,6 +273,10 @@ class Enrolment:
     async def set_membership(self, pod: PodRef, in_mesh: bool, reason: str) -> int:
         """A label change moved a running pod in or out of the mesh: capture
         or release its recorded attachments live. Returns how many changed."""
+        async with self._changing():
+            return await self._set_membership(pod, in_mesh, reason)
+
+    async def _set_membership(self, pod: PodRef, in_mesh: bool, reason: str) -> int:
         changed = 0
         for workload in [w for w in self._workloads.values() if _same_pod(w.pod, pod)]:
             async with self._lock(workload.key):
@@ -271,6 +315,10 @@ class Enrolment:
             await self._release_locked(stale)
 
     async def release(self, key: AttachmentKey) -> bool:
+        async with self._changing():
+            return await self._release(key)
+
+    async def _release(self, key: AttachmentKey) -> bool:
         async with self._lock(key):
             workload = self._workloads.get(key)
             if workload is None:
@@ -316,8 +364,9 @@ class Enrolment:
         keep = set(valid)
         stale = [w for w in self._workloads.values()
                  if w.key not in keep and (not network or not w.network or w.network == network)]
-        for workload in stale:
-            await self.release(workload.key)
+        async with self._changing():
+            for workload in stale:
+                await self._release(workload.key)
         if stale:
             log.info("garbage collected", released=[str(w.key) for w in stale], network=network)
         return [w.key for w in stale]
@@ -332,7 +381,7 @@ class Enrolment:
             if alive:
                 adopted += 1
             else:
-                await self.release(workload.key)
+                await self._release(workload.key)
                 released += 1
         await asyncio.to_thread(self.backend.reconcile, [w for w in self.workloads() if w.in_mesh])
         log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name)

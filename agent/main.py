@@ -40,18 +40,25 @@ from .enrolment import Enrolment, RecordOnly
 from .identity.ca import DEFAULT_LEAF_TTL
 from .identity.ca_options import add_ca_client_arguments, ca_client_settings
 from .identity.istio_ca import CaClientSettings
+from .lifecycle.handover import (HandoverClient, HandoverOffer, HandoverRefused, PredecessorGone,
+                                 handover_path)
+from .lifecycle.messages import HandoverProtocolError, Hello, NodeSettings
 from .mesh import MeshRuntime, MeshSettings
 from .proxy.hbone.settings import HboneSettings
+from .proxy.listeners import ListenerKind
 from .proxy.node_proxy import NodeProxy
 from .rpc.cni_service import CniService
 from .rpc.debug_service import DebugService, ProxyView
-from .rpc.server import AgentServer, SocketInUse, prepare_socket_path
+from .rpc.server import AgentServer, SocketInUse, SocketServed, prepare_socket_path
 from .enrolment_records import StateStore
 from .telemetry.http import HttpLimits, TelemetryServer
 from .telemetry.metrics import Metrics
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_STATE_DIR = "/var/run/ambit/state"
+# Kubernetes' default terminationGracePeriodSeconds (30) minus a margin, so
+# the agent is done before the kubelet's SIGKILL.
+DEFAULT_DRAIN_SECONDS = 25.0
 CAPTURE_MODES = (*CAPTURE_BACKENDS, "none")
 
 log = structlog.get_logger("ambit.agent")
@@ -81,6 +88,7 @@ class AgentConfig:
     event_loop: str = "auto"
     hbone: HboneSettings = field(default_factory=HboneSettings)
     telemetry: HttpLimits = field(default_factory=HttpLimits)
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
 
     def mesh_settings(self) -> MeshSettings:
         return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
@@ -94,8 +102,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         prog="ambit-agent",
         description="ambit node agent: serves the CNI and debug API on a Unix socket, enrols pods "
                     "into the mesh and owns ambit's kernel state on this node.",
-        epilog="Logs are JSON lines on stderr. SIGTERM/SIGINT stop the agent cleanly; enrolled pods "
-               "stay captured while it is down (fail closed) and are re-adopted on the next start.")
+        epilog="Logs are JSON lines on stderr. SIGTERM/SIGINT drain the agent: it stops accepting, "
+               "sends GOAWAY and relays what it has up to --drain-seconds (a second signal cuts that "
+               "short); enrolled pods stay captured while no agent runs (fail closed) and the next one "
+               "adopts them. An agent started while another serves the node takes over from it without "
+               "dropping a connection (docs/lifecycle.md).")
     parser.add_argument("--socket", default=os.environ.get("AMBIT_AGENT_SOCKET", DEFAULT_SOCKET),
                         help="agent API socket, created with mode 0600 (default: %(default)s; env AMBIT_AGENT_SOCKET)")
     parser.add_argument("--state-dir", default=os.environ.get("AMBIT_STATE_DIR", DEFAULT_STATE_DIR),
@@ -168,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     limits.add_argument("--telemetry-request-timeout", type=float, default=http_defaults.request_timeout_s,
                         metavar="SECONDS", help="for a metrics/readiness client to send its request "
                                                 "(default: %(default)s)")
+    parser.add_argument("--drain-seconds", type=float,
+                        default=float(os.environ.get("AMBIT_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)),
+                        help="on SIGTERM or after a hand-over, how long connections being served may take to "
+                             "end before they are reset; keep it under the pod's terminationGracePeriodSeconds "
+                             "(default: %(default)s; env AMBIT_DRAIN_SECONDS)")
     parser.add_argument("--event-loop", default=os.environ.get("AMBIT_EVENT_LOOP", "auto"), choices=eventloop.CHOICES,
                         help="event loop: uvloop (libuv, less proxy latency per hop), asyncio, or auto = uvloop "
                              "when installed (default: %(default)s)")
@@ -198,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                        files=tuple(args.config_file), kubeconfig=args.kubeconfig, trust_domain=args.trust_domain,
                        root_namespace=args.root_namespace, ca_dir=args.ca_dir, ca=ca_client_settings(args),
                        cert_ttl=timedelta(seconds=args.cert_ttl), cleanup=args.cleanup, event_loop=args.event_loop,
-                       hbone=hbone, telemetry=telemetry)
+                       hbone=hbone, telemetry=telemetry, drain_seconds=args.drain_seconds)
 
 
 class Agent:
@@ -223,12 +239,19 @@ class Agent:
             self.mesh.state.subscribe(self._count_rejected)
         self._ready = False
         self._not_ready_reason = "starting"
+        self.handover: HandoverOffer | None = None
+        self._handed_over = asyncio.Event()
+        self._successor: int | None = None
+        self._stopping = False
+        self._settling: asyncio.Task[None] | None = None
+        self.cni_gate = asyncio.Event()  # set once the records are ours (CNI calls wait for it)
         self.server = AgentServer(
             config.socket,
             CniService(self.enrolment, self.readiness,
-                       lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds)),
+                       lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds),
+                       gate=self.cni_gate),
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view,
-                         lambda: self.mesh, self.discovery_report))
+                         lambda: self.mesh, self.discovery_report, self.phase))
 
     def _count_rejected(self, kind: str, event: str, old: object, new: object) -> None:
         """ambit_policies_rejected follows the state's rejections (on the loop, as they happen)."""
@@ -247,6 +270,14 @@ class Agent:
     def discovery_report(self) -> DiscoveryReport:
         return self.mesh.report() if self.mesh is not None else NO_DISCOVERY
 
+    def phase(self) -> tuple[str, int]:
+        """Where this agent is in its life, and the successor it handed over to."""
+        if self._stopping:
+            return "draining", self._successor or 0
+        if self.enrolment.frozen:
+            return "handing-over", 0
+        return ("serving" if self._ready else "starting"), 0
+
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
             return False, self._not_ready_reason
@@ -258,77 +289,220 @@ class Agent:
             return False, "discovery synced; matching the enrolment records against the labels"
         return True, "ready"
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+        """Serve until `stop` (SIGTERM) or a successor has taken over, then
+        drain; `hurry` (a second signal) cuts the drain short."""
+        hurry = hurry or asyncio.Event()
         # Refuse before touching the records: a second agent (another
         # namespace, a hand-started copy) would otherwise reconcile them and
-        # release the pods the serving agent owns.
-        prepare_socket_path(self.config.socket)
-        self.store.open()
+        # release the pods the serving agent owns. One the serving agent
+        # agrees to hand over to is the exception (docs/lifecycle.md).
+        predecessor = await self._find_predecessor()
         try:
-            self.telemetry.start()
+            await self._start(predecessor)
+        except BaseException:
+            if predecessor is not None:
+                predecessor.close()  # before `ready`: the serving agent carries on
+            raise
+        self.handover = HandoverOffer(handover_path(self.config.socket), self.node_settings(), __version__, self)
+        try:
+            self.handover.start()
         except OSError as exc:
-            raise SocketInUse(f"cannot serve metrics/readiness on ports {self.config.metrics_port}/"
-                              f"{self.config.readiness_port}: {exc.strerror}") from None
+            log.warning("no hand-over offered: upgrades will restart this agent instead", error=str(exc))
+        try:
+            await _first(stop, self._handed_over)
+        finally:
+            await self._shutdown(hurry)
+
+    async def _find_predecessor(self) -> HandoverClient | None:
+        """None when the socket path is free (or stale); a hand-over session
+        when another agent serves it and agrees to hand over."""
+        try:
+            prepare_socket_path(self.config.socket)
+            return None
+        except SocketServed as exc:
+            served = exc
+        hello = Hello(os.getpid(), __version__, self.node_settings())
+        try:
+            client = await HandoverClient.connect(handover_path(self.config.socket), hello)
+        except HandoverRefused as exc:
+            raise SocketInUse(f"{served}, and it refused to hand over: {exc}") from None
+        except (OSError, HandoverProtocolError) as exc:
+            raise SocketInUse(f"{served}, and offers no hand-over ({exc})") from None
+        log.info("taking over from the serving agent", predecessor_pid=client.predecessor_pid,
+                 predecessor_version=client.predecessor_version)
+        return client
+
+    async def _start(self, predecessor: HandoverClient | None) -> None:
+        self.store.open()
+        if predecessor is None:
+            self._start_telemetry()
         if self.mesh is not None:
             self._not_ready_reason = f"loading {self.config.discovery} discovery"
             await self.mesh.start()
             self.mesh.follow(self.enrolment)
+        adopted: dict[str, socket.socket] = {}
         if self.config.capture in CAPTURE_BACKENDS:
-            await self._start_datapath()
+            self.datapath = make_datapath(self.config.capture, proxy_netns=self.config.proxy_netns,
+                                          pin_dir=self.config.bpffs_dir)
+            self._not_ready_reason = "creating the proxy namespace"
+            await asyncio.to_thread(self.datapath.proxy_ns.ensure)
+            if predecessor is None:
+                # Listeners first, then the programs: after a restart the
+                # pods' filters (kept by the kernel) already steer to these
+                # listeners, so captured pods are served again before the
+                # ~1 s compile is done.
+                await self._start_proxy({})
+                await self._install_datapath()
+            else:
+                # The predecessor serves until we have its sockets: compile
+                # first, so the time it is frozen stays short.
+                await self._install_datapath()
+        if predecessor is not None:
+            await self.server.start(take_over=True)  # CNI calls now wait for the records (cni_gate)
+            try:
+                adopted = await predecessor.take_sockets()
+            except PredecessorGone as exc:
+                log.warning("the serving agent went away during the hand-over: starting afresh", error=str(exc))
+            self._start_telemetry(adopted)
+            if self.datapath is not None:
+                await self._start_proxy({kind: adopted[kind.value] for kind in ListenerKind if kind.value in adopted})
+        self._not_ready_reason = "reconciling enrolment records"
         await self.enrolment.reconcile()
-        await self.server.start()
+        if predecessor is None:
+            await self.server.start()
         self._ready = True
-        settling = asyncio.get_running_loop().create_task(self.mesh.settle(self.enrolment)) if self.mesh else None
+        self.cni_gate.set()
+        if self.mesh is not None:
+            self._settling = asyncio.get_running_loop().create_task(self.mesh.settle(self.enrolment))
         log.info("agent serving", node=self.config.node_name, version=__version__, capture=self.config.capture,
                  enrolled=len(self.enrolment.workloads()), event_loop=eventloop.current_name(),
-                 ready=self.readiness()[0])
-        try:
-            await stop.wait()
-        finally:
-            self._ready = False
-            self._not_ready_reason = "stopping"
-            log.info("agent stopping")
-            if settling is not None:
-                settling.cancel()
-            await self.server.stop()
-            if self.proxy is not None:
-                await self.proxy.stop()
-            if self.datapath is not None:
-                # Capture stays in force: enrolled pods fail closed until an
-                # agent is back, never bypass the mesh.
-                self.datapath.close()
-            if self.mesh is not None:
-                await self.mesh.stop()
-            self.telemetry.stop()
-            log.info("agent stopped")
+                 ready=self.readiness()[0], took_over_from=predecessor.predecessor_pid if predecessor else None)
+        if predecessor is not None:
+            draining = await predecessor.ready()
+            log.info("the previous agent stopped accepting", predecessor_pid=predecessor.predecessor_pid,
+                     draining=draining)
 
-    async def _start_datapath(self) -> None:
-        """Listeners first, then the programs: after a restart the pods'
-        filters (kept by the kernel) already steer to these listeners, so
-        captured pods are served again before the ~1 s compile is done."""
-        self.datapath = make_datapath(self.config.capture, proxy_netns=self.config.proxy_netns,
-                                      pin_dir=self.config.bpffs_dir)
-        self._not_ready_reason = "creating the proxy namespace"
-        await asyncio.to_thread(self.datapath.proxy_ns.ensure)
+    def _start_telemetry(self, adopt: dict[str, socket.socket] | None = None) -> None:
+        try:
+            self.telemetry.start(adopt)
+        except OSError as exc:
+            raise SocketInUse(f"cannot serve metrics/readiness on ports {self.config.metrics_port}/"
+                              f"{self.config.readiness_port}: {exc.strerror}") from None
+
+    async def _start_proxy(self, adopt: dict[ListenerKind, socket.socket]) -> None:
+        assert self.datapath is not None
         self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip,
                                self.mesh.mesh if self.mesh is not None else None, hbone=self.config.hbone)
-        await self.proxy.start()
+        await self.proxy.start(adopt)
+
+    async def _install_datapath(self) -> None:
+        assert self.datapath is not None
         self._not_ready_reason = f"installing the {self.config.capture} datapath"
         await asyncio.to_thread(self.datapath.install)
         self.enrolment.backend = capture_backend(self.datapath)
 
+    async def _shutdown(self, hurry: asyncio.Event) -> None:
+        """Drain: listeners and node ports let go of here (a successor that
+        took them over keeps them open, else new SYNs are dropped: fail
+        closed), the API socket released (a successor may start at once),
+        no more record changes, GOAWAY on every HBONE connection, then wait
+        for the connections being served, up to --drain-seconds."""
+        self._stopping = True
+        self._ready = False
+        self._not_ready_reason = "draining"
+        if self._settling is not None:
+            self._settling.cancel()
+        if self.proxy is not None:
+            self.proxy.stop_accepting()
+        self.telemetry.stop()
+        if self.handover is not None:
+            await self.handover.close()  # a hand-over past `frozen` runs to its end first
+        successor = self._successor
+        if successor:
+            self._not_ready_reason = f"handed over to pid {successor}"
+        log.info("agent stopping", handed_over_to=successor, drain_seconds=self.config.drain_seconds)
+        await self.server.stop()
+        if self.mesh is not None:
+            self.mesh.unfollow()
+        await self.enrolment.freeze("the agent is stopping")
+        if self.proxy is not None:
+            reason = f"agent handed over to pid {successor}" if successor else "agent stopping"
+            drain = asyncio.ensure_future(self.proxy.drain(self.config.drain_seconds, reason))
+            await _first(drain, hurry)
+            if not drain.done():
+                log.info("drain cut short by a second signal", left=self.proxy.active_connections)
+                drain.cancel()
+            await self.proxy.stop()
+        if self.datapath is not None:
+            # Capture stays in force: enrolled pods fail closed until an
+            # agent is back, never bypass the mesh.
+            self.datapath.close()
+        if self.mesh is not None:
+            await self.mesh.stop()
+        log.info("agent stopped")
+
+    # -- the hand-over, serving side (HandoverHost) ----------------------------------
+    def node_settings(self) -> NodeSettings:
+        c = self.config
+        return NodeSettings.of_this_process(c.node_name, c.socket, c.state_dir, c.proxy_netns, c.bpffs_dir, c.capture)
+
+    def refusal(self) -> str | None:
+        if self._stopping:
+            return "this agent is stopping"
+        if not self._ready:
+            return f"this agent is not serving ({self._not_ready_reason})"
+        return None
+
+    async def freeze(self, successor_pid: int) -> dict[str, socket.socket]:
+        self._ready = False
+        self._not_ready_reason = f"handing over to pid {successor_pid}"
+        await self.enrolment.freeze(f"handing over to pid {successor_pid}")
+        sockets = {kind.value: sock for kind, sock in (self.proxy.listening_sockets() if self.proxy else {}).items()}
+        return {**sockets, **self.telemetry.listening_sockets()}
+
+    async def unfreeze(self, why: str) -> None:
+        if self._stopping:
+            log.warning("hand-over failed while stopping: the next agent adopts the node", reason=why)
+            return
+        log.warning("hand-over failed: serving on", reason=why)
+        self.enrolment.unfreeze()
+        if not self.server.serving_the_path:
+            await self.server.stop()
+            await self.server.start()  # the successor's socket is dead: take the path back
+        self._ready = True
+
+    def handed_over(self, successor_pid: int) -> int:
+        self._successor = successor_pid
+        connections = self.proxy.active_connections if self.proxy is not None else 0
+        if self.proxy is not None:
+            self.proxy.stop_accepting()  # at once: the successor accepts on the same sockets
+        self._handed_over.set()
+        return connections
+
+
+async def _first(*waitables: asyncio.Event | asyncio.Future) -> None:
+    """Until the first of these events is set (or futures done)."""
+    tasks = [asyncio.ensure_future(w.wait()) if isinstance(w, asyncio.Event) else w for w in waitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waitable, task in zip(waitables, tasks):
+            if isinstance(waitable, asyncio.Event):
+                task.cancel()
+
 
 async def _serve(config: AgentConfig) -> None:
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
-        log.info("signal received", signal=sig.name)
-        stop.set()
+        log.info("signal received", signal=sig.name, draining=stop.is_set())
+        (hurry if stop.is_set() else stop).set()  # the second one cuts the drain short
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await Agent(config).run(stop)
+    await Agent(config).run(stop, hurry)
 
 
 def cleanup(config: AgentConfig) -> None:

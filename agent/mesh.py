@@ -29,7 +29,7 @@ from .discovery.model import KIND_NAMESPACE, PodInfo
 from .discovery.report import DiscoveryReport, discovery_report
 from .discovery.selector import AmbientSelector
 from .discovery.state import ClusterState
-from .enrolment import Enrolment
+from .enrolment import Enrolment, EnrolmentError
 from .identity.ca import DEFAULT_LEAF_TTL, LocalCA
 from .identity.issuer import Issuer, IstioCaIssuer, LocalIssuer
 from .identity.istio_ca import CaClientSettings, IstioCaClient
@@ -85,6 +85,7 @@ class MeshRuntime:
         self._ca_client: IstioCaClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Any] = []
+        self._unfollow: Any = None
 
     async def start(self) -> None:
         s = self.settings
@@ -169,13 +170,26 @@ class MeshRuntime:
         """Label changes move this node's pods in or out of the mesh live."""
         enrolment.selector = self.selector
 
+        async def flip(pod: PodInfo, in_mesh: bool, reason: str) -> None:
+            try:
+                await enrolment.set_membership(PodRef(pod.namespace, pod.name, pod.uid), in_mesh, reason)
+            except EnrolmentError as exc:  # frozen for a hand-over: the successor resyncs at its start
+                log.info("membership change left to the successor", pod=f"{pod.namespace}/{pod.name}",
+                         in_mesh=in_mesh, error=str(exc))
+
         def on_flip(pod: PodInfo, in_mesh: bool, reason: str) -> None:
-            task = asyncio.get_running_loop().create_task(
-                enrolment.set_membership(PodRef(pod.namespace, pod.name, pod.uid), in_mesh, reason))
+            task = asyncio.get_running_loop().create_task(flip(pod, in_mesh, reason))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        self._unsubscribe.append(self.state.subscribe_ambient(on_flip, node_name=self.settings.node_name))
+        self._unfollow = self.state.subscribe_ambient(on_flip, node_name=self.settings.node_name)
+
+    def unfollow(self) -> None:
+        """Label changes no longer touch enrolment (the agent is stopping;
+        the next one resyncs at its start)."""
+        if self._unfollow is not None:
+            self._unfollow()
+            self._unfollow = None
 
     async def resync(self, enrolment: Enrolment) -> None:
         """After a restart: records whose membership changed while the agent
@@ -187,6 +201,7 @@ class MeshRuntime:
                 await enrolment.set_membership(workload.pod, in_mesh, reason)
 
     async def stop(self) -> None:
+        self.unfollow()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         for task in list(self._tasks):

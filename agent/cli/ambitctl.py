@@ -36,7 +36,10 @@ def cmd_status(client: AgentClient, output: str) -> str:
     st = client.status()
     if output == "json":
         return json.dumps(MessageToDict(st, preserving_proto_field_name=True))
-    return "\n".join([f"node:        {st.node}", f"version:     {st.version}",
+    phase = st.phase or "-"
+    if st.successor_pid:
+        phase += f" (handed over to pid {st.successor_pid})"
+    return "\n".join([f"node:        {st.node}", f"version:     {st.version} (pid {st.pid}, {phase})",
                       f"ready:       {'yes' if st.ready else 'no (' + st.reason + ')'}",
                       f"uptime:      {_age(st.started_at)}", f"event loop:  {st.event_loop or '-'}",
                       f"capture:     {st.capture}",

@@ -121,8 +121,11 @@ class TransparentListener:
     """One transparent listening socket plus its accept loop.
 
     `start()` creates the socket inside `netns` (or the caller's namespace
-    when None) and starts accepting on the running loop; `stop()` closes it and
-    cancels the handlers still running, whose sockets are then closed.
+    when None), or adopts one a previous agent handed over, and starts
+    accepting on the running loop; `stop()` closes it and cancels the
+    handlers still running, whose sockets are then closed. For a drain,
+    `stop_accepting()` first lets go of the socket and leaves the handlers
+    running (`wait_idle()` waits for them).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class TransparentListener:
         self._backlog = backlog
         self._clock = clock
         self._sock: socket.socket | None = None
+        self._bound: SocketAddress | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Each running handler and the socket it serves; the socket is closed
         # when the task is done, even if it was cancelled before it ran.
@@ -152,32 +156,53 @@ class TransparentListener:
 
     @property
     def address(self) -> SocketAddress:
-        """Where the socket is bound (the real port when 0 was asked for)."""
-        if self._sock is None:
+        """Where the socket is (or was last) bound: the real port when 0 was asked for."""
+        if self._bound is None:
             raise RuntimeError("listener is not started")
-        return SocketAddress.from_sockaddr(self._sock.getsockname())
+        return self._bound
+
+    @property
+    def accepting(self) -> bool:
+        return self._sock is not None
 
     @property
     def active_connections(self) -> int:
         return len(self._connections)
 
-    async def start(self) -> None:
+    @property
+    def socket(self) -> socket.socket:
+        """The listening socket (to hand over to a successor: it keeps the
+        same accept queue, IP_TRANSPARENT, mark and namespace)."""
+        if self._sock is None:
+            raise RuntimeError("listener is not started")
+        return self._sock
+
+    async def start(self, adopt: socket.socket | None = None) -> None:
+        """Listen, on a new socket or on `adopt`, a listening socket of this
+        kind that another process handed over (SCM_RIGHTS)."""
         if self._sock is not None:
             raise RuntimeError("listener already started")
-        setup = listening_socket_setup(self._requested, self._backlog)
-        family = self._requested.family
-        if self._netns is None:
-            sock = make_socket(family, socket.SOCK_STREAM, 0, setup)
+        if adopt is not None:
+            sock = adopt
+            sock.setblocking(False)
         else:
-            sock = await self._netns.new_socket_async(family, socket.SOCK_STREAM, 0, setup)
+            setup = listening_socket_setup(self._requested, self._backlog)
+            family = self._requested.family
+            if self._netns is None:
+                sock = make_socket(family, socket.SOCK_STREAM, 0, setup)
+            else:
+                sock = await self._netns.new_socket_async(family, socket.SOCK_STREAM, 0, setup)
         self._sock = sock
+        self._bound = SocketAddress.from_sockaddr(sock.getsockname())
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._accept_ready)
         self._log = self._log.bind(address=str(self.address))
-        self._log.info("listening")
+        self._log.info("listening", adopted=adopt is not None)
 
-    async def stop(self) -> None:
-        """Stop accepting, cancel running handlers and wait for them."""
+    def stop_accepting(self) -> None:
+        """Accept no more and close this process's descriptor of the socket;
+        running handlers carry on. The socket itself lives on where another
+        process holds it (a successor), else the kernel closes it."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -187,7 +212,17 @@ class TransparentListener:
             self._paused = None
         else:
             self._loop.remove_reader(sock.fileno())
-        sock.close()
+        sock.close()  # close(2) only: never shutdown(2), which would stop the successor's copy too
+        self._log.info("stopped accepting", running=len(self._connections))
+
+    async def wait_idle(self) -> None:
+        """Until every handler started so far has finished."""
+        while self._connections:
+            await asyncio.wait(list(self._connections))
+
+    async def stop(self) -> None:
+        """Stop accepting, cancel running handlers and wait for them."""
+        self.stop_accepting()
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()

@@ -140,7 +140,19 @@ class NodeProxy:
     def listener_names(self) -> list[str]:
         return [f"{l.kind.value}:{l.address.port}" for l in self._listeners]
 
-    async def start(self) -> None:
+    def listening_sockets(self) -> dict[ListenerKind, socket.socket]:
+        """The listening sockets, by kind (what a successor takes over)."""
+        return {listener.kind: listener.socket for listener in self._listeners if listener.accepting}
+
+    @property
+    def active_connections(self) -> int:
+        """Connections (and HBONE connections) still being served."""
+        return sum(listener.active_connections for listener in self._listeners)
+
+    async def start(self, adopt: dict[ListenerKind, socket.socket] | None = None) -> None:
+        """Open the listeners, or serve the ones `adopt` holds (handed over
+        by the agent this one replaces: same sockets, same queues)."""
+        adopt = adopt or {}
         self._thread = NetnsThread(self.proxy_netns)
         self._upstream = NetnsUpstreamSockets(self._thread)
         if self.mesh is not None:
@@ -158,10 +170,38 @@ class NodeProxy:
                     ListenerKind.HBONE: self._hbone}
         for kind, handler in handlers.items():
             listener = TransparentListener(kind, handler, netns=self._thread)
-            await listener.start()
+            await listener.start(adopt.get(kind))
             self._listeners.append(listener)
         log.info("proxy listening", netns=self.proxy_netns, listeners=self.listener_names(),
                  mesh=self.mesh is not None)
+
+    def stop_accepting(self) -> None:
+        """New connections are no longer ours: the listening sockets are
+        closed here (a successor that took them over keeps them open, else
+        the datapath drops new SYNs: fail closed)."""
+        for listener in self._listeners:
+            listener.stop_accepting()
+
+    async def drain(self, seconds: float, reason: str) -> int:
+        """Stop accepting, GOAWAY on every HBONE connection (both sides), and
+        wait up to `seconds` for the connections being served to end.
+        Returns how many are left (stop() resets them)."""
+        self.stop_accepting()
+        if self.inbound is not None:
+            self.inbound.go_away(reason)
+        if self.pool is not None:
+            self.pool.drain(reason)
+        before = self.active_connections
+        log.info("draining", connections=before, deadline_s=seconds, reason=reason)
+        try:
+            async with asyncio.timeout(seconds):
+                for listener in self._listeners:
+                    await listener.wait_idle()
+        except TimeoutError:
+            pass
+        left = self.active_connections
+        log.info("drained" if not left else "drain deadline reached", connections_at_start=before, left=left)
+        return left
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:

@@ -1,6 +1,7 @@
 """Read-only views for ambitctl."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,8 +34,10 @@ class DebugService:
     def __init__(self, enrolment: Enrolment, node: str, started_at: float,
                  readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY,
                  mesh: Callable[[], Any] = lambda: None,
-                 discovery: Callable[[], DiscoveryReport] = lambda: NO_DISCOVERY) -> None:
-        """`mesh` returns the agent's MeshRuntime (None without discovery)."""
+                 discovery: Callable[[], DiscoveryReport] = lambda: NO_DISCOVERY,
+                 lifecycle: Callable[[], tuple[str, int]] = lambda: ("serving", 0)) -> None:
+        """`mesh` returns the agent's MeshRuntime (None without discovery);
+        `lifecycle` its phase and the pid it handed over to (0: none)."""
         self.enrolment = enrolment
         self.node = node
         self.started_at = started_at
@@ -42,6 +45,7 @@ class DebugService:
         self.proxy = proxy
         self.mesh = mesh
         self.discovery = discovery
+        self.lifecycle = lifecycle
 
     async def _need_mesh(self, context) -> Any:
         runtime = self.mesh()
@@ -114,7 +118,9 @@ class DebugService:
         ready, reason = self.readiness()
         proxy = self.proxy()
         discovery = self.discovery()
-        return pb.AgentStatusResponse(version=__version__, node=self.node, started_at=self.started_at,
+        phase, successor = self.lifecycle()
+        return pb.AgentStatusResponse(pid=os.getpid(), phase=phase, successor_pid=successor,
+                                      version=__version__, node=self.node, started_at=self.started_at,
                                       enrolled=self.enrolment.enrolled_count(), ready=ready, reason=reason,
                                       capture=proxy.capture, listeners=proxy.listeners(),
                                       proxy_netns=proxy.proxy_netns, live_connections=len(proxy.connections()),

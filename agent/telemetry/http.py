@@ -24,7 +24,7 @@ import concurrent.futures
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -40,6 +40,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _LIMIT_LOG_INTERVAL_S = 10.0
 _BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retransmissions
+_PORT_NAMES = ("metrics", "readiness")  # the order of TelemetryServer.ports; names in a hand-over
 
 
 @dataclass(frozen=True)
@@ -169,12 +170,22 @@ class TelemetryServer:
     def ports(self) -> tuple[int, int]:
         return tuple(p.sock.getsockname()[1] for p in self._ports)  # type: ignore[return-value]
 
-    def start(self) -> None:
-        """Bind both ports (OSError if taken) and serve them on the telemetry thread."""
+    def listening_sockets(self) -> dict[str, socket.socket]:
+        """The two listening sockets by name (what a successor takes over)."""
+        return dict(zip(_PORT_NAMES, (p.sock for p in self._ports)))
+
+    def start(self, adopt: Mapping[str, socket.socket] | None = None) -> None:
+        """Bind both ports (OSError if taken), or serve the sockets `adopt`
+        holds by name (handed over by the agent this one replaces), on the
+        telemetry thread. Two processes may accept from an adopted socket
+        during a hand-over; asyncio's accept is non-blocking, so the one that
+        loses the race just waits for the next connection."""
+        adopt = adopt or {}
         socks: list[socket.socket] = []
         try:
-            for port in self._port_numbers:
-                socks.append(socket.create_server((self._address, port), backlog=_BACKLOG))
+            for name, port in zip(_PORT_NAMES, self._port_numbers):
+                socks.append(adopt[name] if name in adopt
+                             else socket.create_server((self._address, port), backlog=_BACKLOG))
         except OSError:
             for sock in socks:
                 sock.close()

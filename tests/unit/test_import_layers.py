@@ -21,7 +21,7 @@ TOP_RANKS = {"ambit.cni": 0, "ambit.api": 0, "ambit.agent": 1, "ambit.ca": 2, "a
              "ambit.lab": 3, "ambit.cli": 4}
 AGENT_RANKS = {
     # programs and their wiring
-    "main": 6, "mesh": 6, "rpc": 6, "cli": 6, "install_cni": 6,
+    "main": 6, "mesh": 6, "rpc": 6, "cli": 6, "install_cni": 6, "lifecycle": 6,
     "proxy": 5, "enrolment": 5,
     "policy": 4,
     "discovery": 3,
