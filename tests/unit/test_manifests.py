@@ -209,6 +209,11 @@ def node_pod() -> dict[str, Any]:
     return ds["spec"]["template"]["spec"]
 
 
+def test_node_pods_are_upgraded_by_a_hand_over_never_leaving_a_node_without_an_agent():
+    strategy = find("DaemonSet", "ambit-node")["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
 def test_node_pod_runs_on_every_node_in_the_host_network(node_pod):
     model = to_model(find("DaemonSet", "ambit-node")).spec.template.spec
     assert model.host_network is True
@@ -224,9 +229,11 @@ def test_agent_container(node_pod):
     assert agent["securityContext"] == {"privileged": True}
     probe = agent["readinessProbe"]["httpGet"]
     assert (probe["port"], probe["path"]) == (15021, "/healthz/ready")
-    assert {p["containerPort"] for p in agent["ports"]} == {15020, 15021}
-    node_name = next(e for e in agent["env"] if e["name"] == "NODE_NAME")
-    assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # No declared ports: in the host network they are hostPorts, and the upgrade's surge pod
+    # would not fit beside the old one (the agent hands 15020/15021 over itself).
+    assert "ports" not in agent
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"] if "valueFrom" in e}
+    assert env == {"NODE_NAME": "spec.nodeName", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     host = mounts(agent, node_pod)
     assert host["/var/run/ambit"] == ("/var/run/ambit", False, None)
     assert host["/var/run/netns"] == ("/var/run/netns", False, "Bidirectional")
