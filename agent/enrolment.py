@@ -14,13 +14,13 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import structlog
 
 from .datapath.podlink import PodLink, PodLinkError, host_link_exists, inspect_pod_link
 from .enrolment_records import StateStore
-from .workload import OUTSIDE_MESH, AttachmentKey, PodRef, Workload
+from .workload import ADOPTED, ADOPTED_PREFIX, FROM_CNI, OUTSIDE_MESH, AttachmentKey, PodRef, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +62,11 @@ class CaptureBackend(Protocol):
 
     def verify(self, workload: Workload) -> str | None: ...
 
-    def reconcile(self, workloads: list[Workload]) -> None: ...
+    def reconcile(self, workloads: list[Workload]) -> list[Any]:
+        """Returns the captures no record owns whose veth is still there."""
+        ...
+
+    def detach_capture(self, capture: Any) -> None: ...
 
 
 class RecordOnly:
@@ -79,7 +83,10 @@ class RecordOnly:
     def verify(self, workload: Workload) -> str | None:
         return None
 
-    def reconcile(self, workloads: list[Workload]) -> None:
+    def reconcile(self, workloads: list[Workload]) -> list[Any]:
+        return []
+
+    def detach_capture(self, capture: Any) -> None:
         return None
 
 
@@ -232,7 +239,7 @@ class Enrolment:
                                                                                 EnrolmentError.PRECONDITION)
                 log.warning("cannot enrol pod", pod=str(req.pod), attachment=str(req.key), error=str(exc))
                 raise EnrolmentError(kind, str(exc)) from None
-            await self._drop_conflicting(req.key, ips)
+            await self._drop_conflicting(req.key, ips, req.netns)
             workload = Workload(key=req.key, netns=req.netns, pod=req.pod, ips=ips, network=req.network,
                                 host_veth=link.host_ifname, host_veth_ifindex=link.host_ifindex,
                                 container_ifindex=link.container_ifindex, enrolled_at=time.time(),
@@ -300,23 +307,46 @@ class Enrolment:
             self._forget_lock(workload.key)
         return changed
 
-    async def _drop_conflicting(self, key: AttachmentKey, ips: tuple[str, ...]) -> None:
+    async def _drop_conflicting(self, key: AttachmentKey, ips: tuple[str, ...], netns: str = "") -> None:
         """An address still recorded for another attachment belongs to a pod
         that went away without a DEL: release it so capture state is never
-        shared between two pods."""
+        shared between two pods. The same interface recorded under a key of
+        the agent's own (adopted or rebuilt) is the same pod: its record
+        takes the runtime's key, and its capture is never interrupted."""
         addresses = {ip.split("/")[0] for ip in ips}
         while True:
             stale = next((self._by_ip[ip] for ip in addresses
                           if ip in self._by_ip and self._by_ip[ip].key != key), None)
             if stale is None:
                 return
+            if stale.origin != FROM_CNI and stale.netns == netns and stale.key.ifname == key.ifname:
+                log.info("the runtime names an adopted pod: its record takes the runtime's key",
+                         old=str(stale.key), attachment=str(key), pod=str(stale.pod))
+                self.store.delete(stale.key)
+                self._pop(stale.key)
+                continue
             log.warning("address reused: releasing the stale attachment", stale=str(stale.key),
                         pod=str(stale.pod), ips=sorted(addresses & set(stale.addresses)))
             await self._release_locked(stale)
 
-    async def release(self, key: AttachmentKey) -> bool:
+    async def release(self, key: AttachmentKey, netns: str = "", pod: PodRef | None = None) -> bool:
+        """CNI DEL. A pod the agent adopted (its record has a key of the
+        agent's own) is found by its namespace or pod uid."""
         async with self._changing():
+            if key not in self._workloads:
+                own = self._own_record_for(key, netns, pod)
+                if own is not None:
+                    key = own.key
             return await self._release(key)
+
+    def _own_record_for(self, key: AttachmentKey, netns: str, pod: PodRef | None) -> Workload | None:
+        """The adopted or rebuilt record of the runtime's attachment `key`."""
+        for workload in self._workloads.values():
+            if workload.origin == FROM_CNI or workload.key.ifname != key.ifname:
+                continue
+            if (netns and workload.netns == netns) or (pod and pod.uid and workload.pod.uid == pod.uid):
+                return workload
+        return None
 
     async def _release(self, key: AttachmentKey) -> bool:
         async with self._lock(key):
@@ -338,7 +368,7 @@ class Enrolment:
         log.info("pod released", pod=str(workload.pod), attachment=str(workload.key), host_veth=workload.host_veth)
 
     async def check(self, key: AttachmentKey, pod: PodRef, netns: str, ips: Iterable[str]) -> None:
-        workload = self._workloads.get(key)
+        workload = self._workloads.get(key) or self._own_record_for(key, netns, pod)
         if workload is None or not workload.in_mesh:
             wanted, _ = await self._decide(pod)
             if wanted:
@@ -362,8 +392,10 @@ class Enrolment:
 
     async def garbage_collect(self, valid: Iterable[AttachmentKey], network: str) -> list[AttachmentKey]:
         keep = set(valid)
-        stale = [w for w in self._workloads.values()
-                 if w.key not in keep and (not network or not w.network or w.network == network)]
+        # Adopted and rebuilt records are not the runtime's: it cannot list
+        # them as valid. DEL (matched by namespace) or drift repair ends them.
+        stale = [w for w in self._workloads.values() if w.origin == FROM_CNI
+                 and w.key not in keep and (not network or not w.network or w.network == network)]
         async with self._changing():
             for workload in stale:
                 await self._release(workload.key)
@@ -371,9 +403,49 @@ class Enrolment:
             log.info("garbage collected", released=[str(w.key) for w in stale], network=network)
         return [w.key for w in stale]
 
+    # -- pods no CNI ADD told us about ----------------------------------------
+    async def adopt(self, pod: PodRef, netns: str, link: PodLink, ips: tuple[str, ...], origin: str, reason: str,
+                    in_mesh: bool | None = None) -> Workload | None:
+        """Record a pod found in the kernel (origin ADOPTED: it was running
+        before ambit was chained; REBUILT: its capture outlived its record)
+        under a key of the agent's own, and capture it if it belongs in the
+        mesh (`in_mesh`, else the selector decides). `ips`: the pod's
+        addresses (CIDR form) among those on its interface. None when one of
+        them is recorded already (nothing to do)."""
+        async with self._changing():
+            ips = _normalise_ips(ips)
+            if any(self._by_ip.get(a.split("/")[0]) for a in ips):
+                return None
+            identity = pod.uid or str(os.stat(netns).st_ino)
+            key = AttachmentKey(f"{ADOPTED_PREFIX}{identity}", link.container_ifname)
+            if in_mesh is None:
+                in_mesh, reason = await self._decide(pod)
+            async with self._lock(key):
+                workload = Workload(key=key, netns=netns, pod=pod, ips=ips, network="",
+                                    host_veth=link.host_ifname, host_veth_ifindex=link.host_ifindex,
+                                    container_ifindex=link.container_ifindex, enrolled_at=time.time(),
+                                    capture=OUTSIDE_MESH, origin=origin)
+                if in_mesh:
+                    workload = await self._capture(workload, link)
+                self._remember(workload)
+            self._forget_lock(key)
+            log.info("pod adopted" if origin == ADOPTED else "record rebuilt", pod=str(pod), attachment=str(key),
+                     netns=netns, ips=list(workload.addresses), host_veth=link.host_ifname, capture=workload.capture,
+                     reason=reason)
+            return workload
+
+    async def drop_capture(self, capture: Any, why: str) -> None:
+        """Remove a capture no record owns and no pod of ours explains."""
+        async with self._changing():
+            log.info("removing a capture no pod owns", host_ifindex=capture.host_ifindex,
+                     pod_ips=[str(ip) for ip in capture.pod_ips], reason=why)
+            await asyncio.to_thread(self.backend.detach_capture, capture)
+
     # -- restart -------------------------------------------------------------
-    async def reconcile(self) -> None:
-        """Re-adopt the records of live pods and release the rest."""
+    async def reconcile(self) -> list[Any]:
+        """Re-adopt the records of live pods and release the rest. Returns the
+        host veths still captured that no record owns (records lost): their
+        pods keep their capture; lifecycle/drift.py rebuilds their records."""
         adopted, released = 0, 0
         for workload in self.store.load_all():
             alive = await asyncio.to_thread(_still_there, workload)
@@ -383,8 +455,10 @@ class Enrolment:
             else:
                 await self._release(workload.key)
                 released += 1
-        await asyncio.to_thread(self.backend.reconcile, [w for w in self.workloads() if w.in_mesh])
-        log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name)
+        orphans = await asyncio.to_thread(self.backend.reconcile, [w for w in self.workloads() if w.in_mesh])
+        log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name,
+                 captured_without_record=len(orphans))
+        return orphans
 
 
 def _same_pod(a: PodRef, b: PodRef) -> bool:

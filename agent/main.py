@@ -42,6 +42,8 @@ from .identity.ca_options import add_ca_client_arguments, ca_client_settings
 from .identity.istio_ca import CaClientSettings
 from .lifecycle.handover import (HandoverClient, HandoverOffer, HandoverRefused, PredecessorGone,
                                  handover_path)
+from .lifecycle.drift import DriftRepair
+from .lifecycle.grace import drain_seconds_for_grace, own_pod_grace
 from .lifecycle.messages import HandoverProtocolError, Hello, NodeSettings
 from .mesh import MeshRuntime, MeshSettings
 from .proxy.hbone.settings import HboneSettings
@@ -56,9 +58,6 @@ from .telemetry.metrics import Metrics
 
 DEFAULT_SOCKET = "/var/run/ambit/agent.sock"
 DEFAULT_STATE_DIR = "/var/run/ambit/state"
-# Kubernetes' default terminationGracePeriodSeconds (30) minus a margin, so
-# the agent is done before the kubelet's SIGKILL.
-DEFAULT_DRAIN_SECONDS = 25.0
 CAPTURE_MODES = (*CAPTURE_BACKENDS, "none")
 
 log = structlog.get_logger("ambit.agent")
@@ -88,13 +87,18 @@ class AgentConfig:
     event_loop: str = "auto"
     hbone: HboneSettings = field(default_factory=HboneSettings)
     telemetry: HttpLimits = field(default_factory=HttpLimits)
-    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    drain_seconds: float | None = None  # None: from the pod's termination grace period (lifecycle/grace.py)
 
     def mesh_settings(self) -> MeshSettings:
         return MeshSettings(discovery=self.discovery, node_name=self.node_name, trust_domain=self.trust_domain,
                             root_namespace=self.root_namespace, files=self.files, kubeconfig=self.kubeconfig,
                             ca_dir=self.ca_dir, ca=self.ca, cert_ttl=self.cert_ttl,
                             certs_dir=os.path.join(self.state_dir, "certs"))
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -179,11 +183,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     limits.add_argument("--telemetry-request-timeout", type=float, default=http_defaults.request_timeout_s,
                         metavar="SECONDS", help="for a metrics/readiness client to send its request "
                                                 "(default: %(default)s)")
-    parser.add_argument("--drain-seconds", type=float,
-                        default=float(os.environ.get("AMBIT_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)),
-                        help="on SIGTERM or after a hand-over, how long connections being served may take to "
-                             "end before they are reset; keep it under the pod's terminationGracePeriodSeconds "
-                             "(default: %(default)s; env AMBIT_DRAIN_SECONDS)")
+    parser.add_argument("--drain-seconds", type=float, default=_env_float("AMBIT_DRAIN_SECONDS"),
+                        help="on SIGTERM or after a hand-over, how long the connections being served may take "
+                             "to end before they are reset (env AMBIT_DRAIN_SECONDS; default: the agent's own "
+                             "pod's terminationGracePeriodSeconds minus 5, read with --discovery kube when "
+                             "POD_NAME and POD_NAMESPACE are set, else 25)")
     parser.add_argument("--event-loop", default=os.environ.get("AMBIT_EVENT_LOOP", "auto"), choices=eventloop.CHOICES,
                         help="event loop: uvloop (libuv, less proxy latency per hop), asyncio, or auto = uvloop "
                              "when installed (default: %(default)s)")
@@ -244,6 +248,8 @@ class Agent:
         self._successor: int | None = None
         self._stopping = False
         self._settling: asyncio.Task[None] | None = None
+        self.drift: DriftRepair | None = None
+        self.drain_seconds = drain_seconds_for_grace(None) if config.drain_seconds is None else config.drain_seconds
         self.cni_gate = asyncio.Event()  # set once the records are ours (CNI calls wait for it)
         self.server = AgentServer(
             config.socket,
@@ -251,7 +257,8 @@ class Agent:
                        lambda method, seconds: self.metrics.cni_rpc_seconds.labels(method).observe(seconds),
                        gate=self.cni_gate),
             DebugService(self.enrolment, config.node_name, self.started_at, self.readiness, self.proxy_view,
-                         lambda: self.mesh, self.discovery_report, self.phase))
+                         lambda: self.mesh, self.discovery_report, self.phase,
+                         lambda: self.drift.report if self.drift is not None else None))
 
     def _count_rejected(self, kind: str, event: str, old: object, new: object) -> None:
         """ambit_policies_rejected follows the state's rejections (on the loop, as they happen)."""
@@ -341,6 +348,7 @@ class Agent:
             self._not_ready_reason = f"loading {self.config.discovery} discovery"
             await self.mesh.start()
             self.mesh.follow(self.enrolment)
+        self.drain_seconds = await self._drain_deadline()
         adopted: dict[str, socket.socket] = {}
         if self.config.capture in CAPTURE_BACKENDS:
             self.datapath = make_datapath(self.config.capture, proxy_netns=self.config.proxy_netns,
@@ -368,13 +376,18 @@ class Agent:
             if self.datapath is not None:
                 await self._start_proxy({kind: adopted[kind.value] for kind in ListenerKind if kind.value in adopted})
         self._not_ready_reason = "reconciling enrolment records"
-        await self.enrolment.reconcile()
+        orphans = await self.enrolment.reconcile()
+        self.drift = DriftRepair(self.enrolment, self.config.node_name, self.mesh,
+                                 on_report=lambda r: self.metrics.pods_not_captured.set(len(r.not_captured)),
+                                 on_adopted=lambda origin: self.metrics.pods_adopted.labels(origin).inc())
+        await self.drift.rebuild(orphans)  # before serving: a lost record must not look like a missing pod
+        self.drift.start()
         if predecessor is None:
             await self.server.start()
         self._ready = True
         self.cni_gate.set()
         if self.mesh is not None:
-            self._settling = asyncio.get_running_loop().create_task(self.mesh.settle(self.enrolment))
+            self._settling = asyncio.get_running_loop().create_task(self._settle())
         log.info("agent serving", node=self.config.node_name, version=__version__, capture=self.config.capture,
                  enrolled=len(self.enrolment.workloads()), event_loop=eventloop.current_name(),
                  ready=self.readiness()[0], took_over_from=predecessor.predecessor_pid if predecessor else None)
@@ -382,6 +395,24 @@ class Agent:
             draining = await predecessor.ready()
             log.info("the previous agent stopped accepting", predecessor_pid=predecessor.predecessor_pid,
                      draining=draining)
+
+    async def _drain_deadline(self) -> float:
+        if self.config.drain_seconds is not None:
+            return self.config.drain_seconds
+        grace = None
+        name, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        if self.mesh is not None and self.mesh.api_client is not None and name and namespace:
+            grace = await own_pod_grace(self.mesh.api_client, namespace, name)
+        seconds = drain_seconds_for_grace(grace)
+        log.info("drain deadline", seconds=seconds, termination_grace_s=grace)
+        return seconds
+
+    async def _settle(self) -> None:
+        """Once discovery has synced: records follow the labels, and pods
+        that were running before ambit was chained join the mesh."""
+        assert self.mesh is not None and self.drift is not None
+        await self.mesh.settle(self.enrolment)
+        await self.drift.check()
 
     def _start_telemetry(self, adopt: dict[str, socket.socket] | None = None) -> None:
         try:
@@ -421,14 +452,16 @@ class Agent:
         successor = self._successor
         if successor:
             self._not_ready_reason = f"handed over to pid {successor}"
-        log.info("agent stopping", handed_over_to=successor, drain_seconds=self.config.drain_seconds)
+        log.info("agent stopping", handed_over_to=successor, drain_seconds=self.drain_seconds)
         await self.server.stop()
+        if self.drift is not None:
+            await self.drift.stop()
         if self.mesh is not None:
             self.mesh.unfollow()
         await self.enrolment.freeze("the agent is stopping")
         if self.proxy is not None:
             reason = f"agent handed over to pid {successor}" if successor else "agent stopping"
-            drain = asyncio.ensure_future(self.proxy.drain(self.config.drain_seconds, reason))
+            drain = asyncio.ensure_future(self.proxy.drain(self.drain_seconds, reason))
             await _first(drain, hurry)
             if not drain.done():
                 log.info("drain cut short by a second signal", left=self.proxy.active_connections)

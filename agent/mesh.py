@@ -86,6 +86,7 @@ class MeshRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Any] = []
         self._unfollow: Any = None
+        self.api_client: Any = None  # the Kubernetes API client, with --discovery kube
 
     async def start(self) -> None:
         s = self.settings
@@ -99,6 +100,7 @@ class MeshRuntime:
             from .discovery.kube import KubeSource, api_client_from
 
             api = api_client_from(kubeconfig=s.kubeconfig, in_cluster=not s.kubeconfig)
+            self.api_client = api
             self.source = KubeSource(api, self.state, s.node_name)
             ready = self.source.synced
             fetch = self.source.fetch_pod

@@ -64,6 +64,16 @@ class RtnlQuery:
             msg["attrs"].append(("IFLA_IFNAME", ifname))
         return self._request(msg, RTM_GETLINK, ifinfmsg, dump=False)[0]
 
+    def links(self) -> list[ifinfmsg]:
+        """Every link of the namespace."""
+        msg = ifinfmsg()
+        msg["attrs"] = [("IFLA_EXT_MASK", RTEXT_FILTER_SKIP_STATS)]
+        return self._request(msg, RTM_GETLINK, ifinfmsg, dump=True)
+
+    def all_addresses(self) -> list[ifaddrmsg]:
+        """Every address of the namespace, on every link."""
+        return self._request(ifaddrmsg(), RTM_GETADDR, ifaddrmsg, dump=True)
+
     def addresses(self, index: int) -> list[ifaddrmsg]:
         """Every address on one link (the dump is filtered here: the kernel
         filters only on sockets with strict checking)."""

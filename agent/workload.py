@@ -32,6 +32,14 @@ class AttachmentKey:
 # recorded (so a label change can bring it in live), never touched.
 OUTSIDE_MESH = "none"
 
+# Workload.origin: who told the agent about the pod. The runtime's attachment
+# keys (container id + ifname) exist only for "cni"; the others carry a key
+# of the agent's own (ADOPTED_PREFIX) that no runtime will ever DEL or GC.
+FROM_CNI = "cni"          # CNI ADD
+ADOPTED = "adopted"       # running before ambit was chained: found from discovery plus the kernel
+REBUILT = "rebuilt"       # captured, its record lost: rebuilt from the kernel (plus discovery)
+ADOPTED_PREFIX = "ambit-"
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -46,6 +54,7 @@ class Workload:
     enrolled_at: float
     capture: str = "recorded"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    origin: str = FROM_CNI
 
     @property
     def in_mesh(self) -> bool:
@@ -62,7 +71,7 @@ class Workload:
             netns=self.netns, pod=pb.PodRef(namespace=self.pod.namespace, name=self.pod.name, uid=self.pod.uid),
             ips=list(self.ips), network=self.network, host_veth=self.host_veth,
             host_veth_ifindex=self.host_veth_ifindex, container_ifindex=self.container_ifindex,
-            enrolled_at=self.enrolled_at, capture=self.capture)
+            enrolled_at=self.enrolled_at, capture=self.capture, origin=self.origin)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -77,4 +86,5 @@ class Workload:
                    ips=tuple(data["ips"]), network=data["network"], host_veth=data["host_veth"],
                    host_veth_ifindex=int(data["host_veth_ifindex"]),
                    container_ifindex=int(data["container_ifindex"]), enrolled_at=float(data["enrolled_at"]),
-                   capture=data.get("capture", "recorded"), extra=dict(data.get("extra", {})))
+                   capture=data.get("capture", "recorded"), extra=dict(data.get("extra", {})),
+                   origin=data.get("origin", FROM_CNI))

@@ -51,7 +51,17 @@ def cmd_status(client: AgentClient, output: str) -> str:
                       *_discovery_lines(st),
                       f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live",
                       "fail closed: " + (", ".join(f"{n} {reason}" for reason, n in sorted(st.failed_closed.items()))
-                                         or "none")])
+                                         or "none"),
+                      *_drift_lines(st)])
+
+
+def _drift_lines(st) -> list[str]:
+    """Pods discovery puts in the mesh that this node does not capture."""
+    if not st.pods_expected and not st.not_captured:
+        return []
+    lines = [f"drift:       {len(st.not_captured)} of {st.pods_expected} pod(s) expected in the mesh not captured"]
+    lines += [f"             {item}" for item in st.not_captured]
+    return lines
 
 
 def _discovery_lines(st) -> list[str]:

@@ -17,7 +17,7 @@ from ..workload import Workload
 from . import constants
 from .capture import Datapath
 from .nft_capture import NftDatapath
-from .podlink import PodLink
+from .podlink import PodLink, host_link_index_exists
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +62,10 @@ class DatapathCapture:
     def detach(self, workload: Workload) -> None:
         self.datapath.detach_pod(workload.host_veth_ifindex, workload.addresses)
 
+    def detach_capture(self, capture: PodCaptureState) -> None:
+        """A capture no pod of ours owns (e.g. on a veth now another pod's)."""
+        self.datapath.detach_pod(capture.host_ifindex, [str(ip) for ip in capture.pod_ips])
+
     def verify(self, workload: Workload) -> str | None:
         found = {c.host_ifindex: c for c in self.datapath.attached()}.get(workload.host_veth_ifindex)
         if found is None or not found.complete:
@@ -71,18 +75,27 @@ class DatapathCapture:
             return self.unmapped.format(ips=sorted(missing))
         return None
 
-    def reconcile(self, workloads: list[Workload]) -> None:
+    def reconcile(self, workloads: list[Workload]) -> list[PodCaptureState]:
         """After a restart: make sure every live record is fully captured
-        (re-adopting what the kernel kept) and remove captures no record
-        owns (pods deleted while the agent was down)."""
+        (re-adopting what the kernel kept) and remove the captures of pods
+        that are gone (deleted while the agent was down). A capture whose
+        veth still exists but that no record owns is kept: records are a
+        cache, and a live pod is never detached because its record was lost.
+        Returns those captures, for the caller to rebuild their records."""
         owned = {w.host_veth_ifindex for w in workloads}
+        orphans = []
         for capture in self.datapath.attached():
-            if capture.host_ifindex not in owned:
-                log.info("removing capture no pod owns", backend=self.name, host_ifindex=capture.host_ifindex,
-                         pod_ips=[str(ip) for ip in capture.pod_ips])
-                self.datapath.detach_pod(capture.host_ifindex, capture.pod_ips)
+            if capture.host_ifindex in owned:
+                continue
+            if host_link_index_exists(capture.host_ifindex):
+                orphans.append(capture)
+                continue
+            log.info("removing the capture of a pod that is gone", backend=self.name,
+                     host_ifindex=capture.host_ifindex, pod_ips=[str(ip) for ip in capture.pod_ips])
+            self.datapath.detach_pod(capture.host_ifindex, capture.pod_ips)
         for workload in workloads:
             self.datapath.attach_pod(workload.host_veth_ifindex, workload.addresses)
+        return orphans
 
 
 class EbpfCapture(DatapathCapture):

@@ -112,3 +112,14 @@ def host_link_exists(ifindex: int, ifname: str) -> bool:
         except NetlinkError:
             return False
         return link.get("IFLA_IFNAME") == ifname
+
+
+def host_link_index_exists(ifindex: int) -> bool:
+    """A link with this index exists in the caller's namespace (a capture
+    read back from the kernel knows its veth by index only)."""
+    with RtnlQuery() as host:
+        try:
+            host.link(index=ifindex)
+        except NetlinkError:
+            return False
+        return True

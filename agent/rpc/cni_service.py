@@ -89,7 +89,7 @@ class CniService:
         started = time.monotonic()
         await self._wait_gate(context)
         try:
-            released = await self.enrolment.release(_key(request.attachment))
+            released = await self.enrolment.release(_key(request.attachment), request.netns, _pod(request.pod))
         except EnrolmentError as exc:
             await _refuse(context, exc)
         finally:

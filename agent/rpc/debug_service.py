@@ -35,9 +35,11 @@ class DebugService:
                  readiness: Callable[[], tuple[bool, str]], proxy: Callable[[], ProxyView] = lambda: NO_PROXY,
                  mesh: Callable[[], Any] = lambda: None,
                  discovery: Callable[[], DiscoveryReport] = lambda: NO_DISCOVERY,
-                 lifecycle: Callable[[], tuple[str, int]] = lambda: ("serving", 0)) -> None:
+                 lifecycle: Callable[[], tuple[str, int]] = lambda: ("serving", 0),
+                 drift: Callable[[], Any] = lambda: None) -> None:
         """`mesh` returns the agent's MeshRuntime (None without discovery);
-        `lifecycle` its phase and the pid it handed over to (0: none)."""
+        `lifecycle` its phase and the pid it handed over to (0: none);
+        `drift` the last DriftReport (None without one)."""
         self.enrolment = enrolment
         self.node = node
         self.started_at = started_at
@@ -46,6 +48,7 @@ class DebugService:
         self.mesh = mesh
         self.discovery = discovery
         self.lifecycle = lifecycle
+        self.drift = drift
 
     async def _need_mesh(self, context) -> Any:
         runtime = self.mesh()
@@ -119,7 +122,10 @@ class DebugService:
         proxy = self.proxy()
         discovery = self.discovery()
         phase, successor = self.lifecycle()
+        drift = self.drift()
         return pb.AgentStatusResponse(pid=os.getpid(), phase=phase, successor_pid=successor,
+                                      pods_expected=drift.expected if drift else 0,
+                                      not_captured=list(drift.not_captured) if drift else [],
                                       version=__version__, node=self.node, started_at=self.started_at,
                                       enrolled=self.enrolment.enrolled_count(), ready=ready, reason=reason,
                                       capture=proxy.capture, listeners=proxy.listeners(),

@@ -141,6 +141,12 @@ class Metrics:
         self.pool_connections = Gauge("ambit_hbone_pool_connections", "Open HBONE client connections", registry=r)
         self.pool_streams = Gauge("ambit_hbone_pool_streams", "Open HBONE tunnels on pooled connections",
                                   registry=r)
+        self.pods_not_captured = Gauge(
+            "ambit_pods_not_captured", "Pods of this node discovery puts in the mesh that the agent does not "
+            "capture (drift; `ambitctl status` says why)", registry=r)
+        self.pods_adopted = Counter("ambit_pods_adopted", "Pods enrolled by the agent without a CNI ADD, by how it "
+                                    "found them (adopted: running before ambit was chained; rebuilt: capture "
+                                    "kept, record lost)", ["origin"], registry=r)
         self._series: dict[tuple[str, ...], _Series] = {}
         self.failed_closed = Counter("ambit_connections_failed_closed",
                                      "Connections refused because the agent could not decide for them "
