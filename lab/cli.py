@@ -6,6 +6,7 @@
   ambit lab status     what is running, where, with which addresses
   ambit lab exec POD -- CMD...   run a command in a pod's network namespace
   ambit lab apply FILE... / delete KIND NS/NAME   change policies in the running lab
+  ambit lab restart NODE [--upgrade | --kill]   replace a node's agent under traffic
   ambit lab down       remove the lab, or whatever a crashed run left behind
   ambit lab tour       the guided tour `make lab` runs: build, show, tear down
 
@@ -205,6 +206,22 @@ def _lab_delete(args: argparse.Namespace) -> int:
     return 0 if deleted else 1
 
 
+def _lab_restart(args: argparse.Namespace) -> int:
+    from .errors import LabError
+    from .topology import Lab
+    lab = Lab(_settings(args))
+    try:
+        before = lab.state().nodes[args.node].agent if args.node in lab.state().nodes else None
+        record = lab.restart_agent(args.node, kill=args.kill, upgrade=args.upgrade)
+    except (LabError, PermissionError) as exc:
+        print(f"ambit lab restart: {exc}", file=sys.stderr)
+        return 1
+    how = "took over from" if args.upgrade else ("replaced the killed" if args.kill else "replaced the draining")
+    old = f" pid {before.pid}" if before is not None else ""
+    print(f"{args.node}: agent pid {record.pid} {how} agent{old}; it serves the node now")
+    return 0
+
+
 def _lab_down(args: argparse.Namespace) -> int:
     from .topology import Lab
     try:
@@ -253,6 +270,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     delete.add_argument("name", metavar="NAMESPACE/NAME")
     delete.set_defaults(func=_lab_delete)
 
+    restart = lab_sub.add_parser("restart", parents=[common], help="replace a node's agent: SIGTERM and start "
+                                 "(default), a hand-over to a new agent (--upgrade), or SIGKILL and start (--kill)")
+    restart.add_argument("node", metavar="NODE", help="the node whose agent to replace, e.g. node1")
+    how = restart.add_mutually_exclusive_group()
+    how.add_argument("--upgrade", action="store_true", help="start the new agent beside the running one; it takes "
+                     "over the listening sockets, the API and the records, the old one drains (docs/lifecycle.md)")
+    how.add_argument("--kill", action="store_true", help="SIGKILL the running agent (a crash), then start")
+    restart.set_defaults(func=_lab_restart)
     lab_sub.add_parser("down", parents=[common], help="remove the lab, or the leftovers of a crashed run"
                        ).set_defaults(func=_lab_down)
     tour = lab_sub.add_parser("tour", parents=[common], help="build the default two-node lab, show what ambit "

@@ -166,9 +166,12 @@ class AgentProcess:
                 try:
                     with AgentClient(self.socket, timeout=2.0) as client:
                         status = client.status()
-                    if status.ready:
+                    if status.pid and self.proc is not None and status.pid != self.proc.pid:
+                        said = f"the socket is still served by pid {status.pid} (a hand-over under way)"
+                    elif status.ready:
                         return
-                    said = f"not ready: {status.reason}"
+                    else:
+                        said = f"not ready: {status.reason}"
                 except Exception as exc:
                     said = f"not answering: {exc}"
             time.sleep(0.05)

@@ -190,6 +190,11 @@ class LabPlan:
         return next(n for n in self.nodes if n.name == name)
 
 
+# How long a stopped or replaced lab agent relays what it has (its own
+# --drain-seconds; `settings.agent_args` may say otherwise).
+AGENT_DRAIN_SECONDS = 10
+
+
 def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str, ca_token: Path) -> tuple[str, ...]:
     """Every per-node agent option, in one place. The proxy namespace and the
     pin directory carry the lab prefix, so `down` finds them even after a crash.
@@ -199,7 +204,8 @@ def node_agent_args(settings: LabSettings, bpffs_dir: Path, proxy_netns: str, ca
     return ("--capture", settings.capture, "--proxy-netns", proxy_netns, "--bpffs-dir", str(bpffs_dir),
             "--discovery", "files", "--config-file", str(settings.cluster_file),
             *lab_ca_plan(settings).client_args(ca_token),
-            "--metrics-port", str(METRICS_PORT), "--readiness-port", str(READINESS_PORT), *settings.agent_args)
+            "--metrics-port", str(METRICS_PORT), "--readiness-port", str(READINESS_PORT),
+            "--drain-seconds", str(AGENT_DRAIN_SECONDS), *settings.agent_args)
 
 
 def lab_conflist(settings: LabSettings, node: NodePlan) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -269,6 +270,37 @@ def send_and_receive(host: str, port: int, source, sink, timeout: float) -> int:
     return received
 
 
+def steady_load(urls: Sequence[str], rate: float, timeout: float, until: str) -> dict[str, object]:
+    """GET each of `urls` `rate` times a second, each on a new connection,
+    until the file `until` exists; every answer but a 200 within `timeout`
+    counts as failed. Returns the counts and the slowest success."""
+    results: list[tuple[bool, float]] = []
+    lock = threading.Lock()
+
+    def one(url: str) -> None:
+        started = time.monotonic()
+        try:
+            ok = http_get(url, timeout)[0] == 200
+        except (OSError, http.client.HTTPException):
+            ok = False
+        with lock:
+            results.append((ok, time.monotonic() - started))
+
+    threads: list[threading.Thread] = []
+    next_at = time.monotonic()
+    while not os.path.exists(until):
+        for url in urls:
+            thread = threading.Thread(target=one, args=(url,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        next_at += 1.0 / rate
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    for thread in threads:
+        thread.join(timeout + 1)
+    return {"requests": len(results), "failed": sum(1 for ok, _ in results if not ok),
+            "slowest_s": round(max((s for ok, s in results if ok), default=0.0), 3)}
+
+
 # --- entry point -----------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -285,6 +317,12 @@ def _parser() -> argparse.ArgumentParser:
     get = sub.add_parser("get", help="HTTP GET a URL, print the body; exit 1 on an HTTP error, 2 if unreachable")
     get.add_argument("url")
     get.add_argument("--timeout", type=float, default=5.0)
+    load = sub.add_parser("load", help="GET the URLs on new connections at a steady rate until a file exists; "
+                          "print the counts as JSON")
+    load.add_argument("urls", nargs="+", metavar="URL")
+    load.add_argument("--rate", type=float, default=20.0, help="requests per second per URL")
+    load.add_argument("--timeout", type=float, default=5.0)
+    load.add_argument("--until-file", required=True)
     send = sub.add_parser("send", help="send stdin to HOST:PORT, half-close, print what comes back")
     send.add_argument("host")
     send.add_argument("port", type=int)
@@ -320,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if status >= 400:
                 print(f"get: HTTP {status}", file=sys.stderr)
                 return 1
+            return 0
+        if args.mode == "load":
+            print(json.dumps(steady_load(args.urls, args.rate, args.timeout, args.until_file)))
             return 0
         send_and_receive(args.host, args.port, sys.stdin.buffer, sys.stdout.buffer, args.timeout)
         sys.stdout.flush()

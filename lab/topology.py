@@ -55,7 +55,7 @@ from .errors import LabError, LabNotRunning, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
 from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
 from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path, spawn_in_netns
-from .plan import LabPlan, LabSettings, NodePlan, PodPlan, lab_ca_plan, lab_conflist, plan_lab
+from .plan import AGENT_DRAIN_SECONDS, LabPlan, LabSettings, NodePlan, PodPlan, lab_ca_plan, lab_conflist, plan_lab
 from .processes import (
     MARKER_ENV,
     Leftovers,
@@ -74,6 +74,8 @@ from .status import CaStatus, LabStatus, NodeStatus, PodStatus, ServiceStatus, T
 log = structlog.get_logger(__name__)
 
 TRUST_DOMAIN = "cluster.local"
+# A stopped agent drains for up to its --drain-seconds, then exits.
+AGENT_STOP_GRACE = AGENT_DRAIN_SECONDS + 20.0
 
 class Lab:
     """One lab: `up` builds it, `status`/`exec` use it, `down` removes it
@@ -292,14 +294,16 @@ class Lab:
         state.save()
         return agent
 
-    def _add_pod(self, plan: LabPlan, pod: PodPlan, state: LabState) -> None:
+    def _add_pod(self, plan: LabPlan, pod: PodPlan, state: LabState, *, chained: bool = True) -> None:
         node = state.nodes[pod.node]
         record = PodRecord(namespace=pod.pod.namespace, name=pod.pod.name, node=pod.node, netns=pod.netns,
                            container_id=uuid.uuid4().hex, uid=str(uuid.uuid4()))
         state.pods[record.key] = record  # before ADD: DEL must run even for a half-done ADD
         state.save()
         create_netns(pod.netns)
-        runtime = CniRuntime(node.conflist, cni_plugin_dirs(), node_netns=netns_path(node.netns))
+        conflist = node.conflist if chained else \
+            {**node.conflist, "plugins": [p for p in node.conflist["plugins"] if p.get("type") != "ambit-cni"]}
+        runtime = CniRuntime(conflist, cni_plugin_dirs(), node_netns=netns_path(node.netns))
         try:
             result = runtime.add(record.sandbox()).result
         except CniFailure as exc:
@@ -477,9 +481,9 @@ class Lab:
         return Path(node.agent.log)
 
     def stop_agent(self, node_name: str, *, kill: bool = False) -> None:
-        """SIGTERM the node's agent (a graceful stop) or SIGKILL it (a crash).
-        Either way its pods stay captured: their connections fail closed
-        until an agent is back."""
+        """SIGTERM the node's agent (it drains, then exits) or SIGKILL it (a
+        crash), and wait until it is gone. Either way its pods stay
+        captured: their new connections fail closed until an agent is back."""
         _require_root()
         node = self._node_record(self.state(), node_name)
         if node.agent is None or not _alive(node.agent):
@@ -489,17 +493,47 @@ class Lab:
             if self._wait_gone([node.agent.pid], 5.0):
                 raise LabError(f"the agent on {node_name} (pid {node.agent.pid}) survived SIGKILL")
         else:
-            self._stop([node.agent])
+            self._stop_pids([node.agent.pid], grace=AGENT_STOP_GRACE)
         self.log.info("agent stopped", node=node_name, pid=node.agent.pid, signal="SIGKILL" if kill else "SIGTERM")
 
     def start_agent(self, node_name: str) -> ProcessRecord:
         """Start the node's agent with the options `up` gave it; return once it
         is ready and has discovered every pod with an address."""
         _require_root()
-        state = self.state()
-        node = self._node_record(state, node_name)
+        node = self._node_record(self.state(), node_name)
         if node.agent is not None and _alive(node.agent):
             raise LabError(f"the agent on {node_name} is running (pid {node.agent.pid}); stop it first")
+        return self._launch_agent(node_name)
+
+    def restart_agent(self, node_name: str, *, kill: bool = False, upgrade: bool = False) -> ProcessRecord:
+        """Replace the node's agent, as a DaemonSet rollout or a crash would:
+        upgrade: the new agent starts beside the running one and takes over
+          (hand-over: sockets, API, records; docs/lifecycle.md), the old one
+          drains in the background;
+        default: SIGTERM, and the new agent starts as soon as the old one has
+          let go of the node (it keeps draining what it relays);
+        kill: SIGKILL, then start.
+        Returns once the new agent serves the node."""
+        _require_root()
+        node = self._node_record(self.state(), node_name)
+        running = node.agent is not None and _alive(node.agent)
+        if upgrade and running:
+            return self._launch_agent(node_name)
+        if kill or not running:
+            self.stop_agent(node_name, kill=True)
+            return self._launch_agent(node_name)
+        assert node.agent is not None
+        send_signal(node.agent.pid, signal.SIGTERM)
+        self._wait_released(node.socket, node.agent.pid)
+        self.log.info("agent stopping (draining)", node=node_name, pid=node.agent.pid)
+        return self._launch_agent(node_name)
+
+    def upgrade_agent(self, node_name: str) -> ProcessRecord:
+        """`restart_agent(upgrade=True)`: a new agent takes the node over from the running one."""
+        return self.restart_agent(node_name, upgrade=True)
+
+    def _launch_agent(self, node_name: str) -> ProcessRecord:
+        state = self.state()
         agent = self._start_agent(self._recorded_plan(state).node(node_name), state)
         try:
             agent.wait_ready(self.settings.ready_timeout)
@@ -511,17 +545,31 @@ class Lab:
         self.log.info("agent started", node=node_name, pid=record.pid)
         return record
 
-    def restart_agent(self, node_name: str, *, kill: bool = False) -> ProcessRecord:
-        """Stop (SIGTERM, or SIGKILL with `kill`) and start the node's agent."""
-        self.stop_agent(node_name, kill=kill)
-        return self.start_agent(node_name)
+    def _wait_released(self, socket_path: str, pid: int) -> None:
+        """Until the agent `pid` no longer answers at its socket (a draining
+        agent lets go of it first) or has exited."""
+        deadline = time.monotonic() + AGENT_STOP_GRACE
+        while time.monotonic() < deadline:
+            self._reap(pid)
+            if process_start_time(pid) is None or not os.path.exists(socket_path):
+                return
+            try:
+                with AgentClient(socket_path, timeout=1.0) as client:
+                    if client.status().pid != pid:
+                        return
+            except Exception:
+                return
+            time.sleep(0.02)
+        raise LabError(f"the agent (pid {pid}) still serves {socket_path} {AGENT_STOP_GRACE:g}s after SIGTERM")
 
-    def add_pod(self, document: Mapping[str, Any]) -> str:
+    def add_pod(self, document: Mapping[str, Any], *, chained: bool = True) -> str:
         """Schedule, create and start one more pod in the running lab (a Pod
         document; spec.nodeName picks its node, else the lab places it), in a
         kubelet's order: the pod appears in the cluster view as scheduled
         (its node's agent asks the CA for its identity at once), CNI ADD, its
-        workload, then its address published. Returns the address."""
+        workload, then its address published. Returns the address.
+        chained=False: the node's chain runs without ambit-cni, as for a pod
+        started before ambit was installed (its DEL later runs the full chain)."""
         _require_root()
         if document.get("kind") != "Pod":
             raise LabError(f"add_pod takes a Pod, not {document.get('kind')!r}")
@@ -537,13 +585,29 @@ class Lab:
         state.save()
         agents = _running_agents(state)
         self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
-        address = self._create_pod(plan, pod, state, agents)
-        self.log.info("pod added", pod=pod.pod.key, node=pod.node, ip=address)
+        address = self._create_pod(plan, pod, state, agents, chained=chained)
+        self.log.info("pod added", pod=pod.pod.key, node=pod.node, ip=address, chained=chained)
         return address
 
-    def _create_pod(self, plan: LabPlan, pod: PodPlan, state: LabState, agents: Sequence[tuple[str, str]]) -> str:
+    def set_pod_labels(self, key: str, labels: Mapping[str, str]) -> None:
+        """Replace a pod's labels in the cluster view (as `kubectl label`
+        would), waited for on every running agent."""
+        _require_root()
+        state = self.state()
+        record = self.find_pod(key, state)
+        documents = [dict(copy.deepcopy(d)) for d in state.documents]
+        for doc in documents:
+            if _document_id(doc) == ("Pod", record.namespace, record.name):
+                doc.setdefault("metadata", {})["labels"] = dict(labels)
+                break
+        else:
+            raise LabError(f"no Pod document for {record.key}")
+        self._replace_documents(state, documents, [("Pod", record.namespace, record.name)])
+
+    def _create_pod(self, plan: LabPlan, pod: PodPlan, state: LabState, agents: Sequence[tuple[str, str]], *,
+                    chained: bool = True) -> str:
         """CNI ADD, the workload, then the address published and applied by `agents`; returns the address."""
-        self._add_pod(plan, pod, state)
+        self._add_pod(plan, pod, state, chained=chained)
         if pod.pod.workloads:
             self._run_workload(plan, pod, state)
         self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
@@ -762,6 +826,23 @@ class Lab:
              timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run a command in the pod's network namespace, with the lab's
         Python first on PATH so `python -m ambit.lab.podapp` works."""
+        path, env = self._in_pod(pod, argv)
+        try:
+            return spawn_in_netns(path, lambda: subprocess.run(list(argv), input=input, capture_output=capture,
+                                                               timeout=timeout, env=env))
+        except FileNotFoundError:
+            raise LabError(f"command not found: {argv[0]}") from None
+
+    def spawn(self, pod: str, argv: Sequence[str]) -> subprocess.Popen:
+        """`exec` in the background: the caller waits for it (stdout and stderr are pipes)."""
+        path, env = self._in_pod(pod, argv)
+        try:
+            return spawn_in_netns(path, lambda: subprocess.Popen(list(argv), stdout=subprocess.PIPE,
+                                                                 stderr=subprocess.PIPE, env=env))
+        except FileNotFoundError:
+            raise LabError(f"command not found: {argv[0]}") from None
+
+    def _in_pod(self, pod: str, argv: Sequence[str]) -> tuple[str, dict[str, str]]:
         _require_root()
         if not argv:
             raise LabError("no command given: ambit lab exec POD -- CMD [ARGS...]")
@@ -772,11 +853,7 @@ class Lab:
         env = {**os.environ, **self.marker,
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
                "AMBIT_LAB_POD": record.key}
-        try:
-            return spawn_in_netns(path, lambda: subprocess.run(list(argv), input=input, capture_output=capture,
-                                                               timeout=timeout, env=env))
-        except FileNotFoundError:
-            raise LabError(f"command not found: {argv[0]}") from None
+        return path, env
 
     # -- down -----------------------------------------------------------------------------------------------
 
@@ -871,6 +948,7 @@ class Lab:
         return self._stop_pids(pids)
 
     def _stop_pids(self, pids: Sequence[int], grace: float = 8.0) -> int:
+        """SIGTERM, then SIGKILL what is left after `grace` seconds."""
         for pid in pids:
             send_signal(pid, signal.SIGTERM)
         remaining = self._wait_gone(pids, grace)

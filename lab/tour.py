@@ -93,6 +93,34 @@ class UnderlayCapture:
         return out
 
 
+def _upgrade_under_load(lab: Lab, tour: "Tour", ips: dict[str, str]) -> None:
+    """A hand-over with traffic flowing: how many requests, how many failed."""
+    stop = lab.settings.state_dir / "tour-load.stop"
+    stop.unlink(missing_ok=True)
+    load = lab.spawn("shop/client-0", [*WORKLOAD, "load", f"http://{ips['shop/web-1']}:8080/",
+                                       f"http://{ips['shop/web-0']}:8080/", "--rate", "20",
+                                       "--until-file", str(stop)])
+    try:
+        old = lab.state().nodes["node1"].agent
+        time.sleep(1.0)  # let the load settle before the event (it is the traffic, not a wait for a state)
+        started = time.monotonic()
+        new = lab.restart_agent("node1", upgrade=True)
+        took = time.monotonic() - started
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+        out, err = load.communicate(timeout=60)
+        stop.unlink(missing_ok=True)
+    counts = json.loads(out) if load.returncode == 0 else {}
+    tour.say(f"agent pid {old.pid if old else '?'} handed node1 to pid {new.pid} in {took:.1f} s "
+             "(listening sockets passed over a Unix socket, API socket renamed, records handed on)")
+    if counts:
+        tour.say(f"{counts['requests']} requests during the upgrade, {counts['failed']} failed; "
+                 f"the slowest took {counts['slowest_s'] * 1000:.0f} ms")
+    else:
+        tour.say(f"the load client failed: {err.decode()[-300:]}")
+
+
 class Tour:
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -341,6 +369,10 @@ def run_tour(out: TextIO = sys.stdout, settings: LabSettings | None = None) -> N
             tour.say(f"the waypoint's Envoy: pid {envoy_before} before, {envoy_after} after -- "
                      + ("not restarted (ambit waypoint --watch rewrote the files it watches)"
                         if envoy_before == envoy_after else "RESTARTED?!"))
+
+        with tour.step("an upgrade under load: node1's agent replaced by a new one (`ambit lab restart node1 "
+                       "--upgrade`) while shop/client-0 opens 20 connections a second to web-1 and to web-0"):
+            _upgrade_under_load(lab, tour, ips)
 
         with tour.step(f"metrics: node1 agent, http://127.0.0.1:{METRICS_PORT}/metrics in its namespace (excerpt)"):
             for sample in _metrics(lab, "node1")[:12]:
