@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pyroute2 import netns as nsmod  # noqa: E402
 
 PREFIX = "bupg-"
 UNDERLAY = "10.104.0.0/24"
@@ -77,10 +76,7 @@ class Load:
                 "--short", f"cross={ips['shop/web-1']}:8080", "--short", f"same={ips['shop/web-0']}:8080",
                 "--stream", f"cross={ips['shop/web-1']}:9000", "--stream", f"same={ips['shop/web-0']}:9000",
                 "--until-file", str(self.stop_file), "--out", str(self.out)]
-        from ambit.agent.netns import netns_path
-        netns = netns_path(lab.find_pod(CLIENT).netns)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     preexec_fn=lambda: nsmod.setns(netns, flags=0, fork=False))
+        self.proc = lab.spawn(CLIENT, argv)
 
     def finish(self) -> dict[str, Any]:
         self.stop_file.touch()
@@ -107,7 +103,7 @@ def run_event(lab: Any, node: str, event: str, *, drain_seconds: float) -> dict[
         lab.restart_agent(node, kill=True)
     returned = time.time()
     new = lab.state().nodes[node].agent
-    ready = [e for e in agent_events(log_path, at) if e.get("event") == "agent ready"]
+    ready = [e for e in agent_events(log_path, at) if e.get("event") == "agent serving"]
     ready_at = _iso(ready[-1]["timestamp"]) if ready else returned
     watcher.join()
     if not exited:

@@ -12,15 +12,12 @@ the mesh captured.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from pyroute2 import netns as nsmod
 
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.netns import netns_path
@@ -87,13 +84,11 @@ def test_upgrading_either_node_under_load_fails_no_connection_and_resets_no_stre
     replaced by a hand-over. Node2's old agent sends GOAWAY to node1's pool;
     node1's old agent keeps its client tunnels to node2 until they end."""
     stop_file, out = tmp_path / "stop", tmp_path / "load.json"
-    netns = lab.find_pod("shop/client-0").netns
     argv = [sys.executable, str(LOAD), "--rate", "30", "--streams", "2", "--timeout", "5",
             "--short", f"cross={ip(lab, 'shop/web-1')}:8080", "--short", f"same={ip(lab, 'shop/web-0')}:8080",
             "--stream", f"cross={ip(lab, 'shop/web-1')}:9000", "--stream", f"same={ip(lab, 'shop/web-0')}:9000",
             "--until-file", str(stop_file), "--out", str(out)]
-    path = netns_path(netns)
-    load = subprocess.Popen(argv, stderr=subprocess.PIPE, preexec_fn=lambda: nsmod.setns(path, flags=0, fork=False))
+    load = lab.spawn("shop/client-0", argv)
     old = {}
     try:
         wait_until(lambda: status(lab, "node1").live_connections >= 3, "the streams open through node1")

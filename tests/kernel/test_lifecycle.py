@@ -250,7 +250,7 @@ def test_a_successor_takes_over_under_load_and_the_old_agent_exits_after_its_las
     # The second agent serves with the records the first one kept, and the same capture.
     st = status(second.socket)
     assert (st.pid, st.phase, st.enrolled, st.ready) == (second.proc.pid, "serving", 2, True)
-    ready = events_named(second, "agent ready")[-1]
+    ready = events_named(second, "agent serving")[-1]
     assert ready["took_over_from"] == first.proc.pid
     snapshot = node_snapshot(node.path, second.bpffs_dir)
     assert snapshot["local_pods"] == 2
