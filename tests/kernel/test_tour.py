@@ -5,7 +5,8 @@ tests run it end to end, with each capture backend, and check the facts it
 reports: the CA as its own process, the only one that sees its key, and its
 refusal of node1's request for a pod of node2; HBONE across nodes with the client's own address preserved, only
 TLS on the underlay, a Service spread over both endpoints, a policy denial,
-the waypoint's 403 and its access log naming the client pod, and a teardown
+the waypoint's 403 and its access log naming the client pod, an upgrade of
+node1's agent under load with no failed request, and a teardown
 with no leftovers (checked by tests/kernel/conftest.py). Prefix `ltour-`.
 """
 from __future__ import annotations
@@ -55,6 +56,10 @@ def test_the_tour_reports_what_ambit_does(lab_factory, capture) -> None:
     assert re.search(r"applied AuthorizationPolicy shop/web-l7-no-bytes: GET /bytes/16 -> 403 after \d+\.\d s", text)
     assert re.search(r"deleted it: GET /bytes/16 -> 200 after \d+\.\d s", text)
     assert re.search(r"the waypoint's Envoy: pid \d+ before, \d+ after -- not restarted", text)
+    upgrade = re.search(r"agent pid (\d+) handed node1 to pid (\d+) in [\d.]+ s.*\n.*?(\d+) requests during the "
+                        r"upgrade, (\d+) failed", text)
+    assert upgrade and upgrade.group(1) != upgrade.group(2)
+    assert int(upgrade.group(3)) > 20 and upgrade.group(4) == "0"  # an upgrade under load fails no request
     assert "istio_tcp_connections_opened_total{reporter=source" in text
     assert "not denied?!" not in text and "allowed?!" not in text and "NOT preserved" not in text
     assert "?!" not in text
