@@ -11,13 +11,18 @@ the mesh captured.
 """
 from __future__ import annotations
 
+import copy
+import ipaddress
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.netns import netns_path
@@ -33,6 +38,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 LOAD = Path(__file__).resolve().parents[2] / "bench" / "steady_load.py"
+AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
 
 
 def spiffe(namespace: str, account: str) -> str:
@@ -195,3 +201,49 @@ def test_a_pod_that_left_the_mesh_while_its_agent_was_down_is_released_on_start(
         lab.set_pod_labels("shop/web-1", {"app": "web"})
         wait_until(lambda: next(w for w in workloads(lab, "node2") if w.pod.name == "web-1").capture != "none",
                    "web-1 back in the mesh")
+
+
+# --- drift that cannot be repaired is shown and counted -------------------------------------------------------
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically, as the lab does: an agent polling the file never reads half of it."""
+    tmp = path.with_suffix(".test-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_a_pod_in_the_mesh_with_no_interface_on_its_node_is_shown_as_drift_and_counted(lab: Lab) -> None:
+    """Discovery puts shop/ghost-0 on node2, in the mesh, at an address no
+    interface of node2 holds (as for a pod whose sandbox is gone): node2's
+    agent cannot capture it, so `ambitctl status` names it with the reason
+    and ambit_pods_not_captured counts it, until discovery drops it."""
+    cluster_file = lab.settings.cluster_file
+    original = cluster_file.read_bytes()
+    documents = list(yaml.safe_load_all(original))
+    web1 = next(d for d in documents if d.get("kind") == "Pod" and d["metadata"]["name"] == "web-1")
+    node2 = next(d for d in documents if d.get("kind") == "Node" and d["metadata"]["name"] == "node2")
+    held = {p.ip for p in lab.state().pods.values()}
+    address = next(str(a) for a in reversed(list(ipaddress.ip_network(node2["spec"]["podCIDR"]).hosts()))
+                   if str(a) not in held)
+    ghost = copy.deepcopy(web1)
+    ghost["metadata"].update(name="ghost-0", uid="00000000-0000-4000-8000-00000000a018")
+    ghost["status"].update(podIP=address, podIPs=[{"ip": address}])
+    expected = sum(1 for w in workloads(lab, "node2") if w.capture != "none")  # node2's pods in the mesh
+    try:
+        replace_file(cluster_file, yaml.safe_dump_all([*documents, ghost], sort_keys=False).encode())
+        lab.wait_applied()
+        why = f"shop/ghost-0: no pod interface of this node holds {address}"
+        st = wait_until(lambda: (s := status(lab, "node2")).not_captured and s, "node2 to report shop/ghost-0")
+        assert list(st.not_captured) == [why] and st.pods_expected == expected + 1
+        assert metric(scrape(lab, "node2"), "ambit_pods_not_captured") == 1
+        shown = subprocess.run([AMBITCTL, "--socket", lab.state().nodes["node2"].socket, "status"],
+                               capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        assert f"1 of {expected + 1} pod(s) expected in the mesh not captured" in shown.stdout
+        assert why in shown.stdout
+        assert status(lab, "node1").not_captured == []  # not node1's pod
+    finally:
+        replace_file(cluster_file, original)
+        lab.wait_applied()
+    wait_until(lambda: not status(lab, "node2").not_captured, "node2's drift to clear once discovery drops ghost-0")
+    assert metric(scrape(lab, "node2"), "ambit_pods_not_captured") == 0
