@@ -82,6 +82,13 @@ class ProgramLoadFailed(RuntimeError):
     """The loader could not compile, load or pin the program set."""
 
 
+def verdict_counts_of(bpf_map: bpfsys.BpfMap) -> dict[str, int]:
+    """Packets per verdict held by a verdict_counts map (summed over CPUs);
+    also read from the pin by tests that watch the datapath from outside."""
+    return {name: sum(COUNTER.unpack(v)[0] for v in bpf_map.per_cpu_values(U32_KEY.pack(i)))
+            for i, name in enumerate(VERDICTS)}
+
+
 @dataclass(frozen=True)
 class TcProgram:
     """A loaded SCHED_CLS program: what tc needs to attach it."""
@@ -347,8 +354,7 @@ class Programs:
     # verdict_counts -----------------------------------------------------
     def verdict_counts(self) -> dict[str, int]:
         """Packets per verdict since the map was created (summed over CPUs)."""
-        return {name: sum(COUNTER.unpack(v)[0] for v in self._verdict_counts.per_cpu_values(U32_KEY.pack(i)))
-                for i, name in enumerate(VERDICTS)}
+        return verdict_counts_of(self._verdict_counts)
 
     def close(self) -> None:
         """Drop this process's descriptors; pins and attached programs stay

@@ -10,6 +10,7 @@ streams that echo a chunk every 20 ms for as long as the test wants.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,8 +24,9 @@ import pytest
 from ambit.agent.cli.client import AgentClient
 from ambit.lab.cniruntime import CniRuntime, PodSandbox
 from ambit.lab.node import AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns, remove_netns
-from tests.support.kernelstate import node_snapshot
+from tests.support.kernelstate import node_snapshot, verdict_counts
 from tests.support.podnet import TcpServer, connect, echo_until_eof, recv_exactly
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -35,7 +37,6 @@ DRAIN = "10"
 
 
 def json_events(agent: AgentProcess) -> list[dict]:
-    import json
     out = []
     for line in agent.logs().splitlines():
         if line.startswith("{"):
@@ -50,12 +51,8 @@ def events_named(agent: AgentProcess, name: str) -> list[dict]:
     return [e for e in json_events(agent) if e.get("event") == name]
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    return wait_until(predicate, what, timeout, interval=0.05)
 
 
 def status(socket_path: str):
@@ -220,11 +217,14 @@ def test_a_successor_takes_over_under_load_and_the_old_agent_exits_after_its_las
     try:
         wait_for(lambda: len(load.shorts) >= 20 and all(r["echoed"] for r in load.stream_results),
                  "traffic through the first agent")
+        dropped = verdict_counts(first.bpffs_dir)["proxy_drop_no_listener"]
         began = time.time()
         second = successor(node, agents, "second")
         wait_for(lambda: answered_by(second), "the second agent answering the node's socket, ready")
         took_over = time.time()
         wait_for(lambda: events_named(first, "handed over"), "the first agent to hand over")
+        # Both agents accept from the same listening sockets: no SYN found the proxy namespace without one.
+        assert verdict_counts(first.bpffs_dir)["proxy_drop_no_listener"] == dropped
         # The old agent keeps relaying the streams it has: alive, bytes still flowing through it.
         flowing = [len(r["after"]) for r in load.stream_results]
         wait_for(lambda: all(len(r["after"]) >= f + 10 for r, f in zip(load.stream_results, flowing)),
@@ -270,8 +270,10 @@ def test_sigterm_with_no_successor_drains_to_the_deadline_and_fails_closed(node,
         flowing = len(load.stream_results[0]["after"])
         wait_for(lambda: len(load.stream_results[0]["after"]) >= flowing + 10, "the stream to carry on while draining")
         # A new connection meets no listener: its SYN is dropped, never relayed unproxied.
+        dropped = verdict_counts(first.bpffs_dir)["proxy_drop_no_listener"]
         with pytest.raises(OSError):
             connect(pods.client.netns, pods.server_ip, PORT, timeout=1.0).close()
+        assert verdict_counts(first.bpffs_dir)["proxy_drop_no_listener"] > dropped
         assert first_proc.wait(20) == 0
         exited = time.time()
         wait_for(lambda: load.stream_results[0]["error"], "the stream to be cut at the deadline")

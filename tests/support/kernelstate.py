@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ambit.agent.datapath.bpfsys import BpfMap
+from ambit.agent.datapath.programs import verdict_counts_of
 from ambit.agent.netlink import iproute
 
 
@@ -13,6 +14,16 @@ def _map_keys(path: str) -> int:
     bpf_map = BpfMap.open_pinned(path)
     try:
         return sum(1 for _ in bpf_map.keys())
+    finally:
+        bpf_map.close()
+
+
+def verdict_counts(bpffs_dir: str) -> dict[str, int]:
+    """Packets per datapath verdict, read from the pinned verdict_counts map
+    (what the kernel counted, whichever agent is running or none)."""
+    bpf_map = BpfMap.open_pinned(os.path.join(bpffs_dir, "verdict_counts"))
+    try:
+        return verdict_counts_of(bpf_map)
     finally:
         bpf_map.close()
 
