@@ -13,8 +13,8 @@ import ipaddress
 import uuid
 
 import pytest
-from pyroute2 import IPRoute
 
+from ambit.agent.netlink import iproute
 from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from tests.support.agentapi import workloads
 from ambit.lab.node import (AgentProcess, NodeNamespace, bridge_conflist, cni_plugin_dirs, make_pod_netns,
@@ -83,7 +83,7 @@ def make_runtime(node, agent):
 
 def kernel_view(node: NodeNamespace, sb: PodSandbox) -> dict:
     """What the kernel says about the pod's interface and its host peer."""
-    with IPRoute(netns=sb.netns, flags=0) as pod:
+    with iproute(sb.netns) as pod:
         idx = pod.link_lookup(ifname=sb.ifname)[0]
         link = pod.get_links(idx)[0]
         addrs = {f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(index=idx)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute, netns as pyroute2_netns
 
 from ambit.agent.datapath import constants
 from ambit.agent.datapath.capture import Datapath, PodCapture, PodLinkMissing
 from ambit.agent.datapath.nft_capture import NftDatapath
-from ambit.agent.netns import netns_path, run_in_netns
+from ambit.agent.netlink import iproute
+from ambit.agent.netns import create_netns, netns_path, remove_netns, run_in_netns
 from tests.support import nftstate
 
 pytestmark = pytest.mark.kernel
@@ -85,14 +85,14 @@ class BridgeNetwork:
 
     def add(self, name: str) -> Pod:
         ns = f"{self.prefix}-{name}-{uuid.uuid4().hex[:6]}"
-        pyroute2_netns.create(ns)
+        create_netns(ns)
         self.netns_made.append(ns)
         cid = uuid.uuid4().hex
         result = self._run("ADD", cid, ns)
         ip = str(ipaddress.ip_interface(result["ips"][0]["address"]).ip)
         host_veth = next(i["name"] for i in result["interfaces"]
                          if "sandbox" not in i and i["name"] != self.conf.get("bridge"))
-        with IPRoute(netns=self.node_netns, flags=0) as ipr:
+        with iproute(self.node_netns) as ipr:
             index = ipr.link_lookup(ifname=host_veth)[0]
         pod = Pod(name, ns, ip, index, cid)
         self.pods.append(pod)
@@ -111,7 +111,7 @@ class BridgeNetwork:
                 pass
         for ns in self.netns_made:
             if os.path.exists(netns_path(ns)):
-                pyroute2_netns.remove(ns)
+                remove_netns(ns)
 
 
 @dataclass
@@ -144,14 +144,9 @@ BACKENDS = [Backend("ebpf", "dpt", ("10.251.0.0/25", "10.251.0.128/25")),
 
 
 def make_netns(name: str) -> None:
-    pyroute2_netns.create(name)
-    with IPRoute(netns=name, flags=0) as ipr:
+    create_netns(name)
+    with iproute(name) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def remove_netns(name: str) -> None:
-    if os.path.exists(netns_path(name)):
-        pyroute2_netns.remove(name)
 
 
 @pytest.fixture(scope="module", params=BACKENDS, ids=[b.name for b in BACKENDS])
@@ -286,7 +281,7 @@ def counts_delta(node: Node, before: dict[str, int]) -> dict[str, int]:
 # --- kernel inspection, independent of the code under test ------------------
 def tc_state(netns: str, ifindex: int) -> tuple[int, int, bool]:
     """(filters on tc ingress, filters on tc egress, clsact present)."""
-    with IPRoute(netns=netns, flags=0) as ipr:
+    with iproute(netns) as ipr:
         ingress = sum(1 for m in ipr.get_filters(index=ifindex, parent=TC_INGRESS) if m["handle"])
         egress = sum(1 for m in ipr.get_filters(index=ifindex, parent=TC_EGRESS) if m["handle"])
         clsact = any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(ifindex))
@@ -469,7 +464,7 @@ def test_pods_cannot_reach_the_proxy_through_its_own_address(node, pods, proxy, 
     try:
         for pod in (pods.a, pods.c):  # these pods have no default route: give them one there
             gateway = str(next(ipaddress.ip_network(f"{pod.ip}/25", strict=False).hosts()))
-            with IPRoute(netns=pod.netns, flags=0) as ipr:
+            with iproute(pod.netns) as ipr:
                 ipr.route("replace", dst=proxy_link, gateway=gateway)
             routed.append(pod)
         before = node.datapath.verdict_counts()
@@ -491,7 +486,7 @@ def test_pods_cannot_reach_the_proxy_through_its_own_address(node, pods, proxy, 
         assert "proxy_pass_own_addr" not in delta
     finally:
         for pod in routed:
-            with IPRoute(netns=pod.netns, flags=0) as ipr:
+            with iproute(pod.netns) as ipr:
                 ipr.route("del", dst=proxy_link)
 
 
@@ -586,7 +581,7 @@ def test_fifty_attach_detach_cycles_leave_nothing(node, pods):
 
 # --- lifecycle: restart re-adopts, uninstall leaves nothing ------------------
 def rules_and_routes(netns: str) -> tuple[list, list]:
-    with IPRoute(netns=netns, flags=0) as ipr:
+    with iproute(netns) as ipr:
         rules = sorted((r.get("FRA_PRIORITY") or 0, r.get("FRA_TABLE"), r.get("FRA_FWMARK"))
                        for r in ipr.get_rules(family=socket.AF_INET))
         routes = sorted((r.get("RTA_TABLE"), r.get("RTA_DST"), r["dst_len"], r.get("RTA_OIF"), r["type"])
@@ -643,7 +638,7 @@ def test_restart_readopts_and_uninstall_leaves_nothing(tmp_path, backend):
         dp.uninstall()
         assert not os.path.exists(netns_path(proxy_ns))
         assert not os.path.exists(pin_dir)
-        with IPRoute(netns=node_ns, flags=0) as ipr:
+        with iproute(node_ns) as ipr:
             assert not ipr.link_lookup(ifname=constants.NODE_LINK)
         assert tc_state(node_ns, p.host_ifindex) == (0, 0, False)
         assert rules_and_routes(node_ns) == (rules_before, routes_before)

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from pyroute2 import IPRoute
 
 from ambit.agent.datapath import constants
 from ambit.agent.datapath.nft_capture import NftDatapath
+from ambit.agent.netlink import iproute
 from ambit.agent.netns import netns_path, run_in_netns
 from tests.kernel.test_datapath import (BridgeNetwork, Pod, ProxyListeners, connect, make_netns, remove_netns,
                                         tcp_listener)
@@ -41,7 +41,7 @@ class NftNode:
         return self.datapath.proxy_ns.path
 
     def host_mac(self, pod: Pod) -> str:
-        with IPRoute(netns=self.netns, flags=0) as ipr:
+        with iproute(self.netns) as ipr:
             return ipr.get_links(pod.host_ifindex)[0].get("IFLA_ADDRESS")
 
     def elements(self) -> dict[str, set[str]]:
@@ -115,7 +115,7 @@ def test_installed_rule_set(nft_node):
         assert {"drop": None} in fallback  # no listener: fail closed
 
     # Marked packets leave the node through ambit0 to the proxy's address.
-    with IPRoute(netns=nft_node.netns, flags=0) as ipr:
+    with iproute(nft_node.netns) as ipr:
         rules = [(r.get("FRA_PRIORITY"), r.get("FRA_FWMARK"), r.get("FRA_FWMASK"))
                  for r in ipr.get_rules(family=socket.AF_INET) if r.get("FRA_TABLE") == constants.ROUTE_TABLE]
         routes = [(r.get("RTA_GATEWAY"), r.get("RTA_OIF"), r["dst_len"])
@@ -244,7 +244,7 @@ def test_uninstall_from_kernel_state_alone_leaves_other_tables(tmp_path):
         tables = [(o["table"]["family"], o["table"]["name"]) for o in nftstate.ruleset(node_ns) if "table" in o]
         assert tables == [("inet", "other")]
         assert not os.path.exists(netns_path(proxy_ns))
-        with IPRoute(netns=node_ns, flags=0) as ipr:
+        with iproute(node_ns) as ipr:
             assert not [r for r in ipr.get_rules(family=socket.AF_INET)
                         if r.get("FRA_TABLE") == constants.ROUTE_TABLE]
             assert not [r for r in ipr.get_routes(family=socket.AF_INET, table=constants.ROUTE_TABLE)
