@@ -25,7 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..netlink import iproute
 from . import constants
-from ..netns import netns_path, read_sysctl, write_sysctl
+from ..netns import create_netns, netns_path, read_sysctl, write_sysctl
 from .programs import ProxyLink
 
 log = structlog.get_logger(__name__)
@@ -79,7 +79,7 @@ class ProxyNamespace:
     def ensure(self) -> ProxyLink:
         """Create whatever is missing; a second call changes nothing."""
         if not self.exists():
-            pyroute2_netns.create(self.name)
+            create_netns(self.name)  # on a thread: pyroute2's netns.create forks the agent
             self._log.info("proxy_netns_created")
         with open_rtnl(self.node_netns) as node, open_rtnl(self.path) as proxy:
             node_index = self._ensure_veth(node, proxy)
