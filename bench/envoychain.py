@@ -1,18 +1,20 @@
 """An Envoy HBONE chain as the anchor of a bench, with the load tool beside it.
 
-Two throwaway "node" namespaces joined by a veth pair (bench/hbone.py's
-make_nodes: pod A 10.253.1.1 on node A, pod B 10.253.1.2 on node B):
+    client -> entry: Envoy tcp_proxy tunnel ==HBONE (mTLS, h2 CONNECT)==>
+        Envoy CONNECT terminator -> target (a pingpong echo server)
 
-    client (node A) -> A:15103 Envoy tcp_proxy tunnel ==HBONE (mTLS, h2 CONNECT)==>
-        B:15108 Envoy CONNECT terminator -> B:7000 pingpong echo server
-
-Certificates from one local CA, TLS 1.3, ALPN h2; Envoy's default worker
-count. Also offers the direct path (client -> B:7000) for comparison.
+By default on two throwaway "node" namespaces joined by a veth pair
+(bench/hbone.py's make_nodes: pod A 10.253.1.1 on node A, pod B 10.253.1.2
+on node B, entry A:15103, terminator B:15108, echo server B:7000). Or placed
+(`EnvoyPlacement`) in existing namespaces, e.g. a lab's nodes, so its
+packets cross the same network as the mesh's. Certificates from one local
+CA, TLS 1.3, ALPN h2; Envoy's default worker count.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +44,34 @@ def tune_client_namespace(node: Any) -> None:
     node.run(Path("/proc/sys/net/ipv4/tcp_tw_reuse").write_text, "1\n")
 
 
+@dataclass(frozen=True)
+class EnvoyPlacement:
+    """Where the chain runs when it is not on its own namespaces."""
+
+    client_node: Any                 # NetnsThread: the tunnel Envoy and the load tool run here
+    server_node: Any                 # NetnsThread: the terminator runs here
+    entry: tuple[str, int]           # where the tunnel Envoy listens (clients connect here)
+    hbone: tuple[str, int]           # where the terminator listens
+    source_ip: str                   # the tunnel Envoy's address towards the terminator
+    target: tuple[str, int]          # what the terminator connects to (a running echo server)
+
+
 class EnvoyChain:
     """Start with `with EnvoyChain(workdir, tool) as chain:`; everything is
-    stopped and both namespaces removed on exit, also after a failure."""
+    stopped (and its own namespaces removed) on exit, also after a failure."""
 
-    def __init__(self, workdir: Path, tool: Path) -> None:
+    def __init__(self, workdir: Path, tool: Path, placement: EnvoyPlacement | None = None) -> None:
         self.workdir = workdir
         self.tool = tool
+        self.placement = placement
         self.procs = hbone.Processes()
         self.envoys: list[envoy.EnvoyProcess] = []
         self.names: tuple[str, str] | None = None
 
     @property
     def entry(self) -> tuple[str, int]:
-        """Where a client on node A connects to go through the chain."""
-        return hbone.POD_A, ENTRY_PORT
-
-    @property
-    def direct(self) -> tuple[str, int]:
-        return hbone.POD_B, ECHO_PORT
+        """Where a client on the client node connects to go through the chain."""
+        return self.placement.entry if self.placement else (hbone.POD_A, ENTRY_PORT)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -69,26 +80,32 @@ class EnvoyChain:
     def __enter__(self) -> EnvoyChain:
         from ambit.agent.netns import NetnsThread, netns_path
 
-        self.names = hbone.make_nodes()
         try:
-            self.client_node = NetnsThread(netns_path(self.names[0]))
-            self.server_node = NetnsThread(netns_path(self.names[1]))
+            placement = self.placement
+            if placement is None:
+                self.names = hbone.make_nodes()
+                placement = EnvoyPlacement(
+                    NetnsThread(netns_path(self.names[0])), NetnsThread(netns_path(self.names[1])),
+                    entry=(hbone.POD_A, ENTRY_PORT), hbone=(hbone.POD_B, HBONE_PORT), source_ip=hbone.POD_A,
+                    target=(hbone.POD_B, ECHO_PORT))
+                self._own_threads = (placement.client_node, placement.server_node)
+                self.procs.start([str(self.tool), "server", hbone.POD_B, str(ECHO_PORT)], ready_line=True,
+                                 node=placement.server_node)
+            self.client_node, self.server_node = placement.client_node, placement.server_node
             tune_client_namespace(self.client_node)
             ca_dir, certs = hbone.setup_identities(self.workdir)
             server_id = f"spiffe://{hbone.TRUST_DOMAIN}/ns/{hbone.SERVER_SA[0]}/sa/{hbone.SERVER_SA[1]}"
-            authority = f"{hbone.POD_B}:{ECHO_PORT}"
-            self.procs.start([str(self.tool), "server", hbone.POD_B, str(ECHO_PORT)], ready_line=True,
-                             node=self.server_node)
+            authority = f"{placement.target[0]}:{placement.target[1]}"
             self.envoys.append(self.server_node.run(lambda: envoy.EnvoyProcess(
-                envoy.server_config(certs["server"], (hbone.POD_B, HBONE_PORT),
-                                    {authority: (hbone.POD_B, ECHO_PORT)}, hbone.TRUST_DOMAIN),
+                envoy.server_config(certs["server"], placement.hbone, {authority: placement.target},
+                                    hbone.TRUST_DOMAIN),
                 self.workdir, "envoy-server")))
             self.envoys.append(self.client_node.run(lambda: envoy.EnvoyProcess(
-                envoy.client_config(certs["client"], server_id, (hbone.POD_B, HBONE_PORT),
-                                    {(hbone.POD_A, ENTRY_PORT): authority}, hbone.POD_A),
+                envoy.client_config(certs["client"], server_id, placement.hbone, {placement.entry: authority},
+                                    placement.source_ip),
                 self.workdir, "envoy-client")))
-            self.server_node.run(self.envoys[0].wait_listening, hbone.POD_B, HBONE_PORT)
-            self.client_node.run(self.envoys[1].wait_listening, hbone.POD_A, ENTRY_PORT)
+            self.server_node.run(self.envoys[0].wait_listening, *placement.hbone)
+            self.client_node.run(self.envoys[1].wait_listening, *placement.entry)
         except BaseException:
             self.close()
             raise
@@ -105,9 +122,8 @@ class EnvoyChain:
         for proxy in self.envoys:
             proxy.stop()
         self.procs.stop_all()
-        for node in ("client_node", "server_node"):
-            if hasattr(self, node):
-                getattr(self, node).close()
+        for thread in getattr(self, "_own_threads", ()):
+            thread.close()
         if self.names:
             for name in self.names:
                 remove_netns(name)

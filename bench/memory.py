@@ -53,8 +53,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from stats import percentile  # noqa: E402  (bench/stats.py)
 from envoychain import EnvoyChain, build_pingpong, tune_client_namespace  # noqa: E402
+from labpods import PodProcesses, done_line  # noqa: E402
 
-from ambit.agent.netns import NetnsThread, netns_path  # noqa: E402
 from ambit.lab import labconfig  # noqa: E402
 from ambit.lab.plan import LabSettings  # noqa: E402
 from ambit.lab.topology import Lab  # noqa: E402
@@ -118,49 +118,6 @@ def restart_to_ready(lab: Lab, node: str) -> tuple[float, bool]:
     ready = log_events(log, "agent ready")[ready_before]
     seconds = datetime.datetime.fromisoformat(ready["timestamp"].replace("Z", "+00:00")).timestamp() - spawned
     return seconds, reused
-
-
-class PodProcesses:
-    """Processes in lab pods' namespaces (started from a thread inside each)."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.threads: dict[str, NetnsThread] = {}
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def thread(self, pod: str) -> NetnsThread:
-        if pod not in self.threads:
-            self.threads[pod] = NetnsThread(netns_path(self.lab.find_pod(pod).netns))
-        return self.threads[pod]
-
-    def start(self, pod: str, argv: list[str], *, ready_line: bool = False, output: bool = False,
-              stdin: int | None = None) -> subprocess.Popen[bytes]:
-        proc = self.thread(pod).run(lambda: subprocess.Popen(
-            argv, stdout=subprocess.PIPE if ready_line or output else subprocess.DEVNULL, stdin=stdin,
-            start_new_session=True))
-        self.procs.append(proc)
-        if ready_line:
-            assert proc.stdout is not None
-            if b"ready" not in proc.stdout.readline():
-                raise RuntimeError(f"{argv[:3]} in {pod} did not start (exit {proc.poll()})")
-        return proc
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        for thread in self.threads.values():
-            thread.close()
-
-
-def done_line(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, float]:
-    """(ok, errors, seconds) from a pingpong rate/churn run."""
-    out, _ = proc.communicate(timeout=timeout)
-    fields = out.split(b"\n", 1)[0].split()
-    if not fields or fields[0] != b"done":
-        raise RuntimeError(f"load tool ended without a result (exit {proc.returncode})")
-    return int(fields[1]), int(fields[2]), int(fields[3]) / 1e9
 
 
 def hold(start, argv: list[str]) -> subprocess.Popen[bytes]:
