@@ -391,6 +391,8 @@ class Agent:
         log.info("agent serving", node=self.config.node_name, version=__version__, capture=self.config.capture,
                  enrolled=len(self.enrolment.workloads()), event_loop=eventloop.current_name(),
                  ready=self.readiness()[0], took_over_from=predecessor.predecessor_pid if predecessor else None)
+        if self.mesh is None:
+            log.info("agent ready", node=self.config.node_name, enrolled=len(self.enrolment.workloads()))
         if predecessor is not None:
             draining = await predecessor.ready()
             log.info("the previous agent stopped accepting", predecessor_pid=predecessor.predecessor_pid,
@@ -412,6 +414,8 @@ class Agent:
         that were running before ambit was chained join the mesh."""
         assert self.mesh is not None and self.drift is not None
         await self.mesh.settle(self.enrolment)
+        # The moment readiness turns true (bench/memory.py measures start to ready from it).
+        log.info("agent ready", node=self.config.node_name, enrolled=len(self.enrolment.workloads()))
         await self.drift.check()
 
     def _start_telemetry(self, adopt: dict[str, socket.socket] | None = None) -> None:
