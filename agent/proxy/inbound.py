@@ -56,7 +56,7 @@ from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
-from .sockets import errno_name, reset_socket
+from .sockets import connect, errno_name, reset_socket
 from .tls_stream import TlsStream
 
 __all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]
@@ -471,14 +471,13 @@ class HboneInbound:
         )
 
     async def _connect_upstream(self, client_ip: str, dst_ip: str, dst_port: int) -> socket.socket:
-        loop = asyncio.get_running_loop()
         sock = await _maybe_await(self._upstream_socket_factory(client_ip))
         if not isinstance(sock, socket.socket):
             raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
         try:
             sock.setblocking(False)
             async with asyncio.timeout(self._settings.upstream_connect_timeout_s):
-                await loop.sock_connect(sock, (dst_ip, dst_port))
+                await connect(sock, (dst_ip, dst_port))
         except BaseException:
             sock.close()
             raise

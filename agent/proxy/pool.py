@@ -39,6 +39,7 @@ from .hbone.protocol import HboneClientProtocol
 from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
+from .sockets import connect
 from .tls_stream import TlsStream
 
 __all__ = [
@@ -223,7 +224,7 @@ class HboneClientPool:
         try:
             sock.setblocking(False)
             async with asyncio.timeout(settings.upstream_connect_timeout_s):
-                await loop.sock_connect(sock, (key.next_hop_ip, key.next_hop_port))
+                await connect(sock, (key.next_hop_ip, key.next_hop_port))
         except BaseException:
             sock.close()
             raise

@@ -46,7 +46,7 @@ from ambit.agent.datapath.constants import MARK_PROXY
 
 from .connections import ConnectionProgress, ConnectionRegistry, ConnectionState
 from .listeners import IPV6_TRANSPARENT, AcceptedConnection, SocketAddress
-from .sockets import errno_name, reset_socket
+from .sockets import connect, errno_name, reset_socket
 from ..netns import NetnsSocketPool, NetnsThread
 
 log = structlog.get_logger(__name__)
@@ -302,7 +302,7 @@ async def connect_upstream(
     try:
         prepare_upstream(sock, accepted.client.ip, options)
         async with asyncio.timeout(options.connect_timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (dst.ip, dst.port))
+            await connect(sock, (dst.ip, dst.port))
     except BaseException:
         sock.close()
         raise

@@ -1,7 +1,9 @@
-"""Socket helpers the relay and the HBONE tunnels share: closing with a reset, naming an error."""
+"""Socket helpers the relay and the HBONE tunnels share: connecting, closing with a reset, naming an error."""
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 import socket
 import struct
 
@@ -22,3 +24,38 @@ def errno_name(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return type(exc).__name__
+
+
+_CONNECTING = frozenset({errno.EINPROGRESS, errno.EINTR})
+
+
+async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Connect a non-blocking socket to a numeric `address` (raises the
+    OSError of the failure: ConnectionRefusedError, ...).
+
+    Not loop.sock_connect: uvloop's resolves every address first, and with
+    no socket type given that is a getaddrinfo on its thread pool, i.e. a
+    thread hop, a futex wake-up and an eventfd round per upstream connect
+    (most of the destination side's share of a short connection's CPU
+    besides the kernel's). Here: connect(2), then one writability wait."""
+    err = sock.connect_ex(address)
+    if err == 0:
+        return
+    if err not in _CONNECTING:
+        raise OSError(err, os.strerror(err))
+    loop = asyncio.get_running_loop()
+    connected: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _writable, connected)
+    try:
+        await connected
+    finally:
+        loop.remove_writer(fd)  # before any close: the loop must not watch a closed descriptor
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _writable(connected: asyncio.Future[None]) -> None:
+    if not connected.done():
+        connected.set_result(None)
