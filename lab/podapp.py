@@ -270,11 +270,15 @@ def send_and_receive(host: str, port: int, source, sink, timeout: float) -> int:
     return received
 
 
-def steady_load(urls: Sequence[str], rate: float, timeout: float, until: str) -> dict[str, object]:
+def steady_load(urls: Sequence[str], rate: float, timeout: float, until: str,
+                progress: str | None = None) -> dict[str, object]:
     """GET each of `urls` `rate` times a second, each on a new connection,
     until the file `until` exists; every answer but a 200 within `timeout`
-    counts as failed. Returns the counts and the slowest success."""
+    counts as failed. Returns the counts and the slowest success. With
+    `progress`, the number of 200s so far is kept in that file (replaced
+    atomically), so a caller can wait until traffic is observed flowing."""
     results: list[tuple[bool, float]] = []
+    answered = [0]  # 200s so far, for `progress`
     lock = threading.Lock()
 
     def one(url: str) -> None:
@@ -285,6 +289,12 @@ def steady_load(urls: Sequence[str], rate: float, timeout: float, until: str) ->
             ok = False
         with lock:
             results.append((ok, time.monotonic() - started))
+            answered[0] += ok
+            if progress is not None:
+                tmp = f"{progress}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(str(answered[0]))
+                os.replace(tmp, progress)
 
     threads: list[threading.Thread] = []
     next_at = time.monotonic()
@@ -323,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, default=20.0, help="requests per second per URL")
     load.add_argument("--timeout", type=float, default=5.0)
     load.add_argument("--until-file", required=True)
+    load.add_argument("--progress-file", help="keep the number of 200s so far in this file")
     send = sub.add_parser("send", help="send stdin to HOST:PORT, half-close, print what comes back")
     send.add_argument("host")
     send.add_argument("port", type=int)
@@ -360,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             return 0
         if args.mode == "load":
-            print(json.dumps(steady_load(args.urls, args.rate, args.timeout, args.until_file)))
+            print(json.dumps(steady_load(args.urls, args.rate, args.timeout, args.until_file,
+                                         args.progress_file)))
             return 0
         send_and_receive(args.host, args.port, sys.stdin.buffer, sys.stdout.buffer, args.timeout)
         sys.stdout.flush()

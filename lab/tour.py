@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -93,24 +94,52 @@ class UnderlayCapture:
         return out
 
 
+UPGRADE_ANSWERS = 20  # answers the load client must have before the upgrade, and again after it
+
+
+def _answers(progress: Path) -> int:
+    try:
+        return int(progress.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _until_answers(progress: Path, count: int, load: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    """Until the load client has had `count` answers (it keeps the number in
+    `progress`); False if it exited or `timeout` passed first."""
+    deadline = time.monotonic() + timeout
+    while _answers(progress) < count:
+        if load.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _upgrade_under_load(lab: Lab, tour: "Tour", ips: dict[str, str]) -> None:
     """A hand-over with traffic flowing: how many requests, how many failed."""
     stop = lab.settings.state_dir / "tour-load.stop"
+    progress = lab.settings.state_dir / "tour-load.answers"
     stop.unlink(missing_ok=True)
+    progress.unlink(missing_ok=True)
     load = lab.spawn("shop/client-0", [*WORKLOAD, "load", f"http://{ips['shop/web-1']}:8080/",
                                        f"http://{ips['shop/web-0']}:8080/", "--rate", "20",
-                                       "--until-file", str(stop)])
+                                       "--until-file", str(stop), "--progress-file", str(progress)])
     try:
         old = lab.state().nodes["node1"].agent
-        time.sleep(1.0)  # let the load settle before the event (it is the traffic, not a wait for a state)
+        # Traffic observed flowing before the event, and answered again after it
+        # (however slowly the client starts on a loaded host).
+        flowing = _until_answers(progress, UPGRADE_ANSWERS, load)
         started = time.monotonic()
         new = lab.restart_agent("node1", upgrade=True)
         took = time.monotonic() - started
-        time.sleep(1.0)
+        flowing = _until_answers(progress, _answers(progress) + UPGRADE_ANSWERS, load) and flowing
     finally:
         stop.touch()
         out, err = load.communicate(timeout=60)
         stop.unlink(missing_ok=True)
+        progress.unlink(missing_ok=True)
+    if not flowing:
+        tour.say(f"the load client never got {UPGRADE_ANSWERS} answers on one side of the upgrade")
     counts = json.loads(out) if load.returncode == 0 else {}
     tour.say(f"agent pid {old.pid if old else '?'} handed node1 to pid {new.pid} in {took:.1f} s "
              "(listening sockets passed over a Unix socket, API socket renamed, records handed on)")
