@@ -30,7 +30,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ambit.agent.netlink import iproute  # noqa: E402
@@ -40,6 +42,7 @@ PORT = 18001
 METHODS = ("fd-pass", "reuseport", "migrate")
 CLIENTS = 16
 ACCEPT_EVERY_S = 0.005
+SERVED_EACH_SIDE = 300  # connections answered before the hand-over, and again after it
 
 
 def _listener(reuseport: bool) -> socket.socket:
@@ -109,7 +112,7 @@ def new_server(netns: str, method: str, control: str, stop: mp.Event) -> None:
     sock.close()
 
 
-def client(netns: str, stop: mp.Event, results: mp.Queue) -> None:
+def client(netns: str, stop: mp.Event, results: mp.Queue, served: Any) -> None:
     enter_netns(netns)
     ok, failed = 0, {}
     while not stop.is_set():
@@ -119,6 +122,8 @@ def client(netns: str, stop: mp.Event, results: mp.Queue) -> None:
             conn.connect(("127.0.0.1", PORT))
             if conn.recv(1) == b"x":
                 ok += 1
+                with served.get_lock():
+                    served.value += 1
             else:
                 failed["eof"] = failed.get("eof", 0) + 1
         except OSError as exc:
@@ -128,19 +133,34 @@ def client(netns: str, stop: mp.Event, results: mp.Queue) -> None:
     results.put((ok, failed))
 
 
+def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"never happened within {timeout:g}s: {what}")
+        time.sleep(0.01)
+
+
 def trial(netns: str, method: str, workdir: Path) -> tuple[int, dict[str, int]]:
     control = str(workdir / f"control-{uuid.uuid4().hex[:6]}")
     stop, stop_clients, ready, results = mp.Event(), mp.Event(), mp.Event(), mp.Queue()
+    served = mp.Value("i", 0)
     old = mp.Process(target=old_server, args=(netns, method, control, ready, stop))
     old.start()
-    ready.wait(10)
-    clients = [mp.Process(target=client, args=(netns, stop_clients, results)) for _ in range(CLIENTS)]
+    if not ready.wait(30):
+        raise RuntimeError("the old server never listened")
+    clients = [mp.Process(target=client, args=(netns, stop_clients, results, served)) for _ in range(CLIENTS)]
     for proc in clients:
         proc.start()
-    time.sleep(0.5)
+    _until(lambda: served.value >= SERVED_EACH_SIDE, f"{SERVED_EACH_SIDE} connections served by the old server")
     new = mp.Process(target=new_server, args=(netns, method, control, stop))
     new.start()
-    time.sleep(0.7)
+    old.join(30)  # it returns once it handed over (and closed its listener)
+    if old.is_alive():
+        raise RuntimeError("the old server never handed over")
+    handed_over_at = served.value
+    _until(lambda: served.value >= handed_over_at + SERVED_EACH_SIDE,
+           f"{SERVED_EACH_SIDE} connections served after the hand-over")
     stop_clients.set()  # clients first: a server closing under them would count as a failure
     ok, failed = 0, {}
     for _ in clients:
