@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,11 @@ class Load:
         return json.loads(self.out.read_text())
 
 
-def run_event(lab: Any, node: str, event: str, *, drain_seconds: float) -> dict[str, float]:
-    """Cause `event` on `node`; wall-clock times of what happened."""
+def run_event(lab: Any, node: str, event: str, *, drain_seconds: float) -> tuple[dict[str, float], Callable[[], float]]:
+    """Cause `event` on `node`: wall-clock times of what happened, and a
+    call that waits for the old agent to exit and says when. Call it only
+    once the load has ended: a draining agent relays the streams it holds
+    until they end, so waiting for it first would hold them to the deadline."""
     log_path = lab.agent_log(node)
     old = lab.state().nodes[node].agent
     exited: list[float] = []
@@ -105,11 +109,15 @@ def run_event(lab: Any, node: str, event: str, *, drain_seconds: float) -> dict[
     new = lab.state().nodes[node].agent
     ready = [e for e in agent_events(log_path, at) if e.get("event") == "agent serving"]
     ready_at = _iso(ready[-1]["timestamp"]) if ready else returned
-    watcher.join()
-    if not exited:
-        raise RuntimeError(f"the old agent (pid {old.pid if old else '?'}) did not exit")
-    return {"event_at": at, "ready_at": ready_at, "returned_at": returned, "old_exit_at": exited[0],
-            "old_pid": old.pid if old else 0, "new_pid": new.pid if new else 0}
+
+    def old_exited() -> float:
+        watcher.join()
+        if not exited:
+            raise RuntimeError(f"the old agent (pid {old.pid if old else '?'}) did not exit")
+        return exited[0]
+
+    return ({"event_at": at, "ready_at": ready_at, "returned_at": returned,
+             "old_pid": old.pid if old else 0, "new_pid": new.pid if new else 0}, old_exited)
 
 
 def _wait_exit(pid: int | None, timeout: float) -> float:
@@ -170,6 +178,7 @@ def analyse(event: str, times: dict[str, float], load: dict[str, Any], frames: l
         "hbone_frames": hbone_frames(frames),
         "ready_after_s": round(ready - at, 2),
         "old_exit_after_s": round(times["old_exit_at"] - at, 2),
+        "old_exit_after_load_s": round(max(0.0, times["old_exit_at"] - times["load_ended_at"]), 2),
     }
     return report
 
@@ -203,7 +212,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="new connections per second per target")
     parser.add_argument("--streams", type=int, default=2, help="long-lived connections per target")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a new connection may take")
-    parser.add_argument("--drain-seconds", type=float, default=10.0, help="the agents' --drain-seconds")
+    parser.add_argument("--drain-seconds", type=float, default=25.0,
+                        help="the agents' --drain-seconds (default: the DaemonSet's, 30 s grace - 5; longer than "
+                             "the streams live after the event, so the old agent relays them to their end; a "
+                             "shorter one resets them at the deadline, as it should)")
     args = parser.parse_args()
     nodes = args.node or (["node1"] if args.quick else ["node1", "node2"])
     events = [e for e in args.events.split(",") if e]
@@ -240,11 +252,13 @@ def main() -> None:
                 capture = UnderlayCapture(settings.underlay_netns, plan.node("node1").underlay_port)
                 try:
                     time.sleep(settle)  # steady state before the event (load already flowing)
-                    times = run_event(lab, node, event, drain_seconds=args.drain_seconds)
+                    times, old_exited = run_event(lab, node, event, drain_seconds=args.drain_seconds)
                     time.sleep(settle + max(0.0, times["ready_at"] + args.timeout - time.time()))
                 finally:
                     result = load.finish()
                     capture.stop()
+                times["load_ended_at"] = time.time()
+                times["old_exit_at"] = old_exited()
                 report = {"node": node, **analyse(event, times, result, capture.tcp_payloads(), args.timeout)}
                 report["met"] = met(report)
                 reports.append(report)
@@ -273,7 +287,8 @@ def _print(r: dict[str, Any]) -> None:
           f"({r['failed_after_ready']} after ready, window {window}, {r['failure_kinds']}), "
           f"{r[f'slower_than_{SLOW_S:g}s']} slower than {SLOW_S:g}s; "
           f"{r['streams_reset']}/{r['streams']} streams reset, {r['bytes_lost']} B lost; "
-          f"ready +{r['ready_after_s']}s, old exit +{r['old_exit_after_s']}s; plaintext frames {r['plaintext_frames']}; "
+          f"ready +{r['ready_after_s']}s, old exit +{r['old_exit_after_s']}s "
+          f"({r['old_exit_after_load_s']}s after the load ended); plaintext frames {r['plaintext_frames']}; "
           f"met={r['met']}", flush=True)
 
 
