@@ -1,7 +1,10 @@
 """ambit-cni entry point: environment + stdin -> one command -> stdout + exit status.
 
 Every failure leaves as CNI error JSON on stdout with a non-zero exit status,
-never as a traceback; DEL succeeds whenever there is nothing left to undo.
+never as a traceback, except DEL's: DEL never fails the pod. Whatever stops
+it (a configuration it cannot read, an agent that is down or answers with
+an error) is logged and DEL succeeds; what it could not undo the agent
+cleans up itself (GC, and its reconcile against the kernel at start).
 """
 
 import posix  # not os: os pulls in posixpath, stat and _collections_abc (~1 ms per start)
@@ -80,11 +83,11 @@ def cmd_del(env: Environment, cfg: PluginConfig, log: _Log) -> None:
     try:
         reply = _client(cfg).release(wire.release_pod_request(_attachment(env), env.netns, _pod_ref(env)))
     except CniError as exc:
-        if exc.code != spec.TRY_AGAIN_LATER:
-            raise
-        # The agent reconciles against the kernel when it comes back, and the
-        # runtime must be able to delete a pod while the agent is down.
-        log("warn", "agent unreachable on DEL; it will clean up on restart", detail=exc.details)
+        # The runtime must be able to delete a pod whatever the agent says:
+        # it releases what is left on GC and when it reconciles at start.
+        event = ("agent unreachable on DEL; it will clean up on restart" if exc.code == spec.TRY_AGAIN_LATER
+                 else "agent could not release the pod on DEL; its GC and reconcile will")
+        log("warn", event, code=exc.code, error=exc.msg, detail=exc.details)
         return
     log("info", "released" if reply["released"] else "nothing to release")
 
@@ -138,14 +141,30 @@ def run(environ: dict, stdin: bytes, out: object, err: object) -> int:
             cmd_gc(cfg, log)
         return 0
     except CniError as exc:
+        if _is_del(environ):
+            return _del_anyway(log, exc)
         log("error", exc.msg, code=exc.code, detail=exc.details)
         out.write(json.dumps(exc.to_json(reply_version)))
         return 1
     except Exception as exc:  # a bug in the plugin: still a CNI error, never a traceback
         error = CniError(spec.AGENT_ERROR, f"ambit-cni internal error: {type(exc).__name__}: {exc}")
+        if _is_del(environ):
+            return _del_anyway(log, error)
         log("error", error.msg)
         out.write(json.dumps(error.to_json(reply_version)))
         return 1
+
+
+def _is_del(environ: dict) -> bool:
+    return environ.get("CNI_COMMAND") == "DEL"
+
+
+def _del_anyway(log: _Log, error: CniError) -> int:
+    """DEL never fails the pod: say what went wrong, then succeed. The agent
+    releases what this DEL could not (GC, its reconcile at start)."""
+    log("warn", "DEL could not reach the agent's release; succeeding anyway, the agent's GC and reconcile "
+        "clean up", code=error.code, error=error.msg, detail=error.details)
+    return 0
 
 
 def main() -> None:

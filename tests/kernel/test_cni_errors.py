@@ -4,6 +4,7 @@ Every failure must be CNI error JSON on stdout with the right code, a message
 a person can act on, a non-zero exit status and no traceback."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import grpc
 import pytest
 
+from ambit.api.v1 import agent_pb2_grpc as pb_grpc
 from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from ambit.cni import spec
 from tests.support.agentapi import workloads
@@ -323,3 +326,47 @@ def test_container_interface_that_is_not_a_veth_is_code_7(node: NodeNamespace, a
             runtime.delete(sandbox)
         finally:
             remove_netns(pod_name)
+
+
+class _FailingRelease(pb_grpc.CNIServicer):
+    """An agent that answers ReleasePod with an error (a bug, a kernel call
+    that failed): anything but "unavailable"."""
+
+    def ReleasePod(self, request, context):
+        context.abort(grpc.StatusCode.INTERNAL, "detach failed: the kernel said no")
+
+
+@pytest.fixture
+def failing_agent(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "failing.sock")
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CNIServicer_to_server(_FailingRelease(), server)
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    try:
+        yield path
+    finally:
+        server.stop(None)
+
+
+def test_del_with_an_agent_error_succeeds_and_says_why(failing_agent: str, pod_netns: str) -> None:
+    """DEL never fails the pod: the agent's GC and reconcile release what it
+    could not (tests/kernel/test_address_spoofing.py shows them do it)."""
+    result = run_plugin("DEL", config(failing_agent, prevResult=PREV_RESULT), netns=pod_netns)
+    assert (result.status, result.stdout) == (0, ""), result
+    assert "Traceback" not in result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["level"], e["code"]) for e in logged] == [("warn", spec.AGENT_ERROR)], logged
+    assert "GC and reconcile" in logged[0]["event"] and "the kernel said no" in logged[0]["error"], logged
+    # Only DEL is forgiving: an ADD the agent cannot serve still fails the pod.
+    assert_cni_error(run_plugin("ADD", config(failing_agent, prevResult=PREV_RESULT), netns=pod_netns),
+                     spec.AGENT_ERROR)
+
+
+@pytest.mark.parametrize("stdin", [b"{not json", json.dumps(config(version="9.9.9")).encode(),
+                                   json.dumps(config(agentSocket="relative.sock")).encode()],
+                         ids=["not JSON", "unsupported version", "relative socket"])
+def test_del_with_a_broken_configuration_succeeds_and_says_why(stdin: bytes, pod_netns: str) -> None:
+    result = run_plugin("DEL", stdin, netns=pod_netns)
+    assert (result.status, result.stdout) == (0, ""), result
+    assert "Traceback" not in result.stderr and "DEL could not" in result.stderr, result.stderr
