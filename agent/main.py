@@ -231,6 +231,7 @@ class Agent:
         self.metrics = Metrics()
         self.enrolment = Enrolment(self.store, RecordOnly(), on_capture_failure=self.metrics.ebpf_attach_failures.inc)
         self.metrics.enrolled_pods.set_function(self.enrolment.enrolled_count)
+        self.metrics.watch_capture(self.capture_verdicts)
         self.telemetry = TelemetryServer(self.metrics.registry, self.readiness, config.telemetry_address,
                                          config.metrics_port, config.readiness_port, config.telemetry)
         self.datapath: Datapath | NftDatapath | None = None
@@ -272,7 +273,7 @@ class Agent:
         proxy = self.proxy
         return ProxyView(capture=self.config.capture, proxy_netns=self.config.proxy_netns,
                          listeners=proxy.listener_names, connections=proxy.connections.snapshot,
-                         failed_closed=self.metrics.failed_closed_by_reason)
+                         failed_closed=self.metrics.failed_closed_by_reason, verdicts=self.capture_verdicts)
 
     def discovery_report(self) -> DiscoveryReport:
         return self.mesh.report() if self.mesh is not None else NO_DISCOVERY
@@ -284,6 +285,13 @@ class Agent:
         if self.enrolment.frozen:
             return "handing-over", 0
         return ("serving" if self._ready else "starting"), 0
+
+    def capture_verdicts(self) -> dict[str, int]:
+        """The datapath's packet counters per verdict (empty before install)."""
+        datapath = self.datapath
+        if datapath is None or isinstance(self.enrolment.backend, RecordOnly):
+            return {}
+        return datapath.verdict_counts()
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:

@@ -81,6 +81,16 @@ class RtnlQuery:
         msg["index"] = index
         return [a for a in self._request(msg, RTM_GETADDR, ifaddrmsg, dump=True) if a["index"] == index]
 
+    def own_addresses(self) -> set[str]:
+        """Every address of every link of the namespace (`ambitctl trace`
+        tells host-network traffic by them)."""
+        found = set()
+        for msg in self._request(ifaddrmsg(), RTM_GETADDR, ifaddrmsg, dump=True):
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if address:
+                found.add(address)
+        return found
+
     def netnsid(self, netns_fd: int) -> int | None:
         """The id this namespace gives the namespace behind `netns_fd`
         (None when it has none assigned)."""

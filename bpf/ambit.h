@@ -9,20 +9,27 @@
  *   MARK_CAPTURED            skb->mark bit that selects routing table 100
  *   PROXY_LINK_ADDR          the proxy's own eth0 address, host byte order
  *   MAX_LOCAL_PODS           capacity of local_pods
- *   VERDICT_<NAME>, VERDICT_COUNT   indexes of verdict_counts
+ *   VERDICT_<NAME>, VERDICT_SLOTS   indexes and capacity of verdict_counts
  */
 #ifndef AMBIT_H
 #define AMBIT_H
 
 #include <uapi/linux/bpf.h>
+#include <uapi/linux/if_arp.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/pkt_cls.h>
 
 #define AMBIT_AF_INET 2
+#define AMBIT_AF_INET6 10
 #define AMBIT_IP_FRAG_MASK 0x3fff /* IP_MF | fragment offset */
+/* IPv6 extension headers walked to find the transport protocol; a chain
+ * longer than this is treated as TCP (fail closed). */
+#define AMBIT_IPV6_MAX_EXT 6
 
 /* proxy_link[0]: where captured packets go. Written once by the agent at
  * install; node_ifindex is ambit0's index *as the node namespace sees it*
@@ -33,9 +40,13 @@ struct proxy_link {
 	__u8 pad[2];
 };
 
-/* local_pods[pod IPv4, network order]: the enrolled pods of this node.
- * proxy_ingress uses membership to tell outbound from inbound; the agent
- * uses host_ifindex to reconcile after a restart. flags is reserved so the
+/* local_pods[pod IPv4, network order]: the enrolled pods of this node, each
+ * address bound to the host veth it was enrolled on. capture_outbound lets
+ * an address out of that veth only; capture_inbound drops an enrolled
+ * address's TCP that did not come through the proxy, and any packet for an
+ * enrolled address about to enter another veth; proxy_ingress uses
+ * membership to tell outbound from inbound; the agent uses host_ifindex to
+ * reconcile after a restart. flags is reserved so the
  * pinned map's layout can grow without being recreated (a restarted agent
  * must re-adopt the map, and a different value size would refuse it). */
 struct local_pod {
@@ -49,7 +60,7 @@ BPF_TABLE_PINNED("hash", __be32, struct local_pod, local_pods, MAX_LOCAL_PODS,
 		 AMBIT_PIN_DIR "/local_pods");
 /* One counter per verdict, per CPU: what ambitctl and the tests read to see
  * which branch a packet took. */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, verdict_counts, VERDICT_COUNT,
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, verdict_counts, VERDICT_SLOTS,
 		 AMBIT_PIN_DIR "/verdict_counts");
 
 static __always_inline int count(__u32 verdict, int action)
@@ -76,6 +87,76 @@ static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 	if ((void *)(ip + 1) > data_end)
 		return NULL;
 	return ip;
+}
+
+/* The enrolment of an IPv4 address, or NULL when no pod of this node owns
+ * it. */
+static __always_inline struct local_pod *enrolled(__be32 addr)
+{
+	return local_pods.lookup(&addr);
+}
+
+/* True when addr is enrolled for the veth with this ifindex. */
+static __always_inline int bound_to(__be32 addr, __u32 ifindex)
+{
+	struct local_pod *pod = enrolled(addr);
+
+	return pod && pod->host_ifindex == ifindex;
+}
+
+/* The IPv6 header of an Ethernet frame, or NULL. */
+static __always_inline struct ipv6hdr *ipv6_header(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return NULL;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > data_end)
+		return NULL;
+	return ip6;
+}
+
+/* Whether an IPv6 packet carries TCP, after its extension headers (hop by
+ * hop options, routing, fragment, destination options, authentication):
+ * a TCP segment behind one must not slip through as "not TCP". A chain that
+ * cannot be read to its end counts as TCP. ESP is opaque (the pod's own
+ * tunnel, like one over UDP) and counts as not TCP. */
+static __always_inline int ipv6_is_tcp(struct __sk_buff *skb, struct ipv6hdr *ip6)
+{
+	__u8 next = ip6->nexthdr;
+	__u32 offset = sizeof(struct ethhdr) + sizeof(*ip6);
+
+#pragma unroll
+	for (int i = 0; i < AMBIT_IPV6_MAX_EXT; i++) {
+		__u8 ext[2];
+
+		switch (next) {
+		case IPPROTO_TCP:
+			return 1;
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+		case IPPROTO_FRAGMENT:
+		case IPPROTO_AH:
+			break;
+		default:
+			return 0;
+		}
+		if (bpf_skb_load_bytes(skb, offset, ext, sizeof(ext)) < 0)
+			return 1;
+		if (next == IPPROTO_FRAGMENT)
+			offset += 8;
+		else if (next == IPPROTO_AH)
+			offset += ((__u32)ext[1] + 2) * 4;
+		else
+			offset += ((__u32)ext[1] + 1) * 8;
+		next = ext[0];
+	}
+	return next == IPPROTO_TCP || next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING ||
+	       next == IPPROTO_DSTOPTS || next == IPPROTO_FRAGMENT || next == IPPROTO_AH;
 }
 
 static __always_inline int is_tcp(struct iphdr *ip)

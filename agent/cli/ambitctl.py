@@ -52,7 +52,15 @@ def cmd_status(client: AgentClient, output: str) -> str:
                       f"enrolled:    {st.enrolled} pod(s)", f"connections: {st.live_connections} live",
                       "fail closed: " + (", ".join(f"{n} {reason}" for reason, n in sorted(st.failed_closed.items()))
                                          or "none"),
+                      f"dropped:     {st.spoofed_packets_dropped} spoofed packet(s), "
+                      f"{st.ipv6_tcp_dropped} IPv6 TCP packet(s)"
+                      + (f" ({_drops(st.capture_verdicts)})" if st.spoofed_packets_dropped or st.ipv6_tcp_dropped
+                         else ""),
                       *_drift_lines(st)])
+
+
+def _drops(verdicts) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(verdicts.items()) if "_drop_" in name and n)
 
 
 def _drift_lines(st) -> list[str]:

@@ -45,3 +45,28 @@ BPFFS_ROOT = "/sys/fs/bpf/ambit"  # default pin directory (the lab uses one per 
 NODE_LINK_ADDR = "169.254.7.1"
 PROXY_LINK_ADDR = "169.254.7.2"
 LINK_PREFIXLEN = 30
+
+# Verdicts of the tc programs, in the index order of their pinned
+# verdict_counts map (passed to C as VERDICT_<NAME>); new ones go at the end
+# so a restarted agent's indexes keep their meaning. The nftables backend's
+# named counters use the same names where the decision is the same.
+VERDICTS = (
+    "out_redirect", "out_pass_not_tcp4", "out_pass_to_node",
+    "in_redirect", "in_pass_not_tcp4", "in_pass_from_node", "in_pass_from_proxy",
+    "drop_no_proxy_link", "drop_rewrite_failed",
+    "proxy_pass_not_tcp4", "proxy_pass_own_addr", "proxy_owned", "proxy_no_owner",
+    "proxy_to_outbound", "proxy_to_inbound_plaintext", "proxy_to_hbone",
+    "proxy_drop_malformed", "proxy_drop_no_listener", "proxy_drop_assign_failed", "proxy_drop_own_addr",
+    # Source binding and IPv6 (docs/datapath.md, "Source addresses are bound
+    # to their veth"): what an enrolled veth must not send or receive.
+    "out_drop_spoofed_source", "out_drop_spoofed_arp", "out_drop_not_ip", "out_drop_ipv6_tcp",
+    "in_drop_spoofed_source", "in_drop_misdelivered", "in_drop_ipv6_tcp",
+)
+# Capacity of verdict_counts, larger than VERDICTS so that adding a verdict
+# does not change the pinned map's size (a restarted agent re-adopts it).
+VERDICT_SLOTS = 64
+# The verdicts that count refused attacks, shown by `ambitctl status` and
+# the ambit_capture_drops_total metric.
+SOURCE_BINDING_DROPS = ("out_drop_spoofed_source", "out_drop_spoofed_arp", "out_drop_not_ip",
+                        "in_drop_spoofed_source", "in_drop_misdelivered")
+IPV6_DROPS = ("out_drop_ipv6_tcp", "in_drop_ipv6_tcp")

@@ -60,15 +60,7 @@ SCRATCH_PREFIX = "loading-"  # bpffs refuses names with a dot
 LOADER_MODULE = "ambit.agent.datapath.loader"
 LOADER_TIMEOUT = 300.0  # seconds; a compile takes ~1-2 s, more on a loaded node
 
-# Index order of the verdict_counts map; passed to C as VERDICT_<NAME>.
-VERDICTS = (
-    "out_redirect", "out_pass_not_tcp4", "out_pass_to_node",
-    "in_redirect", "in_pass_not_tcp4", "in_pass_from_node", "in_pass_from_proxy",
-    "drop_no_proxy_link", "drop_rewrite_failed",
-    "proxy_pass_not_tcp4", "proxy_pass_own_addr", "proxy_owned", "proxy_no_owner",
-    "proxy_to_outbound", "proxy_to_inbound_plaintext", "proxy_to_hbone",
-    "proxy_drop_malformed", "proxy_drop_no_listener", "proxy_drop_assign_failed", "proxy_drop_own_addr",
-)
+VERDICTS = constants.VERDICTS  # index order of the verdict_counts map
 
 # The C structs of bpf/ambit.h as the maps hold them (native byte order,
 # addresses in network order): packed and unpacked here only.
@@ -118,7 +110,7 @@ def cflags(pin_dir: str) -> list[str]:
         f"-DMETRICS_PORT={constants.METRICS_PORT}",
         f"-DREADINESS_PORT={constants.READINESS_PORT}",
         f"-DMAX_LOCAL_PODS={MAX_LOCAL_PODS}",
-        f"-DVERDICT_COUNT={len(VERDICTS)}",
+        f"-DVERDICT_SLOTS={constants.VERDICT_SLOTS}",
     ]
     flags += [f"-DVERDICT_{name.upper()}={i}" for i, name in enumerate(VERDICTS)]
     return flags
@@ -217,6 +209,23 @@ def remove_program_sets(pin_dir: str, keep: str | None = None) -> list[str]:
     return removed
 
 
+def drop_resized_counters(pin_dir: str) -> None:
+    """Unpin a verdict_counts of another size than the programs declare (an
+    older agent's): BPF_TABLE_PINNED would re-adopt it silently, without the
+    slots of new verdicts. Counters are all it loses."""
+    path = os.path.join(pin_dir, "verdict_counts")
+    if not os.path.exists(path):
+        return
+    counters = bpfsys.BpfMap.open_pinned(path)
+    try:
+        slots = counters.info.max_entries
+    finally:
+        counters.close()
+    if slots != constants.VERDICT_SLOTS:
+        os.unlink(path)
+        log.info("bpf_map_resized", map="verdict_counts", pinned=slots, now=constants.VERDICT_SLOTS)
+
+
 def remove_pins(pin_dir: str) -> None:
     """Unpin the maps and every program set (the kernel frees each object
     with its last user) and remove the directory if it is then empty.
@@ -303,6 +312,7 @@ class Programs:
         seconds = 0.0
         if compiled:
             remove_tree(program_set.directory)  # a partial set (someone unpinned a program)
+            drop_resized_counters(pin_dir)
             seconds = run_loader(program_set)
         programs = cls(program_set, compiled)
         log.info("bpf_programs_loaded" if compiled else "bpf_programs_reused", pin_dir=pin_dir,

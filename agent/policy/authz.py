@@ -118,6 +118,7 @@ class ConnectionAttributes:
 UNKNOWN_DESTINATION = "unknown_destination"    # no workload holds the destination address
 DISCOVERY_NOT_SYNCED = "discovery_not_synced"  # the cluster view is partial: decide nothing
 POLICY_INVALID = "policy_invalid"              # a policy that failed to parse denies its scope
+UNKNOWN_SOURCE = "unknown_source"              # an outbound client no enrolment record speaks for
 
 
 @dataclass(frozen=True, slots=True)

@@ -354,7 +354,11 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
                 return
-            plan = self.mesh.router.plan(accepted.client.ip, accepted.original_dst.ip, accepted.original_dst.port)
+            # Who the client is comes from the enrolment record that owns
+            # its address (bound to its veth by the datapath), not from
+            # discovery's view of the address.
+            plan = self.mesh.router.plan_for(accepted.client.ip, accepted.original_dst.ip,
+                                             accepted.original_dst.port)
             meta = tracked.meta
             meta.via = plan.route.value
             meta.reason = plan.reason

@@ -21,8 +21,14 @@ one table per route):
       waypoint's identity; the waypoint picks the endpoint. Never when the
       client is an instance of that waypoint (no loop); no ready instance
       -> refuse
-  A client the state does not know has no identity to present: refuse
-  (fail closed) rather than send it in plaintext.
+  The client is who the enrolment record that owns its address says it is
+  (plan_for): the datapath lets an address out of the veth it was enrolled
+  for only (docs/datapath.md), so that record is the record of the veth the
+  connection came from; the pod object it names (Attributor) gives the
+  identity and labels, never discovery's view of the address alone. A
+  client without such a record, or whose record and pod object disagree,
+  has no identity to present: refuse (fail closed) rather than send it in
+  plaintext.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from ..discovery.model import PodInfo
 from ..discovery.state import ClusterState
 from ..discovery.waypoints import WaypointChoice, WaypointResolver
 from ..identity.spiffe import SpiffeId
-from ..policy.authz import UNKNOWN_DESTINATION
+from ..policy.authz import UNKNOWN_DESTINATION, UNKNOWN_SOURCE
 
 
 class Route(enum.Enum):
@@ -91,12 +97,22 @@ class OutboundRouter:
     def identity(self, pod: PodInfo) -> SpiffeId:
         return self.state.identity(pod, self.trust_domain)
 
-    def plan(self, client_ip: str, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
-        """dry_run: decide without advancing the Service spread (ambitctl trace)."""
-        source = self.state.pod_by_ip(client_ip)
-        if source is None:
-            return OutboundPlan(Route.REFUSE, f"source {client_ip} is not a known pod: no identity to present",
-                                dst_ip, dst_port)
+    def plan_for(self, client_ip: str, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
+        """The plan for a captured connection from `client_ip`, speaking for
+        the pod this node enrolled with that address (bound to the veth the
+        connection arrived on) as its pod object describes it."""
+        source = self.attributor.attribute(client_ip)
+        if not source.enrolled:
+            return OutboundPlan(Route.REFUSE, f"source {client_ip} is not a pod enrolled on this node: no identity "
+                                              "to present", dst_ip, dst_port, fail_closed=UNKNOWN_SOURCE)
+        if source.pod is None:
+            return OutboundPlan(Route.REFUSE, f"no identity to present: {source.reason}", dst_ip, dst_port,
+                                fail_closed=UNKNOWN_SOURCE)
+        return self.plan(source.pod, dst_ip, dst_port, dry_run)
+
+    def plan(self, source: PodInfo, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
+        """`source`: the client's pod (plan_for finds it). dry_run: decide
+        without advancing the Service spread (ambitctl trace)."""
         source_identity = self.identity(source)
         service = None
         found = self.state.service_for(dst_ip, dst_port)

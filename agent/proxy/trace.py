@@ -16,6 +16,10 @@ from .node_proxy import Mesh
 from .routing import Route
 
 
+HOST_NETWORK_LIMIT = "host-network traffic bypasses the mesh (stated limit)"
+IPV6_LIMIT = "IPv6 is not captured yet: an enrolled pod's IPv6 TCP is dropped"
+
+
 @dataclass(frozen=True)
 class TraceStep:
     stage: str
@@ -33,8 +37,9 @@ class Trace:
 
 
 def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, Workload], mesh: Mesh | None,
-                     capture: str) -> Trace:
-    """`local`: this node's recorded pods by IP (in the mesh or not)."""
+                     capture: str, node_addresses: frozenset[str] = frozenset()) -> Trace:
+    """`local`: this node's recorded pods by IP (in the mesh or not);
+    `node_addresses`: the node's own addresses (host-network traffic)."""
     steps: list[TraceStep] = []
 
     def step(stage: str, detail: str) -> None:
@@ -45,16 +50,36 @@ def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, W
         step("capture", "the agent runs with --capture none: nothing is steered, the connection is direct")
         return Trace(tuple(steps), "none", "direct", "n/a", "no capture backend")
 
+    meshed = [w for w in (source, target) if w is not None and w.in_mesh]
+    if src_ip in node_addresses and target is not None and target.in_mesh:
+        step("capture", f"{src_ip} is this node's own address: host-network traffic (kubelet probes) reaches "
+                        f"{target.pod} without the mesh, as in Istio, so probes keep working; neither identity "
+                        "nor policy applies (stated limit, docs/datapath.md) [in_pass_from_node]")
+        return Trace(tuple(steps), "none", "direct", "n/a", HOST_NETWORK_LIMIT)
+    if dst_ip in node_addresses and source is not None and source.in_mesh:
+        step("capture", f"{dst_ip} is this node's own address: {source.pod}'s connections to the node (probe "
+                        "replies, hostNetwork peers) are not captured (stated limit, docs/datapath.md) "
+                        "[out_pass_to_node]")
+        return Trace(tuple(steps), "none", "direct", "n/a", HOST_NETWORK_LIMIT)
+    if ":" in src_ip + dst_ip and meshed:
+        step("capture", f"IPv6 TCP of {meshed[0].pod}, an enrolled pod, is dropped on its veth "
+                        "[out_drop_ipv6_tcp / in_drop_ipv6_tcp]: ambit captures IPv4 only for now, and an "
+                        "enrolled pod's TCP never passes around the mesh in plaintext (docs/datapath.md)")
+        return Trace(tuple(steps), "none", "drop", "deny", IPV6_LIMIT)
     if source is not None and source.in_mesh:
         step("capture", f"{src_ip} is {source.pod} on this node: tc ingress of {source.host_veth} "
-                        f"(ifindex {source.host_veth_ifindex}) runs ambit_capture_out, which rewrites the "
-                        f"destination MAC and redirects to {c.NODE_LINK}")
+                        f"(ifindex {source.host_veth_ifindex}) runs ambit_capture_out, which checks that "
+                        f"{src_ip} is enrolled for that very veth (from any other veth the packet is dropped "
+                        f"[out_drop_spoofed_source]), rewrites the destination MAC and redirects to "
+                        f"{c.NODE_LINK}")
         listener, port = "outbound", c.OUTBOUND_PORT
         why = "the source is an enrolled local pod"
     elif target is not None and target.in_mesh:
         step("capture", f"{dst_ip} is {target.pod} on this node: tc egress of {target.host_veth} runs "
                         f"ambit_capture_in; the packet did not come from {c.NODE_LINK} nor from the node, "
-                        f"so it is redirected to {c.NODE_LINK}")
+                        f"so it is redirected to {c.NODE_LINK} (had its source been a pod enrolled on this "
+                        "node, it would be dropped: that pod's TCP is captured on its own veth "
+                        "[in_drop_spoofed_source])")
         listener, port = ("hbone", c.HBONE_PORT) if dst_port == c.HBONE_PORT else \
             ("inbound_plaintext", c.INBOUND_PLAINTEXT_PORT)
         why = "destination port 15008" if dst_port == c.HBONE_PORT else "plaintext for an enrolled pod"
@@ -76,7 +101,7 @@ def trace_connection(src_ip: str, dst_ip: str, dst_port: int, local: dict[str, W
         return Trace(tuple(steps), listener, "refuse", "deny", f"discovery has not synced: {partial}")
 
     if listener == "outbound":
-        plan = mesh.router.plan(src_ip, dst_ip, dst_port, dry_run=True)
+        plan = mesh.router.plan_for(src_ip, dst_ip, dst_port, dry_run=True)
         if plan.service and plan.route is not Route.WAYPOINT:
             step("service", f"{dst_ip}:{dst_port} is Service {plan.service}: endpoint {plan.dst_ip}:{plan.dst_port} "
                             "(next in the even spread)")

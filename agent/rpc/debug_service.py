@@ -1,6 +1,7 @@
 """Read-only views for ambitctl."""
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -10,9 +11,11 @@ from ambit.api.v1 import agent_pb2 as pb
 
 from .. import __version__, eventloop
 from ..discovery.report import NO_DISCOVERY, DiscoveryReport
+from ..datapath import constants
 from ..enrolment import Enrolment
 from ..proxy.connections import ConnectionInfo
 from ..proxy.trace import trace_connection
+from ..rtnl_query import RtnlQuery
 from .unary import StatusCode
 
 
@@ -25,6 +28,19 @@ class ProxyView:
     listeners: Callable[[], list[str]]
     connections: Callable[[], tuple[ConnectionInfo, ...]]
     failed_closed: Callable[[], dict[str, int]] = dict  # refusals where it could not decide, by reason
+    verdicts: Callable[[], dict[str, int]] = dict
+
+
+def _capture_counts(verdicts: dict[str, int]) -> dict[str, Any]:
+    return dict(capture_verdicts=verdicts,
+                spoofed_packets_dropped=sum(verdicts.get(v, 0) for v in constants.SOURCE_BINDING_DROPS),
+                ipv6_tcp_dropped=sum(verdicts.get(v, 0) for v in constants.IPV6_DROPS))
+
+
+def _node_addresses() -> set[str]:
+    """The agent's (the node's) own addresses."""
+    with RtnlQuery() as query:
+        return query.own_addresses()
 
 
 NO_PROXY = ProxyView(capture="none", proxy_netns="", listeners=lambda: [], connections=lambda: ())
@@ -109,7 +125,8 @@ class DebugService:
         runtime = self.mesh()
         local = {ip: w for w in self.enrolment.workloads() for ip in w.addresses}
         result = trace_connection(request.source_ip, request.destination_ip, request.destination_port, local,
-                                  runtime.mesh if runtime is not None else None, self.proxy().capture)
+                                  runtime.mesh if runtime is not None else None, self.proxy().capture,
+                                  frozenset(await asyncio.to_thread(_node_addresses)))
         return pb.TraceResponse(steps=[pb.TraceStep(stage=s.stage, detail=s.detail) for s in result.steps],
                                 listener=result.listener, route=result.route, decision=result.decision,
                                 reason=result.reason)
@@ -137,7 +154,8 @@ class DebugService:
                                       ready_waypoints=discovery.ready_waypoints,
                                       discovery_errors=dict(discovery.errors),
                                       discovery_pending=dict(discovery.pending),
-                                      failed_closed=proxy.failed_closed())
+                                      failed_closed=proxy.failed_closed(),
+                                      **_capture_counts(await asyncio.to_thread(proxy.verdicts)))
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context) -> pb.ListConnectionsResponse:
         return pb.ListConnectionsResponse(connections=[

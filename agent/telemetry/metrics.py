@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Istio's TCP label set (istio.io/latest/docs/reference/config/metrics).
 TCP_LABELS = (
@@ -171,6 +172,11 @@ class Metrics:
             series = self._series[values] = _Series(values)
         return series
 
+    def watch_capture(self, verdicts: Callable[[], dict[str, int]]) -> None:
+        """Export the capture backend's per-verdict packet counters (read
+        from the kernel at each scrape) as ambit_capture_packets_total."""
+        self.registry.register(_CaptureVerdicts(verdicts))
+
     def opened(self, labels: TcpLabels) -> None:
         self._series_of(labels).child(self.tcp_opened).inc()
 
@@ -194,3 +200,21 @@ class Metrics:
                     reason = sample.labels["reason"]
                     counts[reason] = counts.get(reason, 0) + int(sample.value)
         return counts
+
+class _CaptureVerdicts(Collector):
+    """The kernel's counters, not the agent's: they count what the datapath
+    did (spoofed sources dropped included) even while no agent runs."""
+
+    def __init__(self, verdicts: Callable[[], dict[str, int]]) -> None:
+        self._verdicts = verdicts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("ambit_capture_packets", "Packets per capture verdict (docs/datapath.md); "
+                                     "the *_drop_* verdicts are refusals", labels=["verdict"])
+        try:
+            counts = self._verdicts()
+        except Exception:  # the datapath is being installed or closed: no sample this scrape
+            counts = {}
+        for verdict, packets in sorted(counts.items()):
+            family.add_metric([verdict], packets)
+        yield family

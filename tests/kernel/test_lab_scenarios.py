@@ -33,11 +33,10 @@ from ambit.agent.datapath.constants import HBONE_PORT
 from ambit.lab import labconfig
 from ambit.lab.processes import lab_namespaces, lab_processes, process_start_time
 from ambit.lab.topology import Lab
-from ambit.lab.tour import UnderlayCapture
 from ambit.agent.netns import NetnsThread, netns_path
 
 from tests.support.kernelstate import node_snapshot
-from tests.support.labobserve import access_log, log_mark, metric
+from tests.support.labobserve import access_log, log_mark, metric, watching
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
@@ -115,16 +114,6 @@ def metrics_of(lab: Lab, node: str) -> Iterator[Any]:
 
     with NetnsThread(netns_path(lab.state().nodes[node].netns)) as thread:
         yield lambda: thread.run(scrape)
-
-
-@contextlib.contextmanager
-def watching(netns: str, interface: str) -> Iterator[UnderlayCapture]:
-    """Every frame on an interface of a namespace while the block runs."""
-    capture = UnderlayCapture(netns, interface)
-    try:
-        yield capture
-    finally:
-        capture.stop()  # takes what the socket still holds too
 
 
 def ipv4_tcp(frames: list[bytes]) -> list[tuple[str, int, str, int]]:

@@ -28,6 +28,15 @@ def verdict_counts(bpffs_dir: str) -> dict[str, int]:
         bpf_map.close()
 
 
+def pinned_map_has(path: str, key: bytes) -> bool:
+    """Whether a pinned BPF hash map holds `key` (its raw bytes)."""
+    bpf_map = BpfMap.open_pinned(path)
+    try:
+        return bpf_map.lookup(key) is not None
+    finally:
+        bpf_map.close()
+
+
 def node_snapshot(node_netns: str, bpffs_dir: str) -> dict:
     """Links, qdiscs, tc filters, ip rules and routes of the node namespace,
     the pins under bpffs_dir and the number of local_pods entries."""

@@ -1,12 +1,14 @@
 """What a lab node's agent shows of itself: its Prometheus metrics and its
 readiness, read as a scraper or the kubelet would (from inside the node's
 namespace), and its log (JSON lines, the access log included), read from a
-mark on."""
+mark on; and what crosses an interface, frame by frame."""
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab.topology import Lab
 from tests.support.waiting import wait_until
+from ambit.lab.tour import UnderlayCapture
 
 
 def scrape(lab: Lab, node: str, port: int = 15020) -> str:
@@ -75,3 +78,13 @@ def wait_event(lab: Lab, node: str, since: int, event: str, timeout: float = 5.0
 def access_log(lab: Lab, node: str, since: int, **match: Any) -> dict[str, Any]:
     """The first access-log line written after `since` whose fields equal `match`."""
     return wait_event(lab, node, since, "connection", **match)
+
+
+@contextlib.contextmanager
+def watching(netns: str, interface: str) -> Iterator[UnderlayCapture]:
+    """Every frame on an interface of a namespace while the block runs."""
+    capture = UnderlayCapture(netns, interface)
+    try:
+        yield capture
+    finally:
+        capture.stop()  # takes what the socket still holds too

@@ -8,7 +8,7 @@ from typing import Any
 
 from ambit.agent.discovery.attribution import Attributor
 from ambit.agent.discovery.state import ClusterState
-from ambit.agent.policy.authz import UNKNOWN_DESTINATION, PolicyEngine
+from ambit.agent.policy.authz import UNKNOWN_DESTINATION, UNKNOWN_SOURCE, PolicyEngine
 from ambit.agent.policy.enforce import Authorizer
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
 from ambit.agent.proxy.routing import OutboundRouter, Route
@@ -142,13 +142,37 @@ def test_a_destination_nobody_holds_is_denied_as_unknown_whatever_the_policies_a
 
 def test_outbound_to_a_local_pod_discovery_has_no_address_for_is_decided_locally_not_passed_through():
     mesh = Mesh(namespace("shop"), pod("shop", "client", "10.1.0.2", sa="client"), pod("shop", "web-0", None))
+    mesh.enrol("10.1.0.2", "shop", "client")
     mesh.enrol("10.1.0.5", "shop", "web-0")
     mesh.enrol("10.1.0.6", "shop", "ghost")
 
-    local = mesh.router.plan("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
-    ghost = mesh.router.plan("10.1.0.2", "10.1.0.6", 8080, dry_run=True)
-    outside = mesh.router.plan("10.1.0.2", "192.0.2.1", 443, dry_run=True)
+    local = mesh.router.plan_for("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
+    ghost = mesh.router.plan_for("10.1.0.2", "10.1.0.6", 8080, dry_run=True)
+    outside = mesh.router.plan_for("10.1.0.2", "192.0.2.1", 443, dry_run=True)
 
     assert local.route is Route.LOCAL and str(local.destination_identity) == "spiffe://cluster.local/ns/shop/sa/web"
     assert ghost.route is Route.REFUSE and ghost.fail_closed == UNKNOWN_DESTINATION  # never a bypass of its policy
     assert outside.route is Route.PASSTHROUGH and outside.fail_closed == ""
+
+
+def test_an_outbound_client_is_its_enrolment_record_never_its_address_alone():
+    """The source's identity is the pod this node enrolled with the client
+    address (the datapath binds it to that pod's veth), as its pod object
+    describes it: discovery listing the address under another pod, or not
+    at all, changes nothing; without a record there is no identity."""
+    mesh = Mesh(namespace("shop"), pod("shop", "client", None, sa="client"),
+                pod("shop", "web-0", "10.1.0.5"), pod("shop", "stale", "10.1.0.2", sa="admin", node="node2"))
+    mesh.enrol("10.1.0.2", "shop", "client")
+
+    plan = mesh.router.plan_for("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
+    assert plan.route is Route.LOCAL and str(plan.source_identity) == "spiffe://cluster.local/ns/shop/sa/client"
+
+    mesh.records.clear()  # discovery still says stale holds 10.1.0.2: not enough to speak for anyone
+    refused = mesh.router.plan_for("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
+    assert refused.route is Route.REFUSE and refused.fail_closed == UNKNOWN_SOURCE
+    assert refused.source_identity is None and "not a pod enrolled on this node" in refused.reason
+
+    mesh.enrol("10.1.0.2", "shop", "client", uid="another")  # the record names a pod discovery knows otherwise
+    contradicted = mesh.router.plan_for("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
+    assert contradicted.route is Route.REFUSE and contradicted.fail_closed == UNKNOWN_SOURCE
+    assert "uid another" in contradicted.reason

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from ambit.agent.discovery.attribution import Attributor
 from ambit.agent.discovery.state import ClusterState
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.proxy.routing import OutboundRouter, Route
+from ambit.agent.workload import PodRef
 
 TD = "cluster.local"
 NODE = "node1"
@@ -68,14 +70,16 @@ OBJECTS = [
 
 @pytest.fixture(scope="module")
 def router() -> OutboundRouter:
+    """node1's router; the client is its enrolled pod (enrolment records by address)."""
     state = ClusterState()
     for obj in OBJECTS:
         assert state.apply("ADDED", obj), obj
-    return OutboundRouter(state, NODE, TD)
+    records = {CLIENT: PodRef("shop", "client-0")}
+    return OutboundRouter(state, NODE, TD, Attributor(state, NODE, records.get))
 
 
 def plan(router: OutboundRouter, dst: str, port: int, client: str = CLIENT):
-    return router.plan(client, dst, port, dry_run=True)
+    return router.plan_for(client, dst, port, dry_run=True)
 
 
 # (case, dialled ip, port, endpoint ip, endpoint port, service)
@@ -124,7 +128,10 @@ def test_passthrough(router, case, dst, port, ip, target, why):
 
 
 REFUSE = [
-    ("a client the cluster does not know: no identity to present", "10.1.1.99", WEB1, 8080, "not a known pod"),
+    ("a client this node did not enrol: no identity to present", "10.1.1.99", WEB1, 8080,
+     "not a pod enrolled on this node"),
+    ("a client discovery knows but this node did not enrol: its address is no identity", WEB0, WEB1, 8080,
+     "not a pod enrolled on this node"),
     ("a Service without a ready endpoint", CLIENT, VIP_EMPTY, 80, "no ready endpoint"),
 ]
 
@@ -150,8 +157,8 @@ def test_waypoint(router, case, dst, port):
 
 
 def test_a_service_spreads_evenly_and_a_dry_run_does_not_move_the_spread(router):
-    first = router.plan(CLIENT, VIP_BOTH, 80, dry_run=True)
-    assert router.plan(CLIENT, VIP_BOTH, 80, dry_run=True).dst_ip == first.dst_ip  # peeking changes nothing
-    picked = [router.plan(CLIENT, VIP_BOTH, 80).dst_ip for _ in range(4)]
+    first = router.plan_for(CLIENT, VIP_BOTH, 80, dry_run=True)
+    assert router.plan_for(CLIENT, VIP_BOTH, 80, dry_run=True).dst_ip == first.dst_ip  # peeking changes nothing
+    picked = [router.plan_for(CLIENT, VIP_BOTH, 80).dst_ip for _ in range(4)]
     assert picked[0] == first.dst_ip and sorted(picked) == sorted([WEB0, WEB1] * 2)
-    assert {router.plan(CLIENT, VIP_BOTH, 80).route for _ in range(2)} == {Route.LOCAL, Route.HBONE}
+    assert {router.plan_for(CLIENT, VIP_BOTH, 80).route for _ in range(2)} == {Route.LOCAL, Route.HBONE}

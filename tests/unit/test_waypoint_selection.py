@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from ambit.agent.discovery.waypoints import WaypointFor, WaypointResolver
 from ambit.agent.identity.spiffe import SpiffeId
-from ambit.agent.proxy.routing import OutboundRouter, Route
+from ambit.agent.proxy.routing import OutboundPlan, OutboundRouter, Route
 from ambit.waypoint.destinations import state_from_objects
 
 TD = "cluster.local"
@@ -23,6 +23,14 @@ WEB0, WEB1 = "10.1.1.3", "10.1.2.3"  # node1, node2
 WP_NODE2, WP_NODE1 = "10.1.2.9", "10.1.1.9"
 INFRA_WP = "10.1.2.20"
 VIP = "10.96.0.10"
+
+
+def plan_from(router: OutboundRouter, client_ip: str, *dialled: Any, **options: Any) -> OutboundPlan:
+    """The router's plan for a client pod (found by its address here; the
+    proxy gives the pod its enrolment record names)."""
+    client = router.state.pod_by_ip(client_ip)
+    assert client is not None
+    return router.plan(client, *dialled, **options)
 
 
 def namespace(name: str, **labels: str) -> dict[str, Any]:
@@ -131,7 +139,7 @@ CASES = [
 def test_waypoint_selection(objects: list[dict[str, Any]], dialled: tuple[str, int], route: Route | None,
                             waypoint: str | None, next_hop: str | None) -> None:
     router = OutboundRouter(state_from_objects(objects), "node1", TD)
-    plan = router.plan(CLIENT, *dialled)
+    plan = plan_from(router, CLIENT, *dialled)
     if route is None:  # direct: the usual L4 routes, to an endpoint
         assert plan.route in (Route.LOCAL, Route.HBONE), plan.reason
         assert plan.waypoint is None and plan.via_ip is None
@@ -153,8 +161,8 @@ def test_traffic_from_the_waypoint_itself_never_loops_back_to_it() -> None:
     objects = cluster(shop_ns={USE: "waypoint"}, waypoint_for="all")
     router = OutboundRouter(state_from_objects(objects), "node2", TD)
     for dialled in ((VIP, 80), (WEB0, 8080)):
-        assert router.plan(CLIENT, *dialled).route is Route.WAYPOINT
-        from_waypoint = router.plan(WP_NODE2, *dialled)
+        assert plan_from(router, CLIENT, *dialled).route is Route.WAYPOINT
+        from_waypoint = plan_from(router, WP_NODE2, *dialled)
         assert from_waypoint.route in (Route.LOCAL, Route.HBONE) and from_waypoint.waypoint is None
 
 
@@ -182,9 +190,9 @@ def test_reasons_say_whose_label_it_was() -> None:
 def test_instances_spread_evenly_when_none_is_close() -> None:
     objects = cluster(service={USE: "waypoint"}, extra=[waypoint_pod("waypoint-1", "10.1.2.10", "node2")])
     router = OutboundRouter(state_from_objects(objects), "node1", TD)
-    hops = [router.plan(CLIENT, VIP, 80).next_hop_ip for _ in range(4)]
+    hops = [plan_from(router, CLIENT, VIP, 80).next_hop_ip for _ in range(4)]
     assert Counter(hops) == {WP_NODE2: 2, "10.1.2.10": 2}
-    assert router.plan(CLIENT, VIP, 80, dry_run=True).next_hop_ip == router.plan(CLIENT, VIP, 80).next_hop_ip
+    assert plan_from(router, CLIENT, VIP, 80, dry_run=True).next_hop_ip == plan_from(router, CLIENT, VIP, 80).next_hop_ip
 
 
 def test_unready_and_deleted_instances_take_no_traffic() -> None:
@@ -192,5 +200,5 @@ def test_unready_and_deleted_instances_take_no_traffic() -> None:
     for obj in objects:
         if obj["metadata"]["name"] == "waypoint-0":
             obj["status"]["conditions"][0]["status"] = "False"
-    plan = OutboundRouter(state_from_objects(objects), "node1", TD).plan(CLIENT, VIP, 80)
+    plan = plan_from(OutboundRouter(state_from_objects(objects), "node1", TD), CLIENT, VIP, 80)
     assert plan.route is Route.REFUSE and plan.waypoint == "shop/waypoint"
