@@ -239,15 +239,22 @@ class Enrolment:
                                                                                 EnrolmentError.PRECONDITION)
                 log.warning("cannot enrol pod", pod=str(req.pod), attachment=str(req.key), error=str(exc))
                 raise EnrolmentError(kind, str(exc)) from None
+            refusal = (_foreign_addresses(ips, link, req.key.ifname)
+                       or await self._claimed_by_live_pod(req.key, ips, req.netns))
+            if refusal is not None:
+                # Enrolling an address binds it to this veth (and the proxy
+                # gives its traffic this pod's identity): never for an address
+                # the pod does not have, never away from a live owner.
+                log.warning("enrolment refused" if wanted else "pod not recorded", pod=str(req.pod),
+                            attachment=str(req.key), prev_result=list(ips), reason=refusal[1])
+                if not wanted:
+                    return EnrolResult(False, f"{reason}; not recorded: {refusal[1]}", None)
+                raise EnrolmentError(*refusal)
             await self._drop_conflicting(req.key, ips, req.netns)
             workload = Workload(key=req.key, netns=req.netns, pod=req.pod, ips=ips, network=req.network,
                                 host_veth=link.host_ifname, host_veth_ifindex=link.host_ifindex,
                                 container_ifindex=link.container_ifindex, enrolled_at=time.time(),
                                 capture=OUTSIDE_MESH)
-            kernel_ips = {a.split("/")[0] for a in link.addresses}
-            if not set(workload.addresses) <= kernel_ips:
-                log.warning("prevResult addresses are not all on the pod interface", pod=str(req.pod),
-                            prev_result=list(ips), kernel=sorted(kernel_ips))
             if wanted:
                 workload = await self._capture(workload, link)
             captured = time.monotonic()
@@ -307,19 +314,36 @@ class Enrolment:
             self._forget_lock(workload.key)
         return changed
 
+    async def _claimed_by_live_pod(self, key: AttachmentKey, ips: tuple[str, ...],
+                                   netns: str) -> tuple[str, str] | None:
+        """A refusal when another attachment whose pod still runs (its
+        namespace and host veth exist) owns one of the addresses: a claim
+        alone never takes an address from a live pod. The same interface
+        under a key of the agent's own is that pod, not another."""
+        for ip in sorted({ip.split("/")[0] for ip in ips}):
+            owner = self._by_ip.get(ip)
+            if owner is None or owner.key == key or _renamed(owner, key, netns):
+                continue
+            if await asyncio.to_thread(_still_there, owner):
+                return (EnrolmentError.PRECONDITION,
+                        f"address {ip} belongs to live pod {owner.pod} ({owner.key}, host veth {owner.host_veth}); "
+                        "it is released when that pod's DEL (or the agent's garbage collection) removes it")
+        return None
+
     async def _drop_conflicting(self, key: AttachmentKey, ips: tuple[str, ...], netns: str = "") -> None:
         """An address still recorded for another attachment belongs to a pod
-        that went away without a DEL: release it so capture state is never
-        shared between two pods. The same interface recorded under a key of
-        the agent's own (adopted or rebuilt) is the same pod: its record
-        takes the runtime's key, and its capture is never interrupted."""
+        that went away without a DEL (its namespace or veth is gone, see
+        _claimed_by_live_pod): release it so capture state is never shared
+        between two pods. The same interface recorded under a key of the
+        agent's own (adopted or rebuilt) is the same pod: its record takes
+        the runtime's key, and its capture is never interrupted."""
         addresses = {ip.split("/")[0] for ip in ips}
         while True:
             stale = next((self._by_ip[ip] for ip in addresses
                           if ip in self._by_ip and self._by_ip[ip].key != key), None)
             if stale is None:
                 return
-            if stale.origin != FROM_CNI and stale.netns == netns and stale.key.ifname == key.ifname:
+            if _renamed(stale, key, netns):
                 log.info("the runtime names an adopted pod: its record takes the runtime's key",
                          old=str(stale.key), attachment=str(key), pod=str(stale.pod))
                 self.store.delete(stale.key)
@@ -459,6 +483,25 @@ class Enrolment:
         log.info("reconciled enrolment records", adopted=adopted, released=released, capture=self.backend.name,
                  captured_without_record=len(orphans))
         return orphans
+
+
+def _foreign_addresses(ips: tuple[str, ...], link: PodLink, ifname: str) -> tuple[str, str] | None:
+    """A refusal when prevResult names addresses the pod's interface does
+    not have: a chain bug or a forged result, never to be bound to this
+    veth."""
+    on_link = {a.split("/")[0] for a in link.addresses}
+    foreign = sorted({ip.split("/")[0] for ip in ips} - on_link)
+    if not foreign:
+        return None
+    return (EnrolmentError.INVALID,
+            f"prevResult addresses {', '.join(foreign)} are not on the pod's interface {ifname} "
+            f"(it has {', '.join(sorted(on_link)) or 'none'}): not enrolling an address the pod does not have")
+
+
+def _renamed(recorded: Workload, key: AttachmentKey, netns: str) -> bool:
+    """Whether the runtime's attachment `key` in `netns` is `recorded`, an
+    adopted or rebuilt record (a key of the agent's own) of the same interface."""
+    return recorded.origin != FROM_CNI and recorded.netns == netns and recorded.key.ifname == key.ifname
 
 
 def _same_pod(a: PodRef, b: PodRef) -> bool:

@@ -48,8 +48,9 @@ import yaml
 from ambit.agent.cli.ambitctl import cmd_status
 from ambit.agent.cli.client import AgentClient
 from ambit.agent.netns import netns_path
+from ambit.cni import spec
 from ambit.lab import labconfig
-from ambit.lab.cniruntime import CniRuntime, PodSandbox
+from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from ambit.lab.node import cni_plugin_dirs, make_pod_netns, remove_netns
 from ambit.lab.topology import Lab, LabSettings, PodRecord, lab_namespaces
 
@@ -277,6 +278,23 @@ def plugin(runtime: CniRuntime, kind: str) -> dict[str, Any]:
     return next(p for p in runtime.conflist["plugins"] if p["type"] == kind)
 
 
+@contextlib.contextmanager
+def primary_only(runtime: CniRuntime, box: PodSandbox) -> Iterator[dict[str, Any]]:
+    """ADD through the chain's primary plugin alone (bridge + host-local):
+    the result ambit-cni would get as prevResult; DEL afterwards."""
+    primary = runtime.conflist["plugins"][0]
+    result = json.loads(runtime.exec_plugin(primary["type"], "ADD", runtime.plugin_conf(primary, None), box).stdout)
+    try:
+        yield result
+    finally:
+        runtime.exec_plugin(primary["type"], "DEL", runtime.plugin_conf(primary, result), box)
+
+
+def ambit_add(runtime: CniRuntime, box: PodSandbox, prev: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(runtime.exec_plugin("ambit-cni", "ADD", runtime.plugin_conf(plugin(runtime, "ambit-cni"), prev),
+                                          box).stdout)
+
+
 def workloads(lab: Lab, node: str = "node1") -> dict[str, Any]:
     """The agent's records by container id."""
     with AgentClient(lab.state().nodes[node].socket, timeout=5.0) as client:
@@ -295,6 +313,40 @@ def captured(lab: Lab, ip: str, node: str = "node1") -> bool:
 def first_ip(result: dict[str, Any], version: int = 4) -> str:
     return next(i["address"].split("/")[0] for i in result["ips"]
                 if ipaddress.ip_interface(i["address"]).version == version)
+
+
+def test_enrol_with_a_foreign_address_is_refused_and_the_owner_stays_captured(lab):
+    """An ADD whose prevResult names shop/web-0's address (not on the new
+    pod's interface), then one for a pod that really put it on its
+    interface: both refused with CNI error 7, nothing recorded, nothing
+    released; web-0 stays captured and itself. The honest ADD is taken."""
+    web0 = pod(lab, "shop/web-0")
+    with sandbox(lab, "intruder-0") as (runtime, box), primary_only(runtime, box) as result:
+        own = first_ip(result)
+        forged = {**result, "ips": [{**result["ips"][0], "address": f"{web0.ip}/24"}]}
+        with pytest.raises(CniFailure) as foreign:
+            ambit_add(runtime, box, forged)
+        assert foreign.value.code == spec.INVALID_CONFIG, foreign.value.error
+        assert f"{web0.ip} are not on the pod's interface" in foreign.value.error["msg"], foreign.value.error
+
+        claimed = {**result, "ips": [*result["ips"], {**result["ips"][0], "address": f"{web0.ip}/24"}]}
+        with extra_address(box, f"{web0.ip}/32"):
+            with pytest.raises(CniFailure) as live:
+                ambit_add(runtime, box, claimed)
+        assert live.value.code == spec.INVALID_CONFIG, live.value.error
+        assert f"address {web0.ip} belongs to live pod shop/web-0" in live.value.error["msg"], live.value.error
+
+        records = workloads(lab)
+        assert box.container_id not in records
+        assert [w.pod.name for w in records.values() if web0.ip in [a.split("/")[0] for a in w.ips]] == ["web-0"]
+        assert captured(lab, web0.ip)
+        still_itself(lab, "shop/web-0", "web")
+        assert get(lab, "shop/client-0", web0)["peer"] == pod(lab, "shop/client-0").ip
+
+        ambit_add(runtime, box, result)  # the pod's own address: enrolled
+        assert [a.split("/")[0] for a in workloads(lab)[box.container_id].ips] == [own] and captured(lab, own)
+        runtime.exec_plugin("ambit-cni", "DEL", runtime.plugin_conf(plugin(runtime, "ambit-cni"), result), box)
+        assert box.container_id not in workloads(lab) and not captured(lab, own)
 
 
 @contextlib.contextmanager
