@@ -16,6 +16,9 @@ too: do not run both on one node):
                    use it; the eBPF backend recognises proxy traffic on the
                    node side by its ingress interface, ambit0, because marks
                    do not survive a namespace crossing).
+  0x400  POD_PORT  set by the nftables backend's bridge chain on IPv6 TCP from
+                   an enrolled pod's bridge port, so the ip6 forward hook (which
+                   sees the bridge, not the port, as the input) drops it.
 Routing table 100 lives only in the proxy namespace.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ PROXY_PORTS = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, METRICS_PORT, 
 
 MARK_CAPTURED = 0x100
 MARK_PROXY = 0x200
+MARK_POD_PORT = 0x400  # nftables backend: an IPv6 TCP frame from an enrolled pod's bridge port
 MARK_MASK = 0xF00
 ROUTE_TABLE = 100
 RULE_PRIORITY = 100

@@ -36,7 +36,7 @@ from .proxyns import ProxyNamespace, open_rtnl
 log = structlog.get_logger(__name__)
 
 IPv4 = ipaddress.IPv4Address
-NODE_FAMILIES = ("bridge", "ip")
+IPv6 = ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,24 @@ class NftPodCapture:
     directed: bool       # every address in the proxy's `local_pods` (its SYNs go to 15001)
     bridge: str | None   # the bridge its veth is a port of, None when routed
     lifted: bool         # every address in the bridge map (only needed when bridge is set)
+    bound: bool = True   # every address bound to the veth (the node's `pod_sources`)
 
     @property
     def complete(self) -> bool:
-        return bool(self.pod_ips) and self.steered and self.directed and (self.lifted or not self.bridge)
+        return (bool(self.pod_ips) and self.steered and self.directed and self.bound
+                and (self.lifted or not self.bridge))
 
 
 def ipv4_addresses(pod_ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address]) -> tuple[IPv4, ...]:
     """The IPv4 addresses among pod_ips (IPv6 is not captured)."""
     addrs = (ipaddress.ip_address(str(ip)) for ip in pod_ips)
     return tuple(sorted({a for a in addrs if isinstance(a, IPv4)}))
+
+
+def ipv6_addresses(pod_ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address]) -> tuple[IPv6, ...]:
+    """The IPv6 addresses among pod_ips (their TCP is dropped)."""
+    addrs = (ipaddress.ip_address(str(ip)) for ip in pod_ips)
+    return tuple(sorted({a for a in addrs if isinstance(a, IPv6)}))
 
 
 @dataclass(frozen=True)
@@ -162,7 +170,7 @@ class NftDatapath:
         with self._lock:
             self._drop_sessions()
             with NftSession(self.node_netns) as node:
-                node.run(rs.remove_tables(NODE_FAMILIES))
+                node.run(rs.remove_tables(rs.NODE_FAMILIES))
             with open_rtnl(self.node_netns) as ipr:
                 _remove_node_route(ipr)
             if self.proxy_ns.exists():
@@ -175,7 +183,8 @@ class NftDatapath:
     def attach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4]) -> NftPodCapture:
         """Capture one pod (idempotent): proxy set first, so the pod's first
         SYN is already seen as outbound when the node starts steering it."""
-        ips = ipv4_addresses(pod_ips)
+        pod_ips = list(pod_ips)
+        ips, ips6 = ipv4_addresses(pod_ips), ipv6_addresses(pod_ips)
         with self._lock:
             with open_rtnl(self.node_netns) as ipr:
                 veth = read_host_veth(ipr, host_ifindex)
@@ -183,18 +192,22 @@ class NftDatapath:
             self._proxy_session().run(rs.set_replace("ip", rs.PROXY_POD_SET, entries))
             node = self._node_session()
             lift = rs.map_add(entries)
+            # Bound and steered in one transaction: no moment in which the
+            # pod's address is steered but not yet bound to its veth.
+            steer = rs.set_replace("ip", rs.NODE_POD_SET, entries) + rs.bind(
+                rs.Owner(veth.ifindex, veth.name, veth.bridge), list(ips), list(ips6))
             try:
-                node.run(lift + rs.set_replace("ip", rs.NODE_POD_SET, entries))
+                node.run(lift + steer)
             except NftError as exc:
                 if exc.errno != errno.EEXIST or not lift:
                     raise
                 # An address still mapped to a previous owner's MAC.
                 self._unmap(node, ips)
-                node.run(lift + rs.set_replace("ip", rs.NODE_POD_SET, entries))
+                node.run(lift + steer)
         self._log.info("pod_attached", host_ifindex=host_ifindex, host_veth=veth.name, bridge=veth.bridge,
                        pod_ips=[str(i) for i in ips])
         return NftPodCapture(host_ifindex, veth.name, ips, steered=True, directed=True, bridge=veth.bridge,
-                             lifted=bool(veth.bridge))
+                             lifted=bool(veth.bridge), bound=True)
 
     def detach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4] = ()) -> None:
         """Stop capturing one pod: its addresses leave every set (node first,
@@ -203,17 +216,22 @@ class NftDatapath:
         is already gone is not an error. One owner per address is the
         enrolment's guarantee (it releases a stale owner before capturing a
         new one), so the addresses given are removed whoever holds them."""
-        ips = list(ipv4_addresses(pod_ips))
+        pod_ips = list(pod_ips)
+        ips, ips6 = list(ipv4_addresses(pod_ips)), list(ipv6_addresses(pod_ips))
         with self._lock:
             if not ips:
                 ips = sorted(ip for ip, owner in self._read_node_set().items()
                              if owner is not None and owner.host_ifindex == host_ifindex)
                 ips += sorted(ip for ip, owner in self._read_proxy_set().items()
                               if owner is not None and owner.host_ifindex == host_ifindex and ip not in ips)
-            if not ips:
-                return
+            if not pod_ips:
+                ips6 = sorted(ip for ip, owner in self._read_ipv6_set().items()
+                              if owner is not None and owner.host_ifindex == host_ifindex)
             node = self._node_session()
-            unsteer = rs.set_remove("ip", rs.NODE_POD_SET, ips)
+            unsteer = rs.set_remove("ip", rs.NODE_POD_SET, ips) + rs.unbind(host_ifindex, ips, ips6)
+            if not ips:
+                node.run(unsteer)  # nothing steered: the veth and its IPv6 only
+                return
             try:
                 node.run(rs.map_remove(ips) + unsteer)
             except NftError as exc:
@@ -233,6 +251,7 @@ class NftDatapath:
             steered = self._read_node_set()
             lifted = self._read_bridge_map()
             directed = self._read_proxy_set()
+            bound = self._read_bound()
         owners: dict[int, tuple[str, str | None]] = {}
         addresses: dict[int, set[IPv4]] = {}
         for table in (steered, lifted, directed):
@@ -248,7 +267,8 @@ class NftDatapath:
                 host_ifindex=index, host_veth=veth, pod_ips=ips,
                 steered=all(_owned(steered, ip, index) for ip in ips),
                 directed=all(_owned(directed, ip, index) for ip in ips),
-                bridge=bridge, lifted=all(_owned(lifted, ip, index) for ip in ips)))
+                bridge=bridge, lifted=all(_owned(lifted, ip, index) for ip in ips),
+                bound=all((index, ip) in bound for ip in ips)))
         return found
 
     @staticmethod
@@ -270,15 +290,25 @@ class NftDatapath:
     def _read_proxy_set(self) -> dict[IPv4, rs.Owner | None]:
         return rs.elements(self._proxy_session().run([rs.list_set("ip", rs.PROXY_POD_SET)]))
 
+    def _read_ipv6_set(self) -> dict[IPv6, rs.Owner | None]:
+        return rs.elements(self._node_session().run([rs.list_set("ip6", rs.POD6_SET)]))
+
+    def _read_bound(self) -> set[tuple[int, IPv4]]:
+        """(veth ifindex, address) pairs of the node's `pod_sources`, the
+        veth as its element's comment names it."""
+        listing = self._node_session().run([rs.list_set("ip", rs.SOURCE_SET)])
+        return {(owner.host_ifindex, ip) for ip, owner in rs.bound_pairs(listing) if owner is not None}
+
     # observability --------------------------------------------------------
     def verdict_counts(self) -> dict[str, int]:
         """Packets per named counter, node and proxy namespace together."""
         with self._lock:
             counts: dict[str, int] = {}
-            for session, family in ((self._node_session(), "bridge"), (self._node_session(), "ip"),
-                                    (self._proxy_session(), "ip")):
+            tables = [(self._node_session(), family) for family in rs.NODE_FAMILIES] + [(self._proxy_session(), "ip")]
+            for session, family in tables:
                 listing = session.run([{"list": {"counters": {"family": family, "table": rs.TABLE}}}])
-                counts.update(rs.counter_values(listing))
+                for name, packets in rs.counter_values(listing).items():
+                    counts[name] = counts.get(name, 0) + packets  # one verdict taken in two tables
         return counts
 
 

@@ -3,15 +3,30 @@ no I/O (agent/datapath/nft_capture.py sends it, docs/datapath.md explains it).
 
 Node namespace (the agent's own):
 
-    table bridge ambit              bridged pods: lift their TCP frames to L3
-      map pod_l3mac  { pod IPv4 : MAC of the pod's host veth }
+    table bridge ambit              every bridge: bind addresses to ports, lift TCP to L3
+      map pod_l3mac  { pod IPv4 : MAC of the pod's host veth }   (bridged pods)
+      set pod_ports  { host veth ifindex }     set pod_addrs { pod IPv4 }
+      set port_sources { host veth ifindex . pod IPv4 }          (every enrolled pod)
       chain prerouting  (filter, bridge prerouting, priority -200)
+        from a pod port: not IPv4/ARP/IPv6 (or VLAN-tagged)  -> drop        [out_drop_not_ip]
+        from a pod port: ARP, sender not its own, not 0.0.0.0 -> drop      [out_drop_spoofed_arp]
+        from any other port: ARP announcing an enrolled address -> drop    [in_drop_spoofed_arp]
+        from a pod port: IPv4 with a source not its own      -> drop       [out_drop_spoofed_source]
+        from any other port: IPv4 with an enrolled source    -> drop       [in_drop_spoofed_source]
+        from a pod port: IPv6 TCP                            -> mark 0x400 (ip6 forward drops it)
         ip saddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_out]
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
+      chain forward / output  (filter, priority 0: frames switched or sent to a port)
+        to a pod port: IPv4 for another pod's address        -> drop       [in_drop_misdelivered]
+        forward only: IPv6 TCP from / to a pod port          -> drop       [out/in_drop_ipv6_tcp]
     table ip ambit                  every pod: mark its TCP for the route to the proxy
-      set pods  { pod IPv4 }
+      set pods  { pod IPv4 }   set pod_links { host veth ifindex }
+      set pod_sources { host veth ifindex . pod IPv4 }
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif ambit0                  -> return: the proxy's own traffic     [in_pass_from_proxy]
+        from a routed pod's veth, a source not its own -> drop            [out_drop_spoofed_source]
+        an enrolled source from anywhere else but a bridge (checked there) or its veth
+                                    -> drop                                [in_drop_spoofed_source]
         not TCP                     -> return
         ip saddr @pods              -> goto outbound
         ip daddr @pods              -> goto inbound
@@ -20,6 +35,11 @@ Node namespace (the agent's own):
         mark |= 0x100                                                      [out_redirect]
       chain inbound
         mark |= 0x100                                                      [in_redirect]
+    table ip6 ambit                 IPv6 is not captured: an enrolled pod's forwarded TCP is dropped
+      set pods6 { pod IPv6 }   set pod_links { host veth ifindex }
+      chain forward  (filter, priority 0)
+        TCP from a routed pod's veth, marked 0x400, or from pods6  -> drop [out_drop_ipv6_tcp]
+        TCP to a routed pod's veth or to pods6                     -> drop [in_drop_ipv6_tcp]
     + `ip rule fwmark 0x100/0x100 lookup 100`, table 100: default via the proxy's address
 
 Proxy namespace:
@@ -42,9 +62,13 @@ Proxy namespace:
     table 100` deliver what tproxy assigned)
 
 A bridge delivers pod-to-pod frames at L2, below every ip hook; only the
-bridge family sees them. Rewriting the destination MAC to the pod's own host
-veth (a local address of the bridge: every port's MAC is) makes the bridge
-hand the frame to its IP stack instead, where the ip table marks it.
+bridge family sees them, and only it still knows the port a frame came in
+on. So addresses are bound to ports there, for every bridge of the node
+(the ip hooks see the bridge as the input and trust its check); a routed
+pod's veth is the input the ip hooks see, so they bind it there. Rewriting
+the destination MAC to the pod's own host veth (a local address of the
+bridge: every port's MAC is) makes the bridge hand a TCP frame to its IP
+stack instead, where the ip table marks it.
 
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release
@@ -53,6 +77,7 @@ deletes them, and the kernel can be read back to rebuild who owns what.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +90,29 @@ TABLE = "ambit"
 NODE_POD_SET = "pods"
 BRIDGE_POD_MAP = "pod_l3mac"
 PROXY_POD_SET = "local_pods"
+# Source binding: the same three sets in the bridge and the ip table (sets
+# belong to one table), the IPv6 ones in the ip6 table.
+PORT_SET = "pod_ports"            # bridge: every enrolled host veth (as a bridge port)
+ADDRESS_SET = "pod_addrs"         # bridge: every enrolled IPv4 address
+PORT_SOURCE_SET = "port_sources"  # bridge: host veth . address, the bound pairs
+LINK_SET = "pod_links"            # ip, ip6: every enrolled host veth (as a routed link)
+SOURCE_SET = "pod_sources"        # ip: host veth . address, the bound pairs
+POD6_SET = "pods6"                # ip6: enrolled pods' IPv6 addresses
 BRIDGE_PRIORITY = -200  # before br_netfilter (0), which would hand the frame to the ip hooks unchanged
 MANGLE_PRIORITY = -150
+FILTER_PRIORITY = 0
 
-# Named counters per namespace, the nftables counterpart of verdict_counts.
-NODE_COUNTERS = ("in_pass_from_proxy", "out_pass_to_node", "out_redirect", "in_redirect")
-BRIDGE_COUNTERS = ("bridge_lift_out", "bridge_lift_in")
+# Named counters per table, the nftables counterpart of verdict_counts; the
+# same name in two tables counts one verdict taken at two places.
+NODE_COUNTERS = ("in_pass_from_proxy", "out_pass_to_node", "out_redirect", "in_redirect",
+                 "out_drop_spoofed_source", "in_drop_spoofed_source")
+BRIDGE_COUNTERS = ("bridge_lift_out", "bridge_lift_in", "out_drop_not_ip", "out_drop_spoofed_arp",
+                   "in_drop_spoofed_arp", "out_drop_spoofed_source", "in_drop_spoofed_source",
+                   "in_drop_misdelivered", "out_drop_ipv6_tcp", "in_drop_ipv6_tcp")
+IP6_COUNTERS = ("out_drop_ipv6_tcp", "in_drop_ipv6_tcp")
 PROXY_COUNTERS = ("proxy_pass_own_addr", "proxy_drop_own_addr", "proxy_not_syn", "proxy_to_outbound",
                   "proxy_to_hbone", "proxy_to_inbound_plaintext", "proxy_drop_no_listener")
+NODE_FAMILIES = ("bridge", "ip", "ip6")
 
 # Which listener a pure SYN goes to, by chain (see proxy_rules).
 PROXY_STEERING = (
@@ -94,8 +134,7 @@ class PodEntry:
 
     @property
     def comment(self) -> str:
-        text = f"veth={self.host_veth} ifindex={self.host_ifindex}"
-        return f"{text} bridge={self.bridge}" if self.bridge else text
+        return Owner(self.host_ifindex, self.host_veth, self.bridge).comment
 
 
 @dataclass(frozen=True)
@@ -105,6 +144,11 @@ class Owner:
     host_ifindex: int
     host_veth: str
     bridge: str | None
+
+    @property
+    def comment(self) -> str:
+        text = f"veth={self.host_veth} ifindex={self.host_ifindex}"
+        return f"{text} bridge={self.bridge}" if self.bridge else text
 
 
 def parse_comment(comment: str | None) -> Owner | None:
@@ -140,8 +184,19 @@ def _set_mark(value: Any) -> Expr:
     return {"mangle": {"key": _meta("mark"), "value": value}}
 
 
+def _concat(*exprs: Expr) -> Expr:
+    return {"concat": list(exprs)}
+
+
+def _drop(counter: str) -> list[Expr]:
+    return [_counter(counter), {"drop": None}]
+
+
 _OR_CAPTURED = {"|": [_meta("mark"), constants.MARK_CAPTURED]}
+_OR_POD_PORT = {"|": [_meta("mark"), constants.MARK_POD_PORT]}
 _IS_TCP = _match(_meta("l4proto"), "tcp")
+_ETHER_TYPE = _payload("ether", "type")
+_ARP_SENDER = _payload("arp", "saddr ip")
 
 
 def _rule(family: str, chain: str, *expr: Expr) -> Command:
@@ -162,6 +217,10 @@ def _chain(family: str, name: str) -> list[Command]:
     return [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
 
 
+def _set(family: str, name: str, key_type: str | list[str]) -> Command:
+    return {"add": {"set": {"family": family, "table": TABLE, "name": name, "type": key_type}}}
+
+
 def _counters(family: str, names: tuple[str, ...]) -> list[Command]:
     return [{"add": {"counter": {"family": family, "table": TABLE, "name": n}}} for n in names]
 
@@ -174,15 +233,28 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         {"add": {"table": {"family": "bridge", "name": TABLE}}},
         {"add": {"map": {"family": "bridge", "table": TABLE, "name": BRIDGE_POD_MAP, "type": "ipv4_addr",
                          "map": "ether_addr"}}},
+        _set("bridge", PORT_SET, "iface_index"),
+        _set("bridge", ADDRESS_SET, "ipv4_addr"),
+        _set("bridge", PORT_SOURCE_SET, ["iface_index", "ipv4_addr"]),
         *_counters("bridge", BRIDGE_COUNTERS),
         *_base_chain("bridge", "prerouting", "prerouting", BRIDGE_PRIORITY),
+        *_base_chain("bridge", "forward", "forward", FILTER_PRIORITY),
+        *_base_chain("bridge", "output", "output", FILTER_PRIORITY),
         {"add": {"table": {"family": "ip", "name": TABLE}}},
-        {"add": {"set": {"family": "ip", "table": TABLE, "name": NODE_POD_SET, "type": "ipv4_addr"}}},
+        _set("ip", NODE_POD_SET, "ipv4_addr"),
+        _set("ip", LINK_SET, "iface_index"),
+        _set("ip", SOURCE_SET, ["iface_index", "ipv4_addr"]),
         *_counters("ip", NODE_COUNTERS),
         *_base_chain("ip", "prerouting", "prerouting", MANGLE_PRIORITY),
         *_chain("ip", "outbound"),
         *_chain("ip", "inbound"),
+        {"add": {"table": {"family": "ip6", "name": TABLE}}},
+        _set("ip6", POD6_SET, "ipv6_addr"),
+        _set("ip6", LINK_SET, "iface_index"),
+        *_counters("ip6", IP6_COUNTERS),
+        *_base_chain("ip6", "forward", "forward", FILTER_PRIORITY),
     ]
+    cmds += _bridge_binding_rules()
     for direction, field in (("out", "saddr"), ("in", "daddr")):
         lift = {"mangle": {"key": _payload("ether", "daddr"),
                            "value": {"map": {"key": _payload("ip", field), "data": f"@{BRIDGE_POD_MAP}"}}}}
@@ -191,14 +263,22 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         cmds.append(_rule("bridge", "prerouting", _match(_payload("ip", "protocol"), "tcp"), lift,
                           {"mangle": {"key": _meta("pkttype"), "value": "host"}},
                           _counter(f"bridge_lift_{direction}"), {"accept": None}))
+    source = _payload("ip", "saddr")
     cmds += [
         # Bypass: the proxy sends with the pod's address after it authorized
         # the connection; marking it again would loop it back to the proxy.
         _rule("ip", "prerouting", _match(_meta("iif"), node_link_ifindex), _counter("in_pass_from_proxy"),
               {"return": None}),
+        # A routed pod's veth is the input here: its sources are bound here.
+        _rule("ip", "prerouting", _match(_meta("iif"), f"@{LINK_SET}"),
+              _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}", "!="), *_drop("out_drop_spoofed_source")),
+        # An enrolled address arriving anywhere but its own veth (another
+        # node, the underlay, another routed pod). Frames from a bridge were
+        # bound to their port in the bridge table (every bridge, every port).
+        _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), _match(_meta("iifkind"), "bridge", "!="),
+              _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}", "!="), *_drop("in_drop_spoofed_source")),
         _rule("ip", "prerouting", _match(_meta("l4proto"), "tcp", "!="), {"return": None}),
-        _rule("ip", "prerouting", _match(_payload("ip", "saddr"), f"@{NODE_POD_SET}"),
-              {"goto": {"target": "outbound"}}),
+        _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), {"goto": {"target": "outbound"}}),
         _rule("ip", "prerouting", _match(_payload("ip", "daddr"), f"@{NODE_POD_SET}"),
               {"goto": {"target": "inbound"}}),
         # The node itself (its addresses, kubelet's peers) is not meshed: the
@@ -208,6 +288,56 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         _rule("ip", "outbound", _set_mark(_OR_CAPTURED), _counter("out_redirect")),
         _rule("ip", "inbound", _set_mark(_OR_CAPTURED), _counter("in_redirect")),
     ]
+    # IPv6 is not captured: what an enrolled pod sends or receives over TCP
+    # through the node's routing is dropped. The node's own (probes) never
+    # crosses forward; bridged frames are dropped in the bridge's forward.
+    tcp6 = _match(_meta("l4proto"), "tcp")
+    cmds += [
+        _rule("ip6", "forward", tcp6, _match(_meta("iif"), f"@{LINK_SET}"), *_drop("out_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match({"&": [_meta("mark"), constants.MARK_POD_PORT]}, 0, "!="),
+              *_drop("out_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match(_payload("ip6", "saddr"), f"@{POD6_SET}"), *_drop("out_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match(_meta("oif"), f"@{LINK_SET}"), *_drop("in_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match(_payload("ip6", "daddr"), f"@{POD6_SET}"), *_drop("in_drop_ipv6_tcp")),
+    ]
+    return cmds
+
+
+def _bridge_binding_rules() -> list[Command]:
+    """The bridge table's source binding (before the lift rules): frames
+    from an enrolled pod's port carry its own addresses only, frames from
+    any other port none of an enrolled pod's, and no frame for one pod's
+    address goes out another pod's port."""
+    from_pod = _match(_meta("iif"), f"@{PORT_SET}")
+    ipv4, arp = _match(_ETHER_TYPE, "ip"), _match(_ETHER_TYPE, "arp")
+    source = _payload("ip", "saddr")
+    port_source = _match(_concat(_meta("iif"), source), f"@{PORT_SOURCE_SET}", "!=")
+    port_sender = _match(_concat(_meta("iif"), _ARP_SENDER), f"@{PORT_SOURCE_SET}", "!=")
+    tcp6 = [_match(_ETHER_TYPE, "ip6"), _match(_meta("l4proto"), "tcp")]
+    cmds = [
+        # A VLAN tag (or another protocol) could carry a packet past the rest.
+        _rule("bridge", "prerouting", from_pod, _match(_ETHER_TYPE, {"set": ["ip", "arp", "ip6"]}, "!="),
+              *_drop("out_drop_not_ip")),
+        # ARP: a pod asks and answers for its own addresses (0.0.0.0: a probe).
+        _rule("bridge", "prerouting", from_pod, arp, _match(_ARP_SENDER, "0.0.0.0", "!="), port_sender,
+              *_drop("out_drop_spoofed_arp")),
+        _rule("bridge", "prerouting", arp, _match(_ARP_SENDER, f"@{ADDRESS_SET}"), port_sender,
+              *_drop("in_drop_spoofed_arp")),
+        _rule("bridge", "prerouting", from_pod, ipv4, port_source, *_drop("out_drop_spoofed_source")),
+        _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), port_source,
+              *_drop("in_drop_spoofed_source")),
+        # IPv6 TCP that the bridge hands up to the node: the ip6 table
+        # drops it if it is forwarded (the input port is lost by then).
+        _rule("bridge", "prerouting", from_pod, *tcp6, _set_mark(_OR_POD_PORT)),
+        _rule("bridge", "forward", from_pod, *tcp6, *_drop("out_drop_ipv6_tcp")),
+        _rule("bridge", "forward", _match(_meta("oif"), f"@{PORT_SET}"), *tcp6, *_drop("in_drop_ipv6_tcp")),
+    ]
+    for chain in ("forward", "output"):
+        destination = _payload("ip", "daddr")
+        cmds.append(_rule("bridge", chain, _match(_meta("oif"), f"@{PORT_SET}"), ipv4,
+                          _match(destination, f"@{ADDRESS_SET}"),
+                          _match(_concat(_meta("oif"), destination), f"@{PORT_SOURCE_SET}", "!="),
+                          *_drop("in_drop_misdelivered")))
     return cmds
 
 
@@ -216,7 +346,7 @@ def proxy_rules(proxy_link_ifindex: int) -> list[Command]:
     transaction; idempotent). proxy_link_ifindex: eth0 there."""
     cmds: list[Command] = [
         {"add": {"table": {"family": "ip", "name": TABLE}}},
-        {"add": {"set": {"family": "ip", "table": TABLE, "name": PROXY_POD_SET, "type": "ipv4_addr"}}},
+        _set("ip", PROXY_POD_SET, "ipv4_addr"),
         *_counters("ip", PROXY_COUNTERS),
         *_base_chain("ip", "prerouting", "prerouting", MANGLE_PRIORITY),
     ]
@@ -270,41 +400,85 @@ def remove_tables(families: tuple[str, ...]) -> list[Command]:
 
 
 # --- per-pod elements ----------------------------------------------------
-def _elem(ip: ipaddress.IPv4Address, comment: str | None = None) -> Any:
-    return {"elem": {"val": str(ip), "comment": comment}} if comment else str(ip)
+Key = Any  # an element's key as libnftables JSON: "10.0.0.5", 12, {"concat": [12, "10.0.0.5"]}
+
+
+def _elem(key: Key, comment: str | None = None) -> Any:
+    return {"elem": {"val": key, "comment": comment}} if comment else key
 
 
 def _set_ref(family: str, name: str) -> dict[str, str]:
     return {"family": family, "table": TABLE, "name": name}
 
 
-def set_replace(family: str, name: str, entries: list[PodEntry]) -> list[Command]:
-    """Add each address with its owner comment, replacing an element a
-    previous owner left (add, delete, add: the delete always finds it)."""
+def _replace(family: str, name: str, keys: list[tuple[Key, str]]) -> list[Command]:
+    """Add each key with its owner comment, replacing an element a previous
+    owner left (add, delete, add: the delete always finds it)."""
     ref = _set_ref(family, name)
     cmds: list[Command] = []
-    for e in entries:
-        cmds += [{"add": {"element": {**ref, "elem": [_elem(e.ip)]}}},
-                 {"delete": {"element": {**ref, "elem": [_elem(e.ip)]}}},
-                 {"add": {"element": {**ref, "elem": [_elem(e.ip, e.comment)]}}}]
+    for key, comment in keys:
+        cmds += [{"add": {"element": {**ref, "elem": [_elem(key)]}}},
+                 {"delete": {"element": {**ref, "elem": [_elem(key)]}}},
+                 {"add": {"element": {**ref, "elem": [_elem(key, comment)]}}}]
     return cmds
+
+
+def _remove(family: str, name: str, keys: list[Key]) -> list[Command]:
+    """Delete keys whether or not they are present (add, then delete)."""
+    ref = _set_ref(family, name)
+    cmds: list[Command] = []
+    for key in keys:
+        cmds += [{"add": {"element": {**ref, "elem": [_elem(key)]}}},
+                 {"delete": {"element": {**ref, "elem": [_elem(key)]}}}]
+    return cmds
+
+
+def set_replace(family: str, name: str, entries: list[PodEntry]) -> list[Command]:
+    """Each entry's address, with its owner comment (see _replace)."""
+    return _replace(family, name, [(str(e.ip), e.comment) for e in entries])
 
 
 def set_remove(family: str, name: str, ips: list[ipaddress.IPv4Address]) -> list[Command]:
     """Delete addresses whether or not they are present (add, then delete)."""
-    ref = _set_ref(family, name)
-    cmds: list[Command] = []
-    for ip in ips:
-        cmds += [{"add": {"element": {**ref, "elem": [_elem(ip)]}}},
-                 {"delete": {"element": {**ref, "elem": [_elem(ip)]}}}]
-    return cmds
+    return _remove(family, name, [str(ip) for ip in ips])
+
+
+def _pair(ifindex: int, ip: ipaddress.IPv4Address) -> Key:
+    return {"concat": [ifindex, str(ip)]}
+
+
+def bind(owner: Owner, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address]) -> list[Command]:
+    """The source binding of one pod (node namespace): its veth as a bridge
+    port and as a routed link, each address bound to it, its addresses
+    among the enrolled ones, its IPv6 addresses (dropped, not captured)."""
+    index, comment = owner.host_ifindex, owner.comment
+    pairs = [(_pair(index, ip), comment) for ip in ips]
+    return [*_replace("bridge", PORT_SET, [(index, comment)]),
+            *_replace("bridge", PORT_SOURCE_SET, pairs),
+            *_replace("bridge", ADDRESS_SET, [(str(ip), comment) for ip in ips]),
+            *_replace("ip", LINK_SET, [(index, comment)]),
+            *_replace("ip", SOURCE_SET, pairs),
+            *_replace("ip6", LINK_SET, [(index, comment)]),
+            *_replace("ip6", POD6_SET, [(str(ip), comment) for ip in ipv6])]
+
+
+def unbind(host_ifindex: int, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address]) -> list[Command]:
+    """Undo bind for a veth and its addresses, whatever is still there."""
+    pairs = [_pair(host_ifindex, ip) for ip in ips]
+    return [*_remove("bridge", PORT_SET, [host_ifindex]),
+            *_remove("bridge", PORT_SOURCE_SET, pairs),
+            *_remove("bridge", ADDRESS_SET, [str(ip) for ip in ips]),
+            *_remove("ip", LINK_SET, [host_ifindex]),
+            *_remove("ip", SOURCE_SET, pairs),
+            *_remove("ip6", LINK_SET, [host_ifindex]),
+            *_remove("ip6", POD6_SET, [str(ip) for ip in ipv6])]
 
 
 def map_add(entries: list[PodEntry]) -> list[Command]:
     """The bridge map's elements of bridged pods. Fails with EEXIST when an
     address is mapped to another MAC (a previous owner's): the caller then
     deletes that element first (map_remove)."""
-    elems = [[_elem(e.ip, e.comment), e.host_mac] for e in entries if e.bridge]
+    elems = [[_elem(str(e.ip), e.comment), e.host_mac] for e in entries if e.bridge]
     if not elems:
         return []
     return [{"add": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": elems}}}]
@@ -322,21 +496,30 @@ def list_set(family: str, name: str, kind: str = "set") -> Command:
     return {"list": {kind: _set_ref(family, name)}}
 
 
-def elements(listing: list[dict[str, Any]], kind: str = "set") -> dict[ipaddress.IPv4Address, Owner | None]:
-    """Elements of a `list set`/`list map` answer: address -> owner."""
-    found: dict[ipaddress.IPv4Address, Owner | None] = {}
+def _listed(listing: list[dict[str, Any]], kind: str) -> Iterator[tuple[Any, Owner | None]]:
+    """(key as listed, owner) of each element of a `list set`/`list map`."""
     for obj in listing:
         body = obj.get(kind)
         if not body:
             continue
         for item in body.get("elem", []):
             key = item[0] if kind == "map" else item
-            if isinstance(key, dict):
-                inner = key["elem"]
-                found[ipaddress.IPv4Address(inner["val"])] = parse_comment(inner.get("comment"))
+            if isinstance(key, dict) and "elem" in key:
+                yield key["elem"]["val"], parse_comment(key["elem"].get("comment"))
             else:
-                found[ipaddress.IPv4Address(key)] = None
-    return found
+                yield key, None
+
+
+def elements(listing: list[dict[str, Any]], kind: str = "set") -> dict[Any, Owner | None]:
+    """Elements of an address set or map: address -> owner."""
+    return {ipaddress.ip_address(key): owner for key, owner in _listed(listing, kind)}
+
+
+def bound_pairs(listing: list[dict[str, Any]]) -> list[tuple[ipaddress.IPv4Address, Owner | None]]:
+    """Elements of a `veth . address` set: (address, owner). The veth is
+    taken from the owner comment, since libnftables prints an ifindex as
+    the interface's name when it can."""
+    return [(ipaddress.IPv4Address(key["concat"][-1]), owner) for key, owner in _listed(listing, "set")]
 
 
 def counter_values(listing: list[dict[str, Any]]) -> dict[str, int]:

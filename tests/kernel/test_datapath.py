@@ -526,8 +526,9 @@ def captured_addresses(node: Node) -> dict[str, set[str]]:
         return {"local_pods": {str(ip) for ip in node.datapath.programs.local_pods()}}
     found: dict[str, set[str]] = {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
     for entry in nftstate.elements(node.netns) + nftstate.elements(node.datapath.proxy_ns.path):
-        table, ip = entry.split()
-        found[table].add(ip)
+        table, _, key = entry.partition(" ")
+        if table in found:  # the steering tables, not the source binding's
+            found[table].add(key)
     return found
 
 

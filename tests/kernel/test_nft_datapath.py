@@ -40,6 +40,12 @@ class NftNode:
     def proxy_netns(self) -> str:
         return self.datapath.proxy_ns.path
 
+    def bound(self) -> list[str]:
+        """The source binding's elements of the node (sets of the bridge,
+        ip and ip6 tables), as nftstate renders them."""
+        steering = ("pods ", "pod_l3mac ", "local_pods ")
+        return [e for e in nftstate.elements(self.netns) if not e.startswith(steering)]
+
     def host_mac(self, pod: Pod) -> str:
         with iproute(self.netns) as ipr:
             return ipr.get_links(pod.host_ifindex)[0].get("IFLA_ADDRESS")
@@ -48,8 +54,9 @@ class NftNode:
         """"<table>" -> addresses, across the node and proxy namespaces."""
         found: dict[str, set[str]] = {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
         for entry in nftstate.elements(self.netns) + nftstate.elements(self.proxy_netns):
-            table, ip = entry.split()
-            found[table].add(ip)
+            table, _, key = entry.partition(" ")
+            if table in found:  # the steering tables (bound() has the source binding's)
+                found[table].add(key)
         return found
 
 
@@ -87,9 +94,11 @@ def rules_of(objects: list[dict], family: str, chain: str) -> list[list[dict]]:
 
 def test_installed_rule_set(nft_node):
     node = nftstate.ambit_objects(nft_node.netns)
-    assert node["tables"] == ["bridge", "ip"]
-    assert node["sets"] == ["bridge pod_l3mac", "ip pods"]
-    assert node["chains"] == ["bridge prerouting", "ip inbound", "ip outbound", "ip prerouting"]
+    assert node["tables"] == ["bridge", "ip", "ip6"]
+    assert node["sets"] == ["bridge pod_addrs", "bridge pod_l3mac", "bridge pod_ports", "bridge port_sources",
+                            "ip pod_links", "ip pod_sources", "ip pods", "ip6 pod_links", "ip6 pods6"]
+    assert node["chains"] == ["bridge forward", "bridge output", "bridge prerouting", "ip inbound", "ip outbound",
+                              "ip prerouting", "ip6 forward"]
     proxy = nftstate.ambit_objects(nft_node.proxy_netns)
     assert proxy["tables"] == ["ip"] and proxy["sets"] == ["ip local_pods"]
     assert proxy["chains"] == ["ip prerouting", "ip to_hbone", "ip to_inbound", "ip to_outbound"]
@@ -144,10 +153,17 @@ def test_elements_name_their_veth_bridged_and_routed(nft_node):
         l3mac = next(o["map"] for o in ruleset if o.get("map", {}).get("name") == "pod_l3mac")
         assert [(k["elem"]["val"], mac) for k, mac in l3mac["elem"]] == [(b.ip, nft_node.host_mac(b))]
         assert nft_node.elements() == {"pods": {b.ip, r.ip}, "pod_l3mac": {b.ip}, "local_pods": {b.ip, r.ip}}
+        # each address bound to its veth, in the bridge table (ports) and the ip table (routed links)
+        veths = {on_bridge.host_veth: b.ip, routed.host_veth: r.ip}
+        assert sorted(nft_node.bound()) == sorted(
+            [f"{table} {veth}" for table in ("pod_ports", "pod_links", "pod_links") for veth in veths]
+            + [f"{table} {veth} . {ip}" for table in ("port_sources", "pod_sources") for veth, ip in veths.items()]
+            + [f"pod_addrs {ip}" for ip in veths.values()])
     finally:
         for pod in (b, r):
             dp.detach_pod(pod.host_ifindex, [pod.ip])
     assert nft_node.elements() == {"pods": set(), "pod_l3mac": set(), "local_pods": set()}
+    assert nft_node.bound() == []
 
 
 def test_routed_pods_are_captured_in_both_directions(nft_node):

@@ -32,7 +32,7 @@ def test_nftables_lab_keeps_the_clients_address_across_nodes(nft_lab):
         with AgentClient(node.socket, timeout=5.0) as client:
             assert client.status().capture == "nftables"
         objects = nftstate.ambit_objects(node.netns)
-        assert objects["tables"] == ["bridge", "ip"]
+        assert objects["tables"] == ["bridge", "ip", "ip6"]
         pod = next(p for p in status.pods if p.node == node.name)
         assert f"pods {pod.ip}" in objects["elements"]   # the node's enrolled pod is steered
 

@@ -38,7 +38,9 @@ def ambit_objects(netns: str) -> dict[str, list]:
             found["sets"].append(f"{body['family']} {body['name']}")
             for item in body.get("elem", []):
                 key = item[0] if kind == "map" else item
-                key = key["elem"]["val"] if isinstance(key, dict) else key
+                key = key["elem"]["val"] if isinstance(key, dict) and "elem" in key else key
+                if isinstance(key, dict) and "concat" in key:  # veth . address
+                    key = " . ".join(str(part) for part in key["concat"])
                 found["elements"].append(f"{body['name']} {key}")
         elif kind == "counter":
             found["counters"].append(body["name"])
@@ -48,5 +50,6 @@ def ambit_objects(netns: str) -> dict[str, list]:
 
 
 def elements(netns: str) -> list[str]:
-    """"<set> <address>" for every element of ambit's sets and maps."""
+    """"<set> <key>" for every element of ambit's sets and maps (a key of
+    two parts as "<a> . <b>"; libnftables names an ifindex by its link)."""
     return ambit_objects(netns)["elements"]
