@@ -57,7 +57,7 @@ class Attribution:
     address: str
     pod: PodInfo | None
     enrolled: bool
-    reason: str
+    reason: str  # why no pod; for a pod, which source said so ("enrolment record" / "discovery")
 
     @property
     def known(self) -> bool:
@@ -80,29 +80,38 @@ class Attributor:
         self.node_name = node_name
         self._enrolled = enrolled
 
+    def pod(self, address: str) -> PodInfo | None:
+        """The pod at `address`, None when unattributed (`attribute` says why).
+        The per-connection call: it allocates and formats nothing."""
+        record = self._enrolled(address)
+        if record is None:
+            return self.state.pod_by_ip(address)
+        return self._recorded(address, record)[0]
+
     def attribute(self, address: str) -> Attribution:
+        """The pod at `address` with where that came from, or why there is none."""
         record = self._enrolled(address)
         if record is not None:
-            return self._from_record(address, record)
+            pod, why = self._recorded(address, record)
+            return Attribution(address, pod, True, why or "enrolment record")
         pod = self.state.pod_by_ip(address)
         if pod is None:
             return Attribution(address, None, False,
                                f"no pod holds {address}: not enrolled on this node, unknown to discovery")
-        return Attribution(address, pod, False, f"discovery: {pod} holds {address}")
+        return Attribution(address, pod, False, "discovery")
 
-    def _from_record(self, address: str, record: EnrolledPod) -> Attribution:
-        enrolled_as = f"{address} is enrolled on this node as {record.namespace}/{record.name}"
+    def _recorded(self, address: str, record: EnrolledPod) -> tuple[PodInfo | None, str]:
+        """(the record's pod object, "") or (None, why it does not fit the record)."""
         pod = self.state.pod(record.namespace, record.name)
+        if pod is not None and (not record.uid or not pod.uid or pod.uid == record.uid) \
+                and (not self.node_name or not pod.node_name or pod.node_name == self.node_name) \
+                and (not pod.ips or address in pod.ips):
+            return pod, ""
+        enrolled_as = f"{address} is enrolled on this node as {record.namespace}/{record.name}"
         if pod is None:
-            return Attribution(address, None, True, f"{enrolled_as}, a pod discovery does not know")
+            return None, f"{enrolled_as}, a pod discovery does not know"
         if record.uid and pod.uid and pod.uid != record.uid:
-            return Attribution(address, None, True,
-                               f"{enrolled_as} (uid {record.uid}), but discovery's {pod} is uid {pod.uid}")
+            return None, f"{enrolled_as} (uid {record.uid}), but discovery's {pod} is uid {pod.uid}"
         if self.node_name and pod.node_name and pod.node_name != self.node_name:
-            return Attribution(address, None, True, f"{enrolled_as}, but discovery places {pod} on node "
-                                                    f"{pod.node_name}")
-        if pod.ips and address not in pod.ips:
-            return Attribution(address, None, True, f"{enrolled_as}, but discovery gives {pod} the "
-                                                    f"address(es) {', '.join(pod.ips)}")
-        how = "its address known to discovery" if pod.ips else "its address not yet known to discovery"
-        return Attribution(address, pod, True, f"enrolment record: {pod} ({how})")
+            return None, f"{enrolled_as}, but discovery places {pod} on node {pod.node_name}"
+        return None, f"{enrolled_as}, but discovery gives {pod} the address(es) {', '.join(pod.ips)}"

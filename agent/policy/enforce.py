@@ -30,16 +30,16 @@ class Authorizer:
         self._log: Any = logger if logger is not None else structlog.get_logger(__name__)
 
     def check(self, *, source_ip: str, source_identity: SpiffeId | None, dst_ip: str, dst_port: int) -> Decision:
-        destination = self.attributor.attribute(dst_ip)
-        if destination.pod is None:
-            decision = Decision(False, f"denied: unknown destination: {destination.reason}",
+        destination = self.attributor.pod(dst_ip)
+        if destination is None:
+            decision = Decision(False, f"denied: unknown destination: {self.attributor.attribute(dst_ip).reason}",
                                 fail_closed=UNKNOWN_DESTINATION)
             self._log.info("connection denied", reason=decision.reason, src=source_ip,
                            peer=str(source_identity) if source_identity else None, dst=f"{dst_ip}:{dst_port}")
             return decision
         return self.engine.allows(ConnectionAttributes(
             source_ip=source_ip, destination_ip=dst_ip, destination_port=dst_port,
-            destination_namespace=destination.pod.namespace, destination_labels=destination.pod.labels,
+            destination_namespace=destination.namespace, destination_labels=destination.labels,
             source_principal=str(source_identity) if source_identity else None))
 
     @property

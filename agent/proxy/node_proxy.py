@@ -239,7 +239,7 @@ class NodeProxy:
     def _local_identity(self, ip: str) -> SpiffeId | None:
         """The identity of an in-mesh pod of this node at `ip`, else None."""
         assert self.mesh is not None
-        pod = self.mesh.attributor.attribute(ip).pod
+        pod = self.mesh.attributor.pod(ip)
         if pod is None or pod.node_name != self.mesh.router.node_name:
             return None
         in_mesh, _ = self.mesh.state.ambient_decision(pod)
@@ -258,7 +258,7 @@ class NodeProxy:
         """(name, namespace) of the pod at `ip`: the cluster view when there
         is one (remote pods too), else this node's records."""
         if self.mesh is not None:
-            pod = self.mesh.attributor.attribute(ip).pod
+            pod = self.mesh.attributor.pod(ip)
             return (pod.name, pod.namespace) if pod else ("unknown", "unknown")
         workload = self._workload_by_ip(ip)
         return (workload.pod.name, workload.pod.namespace) if workload else ("unknown", "unknown")
@@ -424,7 +424,7 @@ class NodeProxy:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
                                                       dst_ip=accepted.original_dst.ip,
                                                       dst_port=accepted.original_dst.port)
-                pod = self.mesh.attributor.attribute(accepted.original_dst.ip).pod
+                pod = self.mesh.attributor.pod(accepted.original_dst.ip)
                 tracked.meta.destination_identity = str(self.mesh.router.identity(pod)) if pod else ""
             self._opened(accepted, tracked)
             if decision is not None and not decision.allowed:

@@ -128,9 +128,9 @@ class OutboundRouter:
                 return OutboundPlan(Route.REFUSE, f"service {service} port {dst_port} has no ready endpoint",
                                     dst_ip, dst_port, source, source_identity, service=service)
             dst_ip, dst_port = endpoint.ip, endpoint.target_port
-        attributed = self.attributor.attribute(dst_ip)
-        destination = attributed.pod
+        destination = self.attributor.pod(dst_ip)
         if destination is None:
+            attributed = self.attributor.attribute(dst_ip)
             if attributed.enrolled:
                 return OutboundPlan(Route.REFUSE, f"unknown destination: {attributed.reason}", dst_ip, dst_port,
                                     source, source_identity, service=service, fail_closed=UNKNOWN_DESTINATION)

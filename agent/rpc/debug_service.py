@@ -82,7 +82,7 @@ class DebugService:
             keys = list(statuses)
         else:
             ns, _, name = request.workload.partition("/")
-            pod = state.pod(ns, name) if name else runtime.mesh.attributor.attribute(request.workload).pod
+            pod = state.pod(ns, name) if name else runtime.mesh.attributor.pod(request.workload)
             if pod is None:
                 await context.abort(StatusCode.NOT_FOUND, f"no pod {request.workload!r} in the cluster view")
             applicable = engine.applicable(pod.namespace, pod.labels)

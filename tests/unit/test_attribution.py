@@ -74,8 +74,7 @@ def test_an_enrolled_pod_whose_address_discovery_lacks_is_its_record_with_the_po
     found = mesh.attributor.attribute("10.1.0.5")
 
     assert found.pod is not None and (found.pod.namespace, found.pod.name) == ("shop", "web-0")
-    assert found.pod.labels == {"app": "web"} and found.enrolled
-    assert "enrolment record" in found.reason and "not yet known to discovery" in found.reason
+    assert found.pod.labels == {"app": "web"} and found.enrolled and found.reason == "enrolment record"
 
 
 def test_the_record_wins_over_a_stale_pod_object_that_still_lists_the_address():
