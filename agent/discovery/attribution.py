@@ -88,6 +88,13 @@ class Attributor:
             return self.state.pod_by_ip(address)
         return self._recorded(address, record)[0]
 
+    def enrolled_pod(self, address: str) -> PodInfo | None:
+        """The pod this node enrolled with `address`, as its pod object
+        describes it; None when there is no such record or it does not fit
+        (`attribute` says why). Per connection, for a client's identity."""
+        record = self._enrolled(address)
+        return None if record is None else self._recorded(address, record)[0]
+
     def attribute(self, address: str) -> Attribution:
         """The pod at `address` with where that came from, or why there is none."""
         record = self._enrolled(address)

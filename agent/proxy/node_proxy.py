@@ -450,10 +450,9 @@ class NodeProxy:
         if partial:
             self._refuse_before_tls(accepted, sock, _not_synced(partial), DISCOVERY_NOT_SYNCED)
             return
-        destination = self.mesh.attributor.attribute(accepted.original_dst.ip)
-        if destination.pod is None:
-            self._refuse_before_tls(accepted, sock, f"denied: unknown destination: {destination.reason}",
-                                    UNKNOWN_DESTINATION)
+        if self.mesh.attributor.pod(accepted.original_dst.ip) is None:
+            why = self.mesh.attributor.attribute(accepted.original_dst.ip).reason
+            self._refuse_before_tls(accepted, sock, f"denied: unknown destination: {why}", UNKNOWN_DESTINATION)
             return
         await self.inbound.handle(accepted, sock)
 

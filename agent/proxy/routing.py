@@ -101,14 +101,15 @@ class OutboundRouter:
         """The plan for a captured connection from `client_ip`, speaking for
         the pod this node enrolled with that address (bound to the veth the
         connection arrived on) as its pod object describes it."""
+        pod = self.attributor.enrolled_pod(client_ip)
+        if pod is not None:
+            return self.plan(pod, dst_ip, dst_port, dry_run)
         source = self.attributor.attribute(client_ip)
         if not source.enrolled:
             return OutboundPlan(Route.REFUSE, f"source {client_ip} is not a pod enrolled on this node: no identity "
                                               "to present", dst_ip, dst_port, fail_closed=UNKNOWN_SOURCE)
-        if source.pod is None:
-            return OutboundPlan(Route.REFUSE, f"no identity to present: {source.reason}", dst_ip, dst_port,
-                                fail_closed=UNKNOWN_SOURCE)
-        return self.plan(source.pod, dst_ip, dst_port, dry_run)
+        return OutboundPlan(Route.REFUSE, f"no identity to present: {source.reason}", dst_ip, dst_port,
+                            fail_closed=UNKNOWN_SOURCE)
 
     def plan(self, source: PodInfo, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
         """`source`: the client's pod (plan_for finds it). dry_run: decide

@@ -116,6 +116,23 @@ def test_other_addresses_are_what_discovery_says_or_nobody():
     assert nobody.pod is None and not nobody.enrolled and "unknown to discovery" in nobody.reason
 
 
+def test_the_per_connection_lookups_agree_with_attribute():
+    """pod() and enrolled_pod() are what a connection calls; attribute() is
+    only for the reason. They must name the same pod for every case."""
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", None), pod("shop", "moved", None, node="node2"),
+                pod("shop", "remote", "10.2.0.7", node="node2"))
+    mesh.enrol("10.1.0.5", "shop", "web-0")
+    mesh.enrol("10.1.0.6", "shop", "moved")
+    mesh.enrol("10.1.0.7", "shop", "ghost")
+
+    for ip in ("10.1.0.5", "10.1.0.6", "10.1.0.7", "10.2.0.7", "10.9.9.9"):
+        found = mesh.attributor.attribute(ip)
+        assert mesh.attributor.pod(ip) == found.pod, ip
+        assert mesh.attributor.enrolled_pod(ip) == (found.pod if found.enrolled else None), ip
+    assert mesh.attributor.enrolled_pod("10.1.0.5").name == "web-0"
+    assert mesh.attributor.enrolled_pod("10.2.0.7") is None  # discovery alone never gives an identity to present
+
+
 def test_plaintext_to_a_strict_pod_discovery_has_no_address_for_is_refused_by_strict():
     """Before: the destination was looked up by address only, found nobody, and
     was evaluated as a workload in no namespace: STRICT never applied."""
