@@ -216,19 +216,25 @@ def test_syns_from_an_address_the_pod_never_had_reach_no_listener(lab):
     """IP_TRANSPARENT (NET_RAW suffices) and raw IP_HDRINCL sockets send
     from web-0's address, or from one nobody has, without configuring it:
     every SYN is dropped on client-0's veth, and web-0 never receives a
-    SYN-ACK meant for the forger."""
+    SYN-ACK meant for the forger. IP_FREEBIND (no capability at all) binds
+    to web-0's address, but the pod's own kernel will not route from it."""
     client, web0, web1 = pod(lab, "shop/client-0"), pod(lab, "shop/web-0"), pod(lab, "shop/web-1")
     unassigned = web0.ip.rsplit(".", 1)[0] + ".250"
     before = verdicts(lab, "node1")
+    marks = {node: log_mark(lab, node) for node in ("node1", "node2")}
     with watching(web0.netns, "eth0") as at_web0:
+        freebind = spoof(lab, client.key, "get", web0.ip, web1.ip, "8080", "--freebind", "--timeout", "2")
         forged = spoof(lab, client.key, "get", web0.ip, web1.ip, "8080", "--transparent", "--timeout", "2")
         for source, target in ((web0.ip, web1.ip), (web0.ip, web0.ip), (unassigned, web1.ip)):
             assert spoof(lab, client.key, "syn", source, target, "8080", "--count", "3")["sent"] == 3
     assert not forged["ok"], forged
+    assert not freebind["ok"] and "Network is unreachable" in freebind["error"], freebind
     delta = moved(lab, "node1", before)
     assert delta.get("out_drop_spoofed_source", 0) >= 1 + 9, delta
     assert not any(k.startswith("proxy_to_") for k in delta), delta
     assert tcp_from(at_web0.frames, web1.ip, 8080) == [] and tcp_from(at_web0.frames, web0.ip, 8080) == []
+    for node, mark in marks.items():  # no proxy accepted anything from web-0's address
+        assert [e for e in connections_logged(lab, node, mark) if e["src"].split(":")[0] == web0.ip] == [], node
 
 
 def test_a_pod_outside_the_mesh_cannot_borrow_an_enrolled_address(lab):

@@ -6,10 +6,11 @@ have.
   python spoof.py garp IFACE IP
       announce IP at IFACE's MAC (gratuitous ARP request and reply), so the
       node and the pods on the bridge send IP's traffic to this pod
-  python spoof.py get SRC HOST PORT [--transparent] [--timeout S]
+  python spoof.py get SRC HOST PORT [--transparent | --freebind] [--timeout S]
       HTTP GET / from SRC (an address the test added to the pod's interface,
       or with --transparent one it never had: IP_TRANSPARENT, which NET_RAW
-      allows, lets connect() send from any address), print what came back
+      allows, lets connect() send from any address; --freebind: IP_FREEBIND,
+      which needs no capability, lets bind() take it), print what came back
   python spoof.py syn SRC HOST PORT [--count N]
       raw IPv4 TCP SYNs with source SRC (IP_HDRINCL), no socket bound at all
   python spoof.py get6 SRC HOST PORT [--timeout S]
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ETH_P_ARP = 0x0806
+IP_FREEBIND = 15
 IP_TRANSPARENT = 19
 SIOCGIFHWADDR = 0x8927
 
@@ -60,10 +62,13 @@ def garp(iface: str, ip: str, count: int) -> dict[str, Any]:
     return {"ok": True, "sent": 2 * count, "mac": mac.hex(":")}
 
 
-def get(src: str, host: str, port: int, *, transparent: bool, timeout: float, family: int) -> dict[str, Any]:
+def get(src: str, host: str, port: int, *, transparent: bool, timeout: float, family: int,
+        freebind: bool = False) -> dict[str, Any]:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         if transparent:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        if freebind:
+            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         s.settimeout(timeout)
         try:
             s.bind((src, 0))
@@ -133,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("host")
         p.add_argument("port", type=int)
         p.add_argument("--transparent", action="store_true")
+        p.add_argument("--freebind", action="store_true")
         p.add_argument("--timeout", type=float, default=3.0)
     p = sub.add_parser("udp6")
     p.add_argument("src")
@@ -153,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = udp6(args.src, args.host, args.port, args.timeout)
     else:
         family = socket.AF_INET6 if args.command == "get6" else socket.AF_INET
-        result = get(args.src, args.host, args.port, transparent=args.transparent, timeout=args.timeout, family=family)
+        result = get(args.src, args.host, args.port, transparent=args.transparent, timeout=args.timeout, family=family,
+                     freebind=args.freebind)
     print(json.dumps(result))
     return 0
 
