@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -15,6 +20,7 @@ from ambit.agent.netns import create_netns as _create_netns
 
 from .node import netns_path
 from .plan import LabSettings
+from .statefile import ProcessRecord
 
 
 MARKER_ENV = "AMBIT_LAB"
@@ -144,3 +150,61 @@ def find_leftovers(settings: LabSettings) -> Leftovers:
     return Leftovers(namespaces=lab_namespaces(settings.prefix), processes=lab_processes(settings.prefix),
                      links=lab_root_links(settings.prefix), bpffs_dirs=bpffs,
                      state_file=str(settings.state_file) if settings.state_file.exists() else None)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("the lab creates network namespaces and runs processes in them: run it as root")
+
+
+def is_alive(record: ProcessRecord) -> bool:
+    """The recorded process still runs (the same pid and start time, not a reused pid)."""
+    return process_start_time(record.pid) == record.start_time
+
+
+class ChildProcesses:
+    """The processes one Lab object started, so they are reaped (no zombies), and
+    the way every lab process is stopped: SIGTERM, a grace, then SIGKILL."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._children: dict[int, subprocess.Popen] = {}
+
+    def add(self, proc: subprocess.Popen) -> None:
+        self._children[proc.pid] = proc
+
+    def stop(self, records: Sequence[ProcessRecord | None]) -> int:
+        """Stop recorded processes that are still the ones we started."""
+        return self.stop_pids([r.pid for r in records if r is not None and is_alive(r)])
+
+    def stop_pids(self, pids: Sequence[int], grace: float = 8.0) -> int:
+        """SIGTERM, then SIGKILL what is left after `grace` seconds."""
+        for pid in pids:
+            send_signal(pid, signal.SIGTERM)
+        remaining = self.wait_gone(pids, grace)
+        for pid in remaining:
+            self._log.warning("process ignored SIGTERM, killing it", pid=pid)
+            send_signal(pid, signal.SIGKILL)
+        self.wait_gone(remaining, 5.0)
+        return len(pids)
+
+    def wait_gone(self, pids: Sequence[int], timeout: float) -> list[int]:
+        """The pids still running after `timeout` (polling /proc: a process we
+        did not start cannot be waited for)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pid in pids:
+                self.reap(pid)
+            remaining = [pid for pid in pids if process_start_time(pid) is not None]
+            if not remaining or time.monotonic() >= deadline:
+                return remaining
+            time.sleep(0.02)
+
+    def reap(self, pid: int) -> None:
+        child = self._children.get(pid)
+        if child is not None:
+            if child.poll() is not None:
+                del self._children[pid]
+            return
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)

