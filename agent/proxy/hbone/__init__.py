@@ -7,6 +7,7 @@ Sans-I/O core, shaped like h2 (bytes in, events and bytes out, no sockets):
   frames.py     the framing the core does itself (DATA, WINDOW_UPDATE)
   stream.py     per-stream bookkeeping beside h2's
   connection.py what both sides share: parsing, flow control, teardown
+  h2_events.py  what the core does with the events h2 reports (part of connection.py's class)
   client.py, server.py   the two sides
 On asyncio:
   protocol.py   one mTLS connection driving one core
