@@ -13,9 +13,9 @@ as ambit at the same time:
   (b) 100 enrolled pods (50 per node) and 1,000 idle HBONE tunnels: a client
       in a pod on node 1 holds 1,000 connections to a server pod on node 2
       (one 64-byte exchange each), through both agents; 1,000 through Envoy;
-  (c) after 60 s (--quick: 10 s) of 1,000 requests/s (64-byte exchanges over
+  (c) after 60 s (--quick: 6 s) of 1,000 requests/s (64-byte exchanges over
       20 kept-open connections), the tunnels still held;
-  (d) a 10-minute (--quick: 20 s) soak of connection churn, 100 new
+  (d) a 10-minute (--quick: 15 s) soak of connection churn, 100 new
       connections/s (100 bytes each way, half-close, close): RSS sampled
       throughout, growth = median of the last fifth over the first fifth,
       and the least-squares slope;
@@ -82,6 +82,22 @@ def memory_kib(pid: int) -> dict[str, int]:
     return {"rss": rss, "pss": pss}
 
 
+def rss_by_mapping(pid: int, top: int = 8) -> dict[str, float]:
+    """Where a process's RSS is, MB per mapping name (a library, [heap],
+    anonymous), the largest `top`: what to cut next."""
+    sizes: dict[str, int] = {}
+    name = ""
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=6)
+            if "-" in first[0] and len(first) >= 5 and first[0][0] in "0123456789abcdef":
+                name = first[5].strip().rsplit("/", 1)[-1] if len(first) > 5 else "[anonymous]"
+            elif first[0] == "Rss:":
+                sizes[name] = sizes.get(name, 0) + int(first[1])
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+    return {mapping: round(kib / 1024, 1) for mapping, kib in largest}
+
+
 def lab_config(pods_per_node: int) -> labconfig.LabConfig:
     """The generated lab, every pod without a process (the bench starts its own)."""
     documents = labconfig.generated_documents(2, pods_per_node)
@@ -141,8 +157,8 @@ def growth(samples: list[tuple[float, int]]) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
-    request_seconds = args.request_seconds or (10 if quick else 60)
-    soak_seconds = args.soak_seconds or (20 if quick else 600)
+    request_seconds = args.request_seconds or (6 if quick else 60)
+    soak_seconds = args.soak_seconds or (15 if quick else 600)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the agents inherit it, as from a container runtime
     workdir = Path(tempfile.mkdtemp(prefix="bmem-"))
@@ -187,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             hold(chain.spawn, [str(tool), "hold", *envoy_target, str(TUNNELS), "64"]),
         ]
         table["b_100_pods_1000_tunnels"] = {name: memory_kib(pid) for name, pid in pids.items()}
+        report["b_agent_node2_rss_by_mapping_mb"] = rss_by_mapping(pids["agent_node2"])
         print(f"(b) {table['b_100_pods_1000_tunnels']}", file=sys.stderr)
 
         rate_args = [str(REQUEST_CONNECTIONS), str(REQUEST_RATE), str(request_seconds), "64"]
@@ -260,6 +277,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{'(d) soak growth':30}" + "".join(f"{growth_cells[c] * 100:>19.1f}%" for c in columns))
     print(f"start to ready, restart with the same sources: {report['start_to_ready_s']} s (pinned programs "
           f"reused: {report['start_reused_pins']}; first start's compile: {report['first_start_loader_s']} s)")
+    print(f"(b) server-side agent's RSS by mapping, MB: {report['b_agent_node2_rss_by_mapping_mb']}")
     print(f"load: requests {report['requests']}; churn {report['churn']}")
     print(f"targets: (b) <= {TARGET_RSS_MB:.0f} MB and <= Envoy: {report['met_b']}; (d) growth < "
           f"{TARGET_GROWTH:.0%}: {report['met_d']}; start to ready <= {TARGET_START_TO_READY_S} s: "
@@ -268,7 +286,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="(c) 10 s, (d) 20 s: under a minute")
+    parser.add_argument("--quick", action="store_true", help="(c) 6 s, (d) 15 s: under a minute")
     parser.add_argument("--request-seconds", type=float, default=0, help="length of (c)")
     parser.add_argument("--soak-seconds", type=float, default=0, help="length of (d)")
     args = parser.parse_args()
