@@ -198,7 +198,20 @@ class Tunnel:
             self._window_blocked = True
             conn.blocked.add(self)
             self._update_reading()
+        elif count < len(buf) and not self._finished and self._fin_follows():
+            self._on_tcp_eof()  # flushes the DATA and END_STREAM together
+            return
         conn.flush()
+
+    def _fin_follows(self) -> bool:
+        """After a short read: whether the peer's FIN is next (a peek, nothing
+        consumed). A short exchange's last bytes and FIN arrive together; seen
+        now, they leave as one write (DATA + END_STREAM) instead of two loop
+        rounds, two TLS records and two sends, on this side and the peer's."""
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK) == b""  # type: ignore[union-attr]
+        except OSError:  # nothing yet (EAGAIN), or a reset the next read reports
+            return False
 
     def _on_window_opened(self) -> None:
         pending = self._pending
