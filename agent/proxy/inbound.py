@@ -35,6 +35,7 @@ import asyncio
 import collections
 import inspect
 import ipaddress
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -407,17 +408,22 @@ class HboneInbound:
         assert request is not None and connection.peer_identity is not None
         dst_ip, dst_port = request.authority_host, request.authority_port
         client_ip = accepted.client.ip
-        tlog = log.bind(authority=tunnel.authority, stream_id=tunnel.stream_id, peer_identity=str(connection.peer_identity))
+
+        def tunnel_log() -> structlog.typing.FilteringBoundLogger:
+            # Bound only when something is logged: most tunnels log nothing here.
+            return log.bind(authority=tunnel.authority, stream_id=tunnel.stream_id,
+                            peer_identity=str(connection.peer_identity))
 
         def refuse(status: int, reason: str) -> None:
             self.stats.tunnels_refused += 1
-            tlog.info("hbone_tunnel_refused", status=status, reason=reason)
+            tunnel_log().info("hbone_tunnel_refused", status=status, reason=reason)
             connection.refuse_tunnel(tunnel, status, reason)
             if self._observer is not None:
                 self._observer.tunnel_refused(connection.peer_identity, accepted.client, dst_ip, dst_port,
                                               status, reason)
 
-        if ipaddress.ip_address(dst_ip) != ipaddress.ip_address(accepted.original_dst.ip):
+        if dst_ip != accepted.original_dst.ip and ipaddress.ip_address(dst_ip) != ipaddress.ip_address(
+                accepted.original_dst.ip):
             refuse(400, "authority is not the address this connection was sent to")
             return
         if not self._is_local_workload(dst_ip):
@@ -447,8 +453,10 @@ class HboneInbound:
             upstream.close()  # the client gave up meanwhile
             return
         self.stats.tunnels_opened += 1
-        tlog.debug("hbone_tunnel_open")
-        tunnel.done.add_done_callback(lambda done: self._log_end(tlog, done.result()))
+        if log.is_enabled_for(logging.DEBUG):
+            tlog = tunnel_log()
+            tlog.debug("hbone_tunnel_open")
+            tunnel.done.add_done_callback(lambda done: self._log_end(tlog, done.result()))
         observer = self._observer
         if observer is not None:
             observer.tunnel_opened(admitted)
