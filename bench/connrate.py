@@ -36,14 +36,10 @@ import argparse
 import ipaddress
 import json
 import os
-import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +48,11 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from stats import percentile  # noqa: E402  (bench/stats.py)
 from envoychain import EnvoyChain, EnvoyPlacement, build_pingpong, tune_client_namespace  # noqa: E402
-from labpods import PodProcesses, churn_result  # noqa: E402
+from labpods import LabWorkspace, PodProcesses, churn_result  # noqa: E402
 
 from ambit.agent.discovery.state import DATAPLANE_MODE_LABEL  # noqa: E402
 from ambit.agent.netns import NetnsThread, netns_path  # noqa: E402
 from ambit.lab import labconfig  # noqa: E402
-from ambit.lab.plan import LabSettings  # noqa: E402
 from ambit.lab.topology import Lab  # noqa: E402
 
 PREFIX = "bcrt-"
@@ -160,13 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     seconds = args.seconds or (4 if quick else 15)
     rounds = args.rounds or (1 if quick else 3)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    workdir = Path(tempfile.mkdtemp(prefix="bcrt-"))
-    bpffs_root = Path(f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:6]}")
-    bpffs_root.mkdir()
-    settings = LabSettings(prefix=PREFIX, state_dir=workdir / "lab", underlay_cidr=UNDERLAY, pod_supernet=PODS,
-                           bpffs_root=bpffs_root, agent_args=("--log-level", "info"))
+    space = LabWorkspace(PREFIX, UNDERLAY, PODS)
+    settings, workdir = space.settings, space.workdir
     tool = build_pingpong(workdir)
     lab = Lab(settings)
     pods = PodProcesses(lab)
@@ -185,6 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Envoy as the two nodes' proxies, between the same pods' network as the mesh's.
         node1, node2 = state.nodes["node1"], state.nodes["node2"]
         nodes = [NetnsThread(netns_path(node1.netns)), NetnsThread(netns_path(node2.netns))]
+        for node in (node1, node2):  # the agents connect upstream from there: tuned as Envoy's namespaces are
+            proxy = NetnsThread(netns_path(f"{node.netns}-proxy"))  # lab/plan.py's name for it
+            try:
+                tune_client_namespace(proxy)
+            finally:
+                proxy.close()
         gateway = str(next(ipaddress.IPv4Network(node1.pod_cidr).hosts()))  # the bridge, the pods' default route
         chain = EnvoyChain(workdir, tool, EnvoyPlacement(
             nodes[0], nodes[1], entry=(gateway, ENVOY_ENTRY_PORT), hbone=(node2.underlay_ip, ENVOY_HBONE_PORT),
@@ -239,8 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             thread.close()
         pods.close()
         lab.down()
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(bpffs_root, ignore_errors=True)
+        space.remove()
 
     def med(path: str, key: str) -> float | None:
         values = [r[key] for r in results[path] if r[key] is not None]

@@ -1,10 +1,38 @@
-"""Load processes inside lab pods, and what the load tool (pingpong.c) reports."""
+"""A bench's own lab (settings, work directory, bpffs root), load processes
+inside its pods, and what the load tool (pingpong.c) reports."""
 from __future__ import annotations
 
+import resource
+import shutil
 import subprocess
+import tempfile
+import uuid
+from pathlib import Path
 
 from ambit.agent.netns import NetnsThread, netns_path
+from ambit.lab.plan import LabSettings
 from ambit.lab.topology import Lab
+
+
+class LabWorkspace:
+    """Settings for a bench's lab with its own state directory and bpffs root
+    (`remove()` deletes both, after `lab.down()`), agents at info level (the
+    access log on), and the file limit raised: the agents inherit it, as from
+    a container runtime."""
+
+    def __init__(self, prefix: str, underlay_cidr: str, pod_supernet: str) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.workdir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.bpffs_root = Path(f"/sys/fs/bpf/{prefix}{uuid.uuid4().hex[:6]}")
+        self.bpffs_root.mkdir()
+        self.settings = LabSettings(prefix=prefix, state_dir=self.workdir / "lab", underlay_cidr=underlay_cidr,
+                                    pod_supernet=pod_supernet, bpffs_root=self.bpffs_root,
+                                    agent_args=("--log-level", "info"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.bpffs_root, ignore_errors=True)
 
 
 class PodProcesses:

@@ -34,17 +34,12 @@ load on the machine may be present; it shows in the soak as noise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
-import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +48,9 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from stats import percentile  # noqa: E402  (bench/stats.py)
 from envoychain import EnvoyChain, build_pingpong, tune_client_namespace  # noqa: E402
-from labpods import PodProcesses, done_line  # noqa: E402
+from labpods import LabWorkspace, PodProcesses, done_line  # noqa: E402
 
 from ambit.lab import labconfig  # noqa: E402
-from ambit.lab.plan import LabSettings  # noqa: E402
 from ambit.lab.topology import Lab  # noqa: E402
 
 PREFIX = "bmem-"
@@ -159,13 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     request_seconds = args.request_seconds or (6 if quick else 60)
     soak_seconds = args.soak_seconds or (15 if quick else 600)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the agents inherit it, as from a container runtime
-    workdir = Path(tempfile.mkdtemp(prefix="bmem-"))
-    bpffs_root = Path(f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:6]}")
-    bpffs_root.mkdir()
-    settings = LabSettings(prefix=PREFIX, state_dir=workdir / "lab", underlay_cidr=UNDERLAY, pod_supernet=PODS,
-                           bpffs_root=bpffs_root, agent_args=("--log-level", "info"))
+    space = LabWorkspace(PREFIX, UNDERLAY, PODS)
+    settings, workdir = space.settings, space.workdir
     report: dict[str, Any] = {"bench": "memory", "mode": "quick" if quick else "full"}
     table: dict[str, dict[str, dict[str, int]]] = {}
     tool = build_pingpong(workdir)
@@ -241,11 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pods.close()
         lab.down()
         chain.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            for child in bpffs_root.iterdir():
-                shutil.rmtree(child, ignore_errors=True)
-            bpffs_root.rmdir()
+        space.remove()
 
     report["memory_kib"] = table
     b = table["b_100_pods_1000_tunnels"]
