@@ -113,12 +113,34 @@ def profile(pids: dict[str, int], seconds: float, directory: Path) -> list[subpr
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
 
 
-def strace(pids: dict[str, int], directory: Path) -> list[subprocess.Popen[bytes]]:
+def strace(pids: dict[str, int], directory: Path, timeout: float = 30.0) -> list[subprocess.Popen[bytes]]:
     """strace -c on each process (a development aid: syscalls per connection;
-    it slows what it traces, so its run's figures are not reported)."""
+    it slows what it traces, so its run's figures are not reported), returned
+    once every thread of each process shows a tracer."""
     directory.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen(["strace", "-c", "-f", "-o", str(directory / f"{name}.txt"), "-p", str(pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+    tracers = [subprocess.Popen(["strace", "-c", "-f", "-o", str(directory / f"{name}.txt"), "-p", str(pid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+    deadline = time.monotonic() + timeout
+    while not all(_traced(pid) for pid in pids.values()):
+        if any(t.poll() is not None for t in tracers) or time.monotonic() > deadline:
+            for t in tracers:
+                t.kill()
+            raise RuntimeError(f"strace did not attach to every thread of {sorted(pids)} within {timeout:g}s")
+        time.sleep(0.02)
+    return tracers
+
+
+def _traced(pid: int) -> bool:
+    """Every thread of `pid` has a tracer (TracerPid in its status)."""
+    task_dir = Path(f"/proc/{pid}/task")
+    for status in task_dir.glob("*/status"):
+        try:
+            tracer = next(line for line in status.read_text().splitlines() if line.startswith("TracerPid:"))
+        except (OSError, StopIteration):
+            continue  # the thread ended
+        if tracer.split()[1] == "0":
+            return False
+    return task_dir.exists()
 
 
 def syscall_counts(path: Path) -> dict[str, int]:
@@ -218,7 +240,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      lambda argv, **kw: pods.start(LAB_PATHS["ambit_cross"][0], argv, **kw), targets["ambit_cross"]),
                     ("envoy_cross", chain.pids, envoy_start, chain.entry)):
                 tracers = strace({f"{path}-{name}": pid for name, pid in pids.items()}, args.strace)
-                time.sleep(1.0)  # attached
                 traced = measure(start, target, {}, 3.0, tool)
                 for tracer in tracers:
                     tracer.send_signal(signal.SIGINT)
