@@ -37,12 +37,20 @@ async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
     no socket type given that is a getaddrinfo on its thread pool, i.e. a
     thread hop, a futex wake-up and an eventfd round per upstream connect
     (most of the destination side's share of a short connection's CPU
-    besides the kernel's). Here: connect(2), then one writability wait."""
+    besides the kernel's). Here: connect(2), then one writability wait
+    unless the handshake is already done."""
     err = sock.connect_ex(address)
     if err == 0:
         return
     if err not in _CONNECTING:
         raise OSError(err, os.strerror(err))
+    try:
+        # To a pod on this node (a veth) the handshake has usually completed
+        # inside connect(2) already: then no writability wait, no watcher.
+        sock.getpeername()
+        return
+    except OSError:
+        pass  # ENOTCONN: still connecting, or failed (SO_ERROR says which below)
     loop = asyncio.get_running_loop()
     connected: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
