@@ -37,6 +37,7 @@ from ambit.lab import labconfig
 from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
 from tests.support.waiting import wait_until
+from tests.support.logfile import read_json_lines
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(400)]
 
@@ -155,11 +156,7 @@ def refused_count(metrics: str, code: str, reason: str) -> float:
 
 
 def ca_log_lines(lab: Lab, event: str) -> list[dict[str, Any]]:
-    lines = []
-    for line in (lab.settings.ca_dir / "ca.log").read_text().splitlines():
-        if line.startswith("{") and f'"event": "{event}"' in line:
-            lines.append(json.loads(line))
-    return lines
+    return read_json_lines(lab.settings.ca_dir / "ca.log", event)
 
 
 def call(lab: Lab, client: str, url: str) -> subprocess.CompletedProcess:

@@ -28,6 +28,7 @@ from ambit.agent.cli.client import AgentClient
 from tests.support.agentapi import workloads
 from tests.support import nftstate
 from tests.support.kernelstate import node_snapshot
+from tests.support.logfile import json_lines
 from tests.support.podnet import (TcpServer, connect, echo_until_eof, random_bytes, recv_exactly, recv_until_eof,
                                   udp_socket)
 
@@ -91,8 +92,7 @@ class MeshNode:
         self.pods.clear()
 
     def proxy_log(self, event: str = "connection") -> list[dict]:
-        return [json.loads(line) for line in self.agent.logs().splitlines()
-                if line.startswith("{") and f'"event": "{event}"' in line]
+        return json_lines(self.agent.logs(), event)
 
     def proxied(self, src_ip: str | None = None, dst: str | None = None) -> list[tuple[str, str]]:
         """(source, destination) of every connection the proxy has, live or

@@ -10,7 +10,6 @@ streams that echo a chunk every 20 ms for as long as the test wants.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,7 @@ from ambit.lab.node import AgentProcess, NodeNamespace, bridge_conflist, cni_plu
 from tests.support.kernelstate import node_snapshot, verdict_counts
 from tests.support.podnet import TcpServer, connect, echo_until_eof, recv_exactly
 from tests.support.waiting import wait_until
+from tests.support.logfile import json_lines
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -37,14 +37,7 @@ DRAIN = "10"
 
 
 def json_events(agent: AgentProcess) -> list[dict]:
-    out = []
-    for line in agent.logs().splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
+    return json_lines(agent.logs())
 
 
 def events_named(agent: AgentProcess, name: str) -> list[dict]:

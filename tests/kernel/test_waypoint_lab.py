@@ -30,6 +30,7 @@ from ambit.lab import labconfig
 from ambit.lab.errors import LabError
 from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
+from tests.support.logfile import read_json_lines
 
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
@@ -158,12 +159,11 @@ def newest(read: Callable[[], list[dict[str, Any]]], match: Callable[[dict[str, 
 
 def waypoint_log(lab: Lab) -> list[dict[str, Any]]:
     path = lab.waypoint_access_log("shop/waypoint-0")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_json_lines(path)
 
 
 def agent_log(lab: Lab, node: str) -> list[dict[str, Any]]:
-    lines = lab.agent_log(node).read_text().splitlines()
-    return [json.loads(line) for line in lines if '"event": "connection"' in line]
+    return read_json_lines(lab.agent_log(node), "connection")
 
 
 # --- scenarios ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ mark on; and what crosses an interface, frame by frame."""
 from __future__ import annotations
 
 import contextlib
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab.topology import Lab
 from tests.support.waiting import wait_until
+from tests.support.logfile import read_json_lines
 from ambit.lab.tour import UnderlayCapture
 
 
@@ -61,10 +61,7 @@ def log_mark(lab: Lab, node: str) -> int:
 def events(lab: Lab, node: str, since: int, event: str, **match: Any) -> list[dict[str, Any]]:
     """The node agent's log lines written after `since` for `event` whose
     fields equal `match`."""
-    needle = f'"event": "{event}"'.encode()
-    with open(lab.agent_log(node), "rb") as f:
-        f.seek(since)
-        lines = [json.loads(line) for line in f.read().splitlines() if needle in line]
+    lines = read_json_lines(lab.agent_log(node), event, since)
     return [e for e in lines if e.get("event") == event and all(e.get(k) == v for k, v in match.items())]
 
 
