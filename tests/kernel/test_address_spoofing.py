@@ -52,7 +52,8 @@ from ambit.cni import spec
 from ambit.lab import labconfig
 from ambit.lab.cniruntime import CniFailure, CniRuntime, PodSandbox
 from ambit.lab.node import cni_plugin_dirs, make_pod_netns, remove_netns
-from ambit.lab.topology import Lab, LabSettings, PodRecord, lab_namespaces
+from ambit.lab.processes import lab_namespaces
+from ambit.lab.topology import Lab, LabSettings, PodRecord
 
 from tests.support import nftstate
 from tests.support.bpffs import lab_bpffs_root

@@ -44,7 +44,8 @@ from ambit.agent.identity.tls import client_context, peer_spiffe_id
 from ambit.agent.netns import NetnsThread, netns_path
 from ambit.lab.labconfig import parse_documents
 from ambit.lab.node import LabNode, NodeAgent
-from ambit.lab.topology import Lab, LabSettings, lab_namespaces, lab_processes, render_cluster
+from ambit.lab.processes import lab_namespaces, lab_processes
+from ambit.lab.topology import Lab, LabSettings, render_cluster
 from tests.support.bpffs import lab_bpffs_root
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.hbone_lab import RawH2Client, run_in_netns, status_of
