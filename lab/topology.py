@@ -68,7 +68,7 @@ from .report import QuietSteps, StepReporter
 from .statefile import LabState, NodeRecord, PodRecord, ProcessRecord
 from .status import LabStatus, TeardownReport
 from .survey import lab_status
-from .teardown import tear_down
+from .teardown import cni_del, tear_down
 
 log = structlog.get_logger(__name__)
 
@@ -652,7 +652,7 @@ class Lab:
         self._children.stop([record.workload])
         state.pods[record.key] = replace(state.pods[record.key], workload=None)
         state.save()
-        error = self._cni_del(node, record)
+        error = cni_del(node, record)
         if error:
             raise LabError(f"CNI DEL of pod {record.key}: {error}")
         remove_netns(record.netns)
