@@ -59,7 +59,7 @@ from tests.support import nftstate
 from tests.support.bpffs import lab_bpffs_root
 from tests.support.kernelstate import pinned_map_has
 from tests.support.labcheck import lab_debris
-from tests.support.labobserve import access_log, events, log_mark, metric, scrape, watching
+from tests.support.labobserve import access_log, events, log_mark, metric, scrape, spiffe, watching
 
 pytestmark = pytest.mark.kernel
 
@@ -75,10 +75,6 @@ PROBE_1 = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": "probe-1", "namespace": "legacy", "labels": {"app": "probe"}},
            "spec": {"nodeName": "node1", "serviceAccountName": "probe",
                     "containers": [{"name": "probe", "image": "ambit.lab.podapp"}]}}
-
-
-def spiffe(namespace: str, account: str) -> str:
-    return f"spiffe://cluster.local/ns/{namespace}/sa/{account}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

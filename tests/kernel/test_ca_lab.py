@@ -38,16 +38,13 @@ from ambit.lab.topology import Lab
 from ambit.waypoint.runner import child_pids
 from tests.support.waiting import wait_until
 from tests.support.logfile import read_json_lines
+from tests.support.labobserve import spiffe
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(400)]
 
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 CLIENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "support" / "labclient.py")]
 CERT_TTL_S = "90"
-
-
-def spiffe(namespace: str, account: str) -> str:
-    return f"spiffe://cluster.local/ns/{namespace}/sa/{account}"
 
 
 LAB = """

@@ -31,7 +31,7 @@ from ambit.lab.processes import process_start_time
 from ambit.lab.topology import Lab
 
 from tests.support.kernelstate import node_snapshot
-from tests.support.labobserve import access_log, events, log_mark, metric, scrape, wait_event
+from tests.support.labobserve import access_log, events, log_mark, metric, scrape, spiffe, wait_event
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
@@ -39,10 +39,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.timeout(300)]
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 LOAD = Path(__file__).resolve().parents[2] / "bench" / "steady_load.py"
 AMBITCTL = str(Path(sys.executable).parent / "ambitctl")
-
-
-def spiffe(namespace: str, account: str) -> str:
-    return f"spiffe://cluster.local/ns/{namespace}/sa/{account}"
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from ambit.lab.topology import Lab
 from ambit.agent.netns import NetnsThread, netns_path
 
 from tests.support.kernelstate import node_snapshot
-from tests.support.labobserve import access_log, log_mark, metric, watching
+from tests.support.labobserve import access_log, log_mark, metric, spiffe, watching
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.kernel
@@ -44,10 +44,6 @@ pytestmark = pytest.mark.kernel
 SERVICE = "10.96.0.10"
 WORKLOAD = [sys.executable, "-m", "ambit.lab.podapp"]
 CLIENT = [sys.executable, str(Path(__file__).resolve().parents[1] / "support" / "labclient.py")]
-
-
-def spiffe(namespace: str, account: str) -> str:
-    return f"spiffe://cluster.local/ns/{namespace}/sa/{account}"
 
 
 # --- the lab ----------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.netns import NetnsThread, netns_path
-from ambit.lab.topology import Lab
+from ambit.lab.topology import TRUST_DOMAIN, Lab
 from tests.support.waiting import wait_until
 from tests.support.logfile import read_json_lines
 from ambit.lab.tour import UnderlayCapture
@@ -85,3 +86,8 @@ def watching(netns: str, interface: str) -> Iterator[UnderlayCapture]:
         yield capture
     finally:
         capture.stop()  # takes what the socket still holds too
+
+
+def spiffe(namespace: str, account: str) -> str:
+    """A lab workload's identity as access logs and the CA name it."""
+    return str(SpiffeId(TRUST_DOMAIN, namespace, account))
