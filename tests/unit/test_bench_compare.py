@@ -1,0 +1,54 @@
+"""bench/compare.py's pure parts: flattening a bench report, which way is better, the verdict."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from compare import better_direction, compare, flatten, last_json_line  # noqa: E402
+
+
+def test_flatten_keys_lists_of_points_by_their_labels_not_position():
+    report = {"bench": "backends", "met": True, "points": {"ebpf": [{"backend": "ebpf", "pods": 10, "gbps": 6.2},
+                                                                    {"backend": "ebpf", "pods": 100, "gbps": 6.0}]},
+              "sizes": [10, 100]}
+    flat = flatten(report)
+    assert flat["points.ebpf[ebpf/10].gbps"] == 6.2
+    assert flat["points.ebpf[ebpf/100].gbps"] == 6.0
+    assert flat["sizes[0]"] == 10
+    assert "met" not in flat and "bench" not in flat  # booleans and strings are not figures
+
+
+def test_direction_is_read_from_the_figure_name_and_can_be_overridden():
+    assert better_direction("mesh_gbps_1", None, None) == "higher"
+    assert better_direction("added_rtt_p50_us", None, None) == "lower"
+    assert better_direction("throughput_1s_vs_envoy", None, None) == "higher"
+    assert better_direction("points.ebpf[ebpf/10].enrol_agent_ms", None, None) == "lower"
+    assert better_direction("mystery", None, None) is None
+    assert better_direction("mystery", re.compile("myst"), None) == "lower"
+
+
+def test_verdict_uses_medians_and_the_allowed_worsening():
+    base = [{"gbps": 10.0, "rtt_us": 100.0}, {"gbps": 9.0, "rtt_us": 110.0}, {"gbps": 11.0, "rtt_us": 90.0}]
+    cand = [{"gbps": 9.6, "rtt_us": 120.0}, {"gbps": 2.0, "rtt_us": 104.0}, {"gbps": 9.7, "rtt_us": 106.0}]
+    table = compare(base, cand, None, None, None, 5.0)
+    assert table["gbps"]["base_median"] == 10.0 and table["gbps"]["cand_median"] == 9.6
+    assert table["gbps"]["worse_pct"] == 4.0 and table["gbps"]["ok"] is True  # one bad run does not decide
+    assert table["rtt_us"]["worse_pct"] == 6.0 and table["rtt_us"]["ok"] is False
+    assert table["gbps"]["base_spread_pct"] == 10.0
+
+
+def test_only_the_chosen_figures_are_judged_and_run_descriptions_are_skipped():
+    base = [{"gbps": 10.0, "rtt_us": 100.0, "target_added_rtt_p50_us": 150.0, "cpus": 2.0}]
+    cand = [{"gbps": 10.0, "rtt_us": 200.0, "target_added_rtt_p50_us": 150.0, "cpus": 2.0}]
+    table = compare(base, cand, re.compile("gbps"), None, None, 5.0)
+    assert table["rtt_us"]["judged"] is False and table["rtt_us"]["ok"] is None
+    assert table["gbps"]["ok"] is True
+    assert "target_added_rtt_p50_us" not in table and "cpus" not in table
+
+
+def test_the_last_json_line_of_a_bench_output_is_its_report():
+    out = 'table\n{"bench": "x", "a": 1}\nnoise {\n{"bench": "capture", "gbps": 2}\n'
+    assert last_json_line(out) == {"bench": "capture", "gbps": 2}
+    assert last_json_line("no report") is None
