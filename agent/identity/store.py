@@ -137,7 +137,9 @@ class CertificateStore:
         self._rotate_fraction = rotate_fraction
         self._clock = clock if clock is not None else self._issuer.clock
         self._certs: dict[SpiffeId, WorkloadCert] = {}
-        self._epochs: dict[SpiffeId, int] = {}  # bumped by remove(): a late issuance is not installed
+        # Identities being issued now; remove() marks one True so the late issuance is not installed.
+        # Only in-flight entries are kept: one per departed service account would grow with pod churn.
+        self._removed_while_issuing: dict[SpiffeId, bool] = {}
         self._renewals: SingleFlight[SpiffeId, WorkloadCert] = SingleFlight()
         self._listeners: list[CertListener] = []
         self._bundle = b""
@@ -210,10 +212,15 @@ class CertificateStore:
 
     async def _renew(self, spiffe_id: SpiffeId) -> WorkloadCert:
         with self._lock:
-            epoch = self._epochs.get(spiffe_id, 0)
-        issued = await self._issuer.issue(spiffe_id, new_workload_key(), self._ttl)
+            self._removed_while_issuing[spiffe_id] = False  # renewals of one identity are single-flight
+        try:
+            issued = await self._issuer.issue(spiffe_id, new_workload_key(), self._ttl)
+        except BaseException:
+            with self._lock:
+                self._removed_while_issuing.pop(spiffe_id, None)
+            raise
         with self._lock:
-            if self._epochs.get(spiffe_id, 0) != epoch:
+            if self._removed_while_issuing.pop(spiffe_id, False):
                 raise IssueError(f"{spiffe_id} was removed while its certificate was being issued")
             return self._install(issued)
 
@@ -238,7 +245,8 @@ class CertificateStore:
     def remove(self, spiffe_id: SpiffeId) -> bool:
         """Forget `spiffe_id` (its last local pod left) and delete its files."""
         with self._lock:
-            self._epochs[spiffe_id] = self._epochs.get(spiffe_id, 0) + 1
+            if spiffe_id in self._removed_while_issuing:
+                self._removed_while_issuing[spiffe_id] = True
             existed = self._certs.pop(spiffe_id, None) is not None
             paths = self.paths(spiffe_id)
             for path in (paths.key_file, paths.cert_file):

@@ -43,7 +43,7 @@ import structlog
 from ..datapath.constants import HBONE_PORT
 from ..discovery.attribution import Attributor
 from ..discovery.model import KIND_POD, POLICY_KINDS
-from ..discovery.state import EVENT_MODIFIED, ClusterState
+from ..discovery.state import EVENT_DELETED, EVENT_MODIFIED, ClusterState
 from ..identity.spiffe import SpiffeId
 from ..identity.store import CertificateStore
 from ..identity.tls import IdentityError
@@ -478,9 +478,12 @@ class NodeProxy:
     def _on_cluster_change(self, kind: str, event: str, old: Any, new: Any) -> None:
         """Policies, or the labels their selectors match, changed: decide
         again, once per burst of events (a file reload or relist is many).
-        A pod changed: the metric label sets are made anew."""
+        A pod changed: the metric label sets are made anew; a pod went: its
+        metric series go too (pod churn would otherwise grow them for ever)."""
         if kind == KIND_POD:
             self._label_sets.clear()
+            if event == EVENT_DELETED and old is not None:
+                self.metrics.forget_workload(old.name, old.namespace)
         relabelled = kind == KIND_POD and event == EVENT_MODIFIED and old.labels != new.labels
         if (kind in POLICY_KINDS or relabelled) and self._recheck is None:
             self._recheck = asyncio.get_running_loop().call_soon(self._recheck_soon)

@@ -7,6 +7,10 @@ it is secured); bytes are added when it closes, so the data path never
 touches a metric. The counters' children are kept per label set (a bounded
 cache: clearing it only costs lookups again), so a connection costs a dict
 lookup per counter, not prometheus_client's label validation each time.
+Workload labels name pods, so pod churn would add series for ever: a
+deleted pod's series are removed (`forget_workload`); a counter that
+restarts from zero if a pod of the same name comes back is what
+Prometheus's rate() already expects.
 """
 from __future__ import annotations
 
@@ -30,6 +34,15 @@ TCP_LABELS = (
 UNKNOWN = "unknown"
 MAX_CACHED_LABEL_SETS = 4096
 _label_values = operator.attrgetter(*TCP_LABELS)
+_SRC_WORKLOAD, _SRC_NAMESPACE, _DST_WORKLOAD, _DST_NAMESPACE = (
+    TCP_LABELS.index(name) for name in ("source_workload", "source_workload_namespace",
+                                        "destination_workload", "destination_workload_namespace"))
+
+
+def _label_value_sets(counter: Counter) -> set[tuple[str, ...]]:
+    """The label values of every child `counter` has (read through collect(): no private state)."""
+    return {tuple(sample.labels[name] for name in TCP_LABELS)
+            for family in counter.collect() for sample in family.samples if sample.name.endswith("_total")}
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,7 @@ class Metrics:
                                     TCP_LABELS, registry=r)
         self.tcp_failed = Counter("istio_tcp_connections_failed", "TCP connections that failed or were denied",
                                   TCP_LABELS, registry=r)
+        self._tcp_counters = (self.tcp_opened, self.tcp_closed, self.tcp_sent, self.tcp_received, self.tcp_failed)
         self.enrolled_pods = Gauge("ambit_enrolled_pods", "Pods enrolled in the mesh on this node", registry=r)
         self.cni_rpc_seconds = Histogram("ambit_cni_rpc_duration_seconds", "Agent time per CNI plugin call",
                                          ("method",), registry=r,
@@ -171,6 +185,24 @@ class Metrics:
                 self._series.clear()
             series = self._series[values] = _Series(values)
         return series
+
+    def forget_workload(self, name: str, namespace: str) -> int:
+        """Remove the TCP series of every label set naming the pod `namespace/name`
+        as source or destination (it was deleted); returns how many went.
+        A connection of it still open re-creates its series when it closes."""
+        pod = (name, namespace)
+        if pod == (UNKNOWN, UNKNOWN):
+            return 0
+        removed = 0
+        for counter in self._tcp_counters:
+            doomed = {values for values in _label_value_sets(counter)
+                      if (values[_SRC_WORKLOAD], values[_SRC_NAMESPACE]) == pod
+                      or (values[_DST_WORKLOAD], values[_DST_NAMESPACE]) == pod}
+            for values in doomed:
+                counter.remove(*values)
+                self._series.pop(values, None)
+            removed += len(doomed)
+        return removed
 
     def watch_capture(self, verdicts: Callable[[], dict[str, int]]) -> None:
         """Export the capture backend's per-verdict packet counters (read

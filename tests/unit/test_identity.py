@@ -2,6 +2,7 @@
 certificate store and its rotation clock."""
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import stat
@@ -21,6 +22,8 @@ from ambit.agent.identity.ca import (
     InvalidCA,
     LocalCA,
 )
+from ambit.agent.identity.issuer import LocalIssuer
+from ambit.agent.identity.istio_ca import IssueError
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import (
     CertificateStore,
@@ -397,3 +400,37 @@ def test_store_refuses_foreign_identities_and_bad_fractions(
     assert store.status() == []
     with pytest.raises(ValueError, match="between 0 and 1"):
         CertificateStore(LocalCA.create(TD), tmp_path / "x", rotate_fraction=1.0)
+
+
+class HeldIssuer:
+    """A local CA's issuer that waits for the test before answering."""
+
+    def __init__(self, ca: LocalCA) -> None:
+        self.inner = LocalIssuer(ca)
+        self.trust_domain, self.clock, self.description = ca.trust_domain, ca.clock, "held"
+        self.release = asyncio.Event()
+
+    async def issue(self, identity, key, ttl):  # type: ignore[no-untyped-def]
+        await self.release.wait()
+        return await self.inner.issue(identity, key, ttl)
+
+
+def test_removal_during_issuance_refuses_it_and_pod_churn_leaves_no_trace(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        issuer = HeldIssuer(LocalCA.create(TD))
+        store = CertificateStore(issuer, tmp_path / "certs")  # type: ignore[arg-type]
+        gone = SpiffeId(TD, "shop", "gone")
+        renewal = asyncio.ensure_future(store.renew(gone))
+        while not store._removed_while_issuing:  # the issuance has started
+            await asyncio.sleep(0)
+        assert not store.remove(gone)  # nothing held yet, but the issuance in flight is marked
+        issuer.release.set()
+        with pytest.raises(IssueError, match="removed while"):
+            await renewal
+        assert store.identities() == [] and store._removed_while_issuing == {}
+        for generation in range(50):  # service accounts come and go
+            churned = SpiffeId(TD, "load", f"sa-{generation}")
+            await store.renew(churned)
+            assert store.remove(churned)
+        assert store.identities() == [] and store._removed_while_issuing == {}
+    asyncio.run(scenario())

@@ -1,7 +1,12 @@
 """Istio's TCP counters through the per-label-set cache: what is exported is
-what was counted, also across the cache being emptied."""
+what was counted, also across the cache being emptied; a deleted pod's series go."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from ambit.agent.discovery.model import KIND_POD
+from ambit.agent.discovery.state import EVENT_DELETED
+from ambit.agent.proxy.node_proxy import NodeProxy
 from ambit.agent.telemetry import metrics
 from ambit.agent.telemetry.metrics import TCP_LABELS, Metrics, TcpLabels
 
@@ -31,3 +36,54 @@ def test_counts_accumulate_per_label_set_and_survive_a_cache_clear(monkeypatch) 
     assert sample(m, "istio_tcp_connections_failed_total", b) == 1
     assert sample(m, "istio_tcp_sent_bytes_total", b) is None  # nothing sent: no series made
     assert sample(m, "istio_tcp_connections_failed_total", a) is None
+
+
+def test_a_deleted_pods_series_are_removed_and_the_others_kept() -> None:
+    m = Metrics()
+    gone_src = TcpLabels(source_workload="web-1", source_workload_namespace="shop", destination_workload="db",
+                         destination_workload_namespace="shop")
+    gone_dst = TcpLabels(reporter="source", source_workload="db", source_workload_namespace="shop",
+                         destination_workload="web-1", destination_workload_namespace="shop", response_flags="UF")
+    same_name_elsewhere = TcpLabels(source_workload="web-1", source_workload_namespace="other")
+    kept = TcpLabels(source_workload="web-2", source_workload_namespace="shop", destination_workload="db",
+                     destination_workload_namespace="shop")
+    for labels in (gone_src, gone_dst, same_name_elsewhere, kept):
+        m.opened(labels)
+        m.closed(labels, 10, 20)
+    m.failed(gone_dst)
+
+    assert m.forget_workload("web-1", "shop") == 9  # 4 counters of gone_src, 5 of gone_dst
+    for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+                 "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"):
+        assert sample(m, name, gone_src) is None and sample(m, name, gone_dst) is None
+        assert sample(m, name, kept) is not None and sample(m, name, same_name_elsewhere) is not None
+    assert sample(m, "istio_tcp_connections_failed_total", gone_dst) is None
+    assert m.forget_workload("web-1", "shop") == 0
+    assert m.forget_workload("unknown", "unknown") == 0  # unattributed traffic is no pod's to remove
+    m.opened(gone_src)  # a late connection of the pod counts again from zero (the cache was emptied of it too)
+    assert sample(m, "istio_tcp_connections_opened_total", gone_src) == 1
+
+
+def test_pod_churn_leaves_a_bounded_number_of_series() -> None:
+    m = Metrics()
+    for generation in range(200):
+        pod = TcpLabels(source_workload=f"client-{generation}", source_workload_namespace="load",
+                        destination_workload="server", destination_workload_namespace="load")
+        m.opened(pod)
+        m.closed(pod, 1, 1)
+        if generation >= 3:  # three pods live at a time
+            m.forget_workload(f"client-{generation - 3}", "load")
+    series = [s for f in m.tcp_opened.collect() for s in f.samples if s.name.endswith("_total")]
+    assert len(series) == 3 and len(m._series) == 3
+
+
+def test_the_node_proxy_removes_a_pods_series_when_discovery_deletes_it() -> None:
+    m = Metrics()
+    proxy = NodeProxy("unused", m, lambda ip: None)
+    gone = TcpLabels(source_workload="web-1", source_workload_namespace="shop")
+    kept = TcpLabels(source_workload="web-0", source_workload_namespace="shop")
+    m.opened(gone)
+    m.opened(kept)
+    proxy._on_cluster_change(KIND_POD, EVENT_DELETED, SimpleNamespace(name="web-1", namespace="shop"), None)
+    assert sample(m, "istio_tcp_connections_opened_total", gone) is None
+    assert sample(m, "istio_tcp_connections_opened_total", kept) == 1

@@ -421,3 +421,19 @@ def test_unverified_peer_certificate_is_not_trusted_for_identity(store: Certific
     outcome = handshake(server_context(store, PAYMENTS), careless, on_client=peer_spiffe_id)
     assert isinstance(outcome.client_error, IdentityError)
     assert "not verified" in str(outcome.client_error)
+
+
+def test_context_cache_forgets_an_identity_whose_certificate_was_removed(store: CertificateStore) -> None:
+    from ambit.agent.proxy.hbone.tls_contexts import TlsContextCache
+
+    async def scenario() -> None:
+        contexts = TlsContextCache(store)
+        await contexts.server(PAYMENTS)
+        await contexts.client(PAYMENTS)
+        await contexts.client(CART)
+        assert len(contexts) == 3
+        assert store.remove(PAYMENTS)
+        assert len(contexts) == 1
+        await contexts.client(PAYMENTS)  # back again: built anew
+        assert len(contexts) == 2
+    asyncio.run(scenario())

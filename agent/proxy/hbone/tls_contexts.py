@@ -21,6 +21,17 @@ class TlsContextCache:
     def __init__(self, store: CertificateStore) -> None:
         self._store = store
         self._contexts: dict[tuple[bool, SpiffeId], tuple[int, ssl.SSLContext]] = {}
+        store.subscribe(self._on_certificate)
+
+    def _on_certificate(self, identity: SpiffeId, cert: object) -> None:
+        """An identity's certificate was removed (its last pod left): its contexts go
+        with it, or pod churn would keep one context per departed service account."""
+        if cert is None:
+            self._contexts.pop((True, identity), None)
+            self._contexts.pop((False, identity), None)
+
+    def __len__(self) -> int:
+        return len(self._contexts)
 
     @property
     def trust_domain(self) -> str:
