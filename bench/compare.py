@@ -18,7 +18,7 @@ smaller than that spread is not a measured change. `--figures REGEX` picks
 the figures the verdict is about; `met` is true when none of them is worse
 than `--max-worse` percent by the medians.
 
-    python bench/compare.py --base /tmp/old --cand . --rounds 4 capture -- --quick
+    python bench/compare.py --base /tmp/old --cand . --rounds 4 --cpus 1 capture -- --quick
     python bench/compare.py --base /tmp/old --cand . --figures 'gbps|rtt' backends -- --quick
 
 Ends with one JSON line. The baseline tree must have run `make setup`.
@@ -91,16 +91,17 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
-def run_once(tree: Path, bench: str, args: list[str], timeout: float, log) -> dict:
+def run_once(tree: Path, bench: str, args: list[str], timeout: float, log, cpus: str | None = None) -> dict:
     python = tree / ".venv" / "bin" / "python"
     script = tree / "bench" / f"{bench}.py"
     if not python.exists() or not script.exists():
         raise SystemExit(f"compare: {tree} has no {python.relative_to(tree)} or {script.relative_to(tree)}"
                          " (run `make setup` there, or pick a bench that tree has)")
     started = time.monotonic()
-    proc = subprocess.run([str(python), str(script), *args], cwd=tree, capture_output=True, text=True,
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = subprocess.run([*pin, str(python), str(script), *args], cwd=tree, capture_output=True, text=True,
                           timeout=timeout)
-    log.write(f"=== {tree} {bench} {' '.join(args)} rc={proc.returncode} {time.monotonic() - started:.1f}s\n")
+    log.write(f"=== {tree} {bench} {' '.join(args)} cpus={cpus or 'all'} rc={proc.returncode} {time.monotonic() - started:.1f}s\n")
     log.write(proc.stdout[-20000:])
     log.write(proc.stderr[-5000:])
     log.flush()
@@ -154,6 +155,9 @@ def main() -> int:
     parser.add_argument("--higher", type=re.compile, help="regex: figures where higher is better")
     parser.add_argument("--max-worse", type=float, default=5.0, help="percent a judged figure may be worse")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one bench run may take")
+    parser.add_argument("--cpus", help="run each bench pinned to these CPUs (taskset list, e.g. 1): every process"
+                        " it starts inherits them, so the path under test shares one CPU and cross-CPU wake-ups"
+                        " stop dominating small round-trip times")
     parser.add_argument("--log", type=Path, help="where every run's output goes (default /tmp/compare-BENCH-TIME.log)")
     parser.add_argument("bench", help="bench name: bench/NAME.py in both trees")
     parser.add_argument("args", nargs="*", help="arguments for the bench (after --)")
@@ -169,7 +173,7 @@ def main() -> int:
             # Alternate which tree goes first, so neither always runs on a warmer machine.
             order = [(base_tree, base_runs), (cand_tree, cand_runs)]
             for tree, runs in (order if round_no % 2 == 0 else order[::-1]):
-                runs.append(flatten(run_once(tree, opts.bench, opts.args, opts.timeout, log)))
+                runs.append(flatten(run_once(tree, opts.bench, opts.args, opts.timeout, log, opts.cpus)))
                 print(f"round {round_no + 1}/{opts.rounds}: {tree.name} done", file=sys.stderr, flush=True)
     table = compare(base_runs, cand_runs, opts.figures, opts.lower, opts.higher, opts.max_worse)
 
@@ -178,7 +182,8 @@ def main() -> int:
         return done.stdout.strip() or str(path)
 
     width = max((len(n) for n in table), default=10)
-    print(f"{opts.bench}: base {rev(base_tree)} vs cand {rev(cand_tree)}, {opts.rounds} rounds each, medians")
+    print(f"{opts.bench}: base {rev(base_tree)} vs cand {rev(cand_tree)}, {opts.rounds} rounds each, medians,"
+          f" CPUs {opts.cpus or 'all'}")
     print(f"{'figure':<{width}}  {'base':>10}  {'cand':>10}  {'change':>7}  {'worse':>6}  {'base spread':>11}")
     for name, row in table.items():
         worse = "" if row["worse_pct"] is None else f"{row['worse_pct']:+.1f}%"
@@ -188,7 +193,7 @@ def main() -> int:
     judged = {n: r for n, r in table.items() if r["judged"]}
     worst = max(judged.values(), key=lambda r: r["worse_pct"], default=None)
     print(json.dumps({
-        "bench": "compare", "of": opts.bench, "args": opts.args, "rounds": opts.rounds,
+        "bench": "compare", "of": opts.bench, "args": opts.args, "rounds": opts.rounds, "cpus": opts.cpus or "all",
         "base": rev(base_tree), "cand": rev(cand_tree), "log": str(log_path),
         "figures": table,
         "worst_worse_pct": None if worst is None else worst["worse_pct"],
