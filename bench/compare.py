@@ -107,9 +107,26 @@ def run_once(tree: Path, bench: str, args: list[str], timeout: float, log, cpus:
     log.flush()
     report = last_json_line(proc.stdout)
     if proc.returncode != 0 or report is None:
-        raise SystemExit(f"compare: {bench} in {tree} failed (rc {proc.returncode}, "
-                         f"{'no' if report is None else 'a'} JSON line); see {log.name}")
+        raise BenchFailed(f"{bench} in {tree} failed (rc {proc.returncode}, "
+                          f"{'no' if report is None else 'a'} JSON line); see {log.name}")
     return report
+
+
+class BenchFailed(Exception):
+    """One run of a bench ended without its report."""
+
+
+def run_with_retries(tree: Path, bench: str, args: list[str], timeout: float, log, cpus: str | None,
+                     budget: list[int]) -> dict:
+    """run_once, again while `budget[0]` (shared by the whole comparison) allows."""
+    while True:
+        try:
+            return run_once(tree, bench, args, timeout, log, cpus)
+        except BenchFailed as exc:
+            if budget[0] <= 0:
+                raise SystemExit(f"compare: {exc}") from None
+            budget[0] -= 1
+            print(f"compare: {exc}; running it again", file=sys.stderr, flush=True)
 
 
 def compare(base_runs: list[dict[str, float]], cand_runs: list[dict[str, float]], figures: re.Pattern | None,
@@ -158,6 +175,9 @@ def main() -> int:
     parser.add_argument("--cpus", help="run each bench pinned to these CPUs (taskset list, e.g. 1): every process"
                         " it starts inherits them, so the path under test shares one CPU and cross-CPU wake-ups"
                         " stop dominating small round-trip times")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="runs of a tree that may fail (no JSON line) and be run again (default 1): an old"
+                        " tree's bench may have a harness flake fixed since")
     parser.add_argument("--log", type=Path, help="where every run's output goes (default /tmp/compare-BENCH-TIME.log)")
     parser.add_argument("bench", help="bench name: bench/NAME.py in both trees")
     parser.add_argument("args", nargs="*", help="arguments for the bench (after --)")
@@ -168,12 +188,14 @@ def main() -> int:
     log_path = opts.log or Path(f"/tmp/compare-{opts.bench}-{time.strftime('%H%M%S')}.log")
     base_runs: list[dict[str, float]] = []
     cand_runs: list[dict[str, float]] = []
+    retries = [opts.retries]
     with open(log_path, "w") as log:
         for round_no in range(opts.rounds):
             # Alternate which tree goes first, so neither always runs on a warmer machine.
             order = [(base_tree, base_runs), (cand_tree, cand_runs)]
             for tree, runs in (order if round_no % 2 == 0 else order[::-1]):
-                runs.append(flatten(run_once(tree, opts.bench, opts.args, opts.timeout, log, opts.cpus)))
+                runs.append(flatten(run_with_retries(tree, opts.bench, opts.args, opts.timeout, log, opts.cpus,
+                                                    retries)))
                 print(f"round {round_no + 1}/{opts.rounds}: {tree.name} done", file=sys.stderr, flush=True)
     table = compare(base_runs, cand_runs, opts.figures, opts.lower, opts.higher, opts.max_worse)
 
@@ -194,6 +216,7 @@ def main() -> int:
     worst = max(judged.values(), key=lambda r: r["worse_pct"], default=None)
     print(json.dumps({
         "bench": "compare", "of": opts.bench, "args": opts.args, "rounds": opts.rounds, "cpus": opts.cpus or "all",
+        "failed_runs_rerun": opts.retries - retries[0],
         "base": rev(base_tree), "cand": rev(cand_tree), "log": str(log_path),
         "figures": table,
         "worst_worse_pct": None if worst is None else worst["worse_pct"],
