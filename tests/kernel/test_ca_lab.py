@@ -161,11 +161,14 @@ def call(lab: Lab, client: str, url: str) -> subprocess.CompletedProcess:
 
 
 class Held:
-    """One echo connection kept open from `client` to `server`, exchanging every 0.1 s."""
+    """One echo connection kept open from `client` to `server`, exchanging every 0.1 s
+    and keeping its count of exchanges in a file, so a test waits on exchanges seen."""
 
     def __init__(self, lab: Lab, client: str, server: str, tmp: Path) -> None:
-        self.stop, ready = tmp / "stop", tmp / "ready"
-        argv = [*CLIENT, "hold", ip(lab, server), "9000", "--until-file", str(self.stop), "--ready-file", str(ready)]
+        self.stop, ready, self.count_file = tmp / "stop", tmp / "ready", tmp / "exchanges"
+        self.where = f"the held connection {client} -> {server}:9000"
+        argv = [*CLIENT, "hold", ip(lab, server), "9000", "--until-file", str(self.stop), "--ready-file", str(ready),
+                "--progress-file", str(self.count_file)]
         self.report: dict[str, Any] = {}
 
         def run() -> None:
@@ -175,12 +178,28 @@ class Held:
 
         self.thread = threading.Thread(target=run)
         self.thread.start()
-        wait_until(lambda: ready.exists() or not self.thread.is_alive(), "the held connection's first exchange", 30,
-                   0.1)
+        wait_until(lambda: ready.exists() or not self.thread.is_alive(), f"{self.where}'s first exchange", 30, 0.1)
+        assert ready.exists(), f"{self.where} ended before its first exchange: {self.report}"
+
+    def exchanges(self) -> int:
+        """Exchanges done so far, as the client last wrote them."""
+        try:
+            return int(self.count_file.read_text())
+        except FileNotFoundError:
+            return 0
+
+    def wait_for_exchanges(self, more: int, after: str) -> int:
+        """Wait until `more` exchanges beyond the count now went through; the count then."""
+        target = self.exchanges() + more
+        wait_until(lambda: self.exchanges() >= target or not self.thread.is_alive(),
+                   lambda: f"{more} exchanges on {self.where} {after} (at {self.exchanges()} of {target})", 30, 0.1)
+        assert self.exchanges() >= target, f"{self.where} ended {after}: {self.report}"
+        return self.exchanges()
 
     def finish(self) -> dict[str, Any]:
         self.stop.touch()
         self.thread.join(60)
+        assert not self.thread.is_alive(), f"{self.where} did not end within 60 s of being told to stop"
         return self.report
 
 
@@ -301,6 +320,8 @@ def test_without_the_ca_tunnels_and_certificates_keep_working_and_a_new_pod_is_s
     lab.stop_ca()
     try:
         assert lab.status(ask_agents=False).ca.alive is False
+        # The tunnel that was up carries on without the CA.
+        held.wait_for_exchanges(10, "with the CA stopped")
         # New connections between pods that hold certificates still work.
         result = call(lab, "shop/client-0", f"http://{ip(lab, 'shop/web-1')}:8080/")
         assert result.returncode == 0, result.stderr
@@ -320,20 +341,36 @@ def test_without_the_ca_tunnels_and_certificates_keep_working_and_a_new_pod_is_s
     wait_until(lambda: newcomer in serials(lab, "node1"), "the newcomer's certificate", 120, 0.2)
     result = call(lab, "shop/newcomer-0", f"http://{ip(lab, 'shop/web-1')}:8080/")
     assert result.returncode == 0 and json.loads(result.stdout)["peer"] == ip(lab, "shop/newcomer-0")
+    done = held.wait_for_exchanges(10, "once the CA was back")
     report = held.finish()
-    assert report.get("failures") == [] and report["exchanges"] > 10, report
+    assert report.get("failures") == [] and report["exchanges"] >= done, report
 
 
 def test_rotation_replaces_certificates_without_dropping_tunnels(lab, tmp_path):
-    node1, node2 = serials(lab, "node1"), serials(lab, "node2")
     client, web = spiffe("shop", "client"), spiffe("shop", "web")
-    held = Held(lab, "shop/client-0", "shop/web-1", tmp_path)
-    # 90 s certificates, replaced at half their life (backdated 60 s): within ~15 s.
-    wait_until(lambda: serials(lab, "node1").get(client) not in (None, node1[client])
-               and serials(lab, "node2").get(web) not in (None, node2[web]),
-               "node1's client and node2's web certificates replaced", 90, 0.2)
-    # New connections work with the new certificates; meanwhile the held one goes on.
+    held = Held(lab, "shop/client-0", "shop/web-1", tmp_path)  # the tunnel is up: an exchange went through it
+
+    def holding() -> dict[str, str | None]:
+        return {"node1": serials(lab, "node1").get(client), "node2": serials(lab, "node2").get(web)}
+
+    # The serials held now that the tunnel is up (read after it, so a rotation seen below happened under it).
+    before = wait_until(lambda: (h := holding()) and all(h.values()) and h,
+                        "node1 holding shop/client's certificate and node2 shop/web's", 60, 0.2)
+    # 90 s certificates, replaced at half their life (backdated 60 s): within ~15 s, or at the
+    # next retry of a rotation the CA's absence (the test before) left in backoff.
+    seen: dict[str, Any] = {}
+
+    def rotated() -> bool:
+        seen.update(holding(), failing={n: {str(f.identity): f.error for f in certs(lab, n).failing}
+                                        for n in ("node1", "node2")})
+        return seen["node1"] not in (None, before["node1"]) and seen["node2"] not in (None, before["node2"])
+
+    wait_until(rotated, lambda: f"node1's client and node2's web certificates replaced (held {before}, now {seen})",
+               90, 0.2)
+    # The held connection goes on after both were replaced ...
+    done = held.wait_for_exchanges(10, "after both certificates were replaced")
+    # ... and a new connection works.
     result = call(lab, "shop/client-0", f"http://{ip(lab, 'shop/web-1')}:8080/")
     assert result.returncode == 0, result.stderr
     report = held.finish()
-    assert report.get("failures") == [] and report["exchanges"] > 10, report
+    assert report.get("failures") == [] and report["exchanges"] >= done, report

@@ -6,9 +6,10 @@
   python labclient.py loop HOST PORT --until-file PATH
       one short echo exchange after another until PATH exists, noting each
       result with its time
-  python labclient.py hold HOST PORT --until-file PATH --ready-file READY
+  python labclient.py hold HOST PORT --until-file PATH --ready-file READY [--progress-file COUNT]
       one connection, kept open: an echo exchange on it every 0.1 s until
-      PATH exists (READY appears after the first), noting any that fails
+      PATH exists (READY appears after the first, COUNT holds the number
+      done so far), noting any that fails
 
 Each prints one JSON object. Run as a script (`lab.exec(pod, [python, path,
 ...])`), so the test process never has to enter the pod's namespace itself.
@@ -91,16 +92,21 @@ def loop(host: str, port: int, until_file: str, max_seconds: float, timeout: flo
         except OSError as exc:
             attempts.append({"at": at, "ok": False, "error": repr(exc)})
         if progress_file:
-            tmp = f"{progress_file}.tmp"
-            with open(tmp, "w") as f:
-                f.write(str(sum(1 for a in attempts if a["ok"])))
-            os.replace(tmp, progress_file)
+            _write_count(progress_file, sum(1 for a in attempts if a["ok"]))
         time.sleep(0.05)  # pacing: about 20 exchanges a second
     return {"attempts": len(attempts), "ok": sum(1 for a in attempts if a["ok"]),
             "failures": [a for a in attempts if not a["ok"]], "seconds": round(time.monotonic() - started, 3)}
 
 
-def hold(host: str, port: int, until_file: str, ready_file: str, max_seconds: float, timeout: float) -> dict[str, Any]:
+def _write_count(path: str, count: int) -> None:
+    """Replace `path` with `count` whole: a reader never sees half a number."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(str(count))
+    os.replace(f"{path}.tmp", path)
+
+
+def hold(host: str, port: int, until_file: str, ready_file: str, max_seconds: float, timeout: float,
+         progress_file: str | None = None) -> dict[str, Any]:
     """Many exchanges on one connection: it (and the tunnel under it) must outlive whatever the test does."""
     started = time.monotonic()
     exchanges, failures = 0, []
@@ -118,12 +124,14 @@ def hold(host: str, port: int, until_file: str, ready_file: str, max_seconds: fl
                 if echoed != payload:
                     raise ValueError("the echo differs")
                 exchanges += 1
+                if progress_file:
+                    _write_count(progress_file, exchanges)
             except (OSError, ValueError) as exc:
                 failures.append({"at": round(time.monotonic() - started, 3), "error": repr(exc)})
                 break  # a dead connection stays dead: that is the failure being looked for
             if exchanges == 1:
                 open(ready_file, "w").close()
-            time.sleep(0.1)
+            time.sleep(0.1)  # pacing: about ten exchanges a second
     return {"exchanges": exchanges, "failures": failures, "seconds": round(time.monotonic() - started, 3)}
 
 
@@ -150,11 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hd.add_argument("--ready-file", required=True)
     hd.add_argument("--max-seconds", type=float, default=180.0)
     hd.add_argument("--timeout", type=float, default=5.0)
+    hd.add_argument("--progress-file", help="where to keep the count of exchanges done so far")
     args = parser.parse_args(argv)
     if args.mode == "fanout":
         result = asyncio.run(fanout(args.host, args.port, args.connections, args.size, args.timeout))
     elif args.mode == "hold":
-        result = hold(args.host, args.port, args.until_file, args.ready_file, args.max_seconds, args.timeout)
+        result = hold(args.host, args.port, args.until_file, args.ready_file, args.max_seconds, args.timeout,
+                      args.progress_file)
     else:
         result = loop(args.host, args.port, args.until_file, args.max_seconds, args.timeout, args.progress_file)
     json.dump(result, sys.stdout)
