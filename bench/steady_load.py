@@ -21,6 +21,12 @@ with a marker so a capture can tell plaintext of ours on a wire.
 When --until-file exists, streams half-close and must get every byte back;
 the result (wall-clock times, comparable with the bench's) is written as
 one JSON object to --out.
+
+With --progress-file, what has happened so far is kept there (replaced
+whole, about ten times a second), so a caller waits on observed traffic
+rather than on time: per --short target the connections answered 200 and
+the ones failed, the start time of the oldest connection still in flight,
+and per stream the bytes echoed and whether it ended.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 MARKER = b"AMBIT-UPGRADE-CANARY:"
@@ -100,15 +107,16 @@ async def short_connection(name: str, host: str, port: int, timeout: float) -> S
 
 
 async def short_load(targets: list[tuple[str, str, int]], rate: float, timeout: float, stop: asyncio.Event,
-                     results: list[ShortResult]) -> None:
+                     results: list[ShortResult], pending: dict[asyncio.Task[ShortResult], float]) -> None:
+    """New connections at `rate` per target; `pending` maps those in flight to
+    their start (wall clock)."""
     interval = 1.0 / rate
-    pending: set[asyncio.Task[ShortResult]] = set()
     next_at = time.monotonic()
     while not stop.is_set():
         for name, host, port in targets:
             task = asyncio.ensure_future(short_connection(name, host, port, timeout))
-            pending.add(task)
-            task.add_done_callback(lambda t: (pending.discard(t), results.append(t.result())))
+            pending[task] = time.time()
+            task.add_done_callback(lambda t: (pending.pop(t, None), results.append(t.result())))
         next_at += interval
         delay = next_at - time.monotonic()
         if delay > 0:
@@ -162,6 +170,27 @@ async def stream(name: str, host: str, port: int, byte_rate: float, stop: asynci
         writer.close()
 
 
+def progress(shorts: list[ShortResult], pending: dict[asyncio.Task[ShortResult], float],
+             streams: list[StreamResult]) -> dict:
+    """What has happened so far (the --progress-file's content)."""
+    short: dict[str, dict[str, int]] = {}
+    for result in shorts:
+        counts = short.setdefault(result.target, {"ok": 0, "failed": 0})
+        counts["ok" if result.ok else "failed"] += 1
+    return {"at": time.time(), "short": short, "oldest_in_flight": min(pending.values(), default=None),
+            "streams": [{"target": s.target, "echoed": s.echoed, "ended": s.ended > 0,
+                         "error": s.error} for s in streams]}
+
+
+async def report_progress(path: str, snapshot: Callable[[], dict]) -> None:
+    """Keep `path` current until cancelled; a reader never sees half a file."""
+    while True:
+        with open(path + ".tmp", "w") as out:
+            json.dump(snapshot(), out)
+        os.replace(path + ".tmp", path)
+        await asyncio.sleep(0.1)  # pacing of the report, not a wait for anything
+
+
 async def watch_file(path: str, stop: asyncio.Event) -> None:
     while not os.path.exists(path):
         await asyncio.sleep(0.05)
@@ -177,6 +206,7 @@ def _target(text: str) -> tuple[str, str, int]:
 async def run(args: argparse.Namespace) -> dict:
     stop = asyncio.Event()
     shorts: list[ShortResult] = []
+    pending: dict[asyncio.Task[ShortResult], float] = {}
     streams = [StreamResult(name, time.time()) for name, _, _ in map(_target, args.stream)
                for _ in range(args.streams)]
     targets = [_target(t) for t in args.stream for _ in range(args.streams)]
@@ -185,10 +215,14 @@ async def run(args: argparse.Namespace) -> dict:
              for (name, host, port), result in zip(targets, streams)]
     if args.short:
         tasks.append(asyncio.ensure_future(short_load([_target(t) for t in args.short], args.rate, args.timeout,
-                                                      stop, shorts)))
+                                                      stop, shorts, pending)))
     watcher = asyncio.ensure_future(watch_file(args.until_file, stop))
+    reporter = (asyncio.ensure_future(report_progress(args.progress_file, lambda: progress(shorts, pending, streams)))
+                if args.progress_file else None)
     await asyncio.gather(*tasks)
     watcher.cancel()
+    if reporter is not None:
+        reporter.cancel()
     return {"short": [asdict(s) for s in shorts],
             "streams": [{**asdict(s), "lost": s.lost} for s in streams]}
 
@@ -203,6 +237,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a short connection may take")
     parser.add_argument("--until-file", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--progress-file", help="where to keep counts of what has happened so far")
     args = parser.parse_args()
     try:
         import uvloop

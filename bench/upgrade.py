@@ -40,6 +40,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.support.waiting import wait_until  # noqa: E402
+
 PREFIX = "bupg-"
 UNDERLAY = "10.104.0.0/24"
 PODS = "10.248.0.0/16"
@@ -67,17 +69,64 @@ def agent_events(log_path: Path, since: float) -> list[dict[str, Any]]:
 
 
 class Load:
-    """steady_load.py running in the client pod's namespace."""
+    """steady_load.py running in the client pod's namespace, reporting its progress."""
 
-    def __init__(self, lab: Any, work: Path, *, rate: float, streams: int, timeout: float) -> None:
+    def __init__(self, lab: Any, work: Path, *, rate: float, streams: int, stream_rate: float,
+                 timeout: float) -> None:
         self.stop_file = work / f"stop-{uuid.uuid4().hex[:6]}"
         self.out = work / f"load-{uuid.uuid4().hex[:6]}.json"
+        self.progress_file = work / f"progress-{uuid.uuid4().hex[:6]}.json"
+        self.targets = ("cross", "same")
         ips = {key: lab.find_pod(key).ip for key in ("shop/web-0", "shop/web-1")}
         argv = [sys.executable, str(LOAD), "--rate", str(rate), "--streams", str(streams), "--timeout", str(timeout),
+                "--stream-rate", f"{stream_rate:g}",
                 "--short", f"cross={ips['shop/web-1']}:8080", "--short", f"same={ips['shop/web-0']}:8080",
                 "--stream", f"cross={ips['shop/web-1']}:9000", "--stream", f"same={ips['shop/web-0']}:9000",
-                "--until-file", str(self.stop_file), "--out", str(self.out)]
+                "--until-file", str(self.stop_file), "--out", str(self.out),
+                "--progress-file", str(self.progress_file)]
         self.proc = lab.spawn(CLIENT, argv)
+
+    def progress(self) -> dict[str, Any] | None:
+        """The load's latest report (None before its first); raises if it died."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the load client exited ({self.proc.returncode}) while it should be running")
+        try:
+            return json.loads(self.progress_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def wait_for_traffic(self, since: dict[str, Any] | None, *, answers: int, stream_bytes: int,
+                         begun_after: float | None = None, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until every short target has `answers` more 200s than in `since`
+        (None: from the start) and every stream `stream_bytes` more echoed (or
+        ended, as a killed agent's streams do); with `begun_after`, also until
+        no connection begun before then is still in flight. Returns the report
+        that showed it; after `timeout`, an AssertionError naming the flows that lagged."""
+        before = since or {"short": {}, "streams": []}
+        missing: list[str] = []
+
+        def lagging(report: dict[str, Any] | None) -> list[str]:
+            if report is None:
+                return ["the load's first report"]
+            out = [f"{answers} more answers from {t} (had {before['short'].get(t, {}).get('ok', 0)}, now "
+                   f"{report['short'].get(t, {})})" for t in self.targets
+                   if report["short"].get(t, {}).get("ok", 0) < before["short"].get(t, {}).get("ok", 0) + answers]
+            had = [s["echoed"] for s in before["streams"]] or [0] * len(report["streams"])
+            out += [f"{stream_bytes} more bytes echoed on stream {i} to {s['target']} (had {had[i]}, now "
+                    f"{s['echoed']})" for i, s in enumerate(report["streams"])
+                    if not s["ended"] and s["echoed"] < had[i] + stream_bytes]
+            oldest = report["oldest_in_flight"]
+            if begun_after is not None and oldest is not None and oldest < begun_after:
+                out.append(f"the connections begun before the new agent was ready to conclude (oldest began "
+                           f"{begun_after - oldest:.2f}s before)")
+            return out
+
+        def arrived() -> dict[str, Any] | None:
+            report = self.progress()
+            missing[:] = lagging(report)
+            return None if missing else report
+
+        return wait_until(arrived, lambda: "; ".join(missing), timeout, 0.05)
 
     def finish(self) -> dict[str, Any]:
         self.stop_file.touch()
@@ -211,6 +260,7 @@ def main() -> None:
     parser.add_argument("--events", default=",".join(EVENTS), help=f"comma-separated, of {', '.join(EVENTS)}")
     parser.add_argument("--rate", type=float, default=50.0, help="new connections per second per target")
     parser.add_argument("--streams", type=int, default=2, help="long-lived connections per target")
+    parser.add_argument("--stream-rate", type=float, default=64 * 1024, help="bytes per second per stream")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a new connection may take")
     parser.add_argument("--drain-seconds", type=float, default=25.0,
                         help="the agents' --drain-seconds (default: the DaemonSet's, 30 s grace - 5; longer than "
@@ -222,7 +272,10 @@ def main() -> None:
     unknown = set(events) - set(EVENTS)
     if unknown:
         parser.error(f"unknown events: {', '.join(sorted(unknown))}")
-    settle = 2.0 if args.quick else 4.0
+    # Traffic observed on every flow before and after each event: what `rate` gives
+    # in 2 s (--quick) or 4 s, and a quarter-second of each stream's bytes.
+    answers = int(args.rate * (2.0 if args.quick else 4.0))
+    stream_bytes = int(args.stream_rate / 4)
 
     from ambit.agent import log as logconf
     from ambit.lab import labconfig
@@ -248,12 +301,17 @@ def main() -> None:
         lab.up(labconfig.load_default())
         for node in nodes:
             for event in events:
-                load = Load(lab, work, rate=args.rate, streams=args.streams, timeout=args.timeout)
+                load = Load(lab, work, rate=args.rate, streams=args.streams, stream_rate=args.stream_rate,
+                            timeout=args.timeout)
                 capture = UnderlayCapture(settings.underlay_netns, plan.node("node1").underlay_port)
                 try:
-                    time.sleep(settle)  # steady state before the event (load already flowing)
+                    # Steady state before the event: answers and echoed bytes observed on every flow.
+                    steady = load.wait_for_traffic(None, answers=answers, stream_bytes=stream_bytes)
                     times, old_exited = run_event(lab, node, event, drain_seconds=args.drain_seconds)
-                    time.sleep(settle + max(0.0, times["ready_at"] + args.timeout - time.time()))
+                    # As much traffic again through the new agent, and every connection begun
+                    # before it was ready concluded (answered, failed or timed out).
+                    load.wait_for_traffic(steady, answers=answers, stream_bytes=stream_bytes,
+                                          begun_after=times["ready_at"], timeout=60.0 + args.timeout)
                 finally:
                     result = load.finish()
                     capture.stop()
