@@ -438,7 +438,7 @@ def test_idle_connections_are_closed_but_idle_tunnels_are_kept(lab: Lab, closing
         loop = asyncio.get_running_loop()
         pool = mesh.pool(client_settings)
         opened = await mesh.open(pool)
-        await asyncio.sleep(1.0)  # an open tunnel that is idle keeps its connection
+        await asyncio.sleep(1.0)  # a test of time: idle past 3 idle timeouts, an open tunnel keeps its connection
         await loop.sock_sendall(opened.pod, b"still here")
         assert await read_exactly(opened.upstream, 10) == b"still here"
         opened.pod.shutdown(socket.SHUT_WR)
@@ -471,7 +471,7 @@ def test_keepalive_pings_are_answered_and_a_silent_peer_is_dropped(lab: Lab) -> 
             raw.initiate_connection()
             raw.receive_data(await reader.read(65536))
             writer.write(raw.data_to_send())
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # a peer gone silent: keep-alive must end the client's wait well before
 
         server = await asyncio.start_server(silent, SERVER_IP, 15090, ssl=server_context(mesh.ids.store, PAYMENTS))
         try:
