@@ -38,10 +38,10 @@ from statistics import median
 from stats import percentile
 
 # Read from a figure's name: which way is better. Checked in order; the first match wins.
-_LOWER_IS_BETTER = re.compile(r"(_us|_ms|rtt|latency|cpu|_mb|rss|pss|seconds|duration|failed|errors|reset)", re.I)
+_LOWER_IS_BETTER = re.compile(r"(_us|_ms|rtt|latency|cpu|_mb|_kib|rss|pss|seconds|duration|failed|errors|reset)", re.I)
 _HIGHER_IS_BETTER = re.compile(r"(gbps|per_s|conn_s|rate|_vs_|ratio|throughput|ops)", re.I)
 # Figures that describe the run, not the code under test.
-_NOT_A_FIGURE = re.compile(r"(^|\.)(target[^.]*|cpus|pods|sizes|quick|seconds_run|rounds)$", re.I)
+_NOT_A_FIGURE = re.compile(r"(^|\.)([^.]*target[^.]*|cpus|pods|sizes|quick|seconds_run|rounds)$", re.I)
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, float]:
@@ -67,16 +67,17 @@ def flatten(value: object, prefix: str = "") -> dict[str, float]:
 
 
 def better_direction(name: str, lower: re.Pattern | None, higher: re.Pattern | None) -> str | None:
-    """'lower' or 'higher' is better for this figure, or None when the name does not say."""
-    leaf = name.rsplit(".", 1)[-1]
+    """'lower' or 'higher' is better for this figure, or None when the name does not say.
+    The last part of the name that says decides (`rtt_us.ambit.p50`: `rtt_us`)."""
     if lower and lower.search(name):
         return "lower"
     if higher and higher.search(name):
         return "higher"
-    if _LOWER_IS_BETTER.search(leaf):
-        return "lower"
-    if _HIGHER_IS_BETTER.search(leaf):
-        return "higher"
+    for part in reversed(name.split(".")):
+        if _LOWER_IS_BETTER.search(part):
+            return "lower"
+        if _HIGHER_IS_BETTER.search(part):
+            return "higher"
     return None
 
 

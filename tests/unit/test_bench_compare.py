@@ -52,3 +52,13 @@ def test_the_last_json_line_of_a_bench_output_is_its_report():
     out = 'table\n{"bench": "x", "a": 1}\nnoise {\n{"bench": "capture", "gbps": 2}\n'
     assert last_json_line(out) == {"bench": "capture", "gbps": 2}
     assert last_json_line("no report") is None
+
+
+def test_nested_figures_take_their_direction_from_the_part_that_names_a_unit():
+    assert better_direction("rtt_us.ambit.p50", None, None) == "lower"
+    assert better_direction("throughput_gbps.1.ambit", None, None) == "higher"
+    assert better_direction("idle_tunnel_kib.server_agent", None, None) == "lower"
+    table = compare([{"added_rtt_target": 1.5, "x.y_target_kib": 64.0}], [{"added_rtt_target": 2.0,
+                                                                        "x.y_target_kib": 64.0}],
+                    None, None, None, 5.0)
+    assert table == {}
