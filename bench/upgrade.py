@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -325,6 +326,7 @@ def main() -> None:
         lab.down()
         if bpffs_root.exists() and not any(bpffs_root.iterdir()):
             bpffs_root.rmdir()
+        shutil.rmtree(work, ignore_errors=True)  # the load generators' reports, read above
     summary = {"bench": "upgrade", "quick": args.quick, "rate_per_target": args.rate,
                "streams_per_target": args.streams, "timeout_s": args.timeout, "events": reports,
                "seconds": round(time.monotonic() - started, 1),
