@@ -57,7 +57,7 @@ from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
-from .sockets import connect, errno_name, reset_socket
+from .sockets import connect, errno_name, reset_socket, set_nonblocking
 from .tls_stream import TlsStream
 
 __all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]
@@ -483,9 +483,8 @@ class HboneInbound:
         if not isinstance(sock, socket.socket):
             raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
         try:
-            sock.setblocking(False)
-            async with asyncio.timeout(self._settings.upstream_connect_timeout_s):
-                await connect(sock, (dst_ip, dst_port))
+            set_nonblocking(sock)  # the agent's factory made it so already (prepare_upstream)
+            await connect(sock, (dst_ip, dst_port), self._settings.upstream_connect_timeout_s)
         except BaseException:
             sock.close()
             raise

@@ -39,7 +39,7 @@ from .hbone.protocol import HboneClientProtocol
 from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
-from .sockets import connect
+from .sockets import connect, set_nonblocking
 from .tls_stream import TlsStream
 
 __all__ = [
@@ -164,8 +164,8 @@ class HboneClientPool:
             # open_tunnel sends the CONNECT before its first await, so nobody
             # can take the last stream of the budget between check and use.
             try:
-                async with asyncio.timeout(self._settings.connect_response_timeout_s):
-                    return await connection.open_tunnel(authority, sock, headers)
+                return await connection.open_tunnel(authority, sock, headers,
+                                                    self._settings.connect_response_timeout_s)
             except TimeoutError:
                 # open_tunnel reset the stream on its way out; the socket is still the caller's.
                 raise TunnelError(f"no answer to CONNECT {authority} within "
@@ -222,9 +222,8 @@ class HboneClientPool:
         if not isinstance(sock, socket.socket):
             raise TypeError(f"socket_factory returned {type(sock).__name__}, not a socket")
         try:
-            sock.setblocking(False)
-            async with asyncio.timeout(settings.upstream_connect_timeout_s):
-                await connect(sock, (key.next_hop_ip, key.next_hop_port))
+            set_nonblocking(sock)
+            await connect(sock, (key.next_hop_ip, key.next_hop_port), settings.upstream_connect_timeout_s)
         except BaseException:
             sock.close()
             raise

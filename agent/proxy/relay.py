@@ -46,7 +46,7 @@ from ambit.agent.datapath.constants import MARK_PROXY
 
 from .connections import ConnectionProgress, ConnectionRegistry, ConnectionState
 from .listeners import IPV6_TRANSPARENT, AcceptedConnection, SocketAddress
-from .sockets import connect, errno_name, reset_socket
+from .sockets import connect, errno_name, reset_socket, set_nonblocking
 from ..netns import NetnsSocketPool, NetnsThread
 
 log = structlog.get_logger(__name__)
@@ -105,7 +105,7 @@ def _tune(sock: socket.socket, options: RelayOptions) -> None:
 def prepare_upstream(sock: socket.socket, source_ip: str, options: RelayOptions) -> None:
     """Options and bind of an upstream socket that connects from `source_ip`
     (the client pod's address); must precede connect()."""
-    sock.setblocking(False)
+    set_nonblocking(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY)
     _tune(sock, options)
     if options.transparent_source:
@@ -301,8 +301,7 @@ async def connect_upstream(
     sock = await new_socket(dst.family)
     try:
         prepare_upstream(sock, accepted.client.ip, options)
-        async with asyncio.timeout(options.connect_timeout):
-            await connect(sock, (dst.ip, dst.port))
+        await connect(sock, (dst.ip, dst.port), options.connect_timeout)
     except BaseException:
         sock.close()
         raise

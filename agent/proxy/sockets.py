@@ -29,16 +29,27 @@ def errno_name(exc: BaseException) -> str:
 _CONNECTING = frozenset({errno.EINPROGRESS, errno.EINTR})
 
 
-async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
+def set_nonblocking(sock: socket.socket) -> None:
+    """setblocking(False), without the ioctl(2) when Python already made the
+    socket non-blocking (a socket on the connection path is handed over
+    several times: one syscall each saved per connection)."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+
+
+async def connect(sock: socket.socket, address: tuple[str, int], timeout_s: float | None = None) -> None:
     """Connect a non-blocking socket to a numeric `address` (raises the
-    OSError of the failure: ConnectionRefusedError, ...).
+    OSError of the failure: ConnectionRefusedError, ..., or TimeoutError
+    after `timeout_s`).
 
     Not loop.sock_connect: uvloop's resolves every address first, and with
     no socket type given that is a getaddrinfo on its thread pool, i.e. a
     thread hop, a futex wake-up and an eventfd round per upstream connect
     (most of the destination side's share of a short connection's CPU
     besides the kernel's). Here: connect(2), then one writability wait
-    unless the handshake is already done."""
+    unless the handshake is already done; the deadline is armed only for
+    that wait (a connect that completed inside connect(2), the common case
+    to a pod on this node, costs no timer)."""
     err = sock.connect_ex(address)
     if err == 0:
         return
@@ -56,7 +67,11 @@ async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
     fd = sock.fileno()
     loop.add_writer(fd, _writable, connected)
     try:
-        await connected
+        if timeout_s is None:
+            await connected
+        else:
+            async with asyncio.timeout(timeout_s):
+                await connected
     finally:
         loop.remove_writer(fd)  # before any close: the loop must not watch a closed descriptor
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -482,13 +482,20 @@ class HboneClientProtocol(HboneConnection):
         authority: str,
         sock: socket.socket,
         extra_headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+        timeout_s: float | None = None,
     ) -> Tunnel:
-        """CONNECT, wait for the 200, then splice `sock`; raises TunnelError.
+        """CONNECT, wait for the 200, then splice `sock`; raises TunnelError,
+        or TimeoutError when no answer came within `timeout_s` (the stream is
+        then reset).
 
         The socket is read only after the 200 (a pod's bytes never go out as
         DATA before it). On failure the socket is left untouched to the caller.
+        The deadline is one timer handle, not an asyncio.timeout around the
+        wait (a Timeout object, a task cancellation path and their bookkeeping
+        on every connection of the client side).
         """
         tunnel = self.start_tunnel(authority, extra_headers, sock)
+        deadline = None if timeout_s is None else self.loop.call_later(timeout_s, _connect_unanswered, tunnel)
         try:
             await tunnel.opened
         except asyncio.CancelledError:
@@ -496,6 +503,9 @@ class HboneClientProtocol(HboneConnection):
                 tunnel._sock_waiting = None  # still the caller's
             tunnel.abort("cancelled while opening")
             raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         return tunnel
 
     def _handle_side_event(self, event: HboneEvent) -> None:
@@ -515,6 +525,17 @@ class HboneClientProtocol(HboneConnection):
             self.close("stream budget used")
             return
         self._arm_idle()
+
+
+def _connect_unanswered(tunnel: Tunnel) -> None:
+    """open_tunnel's deadline: fail the wait and reset the stream in one step,
+    so a 200 arriving later can never take the caller's socket."""
+    if tunnel.opened.done():
+        return
+    tunnel._sock_waiting = None  # still the caller's
+    tunnel.opened.set_exception(TimeoutError())
+    tunnel.opened.exception()  # the waiter raises it; no "never retrieved" noise if it was cancelled
+    tunnel.abort("no answer to CONNECT")
 
 
 TunnelRequestHandler = Callable[["HboneServerProtocol", Tunnel], None]

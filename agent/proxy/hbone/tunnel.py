@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
 
-from ..sockets import errno_name, reset_socket
+from ..sockets import errno_name, reset_socket, set_nonblocking
 from .events import TunnelRequested
 from .outcomes import HboneConnectionLost, TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused, TunnelReset
 
@@ -141,7 +141,7 @@ class Tunnel:
             raise TunnelError(f"tunnel already ended ({self.done.result().end.value})")
         if self._attached:
             raise TunnelError("tunnel already has a socket")
-        sock.setblocking(False)
+        set_nonblocking(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
