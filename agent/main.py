@@ -37,9 +37,9 @@ from .discovery.model import POLICY_KINDS
 from .discovery.state import EVENT_REJECTED
 from .discovery.report import NO_DISCOVERY, DiscoveryReport
 from .enrolment import Enrolment, RecordOnly
-from .identity.ca import DEFAULT_LEAF_TTL
 from .identity.ca_options import add_ca_client_arguments, ca_client_settings
 from .identity.istio_ca import CaClientSettings
+from .identity.validity import DEFAULT_LEAF_TTL
 from .lifecycle.handover import (HandoverClient, HandoverOffer, HandoverRefused, PredecessorGone,
                                  handover_path)
 from .lifecycle.drift import DriftRepair

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -30,18 +30,21 @@ from .discovery.report import DiscoveryReport, discovery_report
 from .discovery.selector import AmbientSelector
 from .discovery.state import ClusterState
 from .enrolment import Enrolment, EnrolmentError
-from .identity.ca import DEFAULT_LEAF_TTL, LocalCA
-from .identity.issuer import Issuer, IstioCaIssuer, LocalIssuer
+from .identity.credentials_child import ChildProcessCaIssuer
 from .identity.istio_ca import CaClientSettings, IstioCaClient
 from .identity.rotation import CertificateRotation
 from .identity.spiffe import SpiffeId
 from .identity.store import CertificateStore
+from .identity.validity import DEFAULT_LEAF_TTL
 from .policy.authz import PolicyEngine
 from .policy.enforce import Authorizer
 from .policy.peerauth import PeerAuthenticationPolicy
 from .proxy.node_proxy import Mesh
 from .proxy.routing import OutboundRouter
 from .workload import PodRef, Workload
+
+if TYPE_CHECKING:
+    from .identity.issuer import LocalIssuer
 
 log = structlog.get_logger(__name__)
 
@@ -121,12 +124,16 @@ class MeshRuntime:
         log.info("mesh started", discovery=s.discovery, trust_domain=s.trust_domain, ca=certificates.issuer,
                  synced=self.synced, counts=self.state.counts())
 
-    async def _issuer(self) -> Issuer:
+    async def _issuer(self) -> LocalIssuer | ChildProcessCaIssuer:
+        """A CA key on this host signs in-process (`cryptography` loaded for it); a remote
+        CA's keys, CSRs and answers are handled in a child (credentials_child.py)."""
         s = self.settings
         if s.ca is None:
+            from .identity.ca import LocalCA
+            from .identity.issuer import LocalIssuer
             return LocalIssuer(await asyncio.to_thread(LocalCA.load_or_create, Path(s.ca_dir), s.trust_domain))
         self._ca_client = IstioCaClient(s.ca)
-        return IstioCaIssuer(self._ca_client, s.trust_domain, impersonate=True)
+        return ChildProcessCaIssuer(self._ca_client, s.trust_domain)
 
     def _on_cluster_change(self, kind: str, event_type: str, old: Any, new: Any) -> None:
         node = self.settings.node_name

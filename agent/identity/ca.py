@@ -8,9 +8,9 @@ by every node of a lab so their workloads trust each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import structlog
 from cryptography import x509
@@ -20,16 +20,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .pemfiles import ensure_private_dir, write_private, write_public
 from .spiffe import SpiffeId, check_trust_domain
-
-Clock = Callable[[], datetime]
+from .validity import CLOCK_SKEW_ALLOWANCE, DEFAULT_LEAF_TTL, Clock, utc_now  # noqa: F401 (also imported from here)
 
 CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
 DEFAULT_CA_VALIDITY = timedelta(days=365)
-DEFAULT_LEAF_TTL = timedelta(hours=24)
-# Certificates start a little in the past so a peer whose clock lags ours
-# does not reject a certificate issued a moment ago as "not yet valid".
-CLOCK_SKEW_ALLOWANCE = timedelta(minutes=1)
 MIN_RSA_BITS = 2048
 _LEAF_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
@@ -39,10 +34,6 @@ CASigningKey = Union[
 LeafPublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey]
 
 _log = structlog.get_logger(__name__)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class InvalidCA(ValueError):

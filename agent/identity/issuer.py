@@ -24,13 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .ca import CLOCK_SKEW_ALLOWANCE, Clock, IssuedCert, LocalCA, utc_now
-from .csr import certificate_request
-from .istio_ca import IssueError, IstioCaClient
+from .csr import certificate_request, new_workload_key
+from .istio_ca import BadCertificate, IstioCaClient
 from .spiffe import SpiffeId
-
-
-class BadCertificate(IssueError):
-    """The CA answered with something that is not a certificate for what was asked."""
 
 
 class Issuer(Protocol):
@@ -39,6 +35,8 @@ class Issuer(Protocol):
     clock: Clock
 
     async def issue(self, identity: SpiffeId, key: ec.EllipticCurvePrivateKey, ttl: timedelta) -> IssuedCert: ...
+
+    async def issue_new_key(self, identity: SpiffeId, ttl: timedelta) -> IssuedCert: ...
 
 
 class LocalIssuer:
@@ -56,6 +54,9 @@ class LocalIssuer:
 
     async def issue(self, identity: SpiffeId, key: ec.EllipticCurvePrivateKey, ttl: timedelta) -> IssuedCert:
         return self.issue_now(identity, key, ttl)
+
+    async def issue_new_key(self, identity: SpiffeId, ttl: timedelta) -> IssuedCert:
+        return self.issue_now(identity, new_workload_key(), ttl)
 
 
 class IstioCaIssuer:
@@ -79,6 +80,9 @@ class IstioCaIssuer:
                                                      int(ttl.total_seconds()),
                                                      identity if self.impersonate else None)
         return verified_chain(identity, key, chain, self.clock(), self.description)
+
+    async def issue_new_key(self, identity: SpiffeId, ttl: timedelta) -> IssuedCert:
+        return await self.issue(identity, new_workload_key(), ttl)
 
 
 def _spki(key: object) -> bytes:

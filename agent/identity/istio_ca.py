@@ -51,6 +51,10 @@ class IssueError(Exception):
     """No certificate this time; the caller keeps what it has and tries again later."""
 
 
+class BadCertificate(IssueError):
+    """The CA answered with something that is not a certificate for what was asked."""
+
+
 class CaUnavailable(IssueError):
     """The CA could not be reached or could not answer now."""
 

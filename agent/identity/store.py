@@ -24,23 +24,30 @@ checks that), so the layout needs no escaping.
 from __future__ import annotations
 
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from ..singleflight import SingleFlight
-from .ca import DEFAULT_LEAF_TTL, Clock, IssuedCert, LocalCA
-from .csr import new_workload_key
-from .issuer import Issuer, LocalIssuer
+from .credentials_child import ChildProcessCaIssuer, HeldCredentials
 from .istio_ca import IssueError
 from .pemfiles import ensure_private_dir, write_private, write_public
 from .spiffe import SpiffeId
+from .validity import DEFAULT_LEAF_TTL, Clock
+
+if TYPE_CHECKING:  # no `cryptography` in the agent unless it signs locally (credentials_child.py)
+    from cryptography import x509
+
+    from .ca import IssuedCert, LocalCA
+    from .issuer import Issuer, LocalIssuer
+
+    Credentials = Union[IssuedCert, HeldCredentials]
 
 DEFAULT_ROTATE_FRACTION = 0.5
 BUNDLE_FILE = "trust-bundle.pem"
@@ -53,10 +60,13 @@ CertListener = Callable[[SpiffeId, "WorkloadCert | None"], None]
 _log = structlog.get_logger(__name__)
 
 
+def _due_at(start: datetime, end: datetime, fraction: float) -> datetime:
+    return start + (end - start) * fraction
+
+
 def rotation_due_at(certificate: x509.Certificate, fraction: float = DEFAULT_ROTATE_FRACTION) -> datetime:
     """The moment `fraction` of the certificate's lifetime has passed."""
-    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-    return start + (end - start) * fraction
+    return _due_at(certificate.not_valid_before_utc, certificate.not_valid_after_utc, fraction)
 
 
 def needs_rotation(
@@ -64,12 +74,29 @@ def needs_rotation(
 ) -> bool:
     """True once the rotation point has passed, or if the clock went back before
     the certificate's start (peers would then refuse it as not yet valid)."""
-    return now >= rotation_due_at(certificate, fraction) or now < certificate.not_valid_before_utc
+    return _needs_rotation(certificate.not_valid_before_utc, certificate.not_valid_after_utc, now, fraction)
+
+
+def _needs_rotation(start: datetime, end: datetime, now: datetime, fraction: float) -> bool:
+    return now >= _due_at(start, end, fraction) or now < start
 
 
 def usable(certificate: x509.Certificate, now: datetime) -> bool:
     """Within its validity: peers accept it, even if it is due for replacement."""
-    return certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc
+    return _usable(certificate.not_valid_before_utc, certificate.not_valid_after_utc, now)
+
+
+def _usable(start: datetime, end: datetime, now: datetime) -> bool:
+    return start <= now < end
+
+
+def _as_issuer(issuer: Issuer | LocalCA | ChildProcessCaIssuer) -> Issuer | ChildProcessCaIssuer:
+    """A LocalCA signs through a LocalIssuer (only then is ca.py, and `cryptography`, loaded)."""
+    ca = sys.modules.get(f"{__package__}.ca")
+    if ca is not None and isinstance(issuer, ca.LocalCA):
+        from .issuer import LocalIssuer
+        return LocalIssuer(issuer)
+    return issuer  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -85,7 +112,7 @@ class CertPaths:
 class WorkloadCert:
     """The store's current credentials for one service account."""
 
-    issued: IssuedCert
+    issued: Credentials
     paths: CertPaths
 
     @property
@@ -119,7 +146,7 @@ class CertificateStore:
 
     def __init__(
         self,
-        issuer: Issuer | LocalCA,
+        issuer: Issuer | LocalCA | ChildProcessCaIssuer,
         directory: Path,
         *,
         ttl: timedelta = DEFAULT_LEAF_TTL,
@@ -130,8 +157,8 @@ class CertificateStore:
         the CA just issued could already look due for rotation."""
         if not 0.0 < rotate_fraction < 1.0:
             raise ValueError(f"rotate_fraction must be between 0 and 1, got {rotate_fraction}")
-        self._issuer: Issuer = LocalIssuer(issuer) if isinstance(issuer, LocalCA) else issuer
-        self._local = self._issuer if isinstance(self._issuer, LocalIssuer) else None
+        self._issuer = _as_issuer(issuer)
+        self._local: LocalIssuer | None = self._issuer if hasattr(self._issuer, "issue_now") else None  # type: ignore[assignment]
         self._directory = Path(directory)
         self._ttl = ttl
         self._rotate_fraction = rotate_fraction
@@ -194,7 +221,7 @@ class CertificateStore:
             return self._certs.get(spiffe_id)
 
     def due_at(self, cert: WorkloadCert) -> datetime:
-        return rotation_due_at(cert.issued.certificate, self._rotate_fraction)
+        return _due_at(cert.issued.not_before, cert.issued.not_after, self._rotate_fraction)
 
     # -- the agent's way: asynchronous, any issuer ----------------------------
 
@@ -202,7 +229,7 @@ class CertificateStore:
         """A certificate peers accept now: the one held (even if due: its
         replacement is the rotation's business), else a new one."""
         held = self.current(spiffe_id)
-        if held is not None and usable(held.issued.certificate, self._clock()):
+        if held is not None and _usable(held.issued.not_before, held.issued.not_after, self._clock()):
             return held
         return await self.renew(spiffe_id)
 
@@ -214,7 +241,7 @@ class CertificateStore:
         with self._lock:
             self._removed_while_issuing[spiffe_id] = False  # renewals of one identity are single-flight
         try:
-            issued = await self._issuer.issue(spiffe_id, new_workload_key(), self._ttl)
+            issued = await self._issuer.issue_new_key(spiffe_id, self._ttl)
         except BaseException:
             with self._lock:
                 self._removed_while_issuing.pop(spiffe_id, None)
@@ -232,11 +259,13 @@ class CertificateStore:
         with self._lock:
             held = self._certs.get(spiffe_id)
             now = self._clock()
-            if held is not None and not needs_rotation(held.issued.certificate, now, self._rotate_fraction):
+            if held is not None and not _needs_rotation(held.issued.not_before, held.issued.not_after, now,
+                                                        self._rotate_fraction):
                 return held
             if self._local is not None:
+                from .csr import new_workload_key  # a local CA: `cryptography` is loaded already
                 return self._install(self._local.issue_now(spiffe_id, new_workload_key(), self._ttl))
-            if held is not None and usable(held.issued.certificate, now):
+            if held is not None and _usable(held.issued.not_before, held.issued.not_after, now):
                 return held
         raise IssueError(f"no certificate for {spiffe_id} yet ({self.issuer})")
 
@@ -279,15 +308,16 @@ class CertificateStore:
                     serial=cert.serial,
                     not_before=cert.issued.not_before,
                     not_after=cert.issued.not_after,
-                    rotation_due_at=rotation_due_at(cert.issued.certificate, self._rotate_fraction),
-                    rotation_due=needs_rotation(cert.issued.certificate, now, self._rotate_fraction),
+                    rotation_due_at=self.due_at(cert),
+                    rotation_due=_needs_rotation(cert.issued.not_before, cert.issued.not_after, now,
+                                                 self._rotate_fraction),
                     issuer=cert.issued.issuer,
                 )
                 for spiffe_id, cert in self._certs.items()
             ]
         return sorted(rows, key=lambda row: str(row.spiffe_id))
 
-    def _install(self, issued: IssuedCert) -> WorkloadCert:
+    def _install(self, issued: Credentials) -> WorkloadCert:
         """Under the lock: write the files, make it current, tell the listeners."""
         spiffe_id = issued.spiffe_id
         replacing = self._certs.get(spiffe_id)
@@ -331,8 +361,10 @@ class CertificateStore:
         if self._local is not None:
             roots[self._local.ca.trust_bundle_pem] = None
         for cert in self._certs.values():
-            if cert.issued.root is not None:
-                roots[cert.issued.root.public_bytes(serialization.Encoding.PEM)] = None
+            try:
+                roots[cert.issued.root_pem] = None
+            except ValueError:  # a local CA's leaf for a caller-held key: no root to add
+                continue
         bundle = b"".join(roots)
         if bundle and bundle != self._bundle:
             self._write_bundle(bundle)

@@ -3,7 +3,10 @@
 The Kubernetes client (and pydantic, which it brings) only with
 `--discovery kube` (~0.25 s and ~21 MB of RSS otherwise spent for nothing);
 bcc never (it maps LLVM: the loader child compiles); the lab, waypoint,
-CA and `ambit` command code never; of pyroute2 only what the agent uses."""
+CA and `ambit` command code never; of pyroute2 only what the agent uses;
+`cryptography` (~9 MB of RSS: its own OpenSSL) only where it signs with a
+local CA key (credentials_child.py makes keys and checks a remote CA's
+answers in a child process)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,8 @@ import subprocess
 import sys
 
 NEVER = ("bcc", "ambit.lab", "ambit.waypoint", "ambit.ca", "ambit.cli",
-         "pyroute2.ndb", "pyroute2.ipdb", "sqlite3")  # pyroute2's __init__ brings these (pyroute2_lazy.py)
+         "pyroute2.ndb", "pyroute2.ipdb", "sqlite3",  # pyroute2's __init__ brings these (pyroute2_lazy.py)
+         "cryptography")
 ONLY_FOR_KUBE = ("kubernetes", "pydantic")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ambit.agent.backoff import Backoff
 from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity import credentials_child
+from ambit.agent.identity.credentials_child import ChildProcessCaIssuer
 from ambit.agent.identity.csr import certificate_request, new_workload_key
 from ambit.agent.identity.issuer import BadCertificate, IstioCaIssuer
 from ambit.agent.identity.istio_ca import CaClientSettings, CaRefused, CaUnavailable, IssueError, IstioCaClient
@@ -103,12 +107,14 @@ def test_the_csr_names_only_the_identity_and_proves_the_key() -> None:
 
 def _refused(mesh_ca: LocalCA, files, make_behaviour: Callable[[ScriptedCa], object],
              expected: type[Exception], match: str) -> None:
+    """Refused in-process (waypoints, `ambit ca` tools) and by the agent's credentials child alike."""
     async def scenario() -> None:
         async with scripted_ca(mesh_ca) as endpoint:
             endpoint.servicer.behaviour = make_behaviour(endpoint.servicer)  # type: ignore[assignment]
             client = IstioCaClient(settings(endpoint, files, timeout=1.0))
-            with pytest.raises(expected, match=match):
-                await IstioCaIssuer(client, TD).issue(CART, new_workload_key(), timedelta(hours=1))
+            for issuer in (IstioCaIssuer(client, TD), ChildProcessCaIssuer(client, TD)):
+                with pytest.raises(expected, match=match):
+                    await issuer.issue_new_key(CART, timedelta(hours=1))
             await client.close()
     run(scenario)
 
@@ -222,6 +228,44 @@ def test_the_channel_follows_a_new_root_certificate(mesh_ca: LocalCA, files) -> 
 
 
 # -- the store and the rotation over the wire -------------------------------------
+
+
+def test_the_agents_credentials_child_makes_the_key_and_the_agent_keeps_only_pem_and_dates(
+        mesh_ca: LocalCA, files, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with scripted_ca(mesh_ca) as endpoint:
+            client = IstioCaClient(settings(endpoint, files))
+            store = CertificateStore(ChildProcessCaIssuer(client, TD), tmp_path / "certs")
+            held = await store.certificate(CART)
+            received = endpoint.servicer.received[0]
+            assert received.impersonated == str(CART) and received.csr.is_signature_valid
+            leaf = x509.load_pem_x509_certificates(held.issued.chain_pem)[0]
+            key = serialization.load_pem_private_key(held.issued.private_key_pem, None)
+            assert leaf.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+            assert received.csr.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+            assert (held.serial, held.issued.not_before, held.issued.not_after) == (
+                leaf.serial_number, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+            assert held.issued.root_pem == mesh_ca.trust_bundle_pem == store.bundle_path.read_bytes()
+            assert held.issued.issuer == f"Istio CA at {endpoint.address}"
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            store.load_cert_chain_into(context, CART)  # the key file matches the certificate file
+            assert store.status()[0].rotation_due_at == leaf.not_valid_before_utc + (
+                leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
+            await client.close()
+    run(scenario)
+
+
+def test_a_credentials_child_that_dies_is_an_issue_error_naming_why(mesh_ca: LocalCA, files,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with scripted_ca(mesh_ca) as endpoint:
+            client = IstioCaClient(settings(endpoint, files))
+            monkeypatch.setattr(credentials_child, "CHILD_MODULE", "ambit.agent.identity.no_such_module")
+            with pytest.raises(IssueError, match="credentials child failed: .*No module named"):
+                await ChildProcessCaIssuer(client, TD).issue_new_key(CART, timedelta(hours=1))
+            assert endpoint.servicer.received == []
+            await client.close()
+    run(scenario)
 
 
 def test_one_request_per_identity_however_many_connections_ask(mesh_ca: LocalCA, files, tmp_path: Path) -> None:

@@ -410,9 +410,9 @@ class HeldIssuer:
         self.trust_domain, self.clock, self.description = ca.trust_domain, ca.clock, "held"
         self.release = asyncio.Event()
 
-    async def issue(self, identity, key, ttl):  # type: ignore[no-untyped-def]
+    async def issue_new_key(self, identity, ttl):  # type: ignore[no-untyped-def]
         await self.release.wait()
-        return await self.inner.issue(identity, key, ttl)
+        return await self.inner.issue_new_key(identity, ttl)
 
 
 def test_removal_during_issuance_refuses_it_and_pod_churn_leaves_no_trace(tmp_path: Path) -> None:
@@ -421,8 +421,11 @@ def test_removal_during_issuance_refuses_it_and_pod_churn_leaves_no_trace(tmp_pa
         store = CertificateStore(issuer, tmp_path / "certs")  # type: ignore[arg-type]
         gone = SpiffeId(TD, "shop", "gone")
         renewal = asyncio.ensure_future(store.renew(gone))
-        while not store._removed_while_issuing:  # the issuance has started
+        for _ in range(100):  # until the issuance has started
+            if store._removed_while_issuing:
+                break
             await asyncio.sleep(0)
+        assert store._removed_while_issuing == {gone: False}, "the issuance never started"
         assert not store.remove(gone)  # nothing held yet, but the issuance in flight is marked
         issuer.release.set()
         with pytest.raises(IssueError, match="removed while"):
