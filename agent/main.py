@@ -457,7 +457,9 @@ class Agent:
         if self._settling is not None:
             self._settling.cancel()
         if self.proxy is not None:
-            self.proxy.stop_accepting()
+            # A hand-over in progress may still give the sockets to a
+            # successor: until it has, queued connections are served here.
+            self.proxy.stop_accepting(successor=self._successor is not None)
         self.telemetry.stop()
         if self.handover is not None:
             await self.handover.close()  # a hand-over past `frozen` runs to its end first

@@ -199,13 +199,19 @@ class TransparentListener:
         self._log = self._log.bind(address=str(self.address))
         self._log.info("listening", adopted=adopt is not None)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, *, take_queued: bool = False) -> None:
         """Accept no more and close this process's descriptor of the socket;
         running handlers carry on. The socket itself lives on where another
-        process holds it (a successor), else the kernel closes it."""
-        sock, self._sock = self._sock, None
+        process holds it (a successor), else the kernel closes it, and
+        resets every connection still in its accept queue: handshakes the
+        kernel completed for clients that then see a reset, not a retried
+        SYN. So with `take_queued` (no successor will accept them) those are
+        accepted and served first."""
+        sock = self._sock
         if sock is None:
             return
+        queued = self._take_queued(sock) if take_queued else 0
+        self._sock = None
         assert self._loop is not None
         if self._paused is not None:
             self._paused.cancel()
@@ -213,7 +219,21 @@ class TransparentListener:
         else:
             self._loop.remove_reader(sock.fileno())
         sock.close()  # close(2) only: never shutdown(2), which would stop the successor's copy too
-        self._log.info("stopped accepting", running=len(self._connections))
+        self._log.info("stopped accepting", running=len(self._connections), taken_from_queue=queued)
+
+    def _take_queued(self, sock: socket.socket) -> int:
+        """Accept what the queue holds now (at most a backlog's worth)."""
+        taken = 0
+        for _ in range(self._backlog):
+            try:
+                conn_sock, _ = sock.accept()
+            except ConnectionAbortedError:
+                continue
+            except OSError:  # empty (EAGAIN), or out of descriptors: what is left is reset
+                break
+            self._dispatch(conn_sock)
+            taken += 1
+        return taken
 
     async def wait_idle(self) -> None:
         """Until every handler started so far has finished."""

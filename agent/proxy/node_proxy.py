@@ -175,12 +175,14 @@ class NodeProxy:
         log.info("proxy listening", netns=self.proxy_netns, listeners=self.listener_names(),
                  mesh=self.mesh is not None)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, *, successor: bool = True) -> None:
         """New connections are no longer ours: the listening sockets are
         closed here (a successor that took them over keeps them open, else
-        the datapath drops new SYNs: fail closed)."""
+        the datapath drops new SYNs: fail closed, and clients retry). With
+        no successor, connections already in an accept queue are served
+        here rather than reset by the close."""
         for listener in self._listeners:
-            listener.stop_accepting()
+            listener.stop_accepting(take_queued=not successor)
 
     async def drain(self, seconds: float, reason: str) -> int:
         """Stop accepting, GOAWAY on every HBONE connection (both sides), and

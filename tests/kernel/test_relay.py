@@ -649,6 +649,46 @@ def test_listener_made_in_a_namespace_accepts_there_only_and_frees_its_port(
     listen(single_ns, PROXY_IP, 15006).close()
 
 
+@pytest.mark.parametrize("take_queued", [True, False], ids=["no-successor", "successor-holds-the-socket"])
+def test_connections_queued_when_a_listener_stops_are_served_without_a_successor(
+        single_ns: NetnsThread, proxy_loop: ProxyLoop, take_queued: bool) -> None:
+    """A drain with no successor (SIGTERM on node shutdown) must not reset
+    handshakes the kernel already completed: closing a listener resets its
+    accept queue, so those connections are accepted and served first. With
+    a successor holding the same socket, they are left for it (here nobody
+    holds it, so the close resets them: the control case)."""
+
+    async def handler(accepted: AcceptedConnection, sock: socket.socket) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, b"served")
+
+    listener = TransparentListener(ListenerKind.INBOUND_PLAINTEXT, handler, netns=single_ns,
+                                   address=PROXY_IP, port=15006)
+    proxy_loop.call(listener.start())
+    clients: list[socket.socket] = []
+
+    async def queue_then_stop() -> None:
+        # The loop is busy in this coroutine, so nothing is accepted while the
+        # clients connect: their handshakes complete into the accept queue.
+        for _ in range(5):
+            clients.append(connect(single_ns, listener.address, source_ip=CLIENT_IP))
+        listener.stop_accepting(take_queued=take_queued)
+
+    try:
+        proxy_loop.call(queue_then_stop())
+        outcomes = []
+        for sock in clients:
+            try:
+                outcomes.append(read_to_eof(sock))
+            except ConnectionResetError:
+                outcomes.append("reset")
+        proxy_loop.call(listener.wait_idle())
+    finally:
+        for sock in clients:
+            sock.close()
+        proxy_loop.call(listener.stop())
+    assert outcomes == ([b"served"] * 5 if take_queued else ["reset"] * 5)
+
+
 def test_listener_default_ports() -> None:
     assert [k.default_port for k in ListenerKind] == [15001, 15006, 15008]
 
