@@ -40,6 +40,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -207,15 +208,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         churn_args = [str(soak_seconds), str(CHURN_RATE), "4", "100"]
         loads = [pods.start(CLIENT_POD, [str(tool), "churn", *ambit_target, *churn_args], output=True),
                  chain.spawn([str(tool), "churn", *envoy_target, *churn_args], output=True)]
-        samples: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
-        started = time.monotonic()
-        interval = max(0.5, soak_seconds / 120)
-        while any(p.poll() is None for p in loads):
-            now = time.monotonic() - started
-            for name, pid in pids.items():
-                samples[name].append((now, memory_kib(pid)["rss"]))
-            time.sleep(interval)
-        results = [done_line(p, 60) for p in loads]
+        # Each load's output is read while it runs: at the end it prints one line per connection
+        # (~450 KB for a 10-minute soak), more than a pipe holds, and would block for ever.
+        with ThreadPoolExecutor(len(loads)) as readers:
+            reading = [readers.submit(done_line, p, soak_seconds + 120) for p in loads]
+            samples: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
+            started = time.monotonic()
+            interval = max(0.5, soak_seconds / 120)
+            while not all(r.done() for r in reading):
+                now = time.monotonic() - started
+                for name, pid in pids.items():
+                    samples[name].append((now, memory_kib(pid)["rss"]))
+                time.sleep(interval)
+            results = [r.result() for r in reading]
         report["churn"] = {path: {"ok": ok, "errors": errors, "per_s": round(ok / seconds)}
                            for path, (ok, errors, seconds) in zip(("ambit", "envoy"), results)}
         table["d_after_soak"] = {name: memory_kib(pid) for name, pid in pids.items()}
