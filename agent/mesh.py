@@ -120,7 +120,7 @@ class MeshRuntime:
         attributor = Attributor(self.state, s.node_name, self._enrolled_pod)
         self.mesh = Mesh(state=self.state, router=OutboundRouter(self.state, s.node_name, s.trust_domain, attributor),
                          authorizer=Authorizer(self.state, self.engine, attributor), certificates=certificates,
-                         pending=self.pending)
+                         pending=self.pending, until_synced=self.until_synced)
         log.info("mesh started", discovery=s.discovery, trust_domain=s.trust_domain, ca=certificates.issuer,
                  synced=self.synced, counts=self.state.counts())
 
@@ -158,6 +158,11 @@ class MeshRuntime:
             return ""
         pending = self.source.pending() if self.source is not None else {}
         return "; ".join(f"{what}: {why}" for what, why in sorted(pending.items())) or "not started"
+
+    async def until_synced(self) -> None:
+        """Returns once discovery has synced every kind (no deadline: callers bound it)."""
+        assert self._synced is not None
+        await self._synced.wait()
 
     async def settle(self, enrolment: Enrolment) -> None:
         """Wait for discovery to sync, however long (a timeout would turn a

@@ -14,7 +14,10 @@ each does with a captured connection.
 Without discovery (no identities, no policies) outbound and inbound
 connections are relayed as plain TCP and 15008 is refused. With discovery
 that has not synced every kind yet (`Mesh.pending`), all three refuse new
-connections: a partial view would skip policies not seen yet. Every
+connections: a partial view would skip policies not seen yet. A connection
+that arrives then waits up to SYNC_WAIT_S for the sync first, so a restarted
+agent whose listeners open a moment before its view is whole does not reset
+the clients of that moment. Every
 connection is registered for `ambitctl connections`, counted in the Istio
 metrics and logged once when it closes.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -77,6 +80,10 @@ _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
 MAX_LABEL_SETS = 4096  # cached metric label sets (pod pairs x flags); cleared when full
+# How long a new connection waits for discovery to sync before it is refused:
+# long enough for a (re)starting agent's first lists (~0.1-0.5 s), short enough
+# that a client is answered well within its connect timeout.
+SYNC_WAIT_S = 2.0
 
 
 def _not_synced(pending: str) -> str:
@@ -97,6 +104,7 @@ class Mesh:
     authorizer: Authorizer
     certificates: CertificateStore
     pending: Callable[[], str] = lambda: ""  # why the cluster view is partial, "" once discovery synced
+    until_synced: Callable[[], Awaitable[None]] | None = None  # returns once discovery has synced
 
     @property
     def attributor(self) -> Attributor:
@@ -332,6 +340,22 @@ class NodeProxy:
         return _Outcome(outcome.end.value, outcome.bytes_to_upstream, outcome.bytes_to_client, outcome.error,
                         _RESPONSE_FLAGS.get(outcome.end, "-"), outcome.end in _FAILED)
 
+    async def _partial_view(self) -> str:
+        """Why the cluster view is partial ("" once synced, or without
+        discovery), after waiting up to SYNC_WAIT_S for the sync."""
+        mesh = self.mesh
+        if mesh is None:
+            return ""
+        partial = mesh.pending()
+        if partial and mesh.until_synced is not None:
+            try:
+                async with asyncio.timeout(SYNC_WAIT_S):
+                    await mesh.until_synced()
+            except TimeoutError:
+                pass
+            partial = mesh.pending()
+        return partial
+
     def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str,
                 fail_closed: str = "") -> _Outcome:
         """Reset the client; `fail_closed` (a Decision.fail_closed reason) counts it as the agent failing closed."""
@@ -351,7 +375,7 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
-            partial = self.mesh.pending()
+            partial = await self._partial_view()
             if partial:
                 self._opened(accepted, tracked)
                 outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
@@ -417,7 +441,7 @@ class NodeProxy:
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
-            partial = self.mesh.pending() if self.mesh is not None else ""
+            partial = await self._partial_view()
             if partial:
                 self._opened(accepted, tracked)
                 outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
@@ -448,7 +472,7 @@ class NodeProxy:
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        partial = self.mesh.pending()
+        partial = await self._partial_view()
         if partial:
             self._refuse_before_tls(accepted, sock, _not_synced(partial), DISCOVERY_NOT_SYNCED)
             return
