@@ -436,7 +436,8 @@ class Agent:
     async def _start_proxy(self, adopt: dict[ListenerKind, socket.socket]) -> None:
         assert self.datapath is not None
         self.proxy = NodeProxy(self.datapath.proxy_ns.path, self.metrics, self.enrolment.workload_by_ip,
-                               self.mesh.mesh if self.mesh is not None else None, hbone=self.config.hbone)
+                               self.mesh.mesh if self.mesh is not None else None, hbone=self.config.hbone,
+                               records_loaded=self.cni_gate)
         await self.proxy.start(adopt)
 
     async def _install_datapath(self) -> None:

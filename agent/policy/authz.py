@@ -119,6 +119,7 @@ UNKNOWN_DESTINATION = "unknown_destination"    # no workload holds the destinati
 DISCOVERY_NOT_SYNCED = "discovery_not_synced"  # the cluster view is partial: decide nothing
 POLICY_INVALID = "policy_invalid"              # a policy that failed to parse denies its scope
 UNKNOWN_SOURCE = "unknown_source"              # an outbound client no enrolment record speaks for
+RECORDS_NOT_LOADED = "records_not_loaded"      # a (re)starting agent has not loaded its enrolment records
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,12 @@ each does with a captured connection.
 Without discovery (no identities, no policies) outbound and inbound
 connections are relayed as plain TCP and 15008 is refused. With discovery
 that has not synced every kind yet (`Mesh.pending`), all three refuse new
-connections: a partial view would skip policies not seen yet. A connection
-that arrives then waits up to SYNC_WAIT_S for the sync first, so a restarted
-agent whose listeners open a moment before its view is whole does not reset
-the clients of that moment. Every
+connections: a partial view would skip policies not seen yet. So do they
+until a (re)starting agent has loaded its enrolment records (`records_loaded`):
+who a client is comes from them. A connection that arrives before either
+waits up to SYNC_WAIT_S for both first: a restarted agent opens its listeners
+before its records and view are whole (so captured pods are served again
+sooner), and must not reset the clients of that moment. Every
 connection is registered for `ambitctl connections`, counted in the Istio
 metrics and logged once when it closes.
 
@@ -51,7 +53,7 @@ from ..identity.spiffe import SpiffeId
 from ..identity.store import CertificateStore
 from ..identity.tls import IdentityError
 from ..netns import NetnsThread
-from ..policy.authz import DISCOVERY_NOT_SYNCED, UNKNOWN_DESTINATION, Decision
+from ..policy.authz import DISCOVERY_NOT_SYNCED, RECORDS_NOT_LOADED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import log_connection
 from ..telemetry.metrics import Metrics, TcpLabels
@@ -90,6 +92,9 @@ def _not_synced(pending: str) -> str:
     return f"refused: discovery has not synced, the cluster view is partial ({pending})"
 
 
+_RECORDS_NOT_LOADED = "refused: the agent has not loaded its enrolment records yet (starting)"
+
+
 def _known(principal: str) -> str | None:
     """A metrics label's principal for the access log, where unknown is null."""
     return None if principal == "unknown" else principal
@@ -124,8 +129,10 @@ class _Outcome:
 
 class NodeProxy:
     def __init__(self, proxy_netns: str, metrics: Metrics, workload_by_ip: WorkloadLookup,
-                 mesh: Mesh | None = None, hbone: HboneSettings | None = None) -> None:
+                 mesh: Mesh | None = None, hbone: HboneSettings | None = None,
+                 records_loaded: asyncio.Event | None = None) -> None:
         self.proxy_netns = proxy_netns
+        self.records_loaded = records_loaded  # None: the caller's records are loaded already
         self.hbone_settings = hbone or HboneSettings()
         self.connections = ConnectionRegistry()
         self.metrics = metrics
@@ -340,21 +347,26 @@ class NodeProxy:
         return _Outcome(outcome.end.value, outcome.bytes_to_upstream, outcome.bytes_to_client, outcome.error,
                         _RESPONSE_FLAGS.get(outcome.end, "-"), outcome.end in _FAILED)
 
-    async def _partial_view(self) -> str:
-        """Why the cluster view is partial ("" once synced, or without
-        discovery), after waiting up to SYNC_WAIT_S for the sync."""
+    async def _undecidable(self) -> tuple[str, str] | None:
+        """Why no connection can be decided yet (the access-log reason and the
+        failed-closed label), after waiting up to SYNC_WAIT_S for the agent's
+        records and discovery's sync; None once both are in."""
         mesh = self.mesh
-        if mesh is None:
-            return ""
-        partial = mesh.pending()
-        if partial and mesh.until_synced is not None:
-            try:
-                async with asyncio.timeout(SYNC_WAIT_S):
+        records = self.records_loaded
+        if (records is None or records.is_set()) and (mesh is None or not mesh.pending()):
+            return None
+        try:
+            async with asyncio.timeout(SYNC_WAIT_S):
+                if records is not None:
+                    await records.wait()
+                if mesh is not None and mesh.pending() and mesh.until_synced is not None:
                     await mesh.until_synced()
-            except TimeoutError:
-                pass
-            partial = mesh.pending()
-        return partial
+        except TimeoutError:
+            pass
+        if records is not None and not records.is_set():
+            return _RECORDS_NOT_LOADED, RECORDS_NOT_LOADED
+        partial = mesh.pending() if mesh is not None else ""
+        return (_not_synced(partial), DISCOVERY_NOT_SYNCED) if partial else None
 
     def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str,
                 fail_closed: str = "") -> _Outcome:
@@ -375,10 +387,10 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
-            partial = await self._partial_view()
-            if partial:
+            undecidable = await self._undecidable()
+            if undecidable:
                 self._opened(accepted, tracked)
-                outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
+                outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
                 return
             # Who the client is comes from the enrolment record that owns
             # its address (bound to its veth by the datapath), not from
@@ -441,10 +453,10 @@ class NodeProxy:
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
-            partial = await self._partial_view()
-            if partial:
+            undecidable = await self._undecidable()
+            if undecidable:
                 self._opened(accepted, tracked)
-                outcome = self._refuse(sock, tracked, _not_synced(partial), "NR", DISCOVERY_NOT_SYNCED)
+                outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
                 return
             if self.mesh is not None:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
@@ -472,9 +484,9 @@ class NodeProxy:
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        partial = await self._partial_view()
-        if partial:
-            self._refuse_before_tls(accepted, sock, _not_synced(partial), DISCOVERY_NOT_SYNCED)
+        undecidable = await self._undecidable()
+        if undecidable:
+            self._refuse_before_tls(accepted, sock, *undecidable)
             return
         if self.mesh.attributor.pod(accepted.original_dst.ip) is None:
             why = self.mesh.attributor.attribute(accepted.original_dst.ip).reason
