@@ -210,7 +210,7 @@ class TransparentListener:
         sock = self._sock
         if sock is None:
             return
-        queued = self._take_queued(sock) if take_queued else 0
+        queued = self._accept_up_to(sock, self._backlog)[0] if take_queued else 0
         self._sock = None
         assert self._loop is not None
         if self._paused is not None:
@@ -220,20 +220,6 @@ class TransparentListener:
             self._loop.remove_reader(sock.fileno())
         sock.close()  # close(2) only: never shutdown(2), which would stop the successor's copy too
         self._log.info("stopped accepting", running=len(self._connections), taken_from_queue=queued)
-
-    def _take_queued(self, sock: socket.socket) -> int:
-        """Accept what the queue holds now (at most a backlog's worth)."""
-        taken = 0
-        for _ in range(self._backlog):
-            try:
-                conn_sock, _ = sock.accept()
-            except ConnectionAbortedError:
-                continue
-            except OSError:  # empty (EAGAIN), or out of descriptors: what is left is reset
-                break
-            self._dispatch(conn_sock)
-            taken += 1
-        return taken
 
     async def wait_idle(self) -> None:
         """Until every handler started so far has finished."""
@@ -261,19 +247,29 @@ class TransparentListener:
         sock = self._sock
         if sock is None:
             return
-        for _ in range(ACCEPTS_PER_WAKEUP):
+        _, error = self._accept_up_to(sock, ACCEPTS_PER_WAKEUP)
+        if error is not None:
+            # EMFILE/ENFILE/ENOBUFS/ENOMEM: the listening socket stays readable,
+            # so retrying at once would spin; back off and try again.
+            self._pause_accepting(error)
+
+    def _accept_up_to(self, sock: socket.socket, limit: int) -> tuple[int, OSError | None]:
+        """Accept and dispatch what the queue holds, at most `limit`: how many,
+        and the error that stopped it (None when the queue ran empty or the
+        limit was reached)."""
+        taken = 0
+        for _ in range(limit):
             try:
                 conn_sock, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS/ENOMEM: the listening socket stays readable,
-                # so retrying at once would spin; back off and try again.
-                self._pause_accepting(exc)
-                return
+                return taken, exc
             self._dispatch(conn_sock)
+            taken += 1
+        return taken, None
 
     def _pause_accepting(self, exc: OSError) -> None:
         assert self._loop is not None and self._sock is not None
