@@ -347,14 +347,21 @@ class NodeProxy:
         return _Outcome(outcome.end.value, outcome.bytes_to_upstream, outcome.bytes_to_client, outcome.error,
                         _RESPONSE_FLAGS.get(outcome.end, "-"), outcome.end in _FAILED)
 
+    def _decidable(self) -> bool:
+        """The agent's records are loaded and discovery has synced (or there is
+        none): the per-connection check, with no coroutine to await."""
+        records, mesh = self.records_loaded, self.mesh
+        return (records is None or records.is_set()) and (mesh is None or not mesh.pending())
+
     async def _undecidable(self) -> tuple[str, str] | None:
         """Why no connection can be decided yet (the access-log reason and the
         failed-closed label), after waiting up to SYNC_WAIT_S for the agent's
-        records and discovery's sync; None once both are in."""
+        records and discovery's sync; None once both are in. Called only when
+        `_decidable()` says no (it returns None at once otherwise)."""
+        if self._decidable():
+            return None
         mesh = self.mesh
         records = self.records_loaded
-        if (records is None or records.is_set()) and (mesh is None or not mesh.pending()):
-            return None
         try:
             async with asyncio.timeout(SYNC_WAIT_S):
                 if records is not None:
@@ -387,7 +394,7 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
-            undecidable = await self._undecidable()
+            undecidable = None if self._decidable() else await self._undecidable()
             if undecidable:
                 self._opened(accepted, tracked)
                 outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
@@ -453,7 +460,7 @@ class NodeProxy:
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
-            undecidable = await self._undecidable()
+            undecidable = None if self._decidable() else await self._undecidable()
             if undecidable:
                 self._opened(accepted, tracked)
                 outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
@@ -484,7 +491,7 @@ class NodeProxy:
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        undecidable = await self._undecidable()
+        undecidable = None if self._decidable() else await self._undecidable()
         if undecidable:
             self._refuse_before_tls(accepted, sock, *undecidable)
             return
