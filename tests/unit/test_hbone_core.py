@@ -138,6 +138,7 @@ def test_connect_is_answered_200_and_extra_headers_reach_the_server(link: Link) 
     link.pump()
     (request,) = of_type(link.take_server(), TunnelRequested)
     assert (request.stream_id, request.authority_host, request.authority_port) == (stream_id, "10.1.2.3", 8080)
+    assert request.authority == "10.1.2.3:8080"
     assert request.headers == tuple(extra)
     assert request.header("Forwarded") == 'for="10.1.0.5:41234"'
     assert link.server.accept(stream_id)
@@ -150,6 +151,34 @@ def test_ipv6_tunnel(link: Link) -> None:
     link.pump()
     (request,) = of_type(link.take_server(), TunnelRequested)
     assert (request.stream_id, request.authority_host, request.authority_port) == (stream_id, "2001:db8::1", 9000)
+    assert request.authority == "[2001:db8::1]:9000" == format_authority("2001:db8::1", 9000)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Forwarded", "x"),  # upper case
+        (":path", "/"),  # a pseudo-header among the extras
+        ("connection", "close"),
+        ("te", "trailers"),
+        ("host", "10.1.2.3"),
+        ("baggage", "a\r\nb"),
+        ("baggage", " padded"),
+        ("", "x"),
+    ],
+)
+def test_extra_headers_h2_would_reject_are_refused_before_anything_is_queued(
+    link: Link, header: tuple[str, str]
+) -> None:
+    # h2's own outbound validation is off (connection.py): this check is the only one.
+    with pytest.raises(ValueError):
+        link.client.open_stream(DEST, [header])
+    assert link.client.data_to_send() == b""
+    assert link.client.tunnel_count == 0
+    stream_id = link.client.open_stream(DEST)  # the connection is unharmed
+    link.pump()
+    (request,) = of_type(link.take_server(), TunnelRequested)
+    assert request.stream_id == stream_id
 
 
 def test_client_sends_connect_without_scheme_or_path() -> None:

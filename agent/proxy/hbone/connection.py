@@ -98,6 +98,13 @@ class _HboneConnection(_H2EventHandling):
                 # h2 turns a malformed request into a connection error; HBONE
                 # answers it with a 400 on that stream instead, so we validate.
                 validate_inbound_headers=False,
+                # What we send is made here: the pseudo-headers by us, extra
+                # request headers vetted by connect._check_outbound_headers
+                # (lower-case names, no connection-specific fields, no CR/LF/NUL).
+                # h2's second pass over them cost ~11 us per CONNECT and ~7 us
+                # per 200 (an eighth of send_headers), on every connection.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         local: dict[h2.settings.SettingCodes | int, int] = {

@@ -17,6 +17,13 @@ class TunnelRequested:
     authority_port: int
     headers: tuple[tuple[str, str], ...]  # regular headers (baggage, forwarded, ...), latin-1
 
+    @property
+    def authority(self) -> str:
+        """`ip:port` (IPv6 in brackets) from the canonical host: what
+        connect.format_authority gives, without parsing the address again."""
+        host = self.authority_host
+        return f"[{host}]:{self.authority_port}" if ":" in host else f"{host}:{self.authority_port}"
+
     def header(self, name: str) -> str | None:
         """First value of a header (names are lower case on HTTP/2)."""
         wanted = name.lower()

@@ -28,7 +28,6 @@ from ..sockets import errno_name
 from . import events
 from .buffers import ScratchBuffers
 from .client import HboneClientConnection
-from .connect import format_authority
 from .events import HboneEvent, TunnelRequested
 from .outcomes import TunnelEnd, TunnelRefused
 from .server import HboneServerConnection
@@ -586,7 +585,6 @@ class HboneServerProtocol(HboneConnection):
     def _handle_side_event(self, event: HboneEvent) -> None:
         if type(event) is TunnelRequested:
             request: TunnelRequested = event  # type: ignore[assignment]
-            authority = format_authority(request.authority_host, request.authority_port)
-            tunnel = Tunnel(self, request.stream_id, authority, request)
+            tunnel = Tunnel(self, request.stream_id, request.authority, request)
             self._add_tunnel(tunnel)
             self._on_tunnel_requested(self, tunnel)
