@@ -55,7 +55,7 @@ from ..identity.tls import IdentityError
 from ..netns import NetnsThread
 from ..policy.authz import DISCOVERY_NOT_SYNCED, RECORDS_NOT_LOADED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
-from ..telemetry.access_log import log_connection
+from ..telemetry.access_log import AccessLog
 from ..telemetry.metrics import Metrics, TcpLabels
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
@@ -147,6 +147,7 @@ class NodeProxy:
         self._recheck: asyncio.Handle | None = None
         # Metric label sets per (who, whom, how), built once: a pod event empties it.
         self._label_sets: dict[tuple[Any, ...], TcpLabels] = {}
+        self.access_log = AccessLog()  # one line per connection (both listeners, both HBONE sides)
 
     @property
     def listening(self) -> bool:
@@ -325,7 +326,7 @@ class NodeProxy:
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.sent, outcome.received)
         meta = tracked.meta
-        log_connection(
+        self.access_log.connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
             src_identity=meta.source_identity or None, dst_identity=meta.destination_identity or None,
             sent=outcome.sent, received=outcome.received,
@@ -513,7 +514,7 @@ class NodeProxy:
         labels = TcpLabels(reporter="destination", response_flags="NR", connection_security_policy="mutual_tls")
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
-        log_connection(
+        self.access_log.connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
             src_identity=None, dst_identity=None, sent=0, received=0,
             duration_ms=round((time.time() - accepted.accepted_at) * 1000, 1), decision="deny", reason=reason,
@@ -593,7 +594,7 @@ class NodeProxy:
         if flags != "-":
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
-        log_connection(
+        self.access_log.connection(
             listener=ListenerKind.HBONE.value, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
             src_identity=str(admitted.peer_identity), dst_identity=_known(labels.destination_principal),
             sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
@@ -605,7 +606,7 @@ class NodeProxy:
         labels = self._inbound_labels(peer, client.ip, dst_ip, _REFUSAL_FLAGS.get(status, "-"))
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
-        log_connection(
+        self.access_log.connection(
             listener=ListenerKind.HBONE.value, src=str(client), dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
             dst_identity=_known(labels.destination_principal), sent=0, received=0, duration_ms=0.0,
             decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value)
