@@ -14,6 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame, WindowUpdateFrame
@@ -179,6 +180,29 @@ def test_extra_headers_h2_would_reject_are_refused_before_anything_is_queued(
     link.pump()
     (request,) = of_type(link.take_server(), TunnelRequested)
     assert request.stream_id == stream_id
+
+
+def test_connect_strings_are_plain_literals_and_extra_headers_never_indexed(link: Link) -> None:
+    # Huffman coding costs more CPU than the bytes it saves on a CONNECT (connection.py);
+    # `forwarded` names one connection, so it stays out of both HPACK tables.
+    frames: list[bytes] = []
+    for port in (41234, 41235):
+        link.client.open_stream(DEST, [("forwarded", f'for="10.1.0.5:{port}"')])
+        frames.append(bytes(link.client.data_to_send()))
+    decoder = hpack.Decoder()
+    for port, wire in zip((41234, 41235), frames):
+        frame, length = Frame.parse_frame_header(memoryview(wire[:9]))
+        assert isinstance(frame, HeadersFrame) and length == len(wire) - 9
+        block = wire[9:]
+        assert f'for="10.1.0.5:{port}"'.encode() in block  # not Huffman coded
+        headers = decoder.decode(block, raw=True)
+        assert headers[-1] == (b"forwarded", f'for="10.1.0.5:{port}"'.encode())
+        assert isinstance(headers[-1], hpack.NeverIndexedHeaderTuple)
+    assert DEST.encode() in frames[0] and DEST.encode() not in frames[1]  # the authority is still indexed
+    assert b"forwarded" not in [name for name, _ in decoder.header_table.dynamic_entries]
+    events = [event for wire in frames for event in link.server.receive_data(wire)]
+    assert [r.header("forwarded") for r in of_type(events, TunnelRequested)] == [
+        'for="10.1.0.5:41234"', 'for="10.1.0.5:41235"']
 
 
 def test_client_sends_connect_without_scheme_or_path() -> None:

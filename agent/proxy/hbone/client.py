@@ -8,6 +8,7 @@ import h2.events
 import h2.exceptions
 import structlog
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from .connect import _check_outbound_headers, _header_list_size, _response_status, format_authority, parse_authority
 from .connection import HboneProtocolError, _HboneConnection
@@ -59,8 +60,11 @@ class HboneClientConnection(_HboneConnection):
         """
         self._require_live()
         address, port = parse_authority(authority)
-        headers = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
-        headers += _check_outbound_headers(extra_headers)
+        headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
+        # Never indexed: an extra header names this connection (forwarded: the
+        # client's address and port), so adding it to both sides' HPACK tables
+        # costs work on each CONNECT and evicts the entries that do repeat.
+        headers += [NeverIndexedHeaderTuple(name, value) for name, value in _check_outbound_headers(extra_headers)]
         try:
             stream_id = self._h2.get_next_available_stream_id()
             self._h2.send_headers(stream_id, headers)

@@ -16,6 +16,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import structlog
 from h2.errors import ErrorCodes
 
@@ -71,6 +72,19 @@ class HboneProtocolError(Exception):
     """
 
 
+class _PlainLiteralEncoder(hpack.Encoder):
+    """HPACK with string literals sent as they are, not Huffman coded.
+
+    hpack codes Huffman strings in Python a bit at a time, and the peer's
+    decoder (ours too) undoes it the same way: ~8 us to encode and ~6 us to
+    decode one CONNECT's literals (the authority, `forwarded`), for a few
+    bytes saved on a block of a few dozen. Dynamic-table indexing is kept.
+    """
+
+    def encode(self, headers, huffman: bool = True) -> bytes:  # type: ignore[no-untyped-def]
+        return super().encode(headers, huffman=False)
+
+
 class _HboneConnection(_H2EventHandling):
     """What client and server share: framing, flow control, stream teardown."""
 
@@ -118,6 +132,7 @@ class _HboneConnection(_H2EventHandling):
             local[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = settings.max_concurrent_streams
         # Installing the settings before initiate_connection() makes them our
         # state at once, so frames and streams are sized right from the start.
+        self._h2.encoder = _PlainLiteralEncoder()  # before anything is encoded
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values=local)
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._h2.decoder.max_header_list_size = self._max_header_block
