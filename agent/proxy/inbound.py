@@ -343,10 +343,10 @@ class HboneInbound:
         handlers: set[asyncio.Task[None]] = set()
         try:
             while True:
-                conn_sock, _ = await loop.sock_accept(listening)
+                conn_sock, peer = await loop.sock_accept(listening)
                 try:
                     accepted = AcceptedConnection(
-                        client=SocketAddress.from_sockaddr(conn_sock.getpeername()),
+                        client=SocketAddress.from_sockaddr(peer),
                         original_dst=SocketAddress.from_sockaddr(conn_sock.getsockname()),
                         listener=ListenerKind.HBONE,
                         accepted_at=time.time(),

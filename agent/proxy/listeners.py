@@ -80,7 +80,7 @@ class SocketAddress:
 class AcceptedConnection:
     """What the kernel told us about one captured connection when we accepted it."""
 
-    client: SocketAddress        # the pod (or peer) that opened it: getpeername()
+    client: SocketAddress        # the pod (or peer) that opened it: accept(2)'s address (= getpeername())
     original_dst: SocketAddress  # where the client meant to go: getsockname()
     listener: ListenerKind
     accepted_at: float           # wall-clock seconds (time.time())
@@ -260,14 +260,14 @@ class TransparentListener:
         taken = 0
         for _ in range(limit):
             try:
-                conn_sock, _ = sock.accept()
+                conn_sock, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
                 return taken, exc
-            self._dispatch(conn_sock)
+            self._dispatch(conn_sock, peer)
             taken += 1
         return taken, None
 
@@ -282,11 +282,12 @@ class TransparentListener:
         if self._sock is not None and self._loop is not None:
             self._loop.add_reader(self._sock.fileno(), self._accept_ready)
 
-    def _dispatch(self, conn_sock: socket.socket) -> None:
+    def _dispatch(self, conn_sock: socket.socket, peer: tuple[str, int] | tuple[str, int, int, int]) -> None:
+        """`peer`: the address accept(2) returned (getpeername() would be a second syscall for it)."""
         conn_sock.setblocking(False)
         try:
             accepted = AcceptedConnection(
-                client=SocketAddress.from_sockaddr(conn_sock.getpeername()),
+                client=SocketAddress.from_sockaddr(peer),
                 original_dst=SocketAddress.from_sockaddr(conn_sock.getsockname()),
                 listener=self.kind,
                 accepted_at=self._clock(),
