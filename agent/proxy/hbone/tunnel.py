@@ -135,8 +135,17 @@ class Tunnel:
 
     # --- attach / start ---------------------------------------------------------------
 
-    def attach(self, sock: socket.socket) -> None:
-        """Take over the TCP socket and start moving bytes (after the 200)."""
+    def attach(self, sock: socket.socket, *, read_now: bool = False) -> None:
+        """Take over the TCP socket and start moving bytes (after the 200).
+
+        read_now: read the socket at once, before registering it with the
+        loop. The client side attaches the pod's socket when the 200 arrives,
+        a round trip after the pod connected: a client-first pod has sent its
+        bytes (often its FIN too) meanwhile, and taking them now spares the
+        reader registration, the wake-up and its removal (uvloop makes and
+        frees a poll handle, three epoll_ctl calls) for a short exchange. When
+        nothing is there yet this costs one recv(2) that says EAGAIN.
+        """
         if self._finished:
             raise TunnelError(f"tunnel already ended ({self.done.result().end.value})")
         if self._attached:
@@ -153,13 +162,15 @@ class Tunnel:
             self._write_buffered()
         elif self._eof_to_tcp:
             self._shut_tcp()
+        if read_now and not self._reading and self._wants_reading():
+            self._on_readable()
         if not self._finished:
             self._update_reading()
 
     # --- TCP -> stream ----------------------------------------------------------------------
 
-    def _update_reading(self) -> None:
-        want = (
+    def _wants_reading(self) -> bool:
+        return (
             self._attached
             and not self._finished
             and not self._tcp_eof
@@ -167,6 +178,9 @@ class Tunnel:
             and not self._window_blocked
             and not self._conn.write_paused
         )
+
+    def _update_reading(self) -> None:
+        want = self._wants_reading()
         if want and not self._reading:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
@@ -366,7 +380,7 @@ class Tunnel:
         sock, self._sock_waiting = self._sock_waiting, None
         if sock is not None:
             try:
-                self.attach(sock)  # at once: the server may already be sending
+                self.attach(sock, read_now=True)  # at once: the server may already be sending
             except (OSError, ValueError) as exc:  # the caller's socket is unusable
                 self._tcp_failed(exc)
 
