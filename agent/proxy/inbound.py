@@ -77,12 +77,6 @@ def allow_all(peer: SpiffeId, client_ip: str, dst_ip: str, dst_port: int) -> tup
     return True, "no policy"
 
 
-async def _maybe_await(value: object) -> object:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
 # Why a connection was refused or dropped before it could carry a tunnel (InboundStats.refused).
 REFUSAL_REASONS = ("max_connections", "max_connections_per_peer", "handshake_displaced", "tls_handshake",
                    "client_identity", "no_local_workload", "no_certificate")
@@ -432,7 +426,11 @@ class HboneInbound:
         if dst_port in self._proxy_ports:
             refuse(503, "authority port is one of the proxy's own ports")
             return
-        verdict = await _maybe_await(self._authorize(connection.peer_identity, client_ip, dst_ip, dst_port))
+        # Awaited only when the hook is asynchronous (the agent's is not): no
+        # coroutine made per tunnel to pass a plain value through.
+        verdict = self._authorize(connection.peer_identity, client_ip, dst_ip, dst_port)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
         allowed, reason = verdict  # type: ignore[misc]
         if tunnel.done.done():
             return  # the client gave up while policy was consulted
@@ -479,7 +477,9 @@ class HboneInbound:
         )
 
     async def _connect_upstream(self, client_ip: str, dst_ip: str, dst_port: int) -> socket.socket:
-        sock = await _maybe_await(self._upstream_socket_factory(client_ip))
+        sock = self._upstream_socket_factory(client_ip)
+        if inspect.isawaitable(sock):
+            sock = await sock
         if not isinstance(sock, socket.socket):
             raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
         try:
