@@ -10,11 +10,16 @@ with only what HBONE needs:
   the protocol's buffer (`get_buffer`/`buffer_updated`, like
   asyncio.BufferedProtocol); no exception when whole records arrived;
 - writes: SSLObject.write -> outgoing BIO at once (callers reuse their
-  buffers), send() once per event-loop round: every write of the round
-  (other streams' frames, a CONNECT and another tunnel's DATA) goes out in
-  one syscall and one TCP segment instead of one each, which under many
-  short connections was half of an agent's CPU (the kernel's send path,
-  the receiver's included); more than `high_water` pending is sent at once.
+  buffers). When the connection is busy (its last event-loop round had
+  more than one write: other streams' frames, a CONNECT and another
+  tunnel's DATA), a round's writes go out together in one send at the
+  round's end instead of one each: under many short connections a send
+  per write was half of an agent's CPU (the kernel's send path, the
+  receiver's included). When it is not (one message at a time, a
+  conversation), a round's first write is sent at once: deferring it would
+  add a loop round to every small message's trip (bench/hbone.py RTT +8%),
+  and the later writes of that round still wait for its end. More than
+  `high_water` pending is sent at once.
   What the socket does not take waits in one buffer; the protocol is told to pause producing above
   `high_water` and to resume below `low_water` (like asyncio's
   pause_writing/resume_writing);
@@ -103,6 +108,8 @@ class TlsStream:
         self._closed = False  # socket closed, connection_lost scheduled
         self._close_timer: asyncio.TimerHandle | None = None
         self._send_scheduled = False  # a send at the end of this loop round is booked
+        self._round_writes = 0  # writes since it was booked
+        self._coalescing = False  # the last round was busy: this round's first write waits too
         self._extra: dict[str, Any] = {"socket": sock, "ssl_object": self._ssl}
         try:
             self._extra["peername"] = sock.getpeername()
@@ -292,16 +299,25 @@ class TlsStream:
         self._send_soon()
 
     def _send_soon(self) -> None:
-        """Send at the end of this loop round (see the module doc), or now when much is pending."""
-        if self._outgoing.pending >= self._high_water:
+        """Send at the end of this loop round, or now: the round's first write
+        when the connection is not busy, or when much is pending (module doc)."""
+        if self._send_scheduled:
+            self._round_writes += 1
+            if self._outgoing.pending >= self._high_water:
+                self._send_outgoing()
+            return
+        self._send_scheduled = True
+        self._round_writes = 1
+        self._loop.call_soon(self._send_booked)
+        if not self._coalescing or self._outgoing.pending >= self._high_water:
             self._send_outgoing()
-        elif not self._send_scheduled:
-            self._send_scheduled = True
-            self._loop.call_soon(self._send_booked)
 
     def _send_booked(self) -> None:
+        """The round's end: what it wrote goes out together, and whether it was
+        busy decides whether the next round's first write waits."""
         self._send_scheduled = False
-        if not self._closing and not self._closed:  # close() sent what was pending
+        self._coalescing = self._round_writes > 1
+        if self._outgoing.pending and not self._closing and not self._closed:  # close() sent what was pending
             self._send_outgoing()
 
     def _send_outgoing(self) -> None:
