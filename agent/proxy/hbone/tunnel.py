@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the connection creates its tunnels: a type, never an import
 
 
 _MAX_IOVECS = 512  # well under IOV_MAX (1024)
+_FIN_PEEKS = 2  # a request and its response's close: the short exchanges whose FIN is worth peeking for
 
 
 class Tunnel:
@@ -53,6 +54,7 @@ class Tunnel:
         "_sock_waiting",
         "_peer_stopped_reading",
         "_finished",
+        "_fin_peeks",
         "bytes_to_stream",
         "bytes_to_tcp",
         "window_stalls",
@@ -89,6 +91,7 @@ class Tunnel:
         self._sock_waiting: socket.socket | None = None  # client: attached on the 200
         self._peer_stopped_reading = False  # RST_STREAM(NO_ERROR) after the peer's END_STREAM
         self._finished = False
+        self._fin_peeks = _FIN_PEEKS  # short reads left to peek for a FIN after (see _fin_follows)
         self.bytes_to_stream = 0
         self.bytes_to_tcp = 0
         self.window_stalls = 0  # times send_data came back short and reading paused
@@ -212,7 +215,7 @@ class Tunnel:
             self._window_blocked = True
             conn.blocked.add(self)
             self._update_reading()
-        elif count < len(buf) and not self._finished and self._fin_follows():
+        elif count < len(buf) and self._fin_peeks and not self._finished and self._fin_follows():
             self._on_tcp_eof()  # flushes the DATA and END_STREAM together
             return
         conn.flush()
@@ -221,7 +224,11 @@ class Tunnel:
         """After a short read: whether the peer's FIN is next (a peek, nothing
         consumed). A short exchange's last bytes and FIN arrive together; seen
         now, they leave as one write (DATA + END_STREAM) instead of two loop
-        rounds, two TLS records and two sends, on this side and the peer's."""
+        rounds, two TLS records and two sends, on this side and the peer's.
+        Only the first `_FIN_PEEKS` short reads peek: a connection whose FIN
+        did not follow them is a conversation, where a peek per message (a
+        syscall, ~1.6 us) would buy nothing."""
+        self._fin_peeks -= 1
         try:
             return self._sock.recv(1, socket.MSG_PEEK) == b""  # type: ignore[union-attr]
         except OSError:  # nothing yet (EAGAIN), or a reset the next read reports
