@@ -9,6 +9,7 @@ core parses DATA itself, its contract with the I/O layer and the abuse limits: d
 """
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 
 import h2.config
@@ -57,6 +58,7 @@ from .frames import (
     _error_code,
     goaway_frame,
 )
+from .buffers import mapped_buffer
 from .h2_events import _H2EventHandling
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
@@ -157,7 +159,7 @@ class _HboneConnection(_H2EventHandling):
         self._pad_left = 0  # padding after it
         self._data_end_stream = False
         self._skip_left = 0  # payload of an unknown (extension) frame, ignored
-        self._rbuf = bytearray()
+        self._rbuf: bytearray | mmap.mmap = bytearray()  # a mapping once used (see mapped_buffer)
         self._rview = memoryview(self._rbuf)
         self._rview_ro = self._rview.toreadonly()
         self._rstart = 0  # unparsed input is _rbuf[_rstart:_rend]
@@ -401,7 +403,7 @@ class _HboneConnection(_H2EventHandling):
             # Slicing the bytearray copies first: overlapping moves are safe.
             self._rbuf[0:carry] = self._rbuf[self._rstart : self._rend]
         else:
-            larger = bytearray(max(_RECEIVE_BUFFER_SIZE, carry + needed))
+            larger = mapped_buffer(max(_RECEIVE_BUFFER_SIZE, carry + needed))
             larger[0:carry] = self._rbuf[self._rstart : self._rend]
             self._rbuf = larger
             self._rview = memoryview(larger)
