@@ -68,6 +68,8 @@ class ScratchBuffers:
 
     tls: ciphertext read from a TLS socket, copied into its BIO at once;
     tcp: bytes read from a tunnel's TCP socket, framed into DATA at once.
+    Mapped (mapped_buffer): only as many pages are resident as the largest
+    read wrote, not the full 256 KiB each.
     """
 
     __slots__ = ("_tls_size", "_tcp_size", "_tls", "_tcp")
@@ -80,11 +82,11 @@ class ScratchBuffers:
     @property
     def tls(self) -> memoryview:
         if self._tls is None:
-            self._tls = memoryview(bytearray(self._tls_size))
+            self._tls = memoryview(mapped_buffer(self._tls_size))
         return self._tls
 
     @property
     def tcp(self) -> memoryview:
         if self._tcp is None:
-            self._tcp = memoryview(bytearray(self._tcp_size))
+            self._tcp = memoryview(mapped_buffer(self._tcp_size))
         return self._tcp
