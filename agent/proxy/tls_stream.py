@@ -450,3 +450,7 @@ class TlsStream:
         self._sock.close()
         if self._protocol is not None:
             self._loop.call_soon(self._protocol.connection_lost, exc)
+            # Let go of the protocol, as asyncio's transports do: it holds this stream
+            # too, and the pair would otherwise wait for the cyclic GC with the SSL
+            # object and buffers (minutes in a long-lived agent; see bench/memory.py (d)).
+            self._protocol = None
