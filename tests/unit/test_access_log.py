@@ -11,18 +11,7 @@ import structlog
 
 from ambit.agent import log as logconf
 from ambit.agent.telemetry.access_log import MAX_CACHED_FRAGMENTS, AccessLog, log_connection
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.writes: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.writes.append(text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+from tests.support.write_recorder import WriteRecorder
 
 
 _CASES: list[dict[str, Any]] = [
@@ -46,7 +35,7 @@ def _lines(writes: list[str]) -> list[str]:
 
 @pytest.fixture
 def recorder():
-    stream = _Recorder()
+    stream = WriteRecorder()
     logconf.configure("info", stream=stream)
     try:
         yield stream
@@ -54,7 +43,7 @@ def recorder():
         logconf.configure("warn")  # as tests/conftest.py left it
 
 
-def test_the_direct_line_is_structlogs_line(recorder: _Recorder) -> None:
+def test_the_direct_line_is_structlogs_line(recorder: WriteRecorder) -> None:
     access = AccessLog()
     for fields in _CASES * 2:  # the second round uses the cached fragments
         log_connection(**fields)
@@ -72,14 +61,14 @@ def test_the_direct_line_is_structlogs_line(recorder: _Recorder) -> None:
 
 
 def test_below_info_nothing_is_written() -> None:
-    stream = _Recorder()
+    stream = WriteRecorder()
     logconf.configure("warn", stream=stream)
     AccessLog().connection(**_CASES[0])
     assert stream.writes == []
 
 
 def test_another_renderer_goes_through_structlog() -> None:
-    stream = _Recorder()
+    stream = WriteRecorder()
     logconf.configure("info", stream=stream, json_output=False)
     try:
         access = AccessLog()
@@ -91,7 +80,7 @@ def test_another_renderer_goes_through_structlog() -> None:
     assert "connection" in line and "10.244.1.5:43210" in line and not line.startswith("{")
 
 
-def test_fragments_are_bounded(recorder: _Recorder) -> None:
+def test_fragments_are_bounded(recorder: WriteRecorder) -> None:
     access = AccessLog()
     for n in range(MAX_CACHED_FRAGMENTS + 10):
         access.connection(**{**_CASES[0], "reason": f"refused {n}"})

@@ -6,24 +6,11 @@ import json
 import structlog
 
 from ambit.agent import log as logconf
-
-
-class _Recorder:
-    """A stream that keeps each write() call apart, as the kernel sees them."""
-
-    def __init__(self) -> None:
-        self.writes: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.writes.append(text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+from tests.support.write_recorder import WriteRecorder
 
 
 def test_each_line_with_its_newline_is_one_write():
-    stream = _Recorder()
+    stream = WriteRecorder()
     logconf.configure("info", stream=stream)
     try:
         logger = structlog.get_logger("test.log")  # first used after configure: writes to `stream`
