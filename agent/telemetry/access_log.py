@@ -26,8 +26,8 @@ import structlog
 
 LOGGER_NAME: Final = "ambit.access"
 # Distinct (listener, identities, decision, reason, route) tuples whose JSON
-# text is kept; refusal reasons name addresses, so the cache is bounded.
-MAX_CACHED_FRAGMENTS: Final = 4096
+# text is kept (~300 B each); refusal reasons name addresses, so the cache is bounded.
+MAX_CACHED_FRAGMENTS: Final = 1024
 
 _Fragments = tuple[str, str, str, str]
 
