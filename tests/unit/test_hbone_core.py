@@ -147,6 +147,22 @@ def test_connect_is_answered_200_and_extra_headers_reach_the_server(link: Link) 
     assert link.take_client() == [TunnelAccepted(stream_id)]
 
 
+def test_authorities_are_checked_every_time_and_sent_canonical(link: Link) -> None:
+    # open_stream keeps the authorities it has checked (per connection): a bad one
+    # is refused however many good ones came before, a non-canonical one goes out canonical.
+    for _ in range(2):
+        link.client.open_stream("[2001:0db8::0001]:9000")
+        with pytest.raises(ValueError):
+            link.client.open_stream("010.1.2.3:80")
+    for n in range(100):  # more than it keeps
+        link.client.open_stream(f"10.1.2.{n}:80")
+    link.pump()
+    requests = of_type(link.take_server(), TunnelRequested)
+    assert [r.authority for r in requests[:2]] == ["[2001:db8::1]:9000"] * 2
+    assert [r.authority for r in requests[2:]] == [f"10.1.2.{n}:80" for n in range(100)]
+    assert len(link.client._authorities) <= 64
+
+
 def test_ipv6_tunnel(link: Link) -> None:
     stream_id = link.client.open_stream("[2001:0db8::0001]:9000")
     link.pump()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Final
 
 import h2.events
 import h2.exceptions
@@ -17,6 +18,9 @@ from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
 
 
+_MAX_CHECKED_AUTHORITIES: Final = 64
+
+
 class HboneClientConnection(_HboneConnection):
     """The originating side: one CONNECT stream per tunnelled TCP connection."""
 
@@ -29,6 +33,9 @@ class HboneClientConnection(_HboneConnection):
     ) -> None:
         super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
         self._streams_opened = 0
+        # Authorities already checked, as given -> canonical: a connection carries
+        # streams to few destinations, and parsing the address is most of open_stream's own work.
+        self._authorities: dict[str, str] = {}
 
     @property
     def streams_opened(self) -> int:
@@ -59,8 +66,14 @@ class HboneClientConnection(_HboneConnection):
         the connection is closed or the peer's stream limit is reached.
         """
         self._require_live()
-        address, port = parse_authority(authority)
-        headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", format_authority(address, port))]
+        canonical = self._authorities.get(authority)
+        if canonical is None:
+            address, port = parse_authority(authority)
+            canonical = format_authority(address, port)
+            if len(self._authorities) >= _MAX_CHECKED_AUTHORITIES:
+                self._authorities.clear()
+            self._authorities[authority] = canonical
+        headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", canonical)]
         # Never indexed: an extra header names this connection (forwarded: the
         # client's address and port), so adding it to both sides' HPACK tables
         # costs work on each CONNECT and evicts the entries that do repeat.
