@@ -271,6 +271,26 @@ def test_malformed_requests_get_400_and_the_connection_lives(headers: list[tuple
     assert [r.stream_id for r in of_type(link.take_server(), TunnelRequested)] == [good]
 
 
+def test_the_server_checks_every_authority_and_reports_it_canonical() -> None:
+    # The server keeps the authorities it has parsed (per connection): the same
+    # text again is the same request, a bad one is still a 400, and beyond 64 it starts over.
+    link = raw_client_link(validate_outbound_headers=False)
+    raw = link.client
+    authorities = ["[2001:0db8::0001]:9000", "[2001:0db8::0001]:9000", "10.1.2.3:0", "[2001:0db8::0001]:9000"]
+    authorities += [f"10.1.3.{n}:80" for n in range(70)] + ["[2001:0db8::0001]:9000"]
+    ids = []
+    for authority in authorities:
+        ids.append(raw.get_next_available_stream_id())
+        raw.send_headers(ids[-1], [(":method", "CONNECT"), (":authority", authority)])
+        link.pump()
+    requests = of_type(link.take_server(), TunnelRequested)
+    assert [r.stream_id for r in requests] == ids[:2] + ids[3:]  # the port 0 one got its 400
+    assert [(r.authority_host, r.authority_port) for r in requests[:3]] == [("2001:db8::1", 9000)] * 3
+    assert [r.authority for r in requests[3:-1]] == [f"10.1.3.{n}:80" for n in range(70)]
+    assert requests[-1].authority == "[2001:db8::1]:9000"
+    assert len(link.server._authorities) <= 64
+
+
 @pytest.mark.parametrize("status", [401, 503])
 def test_refusal_reaches_client_and_frees_the_stream(link: Link, status: int) -> None:
     stream_id = link.client.open_stream(DEST)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Final
 
 import h2.events
 import h2.exceptions
@@ -11,14 +10,18 @@ import structlog
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
-from .connect import _check_outbound_headers, _header_list_size, _response_status, format_authority, parse_authority
+from .connect import (
+    _MAX_CHECKED_AUTHORITIES,
+    _check_outbound_headers,
+    _header_list_size,
+    _response_status,
+    format_authority,
+    parse_authority,
+)
 from .connection import HboneProtocolError, _HboneConnection
 from .events import HboneEvent, StreamReset, TunnelAccepted, TunnelRefused
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
-
-
-_MAX_CHECKED_AUTHORITIES: Final = 64
 
 
 class HboneClientConnection(_HboneConnection):

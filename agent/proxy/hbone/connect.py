@@ -15,6 +15,8 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # "[" + 45-char IPv6 text + "]:" + 5 digits fits in 60; anything longer is junk.
 _MAX_AUTHORITY_LENGTH: Final = 64
+# Parsed authorities one connection keeps (client and server side).
+_MAX_CHECKED_AUTHORITIES: Final = 64
 
 
 def format_authority(host: str | IPAddress, port: int) -> str:
@@ -84,8 +86,15 @@ def _header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
     return sum(len(name) + len(value) + _HEADER_ENTRY_OVERHEAD for name, value in headers)
 
 
-def _parse_connect_request(headers: Iterable[tuple[bytes, bytes]]) -> _ConnectRequest:
-    """Validate a decoded request header list as an HBONE CONNECT (RFC 9113 §8.5)."""
+def _parse_connect_request(
+    headers: Iterable[tuple[bytes, bytes]], checked: dict[bytes, tuple[str, int]] | None = None
+) -> _ConnectRequest:
+    """Validate a decoded request header list as an HBONE CONNECT (RFC 9113 §8.5).
+
+    checked: authorities already parsed (-> canonical host, port), kept by the
+    caller (one connection's streams name few destinations); added to here,
+    bounded to _MAX_CHECKED_AUTHORITIES.
+    """
     pseudo: dict[bytes, bytes] = {}
     regular: list[tuple[str, str]] = []
     for name, value in headers:
@@ -109,11 +118,18 @@ def _parse_connect_request(headers: Iterable[tuple[bytes, bytes]]) -> _ConnectRe
     authority = pseudo.get(b":authority")
     if authority is None:
         raise _BadRequest("CONNECT without :authority")
-    try:
-        address, port = parse_authority(authority.decode("latin-1"))
-    except ValueError as exc:
-        raise _BadRequest(f"bad authority {authority[:_MAX_AUTHORITY_LENGTH]!r}: {exc}") from None
-    return _ConnectRequest(host=str(address), port=port, headers=tuple(regular))
+    known = checked.get(authority) if checked is not None else None
+    if known is None:
+        try:
+            address, port = parse_authority(authority.decode("latin-1"))
+        except ValueError as exc:
+            raise _BadRequest(f"bad authority {authority[:_MAX_AUTHORITY_LENGTH]!r}: {exc}") from None
+        known = (str(address), port)
+        if checked is not None:
+            if len(checked) >= _MAX_CHECKED_AUTHORITIES:
+                checked.clear()
+            checked[authority] = known
+    return _ConnectRequest(host=known[0], port=known[1], headers=tuple(regular))
 
 
 def _response_status(headers: Iterable[tuple[bytes, bytes]]) -> int | None:

@@ -32,6 +32,7 @@ class HboneServerConnection(_HboneConnection):
         super().__init__(settings or HboneSettings(), client_side=False, clock=clock, log=log)
         limit = self._settings.rapid_reset_limit
         self._early_ends: collections.deque[float] = collections.deque(maxlen=limit + 1)
+        self._authorities: dict[bytes, tuple[str, int]] = {}  # parsed :authority -> (host, port)
 
     def _after_initiate(self) -> None:
         # We advertised max_concurrent_streams; let h2 admit one more so the
@@ -104,7 +105,7 @@ class HboneServerConnection(_HboneConnection):
             self._refuse_unseen(stream_id, 431, "header list over the limit", out)
             return
         try:
-            request = _parse_connect_request(headers)
+            request = _parse_connect_request(headers, self._authorities)
         except _BadRequest as exc:
             self._refuse_unseen(stream_id, 400, str(exc), out)
             return
