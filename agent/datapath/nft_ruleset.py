@@ -8,25 +8,37 @@ Node namespace (the agent's own):
       set pod_ports  { host veth ifindex }     set pod_addrs { pod IPv4 }
       set port_sources { host veth ifindex . pod IPv4 }          (every enrolled pod)
       chain prerouting  (filter, bridge prerouting, priority -200)
-        from a pod port: not IPv4/ARP/IPv6 (or VLAN-tagged)  -> drop        [out_drop_not_ip]
-        from a pod port: ARP, sender not its own, not 0.0.0.0 -> drop      [out_drop_spoofed_arp]
-        from any other port: ARP announcing an enrolled address -> drop    [in_drop_spoofed_arp]
-        from a pod port: IPv4 with a source not its own      -> drop       [out_drop_spoofed_source]
-        from any other port: IPv4 with an enrolled source    -> drop       [in_drop_spoofed_source]
-        from a pod port: IPv6 TCP                            -> mark 0x400 (ip6 forward drops it)
+        IPv4, iif . saddr bound      -> goto lift: a pod's own address (one lookup)
+        IPv4 from a pod port         -> drop: a source not its own      [out_drop_spoofed_source]
+        IPv4 with an enrolled source -> drop: not from its port         [in_drop_spoofed_source]
+        IPv4                         -> goto lift
+        ARP, iif . sender bound      -> accept
+        ARP from a pod port, sender not 0.0.0.0 -> drop                  [out_drop_spoofed_arp]
+        ARP announcing an enrolled address      -> drop                  [in_drop_spoofed_arp]
+        ARP                          -> accept
+        from a pod port: not IPv6 (a VLAN tag, another protocol) -> drop [out_drop_not_ip]
+        from a pod port: IPv6 TCP    -> mark 0x400 (ip6 forward drops it)
+      chain lift
         ip saddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_out]
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
       chain forward / output  (filter, priority 0: frames switched or sent to a port)
-        to a pod port: IPv4 for another pod's address        -> drop       [in_drop_misdelivered]
-        forward only: IPv6 TCP from / to a pod port          -> drop       [out/in_drop_ipv6_tcp]
+        IPv4, oif . daddr bound      -> accept: to the address's own port (one lookup)
+        IPv4 to a pod port for another pod's address -> drop           [in_drop_misdelivered]
+        forward only: IPv6 TCP from / to a pod port  -> drop           [out/in_drop_ipv6_tcp]
     table ip ambit                  every pod: mark its TCP for the route to the proxy
       set pods  { pod IPv4 }   set pod_links { host veth ifindex }
       set pod_sources { host veth ifindex . pod IPv4 }
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif ambit0                  -> return: the proxy's own traffic     [in_pass_from_proxy]
-        from a routed pod's veth, a source not its own -> drop            [out_drop_spoofed_source]
-        an enrolled source from anywhere else but a bridge (checked there) or its veth
-                                    -> drop                                [in_drop_spoofed_source]
+        iifkind bridge              -> goto classify: bound in the bridge table
+        iif @pod_links              -> goto routed_pod
+        ip saddr @pods              -> drop: an enrolled source from anywhere
+                                       else (another node, the underlay)  [in_drop_spoofed_source]
+                                    -> goto classify
+      chain routed_pod
+        iif . saddr bound           -> goto classify
+                                    -> drop: a source not its own         [out_drop_spoofed_source]
+      chain classify
         not TCP                     -> return
         ip saddr @pods              -> goto outbound
         ip daddr @pods              -> goto inbound
@@ -69,6 +81,12 @@ pod's veth is the input the ip hooks see, so they bind it there. Rewriting
 the destination MAC to the pod's own host veth (a local address of the
 bridge: every port's MAC is) makes the bridge hand a TCP frame to its IP
 stack instead, where the ip table marks it.
+
+The checks cost a packet little: the legitimate case comes first and is
+one lookup of the bound `veth . address` pair (or, in the ip table, none
+for a bridge and two for a routed veth), which ends the checks; cheap
+comparisons (ether type, iifkind) come before any lookup; the spoofing
+drops are only reached by what failed that lookup.
 
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release
@@ -240,12 +258,15 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         *_base_chain("bridge", "prerouting", "prerouting", BRIDGE_PRIORITY),
         *_base_chain("bridge", "forward", "forward", FILTER_PRIORITY),
         *_base_chain("bridge", "output", "output", FILTER_PRIORITY),
+        *_chain("bridge", "lift"),
         {"add": {"table": {"family": "ip", "name": TABLE}}},
         _set("ip", NODE_POD_SET, "ipv4_addr"),
         _set("ip", LINK_SET, "iface_index"),
         _set("ip", SOURCE_SET, ["iface_index", "ipv4_addr"]),
         *_counters("ip", NODE_COUNTERS),
         *_base_chain("ip", "prerouting", "prerouting", MANGLE_PRIORITY),
+        *_chain("ip", "routed_pod"),
+        *_chain("ip", "classify"),
         *_chain("ip", "outbound"),
         *_chain("ip", "inbound"),
         {"add": {"table": {"family": "ip6", "name": TABLE}}},
@@ -260,7 +281,7 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
                            "value": {"map": {"key": _payload("ip", field), "data": f"@{BRIDGE_POD_MAP}"}}}}
         # A key missing from the map makes the lookup fail: the rule does
         # not match and the frame is bridged as usual.
-        cmds.append(_rule("bridge", "prerouting", _match(_payload("ip", "protocol"), "tcp"), lift,
+        cmds.append(_rule("bridge", "lift", _match(_payload("ip", "protocol"), "tcp"), lift,
                           {"mangle": {"key": _meta("pkttype"), "value": "host"}},
                           _counter(f"bridge_lift_{direction}"), {"accept": None}))
     source = _payload("ip", "saddr")
@@ -269,17 +290,21 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         # the connection; marking it again would loop it back to the proxy.
         _rule("ip", "prerouting", _match(_meta("iif"), node_link_ifindex), _counter("in_pass_from_proxy"),
               {"return": None}),
+        # Frames from a bridge were bound to their port in the bridge table
+        # (every bridge, every port).
+        _rule("ip", "prerouting", _match(_meta("iifkind"), "bridge"), {"goto": {"target": "classify"}}),
         # A routed pod's veth is the input here: its sources are bound here.
-        _rule("ip", "prerouting", _match(_meta("iif"), f"@{LINK_SET}"),
-              _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}", "!="), *_drop("out_drop_spoofed_source")),
-        # An enrolled address arriving anywhere but its own veth (another
-        # node, the underlay, another routed pod). Frames from a bridge were
-        # bound to their port in the bridge table (every bridge, every port).
-        _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), _match(_meta("iifkind"), "bridge", "!="),
-              _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}", "!="), *_drop("in_drop_spoofed_source")),
-        _rule("ip", "prerouting", _match(_meta("l4proto"), "tcp", "!="), {"return": None}),
-        _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), {"goto": {"target": "outbound"}}),
-        _rule("ip", "prerouting", _match(_payload("ip", "daddr"), f"@{NODE_POD_SET}"),
+        _rule("ip", "prerouting", _match(_meta("iif"), f"@{LINK_SET}"), {"goto": {"target": "routed_pod"}}),
+        # An enrolled address arriving anywhere but a bridge or its own veth
+        # (another node, the underlay).
+        _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), *_drop("in_drop_spoofed_source")),
+        _rule("ip", "prerouting", {"goto": {"target": "classify"}}),
+        _rule("ip", "routed_pod", _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}"),
+              {"goto": {"target": "classify"}}),
+        _rule("ip", "routed_pod", *_drop("out_drop_spoofed_source")),
+        _rule("ip", "classify", _match(_meta("l4proto"), "tcp", "!="), {"return": None}),
+        _rule("ip", "classify", _match(source, f"@{NODE_POD_SET}"), {"goto": {"target": "outbound"}}),
+        _rule("ip", "classify", _match(_payload("ip", "daddr"), f"@{NODE_POD_SET}"),
               {"goto": {"target": "inbound"}}),
         # The node itself (its addresses, kubelet's peers) is not meshed: the
         # proxy could not stand in the middle (docs/datapath.md).
@@ -304,41 +329,47 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
 
 
 def _bridge_binding_rules() -> list[Command]:
-    """The bridge table's source binding (before the lift rules): frames
-    from an enrolled pod's port carry its own addresses only, frames from
-    any other port none of an enrolled pod's, and no frame for one pod's
-    address goes out another pod's port."""
+    """The bridge table's source binding: frames from an enrolled pod's
+    port carry its own addresses only, frames from any other port none of
+    an enrolled pod's, and no frame for one pod's address goes out another
+    pod's port. A bound pair ends the checks with one lookup; only what
+    fails it reaches the drops."""
     from_pod = _match(_meta("iif"), f"@{PORT_SET}")
-    ipv4, arp = _match(_ETHER_TYPE, "ip"), _match(_ETHER_TYPE, "arp")
+    ipv4, arp, ipv6 = _match(_ETHER_TYPE, "ip"), _match(_ETHER_TYPE, "arp"), _match(_ETHER_TYPE, "ip6")
     source = _payload("ip", "saddr")
-    port_source = _match(_concat(_meta("iif"), source), f"@{PORT_SOURCE_SET}", "!=")
-    port_sender = _match(_concat(_meta("iif"), _ARP_SENDER), f"@{PORT_SOURCE_SET}", "!=")
-    tcp6 = [_match(_ETHER_TYPE, "ip6"), _match(_meta("l4proto"), "tcp")]
+    tcp = _match(_meta("l4proto"), "tcp")
     cmds = [
-        # A VLAN tag (or another protocol) could carry a packet past the rest.
-        _rule("bridge", "prerouting", from_pod, _match(_ETHER_TYPE, {"set": ["ip", "arp", "ip6"]}, "!="),
-              *_drop("out_drop_not_ip")),
+        _rule("bridge", "prerouting", ipv4, _match(_concat(_meta("iif"), source), f"@{PORT_SOURCE_SET}"),
+              {"goto": {"target": "lift"}}),
+        _rule("bridge", "prerouting", ipv4, from_pod, *_drop("out_drop_spoofed_source")),
+        _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
+        _rule("bridge", "prerouting", ipv4, {"goto": {"target": "lift"}}),
         # ARP: a pod asks and answers for its own addresses (0.0.0.0: a probe).
-        _rule("bridge", "prerouting", from_pod, arp, _match(_ARP_SENDER, "0.0.0.0", "!="), port_sender,
+        _rule("bridge", "prerouting", arp, _match(_concat(_meta("iif"), _ARP_SENDER), f"@{PORT_SOURCE_SET}"),
+              {"accept": None}),
+        _rule("bridge", "prerouting", arp, from_pod, _match(_ARP_SENDER, "0.0.0.0", "!="),
               *_drop("out_drop_spoofed_arp")),
-        _rule("bridge", "prerouting", arp, _match(_ARP_SENDER, f"@{ADDRESS_SET}"), port_sender,
-              *_drop("in_drop_spoofed_arp")),
-        _rule("bridge", "prerouting", from_pod, ipv4, port_source, *_drop("out_drop_spoofed_source")),
-        _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), port_source,
-              *_drop("in_drop_spoofed_source")),
+        _rule("bridge", "prerouting", arp, _match(_ARP_SENDER, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_arp")),
+        _rule("bridge", "prerouting", arp, {"accept": None}),
+        # What is left is neither IPv4 nor ARP. A VLAN tag (or another
+        # protocol) could carry a packet past the checks above.
+        _rule("bridge", "prerouting", _match(_ETHER_TYPE, "ip6", "!="), from_pod, *_drop("out_drop_not_ip")),
         # IPv6 TCP that the bridge hands up to the node: the ip6 table
         # drops it if it is forwarded (the input port is lost by then).
-        _rule("bridge", "prerouting", from_pod, *tcp6, _set_mark(_OR_POD_PORT)),
-        _rule("bridge", "forward", from_pod, *tcp6, *_drop("out_drop_ipv6_tcp")),
-        _rule("bridge", "forward", _match(_meta("oif"), f"@{PORT_SET}"), *tcp6, *_drop("in_drop_ipv6_tcp")),
+        _rule("bridge", "prerouting", ipv6, tcp, from_pod, _set_mark(_OR_POD_PORT)),
     ]
+    destination = _payload("ip", "daddr")
     for chain in ("forward", "output"):
-        destination = _payload("ip", "daddr")
-        cmds.append(_rule("bridge", chain, _match(_meta("oif"), f"@{PORT_SET}"), ipv4,
-                          _match(destination, f"@{ADDRESS_SET}"),
-                          _match(_concat(_meta("oif"), destination), f"@{PORT_SOURCE_SET}", "!="),
-                          *_drop("in_drop_misdelivered")))
-    return cmds
+        cmds += [
+            _rule("bridge", chain, ipv4, _match(_concat(_meta("oif"), destination), f"@{PORT_SOURCE_SET}"),
+                  {"accept": None}),
+            _rule("bridge", chain, ipv4, _match(_meta("oif"), f"@{PORT_SET}"), _match(destination, f"@{ADDRESS_SET}"),
+                  *_drop("in_drop_misdelivered")),
+        ]
+    return cmds + [
+        _rule("bridge", "forward", ipv6, tcp, from_pod, *_drop("out_drop_ipv6_tcp")),
+        _rule("bridge", "forward", ipv6, tcp, _match(_meta("oif"), f"@{PORT_SET}"), *_drop("in_drop_ipv6_tcp")),
+    ]
 
 
 def proxy_rules(proxy_link_ifindex: int) -> list[Command]:

@@ -77,17 +77,57 @@ def test_every_steering_chain_ends_fail_closed_and_uses_the_shared_constants():
     assert used == declared == set(rs.NODE_COUNTERS + rs.BRIDGE_COUNTERS + rs.IP6_COUNTERS + rs.PROXY_COUNTERS)
 
 
+def _verdict_of(rule: dict) -> dict | None:
+    return next((e for e in rule["expr"] if {"goto", "accept", "drop", "return"} & set(e)), None)
+
+
+def _counted(rules: list[dict]) -> list[str]:
+    return [next(e["counter"] for e in r["expr"] if "counter" in e) for r in rules if any("counter" in e for e in r["expr"])]
+
+
+def _bound_pair(rule: dict, key: str, name: str) -> bool:
+    """The rule matches the bound `<key> . address` pair (op ==)."""
+    return any(e.get("match", {}).get("op") == "==" and e["match"]["right"] == f"@{name}"
+               and e["match"]["left"].get("concat", [{}])[0] == {"meta": {"key": key}} for e in rule["expr"])
+
+
 def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
-    bridge = [r for r in node if r["family"] == "bridge" and r["chain"] == "prerouting"]
-    counters = [next(e["counter"] for e in r["expr"] if "counter" in e) for r in bridge if
-                any("counter" in e for e in r["expr"])]
-    assert counters == ["out_drop_not_ip", "out_drop_spoofed_arp", "in_drop_spoofed_arp", "out_drop_spoofed_source",
-                        "in_drop_spoofed_source", "bridge_lift_out", "bridge_lift_in"]
-    ip = [r for r in node if r["family"] == "ip" and r["chain"] == "prerouting"]
-    steer = next(i for i, r in enumerate(ip) if {"goto": {"target": "outbound"}} in r["expr"])
-    drops = [i for i, r in enumerate(ip) if {"drop": None} in r["expr"]]
-    assert len(drops) == 2 and max(drops) < steer
+    chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
+    bridge = chain("bridge", "prerouting")
+    assert _counted(bridge) == ["out_drop_spoofed_source", "in_drop_spoofed_source", "out_drop_spoofed_arp",
+                                "in_drop_spoofed_arp", "out_drop_not_ip"]
+    assert _counted(chain("bridge", "lift")) == ["bridge_lift_out", "bridge_lift_in"]
+    # Only the bridge prerouting chain enters lift: first for a bound
+    # `iif . saddr` pair (the one lookup of the common case), then only
+    # past both IPv4 drops. ARP is accepted for a bound pair or past its drops.
+    lifts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"goto": {"target": "lift"}}]
+    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["prerouting"] * 2
+    assert _bound_pair(bridge[lifts[0]], "iif", rs.PORT_SOURCE_SET) and lifts[0] == 0
+    ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]
+                  or {"counter": "out_drop_spoofed_source"} in r["expr"]]
+    assert lifts[1] > max(ipv4_drops)
+    accepts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"accept": None}]
+    arp_drops = [i for i, r in enumerate(bridge) if any("arp" in str(e.get("counter", "")) for e in r["expr"])]
+    assert _bound_pair(bridge[accepts[0]], "iif", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
+    assert accepts[1] > max(arp_drops) and len(accepts) == 2
+    # Forward and output: only a bound `oif . daddr` pair is accepted before the drop.
+    for name in ("forward", "output"):
+        rules = chain("bridge", name)
+        assert _bound_pair(rules[0], "oif", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
+        assert "in_drop_misdelivered" in _counted(rules)
+    # ip: outbound and inbound are reached from classify only, and classify
+    # from a bridge (bound there), a routed veth's bound pair, or past the drop.
+    steering = [r for r in node if _verdict_of(r) in ({"goto": {"target": "outbound"}}, {"goto": {"target": "inbound"}})]
+    assert {r["chain"] for r in steering} == {"classify"}
+    ip = chain("ip", "prerouting")
+    into = [i for i, r in enumerate(ip) if _verdict_of(r) == {"goto": {"target": "classify"}}]
+    assert ip[into[0]]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifkind"}}, "right": "bridge"}
+    assert into[1] > next(i for i, r in enumerate(ip) if {"counter": "in_drop_spoofed_source"} in r["expr"])
+    assert len(into) == 2
+    routed = chain("ip", "routed_pod")
+    assert _bound_pair(routed[0], "iif", rs.SOURCE_SET) and _verdict_of(routed[0]) == {"goto": {"target": "classify"}}
+    assert routed[1]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(routed) == 2
     # every verdict the shared names promise is counted by the nftables backend too
     shared = set(constants.SOURCE_BINDING_DROPS + constants.IPV6_DROPS)
     assert shared <= set(rs.NODE_COUNTERS + rs.BRIDGE_COUNTERS + rs.IP6_COUNTERS)
