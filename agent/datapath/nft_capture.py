@@ -19,7 +19,7 @@ import errno
 import ipaddress
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -189,21 +189,18 @@ class NftDatapath:
             with open_rtnl(self.node_netns) as ipr:
                 veth = read_host_veth(ipr, host_ifindex)
             entries = [rs.PodEntry(ip, veth.ifindex, veth.name, veth.mac, veth.bridge) for ip in ips]
-            self._proxy_session().run(rs.set_replace("ip", rs.PROXY_POD_SET, entries))
-            node = self._node_session()
-            lift = rs.map_add(entries)
+            owner = rs.Owner(veth.ifindex, veth.name, veth.bridge)
+            # One transaction per namespace, first in the usual case (none of
+            # it there yet: one `create` per set), else in the form that
+            # replaces what a previous owner (or this pod, again) left.
+            _run_expected(self._proxy_session(), rs.set_replace("ip", rs.PROXY_POD_SET, entries, fresh=True),
+                          lambda proxy: proxy.run(rs.set_replace("ip", rs.PROXY_POD_SET, entries)), errno.EEXIST)
             # Bound and steered in one transaction: no moment in which the
             # pod's address is steered but not yet bound to its veth.
-            steer = rs.set_replace("ip", rs.NODE_POD_SET, entries) + rs.bind(
-                rs.Owner(veth.ifindex, veth.name, veth.bridge), list(ips), list(ips6))
-            try:
-                node.run(lift + steer)
-            except NftError as exc:
-                if exc.errno != errno.EEXIST or not lift:
-                    raise
-                # An address still mapped to a previous owner's MAC.
-                self._unmap(node, ips)
-                node.run(lift + steer)
+            fresh = (rs.map_add(entries, fresh=True) + rs.set_replace("ip", rs.NODE_POD_SET, entries, fresh=True)
+                     + rs.bind(owner, list(ips), list(ips6), fresh=True))
+            _run_expected(self._node_session(), fresh, lambda node: self._steer(node, entries, owner, ips6),
+                          errno.EEXIST)
         self._log.info("pod_attached", host_ifindex=host_ifindex, host_veth=veth.name, bridge=veth.bridge,
                        pod_ips=[str(i) for i in ips])
         return NftPodCapture(host_ifindex, veth.name, ips, steered=True, directed=True, bridge=veth.bridge,
@@ -232,15 +229,13 @@ class NftDatapath:
             if not ips:
                 node.run(unsteer)  # nothing steered: the veth and its IPv6 only
                 return
-            try:
-                node.run(rs.map_remove(ips) + unsteer)
-            except NftError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                # Not (all) in the bridge map: a routed pod, or removed before.
-                node.run(unsteer)
-                self._unmap(node, ips)
-            self._proxy_session().run(rs.set_remove("ip", rs.PROXY_POD_SET, ips))
+            # The usual case first: a bridged pod with all of it there, one
+            # `delete` per set; else the form that cannot fail on absence.
+            present = (rs.map_remove(ips) + rs.set_remove("ip", rs.NODE_POD_SET, ips, present=True)
+                       + rs.unbind(host_ifindex, ips, ips6, present=True))
+            _run_expected(node, present, lambda node: self._unsteer(node, ips, unsteer), errno.ENOENT)
+            _run_expected(self._proxy_session(), rs.set_remove("ip", rs.PROXY_POD_SET, ips, present=True),
+                          lambda proxy: proxy.run(rs.set_remove("ip", rs.PROXY_POD_SET, ips)), errno.ENOENT)
         self._log.info("pod_detached", host_ifindex=host_ifindex, pod_ips=[str(i) for i in ips])
 
     def attached(self) -> list[NftPodCapture]:
@@ -270,6 +265,31 @@ class NftDatapath:
                 bridge=bridge, lifted=all(_owned(lifted, ip, index) for ip in ips),
                 bound=all((index, ip) in bound for ip in ips)))
         return found
+
+    def _steer(self, node: NftSession, entries: list[rs.PodEntry], owner: rs.Owner, ips6: Iterable[IPv6]) -> None:
+        """Steer and bind a pod whatever a previous owner left (see attach_pod)."""
+        ips = [e.ip for e in entries]
+        lift = rs.map_add(entries)
+        steer = rs.set_replace("ip", rs.NODE_POD_SET, entries) + rs.bind(owner, ips, list(ips6))
+        try:
+            node.run(lift + steer)
+        except NftError as exc:
+            if exc.errno != errno.EEXIST or not lift:
+                raise
+            # An address still mapped to a previous owner's MAC.
+            self._unmap(node, ips)
+            node.run(lift + steer)
+
+    def _unsteer(self, node: NftSession, ips: list[IPv4], unsteer: list[rs.Command]) -> None:
+        """Remove a pod's node elements, whichever are still there."""
+        try:
+            node.run(rs.map_remove(ips) + unsteer)
+        except NftError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # Not (all) in the bridge map: a routed pod, or removed before.
+            node.run(unsteer)
+            self._unmap(node, ips)
 
     @staticmethod
     def _unmap(node: NftSession, ips: Iterable[IPv4]) -> None:
@@ -310,6 +330,19 @@ class NftDatapath:
                 for name, packets in rs.counter_values(listing).items():
                     counts[name] = counts.get(name, 0) + packets  # one verdict taken in two tables
         return counts
+
+
+def _run_expected(session: NftSession, expected: list[rs.Command], otherwise: Callable[[NftSession], None],
+                  fails_with: int) -> None:
+    """Apply `expected` (the usual case, as few commands as it takes); if
+    the kernel refuses it with `fails_with` (nothing applied: one
+    transaction), do `otherwise`."""
+    try:
+        session.run(expected)
+    except NftError as exc:
+        if exc.errno != fails_with:
+            raise
+        otherwise(session)
 
 
 def _owned(table: dict[IPv4, rs.Owner | None], ip: IPv4, index: int) -> bool:

@@ -91,6 +91,10 @@ drops are only reached by what failed that lookup.
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release
 deletes them, and the kernel can be read back to rebuild who owns what.
+One enrol (or release) is one transaction per namespace: first the
+expected case alone (`create` every element, or `delete` every one: one
+command per set), and only when that fails (an element a previous owner
+left, or one already gone) the forms that cannot fail on it.
 """
 from __future__ import annotations
 
@@ -454,6 +458,14 @@ def _replace(family: str, name: str, keys: list[tuple[Key, str]]) -> list[Comman
     return cmds
 
 
+def _create(family: str, name: str, keys: list[tuple[Key, str]]) -> list[Command]:
+    """Add every key with its owner comment in one command, which fails
+    (EEXIST) if one is there already: the usual case of _replace."""
+    if not keys:
+        return []
+    return [{"create": {"element": {**_set_ref(family, name), "elem": [_elem(k, c) for k, c in keys]}}}]
+
+
 def _remove(family: str, name: str, keys: list[Key]) -> list[Command]:
     """Delete keys whether or not they are present (add, then delete)."""
     ref = _set_ref(family, name)
@@ -464,55 +476,74 @@ def _remove(family: str, name: str, keys: list[Key]) -> list[Command]:
     return cmds
 
 
-def set_replace(family: str, name: str, entries: list[PodEntry]) -> list[Command]:
-    """Each entry's address, with its owner comment (see _replace)."""
-    return _replace(family, name, [(str(e.ip), e.comment) for e in entries])
+def _delete(family: str, name: str, keys: list[Key]) -> list[Command]:
+    """Delete every key in one command, which fails (ENOENT) if one is
+    absent: the usual case of _remove."""
+    if not keys:
+        return []
+    return [{"delete": {"element": {**_set_ref(family, name), "elem": [_elem(k) for k in keys]}}}]
 
 
-def set_remove(family: str, name: str, ips: list[ipaddress.IPv4Address]) -> list[Command]:
-    """Delete addresses whether or not they are present (add, then delete)."""
-    return _remove(family, name, [str(ip) for ip in ips])
+def set_replace(family: str, name: str, entries: list[PodEntry], *, fresh: bool = False) -> list[Command]:
+    """Each entry's address, with its owner comment (see _replace). fresh:
+    none of them is there yet (one command; EEXIST if one is)."""
+    put = _create if fresh else _replace
+    return put(family, name, [(str(e.ip), e.comment) for e in entries])
+
+
+def set_remove(family: str, name: str, ips: list[ipaddress.IPv4Address], *, present: bool = False) -> list[Command]:
+    """Delete addresses whether or not they are present (add, then delete).
+    present: all of them are there (one command; ENOENT if one is not)."""
+    cut = _delete if present else _remove
+    return cut(family, name, [str(ip) for ip in ips])
 
 
 def _pair(ifindex: int, ip: ipaddress.IPv4Address) -> Key:
     return {"concat": [ifindex, str(ip)]}
 
 
-def bind(owner: Owner, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address]) -> list[Command]:
+def bind(owner: Owner, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address], *,
+         fresh: bool = False) -> list[Command]:
     """The source binding of one pod (node namespace): its veth as a bridge
     port and as a routed link, each address bound to it, its addresses
-    among the enrolled ones, its IPv6 addresses (dropped, not captured)."""
+    among the enrolled ones, its IPv6 addresses (dropped, not captured).
+    fresh: none of it is there yet (one command per set; EEXIST if it is)."""
+    put = _create if fresh else _replace
     index, comment = owner.host_ifindex, owner.comment
     pairs = [(_pair(index, ip), comment) for ip in ips]
-    return [*_replace("bridge", PORT_SET, [(index, comment)]),
-            *_replace("bridge", PORT_SOURCE_SET, pairs),
-            *_replace("bridge", ADDRESS_SET, [(str(ip), comment) for ip in ips]),
-            *_replace("ip", LINK_SET, [(index, comment)]),
-            *_replace("ip", SOURCE_SET, pairs),
-            *_replace("ip6", LINK_SET, [(index, comment)]),
-            *_replace("ip6", POD6_SET, [(str(ip), comment) for ip in ipv6])]
+    return [*put("bridge", PORT_SET, [(index, comment)]),
+            *put("bridge", PORT_SOURCE_SET, pairs),
+            *put("bridge", ADDRESS_SET, [(str(ip), comment) for ip in ips]),
+            *put("ip", LINK_SET, [(index, comment)]),
+            *put("ip", SOURCE_SET, pairs),
+            *put("ip6", LINK_SET, [(index, comment)]),
+            *put("ip6", POD6_SET, [(str(ip), comment) for ip in ipv6])]
 
 
-def unbind(host_ifindex: int, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address]) -> list[Command]:
-    """Undo bind for a veth and its addresses, whatever is still there."""
+def unbind(host_ifindex: int, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address], *,
+           present: bool = False) -> list[Command]:
+    """Undo bind for a veth and its addresses, whatever is still there.
+    present: all of it is there (one command per set; ENOENT if not)."""
+    cut = _delete if present else _remove
     pairs = [_pair(host_ifindex, ip) for ip in ips]
-    return [*_remove("bridge", PORT_SET, [host_ifindex]),
-            *_remove("bridge", PORT_SOURCE_SET, pairs),
-            *_remove("bridge", ADDRESS_SET, [str(ip) for ip in ips]),
-            *_remove("ip", LINK_SET, [host_ifindex]),
-            *_remove("ip", SOURCE_SET, pairs),
-            *_remove("ip6", LINK_SET, [host_ifindex]),
-            *_remove("ip6", POD6_SET, [str(ip) for ip in ipv6])]
+    return [*cut("bridge", PORT_SET, [host_ifindex]),
+            *cut("bridge", PORT_SOURCE_SET, pairs),
+            *cut("bridge", ADDRESS_SET, [str(ip) for ip in ips]),
+            *cut("ip", LINK_SET, [host_ifindex]),
+            *cut("ip", SOURCE_SET, pairs),
+            *cut("ip6", LINK_SET, [host_ifindex]),
+            *cut("ip6", POD6_SET, [str(ip) for ip in ipv6])]
 
 
-def map_add(entries: list[PodEntry]) -> list[Command]:
+def map_add(entries: list[PodEntry], *, fresh: bool = False) -> list[Command]:
     """The bridge map's elements of bridged pods. Fails with EEXIST when an
     address is mapped to another MAC (a previous owner's): the caller then
-    deletes that element first (map_remove)."""
+    deletes that element first (map_remove). fresh: also when it is mapped
+    to the same MAC (create)."""
     elems = [[_elem(str(e.ip), e.comment), e.host_mac] for e in entries if e.bridge]
     if not elems:
         return []
-    return [{"add": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": elems}}}]
+    return [{"create" if fresh else "add": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": elems}}}]
 
 
 def map_remove(ips: list[ipaddress.IPv4Address]) -> list[Command]:

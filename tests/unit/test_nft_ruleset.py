@@ -155,3 +155,22 @@ def test_bound_pairs_take_the_veth_from_the_comment():
         {"concat": [99, "10.233.9.9"]}]}}]
     assert rs.bound_pairs(listing) == [(IP, rs.Owner(12, "veth1234", "cni0")),
                                        (ipaddress.IPv4Address("10.233.9.9"), None)]
+
+
+def test_the_usual_case_is_one_create_or_delete_per_set_of_the_same_elements():
+    owner = rs.Owner(12, "veth1234", "cni0")
+    six = ipaddress.IPv6Address("fd00::7")
+    fresh = rs.map_add([BRIDGED], fresh=True) + rs.set_replace("ip", rs.NODE_POD_SET, [BRIDGED], fresh=True) + rs.bind(
+        owner, [IP], [six], fresh=True)
+    robust = rs.map_add([BRIDGED]) + rs.set_replace("ip", rs.NODE_POD_SET, [BRIDGED]) + rs.bind(owner, [IP], [six])
+    assert all(next(iter(c)) == "create" for c in fresh)
+    sets = [(c["create"]["element"]["family"], c["create"]["element"]["name"]) for c in fresh]
+    assert len(sets) == len(set(sets)) == 9  # the map, pods, 7 of the binding
+    # the same elements, with the same comments, as the form that replaces
+    assert [c["create"]["element"] for c in fresh] == [c[next(iter(c))]["element"] for c in robust
+                                                       if "comment" in repr(c)]
+    present = rs.set_remove("ip", rs.NODE_POD_SET, [IP], present=True) + rs.unbind(12, [IP], [six], present=True)
+    gone = rs.set_remove("ip", rs.NODE_POD_SET, [IP]) + rs.unbind(12, [IP], [six])
+    assert all(next(iter(c)) == "delete" for c in present)
+    assert present == [c for c in gone if "delete" in c]
+    assert rs.bind(owner, [IP], [], fresh=True)[-1]["create"]["element"]["name"] == rs.LINK_SET  # no empty command
