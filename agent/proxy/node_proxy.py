@@ -357,10 +357,8 @@ class NodeProxy:
     async def _undecidable(self) -> tuple[str, str] | None:
         """Why no connection can be decided yet (the access-log reason and the
         failed-closed label), after waiting up to SYNC_WAIT_S for the agent's
-        records and discovery's sync; None once both are in. Called only when
-        `_decidable()` says no (it returns None at once otherwise)."""
-        if self._decidable():
-            return None
+        records and discovery's sync; None once both are in. Callers check
+        `_decidable()` first, so no coroutine is made per connection."""
         mesh = self.mesh
         records = self.records_loaded
         try:
@@ -375,6 +373,16 @@ class NodeProxy:
             return _RECORDS_NOT_LOADED, RECORDS_NOT_LOADED
         partial = mesh.pending() if mesh is not None else ""
         return (_not_synced(partial), DISCOVERY_NOT_SYNCED) if partial else None
+
+    async def _refused_undecidable(self, accepted: AcceptedConnection, sock: socket.socket,
+                                   tracked: TrackedConnection) -> _Outcome | None:
+        """Refuse a captured connection the agent cannot decide yet (see
+        _undecidable), after the wait; None when it can be decided after all."""
+        undecidable = await self._undecidable()
+        if undecidable is None:
+            return None
+        self._opened(accepted, tracked)
+        return self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
 
     def _refuse(self, sock: socket.socket, tracked: TrackedConnection, reason: str, flags: str,
                 fail_closed: str = "") -> _Outcome:
@@ -395,11 +403,11 @@ class NodeProxy:
                 self._opened(accepted, tracked)
                 outcome = await self._relay(accepted, sock, tracked)
                 return
-            undecidable = None if self._decidable() else await self._undecidable()
-            if undecidable:
-                self._opened(accepted, tracked)
-                outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
-                return
+            if not self._decidable():
+                refused = await self._refused_undecidable(accepted, sock, tracked)
+                if refused is not None:
+                    outcome = refused
+                    return
             # Who the client is comes from the enrolment record that owns
             # its address (bound to its veth by the datapath), not from
             # discovery's view of the address.
@@ -461,11 +469,11 @@ class NodeProxy:
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
-            undecidable = None if self._decidable() else await self._undecidable()
-            if undecidable:
-                self._opened(accepted, tracked)
-                outcome = self._refuse(sock, tracked, undecidable[0], "NR", undecidable[1])
-                return
+            if not self._decidable():
+                refused = await self._refused_undecidable(accepted, sock, tracked)
+                if refused is not None:
+                    outcome = refused
+                    return
             if self.mesh is not None:
                 decision = self.mesh.authorizer.check(source_ip=accepted.client.ip, source_identity=None,
                                                       dst_ip=accepted.original_dst.ip,
@@ -492,10 +500,11 @@ class NodeProxy:
             log.info("HBONE connection refused: no identities without discovery", src=str(accepted.client),
                      dst=str(accepted.original_dst))
             return
-        undecidable = None if self._decidable() else await self._undecidable()
-        if undecidable:
-            self._refuse_before_tls(accepted, sock, *undecidable)
-            return
+        if not self._decidable():
+            undecidable = await self._undecidable()
+            if undecidable:
+                self._refuse_before_tls(accepted, sock, *undecidable)
+                return
         if self.mesh.attributor.pod(accepted.original_dst.ip) is None:
             why = self.mesh.attributor.attribute(accepted.original_dst.ip).reason
             self._refuse_before_tls(accepted, sock, f"denied: unknown destination: {why}", UNKNOWN_DESTINATION)
