@@ -11,11 +11,11 @@ from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from .connect import (
-    _MAX_CHECKED_AUTHORITIES,
     _check_outbound_headers,
     _header_list_size,
     _response_status,
     format_authority,
+    _remember_checked,
     parse_authority,
 )
 from .connection import HboneProtocolError, _HboneConnection
@@ -73,9 +73,7 @@ class HboneClientConnection(_HboneConnection):
         if canonical is None:
             address, port = parse_authority(authority)
             canonical = format_authority(address, port)
-            if len(self._authorities) >= _MAX_CHECKED_AUTHORITIES:
-                self._authorities.clear()
-            self._authorities[authority] = canonical
+            _remember_checked(self._authorities, authority, canonical)
         headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", canonical)]
         # Never indexed: an extra header names this connection (forwarded: the
         # client's address and port), so adding it to both sides' HPACK tables

@@ -6,10 +6,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # --- authority ---------------------------------------------------------------
 
@@ -17,6 +19,14 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MAX_AUTHORITY_LENGTH: Final = 64
 # Parsed authorities one connection keeps (client and server side).
 _MAX_CHECKED_AUTHORITIES: Final = 64
+
+
+def _remember_checked(checked: dict[_K, _V], key: _K, value: _V) -> None:
+    """Keep a parsed authority in a connection's cache, bounded to
+    _MAX_CHECKED_AUTHORITIES (emptied when full: a connection's streams name few destinations)."""
+    if len(checked) >= _MAX_CHECKED_AUTHORITIES:
+        checked.clear()
+    checked[key] = value
 
 
 def format_authority(host: str | IPAddress, port: int) -> str:
@@ -126,9 +136,7 @@ def _parse_connect_request(
             raise _BadRequest(f"bad authority {authority[:_MAX_AUTHORITY_LENGTH]!r}: {exc}") from None
         known = (str(address), port)
         if checked is not None:
-            if len(checked) >= _MAX_CHECKED_AUTHORITIES:
-                checked.clear()
-            checked[authority] = known
+            _remember_checked(checked, authority, known)
     return _ConnectRequest(host=known[0], port=known[1], headers=tuple(regular))
 
 
