@@ -303,13 +303,14 @@ class TlsStream:
         when the connection is not busy, or when much is pending (module doc)."""
         if self._send_scheduled:
             self._round_writes += 1
-            if self._outgoing.pending >= self._high_water:
+        else:
+            self._send_scheduled = True
+            self._round_writes = 1
+            self._loop.call_soon(self._send_booked)
+            if not self._coalescing:
                 self._send_outgoing()
-            return
-        self._send_scheduled = True
-        self._round_writes = 1
-        self._loop.call_soon(self._send_booked)
-        if not self._coalescing or self._outgoing.pending >= self._high_water:
+                return
+        if self._outgoing.pending >= self._high_water:
             self._send_outgoing()
 
     def _send_booked(self) -> None:
