@@ -196,7 +196,7 @@ class NetnsSocketPool:
         self,
         thread: NetnsThread,
         family: socket.AddressFamily = socket.AF_INET,
-        type: socket.SocketKind = socket.SOCK_STREAM,
+        type: int = socket.SOCK_STREAM,  # a SocketKind, | SOCK_NONBLOCK for sockets ready for a loop
         *,
         batch: int = 32,
     ) -> None:

@@ -98,6 +98,14 @@ def _transparent_option(family: socket.AddressFamily) -> tuple[int, int]:
     return socket.IPPROTO_IP, socket.IP_TRANSPARENT
 
 
+def set_nodelay_inherited(sock: socket.socket) -> None:
+    """TCP_NODELAY on a listening socket: every connection accepted from it
+    inherits the option (Linux copies the listener's TCP options to the child
+    socket), so the data path never sets it per connection (one setsockopt(2)
+    fewer per accepted connection; tests/unit/test_listeners.py pins the inheritance)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def listening_socket_setup(address: SocketAddress, backlog: int) -> Callable[[socket.socket], None]:
     """Options and bind/listen for a transparent listener (run where the
     socket is created, i.e. in the proxy namespace)."""
@@ -108,6 +116,7 @@ def listening_socket_setup(address: SocketAddress, backlog: int) -> Callable[[so
         sock.setsockopt(*_transparent_option(address.family), 1)
         # Our own SYN-ACKs and data carry the proxy mark (constants.MARK_PROXY).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY)
+        set_nodelay_inherited(sock)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.ip, address.port))
@@ -185,6 +194,7 @@ class TransparentListener:
         if adopt is not None:
             sock = adopt
             sock.setblocking(False)
+            set_nodelay_inherited(sock)  # a predecessor's socket may not have it
         else:
             setup = listening_socket_setup(self._requested, self._backlog)
             family = self._requested.family

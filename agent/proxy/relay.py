@@ -95,8 +95,7 @@ class RelayOptions:
     socket_buffer: int | None = None
 
 
-def _tune(sock: socket.socket, options: RelayOptions) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the client decides batching
+def _tune_buffers(sock: socket.socket, options: RelayOptions) -> None:
     if options.socket_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.socket_buffer)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.socket_buffer)
@@ -107,7 +106,8 @@ def prepare_upstream(sock: socket.socket, source_ip: str, options: RelayOptions)
     (the client pod's address); must precede connect()."""
     set_nonblocking(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY)
-    _tune(sock, options)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the client decides batching
+    _tune_buffers(sock, options)
     if options.transparent_source:
         # May bind an address that is not ours: the pod's.
         if ":" in source_ip:
@@ -347,7 +347,8 @@ async def relay_plain_tcp(
         return outcome(RelayEnd.CONNECT_FAILED, errno_name(exc))
 
     try:
-        _tune(client, options)
+        # TCP_NODELAY came from the listener (listeners.set_nodelay_inherited).
+        _tune_buffers(client, options)
     except OSError as exc:  # the client is already gone
         reset_socket(upstream)
         return outcome(RelayEnd.CLIENT_RESET, errno_name(exc))
@@ -371,6 +372,9 @@ async def relay_plain_tcp(
     return outcome(end, error)
 
 
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
+
 class NetnsUpstreamSockets:
     """`UpstreamSocketSource` for the proxy namespace (pooled, so a connection
     does not wait for a thread hop), or for the caller's own namespace when
@@ -381,11 +385,12 @@ class NetnsUpstreamSockets:
         self._pools: dict[socket.AddressFamily, NetnsSocketPool] = {}
 
     async def __call__(self, family: socket.AddressFamily) -> socket.socket:
+        # Non-blocking from socket(2) on: prepare_upstream then needs no ioctl(2).
         if self._thread is None:
-            return socket.socket(family, socket.SOCK_STREAM)
+            return socket.socket(family, _NONBLOCKING_STREAM)
         pool = self._pools.get(family)
         if pool is None:
-            pool = self._pools[family] = NetnsSocketPool(self._thread, family)
+            pool = self._pools[family] = NetnsSocketPool(self._thread, family, _NONBLOCKING_STREAM)
         return await pool.take()
 
     async def aclose(self) -> None:

@@ -148,16 +148,16 @@ class Tunnel:
         reader registration, the wake-up and its removal (uvloop makes and
         frees a poll handle, three epoll_ctl calls) for a short exchange. When
         nothing is there yet this costs one recv(2) that says EAGAIN.
+
+        TCP_NODELAY is the socket's maker's: the agent's pod sockets inherit it
+        from their listener (listeners.set_nodelay_inherited) and its upstream
+        sockets get it in relay.prepare_upstream, so no setsockopt(2) here.
         """
         if self._finished:
             raise TunnelError(f"tunnel already ended ({self.done.result().end.value})")
         if self._attached:
             raise TunnelError("tunnel already has a socket")
         set_nonblocking(sock)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (tests may use a socketpair)
         self._sock = sock
         self._fd = sock.fileno()
         self._attached = True
