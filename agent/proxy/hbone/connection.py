@@ -18,6 +18,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+import hyperframe.frame
 import structlog
 from h2.errors import ErrorCodes
 
@@ -59,9 +60,13 @@ from .frames import (
     goaway_frame,
 )
 from .buffers import mapped_buffer
+from .h2_connection import QuietH2Connection
 from .h2_events import _H2EventHandling
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
+
+
+_END_STREAM_FLAGS = ("END_STREAM",)
 
 
 class HboneProtocolError(Exception):
@@ -107,7 +112,7 @@ class _HboneConnection(_H2EventHandling):
         # (keeping HPACK state intact) and refuse only the stream.
         self._max_header_block = 2 * self._header_list_limit
 
-        self._h2 = h2.connection.H2Connection(
+        self._h2 = QuietH2Connection(
             h2.config.H2Configuration(
                 client_side=client_side,
                 header_encoding=None,
@@ -615,9 +620,10 @@ class _HboneConnection(_H2EventHandling):
             self._feed_h2_data(self._data_stream, _FLAG_END_STREAM, out)
 
     def _feed_h2_data(self, stream_id: int, flags: int, out: list[HboneEvent]) -> None:
-        """A zero-length DATA frame: h2 updates the stream state, costs no window."""
-        frame = _FRAME_HEADER.pack(0, 0, _TYPE_DATA, flags, stream_id)
-        self._dispatch(self._h2.receive_data(frame), out)
+        """A zero-length DATA frame: h2 updates the stream state, costs no window.
+        Handed over as a frame object (not bytes for h2 to parse again)."""
+        frame = hyperframe.frame.DataFrame(stream_id, flags=_END_STREAM_FLAGS if flags & _FLAG_END_STREAM else ())
+        self._dispatch(self._h2.receive_frame(frame), out)
 
     def _on_window_update(self, stream_id: int, increment: int, frame: memoryview, out: list[HboneEvent]) -> None:
         if stream_id == 0:
