@@ -16,7 +16,7 @@ import structlog
 from ..workload import Workload
 from . import constants
 from .capture import Datapath
-from .nft_capture import NftDatapath
+from .nft_capture import NftDatapath, NftPodCapture
 from .podlink import PodLink, host_link_index_exists
 
 log = structlog.get_logger(__name__)
@@ -92,7 +92,7 @@ class DatapathCapture:
                 continue
             log.info("removing the capture of a pod that is gone", backend=self.name,
                      host_ifindex=capture.host_ifindex, pod_ips=[str(ip) for ip in capture.pod_ips])
-            self.datapath.detach_pod(capture.host_ifindex, capture.pod_ips)
+            self.detach_capture(capture)
         for workload in workloads:
             self.datapath.attach_pod(workload.host_veth_ifindex, workload.addresses)
         return orphans
@@ -113,6 +113,17 @@ class NftablesCapture(DatapathCapture):
     name = "nftables"
     missing = "nftables capture elements missing for {veth}"
     unmapped = "addresses {ips} are not in the nftables capture sets"
+
+    datapath: NftDatapath
+
+    # The veth's elements are keyed by its name: given here, so that a
+    # release need not read it back from the kernel.
+    def detach(self, workload: Workload) -> None:
+        self.datapath.detach_pod(workload.host_veth_ifindex, workload.addresses, host_veth=workload.host_veth)
+
+    def detach_capture(self, capture: PodCaptureState) -> None:
+        host_veth = capture.host_veth if isinstance(capture, NftPodCapture) else None
+        self.datapath.detach_pod(capture.host_ifindex, [str(ip) for ip in capture.pod_ips], host_veth=host_veth)
 
 
 def make_datapath(mode: str, *, proxy_netns: str = constants.PROXY_NETNS, pin_dir: str = constants.BPFFS_ROOT,

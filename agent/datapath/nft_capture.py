@@ -206,13 +206,15 @@ class NftDatapath:
         return NftPodCapture(host_ifindex, veth.name, ips, steered=True, directed=True, bridge=veth.bridge,
                              lifted=bool(veth.bridge), bound=True)
 
-    def detach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4] = ()) -> None:
+    def detach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4] = (), host_veth: str | None = None) -> None:
         """Stop capturing one pod: its addresses leave every set (node first,
         so nothing is steered to the proxy as inbound-only meanwhile). With
-        no addresses given, those whose comments name this veth. A veth that
-        is already gone is not an error. One owner per address is the
-        enrolment's guarantee (it releases a stale owner before capturing a
-        new one), so the addresses given are removed whoever holds them."""
+        no addresses given, those whose comments name this veth. host_veth:
+        the veth's name, which keys its elements (else read from their
+        comments). A veth that is already gone is not an error. One owner
+        per address is the enrolment's guarantee (it releases a stale owner
+        before capturing a new one), so the addresses given are removed
+        whoever holds them."""
         pod_ips = list(pod_ips)
         ips, ips6 = list(ipv4_addresses(pod_ips)), list(ipv6_addresses(pod_ips))
         with self._lock:
@@ -224,15 +226,16 @@ class NftDatapath:
             if not pod_ips:
                 ips6 = sorted(ip for ip, owner in self._read_ipv6_set().items()
                               if owner is not None and owner.host_ifindex == host_ifindex)
+            veth = host_veth or self._veth_name(host_ifindex)
             node = self._node_session()
-            unsteer = rs.set_remove("ip", rs.NODE_POD_SET, ips) + rs.unbind(host_ifindex, ips, ips6)
+            unsteer = rs.set_remove("ip", rs.NODE_POD_SET, ips) + rs.unbind(veth, ips, ips6)
             if not ips:
                 node.run(unsteer)  # nothing steered: the veth and its IPv6 only
                 return
             # The usual case first: a bridged pod with all of it there, one
             # `delete` per set; else the form that cannot fail on absence.
             present = (rs.map_remove(ips) + rs.set_remove("ip", rs.NODE_POD_SET, ips, present=True)
-                       + rs.unbind(host_ifindex, ips, ips6, present=True))
+                       + rs.unbind(veth, ips, ips6, present=True))
             _run_expected(node, present, lambda node: self._unsteer(node, ips, unsteer), errno.ENOENT)
             _run_expected(self._proxy_session(), rs.set_remove("ip", rs.PROXY_POD_SET, ips, present=True),
                           lambda proxy: proxy.run(rs.set_remove("ip", rs.PROXY_POD_SET, ips)), errno.ENOENT)
@@ -309,6 +312,13 @@ class NftDatapath:
 
     def _read_proxy_set(self) -> dict[IPv4, rs.Owner | None]:
         return rs.elements(self._proxy_session().run([rs.list_set("ip", rs.PROXY_POD_SET)]))
+
+    def _veth_name(self, host_ifindex: int) -> str | None:
+        """The name a veth's elements are keyed by, from their comments
+        (every enrolled veth has one in the ip table's `pod_links`)."""
+        listing = self._node_session().run([rs.list_set("ip", rs.LINK_SET)])
+        return next((owner.host_veth for owner in rs.veth_elements(listing).values()
+                     if owner is not None and owner.host_ifindex == host_ifindex), None)
 
     def _read_ipv6_set(self) -> dict[IPv6, rs.Owner | None]:
         return rs.elements(self._node_session().run([rs.list_set("ip6", rs.POD6_SET)]))

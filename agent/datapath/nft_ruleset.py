@@ -5,14 +5,14 @@ Node namespace (the agent's own):
 
     table bridge ambit              every bridge: bind addresses to ports, lift TCP to L3
       map pod_l3mac  { pod IPv4 : MAC of the pod's host veth }   (bridged pods)
-      set pod_ports  { host veth ifindex }     set pod_addrs { pod IPv4 }
-      set port_sources { host veth ifindex . pod IPv4 }          (every enrolled pod)
+      set pod_ports  { host veth name }     set pod_addrs { pod IPv4 }
+      set port_sources { host veth name . pod IPv4 }             (every enrolled pod)
       chain prerouting  (filter, bridge prerouting, priority -200)
-        IPv4, iif . saddr bound      -> goto lift: a pod's own address (one lookup)
+        IPv4, iifname . saddr bound  -> goto lift: a pod's own address (one lookup)
         IPv4 from a pod port         -> drop: a source not its own      [out_drop_spoofed_source]
         IPv4 with an enrolled source -> drop: not from its port         [in_drop_spoofed_source]
         IPv4                         -> goto lift
-        ARP, iif . sender bound      -> accept
+        ARP, iifname . sender bound  -> accept
         ARP from a pod port, sender not 0.0.0.0 -> drop                  [out_drop_spoofed_arp]
         ARP announcing an enrolled address      -> drop                  [in_drop_spoofed_arp]
         ARP                          -> accept
@@ -22,21 +22,21 @@ Node namespace (the agent's own):
         ip saddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_out]
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
       chain forward / output  (filter, priority 0: frames switched or sent to a port)
-        IPv4, oif . daddr bound      -> accept: to the address's own port (one lookup)
+        IPv4, oifname . daddr bound  -> accept: to the address's own port (one lookup)
         IPv4 to a pod port for another pod's address -> drop           [in_drop_misdelivered]
         forward only: IPv6 TCP from / to a pod port  -> drop           [out/in_drop_ipv6_tcp]
     table ip ambit                  every pod: mark its TCP for the route to the proxy
-      set pods  { pod IPv4 }   set pod_links { host veth ifindex }
-      set pod_sources { host veth ifindex . pod IPv4 }
+      set pods  { pod IPv4 }   set pod_links { host veth name }
+      set pod_sources { host veth name . pod IPv4 }
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif ambit0                  -> return: the proxy's own traffic     [in_pass_from_proxy]
         iifkind bridge              -> goto classify: bound in the bridge table
-        iif @pod_links              -> goto routed_pod
+        iifname @pod_links          -> goto routed_pod
         ip saddr @pods              -> drop: an enrolled source from anywhere
                                        else (another node, the underlay)  [in_drop_spoofed_source]
                                     -> goto classify
       chain routed_pod
-        iif . saddr bound           -> goto classify
+        iifname . saddr bound       -> goto classify
                                     -> drop: a source not its own         [out_drop_spoofed_source]
       chain classify
         not TCP                     -> return
@@ -48,7 +48,7 @@ Node namespace (the agent's own):
       chain inbound
         mark |= 0x100                                                      [in_redirect]
     table ip6 ambit                 IPv6 is not captured: an enrolled pod's forwarded TCP is dropped
-      set pods6 { pod IPv6 }   set pod_links { host veth ifindex }
+      set pods6 { pod IPv6 }   set pod_links { host veth name }
       chain forward  (filter, priority 0)
         TCP from a routed pod's veth, marked 0x400, or from pods6  -> drop [out_drop_ipv6_tcp]
         TCP to a routed pod's veth or to pods6                     -> drop [in_drop_ipv6_tcp]
@@ -91,6 +91,11 @@ drops are only reached by what failed that lookup.
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release
 deletes them, and the kernel can be read back to rebuild who owns what.
+A veth is keyed by its name (`iifname`, `oifname`), not its index: to
+parse or print an interface index, libnftables lists every link of the
+calling thread's namespace (the node's, one veth per pod) on every
+command that holds one, which made each enrol and release O(pods). A name
+is a plain string to it (same per-packet lookup, a 20-byte key instead of 8).
 One enrol (or release) is one transaction per namespace: first the
 expected case alone (`create` every element, or `delete` every one: one
 command per set), and only when that fails (an element a previous owner
@@ -114,11 +119,11 @@ BRIDGE_POD_MAP = "pod_l3mac"
 PROXY_POD_SET = "local_pods"
 # Source binding: the same three sets in the bridge and the ip table (sets
 # belong to one table), the IPv6 ones in the ip6 table.
-PORT_SET = "pod_ports"            # bridge: every enrolled host veth (as a bridge port)
+PORT_SET = "pod_ports"            # bridge: every enrolled host veth's name (as a bridge port)
 ADDRESS_SET = "pod_addrs"         # bridge: every enrolled IPv4 address
-PORT_SOURCE_SET = "port_sources"  # bridge: host veth . address, the bound pairs
-LINK_SET = "pod_links"            # ip, ip6: every enrolled host veth (as a routed link)
-SOURCE_SET = "pod_sources"        # ip: host veth . address, the bound pairs
+PORT_SOURCE_SET = "port_sources"  # bridge: host veth name . address, the bound pairs
+LINK_SET = "pod_links"            # ip, ip6: every enrolled host veth's name (as a routed link)
+SOURCE_SET = "pod_sources"        # ip: host veth name . address, the bound pairs
 POD6_SET = "pods6"                # ip6: enrolled pods' IPv6 addresses
 BRIDGE_PRIORITY = -200  # before br_netfilter (0), which would hand the frame to the ip hooks unchanged
 MANGLE_PRIORITY = -150
@@ -255,9 +260,9 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         {"add": {"table": {"family": "bridge", "name": TABLE}}},
         {"add": {"map": {"family": "bridge", "table": TABLE, "name": BRIDGE_POD_MAP, "type": "ipv4_addr",
                          "map": "ether_addr"}}},
-        _set("bridge", PORT_SET, "iface_index"),
+        _set("bridge", PORT_SET, "ifname"),
         _set("bridge", ADDRESS_SET, "ipv4_addr"),
-        _set("bridge", PORT_SOURCE_SET, ["iface_index", "ipv4_addr"]),
+        _set("bridge", PORT_SOURCE_SET, ["ifname", "ipv4_addr"]),
         *_counters("bridge", BRIDGE_COUNTERS),
         *_base_chain("bridge", "prerouting", "prerouting", BRIDGE_PRIORITY),
         *_base_chain("bridge", "forward", "forward", FILTER_PRIORITY),
@@ -265,8 +270,8 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         *_chain("bridge", "lift"),
         {"add": {"table": {"family": "ip", "name": TABLE}}},
         _set("ip", NODE_POD_SET, "ipv4_addr"),
-        _set("ip", LINK_SET, "iface_index"),
-        _set("ip", SOURCE_SET, ["iface_index", "ipv4_addr"]),
+        _set("ip", LINK_SET, "ifname"),
+        _set("ip", SOURCE_SET, ["ifname", "ipv4_addr"]),
         *_counters("ip", NODE_COUNTERS),
         *_base_chain("ip", "prerouting", "prerouting", MANGLE_PRIORITY),
         *_chain("ip", "routed_pod"),
@@ -275,7 +280,7 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         *_chain("ip", "inbound"),
         {"add": {"table": {"family": "ip6", "name": TABLE}}},
         _set("ip6", POD6_SET, "ipv6_addr"),
-        _set("ip6", LINK_SET, "iface_index"),
+        _set("ip6", LINK_SET, "ifname"),
         *_counters("ip6", IP6_COUNTERS),
         *_base_chain("ip6", "forward", "forward", FILTER_PRIORITY),
     ]
@@ -298,12 +303,12 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         # (every bridge, every port).
         _rule("ip", "prerouting", _match(_meta("iifkind"), "bridge"), {"goto": {"target": "classify"}}),
         # A routed pod's veth is the input here: its sources are bound here.
-        _rule("ip", "prerouting", _match(_meta("iif"), f"@{LINK_SET}"), {"goto": {"target": "routed_pod"}}),
+        _rule("ip", "prerouting", _match(_meta("iifname"), f"@{LINK_SET}"), {"goto": {"target": "routed_pod"}}),
         # An enrolled address arriving anywhere but a bridge or its own veth
         # (another node, the underlay).
         _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), *_drop("in_drop_spoofed_source")),
         _rule("ip", "prerouting", {"goto": {"target": "classify"}}),
-        _rule("ip", "routed_pod", _match(_concat(_meta("iif"), source), f"@{SOURCE_SET}"),
+        _rule("ip", "routed_pod", _match(_concat(_meta("iifname"), source), f"@{SOURCE_SET}"),
               {"goto": {"target": "classify"}}),
         _rule("ip", "routed_pod", *_drop("out_drop_spoofed_source")),
         _rule("ip", "classify", _match(_meta("l4proto"), "tcp", "!="), {"return": None}),
@@ -322,11 +327,11 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
     # crosses forward; bridged frames are dropped in the bridge's forward.
     tcp6 = _match(_meta("l4proto"), "tcp")
     cmds += [
-        _rule("ip6", "forward", tcp6, _match(_meta("iif"), f"@{LINK_SET}"), *_drop("out_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match(_meta("iifname"), f"@{LINK_SET}"), *_drop("out_drop_ipv6_tcp")),
         _rule("ip6", "forward", tcp6, _match({"&": [_meta("mark"), constants.MARK_POD_PORT]}, 0, "!="),
               *_drop("out_drop_ipv6_tcp")),
         _rule("ip6", "forward", tcp6, _match(_payload("ip6", "saddr"), f"@{POD6_SET}"), *_drop("out_drop_ipv6_tcp")),
-        _rule("ip6", "forward", tcp6, _match(_meta("oif"), f"@{LINK_SET}"), *_drop("in_drop_ipv6_tcp")),
+        _rule("ip6", "forward", tcp6, _match(_meta("oifname"), f"@{LINK_SET}"), *_drop("in_drop_ipv6_tcp")),
         _rule("ip6", "forward", tcp6, _match(_payload("ip6", "daddr"), f"@{POD6_SET}"), *_drop("in_drop_ipv6_tcp")),
     ]
     return cmds
@@ -338,18 +343,18 @@ def _bridge_binding_rules() -> list[Command]:
     an enrolled pod's, and no frame for one pod's address goes out another
     pod's port. A bound pair ends the checks with one lookup; only what
     fails it reaches the drops."""
-    from_pod = _match(_meta("iif"), f"@{PORT_SET}")
+    from_pod = _match(_meta("iifname"), f"@{PORT_SET}")
     ipv4, arp, ipv6 = _match(_ETHER_TYPE, "ip"), _match(_ETHER_TYPE, "arp"), _match(_ETHER_TYPE, "ip6")
     source = _payload("ip", "saddr")
     tcp = _match(_meta("l4proto"), "tcp")
     cmds = [
-        _rule("bridge", "prerouting", ipv4, _match(_concat(_meta("iif"), source), f"@{PORT_SOURCE_SET}"),
+        _rule("bridge", "prerouting", ipv4, _match(_concat(_meta("iifname"), source), f"@{PORT_SOURCE_SET}"),
               {"goto": {"target": "lift"}}),
         _rule("bridge", "prerouting", ipv4, from_pod, *_drop("out_drop_spoofed_source")),
         _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
         _rule("bridge", "prerouting", ipv4, {"goto": {"target": "lift"}}),
         # ARP: a pod asks and answers for its own addresses (0.0.0.0: a probe).
-        _rule("bridge", "prerouting", arp, _match(_concat(_meta("iif"), _ARP_SENDER), f"@{PORT_SOURCE_SET}"),
+        _rule("bridge", "prerouting", arp, _match(_concat(_meta("iifname"), _ARP_SENDER), f"@{PORT_SOURCE_SET}"),
               {"accept": None}),
         _rule("bridge", "prerouting", arp, from_pod, _match(_ARP_SENDER, "0.0.0.0", "!="),
               *_drop("out_drop_spoofed_arp")),
@@ -365,14 +370,14 @@ def _bridge_binding_rules() -> list[Command]:
     destination = _payload("ip", "daddr")
     for chain in ("forward", "output"):
         cmds += [
-            _rule("bridge", chain, ipv4, _match(_concat(_meta("oif"), destination), f"@{PORT_SOURCE_SET}"),
+            _rule("bridge", chain, ipv4, _match(_concat(_meta("oifname"), destination), f"@{PORT_SOURCE_SET}"),
                   {"accept": None}),
-            _rule("bridge", chain, ipv4, _match(_meta("oif"), f"@{PORT_SET}"), _match(destination, f"@{ADDRESS_SET}"),
+            _rule("bridge", chain, ipv4, _match(_meta("oifname"), f"@{PORT_SET}"), _match(destination, f"@{ADDRESS_SET}"),
                   *_drop("in_drop_misdelivered")),
         ]
     return cmds + [
         _rule("bridge", "forward", ipv6, tcp, from_pod, *_drop("out_drop_ipv6_tcp")),
-        _rule("bridge", "forward", ipv6, tcp, _match(_meta("oif"), f"@{PORT_SET}"), *_drop("in_drop_ipv6_tcp")),
+        _rule("bridge", "forward", ipv6, tcp, _match(_meta("oifname"), f"@{PORT_SET}"), *_drop("in_drop_ipv6_tcp")),
     ]
 
 
@@ -435,7 +440,7 @@ def remove_tables(families: tuple[str, ...]) -> list[Command]:
 
 
 # --- per-pod elements ----------------------------------------------------
-Key = Any  # an element's key as libnftables JSON: "10.0.0.5", 12, {"concat": [12, "10.0.0.5"]}
+Key = Any  # an element's key as libnftables JSON: "10.0.0.5", "veth1234", {"concat": ["veth1234", "10.0.0.5"]}
 
 
 def _elem(key: Key, comment: str | None = None) -> Any:
@@ -498,40 +503,43 @@ def set_remove(family: str, name: str, ips: list[ipaddress.IPv4Address], *, pres
     return cut(family, name, [str(ip) for ip in ips])
 
 
-def _pair(ifindex: int, ip: ipaddress.IPv4Address) -> Key:
-    return {"concat": [ifindex, str(ip)]}
+def _pair(veth: str, ip: ipaddress.IPv4Address) -> Key:
+    return {"concat": [veth, str(ip)]}
 
 
 def bind(owner: Owner, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address], *,
          fresh: bool = False) -> list[Command]:
-    """The source binding of one pod (node namespace): its veth as a bridge
-    port and as a routed link, each address bound to it, its addresses
-    among the enrolled ones, its IPv6 addresses (dropped, not captured).
-    fresh: none of it is there yet (one command per set; EEXIST if it is)."""
+    """The source binding of one pod (node namespace): its veth (by name) as
+    a bridge port and as a routed link, each address bound to it, its
+    addresses among the enrolled ones, its IPv6 addresses (dropped, not
+    captured). fresh: none of it is there yet (one command per set; EEXIST
+    if it is)."""
     put = _create if fresh else _replace
-    index, comment = owner.host_ifindex, owner.comment
-    pairs = [(_pair(index, ip), comment) for ip in ips]
-    return [*put("bridge", PORT_SET, [(index, comment)]),
+    veth, comment = owner.host_veth, owner.comment
+    pairs = [(_pair(veth, ip), comment) for ip in ips]
+    return [*put("bridge", PORT_SET, [(veth, comment)]),
             *put("bridge", PORT_SOURCE_SET, pairs),
             *put("bridge", ADDRESS_SET, [(str(ip), comment) for ip in ips]),
-            *put("ip", LINK_SET, [(index, comment)]),
+            *put("ip", LINK_SET, [(veth, comment)]),
             *put("ip", SOURCE_SET, pairs),
-            *put("ip6", LINK_SET, [(index, comment)]),
+            *put("ip6", LINK_SET, [(veth, comment)]),
             *put("ip6", POD6_SET, [(str(ip), comment) for ip in ipv6])]
 
 
-def unbind(host_ifindex: int, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address], *,
+def unbind(host_veth: str | None, ips: list[ipaddress.IPv4Address], ipv6: list[ipaddress.IPv6Address], *,
            present: bool = False) -> list[Command]:
-    """Undo bind for a veth and its addresses, whatever is still there.
+    """Undo bind for a veth (by name) and its addresses, whatever is still
+    there; host_veth None (no element names it): the addresses only.
     present: all of it is there (one command per set; ENOENT if not)."""
     cut = _delete if present else _remove
-    pairs = [_pair(host_ifindex, ip) for ip in ips]
-    return [*cut("bridge", PORT_SET, [host_ifindex]),
+    veths = [host_veth] if host_veth is not None else []
+    pairs = [_pair(veth, ip) for veth in veths for ip in ips]
+    return [*cut("bridge", PORT_SET, veths),
             *cut("bridge", PORT_SOURCE_SET, pairs),
             *cut("bridge", ADDRESS_SET, [str(ip) for ip in ips]),
-            *cut("ip", LINK_SET, [host_ifindex]),
+            *cut("ip", LINK_SET, veths),
             *cut("ip", SOURCE_SET, pairs),
-            *cut("ip6", LINK_SET, [host_ifindex]),
+            *cut("ip6", LINK_SET, veths),
             *cut("ip6", POD6_SET, [str(ip) for ip in ipv6])]
 
 
@@ -577,10 +585,14 @@ def elements(listing: list[dict[str, Any]], kind: str = "set") -> dict[Any, Owne
     return {ipaddress.ip_address(key): owner for key, owner in _listed(listing, kind)}
 
 
+def veth_elements(listing: list[dict[str, Any]]) -> dict[str, Owner | None]:
+    """Elements of a veth set (`pod_ports`, `pod_links`): name -> owner."""
+    return {str(key): owner for key, owner in _listed(listing, "set")}
+
+
 def bound_pairs(listing: list[dict[str, Any]]) -> list[tuple[ipaddress.IPv4Address, Owner | None]]:
-    """Elements of a `veth . address` set: (address, owner). The veth is
-    taken from the owner comment, since libnftables prints an ifindex as
-    the interface's name when it can."""
+    """Elements of a `veth . address` set: (address, owner), the owner
+    (with the veth's index) from the element's comment."""
     return [(ipaddress.IPv4Address(key["concat"][-1]), owner) for key, owner in _listed(listing, "set")]
 
 

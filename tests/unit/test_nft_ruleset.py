@@ -99,22 +99,22 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
                                 "in_drop_spoofed_arp", "out_drop_not_ip"]
     assert _counted(chain("bridge", "lift")) == ["bridge_lift_out", "bridge_lift_in"]
     # Only the bridge prerouting chain enters lift: first for a bound
-    # `iif . saddr` pair (the one lookup of the common case), then only
+    # `iifname . saddr` pair (the one lookup of the common case), then only
     # past both IPv4 drops. ARP is accepted for a bound pair or past its drops.
     lifts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"goto": {"target": "lift"}}]
     assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["prerouting"] * 2
-    assert _bound_pair(bridge[lifts[0]], "iif", rs.PORT_SOURCE_SET) and lifts[0] == 0
+    assert _bound_pair(bridge[lifts[0]], "iifname", rs.PORT_SOURCE_SET) and lifts[0] == 0
     ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]
                   or {"counter": "out_drop_spoofed_source"} in r["expr"]]
     assert lifts[1] > max(ipv4_drops)
     accepts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"accept": None}]
     arp_drops = [i for i, r in enumerate(bridge) if any("arp" in str(e.get("counter", "")) for e in r["expr"])]
-    assert _bound_pair(bridge[accepts[0]], "iif", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
+    assert _bound_pair(bridge[accepts[0]], "iifname", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
     assert accepts[1] > max(arp_drops) and len(accepts) == 2
     # Forward and output: only a bound `oif . daddr` pair is accepted before the drop.
     for name in ("forward", "output"):
         rules = chain("bridge", name)
-        assert _bound_pair(rules[0], "oif", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
+        assert _bound_pair(rules[0], "oifname", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
         assert "in_drop_misdelivered" in _counted(rules)
     # ip: outbound and inbound are reached from classify only, and classify
     # from a bridge (bound there), a routed veth's bound pair, or past the drop.
@@ -126,7 +126,7 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     assert into[1] > next(i for i, r in enumerate(ip) if {"counter": "in_drop_spoofed_source"} in r["expr"])
     assert len(into) == 2
     routed = chain("ip", "routed_pod")
-    assert _bound_pair(routed[0], "iif", rs.SOURCE_SET) and _verdict_of(routed[0]) == {"goto": {"target": "classify"}}
+    assert _bound_pair(routed[0], "iifname", rs.SOURCE_SET) and _verdict_of(routed[0]) == {"goto": {"target": "classify"}}
     assert routed[1]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(routed) == 2
     # every verdict the shared names promise is counted by the nftables backend too
     shared = set(constants.SOURCE_BINDING_DROPS + constants.IPV6_DROPS)
@@ -137,13 +137,14 @@ def test_bind_and_unbind_touch_the_same_elements():
     owner = rs.Owner(12, "veth1234", "cni0")
     six = ipaddress.IPv6Address("fd00::7")
     added = rs.bind(owner, [IP], [six])
-    removed = rs.unbind(12, [IP], [six])
+    removed = rs.unbind("veth1234", [IP], [six])
     keys = {(c["add"]["element"]["family"], c["add"]["element"]["name"], repr(c["add"]["element"]["elem"][0]))
             for c in added if "add" in c and "comment" not in repr(c)}
     gone = {(c["delete"]["element"]["family"], c["delete"]["element"]["name"], repr(c["delete"]["element"]["elem"][0]))
             for c in removed if "delete" in c}
     assert keys == gone
-    assert ("ip", rs.SOURCE_SET, repr({"concat": [12, str(IP)]})) in gone
+    assert ("ip", rs.SOURCE_SET, repr({"concat": ["veth1234", str(IP)]})) in gone
+    assert ("bridge", rs.PORT_SET, repr("veth1234")) in gone
     assert ("ip6", rs.POD6_SET, repr(str(six))) in gone
     assert all(c["add"]["element"]["elem"][0]["elem"]["comment"] == owner.comment
                for c in added if "add" in c and "comment" in repr(c))
@@ -169,8 +170,30 @@ def test_the_usual_case_is_one_create_or_delete_per_set_of_the_same_elements():
     # the same elements, with the same comments, as the form that replaces
     assert [c["create"]["element"] for c in fresh] == [c[next(iter(c))]["element"] for c in robust
                                                        if "comment" in repr(c)]
-    present = rs.set_remove("ip", rs.NODE_POD_SET, [IP], present=True) + rs.unbind(12, [IP], [six], present=True)
-    gone = rs.set_remove("ip", rs.NODE_POD_SET, [IP]) + rs.unbind(12, [IP], [six])
+    present = rs.set_remove("ip", rs.NODE_POD_SET, [IP], present=True) + rs.unbind("veth1234", [IP], [six], present=True)
+    gone = rs.set_remove("ip", rs.NODE_POD_SET, [IP]) + rs.unbind("veth1234", [IP], [six])
     assert all(next(iter(c)) == "delete" for c in present)
     assert present == [c for c in gone if "delete" in c]
     assert rs.bind(owner, [IP], [], fresh=True)[-1]["create"]["element"]["name"] == rs.LINK_SET  # no empty command
+
+
+def test_no_per_pod_command_holds_an_interface_index():
+    """libnftables lists every link of the caller's namespace to parse or
+    print an interface index, on every command that holds one: a per-pod
+    command with an index cost O(pods). Veths are keyed by name."""
+    node = rs.node_rules(3)
+    types = {(c["add"]["set"]["family"], c["add"]["set"]["name"]): c["add"]["set"]["type"]
+             for c in node if "set" in c.get("add", {})}
+    assert not [k for k, t in types.items() if "iface_index" in repr(t)]
+    assert types["bridge", rs.PORT_SOURCE_SET] == types["ip", rs.SOURCE_SET] == ["ifname", "ipv4_addr"]
+    matched = [e["match"]["left"] for c in node if "rule" in c.get("add", {}) for e in c["add"]["rule"]["expr"]
+               if "match" in e and str(e["match"]["right"]).startswith("@")]
+    assert {"meta": {"key": "iif"}} not in matched and {"meta": {"key": "oif"}} not in matched
+    owner = rs.Owner(12, "veth1234", "cni0")
+    per_pod = (rs.bind(owner, [IP], [], fresh=True) + rs.bind(owner, [IP], [])
+               + rs.unbind("veth1234", [IP], [], present=True) + rs.unbind("veth1234", [IP], []))
+    keys = [e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+            for c in per_pod for e in c[next(iter(c))]["element"]["elem"]]
+    assert not [k for k in keys if isinstance(k, int) or (isinstance(k, dict) and any(
+        isinstance(p, int) for p in k["concat"]))]
+    assert rs.unbind(None, [IP], []) == rs.set_remove("bridge", rs.ADDRESS_SET, [IP])  # no name: addresses only
