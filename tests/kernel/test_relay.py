@@ -41,7 +41,7 @@ from ambit.agent.proxy.listeners import (
 )
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import create_netns, remove_netns
-from ambit.agent.netns import NetnsThread, in_netns, make_socket
+from ambit.agent.netns import NetnsSocketPool, NetnsThread, in_netns, make_socket
 from ambit.agent.proxy.relay import (
     NetnsUpstreamSockets,
     PlainTcpRelay,
@@ -588,6 +588,36 @@ def test_pod_reaches_server_through_proxy_and_server_sees_the_pods_address(
 
 # --------------------------------------------------------------------------
 # (3) listeners and sockets made in a namespace by netns.py
+
+
+SO_NETNS_COOKIE = 71  # Linux 5.14+: which network namespace a socket belongs to
+
+
+def _netns_cookie(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+
+
+def test_socket_pool_makes_its_sockets_in_the_namespace_and_the_loop_thread_stays_home(
+        single_ns: NetnsThread) -> None:
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+
+    async def take_across_batches() -> list[socket.socket]:
+        pool = NetnsSocketPool(single_ns, socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, batch=4)
+        try:
+            return [await pool.take() for _ in range(6)]  # two batches
+        finally:
+            await pool.aclose()
+
+    taken = asyncio.run(take_across_batches())
+    try:
+        assert os.stat("/proc/thread-self/ns/net").st_ino == home
+        with single_ns.new_socket() as inside, socket.socket() as here:
+            assert {_netns_cookie(sock) for sock in taken} == {_netns_cookie(inside)}
+            assert _netns_cookie(inside) != _netns_cookie(here)
+        assert all(not sock.getblocking() for sock in taken)
+    finally:
+        for sock in taken:
+            sock.close()
 
 
 def test_netns_thread_runs_in_the_namespace(make_netns: Callable[[str], str]) -> None:
