@@ -305,28 +305,28 @@ class NftDatapath:
                     raise
 
     def _read_node_set(self) -> dict[IPv4, rs.Owner | None]:
-        return rs.elements(self._node_session().run([rs.list_set("ip", rs.NODE_POD_SET)]))
+        return rs.elements(self._node_session().read([rs.list_set("ip", rs.NODE_POD_SET)]))
 
     def _read_bridge_map(self) -> dict[IPv4, rs.Owner | None]:
-        return rs.elements(self._node_session().run([rs.list_set("bridge", rs.BRIDGE_POD_MAP, "map")]), "map")
+        return rs.elements(self._node_session().read([rs.list_set("bridge", rs.BRIDGE_POD_MAP, "map")]), "map")
 
     def _read_proxy_set(self) -> dict[IPv4, rs.Owner | None]:
-        return rs.elements(self._proxy_session().run([rs.list_set("ip", rs.PROXY_POD_SET)]))
+        return rs.elements(self._proxy_session().read([rs.list_set("ip", rs.PROXY_POD_SET)]))
 
     def _veth_name(self, host_ifindex: int) -> str | None:
         """The name a veth's elements are keyed by, from their comments
         (every enrolled veth has one in the ip table's `pod_links`)."""
-        listing = self._node_session().run([rs.list_set("ip", rs.LINK_SET)])
+        listing = self._node_session().read([rs.list_set("ip", rs.LINK_SET)])
         return next((owner.host_veth for owner in rs.veth_elements(listing).values()
                      if owner is not None and owner.host_ifindex == host_ifindex), None)
 
     def _read_ipv6_set(self) -> dict[IPv6, rs.Owner | None]:
-        return rs.elements(self._node_session().run([rs.list_set("ip6", rs.POD6_SET)]))
+        return rs.elements(self._node_session().read([rs.list_set("ip6", rs.POD6_SET)]))
 
     def _read_bound(self) -> set[tuple[int, IPv4]]:
         """(veth ifindex, address) pairs of the node's `pod_sources`, the
         veth as its element's comment names it."""
-        listing = self._node_session().run([rs.list_set("ip", rs.SOURCE_SET)])
+        listing = self._node_session().read([rs.list_set("ip", rs.SOURCE_SET)])
         return {(owner.host_ifindex, ip) for ip, owner in rs.bound_pairs(listing) if owner is not None}
 
     # observability --------------------------------------------------------
@@ -336,7 +336,7 @@ class NftDatapath:
             counts: dict[str, int] = {}
             tables = [(self._node_session(), family) for family in rs.NODE_FAMILIES] + [(self._proxy_session(), "ip")]
             for session, family in tables:
-                listing = session.run([{"list": {"counters": {"family": family, "table": rs.TABLE}}}])
+                listing = session.read([{"list": {"counters": {"family": family, "table": rs.TABLE}}}])
                 for name, packets in rs.counter_values(listing).items():
                     counts[name] = counts.get(name, 0) + packets  # one verdict taken in two tables
         return counts

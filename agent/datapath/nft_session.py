@@ -49,22 +49,41 @@ def _new_context() -> Any:
 
 
 class NftSession:
-    """libnftables in one namespace (None: the caller's)."""
+    """libnftables in one namespace (None: the caller's).
+
+    Changes and reads go through two contexts. A listing leaves libnftables'
+    cache holding everything it printed (`list counters` fills all of it:
+    every set's elements and every rule), and the next command on that
+    context frees it first: on a shared context each enrol or release after
+    a metrics scrape paid O(pods) for it (0.2 ms at 100 pods, 2.7 ms at
+    1000). The changes' context only ever caches tables, chains and sets."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._nft: Any | None = run_in_netns(netns, _new_context)
+        self._reader: Any | None = None  # made on the first read
+        self._closed = False
         self._lock = threading.Lock()
 
     def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Apply commands as one transaction (or list something); returns
-        the objects of the answer (empty for changes)."""
+        """Apply commands as one transaction; returns the objects of the
+        answer (empty for changes)."""
+        return self._call(commands, read=False)
+
+    def read(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """List something (on the reading context); returns the objects of the answer."""
+        return self._call(commands, read=True)
+
+    def _call(self, commands: list[dict[str, Any]], *, read: bool) -> list[dict[str, Any]]:
         if not commands:
             return []
         with self._lock:
-            if self._nft is None:
+            if self._closed:
                 raise RuntimeError("nftables session is closed")
-            rc, output, error = self._nft.json_cmd({"nftables": commands})
+            if read and self._reader is None:
+                self._reader = run_in_netns(self.netns, _new_context)
+            nft = self._reader if read else self._nft
+            rc, output, error = nft.json_cmd({"nftables": commands})
         if rc != 0:
             raise NftError(" ".join(str(error).split()), commands)
         if not output:
@@ -73,12 +92,13 @@ class NftSession:
 
     def ruleset(self) -> list[dict[str, Any]]:
         """`list ruleset` of the namespace (every family)."""
-        return self.run([{"list": {"ruleset": None}}])
+        return self.read([{"list": {"ruleset": None}}])
 
     def close(self) -> None:
         """Drop the context (its socket keeps the namespace alive)."""
         with self._lock:
-            self._nft = None
+            self._closed = True
+            self._nft = self._reader = None
 
     def __enter__(self) -> NftSession:
         return self
