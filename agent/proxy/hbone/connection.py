@@ -179,7 +179,10 @@ class _HboneConnection(_H2EventHandling):
         self._initiated = False
         self._closed = False
         self._ping_counter = 0
-        self._control_replies = 0  # PING/SETTINGS ACKs queued, not yet reported written
+        # PING and SETTINGS acknowledgements queued for the peer and not yet reported
+        # written with control_replies_written() (0 for a peer that reads). A plain
+        # attribute: the I/O layer reads it after every write (no property call per message).
+        self.queued_control_replies = 0
         # Graceful shutdown (RFC 9113 §6.8): the last stream id our GOAWAY
         # named, and the one the peer's named; None until one was sent/received.
         self._goaway_sent: int | None = None
@@ -222,15 +225,9 @@ class _HboneConnection(_H2EventHandling):
         """Connection bytes the peer may still send before our next WINDOW_UPDATE."""
         return self._recv_window
 
-    @property
-    def queued_control_replies(self) -> int:
-        """PING and SETTINGS acknowledgements queued for the peer and not yet
-        reported written with control_replies_written() (0 for a peer that reads)."""
-        return self._control_replies
-
     def control_replies_written(self, count: int) -> None:
         """The I/O layer wrote `count` queued acknowledgements to the socket."""
-        self._control_replies = max(0, self._control_replies - count)
+        self.queued_control_replies = max(0, self.queued_control_replies - count)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes send_data() would accept on this stream right now."""
@@ -533,12 +530,12 @@ class _HboneConnection(_H2EventHandling):
         does not read the ACKs ends here, before we queue one more. What is
         queued and unsent is dropped so the GOAWAY goes out at once."""
         limit = self._settings.max_outbound_control_frames
-        if self._control_replies >= limit:
+        if self.queued_control_replies >= limit:
             self._discard_output()
             raise _FatalInput(
                 ErrorCodes.ENHANCE_YOUR_CALM, f"more than {limit} PING/SETTINGS acknowledgements queued, peer not reading"
             )
-        self._control_replies += 1
+        self.queued_control_replies += 1
 
     def _discard_output(self) -> None:
         self._h2.data_to_send()

@@ -61,6 +61,9 @@ class HboneConnection(asyncio.BufferedProtocol):
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.core = connection
+        # The transport asks for a buffer before every read: the core's own answers it
+        # (one Python call per read instead of two; same as the method below).
+        self.get_buffer = connection.get_buffer  # type: ignore[method-assign]
         self._scratch = scratch or ScratchBuffers(tcp_size=connection.settings.tcp_read_size)
         self.settings: HboneSettings = connection.settings
         self.loop = loop or asyncio.get_running_loop()

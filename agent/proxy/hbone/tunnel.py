@@ -215,7 +215,7 @@ class Tunnel:
             self._window_blocked = True
             conn.blocked.add(self)
             self._update_reading()
-        elif count < len(buf) and self._fin_peeks and not self._finished and self._fin_follows():
+        elif self._fin_peeks and count < len(buf) and not self._finished and self._fin_follows():
             self._on_tcp_eof()  # flushes the DATA and END_STREAM together
             return
         conn.flush()
