@@ -140,6 +140,9 @@ class NodeProxy:
         self._workload_by_ip = workload_by_ip
         self._thread: NetnsThread | None = None
         self._upstream: NetnsUpstreamSockets | None = None
+        # The loop start() ran on: asyncio.current_task(loop) skips get_running_loop(),
+        # whose pid check is a getpid(2) per connection (CPython 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[TransparentListener] = []
         self.pool: HboneClientPool | None = None
         self.inbound: HboneInbound | None = None
@@ -169,6 +172,7 @@ class NodeProxy:
         """Open the listeners, or serve the ones `adopt` holds (handed over
         by the agent this one replaces: same sockets, same queues)."""
         adopt = adopt or {}
+        self._loop = asyncio.get_running_loop()
         self._thread = NetnsThread(self.proxy_netns)
         self._upstream = NetnsUpstreamSockets(self._thread)
         if self.mesh is not None:
@@ -395,7 +399,7 @@ class NodeProxy:
         return _Outcome("denied", 0, 0, flags=flags, failed=True)
 
     async def _outbound(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self.connections.add(accepted, asyncio.current_task())
+        tracked = self.connections.add(accepted, asyncio.current_task(self._loop))
         outcome = _Outcome("cancelled", 0, 0)
         try:
             if self.mesh is None:
@@ -465,7 +469,7 @@ class NodeProxy:
         return _Outcome(done.end.value, done.bytes_to_stream, done.bytes_to_tcp, done.detail or None)
 
     async def _inbound_plaintext(self, accepted: AcceptedConnection, sock: socket.socket) -> None:
-        tracked = self.connections.add(accepted, asyncio.current_task())
+        tracked = self.connections.add(accepted, asyncio.current_task(self._loop))
         outcome = _Outcome("cancelled", 0, 0)
         try:
             decision = None
