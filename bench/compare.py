@@ -21,6 +21,13 @@ than `--max-worse` percent by the medians.
     python bench/compare.py --base /tmp/old --cand . --rounds 4 --cpus 1 capture -- --quick
     python bench/compare.py --base /tmp/old --cand . --figures 'gbps|rtt' backends -- --quick
 
+`--ratio NAME=NUM/DEN` adds a figure to every run: one figure divided by
+another of the same run, e.g. ambit's CPU per round trip over Envoy's. The
+anchor (Envoy here) runs the same binary in both trees, so the ratio cancels
+the machine's drift between rounds, which a shared VM's absolute CPU figures
+do not. `--replay LOG` recomputes the table from an earlier comparison's log
+(with other `--figures` or `--ratio`) without running anything.
+
 Ends with one JSON line. The baseline tree must have run `make setup`.
 """
 from __future__ import annotations
@@ -97,6 +104,12 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
+def tree_rev(path: Path) -> str:
+    """The checkout's commit (short), or its path if it is not a git tree."""
+    done = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or str(path)
+
+
 def run_once(tree: Path, bench: str, args: list[str], timeout: float, log, cpus: str | None = None) -> dict:
     python = tree / ".venv" / "bin" / "python"
     script = tree / "bench" / f"{bench}.py"
@@ -107,7 +120,8 @@ def run_once(tree: Path, bench: str, args: list[str], timeout: float, log, cpus:
     pin = ["taskset", "-c", cpus] if cpus else []
     proc = subprocess.run([*pin, str(python), str(script), *args], cwd=tree, capture_output=True, text=True,
                           timeout=timeout)
-    log.write(f"=== {tree} {bench} {' '.join(args)} cpus={cpus or 'all'} rc={proc.returncode} {time.monotonic() - started:.1f}s\n")
+    log.write(f"=== {tree} {bench} {' '.join(args)} cpus={cpus or 'all'} rc={proc.returncode} {time.monotonic() - started:.1f}s"
+              f" rev={tree_rev(tree)}\n")
     log.write(proc.stdout[-20000:])
     log.write(proc.stderr[-5000:])
     log.flush()
@@ -133,6 +147,52 @@ def run_with_retries(tree: Path, bench: str, args: list[str], timeout: float, lo
                 raise SystemExit(f"compare: {exc}") from None
             budget[0] -= 1
             print(f"compare: {exc}; running it again", file=sys.stderr, flush=True)
+
+
+def add_ratios(run: dict[str, float], ratios: list[tuple[str, str, str]]) -> dict[str, float]:
+    """The run with each NAME = NUM / DEN it has both parts of (a zero denominator gives nothing)."""
+    for name, num, den in ratios:
+        if num in run and den in run and run[den] != 0:
+            run[name] = round(run[num] / run[den], 4)
+    return run
+
+
+def parse_ratio(text: str) -> tuple[str, str, str]:
+    """`NAME=NUM/DEN` (flattened figure names, as the table prints them)."""
+    name, sep, rest = text.partition("=")
+    num, sep2, den = rest.partition("/")
+    if not (sep and sep2 and name and num and den):
+        raise argparse.ArgumentTypeError(f"--ratio wants NAME=NUMERATOR/DENOMINATOR, not {text!r}")
+    return name, num, den
+
+
+def replay(log_text: str) -> tuple[Path, Path, list[dict], list[dict], dict[Path, str]]:
+    """The two trees and their runs' reports, in order, from a comparison's log.
+
+    Each run's section starts with a `=== TREE ...` line; its report is the
+    section's last JSON line with a "bench" key (a failed run has none)."""
+    trees: list[Path] = []
+    runs: dict[Path, list[dict]] = {}
+    sections: list[tuple[Path, list[str]]] = []
+    revs: dict[Path, str] = {}
+    for line in log_text.splitlines():
+        if line.startswith("=== "):
+            sections.append((Path(line.split()[1]), []))
+            recorded = re.search(r" rev=(\S+)", line)
+            if recorded:  # logs from before the header named the commit do not say
+                revs[sections[-1][0]] = recorded.group(1)
+        elif sections:
+            sections[-1][1].append(line)
+    for tree, lines in sections:
+        if tree not in runs:
+            trees.append(tree)
+            runs[tree] = []
+        report = last_json_line("\n".join(lines))
+        if report is not None and "bench" in report:
+            runs[tree].append(report)
+    if len(trees) != 2:
+        raise SystemExit(f"compare: the log names {len(trees)} trees, not 2")
+    return trees[0], trees[1], runs[trees[0]], runs[trees[1]], revs  # the first round runs the base first
 
 
 def compare(base_runs: list[dict[str, float]], cand_runs: list[dict[str, float]], figures: re.Pattern | None,
@@ -169,7 +229,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--base", type=Path, required=True, help="baseline checkout (with its .venv)")
+    parser.add_argument("--base", type=Path, help="baseline checkout (with its .venv); required unless --replay")
     parser.add_argument("--cand", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="candidate checkout (default: this one)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tree, alternating (default 3)")
@@ -185,32 +245,47 @@ def main() -> int:
                         help="runs of a tree that may fail (no JSON line) and be run again (default 1): an old"
                         " tree's bench may have a harness flake fixed since")
     parser.add_argument("--log", type=Path, help="where every run's output goes (default /tmp/compare-BENCH-TIME.log)")
+    parser.add_argument("--ratio", type=parse_ratio, action="append", default=[], metavar="NAME=NUM/DEN",
+                        help="add figure NAME = NUM / DEN to every run (repeatable); see above")
+    parser.add_argument("--replay", type=Path, metavar="LOG",
+                        help="recompute from an earlier comparison's log instead of running (--base is then unused)")
     parser.add_argument("bench", help="bench name: bench/NAME.py in both trees")
     parser.add_argument("args", nargs="*", help="arguments for the bench (after --)")
     opts = parser.parse_args()
     if opts.rounds < 1:
         parser.error("--rounds must be at least 1")
-    base_tree, cand_tree = opts.base.resolve(), opts.cand.resolve()
-    log_path = opts.log or Path(f"/tmp/compare-{opts.bench}-{time.strftime('%H%M%S')}.log")
-    base_runs: list[dict[str, float]] = []
-    cand_runs: list[dict[str, float]] = []
     retries = [opts.retries]
-    with open(log_path, "w") as log:
-        for round_no in range(opts.rounds):
-            # Alternate which tree goes first, so neither always runs on a warmer machine.
-            order = [(base_tree, base_runs), (cand_tree, cand_runs)]
-            for tree, runs in (order if round_no % 2 == 0 else order[::-1]):
-                runs.append(flatten(run_with_retries(tree, opts.bench, opts.args, opts.timeout, log, opts.cpus,
-                                                    retries)))
-                print(f"round {round_no + 1}/{opts.rounds}: {tree.name} done", file=sys.stderr, flush=True)
+    if opts.replay:
+        base_tree, cand_tree, base_reports, cand_reports, revs = replay(opts.replay.read_text())
+        log_path = opts.replay
+        base_runs = [add_ratios(flatten(r), opts.ratio) for r in base_reports]
+        cand_runs = [add_ratios(flatten(r), opts.ratio) for r in cand_reports]
+        if not base_runs or not cand_runs:
+            raise SystemExit(f"compare: {opts.replay} holds no finished run of one of the trees")
+    else:
+        if opts.base is None:
+            parser.error("--base is required (or --replay LOG)")
+        base_tree, cand_tree = opts.base.resolve(), opts.cand.resolve()
+        revs = {}
+        log_path = opts.log or Path(f"/tmp/compare-{opts.bench}-{time.strftime('%H%M%S')}.log")
+        base_runs = []
+        cand_runs = []
+        with open(log_path, "w") as log:
+            for round_no in range(opts.rounds):
+                # Alternate which tree goes first, so neither always runs on a warmer machine.
+                order = [(base_tree, base_runs), (cand_tree, cand_runs)]
+                for tree, runs in (order if round_no % 2 == 0 else order[::-1]):
+                    report = run_with_retries(tree, opts.bench, opts.args, opts.timeout, log, opts.cpus, retries)
+                    runs.append(add_ratios(flatten(report), opts.ratio))
+                    print(f"round {round_no + 1}/{opts.rounds}: {tree.name} done", file=sys.stderr, flush=True)
     table = compare(base_runs, cand_runs, opts.figures, opts.lower, opts.higher, opts.max_worse)
 
     def rev(path: Path) -> str:
-        done = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return done.stdout.strip() or str(path)
+        return revs.get(path) or tree_rev(path)
 
     width = max((len(n) for n in table), default=10)
-    print(f"{opts.bench}: base {rev(base_tree)} vs cand {rev(cand_tree)}, {opts.rounds} rounds each, medians,"
+    rounds = min(len(base_runs), len(cand_runs))
+    print(f"{opts.bench}: base {rev(base_tree)} vs cand {rev(cand_tree)}, {rounds} rounds each, medians,"
           f" CPUs {opts.cpus or 'all'}")
     print(f"{'figure':<{width}}  {'base':>10}  {'cand':>10}  {'change':>7}  {'worse':>6}  {'base spread':>11}")
     for name, row in table.items():
@@ -221,7 +296,7 @@ def main() -> int:
     judged = {n: r for n, r in table.items() if r["judged"]}
     worst = max(judged.values(), key=lambda r: r["worse_pct"], default=None)
     print(json.dumps({
-        "bench": "compare", "of": opts.bench, "args": opts.args, "rounds": opts.rounds, "cpus": opts.cpus or "all",
+        "bench": "compare", "of": opts.bench, "args": opts.args, "rounds": rounds, "cpus": opts.cpus or "all",
         "failed_runs_rerun": opts.retries - retries[0],
         "base": rev(base_tree), "cand": rev(cand_tree), "log": str(log_path),
         "figures": table,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from compare import better_direction, compare, flatten, last_json_line  # noqa: E402
+from compare import add_ratios, better_direction, compare, flatten, last_json_line, parse_ratio, replay  # noqa: E402
 
 
 def test_flatten_keys_lists_of_points_by_their_labels_not_position():
@@ -62,3 +62,38 @@ def test_nested_figures_take_their_direction_from_the_part_that_names_a_unit():
                                                                         "x.y_target_kib": 64.0}],
                     None, None, None, 5.0)
     assert table == {}
+
+
+def test_a_ratio_figure_divides_two_figures_of_the_same_run():
+    ratio = parse_ratio("cpu_vs_envoy=cpu.ambit/cpu.envoy")
+    assert ratio == ("cpu_vs_envoy", "cpu.ambit", "cpu.envoy")
+    assert add_ratios({"cpu.ambit": 260.0, "cpu.envoy": 200.0}, [ratio])["cpu_vs_envoy"] == 1.3
+    assert "cpu_vs_envoy" not in add_ratios({"cpu.ambit": 260.0, "cpu.envoy": 0.0}, [ratio])
+    assert "cpu_vs_envoy" not in add_ratios({"cpu.ambit": 260.0}, [ratio])
+    for bad in ("cpu.ambit/cpu.envoy", "x=cpu.ambit", "=a/b", "x=/b"):
+        try:
+            parse_ratio(bad)
+        except Exception as exc:  # argparse.ArgumentTypeError
+            assert "NAME=NUMERATOR/DENOMINATOR" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_a_log_replays_into_each_trees_reports_in_order_skipping_failed_runs():
+    log = "\n".join([
+        "=== /tmp/old hbone --quick cpus=all rc=0 36.3s",
+        "table", '{"bench": "hbone", "cpu": 1}',
+        "=== /tmp/new hbone --quick cpus=all rc=0 34.6s rev=abc1234",
+        '{"not": "a report"}', '{"bench": "hbone", "cpu": 2}',
+        "=== /tmp/new hbone --quick cpus=all rc=1 3.0s rev=abc1234",
+        "Traceback (most recent call last):",
+        "=== /tmp/new hbone --quick cpus=all rc=0 34.7s rev=abc1234",
+        '{"bench": "hbone", "cpu": 3}',
+        "=== /tmp/old hbone --quick cpus=all rc=0 37.3s",
+        '{"bench": "hbone", "cpu": 4}',
+    ])
+    base, cand, base_runs, cand_runs, revs = replay(log)
+    assert (str(base), str(cand)) == ("/tmp/old", "/tmp/new")
+    assert [r["cpu"] for r in base_runs] == [1, 4]
+    assert [r["cpu"] for r in cand_runs] == [2, 3]
+    assert revs == {cand: "abc1234"}  # an older header names no commit
