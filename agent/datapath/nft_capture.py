@@ -8,7 +8,7 @@ namespace the `bridge ambit` and `ip ambit` tables and the policy route
 proxy namespace the `ip ambit` table whose tproxy rules hand SYNs to
 15001/15006/15008. Per pod (attach_pod): its addresses in the node's `pods`
 set and the proxy's `local_pods` set, and, for a bridge port, in the
-bridge's `pod_l3mac` map with its host veth's MAC.
+bridge's `pod_l3mac` and `port_l3mac` maps with its host veth's MAC.
 
 Everything is read back from the kernel (attached): element comments name
 the owning veth. Calls are synchronous (worker threads) and serialised.
@@ -49,7 +49,7 @@ class NftPodCapture:
     steered: bool        # every address in the node's `pods` set (marked, routed to ambit0)
     directed: bool       # every address in the proxy's `local_pods` (its SYNs go to 15001)
     bridge: str | None   # the bridge its veth is a port of, None when routed
-    lifted: bool         # every address in the bridge map (only needed when bridge is set)
+    lifted: bool         # every address in both bridge maps (only needed when bridge is set)
     bound: bool = True   # every address bound to the veth (the node's `pod_sources`)
 
     @property
@@ -234,9 +234,9 @@ class NftDatapath:
                 return
             # The usual case first: a bridged pod with all of it there, one
             # `delete` per set; else the form that cannot fail on absence.
-            present = (rs.map_remove(ips) + rs.set_remove("ip", rs.NODE_POD_SET, ips, present=True)
+            present = (rs.map_remove(ips, veth) + rs.set_remove("ip", rs.NODE_POD_SET, ips, present=True)
                        + rs.unbind(veth, ips, ips6, present=True))
-            _run_expected(node, present, lambda node: self._unsteer(node, ips, unsteer), errno.ENOENT)
+            _run_expected(node, present, lambda node: self._unsteer(node, ips, veth, unsteer), errno.ENOENT)
             _run_expected(self._proxy_session(), rs.set_remove("ip", rs.PROXY_POD_SET, ips, present=True),
                           lambda proxy: proxy.run(rs.set_remove("ip", rs.PROXY_POD_SET, ips)), errno.ENOENT)
         self._log.info("pod_detached", host_ifindex=host_ifindex, pod_ips=[str(i) for i in ips])
@@ -279,36 +279,45 @@ class NftDatapath:
         except NftError as exc:
             if exc.errno != errno.EEXIST or not lift:
                 raise
-            # An address still mapped to a previous owner's MAC.
-            self._unmap(node, ips)
+            # An address (or this veth's pair) still mapped to a previous owner's MAC.
+            self._unmap(node, ips, owner.host_veth)
             node.run(lift + steer)
 
-    def _unsteer(self, node: NftSession, ips: list[IPv4], unsteer: list[rs.Command]) -> None:
+    def _unsteer(self, node: NftSession, ips: list[IPv4], veth: str | None, unsteer: list[rs.Command]) -> None:
         """Remove a pod's node elements, whichever are still there."""
         try:
-            node.run(rs.map_remove(ips) + unsteer)
+            node.run(rs.map_remove(ips, veth) + unsteer)
         except NftError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            # Not (all) in the bridge map: a routed pod, or removed before.
+            # Not (all) in the bridge maps: a routed pod, or removed before.
             node.run(unsteer)
-            self._unmap(node, ips)
+            self._unmap(node, ips, veth)
 
     @staticmethod
-    def _unmap(node: NftSession, ips: Iterable[IPv4]) -> None:
-        """Remove bridge map elements one by one, skipping absent ones."""
+    def _unmap(node: NftSession, ips: Iterable[IPv4], veth: str | None) -> None:
+        """Remove bridge map elements (by address, and by pair when the veth
+        is named) one by one, skipping absent ones."""
         for ip in ips:
-            try:
-                node.run(rs.map_remove([ip]))
-            except NftError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+            for command in rs.map_remove([ip], veth):
+                try:
+                    node.run([command])
+                except NftError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
 
     def _read_node_set(self) -> dict[IPv4, rs.Owner | None]:
         return rs.elements(self._node_session().read([rs.list_set("ip", rs.NODE_POD_SET)]))
 
     def _read_bridge_map(self) -> dict[IPv4, rs.Owner | None]:
-        return rs.elements(self._node_session().read([rs.list_set("bridge", rs.BRIDGE_POD_MAP, "map")]), "map")
+        """Addresses lifted both ways: in `pod_l3mac`, and in `port_l3mac`
+        paired with the veth that owns them there."""
+        node = self._node_session()
+        by_address = rs.elements(node.read([rs.list_set("bridge", rs.BRIDGE_POD_MAP, "map")]), "map")
+        pairs = {(owner.host_ifindex, ip) for ip, owner in rs.bound_pairs(
+            node.read([rs.list_set("bridge", rs.PORT_LIFT_MAP, "map")]), "map") if owner is not None}
+        return {ip: owner for ip, owner in by_address.items()
+                if owner is None or (owner.host_ifindex, ip) in pairs}
 
     def _read_proxy_set(self) -> dict[IPv4, rs.Owner | None]:
         return rs.elements(self._proxy_session().read([rs.list_set("ip", rs.PROXY_POD_SET)]))

@@ -5,21 +5,27 @@ Node namespace (the agent's own):
 
     table bridge ambit              every bridge: bind addresses to ports, lift TCP to L3
       map pod_l3mac  { pod IPv4 : MAC of the pod's host veth }   (bridged pods)
+      map port_l3mac { host veth name . pod IPv4 : that veth's MAC } (bridged pods)
       set pod_ports  { host veth name }     set pod_addrs { pod IPv4 }
       set port_sources { host veth name . pod IPv4 }             (every enrolled pod)
       chain prerouting  (filter, bridge prerouting, priority -200)
-        IPv4, iifname . saddr bound  -> goto lift: a pod's own address (one lookup)
+        IPv4 TCP, iifname . saddr in port_l3mac -> ether daddr := that MAC,
+                                 pkttype host, mark |= 0x800, accept      [bridge_lift_out]
+                                 (bound and lifted: the one lookup of the common frame)
+        IPv4, iifname . saddr bound  -> goto lift: a pod's own address, not TCP
         IPv4 from a pod port         -> drop: a source not its own      [out_drop_spoofed_source]
         IPv4 with an enrolled source -> drop: not from its port         [in_drop_spoofed_source]
-        IPv4                         -> goto lift
+        IPv4 TCP, daddr in pod_l3mac -> as in lift                        [bridge_lift_in]
+        IPv4                         -> accept
         ARP, iifname . sender bound  -> accept
         ARP from a pod port, sender not 0.0.0.0 -> drop                  [out_drop_spoofed_arp]
         ARP announcing an enrolled address      -> drop                  [in_drop_spoofed_arp]
         ARP                          -> accept
         from a pod port: not IPv6 (a VLAN tag, another protocol) -> drop [out_drop_not_ip]
         from a pod port: IPv6 TCP    -> mark 0x400 (ip6 forward drops it)
-      chain lift
-        ip saddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_out]
+      chain lift                    (a bound pair only)
+        ip saddr in pod_l3mac  -> the same as the first rule              [bridge_lift_out]
+                                  (a pod enrolled before port_l3mac existed)
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
       chain forward / output  (filter, priority 0: frames switched or sent to a port)
         IPv4, oifname . daddr bound  -> accept: to the address's own port (one lookup)
@@ -30,6 +36,7 @@ Node namespace (the agent's own):
       set pod_sources { host veth name . pod IPv4 }
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif ambit0                  -> return: the proxy's own traffic     [in_pass_from_proxy]
+        mark & 0x800                -> goto outbound: lifted out of a bound port
         iifkind bridge              -> goto classify: bound in the bridge table
         iifname @pod_links          -> goto routed_pod
         ip saddr @pods              -> drop: an enrolled source from anywhere
@@ -82,11 +89,14 @@ the destination MAC to the pod's own host veth (a local address of the
 bridge: every port's MAC is) makes the bridge hand a TCP frame to its IP
 stack instead, where the ip table marks it.
 
-The checks cost a packet little: the legitimate case comes first and is
-one lookup of the bound `veth . address` pair (or, in the ip table, none
-for a bridge and two for a routed veth), which ends the checks; cheap
-comparisons (ether type, iifkind) come before any lookup; the spoofing
-drops are only reached by what failed that lookup.
+The checks cost a packet little. An enrolled bridged pod's TCP frame pays
+one rule and one lookup in bridge prerouting (`port_l3mac`, which binds
+and lifts at once), and in ip prerouting two compares before `outbound`
+(the bridge's mark says it is outbound: no lookup); what the proxy sends to
+a pod pays the `iif ambit0` compare, then in bridge output one lookup of
+its bound `oifname . daddr` pair. Cheap comparisons (ether type, iifkind,
+mark) come before any lookup; the spoofing drops are only reached by what
+failed the bound pair.
 
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release
@@ -116,6 +126,9 @@ Expr = dict[str, Any]
 TABLE = "ambit"
 NODE_POD_SET = "pods"
 BRIDGE_POD_MAP = "pod_l3mac"
+# bridge: host veth name . address -> that veth's MAC (bridged pods): a bound
+# pair and its lift in one lookup, the common frame's only one.
+PORT_LIFT_MAP = "port_l3mac"
 PROXY_POD_SET = "local_pods"
 # Source binding: the same three sets in the bridge and the ip table (sets
 # belong to one table), the IPv6 ones in the ip6 table.
@@ -221,6 +234,7 @@ def _drop(counter: str) -> list[Expr]:
 
 _OR_CAPTURED = {"|": [_meta("mark"), constants.MARK_CAPTURED]}
 _OR_POD_PORT = {"|": [_meta("mark"), constants.MARK_POD_PORT]}
+_OR_LIFTED = {"|": [_meta("mark"), constants.MARK_LIFTED]}
 _IS_TCP = _match(_meta("l4proto"), "tcp")
 _ETHER_TYPE = _payload("ether", "type")
 _ARP_SENDER = _payload("arp", "saddr ip")
@@ -260,6 +274,8 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         {"add": {"table": {"family": "bridge", "name": TABLE}}},
         {"add": {"map": {"family": "bridge", "table": TABLE, "name": BRIDGE_POD_MAP, "type": "ipv4_addr",
                          "map": "ether_addr"}}},
+        {"add": {"map": {"family": "bridge", "table": TABLE, "name": PORT_LIFT_MAP, "type": ["ifname", "ipv4_addr"],
+                         "map": "ether_addr"}}},
         _set("bridge", PORT_SET, "ifname"),
         _set("bridge", ADDRESS_SET, "ipv4_addr"),
         _set("bridge", PORT_SOURCE_SET, ["ifname", "ipv4_addr"]),
@@ -285,20 +301,20 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         *_base_chain("ip6", "forward", "forward", FILTER_PRIORITY),
     ]
     cmds += _bridge_binding_rules()
-    for direction, field in (("out", "saddr"), ("in", "daddr")):
-        lift = {"mangle": {"key": _payload("ether", "daddr"),
-                           "value": {"map": {"key": _payload("ip", field), "data": f"@{BRIDGE_POD_MAP}"}}}}
-        # A key missing from the map makes the lookup fail: the rule does
-        # not match and the frame is bridged as usual.
-        cmds.append(_rule("bridge", "lift", _match(_payload("ip", "protocol"), "tcp"), lift,
-                          {"mangle": {"key": _meta("pkttype"), "value": "host"}},
-                          _counter(f"bridge_lift_{direction}"), {"accept": None}))
+    # The frames of a bound pair that the first rule did not lift (not TCP,
+    # or a pod enrolled before `port_l3mac` existed).
+    cmds += [_lift("lift", "out", _payload("ip", "saddr"), f"@{BRIDGE_POD_MAP}"),
+             _lift("lift", "in", _payload("ip", "daddr"), f"@{BRIDGE_POD_MAP}")]
     source = _payload("ip", "saddr")
     cmds += [
         # Bypass: the proxy sends with the pod's address after it authorized
         # the connection; marking it again would loop it back to the proxy.
         _rule("ip", "prerouting", _match(_meta("iif"), node_link_ifindex), _counter("in_pass_from_proxy"),
               {"return": None}),
+        # Lifted out of a bound pod port by the bridge table: TCP from an
+        # enrolled source, so nothing is left to classify (no lookup).
+        _rule("ip", "prerouting", _match({"&": [_meta("mark"), constants.MARK_LIFTED]}, 0, "!="),
+              {"goto": {"target": "outbound"}}),
         # Frames from a bridge were bound to their port in the bridge table
         # (every bridge, every port).
         _rule("ip", "prerouting", _match(_meta("iifkind"), "bridge"), {"goto": {"target": "classify"}}),
@@ -337,6 +353,21 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
     return cmds
 
 
+def _lift(chain: str, direction: str, key: Expr, mac_map: str, *first: Expr) -> Command:
+    """Lift a TCP frame to the bridge's IP stack: its destination MAC
+    becomes the pod's host veth MAC (looked up by key in mac_map), a local
+    address of the bridge. A key missing from the map makes the lookup fail:
+    the rule does not match and the frame goes on to the next rule. A frame
+    lifted out of a pod port is marked for the ip table (MARK_LIFTED): only a
+    bound source reaches a lift out (port_l3mac holds bound pairs only, and
+    the lift chain is entered by a bound pair only)."""
+    mangle = {"mangle": {"key": _payload("ether", "daddr"), "value": {"map": {"key": key, "data": mac_map}}}}
+    marked = [_set_mark(_OR_LIFTED)] if direction == "out" else []
+    return _rule("bridge", chain, *first, _match(_payload("ip", "protocol"), "tcp"), mangle,
+                 {"mangle": {"key": _meta("pkttype"), "value": "host"}}, *marked,
+                 _counter(f"bridge_lift_{direction}"), {"accept": None})
+
+
 def _bridge_binding_rules() -> list[Command]:
     """The bridge table's source binding: frames from an enrolled pod's
     port carry its own addresses only, frames from any other port none of
@@ -348,11 +379,19 @@ def _bridge_binding_rules() -> list[Command]:
     source = _payload("ip", "saddr")
     tcp = _match(_meta("l4proto"), "tcp")
     cmds = [
+        # The common frame, an enrolled pod's TCP from its own address on its
+        # own port: bound and lifted by one lookup (a pair missing from the
+        # map makes the rule not match, so the rules below see it).
+        _lift("prerouting", "out", _concat(_meta("iifname"), source), f"@{PORT_LIFT_MAP}", ipv4),
         _rule("bridge", "prerouting", ipv4, _match(_concat(_meta("iifname"), source), f"@{PORT_SOURCE_SET}"),
               {"goto": {"target": "lift"}}),
         _rule("bridge", "prerouting", ipv4, from_pod, *_drop("out_drop_spoofed_source")),
         _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
-        _rule("bridge", "prerouting", ipv4, {"goto": {"target": "lift"}}),
+        # Past both drops: not from a pod port, no enrolled source, so only
+        # a lift in can match (TCP to an enrolled pod, e.g. from a pod
+        # outside the mesh).
+        _lift("prerouting", "in", _payload("ip", "daddr"), f"@{BRIDGE_POD_MAP}", ipv4),
+        _rule("bridge", "prerouting", ipv4, {"accept": None}),
         # ARP: a pod asks and answers for its own addresses (0.0.0.0: a probe).
         _rule("bridge", "prerouting", arp, _match(_concat(_meta("iifname"), _ARP_SENDER), f"@{PORT_SOURCE_SET}"),
               {"accept": None}),
@@ -544,22 +583,32 @@ def unbind(host_veth: str | None, ips: list[ipaddress.IPv4Address], ipv6: list[i
 
 
 def map_add(entries: list[PodEntry], *, fresh: bool = False) -> list[Command]:
-    """The bridge map's elements of bridged pods. Fails with EEXIST when an
-    address is mapped to another MAC (a previous owner's): the caller then
+    """The bridge maps' elements of bridged pods: address -> MAC
+    (`pod_l3mac`) and veth . address -> MAC (`port_l3mac`). Fails with EEXIST
+    when a key is mapped to another MAC (a previous owner's): the caller then
     deletes that element first (map_remove). fresh: also when it is mapped
     to the same MAC (create)."""
-    elems = [[_elem(str(e.ip), e.comment), e.host_mac] for e in entries if e.bridge]
-    if not elems:
+    bridged = [e for e in entries if e.bridge]
+    if not bridged:
         return []
-    return [{"create" if fresh else "add": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": elems}}}]
+    verb = "create" if fresh else "add"
+    by_address = [[_elem(str(e.ip), e.comment), e.host_mac] for e in bridged]
+    by_pair = [[_elem(_pair(e.host_veth, e.ip), e.comment), e.host_mac] for e in bridged]
+    return [{verb: {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": by_address}}},
+            {verb: {"element": {**_set_ref("bridge", PORT_LIFT_MAP), "elem": by_pair}}}]
 
 
-def map_remove(ips: list[ipaddress.IPv4Address]) -> list[Command]:
-    """Delete map elements by key (fails with ENOENT if one is absent: maps
-    have data, so the add-then-delete trick needs a value we may not know)."""
+def map_remove(ips: list[ipaddress.IPv4Address], host_veth: str | None = None) -> list[Command]:
+    """Delete map elements by key, the pairs only when the veth's name is
+    known (fails with ENOENT if one is absent: maps have data, so the
+    add-then-delete trick needs a value we may not know)."""
     if not ips:
         return []
-    return [{"delete": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": [str(ip) for ip in ips]}}}]
+    cmds = [{"delete": {"element": {**_set_ref("bridge", BRIDGE_POD_MAP), "elem": [str(ip) for ip in ips]}}}]
+    if host_veth is not None:
+        cmds.append({"delete": {"element": {**_set_ref("bridge", PORT_LIFT_MAP),
+                                            "elem": [_pair(host_veth, ip) for ip in ips]}}})
+    return cmds
 
 
 def list_set(family: str, name: str, kind: str = "set") -> Command:
@@ -590,10 +639,10 @@ def veth_elements(listing: list[dict[str, Any]]) -> dict[str, Owner | None]:
     return {str(key): owner for key, owner in _listed(listing, "set")}
 
 
-def bound_pairs(listing: list[dict[str, Any]]) -> list[tuple[ipaddress.IPv4Address, Owner | None]]:
-    """Elements of a `veth . address` set: (address, owner), the owner
-    (with the veth's index) from the element's comment."""
-    return [(ipaddress.IPv4Address(key["concat"][-1]), owner) for key, owner in _listed(listing, "set")]
+def bound_pairs(listing: list[dict[str, Any]], kind: str = "set") -> list[tuple[ipaddress.IPv4Address, Owner | None]]:
+    """Elements of a `veth . address` set (or map): (address, owner), the
+    owner (with the veth's index) from the element's comment."""
+    return [(ipaddress.IPv4Address(key["concat"][-1]), owner) for key, owner in _listed(listing, kind)]
 
 
 def counter_values(listing: list[dict[str, Any]]) -> dict[str, int]:

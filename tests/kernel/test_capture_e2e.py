@@ -127,9 +127,10 @@ class MeshNode:
 
 
 # The source binding's elements of one bridged pod with one IPv4 address:
-# its port, its (port . address) and its address in the bridge table, its
-# link and (link . address) in the ip table, its link in the ip6 table.
-RESIDENT_BINDING = 6
+# its port, its (port . address) in port_sources and, mapped to its MAC, in
+# port_l3mac, and its address in the bridge table, its link and
+# (link . address) in the ip table, its link in the ip6 table.
+RESIDENT_BINDING = 7
 
 
 @pytest.fixture(params=BACKENDS, ids=[b.capture for b in BACKENDS])

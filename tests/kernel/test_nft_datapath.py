@@ -43,7 +43,7 @@ class NftNode:
     def bound(self) -> list[str]:
         """The source binding's elements of the node (sets of the bridge,
         ip and ip6 tables), as nftstate renders them."""
-        steering = ("pods ", "pod_l3mac ", "local_pods ")
+        steering = ("pods ", "pod_l3mac ", "local_pods ")  # port_l3mac binds and lifts: listed here
         return [e for e in nftstate.elements(self.netns) if not e.startswith(steering)]
 
     def host_mac(self, pod: Pod) -> str:
@@ -95,8 +95,9 @@ def rules_of(objects: list[dict], family: str, chain: str) -> list[list[dict]]:
 def test_installed_rule_set(nft_node):
     node = nftstate.ambit_objects(nft_node.netns)
     assert node["tables"] == ["bridge", "ip", "ip6"]
-    assert node["sets"] == ["bridge pod_addrs", "bridge pod_l3mac", "bridge pod_ports", "bridge port_sources",
-                            "ip pod_links", "ip pod_sources", "ip pods", "ip6 pod_links", "ip6 pods6"]
+    assert node["sets"] == ["bridge pod_addrs", "bridge pod_l3mac", "bridge pod_ports", "bridge port_l3mac",
+                            "bridge port_sources", "ip pod_links", "ip pod_sources", "ip pods", "ip6 pod_links",
+                            "ip6 pods6"]
     assert node["chains"] == ["bridge forward", "bridge lift", "bridge output", "bridge prerouting", "ip classify",
                               "ip inbound", "ip outbound", "ip prerouting", "ip routed_pod", "ip6 forward"]
     proxy = nftstate.ambit_objects(nft_node.proxy_netns)
@@ -158,7 +159,9 @@ def test_elements_name_their_veth_bridged_and_routed(nft_node):
         assert sorted(nft_node.bound()) == sorted(
             [f"{table} {veth}" for table in ("pod_ports", "pod_links", "pod_links") for veth in veths]
             + [f"{table} {veth} . {ip}" for table in ("port_sources", "pod_sources") for veth, ip in veths.items()]
-            + [f"pod_addrs {ip}" for ip in veths.values()])
+            + [f"pod_addrs {ip}" for ip in veths.values()] + [f"port_l3mac {on_bridge.host_veth} . {b.ip}"])
+        port_l3mac = next(o["map"] for o in ruleset if o.get("map", {}).get("name") == "port_l3mac")
+        assert [mac for _, mac in port_l3mac["elem"]] == [nft_node.host_mac(b)]
     finally:
         for pod in (b, r):
             dp.detach_pod(pod.host_ifindex, [pod.ip])
@@ -191,6 +194,52 @@ def test_routed_pods_are_captured_in_both_directions(nft_node):
             s.close()
         proxy.close()
         dp.detach_pod(meshed.host_ifindex, [meshed.ip])
+
+
+def test_a_bridged_pods_tcp_is_bound_and_lifted_by_one_lookup_and_without_it_still_captured(nft_node):
+    """A bridged pod's TCP is lifted by its `veth . address` pair in
+    port_l3mac (and marked for the ip table). A pod enrolled by an agent
+    from before that map has no pair there: its TCP is still lifted by its
+    address past the bound pair (the lift chain), never bridged around the
+    proxy, and attached() reports it incomplete so that reconcile repairs it."""
+    dp = nft_node.datapath
+    meshed, plain = nft_node.bridged.add("lm"), nft_node.bridged.add("lp")
+    captured = dp.attach_pod(meshed.host_ifindex, [meshed.ip])
+    proxy = ProxyListeners(nft_node.proxy_netns)
+    made: list[socket.socket] = []
+
+    def captured_once() -> dict[str, int]:
+        before = dp.verdict_counts()
+        made.append(out := connect(meshed.netns, (plain.ip, APP_PORT)))
+        made.append(conn := proxy.accept(constants.OUTBOUND_PORT))
+        assert conn.getsockname() == (plain.ip, APP_PORT) and conn.getpeername() == out.getsockname()
+        after = dp.verdict_counts()
+        return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+    try:
+        delta = captured_once()
+        assert delta["bridge_lift_out"] >= 1 and delta["out_redirect"] >= 1
+        pair = f"{captured.host_veth} . {meshed.ip}"
+        run_in_netns(nft_node.netns, lambda: _nft_cmd(f"delete element bridge ambit port_l3mac {{ {pair} }}"))
+        assert f"port_l3mac {pair}" not in nft_node.bound()
+        (state,) = [c for c in dp.attached() if c.host_ifindex == meshed.host_ifindex]
+        assert not state.lifted and not state.complete
+        delta = captured_once()
+        assert delta["bridge_lift_out"] >= 1 and delta["out_redirect"] >= 1
+        assert dp.attach_pod(meshed.host_ifindex, [meshed.ip]).complete  # reconcile's repair
+        assert f"port_l3mac {pair}" in nft_node.bound()
+    finally:
+        for s in made:
+            s.close()
+        proxy.close()
+        dp.detach_pod(meshed.host_ifindex, [meshed.ip])
+    assert nft_node.bound() == []
+
+
+def _nft_cmd(text: str) -> None:
+    import nftables
+    rc, _, err = nftables.Nftables().cmd(text)
+    assert rc == 0, err
 
 
 def test_detach_without_addresses_finds_them_by_their_comment(nft_node):

@@ -38,10 +38,19 @@ def test_set_remove_cannot_fail_on_absence():
 
 
 def test_only_bridge_ports_get_a_map_element():
-    (cmd,) = rs.map_add([BRIDGED, ROUTED])
-    assert cmd["add"]["element"]["elem"] == [[{"elem": {"val": str(IP), "comment": BRIDGED.comment}},
-                                             "02:00:00:00:00:0c"]]
+    by_address, by_pair = rs.map_add([BRIDGED, ROUTED])
+    assert by_address["add"]["element"]["name"] == rs.BRIDGE_POD_MAP
+    assert by_address["add"]["element"]["elem"] == [[{"elem": {"val": str(IP), "comment": BRIDGED.comment}},
+                                                    "02:00:00:00:00:0c"]]
+    assert by_pair["add"]["element"]["name"] == rs.PORT_LIFT_MAP
+    assert by_pair["add"]["element"]["elem"] == [[{"elem": {"val": {"concat": ["veth1234", str(IP)]},
+                                                            "comment": BRIDGED.comment}}, "02:00:00:00:00:0c"]]
     assert rs.map_add([ROUTED]) == [] and rs.map_remove([]) == []
+    # A release deletes the pairs only when it knows the veth's name.
+    assert [c["delete"]["element"]["name"] for c in rs.map_remove([IP], "veth1234")] == [rs.BRIDGE_POD_MAP,
+                                                                                          rs.PORT_LIFT_MAP]
+    assert rs.map_remove([IP], "veth1234")[1]["delete"]["element"]["elem"] == [{"concat": ["veth1234", str(IP)]}]
+    assert [c["delete"]["element"]["name"] for c in rs.map_remove([IP])] == [rs.BRIDGE_POD_MAP]
 
 
 def test_elements_and_counters_are_read_from_listings():
@@ -91,23 +100,80 @@ def _bound_pair(rule: dict, key: str, name: str) -> bool:
                and e["match"]["left"].get("concat", [{}])[0] == {"meta": {"key": key}} for e in rule["expr"])
 
 
+def _lifts_by(rule: dict) -> tuple[dict, str] | None:
+    """(key, map) of the rule's destination MAC rewrite, None if it has none."""
+    return next(((e["mangle"]["value"]["map"]["key"], e["mangle"]["value"]["map"]["data"]) for e in rule["expr"]
+                 if e.get("mangle", {}).get("key") == {"payload": {"protocol": "ether", "field": "daddr"}}), None)
+
+
+def _sets_mark(rule: dict, bit: int) -> bool:
+    return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, bit]}}} in rule["expr"]
+
+
+def test_only_a_bound_source_is_marked_lifted():
+    """The ip table sends a frame with MARK_LIFTED to `outbound` without a
+    lookup, so only the lifts out (which a bound source alone reaches) set
+    it: the first rule by the bound pair, the lift chain's by its source
+    (only a bound pair enters lift). A pod cannot set a mark itself: marks
+    are scrubbed when a packet leaves its namespace."""
+    node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
+    marking = [(r["chain"], _lifts_by(r)) for r in node if _sets_mark(r, constants.MARK_LIFTED)]
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
+    assert marking == [("prerouting", ({"concat": [{"meta": {"key": "iifname"}}, saddr]}, f"@{rs.PORT_LIFT_MAP}")),
+                       ("lift", (saddr, f"@{rs.BRIDGE_POD_MAP}"))]
+    assert all(r["family"] == "bridge" for r in node if _sets_mark(r, constants.MARK_LIFTED))
+    assert constants.MARK_LIFTED & constants.MARK_MASK == constants.MARK_LIFTED
+    assert len({constants.MARK_CAPTURED, constants.MARK_PROXY, constants.MARK_POD_PORT, constants.MARK_LIFTED}) == 4
+    # The map that binds and lifts is keyed like the bound pairs.
+    maps = {c["add"]["map"]["name"]: c["add"]["map"] for c in rs.node_rules(3) if "map" in c.get("add", {})}
+    assert maps[rs.PORT_LIFT_MAP]["type"] == ["ifname", "ipv4_addr"] and maps[rs.PORT_LIFT_MAP]["map"] == "ether_addr"
+
+
+def test_a_legitimate_packet_pays_few_rules():
+    """Rules a captured round trip's packets walk in the node, with a bound
+    pod on a bridge (the first rule that matches ends each walk): the pod's
+    TCP frame 1 in bridge prerouting, then the bypass and the mark in ip
+    prerouting and outbound's two; what the proxy sends back 1 in ip
+    prerouting and 1 in bridge output."""
+    node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
+    chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
+    assert {"counter": "bridge_lift_out"} in chain("bridge", "prerouting")[0]["expr"]
+    ip = chain("ip", "prerouting")
+    assert {"counter": "in_pass_from_proxy"} in ip[0]["expr"] and _verdict_of(ip[1]) == {"goto": {"target": "outbound"}}
+    assert len(chain("ip", "outbound")) == 2
+    assert _verdict_of(chain("bridge", "output")[0]) == {"accept": None}
+
+
 def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
     bridge = chain("bridge", "prerouting")
-    assert _counted(bridge) == ["out_drop_spoofed_source", "in_drop_spoofed_source", "out_drop_spoofed_arp",
-                                "in_drop_spoofed_arp", "out_drop_not_ip"]
+    assert _counted(bridge) == ["bridge_lift_out", "out_drop_spoofed_source", "in_drop_spoofed_source",
+                                "bridge_lift_in", "out_drop_spoofed_arp", "in_drop_spoofed_arp", "out_drop_not_ip"]
     assert _counted(chain("bridge", "lift")) == ["bridge_lift_out", "bridge_lift_in"]
-    # Only the bridge prerouting chain enters lift: first for a bound
-    # `iifname . saddr` pair (the one lookup of the common case), then only
-    # past both IPv4 drops. ARP is accepted for a bound pair or past its drops.
+    # The first rule binds and lifts at once: TCP whose `iifname . saddr`
+    # pair is in port_l3mac (bound pairs only). A miss does not match it.
+    assert _lifts_by(bridge[0]) == ({"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip",
+                                                                                         "field": "saddr"}}]},
+                                    f"@{rs.PORT_LIFT_MAP}")
+    assert _verdict_of(bridge[0]) == {"accept": None}
+    # Only a bound `iifname . saddr` pair enters lift (its frames the first
+    # rule did not lift: not TCP, or a pair missing from port_l3mac), so
+    # lift's lift out (which marks) sees bound sources only. Past both IPv4
+    # drops only a lift in (unmarked) is left, then IPv4 is accepted.
     lifts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"goto": {"target": "lift"}}]
-    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["prerouting"] * 2
-    assert _bound_pair(bridge[lifts[0]], "iifname", rs.PORT_SOURCE_SET) and lifts[0] == 0
+    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["prerouting"]
+    assert _bound_pair(bridge[lifts[0]], "iifname", rs.PORT_SOURCE_SET) and lifts == [1]
     ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]
                   or {"counter": "out_drop_spoofed_source"} in r["expr"]]
-    assert lifts[1] > max(ipv4_drops)
-    accepts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"accept": None}]
+    lift_in = next(i for i, r in enumerate(bridge) if {"counter": "bridge_lift_in"} in r["expr"])
+    assert lift_in > max(ipv4_drops) and not _sets_mark(bridge[lift_in], constants.MARK_LIFTED)
+    assert _lifts_by(bridge[lift_in]) == ({"payload": {"protocol": "ip", "field": "daddr"}}, f"@{rs.BRIDGE_POD_MAP}")
+    assert bridge[lift_in + 1]["expr"] == [bridge[0]["expr"][0], {"accept": None}]  # IPv4
+    # ARP is accepted for a bound pair or past its drops.
+    arp = [i for i, r in enumerate(bridge) if r["expr"][0] == {"match": {"op": "==", "left": {"payload": {
+        "protocol": "ether", "field": "type"}}, "right": "arp"}}]
+    accepts = [i for i in arp if _verdict_of(bridge[i]) == {"accept": None}]
     arp_drops = [i for i, r in enumerate(bridge) if any("arp" in str(e.get("counter", "")) for e in r["expr"])]
     assert _bound_pair(bridge[accepts[0]], "iifname", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
     assert accepts[1] > max(arp_drops) and len(accepts) == 2
@@ -116,11 +182,16 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
         rules = chain("bridge", name)
         assert _bound_pair(rules[0], "oifname", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
         assert "in_drop_misdelivered" in _counted(rules)
-    # ip: outbound and inbound are reached from classify only, and classify
-    # from a bridge (bound there), a routed veth's bound pair, or past the drop.
-    steering = [r for r in node if _verdict_of(r) in ({"goto": {"target": "outbound"}}, {"goto": {"target": "inbound"}})]
-    assert {r["chain"] for r in steering} == {"classify"}
+    # ip: outbound and inbound are reached from classify, and outbound also
+    # from prerouting for a frame the bridge lifted out of a bound port
+    # (MARK_LIFTED, right after the proxy's bypass); classify from a bridge
+    # (bound there), a routed veth's bound pair, or past the drop.
     ip = chain("ip", "prerouting")
+    steering = [r for r in node if _verdict_of(r) in ({"goto": {"target": "outbound"}}, {"goto": {"target": "inbound"}})]
+    assert [r["chain"] for r in steering] == ["prerouting", "classify", "classify"]
+    assert steering[0] is ip[1] and ip[1]["expr"][0]["match"] == {
+        "op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, constants.MARK_LIFTED]}, "right": 0}
+    assert {"counter": "in_pass_from_proxy"} in ip[0]["expr"]
     into = [i for i, r in enumerate(ip) if _verdict_of(r) == {"goto": {"target": "classify"}}]
     assert ip[into[0]]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifkind"}}, "right": "bridge"}
     assert into[1] > next(i for i, r in enumerate(ip) if {"counter": "in_drop_spoofed_source"} in r["expr"])
@@ -166,7 +237,7 @@ def test_the_usual_case_is_one_create_or_delete_per_set_of_the_same_elements():
     robust = rs.map_add([BRIDGED]) + rs.set_replace("ip", rs.NODE_POD_SET, [BRIDGED]) + rs.bind(owner, [IP], [six])
     assert all(next(iter(c)) == "create" for c in fresh)
     sets = [(c["create"]["element"]["family"], c["create"]["element"]["name"]) for c in fresh]
-    assert len(sets) == len(set(sets)) == 9  # the map, pods, 7 of the binding
+    assert len(sets) == len(set(sets)) == 10  # the two maps, pods, 7 of the binding
     # the same elements, with the same comments, as the form that replaces
     assert [c["create"]["element"] for c in fresh] == [c[next(iter(c))]["element"] for c in robust
                                                        if "comment" in repr(c)]
@@ -191,9 +262,11 @@ def test_no_per_pod_command_holds_an_interface_index():
     assert {"meta": {"key": "iif"}} not in matched and {"meta": {"key": "oif"}} not in matched
     owner = rs.Owner(12, "veth1234", "cni0")
     per_pod = (rs.bind(owner, [IP], [], fresh=True) + rs.bind(owner, [IP], [])
-               + rs.unbind("veth1234", [IP], [], present=True) + rs.unbind("veth1234", [IP], []))
-    keys = [e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
-            for c in per_pod for e in c[next(iter(c))]["element"]["elem"]]
+               + rs.unbind("veth1234", [IP], [], present=True) + rs.unbind("veth1234", [IP], [])
+               + rs.map_add([BRIDGED], fresh=True) + rs.map_remove([IP], "veth1234"))
+    elems = [e[0] if isinstance(e, list) else e for c in per_pod for e in c[next(iter(c))]["element"]["elem"]]
+    keys = [e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e for e in elems]
+    assert {"concat": ["veth1234", str(IP)]} in keys
     assert not [k for k in keys if isinstance(k, int) or (isinstance(k, dict) and any(
         isinstance(p, int) for p in k["concat"]))]
     assert rs.unbind(None, [IP], []) == rs.set_remove("bridge", rs.ADDRESS_SET, [IP])  # no name: addresses only
