@@ -67,13 +67,15 @@ Proxy namespace:
       set local_pods  { pod IPv4 }  (an enrolled pod's SYN is outbound)
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif != eth0 or not TCP      -> accept untouched
-        ip daddr 169.254.7.2        -> from the node (169.254.7.1) to 15020/15021: accept
-                                       [proxy_pass_own_addr]; else drop    [proxy_drop_own_addr]
+        ip daddr 169.254.7.2        -> goto own_addr
         not a pure SYN              -> mark 0x100, accept: the stack finds
                                        the owner or answers RST            [proxy_not_syn]
         ip saddr @local_pods        -> goto to_outbound
         tcp dport 15008             -> goto to_hbone
                                     -> goto to_inbound
+      chain own_addr
+        from the node (169.254.7.1) to 15020/15021 -> accept              [proxy_pass_own_addr]
+                                    -> drop                               [proxy_drop_own_addr]
       chain to_outbound / to_hbone / to_inbound
         tproxy to :15001 / :15008 / :15006, mark 0x100, accept  [proxy_to_outbound/_hbone/_inbound_plaintext]
         drop: no listener (agent down), fail closed              [proxy_drop_no_listener]
@@ -431,19 +433,21 @@ def proxy_rules(proxy_link_ifindex: int) -> list[Command]:
     ]
     for chain, _, _ in PROXY_STEERING:
         cmds += _chain("ip", chain)
+    cmds += _chain("ip", "own_addr")
     pure_syn = _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!=")
     cmds += [
         _rule("ip", "prerouting", _match(_meta("iif"), proxy_link_ifindex, "!="), {"accept": None}),
         _rule("ip", "prerouting", _match(_meta("l4proto"), "tcp", "!="), {"accept": None}),
         # The proxy's own address is no way in around the capture (the
         # listeners are bound to any address): only the node, to the
-        # metrics and readiness ports (docs/datapath.md).
+        # metrics and readiness ports (docs/datapath.md). One compare for
+        # every other packet.
         _rule("ip", "prerouting", _match(_payload("ip", "daddr"), constants.PROXY_LINK_ADDR),
-              _match(_payload("ip", "saddr"), constants.NODE_LINK_ADDR),
+              {"goto": {"target": "own_addr"}}),
+        _rule("ip", "own_addr", _match(_payload("ip", "saddr"), constants.NODE_LINK_ADDR),
               _match(_payload("tcp", "dport"), {"set": [constants.METRICS_PORT, constants.READINESS_PORT]}),
               _counter("proxy_pass_own_addr"), {"accept": None}),
-        _rule("ip", "prerouting", _match(_payload("ip", "daddr"), constants.PROXY_LINK_ADDR),
-              _counter("proxy_drop_own_addr"), {"drop": None}),
+        _rule("ip", "own_addr", _counter("proxy_drop_own_addr"), {"drop": None}),
         # Replies to the proxy's upstream sockets, segments of accepted
         # connections, TIME_WAIT, strays: the mark makes them local; the
         # stack's own socket lookup finds the owner or resets.

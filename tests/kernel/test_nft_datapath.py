@@ -102,7 +102,7 @@ def test_installed_rule_set(nft_node):
                               "ip inbound", "ip outbound", "ip prerouting", "ip routed_pod", "ip6 forward"]
     proxy = nftstate.ambit_objects(nft_node.proxy_netns)
     assert proxy["tables"] == ["ip"] and proxy["sets"] == ["ip local_pods"]
-    assert proxy["chains"] == ["ip prerouting", "ip to_hbone", "ip to_inbound", "ip to_outbound"]
+    assert proxy["chains"] == ["ip own_addr", "ip prerouting", "ip to_hbone", "ip to_inbound", "ip to_outbound"]
 
     objects = nftstate.ruleset(nft_node.netns)
     hooks = {(o["chain"]["family"], o["chain"]["name"]): (o["chain"].get("hook"), o["chain"].get("prio"))

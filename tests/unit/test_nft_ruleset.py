@@ -70,13 +70,20 @@ def test_every_steering_chain_ends_fail_closed_and_uses_the_shared_constants():
         steer, last = [r["expr"] for r in rules if r["chain"] == chain]
         assert {"tproxy": {"port": port}} in steer and {"counter": counter} in steer
         assert last == [{"counter": "proxy_drop_no_listener"}, {"drop": None}]
-    own = [r for r in rules if {"counter": "proxy_pass_own_addr"} in r["expr"]][0]
-    assert [e["match"]["right"] for e in own["expr"][:3]] == [
-        constants.PROXY_LINK_ADDR, constants.NODE_LINK_ADDR, {"set": [constants.METRICS_PORT, constants.READINESS_PORT]}]
-    # Right after it, anything else for the proxy's address is dropped.
-    assert rules[rules.index(own) + 1]["expr"] == [
-        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": constants.PROXY_LINK_ADDR}},
-        {"counter": "proxy_drop_own_addr"}, {"drop": None}]
+    # Anything for the proxy's own address goes to own_addr (one compare
+    # for the rest), which lets the node reach 15020/15021 and drops the rest.
+    into = next(r for r in rules if r["chain"] == "prerouting" and _verdict_of(r) == {"goto": {"target": "own_addr"}})
+    assert into["expr"][0] == {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                         "right": constants.PROXY_LINK_ADDR}}
+    own, last = [r for r in rules if r["chain"] == "own_addr"]
+    assert {"counter": "proxy_pass_own_addr"} in own["expr"] and _verdict_of(own) == {"accept": None}
+    assert [e["match"]["right"] for e in own["expr"][:2]] == [
+        constants.NODE_LINK_ADDR, {"set": [constants.METRICS_PORT, constants.READINESS_PORT]}]
+    assert last["expr"] == [{"counter": "proxy_drop_own_addr"}, {"drop": None}]
+    # Before any steering: a SYN to the proxy's address never reaches tproxy.
+    prerouting = [r for r in rules if r["chain"] == "prerouting"]
+    assert prerouting.index(into) < min(i for i, r in enumerate(prerouting) if "goto" in (_verdict_of(r) or {})
+                                        and r is not into)
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     bypass = next(r for r in node if {"counter": "in_pass_from_proxy"} in r["expr"])
     assert bypass["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iif"}}, "right": 3}
