@@ -98,7 +98,10 @@ and lifts at once), and in ip prerouting two compares before `outbound`
 a pod pays the `iif ambit0` compare, then in bridge output one lookup of
 its bound `oifname . daddr` pair. Cheap comparisons (ether type, iifkind,
 mark) come before any lookup; the spoofing drops are only reached by what
-failed the bound pair.
+failed the bound pair. The output check stays: a pod that sends frames
+with another pod's MAC as their source (with its own IP address, which the
+binding accepts) teaches the bridge to forward that pod's frames to its
+own port, and the ARP rules cannot see that.
 
 Per-pod state is set elements only, each with a comment naming its veth
 ("veth=<name> ifindex=<n>[ bridge=<name>]"): enrol adds them, release

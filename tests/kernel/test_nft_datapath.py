@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import struct
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from ambit.agent.datapath import constants
 from ambit.agent.datapath.nft_capture import NftDatapath
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import netns_path, run_in_netns
-from tests.kernel.test_datapath import (BridgeNetwork, Pod, ProxyListeners, connect, make_netns, remove_netns,
-                                        tcp_listener)
+from tests.kernel.test_datapath import (SHORT, BridgeNetwork, Pod, ProxyListeners, connect, make_netns,
+                                        remove_netns, tcp_listener)
 from tests.support import nftstate
 
 pytestmark = pytest.mark.kernel
@@ -240,6 +242,94 @@ def _nft_cmd(text: str) -> None:
     import nftables
     rc, _, err = nftables.Nftables().cmd(text)
     assert rc == 0, err
+
+
+def _ipv4_udp_frame(src_mac: str, src_ip: str, dst_ip: str, port: int) -> bytes:
+    """A broadcast Ethernet frame with an IPv4 UDP datagram, as a pod with
+    NET_RAW can send one, with any source MAC."""
+    payload = b"who am i"
+    udp = struct.pack("!HHHH", port, port, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    total = sum(struct.unpack("!10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    header = header[:10] + struct.pack("!H", ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF) + header[12:]
+    return b"\xff" * 6 + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00" + header + udp
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _pod_mac(pod: Pod) -> str:
+    with iproute(pod.netns) as ipr:
+        return ipr.get_links(ifname="eth0")[0].get("IFLA_ADDRESS")
+
+
+def _fdb_port(node_netns: str, mac: str) -> int | None:
+    """The bridge port the node's bridge forwards `mac` to (learned entry)."""
+    with iproute(node_netns) as ipr:
+        return next((e["ifindex"] for e in ipr.get_neighbours(family=socket.AF_BRIDGE)
+                     if str(e.get("NDA_LLADDR", "")).lower() == mac.lower()), None)
+
+
+def test_a_pod_that_poisons_the_bridges_forwarding_table_gets_no_other_pods_traffic(nft_node):
+    """Attack on what the node sends to a pod (the proxy's plaintext to its
+    destination pod goes out this way): the attacker sends a frame with the
+    victim's MAC as its source, from its own bound address (so the source
+    binding and the ARP rules let it through), and the bridge learns the
+    victim's MAC on the attacker's port. What the node then sends to the
+    victim is dropped by the bridge output chain (`in_drop_misdelivered`)
+    and never reaches the attacker's veth."""
+    dp = nft_node.datapath
+    victim, attacker = nft_node.bridged.add("mv"), nft_node.bridged.add("ma")
+    dp.attach_pod(victim.host_ifindex, [victim.ip])
+    dp.attach_pod(attacker.host_ifindex, [attacker.ip])
+    port = 9999
+    victim_mac = _pod_mac(victim)
+    inbox = run_in_netns(victim.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    sniffer = run_in_netns(attacker.netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                                                 socket.htons(0x0800)))
+    sender = run_in_netns(nft_node.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        # Nothing of the victim's own re-teaches the bridge meanwhile (IPv6
+        # router solicitations and DAD after its link came up).
+        run_in_netns(victim.netns, lambda: _write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1"))
+        inbox.bind(("0.0.0.0", port))
+        inbox.settimeout(SHORT)
+        sniffer.bind(("eth0", 0x0800))
+        # The node resolves the victim (ARP) and reaches it.
+        sender.sendto(b"first", (victim.ip, port))
+        assert inbox.recv(64) == b"first"
+        assert _fdb_port(nft_node.netns, victim_mac) == victim.host_ifindex
+        # The attacker's frame: its own address (bound), the victim's MAC.
+        sniffer.send(_ipv4_udp_frame(victim_mac, attacker.ip, "255.255.255.255", port - 1))
+        deadline = time.monotonic() + 5
+        while _fdb_port(nft_node.netns, victim_mac) != attacker.host_ifindex:
+            assert time.monotonic() < deadline, "the bridge never learned the victim's MAC on the attacker's port"
+            time.sleep(0.05)
+        before = dp.verdict_counts().get("in_drop_misdelivered", 0)
+        sender.sendto(b"second", (victim.ip, port))
+        deadline = time.monotonic() + 5
+        while dp.verdict_counts().get("in_drop_misdelivered", 0) == before:
+            assert time.monotonic() < deadline, "in_drop_misdelivered never counted the node's datagram"
+            time.sleep(0.05)
+        # Dropped before the attacker's veth: nothing for the victim's
+        # address reached it (only its own broadcast went out there).
+        sniffer.setblocking(False)
+        seen = []
+        while True:
+            try:
+                seen.append(sniffer.recv(2048))
+            except BlockingIOError:
+                break
+        assert not [f for f in seen if f[30:34] == socket.inet_aton(victim.ip)]  # IPv4 destination
+    finally:
+        for s in (inbox, sniffer, sender):
+            s.close()
+        for pod in (victim, attacker):
+            dp.detach_pod(pod.host_ifindex, [pod.ip])
 
 
 def test_detach_without_addresses_finds_them_by_their_comment(nft_node):
