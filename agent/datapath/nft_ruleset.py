@@ -12,8 +12,7 @@ Node namespace (the agent's own):
         IPv4 TCP, iifname . saddr in port_l3mac -> ether daddr := that MAC,
                                  pkttype host, mark |= 0x800, accept      [bridge_lift_out]
                                  (bound and lifted: the one lookup of the common frame)
-        IPv4, iifname . saddr bound  -> goto lift: a pod's own address, not TCP
-        IPv4 from a pod port         -> drop: a source not its own      [out_drop_spoofed_source]
+        IPv4 from a pod port         -> goto from_pod
         IPv4 with an enrolled source -> drop: not from its port         [in_drop_spoofed_source]
         IPv4 TCP, daddr in pod_l3mac -> as in lift                        [bridge_lift_in]
         IPv4                         -> accept
@@ -23,14 +22,19 @@ Node namespace (the agent's own):
         ARP                          -> accept
         from a pod port: not IPv6 (a VLAN tag, another protocol) -> drop [out_drop_not_ip]
         from a pod port: IPv6 TCP    -> mark 0x400 (ip6 forward drops it)
+      chain from_pod
+        iifname . saddr bound        -> goto lift: a pod's own address, not TCP
+                                     -> drop: a source not its own      [out_drop_spoofed_source]
       chain lift                    (a bound pair only)
         ip saddr in pod_l3mac  -> the same as the first rule              [bridge_lift_out]
                                   (a pod enrolled before port_l3mac existed)
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
-      chain forward / output  (filter, priority 0: frames switched or sent to a port)
+      chain output  (filter, priority 0: frames the node sends to a port)
         IPv4, oifname . daddr bound  -> accept: to the address's own port (one lookup)
         IPv4 to a pod port for another pod's address -> drop           [in_drop_misdelivered]
-        forward only: IPv6 TCP from / to a pod port  -> drop           [out/in_drop_ipv6_tcp]
+      chain forward  (filter, priority 0: frames switched to a port)
+        IPv4 to a pod port           -> goto to_pod (the same two checks as output)
+        IPv6 TCP from / to a pod port -> drop                          [out/in_drop_ipv6_tcp]
     table ip ambit                  every pod: mark its TCP for the route to the proxy
       set pods  { pod IPv4 }   set pod_links { host veth name }
       set pod_sources { host veth name . pod IPv4 }
@@ -289,6 +293,8 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         *_base_chain("bridge", "forward", "forward", FILTER_PRIORITY),
         *_base_chain("bridge", "output", "output", FILTER_PRIORITY),
         *_chain("bridge", "lift"),
+        *_chain("bridge", "from_pod"),
+        *_chain("bridge", "to_pod"),
         {"add": {"table": {"family": "ip", "name": TABLE}}},
         _set("ip", NODE_POD_SET, "ipv4_addr"),
         _set("ip", LINK_SET, "ifname"),
@@ -388,9 +394,12 @@ def _bridge_binding_rules() -> list[Command]:
         # own port: bound and lifted by one lookup (a pair missing from the
         # map makes the rule not match, so the rules below see it).
         _lift("prerouting", "out", _concat(_meta("iifname"), source), f"@{PORT_LIFT_MAP}", ipv4),
-        _rule("bridge", "prerouting", ipv4, _match(_concat(_meta("iifname"), source), f"@{PORT_SOURCE_SET}"),
+        # From a pod port (one lookup for every other frame): a bound pair
+        # goes to lift, anything else is dropped.
+        _rule("bridge", "prerouting", ipv4, from_pod, {"goto": {"target": "from_pod"}}),
+        _rule("bridge", "from_pod", _match(_concat(_meta("iifname"), source), f"@{PORT_SOURCE_SET}"),
               {"goto": {"target": "lift"}}),
-        _rule("bridge", "prerouting", ipv4, from_pod, *_drop("out_drop_spoofed_source")),
+        _rule("bridge", "from_pod", *_drop("out_drop_spoofed_source")),
         _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
         # Past both drops: not from a pod port, no enrolled source, so only
         # a lift in can match (TCP to an enrolled pod, e.g. from a pod
@@ -412,13 +421,19 @@ def _bridge_binding_rules() -> list[Command]:
         _rule("bridge", "prerouting", ipv6, tcp, from_pod, _set_mark(_OR_POD_PORT)),
     ]
     destination = _payload("ip", "daddr")
-    for chain in ("forward", "output"):
-        cmds += [
-            _rule("bridge", chain, ipv4, _match(_concat(_meta("oifname"), destination), f"@{PORT_SOURCE_SET}"),
-                  {"accept": None}),
-            _rule("bridge", chain, ipv4, _match(_meta("oifname"), f"@{PORT_SET}"), _match(destination, f"@{ADDRESS_SET}"),
-                  *_drop("in_drop_misdelivered")),
-        ]
+    to_own_port = _match(_concat(_meta("oifname"), destination), f"@{PORT_SOURCE_SET}")
+    to_pod = _match(_meta("oifname"), f"@{PORT_SET}")
+    cmds += [
+        # What the node sends a pod (the proxy's traffic to its destination):
+        # the bound pair first, the one lookup of the common frame.
+        _rule("bridge", "output", ipv4, to_own_port, {"accept": None}),
+        _rule("bridge", "output", ipv4, to_pod, _match(destination, f"@{ADDRESS_SET}"), *_drop("in_drop_misdelivered")),
+        # Switched frames (not lifted: outside the mesh, or not TCP): the
+        # port first, one lookup for a frame to a port outside the mesh.
+        _rule("bridge", "forward", ipv4, to_pod, {"goto": {"target": "to_pod"}}),
+        _rule("bridge", "to_pod", to_own_port, {"accept": None}),
+        _rule("bridge", "to_pod", _match(destination, f"@{ADDRESS_SET}"), *_drop("in_drop_misdelivered")),
+    ]
     return cmds + [
         _rule("bridge", "forward", ipv6, tcp, from_pod, *_drop("out_drop_ipv6_tcp")),
         _rule("bridge", "forward", ipv6, tcp, _match(_meta("oifname"), f"@{PORT_SET}"), *_drop("in_drop_ipv6_tcp")),

@@ -155,8 +155,8 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
     bridge = chain("bridge", "prerouting")
-    assert _counted(bridge) == ["bridge_lift_out", "out_drop_spoofed_source", "in_drop_spoofed_source",
-                                "bridge_lift_in", "out_drop_spoofed_arp", "in_drop_spoofed_arp", "out_drop_not_ip"]
+    assert _counted(bridge) == ["bridge_lift_out", "in_drop_spoofed_source", "bridge_lift_in", "out_drop_spoofed_arp",
+                                "in_drop_spoofed_arp", "out_drop_not_ip"]
     assert _counted(chain("bridge", "lift")) == ["bridge_lift_out", "bridge_lift_in"]
     # The first rule binds and lifts at once: TCP whose `iifname . saddr`
     # pair is in port_l3mac (bound pairs only). A miss does not match it.
@@ -164,15 +164,20 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
                                                                                          "field": "saddr"}}]},
                                     f"@{rs.PORT_LIFT_MAP}")
     assert _verdict_of(bridge[0]) == {"accept": None}
-    # Only a bound `iifname . saddr` pair enters lift (its frames the first
-    # rule did not lift: not TCP, or a pair missing from port_l3mac), so
-    # lift's lift out (which marks) sees bound sources only. Past both IPv4
-    # drops only a lift in (unmarked) is left, then IPv4 is accepted.
-    lifts = [i for i, r in enumerate(bridge) if _verdict_of(r) == {"goto": {"target": "lift"}}]
-    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["prerouting"]
-    assert _bound_pair(bridge[lifts[0]], "iifname", rs.PORT_SOURCE_SET) and lifts == [1]
-    ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]
-                  or {"counter": "out_drop_spoofed_source"} in r["expr"]]
+    # IPv4 from a pod port goes to from_pod: there only a bound
+    # `iifname . saddr` pair enters lift (its frames the first rule did not
+    # lift: not TCP, or a pair missing from port_l3mac), anything else is
+    # dropped. So lift's lift out (which marks) sees bound sources only.
+    # Past the enrolled-source drop only a lift in (unmarked) is left.
+    assert [r["chain"] for r in node if {"goto": {"target": "from_pod"}} in r["expr"]] == ["prerouting"]
+    assert bridge[1]["expr"][1] == {"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                              "right": f"@{rs.PORT_SET}"}}
+    assert _verdict_of(bridge[1]) == {"goto": {"target": "from_pod"}}
+    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["from_pod"]
+    from_pod = chain("bridge", "from_pod")
+    assert _bound_pair(from_pod[0], "iifname", rs.PORT_SOURCE_SET) and _verdict_of(from_pod[0]) == {"goto": {"target": "lift"}}
+    assert from_pod[1]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(from_pod) == 2
+    ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]]
     lift_in = next(i for i, r in enumerate(bridge) if {"counter": "bridge_lift_in"} in r["expr"])
     assert lift_in > max(ipv4_drops) and not _sets_mark(bridge[lift_in], constants.MARK_LIFTED)
     assert _lifts_by(bridge[lift_in]) == ({"payload": {"protocol": "ip", "field": "daddr"}}, f"@{rs.BRIDGE_POD_MAP}")
@@ -184,11 +189,15 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     arp_drops = [i for i, r in enumerate(bridge) if any("arp" in str(e.get("counter", "")) for e in r["expr"])]
     assert _bound_pair(bridge[accepts[0]], "iifname", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
     assert accepts[1] > max(arp_drops) and len(accepts) == 2
-    # Forward and output: only a bound `oif . daddr` pair is accepted before the drop.
-    for name in ("forward", "output"):
+    # Output, and forward's to_pod (IPv4 to a pod port): only a bound
+    # `oifname . daddr` pair is accepted before the drop.
+    assert chain("bridge", "forward")[0]["expr"][1] == {"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                                                                  "right": f"@{rs.PORT_SET}"}}
+    assert _verdict_of(chain("bridge", "forward")[0]) == {"goto": {"target": "to_pod"}}
+    for name in ("to_pod", "output"):
         rules = chain("bridge", name)
         assert _bound_pair(rules[0], "oifname", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
-        assert "in_drop_misdelivered" in _counted(rules)
+        assert _counted(rules) == ["in_drop_misdelivered"] and len(rules) == 2
     # ip: outbound and inbound are reached from classify, and outbound also
     # from prerouting for a frame the bridge lifted out of a bound port
     # (MARK_LIFTED, right after the proxy's bypass); classify from a bridge
