@@ -58,6 +58,13 @@ def _libc_setns() -> Callable[[int, int], int]:
     return setns
 
 
+def _setns(fd: int, what: str) -> None:
+    """setns(fd, CLONE_NEWNET) for the calling thread; OSError naming `what` on failure."""
+    if _libc_setns()(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({what}, CLONE_NEWNET): {os.strerror(err)}")
+
+
 def enter_netns(path: str) -> None:
     """Move the *calling thread* into the network namespace at `path`.
 
@@ -66,9 +73,7 @@ def enter_netns(path: str) -> None:
     """
     fd = os.open(netns_path(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc_setns()(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}, CLONE_NEWNET): {os.strerror(err)}")
+        _setns(fd, path)
     finally:
         os.close(fd)
 
@@ -213,6 +218,7 @@ class NetnsSocketPool:
         self._batch = batch
         self._ready: list[socket.socket] = []
         self._closed = False
+        self._target_path = thread.path
         self._target = os.open(thread.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -225,10 +231,7 @@ class NetnsSocketPool:
         if threading.get_ident() != self._home_thread:
             raise RuntimeError("NetnsSocketPool is used from the thread that made it only")
         made: list[socket.socket] = []
-        setns = _libc_setns()
-        if setns(self._target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns(proxy namespace): {os.strerror(err)}")
+        _setns(self._target, self._target_path)
         try:
             for _ in range(count):
                 made.append(socket.socket(self._family, self._type))
@@ -236,7 +239,9 @@ class NetnsSocketPool:
             if not made:  # out of descriptors: report it to the caller
                 raise
         finally:
-            if setns(self._home, CLONE_NEWNET) != 0:
+            try:
+                _setns(self._home, "the thread's own namespace")
+            except OSError:
                 os.abort()  # stuck in the other namespace: nothing this thread does next would be right
         return made
 
