@@ -1,6 +1,8 @@
 """When TlsStream sends: a lone message leaves at once, a busy loop round's
 writes leave together in one send (real TLS 1.3 over a socket pair, sends
-counted at the socket)."""
+counted at the socket). The stream's clock is the test's: whether two
+writes are a burst depends on the time between them, not on this machine's
+speed."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +16,7 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import client_context, server_context
+from ambit.agent.proxy import tls_stream
 from ambit.agent.proxy.tls_stream import TlsStream
 
 TD = "cluster.local"
@@ -61,6 +64,27 @@ class Collect:
         pass
 
 
+class Clock:
+    """tls_stream's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 10**12
+
+    def __call__(self) -> int:
+        return self.now
+
+    def later(self) -> None:
+        """Much more than a burst's window from now."""
+        self.now += 1_000_000_000
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(tls_stream, "_monotonic_ns", fake)
+    return fake
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> CertificateStore:
     return CertificateStore(LocalCA.create(TD), tmp_path / "certs")
@@ -97,7 +121,7 @@ async def _until_received(collect: Collect, expected: bytes) -> None:
         raise AssertionError(f"peer received {bytes(collect.received)!r}, expected {expected!r}") from None
 
 
-def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: CertificateStore) -> None:
+def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: CertificateStore, clock: Clock) -> None:
     async def scenario() -> None:
         client, sock, collect = await _pair(store)
         await _next_round()
@@ -109,8 +133,9 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
         await _next_round()
         await _until_received(collect, b"ping")
 
-        # A busy round (three writes): the first left at once, the other two
-        # together at the round's end.
+        # A busy round (three writes, a burst): the first left at once, the
+        # other two together at the round's end.
+        clock.later()
         sock.sends = 0
         client.write(b"a")
         client.write(b"b")
@@ -135,6 +160,7 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
         client.write(b"g")
         await _next_round()
         assert sock.sends == 1
+        clock.later()
         client.write(b"h")
         assert sock.sends == 2, "a connection that went quiet still deferred its writes"
         await _next_round()
@@ -144,7 +170,29 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
     asyncio.run(scenario())
 
 
-def test_much_pending_is_sent_without_waiting_for_the_round(store: CertificateStore) -> None:
+def test_writes_further_apart_than_a_burst_leave_at_once_even_in_one_round(store: CertificateStore, clock: Clock) -> None:
+    """A conversation's messages: each is sent when written and books no
+    round's end, so the next one is not held back either."""
+
+    async def scenario() -> None:
+        client, sock, collect = await _pair(store)
+        await _next_round()
+        sock.sends = 0
+        client.write(b"x")
+        clock.now += tls_stream._BURST_NS
+        client.write(b"y")
+        assert sock.sends == 2, "a write a burst's window after the last one waited for the round's end"
+        await _next_round()
+        clock.now += tls_stream._BURST_NS
+        client.write(b"z")
+        assert sock.sends == 3, "writes apart from each other made the connection busy"
+        await _until_received(collect, b"xyz")
+        client.abort()
+
+    asyncio.run(scenario())
+
+
+def test_much_pending_is_sent_without_waiting_for_the_round(store: CertificateStore, clock: Clock) -> None:
     async def scenario() -> None:
         client, sock, collect = await _pair(store)
         await _next_round()
