@@ -192,16 +192,19 @@ class HboneConnection(asyncio.BufferedProtocol):
     # --- output -----------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write whatever the core has queued (TLS encrypts it at once)."""
+        """Write whatever the core has queued (TLS encrypts it at once). With
+        nothing queued there is nothing to account: an acknowledgement is
+        queued output, and only a write grows the transport's queue."""
         segments = self.core.data_to_send_segments()
+        if not segments:
+            return
         transport = self._transport
         if transport is None or self._lost:
             return
-        if segments:
-            if len(segments) == 1:
-                transport.write(segments[0])
-            else:
-                transport.writelines(segments)
+        if len(segments) == 1:
+            transport.write(segments[0])
+        else:
+            transport.writelines(segments)
         if self.core.queued_control_replies:
             self._mark_control_replies(transport)
         if self.write_paused and not self.reading_paused:
