@@ -43,6 +43,8 @@ from ..discovery.waypoints import WaypointChoice, WaypointResolver
 from ..identity.spiffe import SpiffeId
 from ..policy.authz import UNKNOWN_DESTINATION, UNKNOWN_SOURCE
 
+MAX_CACHED_IDENTITIES = 4096  # SPIFFE IDs kept per (namespace, service account); emptied when full
+
 
 class Route(enum.Enum):
     LOCAL = "local"              # same node: policy in-process, plain TCP
@@ -93,9 +95,22 @@ class OutboundRouter:
         self.attributor = attributor or Attributor(state, node_name)
         self._spread = EvenSpread()
         self.waypoints = WaypointResolver(state)
+        self._identities: dict[tuple[str, str], SpiffeId] = {}
 
     def identity(self, pod: PodInfo) -> SpiffeId:
-        return self.state.identity(pod, self.trust_domain)
+        """The pod's SPIFFE ID, made once per (namespace, service account): a
+        SpiffeId checks its three parts (three regular expressions) when it is
+        made, and a connection asks for two (the source's and the destination's,
+        or the destination agent's own). It is a function of those two fields and
+        the trust domain alone, so nothing invalidates it."""
+        key = (pod.namespace, pod.service_account)
+        identity = self._identities.get(key)
+        if identity is None:
+            identity = self.state.identity(pod, self.trust_domain)
+            if len(self._identities) >= MAX_CACHED_IDENTITIES:
+                self._identities.clear()
+            self._identities[key] = identity
+        return identity
 
     def plan_for(self, client_ip: str, dst_ip: str, dst_port: int, dry_run: bool = False) -> OutboundPlan:
         """The plan for a captured connection from `client_ip`, speaking for

@@ -162,3 +162,31 @@ def test_a_service_spreads_evenly_and_a_dry_run_does_not_move_the_spread(router)
     picked = [router.plan_for(CLIENT, VIP_BOTH, 80).dst_ip for _ in range(4)]
     assert picked[0] == first.dst_ip and sorted(picked) == sorted([WEB0, WEB1] * 2)
     assert {router.plan_for(CLIENT, VIP_BOTH, 80).route for _ in range(2)} == {Route.LOCAL, Route.HBONE}
+
+
+def test_identities_are_made_once_per_service_account_and_follow_a_changed_one(monkeypatch):
+    """The router keeps each SPIFFE ID it made (per namespace and service
+    account, bounded): a pod whose service account changes gets the new one, a
+    full cache starts again, and a name SpiffeId refuses is refused every time."""
+    from ambit.agent.discovery.model import PodInfo
+    from ambit.agent.proxy import routing
+
+    state = ClusterState()
+    router = OutboundRouter(state, NODE, TD)
+    made = []
+    real = ClusterState.identity
+    monkeypatch.setattr(ClusterState, "identity", staticmethod(lambda pod, td: made.append(pod) or real(pod, td)))
+    web = PodInfo("shop", "web-0", service_account="web")
+    first = router.identity(web)
+    assert first == WEB and router.identity(PodInfo("shop", "web-1", service_account="web")) is first
+    assert len(made) == 1
+    assert router.identity(PodInfo("shop", "web-0", service_account="")) == SpiffeId(TD, "shop", "default")
+    assert router.identity(PodInfo("shop", "web-0", service_account="api")) == SpiffeId(TD, "shop", "api")
+    assert router.identity(PodInfo("other", "web-0", service_account="web")) == SpiffeId(TD, "other", "web")
+    assert len(made) == 4
+    monkeypatch.setattr(routing, "MAX_CACHED_IDENTITIES", 4)
+    router.identity(PodInfo("shop", "x", service_account="five"))  # full: emptied, then kept
+    assert router.identity(web) == WEB and len(made) == 6
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            router.identity(PodInfo("shop", "bad", service_account="no/slash"))
