@@ -6,6 +6,7 @@ and the behaviour, side by side with h2's class, on the paths it copies."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import inspect
 
 import h2.config
@@ -124,3 +125,30 @@ def test_no_repr_of_a_received_frame() -> None:
     conn.receive_data(wire)
     conn._frame_dispatch_table[Loud] = conn._frame_dispatch_table[DataFrame]  # the frame's class is the key
     assert _kinds(conn.receive_frame(Loud(1, flags=("END_STREAM",)))) == ["DataReceived", "StreamEnded"]
+
+
+def test_hpack_and_h2_debug_lines_are_dropped_without_a_python_call(caplog) -> None:
+    """hpack's module logger and our h2 connections' logger are SilentLogger:
+    nothing reaches a handler even with the stdlib logger at DEBUG, HPACK still
+    round-trips, and the no-op takes whatever h2 and hpack pass it."""
+    import hpack
+    import hpack.hpack
+
+    from ambit.agent.proxy.hbone.h2_connection import SilentLogger
+    from ambit.agent.proxy.hbone.client import HboneClientConnection
+    from ambit.agent.proxy.hbone.settings import HboneSettings
+
+    assert isinstance(hpack.hpack.log, SilentLogger)
+    assert type(SilentLogger.debug).__name__ == "builtin_function_or_method"  # no Python frame per call
+    assert SilentLogger().debug("Process input %s", 1, extra={"x": 2}) == ""
+    assert SilentLogger().trace("Received frame: %s", "{0} {}") == ""
+    with caplog.at_level(logging.DEBUG):
+        headers = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.5:8080"), (b"forwarded", b'for="10.0.0.2"')]
+        block = hpack.Encoder().encode(headers)
+        assert [(bytes(n), bytes(v)) for n, v in hpack.Decoder().decode(block, raw=True)] == headers
+        client = HboneClientConnection(HboneSettings())
+        client.initiate_connection()
+        client.open_stream("10.0.0.5:8080")
+        assert client.data_to_send()
+    assert isinstance(client._h2.config.logger, SilentLogger)
+    assert not [r for r in caplog.records if r.name.startswith(("hpack", "h2"))]

@@ -60,7 +60,7 @@ from .frames import (
     goaway_frame,
 )
 from .buffers import mapped_buffer
-from .h2_connection import QuietH2Connection
+from .h2_connection import QuietH2Connection, SilentLogger
 from .h2_events import _H2EventHandling
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
@@ -126,6 +126,7 @@ class _HboneConnection(_H2EventHandling):
                 # per 200 (an eighth of send_headers), on every connection.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
+                logger=SilentLogger(),  # h2's debug calls, a C no-op (h2_connection.py)
             )
         )
         local: dict[h2.settings.SettingCodes | int, int] = {

@@ -15,14 +15,36 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    connection._feed_h2_data) goes to the dispatch without being serialized and
    parsed again through h2's FrameBuffer (~2.4 us each); errors are handled as
    `receive_data` handles them for one frame.
+
+And the debug lines of both libraries, which nobody reads, cost no Python
+call: h2 calls its logger's `debug` ~9 times per tunnel and side (its
+DummyLogger's no-op is a Python function), hpack ~11 times per tunnel and side
+(`logging.Logger.debug`, then `isEnabledFor`: two Python calls each, for a
+stdlib logger the agent never configures below WARNING). `SilentLogger` is
+h2's logger (connection.py passes it) and hpack's module logger (set when this
+module is imported); its methods are a C no-op.
 """
 from __future__ import annotations
 
 import h2.connection
 import h2.events
+import hpack.hpack
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import Frame, RstStreamFrame
 from h2.errors import ErrorCodes
+
+
+class SilentLogger:
+    """A logger whose `debug` and `trace` drop their arguments in C (str.format
+    of an empty string takes any arguments and returns "")."""
+
+    __slots__ = ()
+    debug = trace = "".format
+
+
+# hpack logs through its module's `log` (debug only); the agent's JSON logs
+# never carried those lines (the stdlib root logger stays at WARNING).
+hpack.hpack.log = SilentLogger()  # type: ignore[assignment]
 
 
 class QuietH2Connection(h2.connection.H2Connection):
