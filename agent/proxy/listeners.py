@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -126,6 +127,20 @@ def listening_socket_setup(address: SocketAddress, backlog: int) -> Callable[[so
     return setup
 
 
+def _accepted_socket(family: int, fd: int) -> socket.socket:
+    """The socket object for a descriptor accept(2) returned: what
+    socket.accept() makes, without its wrapper's per-call work (the listener's
+    family and type read through their IntEnum conversions, two Python calls
+    each, and the default-timeout check that never applies to a non-blocking
+    listener): the listener's family is read once, at start. Closes `fd` if
+    no socket can be made of it."""
+    try:
+        return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class TransparentListener:
     """One transparent listening socket plus its accept loop.
 
@@ -155,6 +170,7 @@ class TransparentListener:
         self._backlog = backlog
         self._clock = clock
         self._sock: socket.socket | None = None
+        self._family = socket.AF_INET  # the listening socket's, set by start()
         self._bound: SocketAddress | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Each running handler and the socket it serves; the socket is closed
@@ -203,6 +219,7 @@ class TransparentListener:
             else:
                 sock = await self._netns.new_socket_async(family, socket.SOCK_STREAM, 0, setup)
         self._sock = sock
+        self._family = sock.family
         self._bound = SocketAddress.from_sockaddr(sock.getsockname())
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._accept_ready)
@@ -268,16 +285,17 @@ class TransparentListener:
         and the error that stopped it (None when the queue ran empty or the
         limit was reached)."""
         taken = 0
+        family = self._family
         for _ in range(limit):
             try:
-                conn_sock, peer = sock.accept()
+                fd, peer = sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
                 return taken, exc
-            self._dispatch(conn_sock, peer)
+            self._dispatch(_accepted_socket(family, fd), peer)
             taken += 1
         return taken, None
 
