@@ -16,14 +16,16 @@ with only what HBONE needs:
   round's end instead of one each: under many short connections a send
   per write was half of an agent's CPU (the kernel's send path, the
   receiver's included). When it is not (one message at a time, a
-  conversation), a write is sent at once: deferring it would add a loop
-  round to every small message's trip (bench/hbone.py RTT +8%). Only a
-  quiet write that comes within `_BURST_NS` of the last one may be the
-  start of a busy round: it waits for the round's end, which is booked to
-  count the round's writes. A write further apart books nothing: the
-  booking (a loop handle and two Python calls) was ~4.5% of an agent's
-  instructions per round trip of a conversation (callgrind). More than
-  `high_water` pending is sent at once.
+  conversation), a round's first write is sent at once: deferring it would
+  add a loop round to every small message's trip (bench/hbone.py RTT +8%),
+  and the later writes of that round still wait for its end. Counting a
+  round's writes books its end (a loop handle and two Python calls per
+  write, ~4.5% of an agent's instructions per round trip of a
+  conversation, callgrind), so the protocol says when a burst is possible
+  (`expect_bursts()`; not while an HBONE connection carries one tunnel
+  whose messages are a conversation); when it is not, a quiet connection's
+  write is sent at once and books nothing. More
+  than `high_water` pending is sent at once.
   What the socket does not take waits in one buffer; the protocol is told to pause producing above
   `high_water` and to resume below `low_water` (like asyncio's
   pause_writing/resume_writing);
@@ -45,7 +47,6 @@ import asyncio
 import collections
 import socket
 import ssl
-import time
 from typing import Any, Protocol
 
 __all__ = ["StreamProtocol", "TlsStream"]
@@ -54,12 +55,6 @@ _READ_SIZE = 256 * 1024
 _HIGH_WATER = 1024 * 1024
 _LOW_WATER = 256 * 1024
 _CLOSE_TIMEOUT_S = 5.0
-# A quiet connection's write sooner than this after its last one may share
-# that one's loop round (a burst): only then is the round's end booked. A
-# conversation's messages through two agents are a round trip apart (~300 us
-# on the lab's veths); a busy round's writes are a callback's work apart.
-_BURST_NS = 100_000
-_monotonic_ns = time.monotonic_ns
 
 
 class StreamProtocol(Protocol):
@@ -121,7 +116,7 @@ class TlsStream:
         self._send_scheduled = False  # a send at the end of this loop round is booked
         self._round_writes = 0  # writes since it was booked
         self._coalescing = False  # the last round was busy: this round's first write waits too
-        self._last_quiet_send = 0  # monotonic ns of the last write sent at once while quiet
+        self._may_burst = True  # the protocol's hint: several writes may come in one loop round
         self._extra: dict[str, Any] = {"socket": sock, "ssl_object": self._ssl}
         try:
             self._extra["peername"] = sock.getpeername()
@@ -311,25 +306,33 @@ class TlsStream:
         self._send_soon()
 
     def _send_soon(self) -> None:
-        """Send now (a quiet connection's write that starts no burst, or much
-        pending) or at the end of this loop round (module doc)."""
+        """Send at the end of this loop round, or now: the round's first write
+        when the connection is not busy, or when much is pending (module doc)."""
         if self._send_scheduled:
             self._round_writes += 1
-        elif self._coalescing:
+        elif not self._coalescing and not self._may_burst:
+            self._send_outgoing()  # a conversation: no round to count
+            return
+        else:
             self._send_scheduled = True
             self._round_writes = 1
             self._loop.call_soon(self._send_booked)
-        else:
-            now = _monotonic_ns()
-            if now - self._last_quiet_send >= _BURST_NS:
-                self._last_quiet_send = now
+            if not self._coalescing:
                 self._send_outgoing()
                 return
-            self._send_scheduled = True  # a burst: this write waits for the round's end with any others
-            self._round_writes = 2  # the one sent at once counts
-            self._loop.call_soon(self._send_booked)
         if self._outgoing.pending >= self._high_water:
             self._send_outgoing()
+
+    def expect_bursts(self, possible: bool) -> None:
+        """The protocol's hint: whether several writes may come in one loop
+        round (module doc). When they become possible, this round is counted
+        from now as if a write had gone out already, so a second write in it
+        waits for the round's end with the rest instead of being sent alone."""
+        if possible and not self._may_burst and not self._send_scheduled and not self._closed:
+            self._send_scheduled = True
+            self._round_writes = 1
+            self._loop.call_soon(self._send_booked)
+        self._may_burst = possible
 
     def _send_booked(self) -> None:
         """The round's end: what it wrote goes out together, and whether it was

@@ -1,8 +1,6 @@
 """When TlsStream sends: a lone message leaves at once, a busy loop round's
 writes leave together in one send (real TLS 1.3 over a socket pair, sends
-counted at the socket). The stream's clock is the test's: whether two
-writes are a burst depends on the time between them, not on this machine's
-speed."""
+counted at the socket)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +14,6 @@ from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.identity.tls import client_context, server_context
-from ambit.agent.proxy import tls_stream
 from ambit.agent.proxy.tls_stream import TlsStream
 
 TD = "cluster.local"
@@ -64,27 +61,6 @@ class Collect:
         pass
 
 
-class Clock:
-    """tls_stream's monotonic clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 10**12
-
-    def __call__(self) -> int:
-        return self.now
-
-    def later(self) -> None:
-        """Much more than a burst's window from now."""
-        self.now += 1_000_000_000
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(tls_stream, "_monotonic_ns", fake)
-    return fake
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> CertificateStore:
     return CertificateStore(LocalCA.create(TD), tmp_path / "certs")
@@ -121,7 +97,7 @@ async def _until_received(collect: Collect, expected: bytes) -> None:
         raise AssertionError(f"peer received {bytes(collect.received)!r}, expected {expected!r}") from None
 
 
-def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: CertificateStore, clock: Clock) -> None:
+def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: CertificateStore) -> None:
     async def scenario() -> None:
         client, sock, collect = await _pair(store)
         await _next_round()
@@ -133,9 +109,8 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
         await _next_round()
         await _until_received(collect, b"ping")
 
-        # A busy round (three writes, a burst): the first left at once, the
-        # other two together at the round's end.
-        clock.later()
+        # A busy round (three writes): the first left at once, the other two
+        # together at the round's end.
         sock.sends = 0
         client.write(b"a")
         client.write(b"b")
@@ -160,7 +135,6 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
         client.write(b"g")
         await _next_round()
         assert sock.sends == 1
-        clock.later()
         client.write(b"h")
         assert sock.sends == 2, "a connection that went quiet still deferred its writes"
         await _next_round()
@@ -170,29 +144,50 @@ def test_a_lone_write_is_sent_at_once_and_a_busy_rounds_writes_together(store: C
     asyncio.run(scenario())
 
 
-def test_writes_further_apart_than_a_burst_leave_at_once_even_in_one_round(store: CertificateStore, clock: Clock) -> None:
-    """A conversation's messages: each is sent when written and books no
-    round's end, so the next one is not held back either."""
+def test_without_a_burst_hint_a_quiet_connections_writes_each_leave_at_once(store: CertificateStore) -> None:
+    """expect_bursts(False) (an HBONE connection with one tunnel): a quiet
+    connection's writes are sent as they come and book no round's end, so
+    they never make it busy; a busy one still gathers until a quiet round."""
 
     async def scenario() -> None:
         client, sock, collect = await _pair(store)
         await _next_round()
+        client.expect_bursts(False)
         sock.sends = 0
-        client.write(b"x")
-        clock.now += tls_stream._BURST_NS
-        client.write(b"y")
-        assert sock.sends == 2, "a write a burst's window after the last one waited for the round's end"
+        client.write(b"a")
+        client.write(b"b")
+        assert sock.sends == 2, "a write waited for the round's end without a burst hint"
         await _next_round()
-        clock.now += tls_stream._BURST_NS
-        client.write(b"z")
-        assert sock.sends == 3, "writes apart from each other made the connection busy"
-        await _until_received(collect, b"xyz")
+        client.write(b"c")
+        assert sock.sends == 3, "writes without a burst hint made the connection busy"
+        await _until_received(collect, b"abc")
+
+        # The hint comes (a second tunnel) in a round that may have sent
+        # already: the round's writes from then on wait for its end together.
+        client.expect_bursts(True)
+        client.write(b"d")
+        client.write(b"e")
+        assert sock.sends == 3, "a write after the hint came went out alone"
+        await _next_round()
+        assert sock.sends == 4, "the round's writes did not leave in one send"
+
+        # Busy, then the hint goes: the next round still gathers, and a quiet
+        # round ends it.
+        client.expect_bursts(False)
+        sock.sends = 0
+        client.write(b"f")
+        assert sock.sends == 0, "a busy connection stopped gathering when the hint went"
+        await _next_round()
+        assert sock.sends == 1
+        client.write(b"g")
+        assert sock.sends == 2, "a connection that went quiet still deferred its writes"
+        await _until_received(collect, b"abcdefg")
         client.abort()
 
     asyncio.run(scenario())
 
 
-def test_much_pending_is_sent_without_waiting_for_the_round(store: CertificateStore, clock: Clock) -> None:
+def test_much_pending_is_sent_without_waiting_for_the_round(store: CertificateStore) -> None:
     async def scenario() -> None:
         client, sock, collect = await _pair(store)
         await _next_round()

@@ -73,6 +73,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self.tunnels: dict[int, Tunnel] = {}
         self.blocked: set[Tunnel] = set()  # tunnels waiting for a window
+        self._bursts_possible = True  # what _hint_bursts last told the transport (its default)
         self.touched: list[Tunnel] = []  # tunnels with DATA batched in this receive round
         self.write_paused = False
         self.reading_paused = False  # our write queue is past settings.max_write_queue
@@ -368,6 +369,8 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def _add_tunnel(self, tunnel: Tunnel) -> None:
         self.tunnels[tunnel.stream_id] = tunnel
+        if not self._bursts_possible:
+            self._hint_bursts(True)  # a second tunnel, or a new one that is no conversation yet
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -375,12 +378,30 @@ class HboneConnection(asyncio.BufferedProtocol):
     def _tunnel_finished(self, tunnel: Tunnel) -> None:
         if self.tunnels.get(tunnel.stream_id) is tunnel:
             del self.tunnels[tunnel.stream_id]
+            if len(self.tunnels) == 1 and self._bursts_possible and next(iter(self.tunnels.values())).is_conversation:
+                self._hint_bursts(False)
         self.blocked.discard(tunnel)
         if not self.tunnels and not self._lost and not self._closing:
             if self.core.going_away:
                 self.close("drained")
             else:
                 self._on_no_tunnels()
+
+    def _conversation_began(self) -> None:
+        """A tunnel's messages have turned out to be a conversation."""
+        if len(self.tunnels) == 1 and self._bursts_possible:
+            self._hint_bursts(False)
+
+    def _hint_bursts(self, possible: bool) -> None:
+        """Tell a TlsStream whether writes may come several per loop round. They
+        cannot while the connection carries one tunnel whose messages are a
+        conversation (one at a time, Tunnel.is_conversation): its writes need
+        no round-end booking (tls_stream). Any other time they may: a second
+        tunnel, or short exchanges opening and closing (bench/connrate.py)."""
+        self._bursts_possible = possible
+        expect_bursts = getattr(self._transport, "expect_bursts", None)
+        if expect_bursts is not None:
+            expect_bursts(possible)
 
     def _on_no_tunnels(self) -> None:
         self._arm_idle()

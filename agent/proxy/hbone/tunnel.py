@@ -230,9 +230,18 @@ class Tunnel:
         syscall, ~1.6 us) would buy nothing."""
         self._fin_peeks -= 1
         try:
-            return self._sock.recv(1, socket.MSG_PEEK) == b""  # type: ignore[union-attr]
+            fin = self._sock.recv(1, socket.MSG_PEEK) == b""  # type: ignore[union-attr]
         except OSError:  # nothing yet (EAGAIN), or a reset the next read reports
-            return False
+            fin = False
+        if not fin and not self._fin_peeks:
+            self._conn._conversation_began()
+        return fin
+
+    @property
+    def is_conversation(self) -> bool:
+        """Its peer's FIN did not follow its first short reads: message after
+        message, one at a time (what _fin_follows stops peeking for)."""
+        return not self._fin_peeks
 
     def _on_window_opened(self) -> None:
         pending = self._pending
