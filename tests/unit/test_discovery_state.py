@@ -500,3 +500,39 @@ def test_state_for_1000_pods_and_200_policies_stays_small() -> None:
     assert state.counts()["Pod"] == 1000 and state.counts()["AuthorizationPolicy"] == 200
     print(f"state for 1000 pods + 200 policies: {used / 1e6:.1f} MB")
     assert used < 20 * 1024 * 1024, f"state uses {used / 1e6:.1f} MB"
+
+
+IPV4_SPELLINGS = ["10.1.2.3", "0.0.0.0", "255.255.255.255", "127.0.0.1", "10.01.2.3", "010.1.2.3", "1.2.3", "1.2.3.4.5",
+                  "256.1.2.3", "1.2.3.-4", " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\n", "1.2.3.4\x00", "", ".", "1..2.3",
+                  "0x1.2.3.4", "1.2.3.04", "00.1.2.3", "1.2.3.4/32", "1.2.3.4%eth0", "\u0661.2.3.4", "1.2.3.\udcff", "99999999999.1.2.3"]
+
+
+@pytest.mark.parametrize("text", IPV4_SPELLINGS)
+def test_canonical_ip_accepts_and_spells_ipv4_as_ipaddress_does(text: str) -> None:
+    """canonical_ip's C path for IPv4 (inet_pton/inet_ntop) against ipaddress:
+    the same strings refused (ValueError), the same spelling for the rest."""
+    import ipaddress
+
+    from ambit.agent.discovery.model import canonical_ip
+
+    try:
+        expected = str(ipaddress.ip_address(text))
+    except ValueError:
+        with pytest.raises(ValueError):
+            canonical_ip(text)
+        return
+    assert canonical_ip(text) == expected
+
+
+def test_canonical_ip_spells_every_kind_of_address_as_ipaddress_does() -> None:
+    import ipaddress
+    import random
+
+    from ambit.agent.discovery.model import canonical_ip
+
+    rng = random.Random(19)
+    for _ in range(2000):
+        v4 = ipaddress.IPv4Address(rng.getrandbits(32))
+        assert canonical_ip(str(v4)) == str(v4)
+    for text in ("::1", "FE80::0:1", "2001:db8:0:0:0:0:0:1", "::ffff:10.1.2.3", "::ffff:a01:203", "::"):
+        assert canonical_ip(text) == str(ipaddress.ip_address(text))
