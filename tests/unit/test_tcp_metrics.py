@@ -2,7 +2,11 @@
 what was counted, also across the cache being emptied; a deleted pod's series go."""
 from __future__ import annotations
 
+import hashlib
+import inspect
 from types import SimpleNamespace
+
+import prometheus_client
 
 from ambit.agent.discovery.model import KIND_POD
 from ambit.agent.discovery.state import EVENT_DELETED
@@ -87,3 +91,24 @@ def test_the_node_proxy_removes_a_pods_series_when_discovery_deletes_it() -> Non
     proxy._on_cluster_change(KIND_POD, EVENT_DELETED, SimpleNamespace(name="web-1", namespace="shop"), None)
     assert sample(m, "istio_tcp_connections_opened_total", gone) is None
     assert sample(m, "istio_tcp_connections_opened_total", kept) == 1
+
+
+# sha256 of inspect.getsource() of prometheus_client 0.26.0's Counter.inc.
+COUNTER_INC_SOURCE = "a974907585d081bbaf61af58d0d3d50df47836834f0a81477299e609570df5ed"
+
+
+def test_counter_inc_is_the_checks_metrics_skips_then_its_holders_inc() -> None:
+    """Metrics adds a connection's counts to each child's holder (`_value`)
+    directly; that is all Counter.inc does for a non-negative amount without an
+    exemplar. A changed prometheus_client fails here: re-check _Series."""
+    source = inspect.getsource(prometheus_client.Counter.inc)
+    assert hashlib.sha256(source.encode()).hexdigest() == COUNTER_INC_SOURCE, (
+        "prometheus_client's Counter.inc changed: re-check agent/telemetry/metrics.py's _Series")
+    m = Metrics()
+    labels = TcpLabels(reporter="source", source_workload="client", destination_workload="server")
+    m.opened(labels)
+    m.closed(labels, 3, 0)
+    m.tcp_opened.labels(*labels.values()).inc()  # prometheus_client's own path adds to the same count
+    assert sample(m, "istio_tcp_connections_opened_total", labels) == 2
+    assert sample(m, "istio_tcp_sent_bytes_total", labels) == 3
+    assert sample(m, "istio_tcp_received_bytes_total", labels) is None
