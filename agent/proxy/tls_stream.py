@@ -24,8 +24,8 @@ with only what HBONE needs:
   conversation, callgrind), so the protocol says when a burst is possible
   (`expect_bursts()`; not while an HBONE connection carries one tunnel
   whose messages are a conversation); when it is not, a quiet connection's
-  write is sent at once and books nothing. More
-  than `high_water` pending is sent at once.
+  write is sent at once and books nothing. More than `high_water` pending
+  is sent at once.
   What the socket does not take waits in one buffer; the protocol is told to pause producing above
   `high_water` and to resume below `low_water` (like asyncio's
   pause_writing/resume_writing);

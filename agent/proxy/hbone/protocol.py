@@ -378,8 +378,7 @@ class HboneConnection(asyncio.BufferedProtocol):
     def _tunnel_finished(self, tunnel: Tunnel) -> None:
         if self.tunnels.get(tunnel.stream_id) is tunnel:
             del self.tunnels[tunnel.stream_id]
-            if len(self.tunnels) == 1 and self._bursts_possible and next(iter(self.tunnels.values())).is_conversation:
-                self._hint_bursts(False)
+            self._check_lone_conversation()
         self.blocked.discard(tunnel)
         if not self.tunnels and not self._lost and not self._closing:
             if self.core.going_away:
@@ -387,9 +386,11 @@ class HboneConnection(asyncio.BufferedProtocol):
             else:
                 self._on_no_tunnels()
 
-    def _conversation_began(self) -> None:
-        """A tunnel's messages have turned out to be a conversation."""
-        if len(self.tunnels) == 1 and self._bursts_possible:
+    def _check_lone_conversation(self) -> None:
+        """No bursts while the connection carries one tunnel and that tunnel is
+        a conversation: checked when a tunnel turns out to be one and when a
+        tunnel ends."""
+        if self._bursts_possible and len(self.tunnels) == 1 and next(iter(self.tunnels.values())).is_conversation:
             self._hint_bursts(False)
 
     def _hint_bursts(self, possible: bool) -> None:

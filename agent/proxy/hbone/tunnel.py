@@ -234,7 +234,7 @@ class Tunnel:
         except OSError:  # nothing yet (EAGAIN), or a reset the next read reports
             fin = False
         if not fin and not self._fin_peeks:
-            self._conn._conversation_began()
+            self._conn._check_lone_conversation()
         return fin
 
     @property
