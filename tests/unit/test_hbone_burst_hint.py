@@ -15,18 +15,12 @@ from ambit.agent.proxy.hbone.protocol import HboneConnection
 from ambit.agent.proxy.hbone.tunnel import Tunnel
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
+from tests.support.hbone_lab import bound_socket
 
 TD = "cluster.local"
 CLIENT, SERVER = SpiffeId(TD, "shop", "cart"), SpiffeId(TD, "shop", "payments")
 CLIENT_IP, SERVER_IP = "127.0.0.1", "127.0.0.4"
 DEADLINE_S = 10.0
-
-
-def _bound(ip: str) -> socket.socket:
-    sock = socket.socket()
-    sock.bind((ip, 0))
-    sock.setblocking(False)
-    return sock
 
 
 def _hints(conn: HboneConnection, inbound: HboneInbound) -> tuple[bool, bool]:
@@ -73,10 +67,10 @@ async def _scenario(store: CertificateStore) -> None:
     upstream = await asyncio.start_server(_echo, SERVER_IP, 0)
     port = upstream.sockets[0].getsockname()[1]
     inbound = HboneInbound(store, identity_for_local_ip=lambda ip: SERVER, is_local_workload=lambda ip: True,
-                           upstream_socket_factory=lambda ip: _bound(SERVER_IP))
+                           upstream_socket_factory=lambda ip: bound_socket(SERVER_IP))
     listener = socket.create_server((SERVER_IP, 0))
     serving = loop.create_task(inbound.serve_socket(listener))
-    pool = HboneClientPool(store, _bound)
+    pool = HboneClientPool(store, bound_socket)
     key = PoolKey(CLIENT, CLIENT_IP, SERVER_IP, frozenset({SERVER}), listener.getsockname()[1])
     pods: list[socket.socket] = []
 

@@ -17,6 +17,7 @@ from ambit.agent.proxy.hbone.settings import HboneSettings
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from ambit.agent.proxy.tls_stream import TlsStream
+from tests.support.hbone_lab import bound_socket
 
 TD = "cluster.local"
 CLIENT, SERVER = SpiffeId(TD, "shop", "cart"), SpiffeId(TD, "shop", "payments")
@@ -24,13 +25,6 @@ CLIENT_IP, SERVER_IP = "127.0.0.1", "127.0.0.3"
 DEADLINE_S = 10.0
 TUNNELS = 6
 KINDS = (HboneClientProtocol, HboneServerProtocol, TlsStream)
-
-
-def _bound(ip: str) -> socket.socket:
-    sock = socket.socket()
-    sock.bind((ip, 0))
-    sock.setblocking(False)
-    return sock
 
 
 def _instances() -> dict[str, int]:
@@ -54,10 +48,10 @@ async def _scenario(store: CertificateStore) -> dict[str, int]:
     upstream = await asyncio.start_server(echo, SERVER_IP, 0)
     port = upstream.sockets[0].getsockname()[1]
     inbound = HboneInbound(store, identity_for_local_ip=lambda ip: SERVER, is_local_workload=lambda ip: True,
-                           upstream_socket_factory=lambda ip: _bound(SERVER_IP), settings=settings)
+                           upstream_socket_factory=lambda ip: bound_socket(SERVER_IP), settings=settings)
     listener = socket.create_server((SERVER_IP, 0))
     serving = loop.create_task(inbound.serve_socket(listener))
-    pool = HboneClientPool(store, _bound, settings=settings)
+    pool = HboneClientPool(store, bound_socket, settings=settings)
     key = PoolKey(CLIENT, CLIENT_IP, SERVER_IP, frozenset({SERVER}), listener.getsockname()[1])
     try:
         for _ in range(TUNNELS):
