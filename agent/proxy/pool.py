@@ -7,15 +7,33 @@ two pods never share a connection even with one service account; the
 expected identities are part of it so a connection verified for one set of
 identities is never reused for a destination expecting another.
 
-Rules (ztunnel's numbers, in HboneSettings)
-- Up to `client_streams_per_connection` (100) streams over a connection's
-  lifetime, then a new connection; the old one is closed when its last tunnel ends.
+Rules (ztunnel's, numbers in HboneSettings)
+- A connection takes new tunnels while fewer than
+  `pool_max_streams_per_connection` (100) are open on it at once. The tunnel
+  that brings it to 100 is its last: it is retired (no new tunnel, ever) and
+  closed when its last tunnel ends. Open tunnels are counted, not tunnels
+  over its life, as ztunnel counts them today (its earlier hyper-based pool
+  counted over the life): short connections made one after another share one
+  TLS connection for as long as it is in use, instead of paying a handshake
+  on both agents every 100.
+- Retired too: a connection about to run out of stream ids
+  (`pool_max_stream_id`) and one the peer sent GOAWAY on.
 - A connection without tunnels for `pool_idle_timeout_s` (5 min) is closed.
 - Concurrent openers for one key share the connection being set up (no
   thundering herd): one TCP connect, one TLS handshake.
 - The server's certificate must carry one of the expected identities; that is
   checked right after the TLS handshake, before a single HTTP/2 byte is sent,
   so a mismatch costs no CONNECT (`IdentityMismatch`).
+
+What a cap on a connection's lifetime used to give, and what gives it now:
+- Our certificate rotation: TLS authenticates once, at the handshake, so a
+  connection presents the certificate it was made with for as long as it
+  lives; with no lifetime cap that is until it idles out (as in ztunnel).
+- The upgrade hand-over: the draining agent sends GOAWAY; the connection is
+  retired at once and the next tunnel dials the new agent.
+- Load spreading: none is lost. A connection goes to one next hop, which is
+  part of the key; the endpoint of a Service is chosen per TCP connection,
+  before the pool.
 """
 from __future__ import annotations
 

@@ -389,7 +389,7 @@ def test_a_stalled_reader_closes_the_window_and_memory_stays_bounded(lab: Lab) -
 # --- pooling ----------------------------------------------------------------------------------------------
 
 
-def test_100_streams_share_a_connection_and_the_101st_opens_a_new_one(lab: Lab) -> None:
+def test_100_open_streams_share_a_connection_and_the_101st_opens_a_new_one(lab: Lab) -> None:
     async def scenario(mesh: Mesh) -> None:
         loop = asyncio.get_running_loop()
         pool = mesh.pool()
@@ -406,7 +406,7 @@ def test_100_streams_share_a_connection_and_the_101st_opens_a_new_one(lab: Lab) 
         for opened in (tunnels[0], tunnels[-1], extra):
             await loop.sock_sendall(opened.pod, b"x")
             assert await read_exactly(opened.upstream, 1) == b"x"
-        # The spent connection is retired once its last tunnel ends.
+        # The 100th open tunnel retired the first connection: closed once its last tunnel ends.
         for opened in tunnels:
             opened.pod.shutdown(socket.SHUT_WR)
             opened.upstream.shutdown(socket.SHUT_WR)

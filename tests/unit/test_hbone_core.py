@@ -67,7 +67,7 @@ def test_settings_defaults_are_ztunnels() -> None:
     assert settings.max_concurrent_streams == 200
     assert settings.max_header_list_size(client_side=True) == 16 * KiB
     assert settings.max_header_list_size(client_side=False) == 64 * KiB
-    assert settings.client_streams_per_connection == 100
+    assert settings.pool_max_streams_per_connection == 100
     # The I/O layer's: ztunnel's keep-alive, pool idle and connect timeouts.
     assert (settings.ping_interval_s, settings.ping_timeout_s) == (10.0, 20.0)
     assert (settings.pool_idle_timeout_s, settings.upstream_connect_timeout_s) == (300.0, 10.0)
@@ -87,6 +87,9 @@ def test_settings_defaults_are_ztunnels() -> None:
         {"handshake_timeout_s": 0},
         {"server_idle_timeout_s": -1},
         {"tcp_read_size": 0},
+        {"pool_max_streams_per_connection": 0},
+        {"pool_max_stream_id": 0},
+        {"pool_max_stream_id": 2**31},  # past HTTP/2's stream ids
     ],
 )
 def test_settings_reject_unsafe_values(kwargs: dict[str, Any]) -> None:
@@ -545,7 +548,60 @@ def test_many_streams_on_one_connection(link: Link) -> None:
     assert replies == {s: f"pong {s}".encode() for s in streams}
     assert {e.stream_id for e in of_type(events, StreamEnded)} == set(streams)
     assert link.client.streams_opened == 100
-    assert not link.client.can_open_stream  # the pool's per-connection budget is spent
+    assert link.client.retired and not link.client.can_open_stream  # the 100th open stream retires it
+
+
+def _end_both_ways(link: Link, stream_id: int) -> None:
+    link.client.end_stream(stream_id)
+    link.server.end_stream(stream_id)
+    link.pump()
+    link.take_client()
+    link.take_server()
+
+
+def test_streams_one_after_another_keep_one_connection_past_the_limit(link: Link) -> None:
+    # The limit counts streams open at once, not streams over the connection's life.
+    for _ in range(250):
+        assert link.client.can_open_stream
+        _end_both_ways(link, open_tunnel(link))
+    assert link.client.streams_opened == 250 and link.client.tunnel_count == 0
+    assert link.client.can_open_stream and not link.client.retired
+
+
+def test_the_stream_that_reaches_the_limit_retires_the_connection_for_good() -> None:
+    link = hbone_link(HboneSettings(pool_max_streams_per_connection=3))
+    first = open_tunnel(link)
+    _end_both_ways(link, first)  # an ended stream no longer counts
+    streams = [open_tunnel(link) for _ in range(2)]
+    assert link.client.can_open_stream  # two open: below the limit
+    streams.append(open_tunnel(link))  # the third open at once is the last
+    assert link.client.retired and not link.client.can_open_stream
+    for stream_id in streams:
+        _end_both_ways(link, stream_id)
+    assert link.client.tunnel_count == 0
+    assert link.client.retired and not link.client.can_open_stream  # never taken back
+    assert not link.client.closed  # closing is the I/O layer's, once its tunnels are gone
+
+
+def test_the_last_stream_id_under_the_bound_retires_the_connection() -> None:
+    link = hbone_link(HboneSettings(pool_max_stream_id=7))
+    opened = []
+    while link.client.can_open_stream:
+        stream_id = open_tunnel(link)
+        opened.append(stream_id)
+        _end_both_ways(link, stream_id)
+    assert opened == [1, 3, 5, 7]  # 9 would pass the bound
+    assert link.client.retired
+
+
+def test_retire_stops_new_streams_and_the_open_ones_carry_on(link: Link) -> None:
+    stream_id = open_tunnel(link)
+    link.client.retire()
+    assert not link.client.can_open_stream
+    assert link.client.send_data(stream_id, b"still") == 5
+    link.pump()
+    assert b"".join(e.data for e in of_type(link.take_server(), DataReceived)) == b"still"
+    assert link.client.data_to_send() == b""  # nothing told to the peer
 
 
 def test_streams_beyond_max_concurrent_are_refused() -> None:

@@ -38,7 +38,7 @@ def _instances() -> dict[str, int]:
 
 async def _scenario(store: CertificateStore) -> dict[str, int]:
     loop = asyncio.get_running_loop()
-    settings = HboneSettings(client_streams_per_connection=1)  # every tunnel retires its connection
+    settings = HboneSettings(pool_max_streams_per_connection=1)  # every tunnel retires its connection
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(await reader.read(100))

@@ -36,6 +36,7 @@ class HboneClientConnection(_HboneConnection):
     ) -> None:
         super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
         self._streams_opened = 0
+        self._retired = False
         # Authorities already checked, as given -> canonical: a connection carries
         # streams to few destinations, and parsing the address is most of open_stream's own work.
         self._authorities: dict[str, str] = {}
@@ -46,18 +47,32 @@ class HboneClientConnection(_HboneConnection):
         return self._streams_opened
 
     @property
+    def retired(self) -> bool:
+        """The pool puts no new stream here, ever; the open ones carry on."""
+        return self._retired
+
+    def retire(self) -> None:
+        """Take no new stream from now on (e.g. the certificate this connection
+        was made with has been replaced). Nothing is sent: the open streams
+        carry on and the I/O layer closes the connection after the last."""
+        self._retired = True
+
+    @property
     def can_open_stream(self) -> bool:
         """Whether the pool should put another tunnel on this connection.
 
-        False once closed or going away, once client_streams_per_connection streams have been
-        opened over its lifetime (ztunnel's rule; open_stream does not enforce
-        it), or while the peer's concurrent stream limit is reached.
+        False once closed, going away or retired, or while the peer's
+        concurrent stream limit is reached. open_stream retires the
+        connection when the stream it opens is the
+        pool_max_streams_per_connection-th open at once, or takes the last
+        stream id up to pool_max_stream_id (open_stream itself still opens
+        streams on a retired connection: the rule is the pool's).
         """
         return (
             self._initiated
             and not self._closed
+            and not self._retired
             and not self.going_away
-            and self._streams_opened < self._settings.client_streams_per_connection
             and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
         )
 
@@ -88,6 +103,9 @@ class HboneClientConnection(_HboneConnection):
             raise HboneProtocolError("stream ids exhausted; open a new connection") from None
         self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
         self._streams_opened += 1
+        if (len(self._tunnels) >= self._settings.pool_max_streams_per_connection
+                or stream_id + 2 > self._settings.pool_max_stream_id):
+            self._retired = True
         return stream_id
 
     def _refuse_unprocessed(self, last_stream_id: int, out: list[HboneEvent]) -> None:

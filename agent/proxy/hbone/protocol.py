@@ -548,8 +548,8 @@ class HboneClientProtocol(HboneConnection):
 
     def _on_no_tunnels(self) -> None:
         if not self.core.can_open_stream and not self.core.closed:
-            # Every stream this connection may carry has been used: retire it.
-            self.close("stream budget used")
+            # Retired (or the peer's limit reached with nothing open): nothing more will come.
+            self.close("retired")
             return
         self._arm_idle()
 

@@ -22,6 +22,7 @@ MiB: Final = 1024 * KiB
 _MIN_FRAME_SIZE: Final = 16 * KiB
 _MAX_FRAME_SIZE: Final = 2**24 - 1
 _MIN_WINDOW: Final = 65_535
+_MAX_STREAM_ID: Final = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +45,18 @@ class HboneSettings:
     # SETTINGS_MAX_HEADER_LIST_SIZE we advertise as a client / as a server.
     client_max_header_list_size: int = 16 * KiB
     server_max_header_list_size: int = 64 * KiB
-    # Streams a client opens on one pooled connection over its lifetime before
-    # the pool starts a fresh connection (ztunnel's max_streams_per_conn).
-    client_streams_per_connection: int = 100
+    # Streams open at once on one pooled (client) connection: the stream that
+    # reaches this many is the connection's last; it is then retired (no new
+    # stream ever) and closes when its streams have ended. A count of open
+    # streams, not of streams over the connection's life: ztunnel's
+    # pool_max_streams_per_conn as it counts today (pool.py says why no
+    # lifetime cap is needed).
+    pool_max_streams_per_connection: int = 100
+    # Highest stream id a pooled connection may use: the stream that takes the
+    # last id at or below it retires the connection. HTTP/2 client ids are odd
+    # and below 2**31 (h2 raises when they run out); half the space is ample
+    # (500 million streams) and leaves the end of the id space untouched.
+    pool_max_stream_id: int = 2**30 - 1
     # Control-frame flood (both sides): every PING and SETTINGS the peer sends
     # makes us queue an acknowledgement. More than this many queued and not yet
     # written to the socket means the peer sends them without reading: GOAWAY
@@ -97,13 +107,16 @@ class HboneSettings:
         if not self.stream_window < self.connection_window <= _MAX_WINDOW:
             # Equal windows let one stalled tunnel hold the whole shared window.
             raise ValueError("connection_window must exceed stream_window and be at most 2**31-1")
+        if self.pool_max_stream_id > _MAX_STREAM_ID:
+            raise ValueError(f"pool_max_stream_id must be at most {_MAX_STREAM_ID}")
         if not _MIN_FRAME_SIZE <= self.max_frame_size <= _MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in [{_MIN_FRAME_SIZE}, {_MAX_FRAME_SIZE}]")
         for name in (
             "max_concurrent_streams",
             "client_max_header_list_size",
             "server_max_header_list_size",
-            "client_streams_per_connection",
+            "pool_max_streams_per_connection",
+            "pool_max_stream_id",
             "rapid_reset_limit",
             "max_outbound_control_frames",
             "tcp_read_size",

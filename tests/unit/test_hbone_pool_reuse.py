@@ -1,0 +1,120 @@
+"""When the pool reuses an HBONE connection and when it retires one (pool.py's
+rules): open tunnels are counted, not tunnels over a connection's life; the
+tunnel that reaches the limit is a connection's last. Real pool, inbound and
+TLS on loopback."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ambit.agent.identity.ca import LocalCA
+from ambit.agent.identity.spiffe import SpiffeId
+from ambit.agent.identity.store import CertificateStore
+from ambit.agent.proxy.hbone.protocol import HboneClientProtocol
+from ambit.agent.proxy.hbone.settings import HboneSettings
+from ambit.agent.proxy.hbone.tunnel import Tunnel
+from ambit.agent.proxy.inbound import HboneInbound
+from ambit.agent.proxy.pool import HboneClientPool, PoolKey
+from tests.support.hbone_lab import bound_socket
+from tests.support.waiting import until
+
+TD = "cluster.local"
+CLIENT, SERVER = SpiffeId(TD, "shop", "cart"), SpiffeId(TD, "shop", "payments")
+CLIENT_IP, SERVER_IP = "127.0.0.1", "127.0.0.5"
+DEADLINE_S = 10.0
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(100):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@dataclass
+class Node:
+    """A client pool and an inbound in front of an echo server."""
+
+    store: CertificateStore
+    pool: HboneClientPool
+    inbound: HboneInbound
+    key: PoolKey
+    authority: str
+
+    async def open(self) -> tuple[socket.socket, Tunnel]:
+        """A tunnel held open: the pod's end of it and the tunnel."""
+        pod, agent_side = socket.socketpair()
+        pod.setblocking(False)
+        tunnel = await self.pool.open_tunnel(self.key, self.authority, agent_side)
+        return pod, tunnel
+
+    async def finish(self, pod: socket.socket, tunnel: Tunnel) -> None:
+        """connrate's connection: 100 B, half-close, the echo to EOF, close."""
+        loop = asyncio.get_running_loop()
+        with pod:
+            await loop.sock_sendall(pod, b"x" * 100)
+            pod.shutdown(socket.SHUT_WR)
+            while await asyncio.wait_for(loop.sock_recv(pod, 1024), DEADLINE_S):
+                pass
+        await asyncio.wait_for(tunnel.done, DEADLINE_S)
+
+    async def short_connection(self) -> HboneClientProtocol:
+        pod, tunnel = await self.open()
+        await self.finish(pod, tunnel)
+        return tunnel.connection  # type: ignore[return-value]
+
+
+def _run(tmp_path: Path, scenario: Callable[[Node], Awaitable[None]], settings: HboneSettings | None = None) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store = CertificateStore(LocalCA.create(TD), tmp_path / "certs")
+        upstream = await asyncio.start_server(_echo, SERVER_IP, 0)
+        inbound = HboneInbound(store, identity_for_local_ip=lambda ip: SERVER, is_local_workload=lambda ip: True,
+                               upstream_socket_factory=lambda ip: bound_socket(SERVER_IP), settings=settings)
+        listener = socket.create_server((SERVER_IP, 0))
+        serving = loop.create_task(inbound.serve_socket(listener))
+        pool = HboneClientPool(store, bound_socket, settings=settings)
+        key = PoolKey(CLIENT, CLIENT_IP, SERVER_IP, frozenset({SERVER}), listener.getsockname()[1])
+        authority = f"{SERVER_IP}:{upstream.sockets[0].getsockname()[1]}"
+        try:
+            await asyncio.wait_for(scenario(Node(store, pool, inbound, key, authority)), 60)
+        finally:
+            await pool.aclose()
+            serving.cancel()
+            listener.close()
+            upstream.close()
+
+    asyncio.run(body())
+
+
+def test_connections_made_one_after_another_share_one_tls_connection_past_100(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        used = {await node.short_connection() for _ in range(150)}
+        assert len(used) == 1
+        assert node.inbound.stats.connections_accepted == 1  # one handshake for 150 connections
+        (connection,) = used
+        assert connection.can_open_stream and node.pool.connections(node.key) == (connection,)
+
+    _run(tmp_path, scenario)
+
+
+def test_the_tunnel_that_reaches_the_limit_is_its_connections_last(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        held = await asyncio.gather(*(node.open() for _ in range(3)))
+        (first,) = {tunnel.connection for _, tunnel in held}
+        assert not first.can_open_stream  # retired by the third tunnel open at once
+        pod, tunnel = await node.open()
+        second = tunnel.connection
+        assert second is not first and node.inbound.stats.connections_accepted == 2
+        await node.finish(pod, tunnel)
+        await asyncio.gather(*(node.finish(pod, tunnel) for pod, tunnel in held))
+        await until(lambda: node.pool.connections(node.key) == (second,), what="the retired connection closed")
+        await until(lambda: node.inbound.connection_count == 1, what="the server's side of it closed")
+        # It is never taken back: later tunnels, one after another, all go on the second.
+        assert {await node.short_connection() for _ in range(5)} == {second}
+        assert node.inbound.stats.connections_accepted == 2
+
+    _run(tmp_path, scenario, HboneSettings(pool_max_streams_per_connection=3))
