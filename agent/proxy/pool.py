@@ -17,7 +17,8 @@ Rules (ztunnel's, numbers in HboneSettings)
   TLS connection for as long as it is in use, instead of paying a handshake
   on both agents every 100.
 - Retired too: a connection about to run out of stream ids
-  (`pool_max_stream_id`) and one the peer sent GOAWAY on.
+  (`pool_max_stream_id`), one the peer sent GOAWAY on, and one made with a
+  certificate of ours that has since been replaced or removed.
 - A connection without tunnels for `pool_idle_timeout_s` (5 min) is closed.
 - Concurrent openers for one key share the connection being set up (no
   thundering herd): one TCP connect, one TLS handshake.
@@ -28,7 +29,11 @@ Rules (ztunnel's, numbers in HboneSettings)
 What a cap on a connection's lifetime used to give, and what gives it now:
 - Our certificate rotation: TLS authenticates once, at the handshake, so a
   connection presents the certificate it was made with for as long as it
-  lives; with no lifetime cap that is until it idles out (as in ztunnel).
+  lives. The store replaces a certificate at half its lifetime; the pool
+  then retires that identity's connections made with the old one (ztunnel
+  keeps them until they idle out), so none outlives its certificate's
+  replacement by more than its open tunnels. The peer's rotation is the
+  peer's to act on (its GOAWAY retires ours); it is not visible here.
 - The upgrade hand-over: the draining agent sends GOAWAY; the connection is
   retired at once and the next tunnel dials the new agent.
 - Load spreading: none is lost. A connection goes to one next hop, which is
@@ -124,6 +129,7 @@ class HboneClientPool:
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self._settings = settings or HboneSettings()
+        self._store = store
         self._contexts = contexts or TlsContextCache(store)
         self._socket_factory = socket_factory
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
@@ -131,7 +137,11 @@ class HboneClientPool:
         self._log = log or _log
         self._connections: dict[PoolKey, list[HboneClientProtocol]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[HboneClientProtocol]] = {}
+        # The serial of the certificate each open connection presents.
+        self._serials: dict[HboneClientProtocol, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first connection made
         self._closed = False
+        store.subscribe(self._on_certificate)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -217,8 +227,9 @@ class HboneClientPool:
 
     async def _connect(self, key: PoolKey) -> HboneClientProtocol:
         log = self._log.bind(pool_key=str(key))
+        self._loop = asyncio.get_running_loop()
         try:
-            connection = await self._dial(key, log)
+            connection, serial = await self._dial(key, log)
         except BaseException as exc:
             log.info("hbone_connect_failed", error=f"{type(exc).__name__}: {exc}")
             raise
@@ -228,14 +239,20 @@ class HboneClientPool:
             connection.close("pool closed")
             raise TunnelError("pool is closed")
         self._connections.setdefault(key, []).append(connection)
+        self._serials[connection] = serial
         connection.closed.add_done_callback(lambda _: self._forget(key, connection))
         log.debug("hbone_connected")
+        current = self._store.current(key.source_identity)
+        if current is None or current.serial != serial:  # replaced while we dialled
+            connection.retire("certificate replaced")  # its openers go round again
         return connection
 
-    async def _dial(self, key: PoolKey, log: structlog.typing.FilteringBoundLogger) -> HboneClientProtocol:
+    async def _dial(self, key: PoolKey,
+                    log: structlog.typing.FilteringBoundLogger) -> tuple[HboneClientProtocol, int]:
+        """A connection ready for tunnels, and the serial of the certificate it presents."""
         loop = asyncio.get_running_loop()
         settings = self._settings
-        context = await self._contexts.client(key.source_identity)
+        serial, context = await self._contexts.client_with_serial(key.source_identity)
         sock = await _maybe_await(self._socket_factory(key.source_ip))
         if not isinstance(sock, socket.socket):
             raise TypeError(f"socket_factory returned {type(sock).__name__}, not a socket")
@@ -262,9 +279,10 @@ class HboneClientPool:
         stream.start(connection)  # checks the server's identity before any HTTP/2 byte
         if connection.failure is not None:
             raise connection.failure
-        return connection
+        return connection, serial
 
     def _forget(self, key: PoolKey, connection: HboneClientProtocol) -> None:
+        self._serials.pop(connection, None)
         connections = self._connections.get(key)
         if connections is None:
             return
@@ -272,6 +290,34 @@ class HboneClientPool:
             connections.remove(connection)
         if not connections:
             del self._connections[key]
+
+    # --- certificate rotation --------------------------------------------------------------
+
+    def _on_certificate(self, identity: SpiffeId, cert: object) -> None:
+        """The store replaced or removed `identity`'s certificate (maybe on a
+        worker thread, when a local CA issued it while a context was built)."""
+        loop = self._loop
+        if loop is None:
+            return  # no connection made yet
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._retire_replaced(identity)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._retire_replaced, identity)
+
+    def _retire_replaced(self, identity: SpiffeId) -> None:
+        """Retire `identity`'s connections that present another certificate than the current one."""
+        current = self._store.current(identity)
+        serial = None if current is None else current.serial
+        for key, connections in self._connections.items():
+            if key.source_identity != identity:
+                continue
+            for connection in list(connections):
+                if self._serials.get(connection) != serial:
+                    connection.retire("certificate replaced" if serial is not None else "identity removed")
 
     # --- shutdown --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """When the pool reuses an HBONE connection and when it retires one (pool.py's
 rules): open tunnels are counted, not tunnels over a connection's life; the
-tunnel that reaches the limit is a connection's last. Real pool, inbound and
-TLS on loopback."""
+tunnel that reaches the limit is a connection's last; a replaced certificate
+retires the connections made with it. Real pool, inbound and TLS on loopback."""
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from ambit.agent.identity.ca import LocalCA
 from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
-from ambit.agent.proxy.hbone.protocol import HboneClientProtocol
+from ambit.agent.proxy.hbone.protocol import HboneClientProtocol, HboneServerProtocol
 from ambit.agent.proxy.hbone.settings import HboneSettings
 from ambit.agent.proxy.hbone.tunnel import Tunnel
 from ambit.agent.proxy.inbound import HboneInbound
@@ -90,6 +92,12 @@ def _run(tmp_path: Path, scenario: Callable[[Node], Awaitable[None]], settings: 
     asyncio.run(body())
 
 
+def _client_serial(server_side: HboneServerProtocol) -> int:
+    """The serial of the certificate the client presented on this connection."""
+    der = server_side._transport.get_extra_info("ssl_object").getpeercert(binary_form=True)  # type: ignore[union-attr]
+    return x509.load_der_x509_certificate(der).serial_number
+
+
 def test_connections_made_one_after_another_share_one_tls_connection_past_100(tmp_path: Path) -> None:
     async def scenario(node: Node) -> None:
         used = {await node.short_connection() for _ in range(150)}
@@ -118,3 +126,28 @@ def test_the_tunnel_that_reaches_the_limit_is_its_connections_last(tmp_path: Pat
         assert node.inbound.stats.connections_accepted == 2
 
     _run(tmp_path, scenario, HboneSettings(pool_max_streams_per_connection=3))
+
+
+def test_a_replaced_certificate_retires_the_connections_made_with_it(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        pod, tunnel = await node.open()
+        old = tunnel.connection
+        (old_server_side,) = node.inbound.connections
+        old_serial = node.store.current(CLIENT).serial  # type: ignore[union-attr]
+        assert _client_serial(old_server_side) == old_serial
+        renewed = await node.store.renew(CLIENT)
+        assert renewed.serial != old_serial
+        assert not old.can_open_stream  # retired on the store's notice; its tunnel carries on
+        assert old.tunnel_count == 1
+        newer = await node.short_connection()
+        assert newer is not old
+        (new_server_side,) = [c for c in node.inbound.connections if c is not old_server_side]
+        assert _client_serial(new_server_side) == renewed.serial
+        await node.finish(pod, tunnel)
+        await until(lambda: node.pool.connections(node.key) == (newer,), what="the old connection closed")
+        # With no tunnel open, a replacement closes the connection at once.
+        await node.store.renew(CLIENT)
+        await until(lambda: not node.pool.connections(node.key), what="the idle connection closed on rotation")
+        assert await node.short_connection() not in (old, newer)
+
+    _run(tmp_path, scenario)

@@ -486,6 +486,16 @@ class HboneClientProtocol(HboneConnection):
     def can_open_stream(self) -> bool:
         return self.is_open and self.core.can_open_stream
 
+    def retire(self, reason: str) -> None:
+        """No new tunnel on this connection; it closes when its last tunnel
+        ends, at once if it has none (the pool's rule, e.g. on a rotation)."""
+        if self._lost or self._closing or self.core.closed:
+            return
+        self.core.retire()
+        self._log.debug("hbone_connection_retired", reason=reason, tunnels=len(self.tunnels))
+        if not self.tunnels:
+            self.close(reason)
+
     def start_tunnel(
         self,
         authority: str,

@@ -38,17 +38,22 @@ class TlsContextCache:
         return self._store.trust_domain
 
     async def server(self, identity: SpiffeId) -> ssl.SSLContext:
-        return await self._get(True, identity)
+        return (await self._get(True, identity))[1]
 
     async def client(self, identity: SpiffeId) -> ssl.SSLContext:
+        return (await self._get(False, identity))[1]
+
+    async def client_with_serial(self, identity: SpiffeId) -> tuple[int, ssl.SSLContext]:
+        """The client context and the serial of the certificate it presents
+        (the pool retires connections made with a certificate since replaced)."""
         return await self._get(False, identity)
 
-    async def _get(self, server_side: bool, identity: SpiffeId) -> ssl.SSLContext:
+    async def _get(self, server_side: bool, identity: SpiffeId) -> tuple[int, ssl.SSLContext]:
         serial = (await self._store.certificate(identity)).serial
         cached = self._contexts.get((server_side, identity))
         if cached is not None and cached[0] == serial:
-            return cached[1]
+            return cached
         make = server_context if server_side else client_context
-        context = make(self._store, identity)
-        self._contexts[(server_side, identity)] = (serial, context)
-        return context
+        made = (serial, make(self._store, identity))
+        self._contexts[(server_side, identity)] = made
+        return made
