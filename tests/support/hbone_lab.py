@@ -16,7 +16,7 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,9 @@ from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import create_netns, enter_netns, netns_path, remove_netns
+from ambit.agent.proxy.hbone.settings import HboneSettings
+from ambit.agent.proxy.inbound import HboneInbound
+from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 
 T = TypeVar("T")
 
@@ -114,6 +117,39 @@ def bound_socket(ip: str) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+@dataclasses.dataclass
+class LoopbackHbone:
+    """A client pool and an inbound in front of an app, on this namespace's loopback."""
+
+    pool: HboneClientPool
+    inbound: HboneInbound
+    key: PoolKey  # the pool key of the client's tunnels to the server
+    authority: str  # the app's address
+
+
+@contextlib.asynccontextmanager
+async def loopback_hbone(store: CertificateStore, client: tuple[SpiffeId, str], server: tuple[SpiffeId, str],
+                         app: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                         settings: HboneSettings | None = None) -> AsyncIterator[LoopbackHbone]:
+    """Real TLS between a pool for `client` (identity, ip) and an inbound for
+    `server` (identity, ip), whose app is served by `app`; all closed on the way out."""
+    (client_id, client_ip), (server_id, server_ip) = client, server
+    upstream = await asyncio.start_server(app, server_ip, 0)
+    inbound = HboneInbound(store, identity_for_local_ip=lambda ip: server_id, is_local_workload=lambda ip: True,
+                           upstream_socket_factory=lambda ip: bound_socket(server_ip), settings=settings)
+    listener = socket.create_server((server_ip, 0))
+    serving = asyncio.get_running_loop().create_task(inbound.serve_socket(listener))
+    pool = HboneClientPool(store, bound_socket, settings=settings)
+    key = PoolKey(client_id, client_ip, server_ip, frozenset({server_id}), listener.getsockname()[1])
+    try:
+        yield LoopbackHbone(pool, inbound, key, f"{server_ip}:{upstream.sockets[0].getsockname()[1]}")
+    finally:
+        await pool.aclose()
+        serving.cancel()
+        listener.close()
+        upstream.close()
 
 
 def listening_socket(ip: str, port: int = 0, backlog: int = 1024) -> socket.socket:

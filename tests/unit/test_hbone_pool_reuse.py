@@ -20,7 +20,7 @@ from ambit.agent.proxy.hbone.settings import HboneSettings
 from ambit.agent.proxy.hbone.tunnel import Tunnel
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
-from tests.support.hbone_lab import bound_socket
+from tests.support.hbone_lab import loopback_hbone
 from tests.support.waiting import until
 
 TD = "cluster.local"
@@ -71,23 +71,10 @@ class Node:
 
 def _run(tmp_path: Path, scenario: Callable[[Node], Awaitable[None]], settings: HboneSettings | None = None) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
         store = CertificateStore(LocalCA.create(TD), tmp_path / "certs")
-        upstream = await asyncio.start_server(_echo, SERVER_IP, 0)
-        inbound = HboneInbound(store, identity_for_local_ip=lambda ip: SERVER, is_local_workload=lambda ip: True,
-                               upstream_socket_factory=lambda ip: bound_socket(SERVER_IP), settings=settings)
-        listener = socket.create_server((SERVER_IP, 0))
-        serving = loop.create_task(inbound.serve_socket(listener))
-        pool = HboneClientPool(store, bound_socket, settings=settings)
-        key = PoolKey(CLIENT, CLIENT_IP, SERVER_IP, frozenset({SERVER}), listener.getsockname()[1])
-        authority = f"{SERVER_IP}:{upstream.sockets[0].getsockname()[1]}"
-        try:
-            await asyncio.wait_for(scenario(Node(store, pool, inbound, key, authority)), 60)
-        finally:
-            await pool.aclose()
-            serving.cancel()
-            listener.close()
-            upstream.close()
+        async with loopback_hbone(store, (CLIENT, CLIENT_IP), (SERVER, SERVER_IP), _echo, settings) as hbone:
+            node = Node(store, hbone.pool, hbone.inbound, hbone.key, hbone.authority)
+            await asyncio.wait_for(scenario(node), 60)
 
     asyncio.run(body())
 

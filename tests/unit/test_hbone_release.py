@@ -14,10 +14,8 @@ from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.identity.store import CertificateStore
 from ambit.agent.proxy.hbone.protocol import HboneClientProtocol, HboneServerProtocol
 from ambit.agent.proxy.hbone.settings import HboneSettings
-from ambit.agent.proxy.inbound import HboneInbound
-from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from ambit.agent.proxy.tls_stream import TlsStream
-from tests.support.hbone_lab import bound_socket
+from tests.support.hbone_lab import loopback_hbone
 
 TD = "cluster.local"
 CLIENT, SERVER = SpiffeId(TD, "shop", "cart"), SpiffeId(TD, "shop", "payments")
@@ -45,20 +43,13 @@ async def _scenario(store: CertificateStore) -> dict[str, int]:
         await writer.drain()
         writer.close()
 
-    upstream = await asyncio.start_server(echo, SERVER_IP, 0)
-    port = upstream.sockets[0].getsockname()[1]
-    inbound = HboneInbound(store, identity_for_local_ip=lambda ip: SERVER, is_local_workload=lambda ip: True,
-                           upstream_socket_factory=lambda ip: bound_socket(SERVER_IP), settings=settings)
-    listener = socket.create_server((SERVER_IP, 0))
-    serving = loop.create_task(inbound.serve_socket(listener))
-    pool = HboneClientPool(store, bound_socket, settings=settings)
-    key = PoolKey(CLIENT, CLIENT_IP, SERVER_IP, frozenset({SERVER}), listener.getsockname()[1])
-    try:
+    async with loopback_hbone(store, (CLIENT, CLIENT_IP), (SERVER, SERVER_IP), echo, settings) as hbone:
+        pool, inbound = hbone.pool, hbone.inbound
         for _ in range(TUNNELS):
             pod, agent_side = socket.socketpair()
             with pod:
                 pod.setblocking(False)
-                tunnel = await pool.open_tunnel(key, f"{SERVER_IP}:{port}", agent_side)
+                tunnel = await pool.open_tunnel(hbone.key, hbone.authority, agent_side)
                 await loop.sock_sendall(pod, b"x" * 100)
                 pod.shutdown(socket.SHUT_WR)
                 while await loop.sock_recv(pod, 1024):
@@ -70,11 +61,6 @@ async def _scenario(store: CertificateStore) -> dict[str, int]:
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # the streams' connection_lost callbacks have run
         return _instances()
-    finally:
-        await pool.aclose()
-        serving.cancel()
-        listener.close()
-        upstream.close()
 
 
 def test_closed_hbone_connections_are_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
