@@ -37,31 +37,37 @@ def set_nonblocking(sock: socket.socket) -> None:
         sock.setblocking(False)
 
 
-async def connect(sock: socket.socket, address: tuple[str, int], timeout_s: float | None = None) -> None:
-    """Connect a non-blocking socket to a numeric `address` (raises the
-    OSError of the failure: ConnectionRefusedError, ..., or TimeoutError
-    after `timeout_s`).
+def connect_now(sock: socket.socket, address: tuple[str, int]) -> bool:
+    """connect(2) of a non-blocking socket to a numeric `address`: True when
+    the handshake completed inside the call (the common case to a pod on this
+    node, a veth), False while it is still in progress (`finish_connect`
+    waits for it); raises the OSError of a failure known at once.
 
-    Not loop.sock_connect: uvloop's resolves every address first, and with
-    no socket type given that is a getaddrinfo on its thread pool, i.e. a
-    thread hop, a futex wake-up and an eventfd round per upstream connect
-    (most of the destination side's share of a short connection's CPU
-    besides the kernel's). Here: connect(2), then one writability wait
-    unless the handshake is already done; the deadline is armed only for
-    that wait (a connect that completed inside connect(2), the common case
-    to a pod on this node, costs no timer)."""
+    Synchronous, so a caller that needs no wait needs no coroutine or task
+    (the inbound HBONE server answers such a CONNECT inline)."""
     err = sock.connect_ex(address)
     if err == 0:
-        return
+        return True
     if err not in _CONNECTING:
         raise OSError(err, os.strerror(err))
     try:
-        # To a pod on this node (a veth) the handshake has usually completed
-        # inside connect(2) already: then no writability wait, no watcher.
+        # To a pod on this node the handshake has usually completed inside
+        # connect(2) already: then no writability wait, no watcher.
         sock.getpeername()
-        return
+        return True
     except OSError:
-        pass  # ENOTCONN: still connecting, or failed (SO_ERROR says which below)
+        pass  # ENOTCONN: still connecting, or already refused (the pod's RST came inside the call too)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return False
+
+
+async def finish_connect(sock: socket.socket, timeout_s: float | None = None) -> None:
+    """Wait for a connect that `connect_now` left in progress: one
+    writability wait (raises its OSError, or TimeoutError after
+    `timeout_s`). The deadline is armed only here, so a connect that
+    completed inside connect(2) costs no timer."""
     loop = asyncio.get_running_loop()
     connected: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
@@ -77,6 +83,20 @@ async def connect(sock: socket.socket, address: tuple[str, int], timeout_s: floa
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
+
+
+async def connect(sock: socket.socket, address: tuple[str, int], timeout_s: float | None = None) -> None:
+    """Connect a non-blocking socket to a numeric `address` (raises the
+    OSError of the failure: ConnectionRefusedError, ..., or TimeoutError
+    after `timeout_s`): `connect_now`, then `finish_connect` if needed.
+
+    Not loop.sock_connect: uvloop's resolves every address first, and with
+    no socket type given that is a getaddrinfo on its thread pool, i.e. a
+    thread hop, a futex wake-up and an eventfd round per upstream connect
+    (most of the destination side's share of a short connection's CPU
+    besides the kernel's)."""
+    if not connect_now(sock, address):
+        await finish_connect(sock, timeout_s)
 
 
 def _writable(connected: asyncio.Future[None]) -> None:

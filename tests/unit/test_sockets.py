@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from ambit.agent.proxy.sockets import connect, set_nonblocking
+from ambit.agent.proxy.sockets import connect, connect_now, set_nonblocking
 
 
 def _client() -> socket.socket:
@@ -36,6 +36,32 @@ def test_connect_completes_and_a_refusal_raises():
             await connect(sock, address, timeout_s=5)
 
     asyncio.run(scenario())
+
+
+def test_connect_now_says_done_refused_or_in_progress_without_waiting():
+    """What the inbound's inline set-up relies on: on loopback the handshake
+    (or the refusal) completes inside connect(2); a SYN the listener drops
+    leaves it in progress."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listening, _client() as sock:
+        assert connect_now(sock, listening.getsockname()) is True
+        assert sock.getpeername() == listening.getsockname()
+        address = listening.getsockname()
+        fillers: list[socket.socket] = [sock]
+        try:
+            for _ in range(8):  # fill the accept queue (never accepted) until a SYN is dropped
+                filler = _client()
+                fillers.append(filler)
+                if not connect_now(filler, address):
+                    break
+            else:
+                pytest.fail("the accept queue never filled: every connect completed")
+        finally:
+            for filler in fillers[1:]:
+                filler.close()
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        address = closed.getsockname()
+    with _client() as sock, pytest.raises(ConnectionRefusedError):
+        connect_now(sock, address)
 
 
 def test_a_connect_that_is_never_answered_times_out_and_leaves_no_watcher():
