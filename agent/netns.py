@@ -245,13 +245,18 @@ class NetnsSocketPool:
                 os.abort()  # stuck in the other namespace: nothing this thread does next would be right
         return made
 
-    async def take(self) -> socket.socket:
-        """An unbound socket of the pool's namespace; the caller owns it."""
+    def take_now(self) -> socket.socket:
+        """An unbound socket of the pool's namespace; the caller owns it
+        (synchronous: a batch is made on this thread when the pool is empty)."""
         if self._closed:
             raise RuntimeError("socket pool is closed")
         if not self._ready:
             self._ready = self._make_batch(self._batch)
         return self._ready.pop()
+
+    async def take(self) -> socket.socket:
+        """`take_now` for callers that await a socket source."""
+        return self.take_now()
 
     async def aclose(self) -> None:
         """Close the spare sockets and the namespace descriptors."""

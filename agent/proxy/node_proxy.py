@@ -180,7 +180,7 @@ class NodeProxy:
             self.inbound = HboneInbound(
                 self.mesh.certificates, identity_for_local_ip=self._local_identity,
                 is_local_workload=lambda ip: self._local_identity(ip) is not None,
-                upstream_socket_factory=self._socket_from, authorize=self._authorize_hbone, observer=self,
+                upstream_socket_factory=self._upstream_socket, authorize=self._authorize_hbone, observer=self,
                 settings=self.hbone_settings)
             self.metrics.watch_hbone_server(lambda: self.inbound.counters() if self.inbound else None)
             self.metrics.pool_connections.set_function(lambda: self.pool.stats().connections if self.pool else 0)
@@ -247,10 +247,16 @@ class NodeProxy:
 
     # -- helpers for the HBONE client and server ---------------------------
     async def _socket_from(self, source_ip: str) -> socket.socket:
+        """`_upstream_socket` for callers that await their socket factory (the HBONE client pool)."""
+        return self._upstream_socket(source_ip)
+
+    def _upstream_socket(self, source_ip: str) -> socket.socket:
         """An upstream socket in the proxy namespace that connects from
-        `source_ip` (the client pod's address: transparency)."""
+        `source_ip` (the client pod's address: transparency). Synchronous:
+        the inbound HBONE server answers a CONNECT inline when nothing has to
+        be waited for."""
         assert self._upstream is not None
-        sock = await self._upstream(socket.AF_INET6 if ":" in source_ip else socket.AF_INET)
+        sock = self._upstream.take_now(socket.AF_INET6 if ":" in source_ip else socket.AF_INET)
         try:
             prepare_upstream(sock, source_ip, RelayOptions())
         except BaseException:

@@ -384,14 +384,20 @@ class NetnsUpstreamSockets:
         self._thread = thread
         self._pools: dict[socket.AddressFamily, NetnsSocketPool] = {}
 
-    async def __call__(self, family: socket.AddressFamily) -> socket.socket:
+    def take_now(self, family: socket.AddressFamily) -> socket.socket:
+        """A socket at once (the pool makes a batch on this thread when empty):
+        for callers that must not await, e.g. the inbound HBONE server's
+        inline set-up."""
         # Non-blocking from socket(2) on: prepare_upstream then needs no ioctl(2).
         if self._thread is None:
             return socket.socket(family, _NONBLOCKING_STREAM)
         pool = self._pools.get(family)
         if pool is None:
             pool = self._pools[family] = NetnsSocketPool(self._thread, family, _NONBLOCKING_STREAM)
-        return await pool.take()
+        return pool.take_now()
+
+    async def __call__(self, family: socket.AddressFamily) -> socket.socket:
+        return self.take_now(family)
 
     async def aclose(self) -> None:
         for pool in self._pools.values():
