@@ -38,9 +38,9 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -57,7 +57,7 @@ from .hbone.settings import HboneSettings
 from .hbone.tls_contexts import TlsContextCache
 from .hbone.tunnel import Tunnel
 from .listeners import AcceptedConnection, ListenerKind, SocketAddress
-from .sockets import connect, errno_name, reset_socket, set_nonblocking
+from .sockets import connect, connect_now, errno_name, finish_connect, reset_socket, set_nonblocking
 from .tls_stream import TlsStream
 
 __all__ = ["AuthorizeHook", "HboneInbound", "InboundStats", "InboundTunnel", "allow_all"]
@@ -104,7 +104,7 @@ class InboundStats:
     """Counters since start (plain attributes: cheap to bump on the data path)."""
 
     __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused",
-                 "tunnels_revoked", "refused", "goaway_sent", "read_pauses")
+                 "tunnels_revoked", "tunnels_set_up_in_task", "refused", "goaway_sent", "read_pauses")
 
     def __init__(self) -> None:
         self.connections_accepted = 0  # mTLS up, client identity accepted
@@ -116,6 +116,9 @@ class InboundStats:
         self.tunnels_opened = 0  # answered 200
         self.tunnels_refused = 0  # answered 400/401/503 by us
         self.tunnels_revoked = 0  # admitted, then closed because policy changed
+        # Set-ups that had to wait (an asynchronous verdict or socket, a connect in progress) and went on in
+        # a task; the rest were answered inline, in the handling of the read that brought the CONNECT.
+        self.tunnels_set_up_in_task = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,6 +178,7 @@ class HboneInbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitted: dict[Tunnel, InboundTunnel] = {}
         self._revoked: set[Tunnel] = set()  # closed by policy: the revoker reports those
+        self._opened_at: dict[Tunnel, float] = {}  # answered 200, with an observer: when (monotonic)
         self._scratch = ScratchBuffers(tcp_size=self._settings.tcp_read_size)
         self._going_away: str | None = None  # why this server drains (no new streams)
         self.stats = InboundStats()
@@ -374,6 +378,16 @@ class HboneInbound:
             log.debug("hbone_connection_refused", reason=f"{limit_name} ({limit}) reached")
 
     # --- tunnels -----------------------------------------------------------------------------
+    #
+    # A CONNECT is set up inline, inside the handling of the read that brought
+    # it, when nothing has to be waited for: the verdict is a plain value, the
+    # upstream socket is at hand and connect(2) completes inside the call (the
+    # common case, a pod on this node). The 200 then goes out with that read's
+    # own flush, and the set-up makes no task, coroutine or extra callback.
+    # Whatever has to wait (an asynchronous verdict or socket factory, a connect
+    # in progress) goes on in a task (_continue_later), which a reset or a lost
+    # connection cancels and aclose() cancels. Both paths make the same checks
+    # in the same order and answer, count, log and report alike.
 
     def _start_tunnel(
         self,
@@ -383,88 +397,209 @@ class HboneInbound:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self.stats.tunnels_requested += 1
-        task = connection.loop.create_task(self._serve_tunnel(connection, tunnel, accepted, log))
+        if not connection.awaiting_answer(tunnel):
+            return  # reset in the same read that brought the CONNECT (rapid reset): nothing to connect
+        request = tunnel.request
+        peer = connection.peer_identity
+        assert request is not None and peer is not None
+        dst_ip, dst_port = request.authority_host, request.authority_port
+        if dst_ip != accepted.original_dst.ip and ipaddress.ip_address(dst_ip) != ipaddress.ip_address(
+                accepted.original_dst.ip):
+            self._refuse(connection, tunnel, accepted, log, 400,
+                         "authority is not the address this connection was sent to", inline=True)
+            return
+        if not self._is_local_workload(dst_ip):
+            self._refuse(connection, tunnel, accepted, log, 400, "authority is not a workload on this node",
+                         inline=True)
+            return
+        if dst_port in self._proxy_ports:
+            self._refuse(connection, tunnel, accepted, log, 503, "authority port is one of the proxy's own ports",
+                         inline=True)
+            return
+        verdict = self._authorize(peer, accepted.client.ip, dst_ip, dst_port)
+        if type(verdict) is not tuple and inspect.isawaitable(verdict):  # an asynchronous hook (the agent's is not)
+            self._continue_later(tunnel, self._decide_later(connection, tunnel, accepted, log, verdict))
+            return
+        rest = self._decided(connection, tunnel, accepted, log, verdict, inline=True)  # type: ignore[arg-type]
+        if rest is not None:
+            self._continue_later(tunnel, rest)
+
+    def _continue_later(self, tunnel: Tunnel, rest: Coroutine[Any, Any, None]) -> None:
+        """The slow path: the rest of a set-up in a task, cancelled if the
+        tunnel ends meanwhile (reset, connection lost) and by aclose()."""
+        self.stats.tunnels_set_up_in_task += 1
+        task = tunnel.connection.loop.create_task(rest)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        # Reset or connection lost while we decide: stop connecting upstream.
         tunnel.done.add_done_callback(lambda _: task.cancel())
 
-    async def _serve_tunnel(
+    async def _decide_later(
         self,
         connection: HboneServerProtocol,
         tunnel: Tunnel,
         accepted: AcceptedConnection,
         log: structlog.typing.FilteringBoundLogger,
+        verdict: Awaitable[tuple[bool, str]],
     ) -> None:
+        decided = await verdict
         if tunnel.done.done():
-            return  # reset in the same read that brought the CONNECT (rapid reset)
+            return  # the client gave up while policy was consulted
+        rest = self._decided(connection, tunnel, accepted, log, decided, inline=False)
+        if rest is not None:
+            await rest
+
+    def _decided(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        accepted: AcceptedConnection,
+        log: structlog.typing.FilteringBoundLogger,
+        verdict: tuple[bool, str],
+        *,
+        inline: bool,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Act on policy's verdict: refuse, or admit and connect upstream.
+        Returns what is left to wait for (a socket or a connect in progress),
+        None when the tunnel is answered."""
+        allowed, reason = verdict
+        if not allowed:
+            self._refuse(connection, tunnel, accepted, log, 401, f"denied by policy: {reason}", inline=inline)
+            return None
         request = tunnel.request
         assert request is not None and connection.peer_identity is not None
         dst_ip, dst_port = request.authority_host, request.authority_port
         client_ip = accepted.client.ip
-
-        def tunnel_log() -> structlog.typing.FilteringBoundLogger:
-            # Bound only when something is logged: most tunnels log nothing here.
-            return log.bind(authority=tunnel.authority, stream_id=tunnel.stream_id,
-                            peer_identity=str(connection.peer_identity))
-
-        def refuse(status: int, reason: str) -> None:
-            self.stats.tunnels_refused += 1
-            tunnel_log().info("hbone_tunnel_refused", status=status, reason=reason)
-            connection.refuse_tunnel(tunnel, status, reason)
-            if self._observer is not None:
-                self._observer.tunnel_refused(connection.peer_identity, accepted.client, dst_ip, dst_port,
-                                              status, reason)
-
-        if dst_ip != accepted.original_dst.ip and ipaddress.ip_address(dst_ip) != ipaddress.ip_address(
-                accepted.original_dst.ip):
-            refuse(400, "authority is not the address this connection was sent to")
-            return
-        if not self._is_local_workload(dst_ip):
-            refuse(400, "authority is not a workload on this node")
-            return
-        if dst_port in self._proxy_ports:
-            refuse(503, "authority port is one of the proxy's own ports")
-            return
-        # Awaited only when the hook is asynchronous (the agent's is not): no
-        # coroutine made per tunnel to pass a plain value through.
-        verdict = self._authorize(connection.peer_identity, client_ip, dst_ip, dst_port)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-        allowed, reason = verdict  # type: ignore[misc]
-        if tunnel.done.done():
-            return  # the client gave up while policy was consulted
-        if not allowed:
-            refuse(401, f"denied by policy: {reason}")
-            return
         # Remembered from the decision on, so a policy change made while the
         # upstream connect is pending still reaches this tunnel.
         admitted = InboundTunnel(connection.peer_identity, client_ip, dst_ip, dst_port, tunnel, str(reason))
         self._admitted[tunnel] = admitted
-        tunnel.done.add_done_callback(lambda _: self._admitted.pop(tunnel, None))
+        observer = self._observer
+
+        def ended(done: asyncio.Future[TunnelOutcome]) -> None:
+            self._admitted.pop(tunnel, None)
+            opened_at = self._opened_at.pop(tunnel, None)
+            if opened_at is not None and observer is not None and tunnel not in self._revoked:
+                observer.tunnel_closed(admitted, done.result(), accepted.client, time.monotonic() - opened_at)
+
+        tunnel.done.add_done_callback(ended)
         try:
-            upstream = await self._connect_upstream(client_ip, dst_ip, dst_port)
+            sock = self._upstream_socket_factory(client_ip)
+        except OSError as exc:  # out of descriptors, most likely
+            self._refuse(connection, tunnel, accepted, log, 503, f"upstream connect failed: {errno_name(exc)}",
+                         inline=inline)
+            return None
+        if not isinstance(sock, socket.socket):
+            return self._connect_later(connection, tunnel, admitted, accepted, log, sock)
+        try:
+            set_nonblocking(sock)  # the agent's factory made it so already (prepare_upstream)
+            connected = connect_now(sock, (dst_ip, dst_port))
+        except OSError as exc:
+            sock.close()
+            self._refuse(connection, tunnel, accepted, log, 503, f"upstream connect failed: {errno_name(exc)}",
+                         inline=inline)
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        if not connected:
+            return self._connect_later(connection, tunnel, admitted, accepted, log, sock)
+        self._open(connection, tunnel, admitted, log, sock, inline=inline)
+        return None
+
+    async def _connect_later(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        admitted: InboundTunnel,
+        accepted: AcceptedConnection,
+        log: structlog.typing.FilteringBoundLogger,
+        sock: socket.socket | Awaitable[socket.socket],
+    ) -> None:
+        """Wait for the upstream socket (an asynchronous factory) or for a
+        connect in progress, then answer."""
+        try:
+            if isinstance(sock, socket.socket):
+                upstream = sock
+                try:
+                    await finish_connect(upstream, self._settings.upstream_connect_timeout_s)
+                except BaseException:
+                    upstream.close()
+                    raise
+            else:
+                upstream = await self._connect_upstream(sock, (admitted.dst_ip, admitted.dst_port))
         except (OSError, TimeoutError) as exc:
-            refuse(503, f"upstream connect failed: {errno_name(exc)}")
+            self._refuse(connection, tunnel, accepted, log, 503, f"upstream connect failed: {errno_name(exc)}",
+                         inline=False)
             return
-        if not connection.accept_tunnel(tunnel, upstream):
+        self._open(connection, tunnel, admitted, log, upstream, inline=False)
+
+    async def _connect_upstream(self, made: Awaitable[socket.socket] | object,
+                                address: tuple[str, int]) -> socket.socket:
+        """The socket of an asynchronous factory, connected."""
+        if not inspect.isawaitable(made):
+            raise TypeError(f"upstream_socket_factory returned {type(made).__name__}, not a socket")
+        sock = await made
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
+        try:
+            set_nonblocking(sock)
+            await connect(sock, address, self._settings.upstream_connect_timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _open(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        admitted: InboundTunnel,
+        log: structlog.typing.FilteringBoundLogger,
+        upstream: socket.socket,
+        *,
+        inline: bool,
+    ) -> None:
+        """Upstream connected: the 200, and the tunnel is reported open."""
+        if not connection.accept_tunnel(tunnel, upstream, flush=not inline):
             upstream.close()  # the client gave up meanwhile
             return
         self.stats.tunnels_opened += 1
         if log.is_enabled_for(logging.DEBUG):
-            tlog = tunnel_log()
+            tlog = self._tunnel_log(log, connection, tunnel)
             tlog.debug("hbone_tunnel_open")
             tunnel.done.add_done_callback(lambda done: self._log_end(tlog, done.result()))
         observer = self._observer
         if observer is not None:
             observer.tunnel_opened(admitted)
-            opened_at = time.monotonic()
+            self._opened_at[tunnel] = time.monotonic()  # the callback of _decided reports the close
 
-            def closed(done: asyncio.Future[TunnelOutcome]) -> None:
-                if tunnel not in self._revoked:
-                    observer.tunnel_closed(admitted, done.result(), accepted.client, time.monotonic() - opened_at)
+    def _refuse(
+        self,
+        connection: HboneServerProtocol,
+        tunnel: Tunnel,
+        accepted: AcceptedConnection,
+        log: structlog.typing.FilteringBoundLogger,
+        status: int,
+        reason: str,
+        *,
+        inline: bool,
+    ) -> None:
+        """Answer `status`; inline, the read's own flush sends it."""
+        self.stats.tunnels_refused += 1
+        self._tunnel_log(log, connection, tunnel).info("hbone_tunnel_refused", status=status, reason=reason)
+        connection.refuse_tunnel(tunnel, status, reason, flush=not inline)
+        if self._observer is not None:
+            request = tunnel.request
+            assert request is not None and connection.peer_identity is not None
+            self._observer.tunnel_refused(connection.peer_identity, accepted.client, request.authority_host,
+                                          request.authority_port, status, reason)
 
-            tunnel.done.add_done_callback(closed)
+    @staticmethod
+    def _tunnel_log(log: structlog.typing.FilteringBoundLogger, connection: HboneServerProtocol,
+                    tunnel: Tunnel) -> structlog.typing.FilteringBoundLogger:
+        # Bound only when something is logged: most tunnels log nothing here.
+        return log.bind(authority=tunnel.authority, stream_id=tunnel.stream_id,
+                        peer_identity=str(connection.peer_identity))
 
     @staticmethod
     def _log_end(log: structlog.typing.FilteringBoundLogger, outcome: TunnelOutcome) -> None:
@@ -475,20 +610,6 @@ class HboneInbound:
             bytes_to_upstream=outcome.bytes_to_tcp,
             bytes_to_client=outcome.bytes_to_stream,
         )
-
-    async def _connect_upstream(self, client_ip: str, dst_ip: str, dst_port: int) -> socket.socket:
-        sock = self._upstream_socket_factory(client_ip)
-        if inspect.isawaitable(sock):
-            sock = await sock
-        if not isinstance(sock, socket.socket):
-            raise TypeError(f"upstream_socket_factory returned {type(sock).__name__}, not a socket")
-        try:
-            set_nonblocking(sock)  # the agent's factory made it so already (prepare_upstream)
-            await connect(sock, (dst_ip, dst_port), self._settings.upstream_connect_timeout_s)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     # --- shutdown --------------------------------------------------------------------------
 

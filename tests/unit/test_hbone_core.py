@@ -150,6 +150,27 @@ def test_connect_is_answered_200_and_extra_headers_reach_the_server(link: Link) 
     assert link.take_client() == [TunnelAccepted(stream_id)]
 
 
+def test_awaiting_answer_knows_of_a_reset_the_same_read_carried() -> None:
+    """The inbound answers a CONNECT while the events of the read that
+    brought it are still being handled: awaiting_answer must already say
+    no for a stream the same read reset (a rapid reset gets no upstream
+    connect), and no once the stream is answered."""
+    link = raw_client_link()
+    raw = link.client
+    reset_id = raw.get_next_available_stream_id()
+    raw.send_headers(reset_id, [(":method", "CONNECT"), (":authority", DEST)])
+    raw.reset_stream(reset_id, ErrorCodes.CANCEL)
+    kept_id = raw.get_next_available_stream_id()
+    raw.send_headers(kept_id, [(":method", "CONNECT"), (":authority", DEST)])
+    events = link.server.receive_data(raw.data_to_send())
+    assert [e.stream_id for e in of_type(events, TunnelRequested)] == [reset_id, kept_id]
+    assert not link.server.awaiting_answer(reset_id)
+    assert link.server.awaiting_answer(kept_id)
+    assert not link.server.awaiting_answer(kept_id + 2)  # never requested
+    assert link.server.accept(kept_id)
+    assert not link.server.awaiting_answer(kept_id)
+
+
 def test_authorities_are_checked_every_time_and_sent_canonical(link: Link) -> None:
     # open_stream keeps the authorities it has checked (per connection): a bad one
     # is refused however many good ones came before, a non-canonical one goes out canonical.

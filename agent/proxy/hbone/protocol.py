@@ -606,19 +606,30 @@ class HboneServerProtocol(HboneConnection):
         )
         self._on_tunnel_requested = on_tunnel_requested
 
-    def accept_tunnel(self, tunnel: Tunnel, sock: socket.socket) -> bool:
-        """Send the 200 and splice `sock`; False if the stream is already gone (close sock then)."""
+    def accept_tunnel(self, tunnel: Tunnel, sock: socket.socket, *, flush: bool = True) -> bool:
+        """Send the 200 and splice `sock`; False if the stream is already gone (close sock then).
+
+        flush=False: the caller answers from the on_tunnel_requested handler,
+        i.e. while a read's events are handled, and the read's own flush sends
+        the 200 (with the other answers of that read, in one TLS write)."""
         if tunnel._finished or not self.core.accept(tunnel.stream_id):
             return False
         tunnel._on_accepted()
         tunnel.attach(sock)
-        self.flush()
+        if flush:
+            self.flush()
         return True
 
-    def refuse_tunnel(self, tunnel: Tunnel, status: int, detail: str = "") -> None:
+    def refuse_tunnel(self, tunnel: Tunnel, status: int, detail: str = "", *, flush: bool = True) -> None:
+        """Answer `status` (see accept_tunnel for flush)."""
         self.core.refuse(tunnel.stream_id, status)
-        self.flush()
+        if flush:
+            self.flush()
         tunnel._fail_open(TunnelRefused(status), TunnelEnd.REFUSED, detail or f"status {status}")
+
+    def awaiting_answer(self, tunnel: Tunnel) -> bool:
+        """The tunnel's CONNECT is still to be answered (see HboneServerConnection.awaiting_answer)."""
+        return not tunnel._finished and self.core.awaiting_answer(tunnel.stream_id)
 
     def _handle_side_event(self, event: HboneEvent) -> None:
         if type(event) is TunnelRequested:

@@ -41,6 +41,15 @@ class HboneServerConnection(_HboneConnection):
         self._h2.local_settings.max_concurrent_streams = self._settings.max_concurrent_streams + 1
         self._h2.local_settings.acknowledge()
 
+    def awaiting_answer(self, stream_id: int) -> bool:
+        """The stream's CONNECT is still to be answered: the peer has not
+        reset it and the connection is not closed. Current as of everything
+        parsed so far, so a caller acting on a TunnelRequested while the rest
+        of the same read's events are still being handled learns of a reset
+        that read carried (a rapid reset) before it connects anywhere."""
+        tunnel = self._tunnels.get(stream_id)
+        return tunnel is not None and not self._closed and tunnel.phase is _Phase.PENDING
+
     def accept(self, stream_id: int) -> bool:
         """Answer 200: policy allowed and the upstream connect succeeded.
 
