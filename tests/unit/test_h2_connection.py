@@ -1,6 +1,6 @@
 """QuietH2Connection overrides h2's private `_receive_frame` (without the eager
-repr for a trace line) and adds `receive_frame` for frames the HBONE core framed
-itself. Pinned here: h2's own source of the two methods the override mirrors
+repr for a trace line), adds `receive_frame` for frames the HBONE core framed
+itself and `send_response_200` for the server's 200. Pinned here: h2's own source of the two methods the override mirrors
 (a changed h2 fails this file: re-check agent/proxy/hbone/h2_connection.py),
 and the behaviour, side by side with h2's class, on the paths it copies."""
 from __future__ import annotations
@@ -152,3 +152,109 @@ def test_hpack_and_h2_debug_lines_are_dropped_without_a_python_call(caplog) -> N
         assert client.data_to_send()
     assert isinstance(client._h2.config.logger, SilentLogger)
     assert not [r for r in caplog.records if r.name.startswith(("hpack", "h2"))]
+
+
+# --- send_response_200: h2's send_headers(stream, [(":status", "200")]) in three steps ---------------
+
+# sha256 of inspect.getsource() of what send_response_200 stands in for (h2 4.4.1, hpack 4.x): a change
+# in any of them may change the states or bytes h2 makes for a 200 (re-check the method, then update).
+SEND_200_SOURCES = {
+    "h2.connection.H2Connection.send_headers": "0b3368f81906b27a6aae538c9f57b09f78e9e3e05755a0012e3845509b003885",
+    "h2.connection.H2Connection._prepare_for_sending": "6be16b5970454a30f26185221c6d744febde7ec9450d08b3165f5adc4b7400c5",
+    "h2.stream.H2Stream.send_headers": "174255442235241edfb4eec013dd597d7ed31adb8db6f11e0a768504e44fbea5",
+    "h2.stream.H2Stream._build_headers_frames": "493a6b6df9e19c1e2416bd95fb05882a7ce3b3fd5d8d375ce7851416cd9515d8",
+    "h2.stream.H2StreamStateMachine.response_sent": "66fef81aefb6880c30a42823bc30203e745e6474ce1926838c55756b54b4ec1e",
+    "h2.utilities.extract_method_header": "671d238d41dc3a92335c6246020ea214e3e212ca3136eab1446e9f78ec5018c9",
+    "h2.utilities.is_informational_response": "7536750fe84e55999a17be3b984638ba6cd5340eaeb6bc5a03480ce4f11165b8",
+    "hpack.hpack.Encoder.encode": "b262c86579bcfceb425de0d92443ca0605d87d6615288db2f982d92a99be3f84",
+    "hpack.hpack.Encoder.add": "1d6a1a43f300198428e2531d21246504d6c50290c1b4e0657c9fc47451e88db0",
+    "hpack.table.HeaderTable.search": "5c80da889c55ddf27dc9f43151717482f3227b928a41c678e9b73d9b6bec9a57",
+}
+
+
+def _resolve(dotted: str):  # type: ignore[no-untyped-def]
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            target = getattr(target, name)
+        return target
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize("dotted", sorted(SEND_200_SOURCES))
+def test_what_send_response_200_stands_in_for_is_unchanged(dotted: str) -> None:
+    source = inspect.getsource(_resolve(dotted))
+    assert hashlib.sha256(source.encode()).hexdigest() == SEND_200_SOURCES[dotted], (
+        f"{dotted} changed: re-check QuietH2Connection.send_response_200 "
+        "(agent/proxy/hbone/h2_connection.py) against it, then update SEND_200_SOURCES")
+
+
+def _answer_side_by_side(wire: bytes, *, twice: bool = False, stream_id: int = 1) -> list[object]:
+    """The same input to h2's class (send_headers) and ours (send_response_200):
+    bytes out, exceptions, connection and stream states, HPACK state."""
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = _server(cls)
+        conn.receive_data(wire)
+        conn.data_to_send()
+        seen: list[object] = []
+        for _ in range(2 if twice else 1):
+            try:
+                if cls is QuietH2Connection:
+                    conn.send_response_200(stream_id)  # type: ignore[attr-defined]
+                else:
+                    conn.send_headers(stream_id, [(":status", "200")])
+                seen.append(bytes(conn.data_to_send()))
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                seen.append((type(exc).__name__, str(exc), bytes(conn.data_to_send())))
+        stream = conn.streams.get(stream_id)
+        machine = stream.state_machine if stream is not None else None
+        seen.append((
+            conn.state_machine.state,
+            None if machine is None else (machine.state, machine.headers_sent, machine.trailers_sent),
+            None if stream is None else stream.request_method,
+            list(conn.encoder.header_table.dynamic_entries), conn.encoder.header_table.resized,
+        ))
+        results.append(seen)
+    assert results[0] == results[1]
+    return results[1]
+
+
+def test_a_200_is_h2s_bytes_and_states_and_the_client_reads_it() -> None:
+    client, wire = _client_wire()
+    seen = _answer_side_by_side(wire)
+    assert seen[0] == b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88"  # HEADERS, END_HEADERS, stream 1, index 8
+    events = client.receive_data(seen[0])
+    assert [(type(e).__name__, e.headers) for e in events] == [("ResponseReceived", [(b":status", b"200")])]
+
+
+def test_a_200_after_the_peers_end_stream_is_h2s() -> None:
+    client, wire = _client_wire()
+    client.end_stream(1)
+    _answer_side_by_side(wire + client.data_to_send())
+
+
+def test_a_200_after_a_header_table_size_change_carries_h2s_size_update() -> None:
+    import h2.settings
+
+    client, wire = _client_wire()
+    client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    seen = _answer_side_by_side(wire + client.data_to_send())
+    assert len(seen[0]) > 10  # the size update came first: h2's own path
+
+
+def test_a_second_answer_a_reset_stream_and_an_unknown_stream_fail_as_in_h2() -> None:
+    client, wire = _client_wire()
+    seen = _answer_side_by_side(wire, twice=True)
+    assert isinstance(seen[1], tuple)  # h2 would make the second one trailers: it refuses
+    client.reset_stream(1)
+    seen = _answer_side_by_side(wire + client.data_to_send())
+    assert isinstance(seen[0], tuple) and seen[0][0] == "StreamClosedError"
+    seen = _answer_side_by_side(wire, stream_id=3)
+    assert isinstance(seen[0], tuple)

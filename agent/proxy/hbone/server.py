@@ -61,7 +61,7 @@ class HboneServerConnection(_HboneConnection):
         if tunnel.phase is not _Phase.PENDING:
             raise HboneProtocolError(f"stream {stream_id} was already answered")
         try:
-            self._h2.send_headers(stream_id, [(":status", "200")])
+            self._h2.send_response_200(stream_id)
         except h2.exceptions.ProtocolError:
             self._drop(stream_id)
             return False
