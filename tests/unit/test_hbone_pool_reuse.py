@@ -20,7 +20,7 @@ from ambit.agent.proxy.hbone.settings import HboneSettings
 from ambit.agent.proxy.hbone.tunnel import Tunnel
 from ambit.agent.proxy.inbound import HboneInbound
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
-from tests.support.hbone_lab import loopback_hbone
+from tests.support.hbone_lab import bound_socket, loopback_hbone
 from tests.support.waiting import until
 
 TD = "cluster.local"
@@ -136,5 +136,36 @@ def test_a_replaced_certificate_retires_the_connections_made_with_it(tmp_path: P
         await node.store.renew(CLIENT)
         await until(lambda: not node.pool.connections(node.key), what="the idle connection closed on rotation")
         assert await node.short_connection() not in (old, newer)
+
+    _run(tmp_path, scenario)
+
+
+def test_a_connection_dialled_across_a_replacement_takes_no_tunnel(tmp_path: Path) -> None:
+    async def scenario(node: Node) -> None:
+        asked, release = asyncio.Event(), asyncio.Event()
+
+        async def held_socket(ip: str) -> socket.socket:
+            asked.set()
+            await release.wait()
+            return bound_socket(ip)
+
+        pool = HboneClientPool(node.store, held_socket)
+        try:
+            pod, agent_side = socket.socketpair()
+            pod.setblocking(False)
+            opening = asyncio.get_running_loop().create_task(pool.open_tunnel(node.key, node.authority, agent_side))
+            await asyncio.wait_for(asked.wait(), DEADLINE_S)  # the dial holds the old certificate's context
+            renewed = await node.store.renew(CLIENT)
+            release.set()
+            tunnel = await asyncio.wait_for(opening, DEADLINE_S)
+            # The first connection was retired as it came up; the opener dialled again.
+            assert node.inbound.stats.connections_accepted == 2
+            await until(lambda: pool.connections(node.key) == (tunnel.connection,), what="the stale connection closed")
+            await until(lambda: node.inbound.connection_count == 1, what="its server side closed")
+            (server_side,) = node.inbound.connections
+            assert _client_serial(server_side) == renewed.serial
+            await node.finish(pod, tunnel)
+        finally:
+            await pool.aclose()
 
     _run(tmp_path, scenario)
