@@ -258,3 +258,69 @@ def test_a_second_answer_a_reset_stream_and_an_unknown_stream_fail_as_in_h2() ->
     assert isinstance(seen[0], tuple) and seen[0][0] == "StreamClosedError"
     seen = _answer_side_by_side(wire, stream_id=3)
     assert isinstance(seen[0], tuple)
+
+
+# --- end_stream: h2's, with the empty DATA frame written as bytes ------------------------------------
+
+END_STREAM_SOURCES = {
+    "h2.connection.H2Connection.end_stream": "ecf22cf45690b53888d3c3dc8fa5d7d128a8f3592a736fe0924e0eb5021314e0",
+    "h2.stream.H2Stream.end_stream": "b7ff029819a7f5f13e669f494c019e1e3315b608b48bde54507f0376678c781f",
+    "hyperframe.frame.Frame.serialize": "5c92f6c5f9777350da14e1fc543db2b9f1b03f92e7b5a0a3800c1447969e6d20",
+    "hyperframe.frame.DataFrame.serialize_body": "daf544275aa68941949dd80d614ad0abfdbaa1d5d15913acb1f408f4f22d5019",
+}
+
+
+@pytest.mark.parametrize("dotted", sorted(END_STREAM_SOURCES))
+def test_what_end_stream_stands_in_for_is_unchanged(dotted: str) -> None:
+    source = inspect.getsource(_resolve(dotted))
+    assert hashlib.sha256(source.encode()).hexdigest() == END_STREAM_SOURCES[dotted], (
+        f"{dotted} changed: re-check QuietH2Connection.end_stream "
+        "(agent/proxy/hbone/h2_connection.py) against it, then update END_STREAM_SOURCES")
+
+
+def _end_side_by_side(wire: bytes, *, stream_id: int = 1, answered: bool = True,
+                      times: int = 1) -> list[object]:
+    """end_stream through h2's class and ours after the same input: bytes, errors, states."""
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = _server(cls)
+        conn.receive_data(wire)
+        if answered:
+            conn.send_headers(1, [(":status", "200")])
+        conn.data_to_send()
+        seen: list[object] = []
+        for _ in range(times):
+            try:
+                conn.end_stream(stream_id)
+                seen.append(bytes(conn.data_to_send()))
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                seen.append((type(exc).__name__, str(exc), bytes(conn.data_to_send())))
+        stream = conn.streams.get(stream_id)
+        seen.append((conn.state_machine.state, None if stream is None else stream.state_machine.state))
+        results.append(seen)
+    assert results[0] == results[1]
+    return results[1]
+
+
+def test_end_stream_is_h2s_bytes_and_states_and_the_client_reads_it() -> None:
+    client, wire = _client_wire()
+    seen = _end_side_by_side(wire)
+    assert seen[0] == b"\x00\x00\x00\x00\x01\x00\x00\x00\x01"  # DATA, END_STREAM, stream 1, empty
+    client.receive_data(b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88")
+    assert [type(e).__name__ for e in client.receive_data(seen[0])] == ["DataReceived", "StreamEnded"]
+
+
+def test_end_stream_after_the_peers_end_and_on_bad_streams_is_h2s() -> None:
+    client, wire = _client_wire()
+    client.end_stream(1)
+    closing = wire + client.data_to_send()
+    seen = _end_side_by_side(closing)  # closes the stream both ways
+    assert seen[-1][1] is not None and seen[-1][1].name == "CLOSED"
+    seen = _end_side_by_side(closing, times=2)  # a second end on the closed stream
+    assert isinstance(seen[1], tuple) and seen[1][0] == "StreamClosedError"
+    seen = _end_side_by_side(wire, answered=False)  # before any response: h2's state machine decides
+    seen = _end_side_by_side(wire, stream_id=3)
+    assert isinstance(seen[0], tuple) and seen[0][0] == "NoSuchStreamError"
+    client.reset_stream(1)
+    seen = _end_side_by_side(wire + client.data_to_send(), answered=False)
+    assert isinstance(seen[0], tuple)

@@ -29,6 +29,12 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    tests/unit/test_h2_connection.py pins the source of every h2/hpack method
    this bypasses and checks bytes, states and errors against h2's own class.
 
+4. `end_stream(stream_id)`: h2's own method (a tunnel's FIN: the empty DATA
+   frame with END_STREAM, once per tunnel and side) with the frame written as
+   the 9 bytes h2 would serialize instead of a DataFrame object built, flagged
+   and serialized in Python; the same connection and stream transitions, the
+   same errors for an unknown or closed stream (pinned the same way).
+
 And the debug lines of both libraries, which nobody reads, cost no Python
 call: h2 calls its logger's `debug` ~9 times per tunnel and side (its
 DummyLogger's no-op is a Python function), hpack ~11 times per tunnel and side
@@ -70,6 +76,10 @@ _HEADERS_200 = struct.Struct(">HBBBLB")
 _HEADERS = 0x1
 _END_HEADERS = 0x4
 _INDEXED_STATUS_200 = 0x80 | 8  # HPACK indexed field, static table index 8
+# An empty DATA frame (length 0, type 0x0) with END_STREAM.
+_EMPTY_DATA = struct.Struct(">HBBBL")
+_DATA = 0x0
+_END_STREAM = 0x1
 
 
 class QuietH2Connection(h2.connection.H2Connection):
@@ -85,6 +95,12 @@ class QuietH2Connection(h2.connection.H2Connection):
         stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
         stream.request_method = None
         self._data_to_send += _HEADERS_200.pack(0, 1, _HEADERS, _END_HEADERS, stream_id, _INDEXED_STATUS_200)
+
+    def end_stream(self, stream_id: int) -> None:
+        """h2's end_stream: an empty DATA frame with END_STREAM, written directly."""
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        self._get_stream_by_id(stream_id).state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        self._data_to_send += _EMPTY_DATA.pack(0, 0, _DATA, _END_STREAM, stream_id)
 
     def receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         """One whole frame already parsed (no padding, no header block): its events."""
