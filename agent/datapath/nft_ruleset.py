@@ -125,6 +125,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from . import constants
@@ -488,6 +489,21 @@ def proxy_rules(proxy_link_ifindex: int) -> list[Command]:
             _rule("ip", chain, _counter("proxy_drop_no_listener"), {"drop": None}),
         ]
     return cmds
+
+
+@cache
+def key_types() -> dict[tuple[str, str], str | tuple[str, ...]]:
+    """(family, set or map name) -> key type, for every set and map of both
+    rule sets: what an element delete needs to spell a key in bytes
+    (nft_netlink). Read off the definitions, so it cannot disagree with them."""
+    found: dict[tuple[str, str], str | tuple[str, ...]] = {}
+    for command in node_rules(0) + proxy_rules(0):
+        for kind in ("set", "map"):
+            body = command.get("add", {}).get(kind)
+            if body is not None:
+                key = body["type"]
+                found[(body["family"], body["name"])] = tuple(key) if isinstance(key, list) else key
+    return found
 
 
 def remove_tables(families: tuple[str, ...]) -> list[Command]:

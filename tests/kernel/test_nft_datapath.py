@@ -7,6 +7,7 @@ test_datapath.py and test_capture_e2e.py.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 import pytest
 
 from ambit.agent.datapath import constants
+from ambit.agent.datapath import nft_ruleset as rs
 from ambit.agent.datapath.nft_capture import NftDatapath
+from ambit.agent.datapath.nft_session import NftError, NftSession
 from ambit.agent.netlink import iproute
 from ambit.agent.netns import netns_path, run_in_netns
 from tests.kernel.test_datapath import (SHORT, BridgeNetwork, Pod, ProxyListeners, connect, make_netns,
@@ -331,6 +334,50 @@ def test_a_pod_that_poisons_the_bridges_forwarding_table_gets_no_other_pods_traf
             s.close()
         for pod in (victim, attacker):
             dp.detach_pod(pod.host_ifindex, [pod.ip])
+
+
+def test_a_bridged_pods_release_is_one_batch_per_namespace_and_removes_only_its_elements(nft_node):
+    """The usual release goes to the kernel as element-delete batches
+    (nft_netlink), not through libnftables; what it removes is exactly
+    what libnftables' listing showed for the pod."""
+    dp = nft_node.datapath
+    gone, kept = nft_node.bridged.add("eg"), nft_node.bridged.add("ek")
+    try:
+        gone_veth = dp.attach_pod(gone.host_ifindex, [gone.ip]).host_veth
+        dp.attach_pod(kept.host_ifindex, [kept.ip])
+        before = set(nft_node.bound())
+        node, proxy = dp._node_session(), dp._proxy_session()
+        batched = node.batched, proxy.batched
+        dp.detach_pod(gone.host_ifindex, [gone.ip])
+        assert (node.batched, proxy.batched) == (batched[0] + 1, batched[1] + 1)
+        assert nft_node.elements() == {"pods": {kept.ip}, "pod_l3mac": {kept.ip}, "local_pods": {kept.ip}}
+        assert set(nft_node.bound()) == {e for e in before if not {gone.ip, gone_veth} & set(e.split())}
+        assert any(kept.ip in e.split() for e in nft_node.bound())
+    finally:
+        for pod in (gone, kept):
+            dp.detach_pod(pod.host_ifindex, [pod.ip])
+    assert nft_node.bound() == []
+
+
+def test_an_element_batch_with_one_absent_key_deletes_nothing(nft_node):
+    """All or nothing, as a libnftables transaction: callers rely on ENOENT
+    meaning "nothing applied" to fall back to the forms that cannot fail."""
+    dp = nft_node.datapath
+    pod = nft_node.bridged.add("ea")
+    session = NftSession(nft_node.netns, key_types=rs.key_types())
+    try:
+        dp.attach_pod(pod.host_ifindex, [pod.ip])
+        before = (nft_node.elements(), sorted(nft_node.bound()))
+        ip = ipaddress.IPv4Address(pod.ip)
+        absent = [{"delete": {"element": {"family": "bridge", "table": rs.TABLE, "name": rs.PORT_SET,
+                                          "elem": ["vethnosuch0"]}}}]
+        with pytest.raises(NftError) as refused:
+            session.run(rs.set_remove("ip", rs.NODE_POD_SET, [ip], present=True) + absent)
+        assert refused.value.errno == errno.ENOENT and session.batched == 0
+        assert (nft_node.elements(), sorted(nft_node.bound())) == before
+    finally:
+        session.close()
+        dp.detach_pod(pod.host_ifindex, [pod.ip])
 
 
 def test_detach_without_addresses_finds_them_by_their_comment(nft_node):
