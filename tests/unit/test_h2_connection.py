@@ -324,3 +324,43 @@ def test_end_stream_after_the_peers_end_and_on_bad_streams_is_h2s() -> None:
     client.reset_stream(1)
     seen = _end_side_by_side(wire + client.data_to_send(), answered=False)
     assert isinstance(seen[0], tuple)
+
+
+# --- receive_end_stream: one reused END_STREAM frame per connection ---------------------------------
+
+RECEIVE_DATA_SOURCES = {
+    "h2.connection.H2Connection._receive_data_frame": "09803eef3f564140481608e07cfdf626cdff9896090ecdc091ef7a8b8cfe6848",
+    "h2.connection.H2Connection._handle_data_on_closed_stream": "c24bc43847fcac200e870a6f8bc40092b5ced5e084d7a8015bad3fded925e05f",
+}
+
+
+@pytest.mark.parametrize("dotted", sorted(RECEIVE_DATA_SOURCES))
+def test_h2_keeps_nothing_of_a_received_data_frame(dotted: str) -> None:
+    source = inspect.getsource(_resolve(dotted))
+    assert hashlib.sha256(source.encode()).hexdigest() == RECEIVE_DATA_SOURCES[dotted], (
+        f"{dotted} changed: check it still keeps no reference to the frame it is given "
+        "(QuietH2Connection.receive_end_stream reuses one), then update RECEIVE_DATA_SOURCES")
+
+
+def test_the_reused_end_stream_frame_gives_h2s_events_and_bytes_stream_after_stream() -> None:
+    client, wire = _client_wire()
+    client.send_headers(3, [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+    wire += client.data_to_send()
+    results = []
+    for reused in (False, True):
+        conn = _server(QuietH2Connection)
+        conn.receive_data(wire)
+        conn.data_to_send()
+        seen = []
+        for stream_id in (1, 3, 1, 5):  # two ends, an end on a closed stream, one on a stream never opened
+            try:
+                if reused:
+                    events: list[str] | str = _kinds(conn.receive_end_stream(stream_id))
+                else:
+                    events = _kinds(conn.receive_data(DataFrame(stream_id, flags=("END_STREAM",)).serialize()))
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                events = type(exc).__name__
+            seen.append((stream_id, events, bytes(conn.data_to_send())))
+        results.append(seen)
+    assert results[0] == results[1]
+    assert [events for _, events, _ in results[1][:2]] == [["DataReceived", "StreamEnded"]] * 2

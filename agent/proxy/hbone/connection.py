@@ -66,9 +66,6 @@ from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
 
 
-_END_STREAM_FLAGS = ("END_STREAM",)
-
-
 class HboneProtocolError(Exception):
     """A call on an HBONE connection that cannot be carried out.
 
@@ -620,8 +617,11 @@ class _HboneConnection(_H2EventHandling):
     def _feed_h2_data(self, stream_id: int, flags: int, out: list[HboneEvent]) -> None:
         """A zero-length DATA frame: h2 updates the stream state, costs no window.
         Handed over as a frame object (not bytes for h2 to parse again)."""
-        frame = hyperframe.frame.DataFrame(stream_id, flags=_END_STREAM_FLAGS if flags & _FLAG_END_STREAM else ())
-        self._dispatch(self._h2.receive_frame(frame), out)
+        if flags & _FLAG_END_STREAM:
+            h2_events = self._h2.receive_end_stream(stream_id)
+        else:
+            h2_events = self._h2.receive_frame(hyperframe.frame.DataFrame(stream_id))
+        self._dispatch(h2_events, out)
 
     def _on_window_update(self, stream_id: int, increment: int, frame: memoryview, out: list[HboneEvent]) -> None:
         if stream_id == 0:
