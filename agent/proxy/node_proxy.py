@@ -81,6 +81,10 @@ _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF
 # connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
+# Read once: an Enum member's .value is two Python calls on 3.11, and these go into every HBONE access-log line.
+_HBONE_LISTENER = ListenerKind.HBONE.value
+_VIA_HBONE = Route.HBONE.value
+_UPSTREAM_OPTIONS = RelayOptions()  # the upstream sockets' (defaults): not made again per connection
 MAX_LABEL_SETS = 4096  # cached metric label sets (pod pairs x flags); cleared when full
 # How long a new connection waits for discovery to sync before it is refused:
 # long enough for a (re)starting agent's first lists (~0.1-0.5 s), short enough
@@ -258,7 +262,7 @@ class NodeProxy:
         assert self._upstream is not None
         sock = self._upstream.take_now(socket.AF_INET6 if ":" in source_ip else socket.AF_INET)
         try:
-            prepare_upstream(sock, source_ip, RelayOptions())
+            prepare_upstream(sock, source_ip, _UPSTREAM_OPTIONS)
         except BaseException:
             sock.close()
             raise
@@ -614,11 +618,11 @@ class NodeProxy:
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
         self.access_log.connection(
-            listener=ListenerKind.HBONE.value, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
+            listener=_HBONE_LISTENER, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
             src_identity=str(admitted.peer_identity), dst_identity=_known(labels.destination_principal),
             sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
             duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=outcome.end.value,
-            error=outcome.detail or None, via=Route.HBONE.value)
+            error=outcome.detail or None, via=_VIA_HBONE)
 
     def tunnel_refused(self, peer: SpiffeId, client: SocketAddress, dst_ip: str, dst_port: int, status: int,
                        reason: str) -> None:
@@ -626,9 +630,9 @@ class NodeProxy:
         self.metrics.failed(labels)
         self.metrics.closed(labels, 0, 0)
         self.access_log.connection(
-            listener=ListenerKind.HBONE.value, src=str(client), dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
+            listener=_HBONE_LISTENER, src=str(client), dst=f"{dst_ip}:{dst_port}", src_identity=str(peer),
             dst_identity=_known(labels.destination_principal), sent=0, received=0, duration_ms=0.0,
-            decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=Route.HBONE.value)
+            decision="deny", reason=f"HTTP {status}: {reason}", end="refused", via=_VIA_HBONE)
 
     def _revoked_tunnel(self, admitted: InboundTunnel, decision: Decision) -> None:
         """Inbound tunnels are not in the registry: log and count the close here."""
