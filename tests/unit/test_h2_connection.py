@@ -364,3 +364,98 @@ def test_the_reused_end_stream_frame_gives_h2s_events_and_bytes_stream_after_str
         results.append(seen)
     assert results[0] == results[1]
     assert [events for _, events, _ in results[1][:2]] == [["DataReceived", "StreamEnded"]] * 2
+
+
+# --- receive_header_block: a whole HEADERS frame handed over as a (reused) frame object ----------------
+
+HEADER_BLOCK_SOURCES = {
+    "h2.frame_buffer.FrameBuffer.__next__": "54792a1319f7ef527854b575b731c9f6e8d526b216b94f2e80753e0da0f073fa",
+    "h2.frame_buffer.FrameBuffer._update_header_buffer": "e32970a56626afccf99b0d9a15c9ac564e3a3c203be17486a2833df6bd3e114c",
+    "hyperframe.frame.HeadersFrame.parse_body": "a405987b1e458e87208991a73ca9c40f9d80daee9c15151d3286dcefa479f589",
+    "h2.connection.H2Connection._receive_headers_frame": "4a014e7d795a15a583ef2172f88dc19a9bac01edff850fd91eb69c5611b19fa5",
+}
+
+
+@pytest.mark.parametrize("dotted", sorted(HEADER_BLOCK_SOURCES))
+def test_what_receive_header_block_stands_in_for_is_unchanged(dotted: str) -> None:
+    source = inspect.getsource(_resolve(dotted))
+    assert hashlib.sha256(source.encode()).hexdigest() == HEADER_BLOCK_SOURCES[dotted], (
+        f"{dotted} changed: re-check QuietH2Connection.receive_header_block "
+        "(agent/proxy/hbone/h2_connection.py) against it, then update HEADER_BLOCK_SOURCES")
+
+
+def _headers_frame(stream_id: int, block: bytes, end_stream: bool) -> bytes:
+    frame = h2.connection.HeadersFrame(stream_id, flags=("END_HEADERS", "END_STREAM") if end_stream else ("END_HEADERS",))
+    frame.data = block
+    return frame.serialize()
+
+
+def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[int, bytes, bool]]) -> list[object]:
+    """The same HEADERS frames as bytes to h2's class and as blocks to ours:
+    events (with their headers), exceptions and bytes out must be equal."""
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = cls(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
+        conn.initiate_connection()
+        if prelude:
+            conn.receive_data(prelude)
+        conn.data_to_send()
+        seen: list[object] = []
+        for stream_id, block, end_stream in blocks:
+            try:
+                if cls is QuietH2Connection:
+                    events = conn.receive_header_block(stream_id, block, end_stream)  # type: ignore[attr-defined]
+                else:
+                    events = conn.receive_data(_headers_frame(stream_id, block, end_stream))
+                got: object = [(type(e).__name__, getattr(e, "headers", None), getattr(e, "stream_ended", None)
+                                is not None) for e in events]
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                got = type(exc).__name__
+            seen.append((got, bytes(conn.data_to_send())))
+        results.append(seen)
+    assert results[0] == results[1]
+    return results[1]
+
+
+def _encoded(headers: list[tuple[str, str]]) -> bytes:
+    import hpack
+
+    return hpack.Encoder().encode(headers)
+
+
+def test_a_connect_block_gives_h2s_events_and_bytes_and_later_blocks_too() -> None:
+    connect = [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")]
+    seen = _blocks_side_by_side(False, _client_preface(), [
+        (1, _encoded(connect), False),
+        (3, _encoded(connect), True),
+        (1, _encoded([("x-trailer", "1")]), True),  # trailers ending stream 1
+        (1, _encoded(connect), True),  # headers again on a stream the peer ended: h2 judges
+        (2, _encoded(connect), False),  # an even stream id from a client
+    ])
+    assert seen[0][0][0][0] == "RequestReceived" and seen[1][0][0][2]
+
+
+def test_a_bad_block_and_a_response_block_are_h2s() -> None:
+    seen = _blocks_side_by_side(False, _client_preface(), [(1, b"\xff\xff\xff\xff", False)])
+    assert seen[0][0] == "ProtocolError" and seen[0][1]  # a GOAWAY out, as h2 sends
+    server_settings = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server_settings.initiate_connection()
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = cls(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+        conn.receive_data(server_settings.data_to_send())
+        conn.data_to_send()
+        if cls is QuietH2Connection:
+            events = conn.receive_header_block(1, b"\x88", False)  # type: ignore[attr-defined]
+        else:
+            events = conn.receive_data(_headers_frame(1, b"\x88", False))
+        results.append(([(type(e).__name__, e.headers) for e in events], bytes(conn.data_to_send())))
+    assert results[0] == results[1] and results[1][0] == [("ResponseReceived", [(b":status", b"200")])]
+
+
+def _client_preface() -> bytes:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    return client.data_to_send()

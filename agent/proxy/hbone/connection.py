@@ -36,6 +36,7 @@ from .frames import (
     _FLAG_ACK,
     _FLAG_END_HEADERS,
     _FLAG_END_STREAM,
+    _PLAIN_HEADERS_MASK,
     _FLAG_PADDED,
     _FRAME_HEADER,
     _FRAME_HEADER_LENGTH,
@@ -516,7 +517,13 @@ class _HboneConnection(_H2EventHandling):
                     self._on_graceful_goaway(last & _STREAM_ID_MASK, debug, out)
                     pos = frame_end
                     continue
-            h2_events = self._h2.receive_data(view[pos:frame_end])
+            if frame_type == _TYPE_HEADERS and flags & _PLAIN_HEADERS_MASK == _FLAG_END_HEADERS and stream_id:
+                # A whole header block (a CONNECT, a 200): to h2 as a frame, not
+                # bytes for its FrameBuffer to parse again.
+                h2_events = self._h2.receive_header_block(
+                    stream_id, bytes(view[pos + _FRAME_HEADER_LENGTH : frame_end]), bool(flags & _FLAG_END_STREAM))
+            else:
+                h2_events = self._h2.receive_data(view[pos:frame_end])
             pos = frame_end
             if block >= 0:
                 self._header_block = -1 if flags & _FLAG_END_HEADERS else block

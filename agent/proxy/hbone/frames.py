@@ -29,6 +29,9 @@ _FLAG_END_STREAM: Final = 0x1
 _FLAG_ACK: Final = 0x1  # on SETTINGS and PING
 _FLAG_END_HEADERS: Final = 0x4
 _FLAG_PADDED: Final = 0x8
+_FLAG_PRIORITY: Final = 0x20  # on HEADERS
+# A HEADERS frame that is a whole header block with nothing else in its payload.
+_PLAIN_HEADERS_MASK: Final = _FLAG_END_HEADERS | _FLAG_PADDED | _FLAG_PRIORITY
 _STREAM_ID_MASK: Final = 0x7FFF_FFFF
 _MAX_WINDOW: Final = 2**31 - 1
 _DEFAULT_WINDOW: Final = 65_535  # RFC 9113 §6.9.2: the connection window is not changed by SETTINGS
