@@ -115,12 +115,12 @@ class NftDatapath:
     # sessions -------------------------------------------------------------
     def _node_session(self) -> NftSession:
         if self._node is None:
-            self._node = NftSession(self.node_netns, key_types=rs.key_types())
+            self._node = NftSession(self.node_netns, element_types=rs.element_types())
         return self._node
 
     def _proxy_session(self) -> NftSession:
         if self._proxy is None:
-            self._proxy = NftSession(self.proxy_ns.path, key_types=rs.key_types())
+            self._proxy = NftSession(self.proxy_ns.path, element_types=rs.element_types())
         return self._proxy
 
     def _drop_sessions(self) -> None:

@@ -492,17 +492,18 @@ def proxy_rules(proxy_link_ifindex: int) -> list[Command]:
 
 
 @cache
-def key_types() -> dict[tuple[str, str], str | tuple[str, ...]]:
-    """(family, set or map name) -> key type, for every set and map of both
-    rule sets: what an element delete needs to spell a key in bytes
-    (nft_netlink). Read off the definitions, so it cannot disagree with them."""
-    found: dict[tuple[str, str], str | tuple[str, ...]] = {}
+def element_types() -> dict[tuple[str, str], tuple[str | tuple[str, ...], str | None]]:
+    """(family, set or map name) -> (key type, data type or None for a set),
+    for every set and map of both rule sets: what an element batch needs to
+    spell keys and data in bytes (nft_netlink). Read off the definitions, so
+    it cannot disagree with them."""
+    found: dict[tuple[str, str], tuple[str | tuple[str, ...], str | None]] = {}
     for command in node_rules(0) + proxy_rules(0):
         for kind in ("set", "map"):
             body = command.get("add", {}).get(kind)
             if body is not None:
                 key = body["type"]
-                found[(body["family"], body["name"])] = tuple(key) if isinstance(key, list) else key
+                found[(body["family"], body["name"])] = (tuple(key) if isinstance(key, list) else key, body.get("map"))
     return found
 
 

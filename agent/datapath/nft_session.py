@@ -6,11 +6,11 @@ throwaway thread that entered the namespace (agent/netns.py, no fork) and
 then used from any thread. One command list is one kernel transaction:
 all of it applies or none does. Contexts are not thread-safe, hence the lock.
 
-A command list made only of element deletes on sets whose key types the
-session was given goes to the kernel as one nfnetlink batch instead
-(agent/datapath/nft_netlink.py: same transaction, no cache refresh); when
-that cannot be decided (an unknown key type, no answer), libnftables runs
-the same list.
+A command list made only of element creates and deletes on sets whose
+types the session was given goes to the kernel as one nfnetlink batch
+instead (agent/datapath/nft_netlink.py: same transaction, no cache
+refresh); when that cannot be decided (an element it cannot spell, no
+answer), libnftables runs the same list.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import structlog
 
 from ..netns import run_in_netns
 from .errors import require_backend
-from .nft_netlink import ElementDeleter, KeyTypes, Unencodable, element_deletes
+from .nft_netlink import ElementBatcher, ElementTypes, Unencodable, element_changes
 
 log = structlog.get_logger(__name__)
 
@@ -65,14 +65,15 @@ class NftSession:
     a metrics scrape paid O(pods) for it (0.2 ms at 100 pods, 2.7 ms at
     1000). The changes' context only ever caches tables, chains and sets."""
 
-    def __init__(self, netns: str | None = None, key_types: KeyTypes | None = None) -> None:
-        """key_types: (family, set name) -> key type of the sets whose
-        element deletes may bypass libnftables (nft_ruleset.key_types)."""
+    def __init__(self, netns: str | None = None, element_types: ElementTypes | None = None) -> None:
+        """element_types: (family, set name) -> (key type, data type) of the
+        sets whose element creates and deletes may bypass libnftables
+        (nft_ruleset.element_types)."""
         self.netns = netns
         self._nft: Any | None = run_in_netns(netns, _new_context)
         self._reader: Any | None = None  # made on the first read
-        self._key_types = key_types or {}
-        self._deleter: ElementDeleter | None = None  # made on the first batch
+        self._element_types = element_types or {}
+        self._batcher: ElementBatcher | None = None  # made on the first batch
         self.batched = 0  # transactions applied as a batch (tests read it)
         self._closed = False
         self._lock = threading.Lock()
@@ -94,7 +95,7 @@ class NftSession:
                 raise RuntimeError("nftables session is closed")
             if read and self._reader is None:
                 self._reader = run_in_netns(self.netns, _new_context)
-            if not read and self._key_types and self._batch(commands):
+            if not read and self._element_types and self._batch(commands):
                 return []
             nft = self._reader if read else self._nft
             rc, output, error = nft.json_cmd({"nftables": commands})
@@ -105,25 +106,26 @@ class NftSession:
         return [obj for obj in output.get("nftables", []) if "metainfo" not in obj]
 
     def _batch(self, commands: list[dict[str, Any]]) -> bool:
-        """Element deletes as one batch (lock held): True when applied,
-        NftError when the kernel refused them (nothing applied), False when
-        libnftables must decide (not only deletes of known sets, or no
-        answer: a lost acknowledgement then makes libnftables see ENOENT,
-        which callers already treat as "some of it is gone")."""
+        """Element creates and deletes as one batch (lock held): True when
+        applied, NftError when the kernel refused them (nothing applied),
+        False when libnftables must decide (not only creates and deletes of
+        known sets, or no answer: a lost acknowledgement then makes
+        libnftables see EEXIST or ENOENT, which callers already take for
+        "some of it is there" or "some of it is gone")."""
         try:
-            deletes = element_deletes(commands, self._key_types)
+            changes = element_changes(commands, self._element_types)
         except (Unencodable, ValueError):
             return False
         try:
-            if self._deleter is None:
-                self._deleter = run_in_netns(self.netns, ElementDeleter)
-            code = self._deleter.delete(deletes)
+            if self._batcher is None:
+                self._batcher = run_in_netns(self.netns, ElementBatcher)
+            code = self._batcher.apply(changes)
         except (OSError, ValueError) as exc:
             log.warning("nftables batch without answer; libnftables retries it", netns=self.netns or "<own>",
                         error=str(exc))
-            if self._deleter is not None:
-                self._deleter.close()
-            self._deleter = None
+            if self._batcher is not None:
+                self._batcher.close()
+            self._batcher = None
             return False
         if code:
             raise NftError(f"Could not process rule: {os.strerror(code)}", commands, code)
@@ -139,9 +141,9 @@ class NftSession:
         with self._lock:
             self._closed = True
             self._nft = self._reader = None
-            if self._deleter is not None:
-                self._deleter.close()
-            self._deleter = None
+            if self._batcher is not None:
+                self._batcher.close()
+            self._batcher = None
 
     def __enter__(self) -> NftSession:
         return self

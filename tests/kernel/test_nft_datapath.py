@@ -336,17 +336,19 @@ def test_a_pod_that_poisons_the_bridges_forwarding_table_gets_no_other_pods_traf
             dp.detach_pod(pod.host_ifindex, [pod.ip])
 
 
-def test_a_bridged_pods_release_is_one_batch_per_namespace_and_removes_only_its_elements(nft_node):
-    """The usual release goes to the kernel as element-delete batches
-    (nft_netlink), not through libnftables; what it removes is exactly
-    what libnftables' listing showed for the pod."""
+def test_a_bridged_pods_enrol_and_release_are_one_batch_per_namespace_and_touch_only_its_elements(nft_node):
+    """The usual enrol and release go to the kernel as element batches
+    (nft_netlink), not through libnftables; what a release removes is
+    exactly what libnftables' listing showed for the pod."""
     dp = nft_node.datapath
     gone, kept = nft_node.bridged.add("eg"), nft_node.bridged.add("ek")
     try:
+        node, proxy = dp._node_session(), dp._proxy_session()
+        batched = node.batched, proxy.batched
         gone_veth = dp.attach_pod(gone.host_ifindex, [gone.ip]).host_veth
+        assert (node.batched, proxy.batched) == (batched[0] + 1, batched[1] + 1)
         dp.attach_pod(kept.host_ifindex, [kept.ip])
         before = set(nft_node.bound())
-        node, proxy = dp._node_session(), dp._proxy_session()
         batched = node.batched, proxy.batched
         dp.detach_pod(gone.host_ifindex, [gone.ip])
         assert (node.batched, proxy.batched) == (batched[0] + 1, batched[1] + 1)
@@ -359,12 +361,45 @@ def test_a_bridged_pods_release_is_one_batch_per_namespace_and_removes_only_its_
     assert nft_node.bound() == []
 
 
+def test_elements_created_by_a_batch_are_listed_as_libnftables_own(nft_node):
+    """Keys, map data and owner comments written by nft_netlink read back
+    through libnftables exactly as the elements libnftables writes."""
+    entry = rs.PodEntry(ipaddress.IPv4Address("10.99.0.5"), 4242, "vethbatch0001", "02:00:00:00:42:05", "dpt-br0")
+    owner = rs.Owner(entry.host_ifindex, entry.host_veth, entry.bridge)
+    ip6 = [ipaddress.IPv6Address("fd00:99::5")]
+    enrol = (rs.map_add([entry], fresh=True) + rs.set_replace("ip", rs.NODE_POD_SET, [entry], fresh=True)
+             + rs.bind(owner, [entry.ip], ip6, fresh=True))
+    release = (rs.map_remove([entry.ip], entry.host_veth)
+               + rs.set_remove("ip", rs.NODE_POD_SET, [entry.ip], present=True)
+               + rs.unbind(entry.host_veth, [entry.ip], ip6, present=True))
+    plain, fast = NftSession(nft_node.netns), NftSession(nft_node.netns, element_types=rs.element_types())
+
+    def sets() -> list:
+        return [o for o in nftstate.ruleset(nft_node.netns) if "set" in o or "map" in o]
+    try:
+        plain.run(enrol)
+        by_libnftables = sets()
+        plain.run(release)
+        fast.run(enrol)
+        assert fast.batched == 1
+        assert sets() == by_libnftables
+        with pytest.raises(NftError) as again:
+            fast.run(enrol)  # a create finds them there: EEXIST, as libnftables' create
+        assert again.value.errno == errno.EEXIST
+        fast.run(release)
+        assert fast.batched == 2
+        assert not any(entry.host_veth in str(o) or str(entry.ip) in str(o) for o in sets())
+    finally:
+        plain.close()
+        fast.close()
+
+
 def test_an_element_batch_with_one_absent_key_deletes_nothing(nft_node):
     """All or nothing, as a libnftables transaction: callers rely on ENOENT
     meaning "nothing applied" to fall back to the forms that cannot fail."""
     dp = nft_node.datapath
     pod = nft_node.bridged.add("ea")
-    session = NftSession(nft_node.netns, key_types=rs.key_types())
+    session = NftSession(nft_node.netns, element_types=rs.element_types())
     try:
         dp.attach_pod(pod.host_ifindex, [pod.ip])
         before = (nft_node.elements(), sorted(nft_node.bound()))
