@@ -104,7 +104,7 @@ class InboundStats:
     """Counters since start (plain attributes: cheap to bump on the data path)."""
 
     __slots__ = ("connections_accepted", "connections_refused", "tunnels_requested", "tunnels_opened", "tunnels_refused",
-                 "tunnels_revoked", "tunnels_set_up_in_task", "refused", "goaway_sent", "read_pauses")
+                 "tunnels_revoked", "tunnels_set_up_in_task", "upstream_connects_waited", "refused", "goaway_sent", "read_pauses")
 
     def __init__(self) -> None:
         self.connections_accepted = 0  # mTLS up, client identity accepted
@@ -119,6 +119,7 @@ class InboundStats:
         # Set-ups that had to wait (an asynchronous verdict or socket, a connect in progress) and went on in
         # a task; the rest were answered inline, in the handling of the read that brought the CONNECT.
         self.tunnels_set_up_in_task = 0
+        self.upstream_connects_waited = 0  # did not complete inside connect(2): waited for writability
 
 
 @dataclass(frozen=True, eq=False)
@@ -502,6 +503,7 @@ class HboneInbound:
             sock.close()
             raise
         if not connected:
+            self.stats.upstream_connects_waited += 1
             return self._connect_later(connection, tunnel, admitted, accepted, log, sock)
         self._open(connection, tunnel, admitted, log, sock, inline=inline)
         return None
