@@ -148,11 +148,15 @@ def test_the_kubernetes_view_follows_the_api_server(tmp_path: Path) -> None:
             for o in web + [o for o in by_kind["Service"] if o["metadata"]["name"] == "web"]:
                 server.create(o)
             assert _eventually(view.changed), "no change seen after the Service and its pods were created"
-            assert _eventually(lambda: f"{VIP}:80" in {
-                d.authority for d in view.plan("shop", "waypoint", "cluster.local", None).destinations})
-            (http,) = [d for d in view.plan("shop", "waypoint", "cluster.local", None).destinations
-                       if d.authority == f"{VIP}:80"]
-            assert {b.authority for b in http.backends} == {"10.1.1.3:8080", "10.1.2.3:8080"}
+
+            def backends() -> set[str] | None:
+                found = [d for d in view.plan("shop", "waypoint", "cluster.local", None).destinations
+                         if d.authority == f"{VIP}:80"]
+                return {b.authority for b in found[0].backends} if found else None
+            # Pods and Services come on separate watches: the Service may be
+            # seen before the second pod, so wait for the whole expected view.
+            expected = {"10.1.1.3:8080", "10.1.2.3:8080"}
+            assert _eventually(lambda: backends() == expected), f"{VIP}:80 backends {backends()}, not {expected}"
         finally:
             view.close()
 
