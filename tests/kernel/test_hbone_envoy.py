@@ -29,6 +29,11 @@ from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from tests.support import envoy
 from tests.support.waiting import until
 from tests.support.hbone_lab import (
+    CART,
+    CLIENT_IP,
+    PAYMENTS,
+    SERVER_IP,
+    TRUST_DOMAIN,
     Identities,
     bound_socket,
     digest,
@@ -44,11 +49,7 @@ from tests.support.hbone_lab import (
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
-CLIENT_IP = "10.253.0.1"
-SERVER_IP = "10.253.0.2"
-TD = "cluster.local"
-CART = SpiffeId(TD, "shop", "cart")
-PAYMENTS = SpiffeId(TD, "shop", "payments")
+TD = TRUST_DOMAIN
 ENVOY_ENTRY_PORT = 15001
 ENVOY_HBONE_PORT = 15108
 AMBIT_HBONE_PORT = 15008

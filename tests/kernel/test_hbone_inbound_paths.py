@@ -36,6 +36,13 @@ from ambit.agent.proxy.inbound import HboneInbound, InboundTunnel
 from ambit.agent.proxy.listeners import ListenerKind, SocketAddress, TransparentListener
 from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from tests.support.hbone_lab import (
+    CART,
+    CLIENT_IP,
+    NOT_LOCAL_IP,
+    PAYMENTS,
+    SERVER_IP,
+    STALE,
+    TRUST_DOMAIN,
     AppServer,
     Identities,
     RawH2Client,
@@ -54,13 +61,7 @@ from tests.support.waiting import until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
-CLIENT_IP = "10.253.0.1"
-SERVER_IP = "10.253.0.2"
-NOT_LOCAL_IP = "10.253.0.4"
-TD = "cluster.local"
-CART = SpiffeId(TD, "shop", "cart")
-PAYMENTS = SpiffeId(TD, "shop", "payments")
-STALE = SpiffeId(TD, "shop", "gone")
+TD = TRUST_DOMAIN
 
 # How the set-up is made to take each path: the verdict and the socket come
 # plainly (inline), or the policy hook / the socket factory is a coroutine.

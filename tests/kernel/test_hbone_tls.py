@@ -42,6 +42,15 @@ from ambit.agent.proxy.pool import HboneClientPool, PoolKey
 from tests.support import hostile_peer
 from tests.support.waiting import until
 from tests.support.hbone_lab import (
+    CART,
+    CLIENT_IP,
+    NOT_LOCAL_IP,
+    ORDERS,
+    OTHER_POD_IP,
+    PAYMENTS,
+    SERVER_IP,
+    STALE,
+    TRUST_DOMAIN,
     AppServer,
     Identities,
     RawH2Client,
@@ -61,15 +70,7 @@ from tests.support.hbone_lab import (
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
-CLIENT_IP = "10.253.0.1"
-SERVER_IP = "10.253.0.2"
-OTHER_POD_IP = "10.253.0.3"
-NOT_LOCAL_IP = "10.253.0.4"
-TD = "cluster.local"
-CART = SpiffeId(TD, "shop", "cart")
-PAYMENTS = SpiffeId(TD, "shop", "payments")
-ORDERS = SpiffeId(TD, "shop", "orders")
-STALE = SpiffeId(TD, "shop", "gone")
+TD = TRUST_DOMAIN
 
 
 # --- the mesh under test -------------------------------------------------------------------------

@@ -35,6 +35,17 @@ T = TypeVar("T")
 TRUST_DOMAIN = "cluster.local"
 MiB = 1 << 20
 
+# The scenarios' pods on the namespace's loopback, and their identities
+# (test_hbone_tls, test_hbone_envoy, test_hbone_inbound_paths).
+CLIENT_IP = "10.253.0.1"
+SERVER_IP = "10.253.0.2"
+OTHER_POD_IP = "10.253.0.3"
+NOT_LOCAL_IP = "10.253.0.4"
+CART = SpiffeId(TRUST_DOMAIN, "shop", "cart")
+PAYMENTS = SpiffeId(TRUST_DOMAIN, "shop", "payments")
+ORDERS = SpiffeId(TRUST_DOMAIN, "shop", "orders")
+STALE = SpiffeId(TRUST_DOMAIN, "shop", "gone")
+
 
 def make_netns(prefix: str, addresses: tuple[str, ...]) -> str:
     """A fresh `<prefix>-<random>` namespace with lo up and `addresses` on lo."""
