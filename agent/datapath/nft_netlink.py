@@ -66,7 +66,6 @@ _NFGENMSG = struct.Struct("!BBH")  # family, version (NFNETLINK_V0), res_id (big
 _NLA = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")
 
-KeyType = "str | tuple[str, ...]"
 # (family, set name) -> (key type, data type; None for a set): nft_ruleset.element_types().
 ElementTypes = Mapping[tuple[str, str], "tuple[str | tuple[str, ...], str | None]"]
 # (NFT_MSG_NEWSETELEM or _DELSETELEM, family, table, set, [(key, data, comment)])

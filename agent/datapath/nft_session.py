@@ -23,7 +23,7 @@ import structlog
 
 from ..netns import run_in_netns
 from .errors import require_backend
-from .nft_netlink import ElementBatcher, ElementTypes, Unencodable, element_changes
+from .nft_netlink import ElementBatcher, ElementTypes, element_changes
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ class NftSession:
         "some of it is there" or "some of it is gone")."""
         try:
             changes = element_changes(commands, self._element_types)
-        except (Unencodable, ValueError):
+        except ValueError:  # Unencodable among them: libnftables decides
             return False
         try:
             if self._batcher is None:
@@ -123,9 +123,7 @@ class NftSession:
         except (OSError, ValueError) as exc:
             log.warning("nftables batch without answer; libnftables retries it", netns=self.netns or "<own>",
                         error=str(exc))
-            if self._batcher is not None:
-                self._batcher.close()
-            self._batcher = None
+            self._drop_batcher()
             return False
         if code:
             raise NftError(f"Could not process rule: {os.strerror(code)}", commands, code)
@@ -141,9 +139,12 @@ class NftSession:
         with self._lock:
             self._closed = True
             self._nft = self._reader = None
-            if self._batcher is not None:
-                self._batcher.close()
-            self._batcher = None
+            self._drop_batcher()
+
+    def _drop_batcher(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+        self._batcher = None
 
     def __enter__(self) -> NftSession:
         return self
