@@ -8,7 +8,6 @@ import h2.events
 import h2.exceptions
 import structlog
 from h2.errors import ErrorCodes
-from hpack import NeverIndexedHeaderTuple
 
 from .connect import (
     _check_outbound_headers,
@@ -18,6 +17,7 @@ from .connect import (
     _remember_checked,
     parse_authority,
 )
+from .connect_block import ConnectBlockEncoder
 from .connection import HboneProtocolError, _HboneConnection
 from .events import HboneEvent, StreamReset, TunnelAccepted, TunnelRefused
 from .settings import HboneSettings
@@ -37,9 +37,10 @@ class HboneClientConnection(_HboneConnection):
         super().__init__(settings or HboneSettings(), client_side=True, clock=clock, log=log)
         self._streams_opened = 0
         self._retired = False
-        # Authorities already checked, as given -> canonical: a connection carries
+        # Authorities already checked, as given -> canonical (bytes): a connection carries
         # streams to few destinations, and parsing the address is most of open_stream's own work.
-        self._authorities: dict[str, str] = {}
+        self._authorities: dict[str, bytes] = {}
+        self._blocks = ConnectBlockEncoder(self._h2.encoder)  # the only user of the encoder
 
     @property
     def streams_opened(self) -> int:
@@ -87,20 +88,20 @@ class HboneClientConnection(_HboneConnection):
         canonical = self._authorities.get(authority)
         if canonical is None:
             address, port = parse_authority(authority)
-            canonical = format_authority(address, port)
+            canonical = format_authority(address, port).encode()
             _remember_checked(self._authorities, authority, canonical)
-        headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", canonical)]
-        # Never indexed: an extra header names this connection (forwarded: the
-        # client's address and port), so adding it to both sides' HPACK tables
-        # costs work on each CONNECT and evicts the entries that do repeat.
-        headers += [NeverIndexedHeaderTuple(name, value) for name, value in _check_outbound_headers(extra_headers)]
+        extra = _check_outbound_headers(extra_headers) if extra_headers else ()
         try:
             stream_id = self._h2.get_next_available_stream_id()
-            self._h2.send_headers(stream_id, headers)
+            self._h2.begin_request(stream_id, b"CONNECT", canonical)
         except h2.exceptions.TooManyStreamsError as exc:
             raise HboneProtocolError(f"peer's concurrent stream limit reached: {exc}") from None
         except h2.exceptions.NoAvailableStreamIDError:
             raise HboneProtocolError("stream ids exhausted; open a new connection") from None
+        # Never indexed: an extra header names this connection (forwarded: the
+        # client's address and port), so adding it to both sides' HPACK tables
+        # costs work on each CONNECT and evicts the entries that do repeat.
+        self._h2.send_header_block(stream_id, self._blocks.encode(canonical, extra))
         self._tunnels[stream_id] = self._new_tunnel(_Phase.PENDING)
         self._streams_opened += 1
         if (len(self._tunnels) >= self._settings.pool_max_streams_per_connection

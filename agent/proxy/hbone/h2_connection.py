@@ -36,7 +36,13 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    tests/unit/test_h2_connection.py pins the source of every h2/hpack method
    this bypasses and checks bytes, states and errors against h2's own class.
 
-4. `end_stream(stream_id)`: h2's own method (a tunnel's FIN: the empty DATA
+4. `begin_request(stream_id, ...)` and `send_header_block(stream_id, block)`:
+   h2's `send_headers` opening a client stream, split around the encoding so
+   the caller encodes the CONNECT block itself (connect_block.py); the same
+   checks, transitions and frames (pinned and compared the same way in
+   tests/unit/test_connect_block.py).
+
+5. `end_stream(stream_id)`: h2's own method (a tunnel's FIN: the empty DATA
    frame with END_STREAM, once per tunnel and side) with the frame written as
    the 9 bytes h2 would serialize instead of a DataFrame object built, flagged
    and serialized in Python; the same connection and stream transitions, the
@@ -58,9 +64,9 @@ import h2.config
 import h2.connection
 import h2.events
 import hpack.hpack
-from h2.connection import ConnectionInputs
+from h2.connection import AllowedStreamIDs, ConnectionInputs
 from h2.stream import StreamInputs
-from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
+from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 from h2.errors import ErrorCodes
 
@@ -82,7 +88,10 @@ _STATUS_200 = ((":status", "200"),)
 # A HEADERS frame header (length 1, type 0x1, flags END_HEADERS) up to the stream id.
 _HEADERS_200 = struct.Struct(">HBBBLB")
 _HEADERS = 0x1
+_CONTINUATION = 0x9
 _END_HEADERS = 0x4
+# A frame header: length (its upper 16 bits, its low byte), type, flags, stream id.
+_FRAME_HEAD = struct.Struct(">HBBBL")
 _INDEXED_STATUS_200 = 0x80 | 8  # HPACK indexed field, static table index 8
 # An empty DATA frame (length 0, type 0x0) with END_STREAM.
 _EMPTY_DATA = struct.Struct(">HBBBL")
@@ -129,6 +138,45 @@ class QuietH2Connection(h2.connection.H2Connection):
         stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
         stream.request_method = None
         self._data_to_send += _HEADERS_200.pack(0, 1, _HEADERS, _END_HEADERS, stream_id, _INDEXED_STATUS_200)
+
+    def begin_request(self, stream_id: int, method: bytes, authority: bytes) -> None:
+        """The first half of `send_headers(stream_id, headers)` opening a new
+        stream of ours, before its header block is encoded (as in h2: encoding
+        changes the HPACK context for good, so the transitions come first): the
+        same checks, the same connection and stream transitions, the stream's
+        `request_method` and `_authority` as h2 sets them from `headers`.
+        `send_header_block` queues the block (connect_block.ConnectBlockEncoder
+        encodes it). What the two skip is h2's header list work: the list made
+        into bytes, searched for the method and authority, encoded field by
+        field, and the frames built as objects (~40 Python calls per CONNECT)."""
+        if stream_id in self.streams:
+            raise ProtocolError(f"stream {stream_id} is already open")  # h2 would send trailers: not a request
+        max_open_streams = self.remote_settings.max_concurrent_streams
+        value = self.open_outbound_streams
+        if value + 1 > max_open_streams:
+            raise TooManyStreamsError(f"Max outbound streams is {max_open_streams}, {value} open")
+        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = self._begin_new_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+        stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        stream._authority = authority
+        stream.request_method = method
+
+    def send_header_block(self, stream_id: int, block: bytes) -> None:
+        """The HEADERS frame (and, past the peer's frame size, CONTINUATION
+        frames) h2 would serialize for `block`, without END_STREAM."""
+        size = len(block)
+        limit = self.max_outbound_frame_size
+        if size <= limit:
+            self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, _END_HEADERS, stream_id)
+            self._data_to_send += block
+            return
+        kind = _HEADERS
+        for start in range(0, size, limit):
+            piece = block[start : start + limit]
+            flags = _END_HEADERS if start + limit >= size else 0
+            self._data_to_send += _FRAME_HEAD.pack(len(piece) >> 8, len(piece) & 0xFF, kind, flags, stream_id)
+            self._data_to_send += piece
+            kind = _CONTINUATION
 
     def end_stream(self, stream_id: int) -> None:
         """h2's end_stream: an empty DATA frame with END_STREAM, written directly."""
