@@ -17,6 +17,7 @@ import h2.exceptions
 import hpack
 import pytest
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import HeadersFrame
 
 from ambit.agent.proxy.hbone.connect_block import ConnectBlockEncoder
 from ambit.agent.proxy.hbone.connection import _PlainLiteralEncoder
@@ -186,3 +187,77 @@ def test_the_peers_stream_limit_and_a_closed_connection_fail_as_in_h2() -> None:
     assert seen[2][0][0] == "TooManyStreamsError"  # type: ignore[index]
     seen = _run([("10.0.0.5:80", []), lambda conn: conn.close_connection(), ("10.0.0.5:80", [])])
     assert seen[1][0][0] == "ProtocolError"  # type: ignore[index]
+
+
+# --- the client's 200: QuietH2Connection.receive_header_block skips h2's decoder for a bare 200 ---------
+
+RESPONSE_SOURCES = {
+    "h2.connection.H2Connection._receive_headers_frame":
+        "4a014e7d795a15a583ef2172f88dc19a9bac01edff850fd91eb69c5611b19fa5",
+    "h2.stream.H2Stream.receive_headers":
+        "6bb0626547ebe2da852f315e90d261ebb198f236ef78350b26146e601d6f18ba",
+    "h2.stream.H2Stream._process_received_headers":
+        "991976183ebe21dfe36246c077562d9cc4cd96aad3ff5d7c53cd1691edc67488",
+    "h2.stream.H2StreamStateMachine.response_received":
+        "c9686cfcd479e093725bf905c55cafae0a51485ed09785cf343e8c5f751f51e8",
+}
+
+
+@pytest.mark.parametrize("dotted", sorted(RESPONSE_SOURCES))
+def test_the_code_the_200_shortcut_stands_in_for_is_unchanged(dotted: str) -> None:
+    source = inspect.getsource(_resolve(dotted))
+    assert hashlib.sha256(source.encode()).hexdigest() == RESPONSE_SOURCES[dotted], (
+        f"{dotted} changed: re-check QuietH2Connection._receive_response_200 against it, then update "
+        "RESPONSE_SOURCES")
+
+
+def _responses_side_by_side(before, block: bytes = b"\x88", end_stream: bool = False,  # type: ignore[no-untyped-def]
+                            stream_id: int = 1, times: int = 1) -> list[object]:
+    """The same response block to a client of h2's class (as bytes) and ours (receive_header_block)."""
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = _client(cls)
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.5:80")])
+        before(conn)
+        conn.data_to_send()
+        seen: list[object] = []
+        for _ in range(times):
+            try:
+                if cls is QuietH2Connection:
+                    events = conn.receive_header_block(stream_id, block, end_stream)  # type: ignore[attr-defined]
+                else:
+                    frame = HeadersFrame(stream_id, data=block, flags=["END_HEADERS"] + (["END_STREAM"] if end_stream
+                                                                                       else []))
+                    events = conn.receive_data(frame.serialize())
+                out: object = [(type(e).__name__, getattr(e, "stream_id", None), getattr(e, "headers", None),
+                                type(getattr(e, "headers", [None])[0]).__name__,
+                                getattr(e, "stream_ended", None) is not None) for e in events]
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                out = (type(exc).__name__, str(exc))
+            seen.append((out, bytes(conn.data_to_send())))
+        stream = conn.streams.get(1)
+        seen.append((conn.state_machine.state, None if stream is None else (
+            stream.state_machine.state, stream.state_machine.headers_received, stream.state_machine.trailers_received,
+            stream._expected_content_length)))
+        results.append(seen)
+    assert results[0] == results[1]
+    return results[1]
+
+
+def test_a_200_is_h2s_events_and_states_while_open_and_half_closed() -> None:
+    seen = _responses_side_by_side(lambda conn: None)
+    assert seen[0][0][0][:3] == ("ResponseReceived", 1, [(b":status", b"200")])  # type: ignore[index]
+    _responses_side_by_side(lambda conn: conn.end_stream(1))
+
+
+def test_a_second_200_a_200_with_end_stream_and_other_blocks_are_h2s() -> None:
+    _responses_side_by_side(lambda conn: None, times=2)  # trailers without END_STREAM: h2's error
+    _responses_side_by_side(lambda conn: None, end_stream=True)
+    _responses_side_by_side(lambda conn: None, block=b"\x8d")  # 404
+    _responses_side_by_side(lambda conn: None, block=b"\x88\x0f\x0d\x010")  # 200 with content-length 0
+
+
+def test_a_200_on_a_reset_unknown_or_closed_stream_is_h2s() -> None:
+    _responses_side_by_side(lambda conn: conn.reset_stream(1))
+    _responses_side_by_side(lambda conn: None, stream_id=3)
+    _responses_side_by_side(lambda conn: conn.close_connection())
