@@ -7,6 +7,7 @@ exception. The in-memory wire is tests/support/hbone_wire.py.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -650,6 +651,59 @@ def test_streams_beyond_max_concurrent_are_refused() -> None:
     latest = link.client.open_stream(DEST)
     link.pump()
     assert [e.stream_id for e in of_type(link.take_server(), TunnelRequested)] == [latest]
+
+
+def test_can_open_stream_answers_as_h2s_count_of_open_streams_would() -> None:
+    """can_open_stream counts tunnels first (h2's count walks every stream):
+    every stream h2 counts open is a tunnel, so the answer is h2's, checked
+    here after each step of streams opened, refused, reset, half-closed,
+    ended with bytes unacknowledged and acknowledged, at a peer limit of 3."""
+    import random
+
+    limit = 3
+    link = hbone_link(server_settings=HboneSettings(max_concurrent_streams=limit))
+    client, server = link.client, link.server
+    rng = random.Random(19)
+    live: list[int] = []
+
+    def check() -> None:
+        h2_open = client._h2.open_outbound_streams
+        assert h2_open <= client.tunnel_count
+        assert client.can_open_stream == (h2_open < limit)
+
+    for _ in range(400):
+        check()
+        step = rng.choice(["open", "open", "refuse", "reset", "end_client", "end_server", "data", "ack"])
+        if step == "open" and client.can_open_stream:
+            stream_id = client.open_stream(DEST)
+            link.pump()
+            link.take_server()
+            if rng.random() < 0.8:
+                server.accept(stream_id)
+            live.append(stream_id)
+        elif live:
+            stream_id = rng.choice(live)
+            if step == "refuse":
+                with contextlib.suppress(HboneProtocolError):  # already answered
+                    server.refuse(stream_id, 503)
+            elif step == "reset":
+                client.reset_stream(stream_id)
+            elif step == "end_client":
+                client.end_stream(stream_id)
+            elif step == "end_server":
+                with contextlib.suppress(HboneProtocolError):
+                    server.end_stream(stream_id)
+            elif step == "data":
+                with contextlib.suppress(HboneProtocolError):
+                    server.send_data(stream_id, b"x" * 10)
+            elif step == "ack":
+                client.acknowledge(stream_id, 10)
+        link.pump()
+        for event in link.take_client():
+            if isinstance(event, DataReceived) and rng.random() < 0.5:
+                client.acknowledge(event.stream_id, len(event.data))
+        link.take_server()
+    check()
 
 
 def test_peer_goaway_with_an_error_closes_the_connection(link: Link) -> None:

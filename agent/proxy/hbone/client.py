@@ -69,13 +69,14 @@ class HboneClientConnection(_HboneConnection):
         stream id up to pool_max_stream_id (open_stream itself still opens
         streams on a retired connection: the rule is the pool's).
         """
-        return (
-            self._initiated
-            and not self._closed
-            and not self._retired
-            and not self.going_away
-            and self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
-        )
+        if not self._initiated or self._closed or self._retired or self.going_away:
+            return False
+        # Every stream h2 counts open is one of our tunnels (a tunnel outlives its
+        # h2 stream until its bytes are acknowledged, never the other way round),
+        # so below the limit in tunnels is below it in h2's count: h2's count walks
+        # all its streams (a Python call each), and open_stream makes it anyway.
+        limit = self._h2.remote_settings.max_concurrent_streams
+        return len(self._tunnels) < limit or self._h2.open_outbound_streams < limit
 
     def open_stream(self, authority: str, extra_headers: Iterable[tuple[str, str]] = ()) -> int:
         """Send CONNECT for `authority` ("ip:port", "[ipv6]:port"); returns the stream id.
