@@ -261,3 +261,37 @@ def test_a_200_on_a_reset_unknown_or_closed_stream_is_h2s() -> None:
     _responses_side_by_side(lambda conn: conn.reset_stream(1))
     _responses_side_by_side(lambda conn: None, stream_id=3)
     _responses_side_by_side(lambda conn: conn.close_connection())
+
+
+def test_streams_ended_by_the_thousand_are_dropped_as_h2_drops_them_and_the_limit_holds() -> None:
+    """begin_request has h2 count open streams (and drop the closed ones) only
+    near the peer's limit or past _PURGE_AT held: what h2 holds stays bounded,
+    and the limit is h2's at every step."""
+    import h2.settings
+
+    from ambit.agent.proxy.hbone.h2_connection import _PURGE_AT
+
+    for limit in (5, 100):
+        h2s, ours = _Side(False), _Side(True)
+        for side in (h2s, ours):
+            side.conn.remote_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+            side.conn.remote_settings.acknowledge()
+        opened: list[int] = []
+        for i in range(1000):
+            theirs, mine = h2s.connect("10.0.0.5:80", []), ours.connect("10.0.0.5:80", [])
+            assert (mine[0][0] if isinstance(mine[0], tuple) else "ok") == (  # type: ignore[index]
+                theirs[0][0] if isinstance(theirs[0], tuple) else "ok")  # type: ignore[index]
+            if not isinstance(mine[0], tuple):  # type: ignore[index]
+                opened.append(ours.conn.highest_outbound_stream_id)
+            if i % 3 != 2 and opened:  # end two of every three
+                stream_id = opened.pop(0)
+                for side in (h2s, ours):
+                    side.conn.reset_stream(stream_id)
+                    side.conn.data_to_send()
+            assert len(ours.conn.streams) <= max(_PURGE_AT, limit) + 1
+            assert _open_streams(ours.conn) == _open_streams(h2s.conn)  # counted without dropping any
+
+
+def _open_streams(conn: h2.connection.H2Connection) -> int:
+    return sum(1 for stream in conn.streams.values() if stream.open)
