@@ -21,8 +21,7 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    that is a whole header block with no padding or priority (a CONNECT, a
    200: `receive_header_block`), whose bytes h2's FrameBuffer would parse
    into such a frame again (~15 Python calls per tunnel and side); frames
-   with anything else go to `receive_data` as bytes. A client stream's bare
-   200 (block 0x88) skips the decoder too (`_receive_response_200`).
+   with anything else go to `receive_data` as bytes.
 
 3. `send_response_200(stream_id)`: h2's `send_headers(stream_id, [(":status",
    "200")])` for a stream the peer opened, in three steps instead of ~25 Python
@@ -37,17 +36,23 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    tests/unit/test_h2_connection.py pins the source of every h2/hpack method
    this bypasses and checks bytes, states and errors against h2's own class.
 
-4. `begin_request(stream_id, ...)` and `send_header_block(stream_id, block)`:
-   h2's `send_headers` opening a client stream, split around the encoding so
-   the caller encodes the CONNECT block itself (connect_block.py); the same
-   checks, transitions and frames (pinned and compared the same way in
-   tests/unit/test_connect_block.py).
-
-5. `end_stream(stream_id)`: h2's own method (a tunnel's FIN: the empty DATA
+4. `end_stream(stream_id)`: h2's own method (a tunnel's FIN: the empty DATA
    frame with END_STREAM, once per tunnel and side) with the frame written as
    the 9 bytes h2 would serialize instead of a DataFrame object built, flagged
    and serialized in Python; the same connection and stream transitions, the
    same errors for an unknown or closed stream (pinned the same way).
+
+The client side's (tests/unit/test_connect_block.py pins the h2 code each
+stands in for and compares bytes, states, events and errors with h2's class):
+
+7. `begin_request(stream_id, ...)` and `send_header_block(stream_id, block)`:
+   h2's `send_headers` opening a client stream, split around the encoding so
+   the caller encodes the CONNECT block itself (connect_block.py): the same
+   checks, transitions and frames, without h2's header list work.
+
+8. A client stream's bare 200 (block 0x88, what our server sends) in
+   `receive_header_block`: h2's `_receive_headers_frame` without the decoder,
+   which would change nothing (`_receive_response_200`).
 
 And the debug lines of both libraries, which nobody reads, cost no Python
 call: h2 calls its logger's `debug` ~9 times per tunnel and side (its
@@ -64,14 +69,18 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
-import h2.stream
 import hpack.hpack
-from h2.connection import AllowedStreamIDs, ConnectionInputs
-from h2.stream import StreamInputs, StreamState
-from hpack import HeaderTuple
-from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError, TooManyStreamsError
+from h2.connection import ConnectionInputs
+from h2.stream import StreamInputs
+from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 from h2.errors import ErrorCodes
+
+# The client side's shortcuts (7. and 8. above).
+from h2.connection import AllowedStreamIDs
+from h2.exceptions import TooManyStreamsError
+from h2.stream import H2Stream, StreamState
+from hpack import HeaderTuple
 
 
 class SilentLogger:
@@ -88,23 +97,25 @@ hpack.hpack.log = SilentLogger()  # type: ignore[assignment]
 
 
 _STATUS_200 = ((":status", "200"),)
-_STATUS_200_BLOCK = b"\x88"  # the whole header block of a bare 200 (see 3. above)
-# Streams held (open or closed) past which begin_request has h2 count and drop the closed ones.
-_PURGE_AT = 32
-# Client stream states a response may arrive in (h2's stream transitions for RECV_HEADERS).
-_AWAITING_RESPONSE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 # A HEADERS frame header (length 1, type 0x1, flags END_HEADERS) up to the stream id.
 _HEADERS_200 = struct.Struct(">HBBBLB")
 _HEADERS = 0x1
-_CONTINUATION = 0x9
 _END_HEADERS = 0x4
-# A frame header: length (its upper 16 bits, its low byte), type, flags, stream id.
-_FRAME_HEAD = struct.Struct(">HBBBL")
 _INDEXED_STATUS_200 = 0x80 | 8  # HPACK indexed field, static table index 8
 # An empty DATA frame (length 0, type 0x0) with END_STREAM.
 _EMPTY_DATA = struct.Struct(">HBBBL")
 _DATA = 0x0
 _END_STREAM = 0x1
+
+# The client side's (7. and 8. above).
+_CONTINUATION = 0x9
+# A frame header: length (its upper 16 bits, its low byte), type, flags, stream id.
+_FRAME_HEAD = struct.Struct(">HBBBL")
+_STATUS_200_BLOCK = b"\x88"  # the whole header block of a bare 200 (see 3. above)
+# Streams held (open or closed) past which begin_request has h2 count and drop the closed ones.
+_PURGE_AT = 32
+# Client stream states a response may arrive in (h2's stream transitions for RECV_HEADERS).
+_AWAITING_RESPONSE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
 class QuietH2Connection(h2.connection.H2Connection):
@@ -140,7 +151,7 @@ class QuietH2Connection(h2.connection.H2Connection):
         finally:
             frame.data = b""  # the block is not kept
 
-    def _receive_response_200(self, stream: h2.stream.H2Stream) -> list[h2.events.Event]:
+    def _receive_response_200(self, stream: H2Stream) -> list[h2.events.Event]:
         """A client stream's first response, the bare 200 (block 0x88, no
         END_STREAM), as h2's `_receive_headers_frame` takes it in: the same
         connection and stream transitions, the content-length check, and the
