@@ -205,7 +205,11 @@ def test_ipv6_tunnel(link: Link) -> None:
         ("te", "trailers"),
         ("host", "10.1.2.3"),
         ("baggage", "a\r\nb"),
+        ("baggage", "a\rb"),
+        ("baggage", "a\nb"),
+        ("baggage", "a\0b"),
         ("baggage", " padded"),
+        ("baggage", "padded\t"),
         ("", "x"),
     ],
 )
