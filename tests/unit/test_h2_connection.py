@@ -215,6 +215,22 @@ SHORTCUT_SOURCES = {
         ("a405987b1e458e87208991a73ca9c40f9d80daee9c15151d3286dcefa479f589", "receive_header_block"),
     "h2.connection.H2Connection._receive_headers_frame":
         ("4a014e7d795a15a583ef2172f88dc19a9bac01edff850fd91eb69c5611b19fa5", "receive_header_block"),
+    "h2.stream.H2Stream.receive_headers":
+        ("6bb0626547ebe2da852f315e90d261ebb198f236ef78350b26146e601d6f18ba", "_receive_new_request"),
+    "h2.stream.H2Stream._process_received_headers":
+        ("991976183ebe21dfe36246c077562d9cc4cd96aad3ff5d7c53cd1691edc67488", "_receive_new_request"),
+    "h2.stream.H2Stream._initialize_content_length":
+        ("268409356c435b4e7c7981079683f36e275b4492d1115f8eb9cb22b00e304956", "_receive_new_request"),
+    "h2.utilities.normalize_inbound_headers":
+        ("41eb3a6269808e1dedaf7acf4954540a126f7aa4f4ab7807716dbcff9b788d78", "_receive_new_request"),
+    "h2.utilities._combine_cookie_fields":
+        ("542f76bb5ee7ba4aaa079c14e7984c9e622bce22769b7d0f3b66585d742c1eda", "_receive_new_request"),
+    "h2.connection._decode_headers":
+        ("ee1b71503327698a66c61ea6c66898b5d9c973de637aeebe7abfbd6e7c292e7e", "_receive_new_request"),
+    "h2.connection.H2Connection._begin_new_stream":
+        ("de40fc0b03dfa4434922e6b06f37843398eaabab8035a66a873239ea08d546c0", "_receive_new_request"),
+    "h2.stream.H2StreamStateMachine.request_received":
+        ("102c95b6a5f0f7fc9905edae330eaefea31a7b7836ed5ff4a6a5ed5b4e4eb7d0", "_receive_new_request"),
 }
 
 
@@ -378,12 +394,19 @@ def _headers_frame(stream_id: int, block: bytes, end_stream: bool) -> bytes:
     return frame.serialize()
 
 
-def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[int, bytes, bool]]) -> list[object]:
+def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[int, bytes, bool]], *,
+                         validate: bool = True, max_streams: int | None = None) -> list[object]:
     """The same HEADERS frames as bytes to h2's class and as blocks to ours:
-    events (with their headers), exceptions and bytes out must be equal."""
+    events (with their headers), exceptions, bytes out and the streams'
+    states must be equal. validate=False: HBONE's configuration (a server's
+    requests then take _receive_new_request)."""
     results = []
     for cls in (h2.connection.H2Connection, QuietH2Connection):
-        conn = cls(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
+        conn = cls(h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                             validate_inbound_headers=validate))
+        if max_streams is not None:
+            conn.local_settings.max_concurrent_streams = max_streams
+            conn.local_settings.acknowledge()
         conn.initiate_connection()
         if prelude:
             conn.receive_data(prelude)
@@ -399,10 +422,20 @@ def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[i
                                 is not None) for e in events]
             except Exception as exc:  # noqa: BLE001 - the exception is the observed result
                 got = type(exc).__name__
-            seen.append((got, bytes(conn.data_to_send())))
+            seen.append((got, bytes(conn.data_to_send()), _stream_states(conn)))
         results.append(seen)
     assert results[0] == results[1]
     return results[1]
+
+
+def _stream_states(conn: h2.connection.H2Connection) -> object:
+    """What a received request leaves in h2's connection and streams."""
+    streams = {sid: (st.state_machine.state, st.state_machine.client, st.state_machine.headers_received,
+                     st.request_method, st._expected_content_length, st._actual_content_length,
+                     st.inbound_flow_control_window, st.outbound_flow_control_window, st.max_outbound_frame_size)
+               for sid, st in conn.streams.items()}
+    return (conn.state_machine.state, conn.highest_inbound_stream_id, conn.highest_outbound_stream_id, streams,
+            conn.decoder.header_table.dynamic_entries.copy())
 
 
 def _encoded(headers: list[tuple[str, str]]) -> bytes:
@@ -447,3 +480,57 @@ def _client_preface() -> bytes:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     return client.data_to_send()
+
+
+# --- _receive_new_request: a server's CONNECT opening a stream, h2's receive path inlined ---------------
+
+def test_requests_on_new_streams_are_h2s_with_hbones_configuration() -> None:
+    import hpack
+
+    encoder = hpack.Encoder()  # one encoder: later blocks refer to the dynamic table
+    connect = [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")]
+    never = hpack.NeverIndexedHeaderTuple("forwarded", 'for="10.0.1.9:40000"')
+    seen = _blocks_side_by_side(False, _client_preface(), [
+        (1, encoder.encode(connect), False),
+        (3, encoder.encode([*connect, never]), False),
+        (5, encoder.encode([*connect, ("cookie", "a=1"), ("x", "y"), ("cookie", "b=2")]), False),  # joined, last
+        (7, encoder.encode([*connect, ("content-length", "0")]), False),
+        (9, encoder.encode([*connect, ("content-length", "x")]), False),  # h2's ProtocolError
+    ], validate=False)
+    assert [step[0][0][0] for step in seen[:4]] == ["RequestReceived"] * 4
+    assert seen[2][0][0][1][-1] == (b"cookie", b"a=1; b=2")
+    assert seen[4][0] == "ProtocolError"
+
+
+def test_a_status_in_a_request_block_is_h2s() -> None:
+    for status in ("103", "200"):
+        seen = _blocks_side_by_side(False, _client_preface(), [
+            (1, _encoded([(":status", status), (":method", "CONNECT")]), False)], validate=False)
+        if status == "103":
+            assert seen[0][0] == "ProtocolError"  # informational headers may not open a stream
+
+
+def test_streams_h2_refuses_before_decoding_go_to_h2() -> None:
+    connect = _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+    seen = _blocks_side_by_side(False, _client_preface(), [
+        (3, connect, False),
+        (1, connect, False),  # below the highest: h2's StreamIDTooLowError path
+        (4, connect, False),  # even
+        (5, b"\xff\xff\xff\xff", False),  # undecodable: GOAWAY, connection closed
+        (7, connect, False),  # on a closed connection
+    ], validate=False)
+    assert seen[3][0] == "ProtocolError" and seen[3][1]
+    full = _blocks_side_by_side(False, _client_preface(), [(1, connect, False), (3, connect, False),
+                                                           (5, connect, False)], validate=False, max_streams=2)
+    assert full[2][0] == "TooManyStreamsError"
+
+
+def test_the_fast_path_is_taken_for_a_plain_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = QuietH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                                      validate_inbound_headers=False))
+    conn.initiate_connection()
+    conn.receive_data(_client_preface())
+    monkeypatch.setattr(conn, "receive_frame", lambda frame: pytest.fail("went through receive_frame"))
+    events = conn.receive_header_block(1, _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:80")]), False)
+    assert [type(e).__name__ for e in events] == ["RequestReceived"]
+    assert events[0].headers == [(b":method", b"CONNECT"), (b":authority", b"10.0.0.5:80")]
