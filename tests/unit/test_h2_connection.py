@@ -231,6 +231,18 @@ SHORTCUT_SOURCES = {
         ("de40fc0b03dfa4434922e6b06f37843398eaabab8035a66a873239ea08d546c0", "_receive_new_request"),
     "h2.stream.H2StreamStateMachine.request_received":
         ("102c95b6a5f0f7fc9905edae330eaefea31a7b7836ed5ff4a6a5ed5b4e4eb7d0", "_receive_new_request"),
+    "h2.stream.H2Stream.receive_data":
+        ("50acc2e021f36c398c9446eb938aa8d0ea55c45e075a9ab87e6db3a17d3e8463", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.data_received":
+        ("403edf4d8eec67ad9cf0b5f9a096e69650d351cffd2dc442689668571bff1449", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.stream_half_closed":
+        ("622af811e0e91f8f3739dbc777acd268f290570ca6f83c00de2a14c12436b0ef", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.stream_ended":
+        ("6d490789fb26e48e06721275e7cf52685e78780fdcf80d265814696421be7d79", "receive_end_stream"),
+    "h2.stream.H2Stream._track_content_length":
+        ("a4580a2f3c858963d38d18e7b7db099570e2afa2275cd757d3186244b62007aa", "receive_end_stream"),
+    "h2.windows.WindowManager.window_consumed":
+        ("db17e4434e9a0aca67a19dd9b493e1003d73344f1d6bee220b7e867353cc6c86", "receive_end_stream"),
 }
 
 
@@ -534,3 +546,54 @@ def test_the_fast_path_is_taken_for_a_plain_connect(monkeypatch: pytest.MonkeyPa
     events = conn.receive_header_block(1, _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:80")]), False)
     assert [type(e).__name__ for e in events] == ["RequestReceived"]
     assert events[0].headers == [(b":method", b"CONNECT"), (b":authority", b"10.0.0.5:80")]
+
+
+# --- receive_end_stream inlined for a stream h2 takes it on plainly ------------------------------------
+
+def _end_state(conn: h2.connection.H2Connection) -> object:
+    return (conn.state_machine.state, conn._inbound_flow_control_window_manager.current_window_size,
+            {sid: (st.state_machine.state, st._actual_content_length, st._inbound_window_manager.current_window_size)
+             for sid, st in conn.streams.items()})
+
+
+def _events(events: list[h2.events.Event]) -> list[object]:
+    return [(type(e).__name__, e.stream_id, getattr(e, "data", None), getattr(e, "flow_controlled_length", None),
+             type(getattr(e, "stream_ended", None)).__name__) for e in events]
+
+
+def test_received_end_streams_are_h2s_events_and_states_in_every_stream_state() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    for stream_id in (1, 3, 5, 7):
+        client.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+    client.send_headers(9, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "a"),
+                            ("content-length", "3")])
+    wire = client.data_to_send()
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = _server(cls)
+        conn.receive_data(wire)
+        conn.send_headers(3, [(":status", "200")], end_stream=True)  # half-closed by us
+        conn.reset_stream(5)
+        conn.data_to_send()
+        seen: list[object] = []
+        for stream_id in (1, 3, 5, 9, 1, 11):  # open, half-closed local, reset, content-length unmet, ended, unknown
+            try:
+                if cls is QuietH2Connection:
+                    got: object = _events(conn.receive_end_stream(stream_id))  # type: ignore[attr-defined]
+                else:
+                    got = _events(conn.receive_data(DataFrame(stream_id, flags=("END_STREAM",)).serialize()))
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                got = type(exc).__name__
+            seen.append((got, bytes(conn.data_to_send()), _end_state(conn)))
+        results.append(seen)
+    assert results[0] == results[1]
+    assert [step[0][0][0] for step in results[1][:2]] == ["DataReceived"] * 2
+
+
+def test_the_inlined_end_stream_skips_the_frame_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, wire = _client_wire()
+    conn = _server(QuietH2Connection)
+    conn.receive_data(wire)
+    monkeypatch.setattr(conn, "receive_frame", lambda frame: pytest.fail("went through receive_frame"))
+    assert _kinds(conn.receive_end_stream(1)) == ["DataReceived", "StreamEnded"]
