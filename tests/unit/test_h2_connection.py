@@ -597,3 +597,48 @@ def test_the_inlined_end_stream_skips_the_frame_dispatch(monkeypatch: pytest.Mon
     conn.receive_data(wire)
     monkeypatch.setattr(conn, "receive_frame", lambda frame: pytest.fail("went through receive_frame"))
     assert _kinds(conn.receive_end_stream(1)) == ["DataReceived", "StreamEnded"]
+
+
+# --- h2's state-machine enums hash by identity (C) -----------------------------------------------------
+
+def test_h2s_state_machine_enums_hash_by_identity_and_every_transition_is_found() -> None:
+    import h2.stream
+
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
+             h2.stream.StreamInputs)
+    for cls in enums:
+        for member in cls:
+            assert hash(member) == object.__hash__(member)
+    for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
+        assert table and all(table[key] is value for key, value in list(table.items()))
+
+
+def test_no_other_h2_container_is_keyed_by_those_enums() -> None:
+    """Rebuilding the two transition tables is all the re-hash needs: no other
+    dict or set in h2's modules (or their classes) holds those members as keys."""
+    import types
+
+    import h2
+
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
+             h2.stream.StreamInputs)
+    tables = {id(h2.connection.H2ConnectionStateMachine._transitions), id(h2.stream._transitions)}
+
+    def keyed_by_them(container: object) -> bool:
+        if isinstance(container, (dict, set, frozenset)) and id(container) not in tables:
+            for key in container:
+                parts = key if isinstance(key, tuple) else (key,)
+                if any(isinstance(part, enums) for part in parts):
+                    return True
+        return False
+
+    found = []
+    for name, module in list(vars(h2).items()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        for attr, value in vars(module).items():
+            if keyed_by_them(value):
+                found.append(f"{name}.{attr}")
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                found += [f"{name}.{attr}.{k}" for k, v in vars(value).items() if keyed_by_them(v)]
+    assert not found

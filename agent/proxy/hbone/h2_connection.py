@@ -79,6 +79,7 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
+import h2.stream
 import hpack.hpack
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, _decode_headers
 from h2.stream import H2Stream, StreamInputs, StreamState
@@ -98,6 +99,26 @@ class SilentLogger:
 # hpack logs through its module's `log` (debug only); the agent's JSON logs
 # never carried those lines (the stdlib root logger stays at WARNING).
 hpack.hpack.log = SilentLogger()  # type: ignore[assignment]
+
+
+def _hash_state_machine_enums_by_identity() -> None:
+    """h2's state machines look up (state, input) in a dict on every transition
+    (~9 per tunnel and side), and Enum.__hash__ is a Python function
+    (hash(self._name_)): two Python calls a lookup. An Enum compares by identity,
+    so object.__hash__ (C) is as valid a hash for it; the two dicts keyed by
+    these members, built at h2's import with the old hashes, are rebuilt. No
+    other container holds them as keys (tests/unit/test_h2_connection.py pins
+    h2's modules that define and use them)."""
+    for cls in (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
+                h2.stream.StreamInputs):
+        cls.__hash__ = object.__hash__  # type: ignore[method-assign,assignment]
+    for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
+        entries = list(table.items())
+        table.clear()
+        table.update(entries)
+
+
+_hash_state_machine_enums_by_identity()
 
 
 _STATUS_200 = ((":status", "200"),)
