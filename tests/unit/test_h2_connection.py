@@ -642,3 +642,18 @@ def test_no_other_h2_container_is_keyed_by_those_enums() -> None:
             if isinstance(value, type) and value.__module__ == module.__name__:
                 found += [f"{name}.{attr}.{k}" for k, v in vars(value).items() if keyed_by_them(v)]
     assert not found
+
+
+def test_the_open_stream_count_of_a_new_request_is_h2s() -> None:
+    conn = QuietH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                                      validate_inbound_headers=False))
+    conn.initiate_connection()
+    conn.receive_data(_client_preface())
+    block = _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:80")])
+    for stream_id in (1, 3, 5):
+        conn.receive_header_block(stream_id, block, False)
+        assert conn.open_inbound_streams_with(stream_id) == conn.open_inbound_streams == (stream_id + 1) // 2
+    conn.reset_stream(3)
+    conn.receive_header_block(7, block, True)  # with END_STREAM: h2's own path, h2's own count
+    assert conn.open_inbound_streams_with(7) == conn.open_inbound_streams == 3
+    assert conn.open_inbound_streams_with(5) == conn.open_inbound_streams  # not the latest request: counted anew

@@ -52,6 +52,8 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    goes through h2's `H2Stream.receive_headers` after the same decode; a
    stream h2 would refuse before decoding (too many streams, an id too low or
    of the wrong parity, a closed connection) goes to h2's own path whole.
+   The open-stream count it makes (h2's walk over every stream) is kept for
+   the server's own limit check of that request (`open_inbound_streams_with`).
    Pinned like the rest, and run side by side with h2 in the tests.
 
 6. `receive_end_stream` on a stream h2 would take it on plainly (open or
@@ -140,6 +142,7 @@ class QuietH2Connection(h2.connection.H2Connection):
         super().__init__(config)
         # Requests may take _receive_new_request: a server that neither validates
         # received headers nor decodes them to str (HBONE's configuration).
+        self._counted_request = (0, 0)  # (stream id, open inbound streams with it): _receive_new_request
         self._plain_requests = (not self.config.client_side and not self.config.validate_inbound_headers
                                 and not isinstance(self.config.header_encoding, str))
         self._end_stream_frame = DataFrame(1, flags=("END_STREAM",))
@@ -168,9 +171,11 @@ class QuietH2Connection(h2.connection.H2Connection):
         """h2's `_receive_headers_frame` for a request opening `stream_id`
         (module docstring, 5); None, with nothing done, where h2 would refuse
         the stream before decoding: its own path then raises what it raises."""
-        if (stream_id <= self.highest_inbound_stream_id or not stream_id & 1
-                or self.state_machine.state is ConnectionState.CLOSED
-                or self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+        if stream_id <= self.highest_inbound_stream_id or not stream_id & 1 \
+                or self.state_machine.state is ConnectionState.CLOSED:
+            return None
+        open_before = self.open_inbound_streams
+        if open_before + 1 > self.local_settings.max_concurrent_streams:
             return None
         try:
             headers = _decode_headers(self.decoder, block)
@@ -186,7 +191,19 @@ class QuietH2Connection(h2.connection.H2Connection):
         except ProtocolError as exc:  # as receive_frame: a GOAWAY is queued, the error raised
             self._terminate_connection(exc.error_code)  # type: ignore[arg-type]
             raise
+        self._counted_request = (stream_id, open_before + 1)
         return events + stream_events
+
+    def open_inbound_streams_with(self, stream_id: int) -> int:
+        """h2's `open_inbound_streams`, asked while the RequestReceived that
+        opened `stream_id` is handled: _receive_new_request counted the open
+        streams just before it made this one (nothing has changed since), so
+        h2's walk over every stream is not made a second time."""
+        counted_id, count = self._counted_request
+        if counted_id == stream_id and stream_id == self.highest_inbound_stream_id:
+            self._counted_request = (0, 0)
+            return count
+        return self.open_inbound_streams
 
     def receive_end_stream(self, stream_id: int) -> list[h2.events.Event]:
         """`receive_frame(DataFrame(stream_id, flags=("END_STREAM",)))`, the frame object reused;
