@@ -604,11 +604,13 @@ def test_the_inlined_end_stream_skips_the_frame_dispatch(monkeypatch: pytest.Mon
 def test_h2s_state_machine_enums_hash_by_identity_and_every_transition_is_found() -> None:
     import h2.stream
 
-    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
-             h2.stream.StreamInputs)
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
     for cls in enums:
+        assert cls.__eq__ is object.__eq__  # identity equality: an identity hash is consistent with it
         for member in cls:
             assert hash(member) == object.__hash__(member)
+    for state in h2.stream.StreamState:  # an IntEnum: int's hash and equality, left alone
+        assert hash(state) == hash(int(state)) and state == int(state)
     for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
         assert table and all(table[key] is value for key, value in list(table.items()))
 
@@ -620,8 +622,7 @@ def test_no_other_h2_container_is_keyed_by_those_enums() -> None:
 
     import h2
 
-    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
-             h2.stream.StreamInputs)
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
     tables = {id(h2.connection.H2ConnectionStateMachine._transitions), id(h2.stream._transitions)}
 
     def keyed_by_them(container: object) -> bool:

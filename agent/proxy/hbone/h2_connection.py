@@ -106,13 +106,15 @@ hpack.hpack.log = SilentLogger()  # type: ignore[assignment]
 def _hash_state_machine_enums_by_identity() -> None:
     """h2's state machines look up (state, input) in a dict on every transition
     (~9 per tunnel and side), and Enum.__hash__ is a Python function
-    (hash(self._name_)): two Python calls a lookup. An Enum compares by identity,
-    so object.__hash__ (C) is as valid a hash for it; the two dicts keyed by
-    these members, built at h2's import with the old hashes, are rebuilt. No
-    other container holds them as keys (tests/unit/test_h2_connection.py pins
-    h2's modules that define and use them)."""
-    for cls in (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamState,
-                h2.stream.StreamInputs):
+    (hash(self._name_)): a Python call per plain-Enum member in the key. A plain
+    Enum compares by identity (object.__eq__), so object.__hash__ (C) is as
+    valid a hash for it; StreamState is an IntEnum (int's hash and equality, C
+    already) and keeps them. The two dicts keyed by these members, built at h2's
+    import with the old hashes, are rebuilt. No other container holds them as
+    keys (tests/unit/test_h2_connection.py checks h2's modules)."""
+    for cls in _IDENTITY_HASHED_ENUMS:
+        if cls.__eq__ is not object.__eq__:  # pragma: no cover - an h2 whose enums compare otherwise
+            raise TypeError(f"{cls.__qualname__} does not compare by identity")
         cls.__hash__ = object.__hash__  # type: ignore[method-assign,assignment]
     for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
         entries = list(table.items())
@@ -120,6 +122,7 @@ def _hash_state_machine_enums_by_identity() -> None:
         table.update(entries)
 
 
+_IDENTITY_HASHED_ENUMS = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
 _hash_state_machine_enums_by_identity()
 
 
