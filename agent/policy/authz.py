@@ -626,6 +626,11 @@ class PolicyEngine:
     def allows(self, conn: ConnectionAttributes) -> Decision:
         """Decide and log: denials at info, allows at debug (the hot path)."""
         decision = self._decide(conn)
+        self.report(conn, decision)
+        return decision
+
+    def report(self, conn: ConnectionAttributes, decision: Decision) -> None:
+        """The log line of `allows` (also for a decision the caller remembered)."""
         if decision.allowed:
             self._log.debug("connection allowed", reason=decision.reason, peer=conn.principal,
                             dst_port=conn.destination_port)
@@ -634,7 +639,6 @@ class PolicyEngine:
                            src=str(conn.source_ip), peer=conn.principal,
                            dst=f"{conn.destination_ip}:{conn.destination_port}",
                            dst_namespace=conn.destination_namespace)
-        return decision
 
     def _decide(self, conn: ConnectionAttributes) -> Decision:
         if conn.principal is None and self._peer_authentication is not None:

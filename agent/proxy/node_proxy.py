@@ -81,6 +81,8 @@ _RESPONSE_FLAGS = {RelayEnd.CONNECT_REFUSED: "UF", RelayEnd.CONNECT_TIMEOUT: "UF
 # connect failure (UF), a reset by either end (UR / DR), the HBONE connection lost (UC).
 _REFUSAL_FLAGS = {401: "UAEX", 503: "UF"}
 _TUNNEL_FLAGS = {TunnelEnd.TCP_RESET: "UR", TunnelEnd.STREAM_RESET: "DR", TunnelEnd.CONNECTION_LOST: "UC"}
+# An inbound tunnel's end -> (response flags, the access log's `end`): one lookup per close.
+_TUNNEL_END_FIELDS = {end: (_TUNNEL_FLAGS.get(end, "-"), end.value) for end in TunnelEnd}
 # Read once: an Enum member's .value is two Python calls on 3.11, and these go into every HBONE access-log line.
 _HBONE_LISTENER = ListenerKind.HBONE.value
 _VIA_HBONE = Route.HBONE.value
@@ -612,16 +614,17 @@ class NodeProxy:
 
     def tunnel_closed(self, admitted: InboundTunnel, outcome: TunnelOutcome, client: SocketAddress,
                       seconds: float) -> None:
-        flags = _TUNNEL_FLAGS.get(outcome.end, "-")
+        flags, end = _TUNNEL_END_FIELDS[outcome.end]
         labels = self._inbound_labels(admitted.peer_identity, admitted.client_ip, admitted.dst_ip, flags)
         if flags != "-":
             self.metrics.failed(labels)
         self.metrics.closed(labels, outcome.bytes_to_tcp, outcome.bytes_to_stream)
         self.access_log.connection(
             listener=_HBONE_LISTENER, src=str(client), dst=f"{admitted.dst_ip}:{admitted.dst_port}",
-            src_identity=str(admitted.peer_identity), dst_identity=_known(labels.destination_principal),
+            src_identity=labels.source_principal,  # str(admitted.peer_identity), made with the labels
+            dst_identity=_known(labels.destination_principal),
             sent=outcome.bytes_to_tcp, received=outcome.bytes_to_stream,
-            duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=outcome.end.value,
+            duration_ms=round(seconds * 1000, 1), decision="allow", reason=admitted.reason, end=end,
             error=outcome.detail or None, via=_VIA_HBONE)
 
     def tunnel_refused(self, peer: SpiffeId, client: SocketAddress, dst_ip: str, dst_port: int, status: int,

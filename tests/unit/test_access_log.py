@@ -96,3 +96,45 @@ def test_a_line_is_one_json_object_per_write_under_structlog_default_config() ->
         assert access._write is None
     finally:
         logconf.configure("warn")
+
+
+def test_the_iso_stamp_is_structlogs_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UtcIsoStamp against TimeStamper(fmt="iso", utc=True) at the same instants: a zero fraction
+    (isoformat leaves it out), a new second, the same second again, a leap day, the epoch."""
+    import datetime
+    import time
+
+    from ambit.agent.telemetry.access_log import UtcIsoStamp
+
+    stamp = UtcIsoStamp()
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    instants = [1_765_000_000_000_000_000, 1_765_000_000_000_001_999, 1_765_000_000_999_999_999,
+                1_765_000_001_000_000_000, 1_765_000_001_123_456_789, 1_709_164_799_500_000_000, 0]
+    for ns in instants:
+        monkeypatch.setattr(time, "time_ns", lambda ns=ns: ns)
+        at = datetime.datetime.fromtimestamp(ns // 1000 / 1e6, datetime.timezone.utc).replace(
+            microsecond=ns // 1000 % 1_000_000)
+
+        class Frozen(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):  # type: ignore[override]
+                return at
+
+        monkeypatch.setattr(datetime, "datetime", Frozen)
+        want = stamper(None, "info", {})["timestamp"]
+        monkeypatch.undo()
+        monkeypatch.setattr(time, "time_ns", lambda ns=ns: ns)
+        assert stamp() == want, ns
+        monkeypatch.undo()
+
+
+def test_the_direct_line_carries_the_current_time(recorder: WriteRecorder) -> None:
+    import datetime
+
+    access = AccessLog()
+    before = datetime.datetime.now(datetime.timezone.utc)
+    access.connection(**_CASES[0])
+    after = datetime.datetime.now(datetime.timezone.utc)
+    stamp = json.loads(_lines(recorder.writes)[0])["timestamp"]
+    at = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before <= at <= after

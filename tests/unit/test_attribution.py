@@ -8,6 +8,7 @@ from typing import Any
 
 from ambit.agent.discovery.attribution import Attributor
 from ambit.agent.discovery.state import ClusterState
+from ambit.agent.identity.spiffe import SpiffeId
 from ambit.agent.policy.authz import UNKNOWN_DESTINATION, UNKNOWN_SOURCE, PolicyEngine
 from ambit.agent.policy.enforce import Authorizer
 from ambit.agent.policy.peerauth import PeerAuthenticationPolicy
@@ -192,3 +193,85 @@ def test_an_outbound_client_is_its_enrolment_record_never_its_address_alone():
     contradicted = mesh.router.plan_for("10.1.0.2", "10.1.0.5", 8080, dry_run=True)
     assert contradicted.route is Route.REFUSE and contradicted.fail_closed == UNKNOWN_SOURCE
     assert "uid another" in contradicted.reason
+
+
+# --- remembered verdicts: an identity-bearing peer's verdict per (client IP, peer, destination IP, port)
+# is reused only while policy and the destination pod are what it was decided on, and logged like a fresh one.
+
+PEER = SpiffeId("cluster.local", "shop", "client")
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def debug(self, event: str, **kw) -> None:
+        self.lines.append(("debug", event, kw))
+
+    def info(self, event: str, **kw) -> None:
+        self.lines.append(("info", event, kw))
+
+    def bind(self, **kw):
+        return self
+
+
+def check(mesh: Mesh, dst_ip: str = "10.1.0.5", port: int = 8080, source_ip: str = "10.2.0.9",
+          peer: SpiffeId = PEER):
+    return mesh.authorizer.check(source_ip=source_ip, source_identity=peer, dst_ip=dst_ip, dst_port=port)
+
+
+def test_a_remembered_verdict_is_reused_and_logged_again():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}))
+    log = RecordingLog()
+    mesh.engine._log = log
+
+    first, second = check(mesh), check(mesh)
+
+    assert first.allowed and second is first
+    assert [line[:2] for line in log.lines] == [("debug", "connection allowed")] * 2
+    assert log.lines[0] == log.lines[1]
+
+
+def test_a_policy_change_drops_remembered_verdicts():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}))
+    assert check(mesh).allowed
+
+    mesh.state.apply("ADDED", deny_selected("shop", "web"))
+
+    assert check(mesh).reason == "denied by shop/deny-web rule 0"
+
+
+def test_a_changed_destination_pod_is_decided_afresh():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5", labels={"app": "old"}),
+                deny_selected("shop", "web"))
+    assert check(mesh).allowed
+
+    mesh.state.apply("MODIFIED", pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}))
+
+    assert not check(mesh).allowed
+
+
+def test_each_input_of_the_key_is_decided_on_its_own():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}),
+                {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                 "metadata": {"name": "only", "namespace": "shop"},
+                 "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"principals": [PEER.principal],
+                                                                            "ipBlocks": ["10.2.0.0/24"]}}],
+                                                        "to": [{"operation": {"ports": ["8080"]}}]}]}})
+    other = SpiffeId("cluster.local", "shop", "other")
+
+    assert check(mesh).allowed
+    assert not check(mesh, peer=other).allowed
+    assert not check(mesh, source_ip="10.3.0.9").allowed
+    assert not check(mesh, port=9090).allowed
+    assert check(mesh).allowed
+
+
+def test_an_unknown_destination_fails_closed_even_after_it_was_allowed():
+    mesh = Mesh(namespace("shop"), pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}))
+    assert check(mesh).allowed
+
+    mesh.state.apply("DELETED", pod("shop", "web-0", "10.1.0.5", labels={"app": "web"}))
+
+    decision = check(mesh)
+    assert not decision.allowed and decision.fail_closed == UNKNOWN_DESTINATION

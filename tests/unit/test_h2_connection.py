@@ -215,6 +215,34 @@ SHORTCUT_SOURCES = {
         ("a405987b1e458e87208991a73ca9c40f9d80daee9c15151d3286dcefa479f589", "receive_header_block"),
     "h2.connection.H2Connection._receive_headers_frame":
         ("4a014e7d795a15a583ef2172f88dc19a9bac01edff850fd91eb69c5611b19fa5", "receive_header_block"),
+    "h2.stream.H2Stream.receive_headers":
+        ("6bb0626547ebe2da852f315e90d261ebb198f236ef78350b26146e601d6f18ba", "_receive_new_request"),
+    "h2.stream.H2Stream._process_received_headers":
+        ("991976183ebe21dfe36246c077562d9cc4cd96aad3ff5d7c53cd1691edc67488", "_receive_new_request"),
+    "h2.stream.H2Stream._initialize_content_length":
+        ("268409356c435b4e7c7981079683f36e275b4492d1115f8eb9cb22b00e304956", "_receive_new_request"),
+    "h2.utilities.normalize_inbound_headers":
+        ("41eb3a6269808e1dedaf7acf4954540a126f7aa4f4ab7807716dbcff9b788d78", "_receive_new_request"),
+    "h2.utilities._combine_cookie_fields":
+        ("542f76bb5ee7ba4aaa079c14e7984c9e622bce22769b7d0f3b66585d742c1eda", "_receive_new_request"),
+    "h2.connection._decode_headers":
+        ("ee1b71503327698a66c61ea6c66898b5d9c973de637aeebe7abfbd6e7c292e7e", "_receive_new_request"),
+    "h2.connection.H2Connection._begin_new_stream":
+        ("de40fc0b03dfa4434922e6b06f37843398eaabab8035a66a873239ea08d546c0", "_receive_new_request"),
+    "h2.stream.H2StreamStateMachine.request_received":
+        ("102c95b6a5f0f7fc9905edae330eaefea31a7b7836ed5ff4a6a5ed5b4e4eb7d0", "_receive_new_request"),
+    "h2.stream.H2Stream.receive_data":
+        ("50acc2e021f36c398c9446eb938aa8d0ea55c45e075a9ab87e6db3a17d3e8463", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.data_received":
+        ("403edf4d8eec67ad9cf0b5f9a096e69650d351cffd2dc442689668571bff1449", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.stream_half_closed":
+        ("622af811e0e91f8f3739dbc777acd268f290570ca6f83c00de2a14c12436b0ef", "receive_end_stream"),
+    "h2.stream.H2StreamStateMachine.stream_ended":
+        ("6d490789fb26e48e06721275e7cf52685e78780fdcf80d265814696421be7d79", "receive_end_stream"),
+    "h2.stream.H2Stream._track_content_length":
+        ("a4580a2f3c858963d38d18e7b7db099570e2afa2275cd757d3186244b62007aa", "receive_end_stream"),
+    "h2.windows.WindowManager.window_consumed":
+        ("db17e4434e9a0aca67a19dd9b493e1003d73344f1d6bee220b7e867353cc6c86", "receive_end_stream"),
 }
 
 
@@ -378,12 +406,19 @@ def _headers_frame(stream_id: int, block: bytes, end_stream: bool) -> bytes:
     return frame.serialize()
 
 
-def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[int, bytes, bool]]) -> list[object]:
+def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[int, bytes, bool]], *,
+                         validate: bool = True, max_streams: int | None = None) -> list[object]:
     """The same HEADERS frames as bytes to h2's class and as blocks to ours:
-    events (with their headers), exceptions and bytes out must be equal."""
+    events (with their headers), exceptions, bytes out and the streams'
+    states must be equal. validate=False: HBONE's configuration (a server's
+    requests then take _receive_new_request)."""
     results = []
     for cls in (h2.connection.H2Connection, QuietH2Connection):
-        conn = cls(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
+        conn = cls(h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                             validate_inbound_headers=validate))
+        if max_streams is not None:
+            conn.local_settings.max_concurrent_streams = max_streams
+            conn.local_settings.acknowledge()
         conn.initiate_connection()
         if prelude:
             conn.receive_data(prelude)
@@ -399,10 +434,20 @@ def _blocks_side_by_side(client_side: bool, prelude: bytes, blocks: list[tuple[i
                                 is not None) for e in events]
             except Exception as exc:  # noqa: BLE001 - the exception is the observed result
                 got = type(exc).__name__
-            seen.append((got, bytes(conn.data_to_send())))
+            seen.append((got, bytes(conn.data_to_send()), _stream_states(conn)))
         results.append(seen)
     assert results[0] == results[1]
     return results[1]
+
+
+def _stream_states(conn: h2.connection.H2Connection) -> object:
+    """What a received request leaves in h2's connection and streams."""
+    streams = {sid: (st.state_machine.state, st.state_machine.client, st.state_machine.headers_received,
+                     st.request_method, st._expected_content_length, st._actual_content_length,
+                     st.inbound_flow_control_window, st.outbound_flow_control_window, st.max_outbound_frame_size)
+               for sid, st in conn.streams.items()}
+    return (conn.state_machine.state, conn.highest_inbound_stream_id, conn.highest_outbound_stream_id, streams,
+            conn.decoder.header_table.dynamic_entries.copy())
 
 
 def _encoded(headers: list[tuple[str, str]]) -> bytes:
@@ -447,3 +492,169 @@ def _client_preface() -> bytes:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     return client.data_to_send()
+
+
+# --- _receive_new_request: a server's CONNECT opening a stream, h2's receive path inlined ---------------
+
+def test_requests_on_new_streams_are_h2s_with_hbones_configuration() -> None:
+    import hpack
+
+    encoder = hpack.Encoder()  # one encoder: later blocks refer to the dynamic table
+    connect = [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")]
+    never = hpack.NeverIndexedHeaderTuple("forwarded", 'for="10.0.1.9:40000"')
+    seen = _blocks_side_by_side(False, _client_preface(), [
+        (1, encoder.encode(connect), False),
+        (3, encoder.encode([*connect, never]), False),
+        (5, encoder.encode([*connect, ("cookie", "a=1"), ("x", "y"), ("cookie", "b=2")]), False),  # joined, last
+        (7, encoder.encode([*connect, ("content-length", "0")]), False),
+        (9, encoder.encode([*connect, ("content-length", "x")]), False),  # h2's ProtocolError
+    ], validate=False)
+    assert [step[0][0][0] for step in seen[:4]] == ["RequestReceived"] * 4
+    assert seen[2][0][0][1][-1] == (b"cookie", b"a=1; b=2")
+    assert seen[4][0] == "ProtocolError"
+
+
+def test_a_status_in_a_request_block_is_h2s() -> None:
+    for status in ("103", "200"):
+        seen = _blocks_side_by_side(False, _client_preface(), [
+            (1, _encoded([(":status", status), (":method", "CONNECT")]), False)], validate=False)
+        if status == "103":
+            assert seen[0][0] == "ProtocolError"  # informational headers may not open a stream
+
+
+def test_streams_h2_refuses_before_decoding_go_to_h2() -> None:
+    connect = _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+    seen = _blocks_side_by_side(False, _client_preface(), [
+        (3, connect, False),
+        (1, connect, False),  # below the highest: h2's StreamIDTooLowError path
+        (4, connect, False),  # even
+        (5, b"\xff\xff\xff\xff", False),  # undecodable: GOAWAY, connection closed
+        (7, connect, False),  # on a closed connection
+    ], validate=False)
+    assert seen[3][0] == "ProtocolError" and seen[3][1]
+    full = _blocks_side_by_side(False, _client_preface(), [(1, connect, False), (3, connect, False),
+                                                           (5, connect, False)], validate=False, max_streams=2)
+    assert full[2][0] == "TooManyStreamsError"
+
+
+def test_the_fast_path_is_taken_for_a_plain_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = QuietH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                                      validate_inbound_headers=False))
+    conn.initiate_connection()
+    conn.receive_data(_client_preface())
+    monkeypatch.setattr(conn, "receive_frame", lambda frame: pytest.fail("went through receive_frame"))
+    events = conn.receive_header_block(1, _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:80")]), False)
+    assert [type(e).__name__ for e in events] == ["RequestReceived"]
+    assert events[0].headers == [(b":method", b"CONNECT"), (b":authority", b"10.0.0.5:80")]
+
+
+# --- receive_end_stream inlined for a stream h2 takes it on plainly ------------------------------------
+
+def _end_state(conn: h2.connection.H2Connection) -> object:
+    return (conn.state_machine.state, conn._inbound_flow_control_window_manager.current_window_size,
+            {sid: (st.state_machine.state, st._actual_content_length, st._inbound_window_manager.current_window_size)
+             for sid, st in conn.streams.items()})
+
+
+def _events(events: list[h2.events.Event]) -> list[object]:
+    return [(type(e).__name__, e.stream_id, getattr(e, "data", None), getattr(e, "flow_controlled_length", None),
+             type(getattr(e, "stream_ended", None)).__name__) for e in events]
+
+
+def test_received_end_streams_are_h2s_events_and_states_in_every_stream_state() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    for stream_id in (1, 3, 5, 7):
+        client.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.5:8080")])
+    client.send_headers(9, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "a"),
+                            ("content-length", "3")])
+    wire = client.data_to_send()
+    results = []
+    for cls in (h2.connection.H2Connection, QuietH2Connection):
+        conn = _server(cls)
+        conn.receive_data(wire)
+        conn.send_headers(3, [(":status", "200")], end_stream=True)  # half-closed by us
+        conn.reset_stream(5)
+        conn.data_to_send()
+        seen: list[object] = []
+        for stream_id in (1, 3, 5, 9, 1, 11):  # open, half-closed local, reset, content-length unmet, ended, unknown
+            try:
+                if cls is QuietH2Connection:
+                    got: object = _events(conn.receive_end_stream(stream_id))  # type: ignore[attr-defined]
+                else:
+                    got = _events(conn.receive_data(DataFrame(stream_id, flags=("END_STREAM",)).serialize()))
+            except Exception as exc:  # noqa: BLE001 - the exception is the observed result
+                got = type(exc).__name__
+            seen.append((got, bytes(conn.data_to_send()), _end_state(conn)))
+        results.append(seen)
+    assert results[0] == results[1]
+    assert [step[0][0][0] for step in results[1][:2]] == ["DataReceived"] * 2
+
+
+def test_the_inlined_end_stream_skips_the_frame_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, wire = _client_wire()
+    conn = _server(QuietH2Connection)
+    conn.receive_data(wire)
+    monkeypatch.setattr(conn, "receive_frame", lambda frame: pytest.fail("went through receive_frame"))
+    assert _kinds(conn.receive_end_stream(1)) == ["DataReceived", "StreamEnded"]
+
+
+# --- h2's state-machine enums hash by identity (C) -----------------------------------------------------
+
+def test_h2s_state_machine_enums_hash_by_identity_and_every_transition_is_found() -> None:
+    import h2.stream
+
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
+    for cls in enums:
+        assert cls.__eq__ is object.__eq__  # identity equality: an identity hash is consistent with it
+        for member in cls:
+            assert hash(member) == object.__hash__(member)
+    for state in h2.stream.StreamState:  # an IntEnum: int's hash and equality, left alone
+        assert hash(state) == hash(int(state)) and state == int(state)
+    for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
+        assert table and all(table[key] is value for key, value in list(table.items()))
+
+
+def test_no_other_h2_container_is_keyed_by_those_enums() -> None:
+    """Rebuilding the two transition tables is all the re-hash needs: no other
+    dict or set in h2's modules (or their classes) holds those members as keys."""
+    import types
+
+    import h2
+
+    enums = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
+    tables = {id(h2.connection.H2ConnectionStateMachine._transitions), id(h2.stream._transitions)}
+
+    def keyed_by_them(container: object) -> bool:
+        if isinstance(container, (dict, set, frozenset)) and id(container) not in tables:
+            for key in container:
+                parts = key if isinstance(key, tuple) else (key,)
+                if any(isinstance(part, enums) for part in parts):
+                    return True
+        return False
+
+    found = []
+    for name, module in list(vars(h2).items()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        for attr, value in vars(module).items():
+            if keyed_by_them(value):
+                found.append(f"{name}.{attr}")
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                found += [f"{name}.{attr}.{k}" for k, v in vars(value).items() if keyed_by_them(v)]
+    assert not found
+
+
+def test_the_open_stream_count_of_a_new_request_is_h2s() -> None:
+    conn = QuietH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                                      validate_inbound_headers=False))
+    conn.initiate_connection()
+    conn.receive_data(_client_preface())
+    block = _encoded([(":method", "CONNECT"), (":authority", "10.0.0.5:80")])
+    for stream_id in (1, 3, 5):
+        conn.receive_header_block(stream_id, block, False)
+        assert conn.open_inbound_streams_with(stream_id) == conn.open_inbound_streams == (stream_id + 1) // 2
+    conn.reset_stream(3)
+    conn.receive_header_block(7, block, True)  # with END_STREAM: h2's own path, h2's own count
+    assert conn.open_inbound_streams_with(7) == conn.open_inbound_streams == 3
+    assert conn.open_inbound_streams_with(5) == conn.open_inbound_streams  # not the latest request: counted anew

@@ -63,6 +63,7 @@ from .frames import (
 from .buffers import mapped_buffer
 from .h2_connection import QuietH2Connection, SilentLogger
 from .h2_events import _H2EventHandling
+from .hpack_decoder import PlainBlockDecoder
 from .settings import HboneSettings
 from .stream import _Phase, _Tunnel
 
@@ -139,6 +140,7 @@ class _HboneConnection(_H2EventHandling):
         # Installing the settings before initiate_connection() makes them our
         # state at once, so frames and streams are sized right from the start.
         self._h2.encoder = _PlainLiteralEncoder()  # before anything is encoded
+        self._h2.decoder = PlainBlockDecoder()  # before anything is decoded
         self._h2.local_settings = h2.settings.Settings(client=client_side, initial_values=local)
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._h2.decoder.max_header_list_size = self._max_header_block

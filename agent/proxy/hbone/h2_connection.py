@@ -42,6 +42,30 @@ or 200 HEADERS and its END_STREAM, once per side per connection).
    and serialized in Python; the same connection and stream transitions, the
    same errors for an unknown or closed stream (pinned the same way).
 
+5. A CONNECT opening a stream at the server (`receive_header_block` without
+   END_STREAM, on a new stream): h2's `_receive_headers_frame` inlined, in its
+   order (decode, the connection's RECV_HEADERS, the new stream, its
+   RECV_HEADERS and RequestReceived) without the steps that change nothing
+   for a plain request: the informational-response scan, content-length
+   set-up, validation flags and the cookie-joining generator (~20 Python
+   calls per tunnel). A block with `:status`, `content-length` or `cookie`
+   goes through h2's `H2Stream.receive_headers` after the same decode; a
+   stream h2 would refuse before decoding (too many streams, an id too low or
+   of the wrong parity, a closed connection) goes to h2's own path whole.
+   The open-stream count it makes (h2's walk over every stream) is kept for
+   the server's own limit check of that request (`open_inbound_streams_with`).
+   Pinned like the rest, and run side by side with h2 in the tests.
+
+6. `receive_end_stream` on a stream h2 would take it on plainly (open or
+   half-closed by us, headers received, no content-length, windows not below
+   0, connection open): h2's `_receive_data_frame` and `H2Stream.receive_data`
+   for an empty DATA frame with END_STREAM, inlined: the connection's
+   RECV_DATA, the stream's RECV_DATA and RECV_END_STREAM (h2's own state
+   machines, so the same DataReceived and StreamEnded events and states),
+   without the frame dispatch, flag lookups, zero-byte window and content
+   accounting (~14 Python calls per tunnel and side). Any other stream goes
+   through h2's path as before.
+
 The client side's (tests/unit/test_connect_block.py pins the h2 code each
 stands in for and compares bytes, states, events and errors with h2's class):
 
@@ -69,9 +93,10 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
+import h2.stream
 import hpack.hpack
-from h2.connection import ConnectionInputs
-from h2.stream import StreamInputs
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, _decode_headers
+from h2.stream import H2Stream, StreamInputs, StreamState
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, RstStreamFrame
 from h2.errors import ErrorCodes
@@ -94,6 +119,29 @@ class SilentLogger:
 # hpack logs through its module's `log` (debug only); the agent's JSON logs
 # never carried those lines (the stdlib root logger stays at WARNING).
 hpack.hpack.log = SilentLogger()  # type: ignore[assignment]
+
+
+def _hash_state_machine_enums_by_identity() -> None:
+    """h2's state machines look up (state, input) in a dict on every transition
+    (~9 per tunnel and side), and Enum.__hash__ is a Python function
+    (hash(self._name_)): a Python call per plain-Enum member in the key. A plain
+    Enum compares by identity (object.__eq__), so object.__hash__ (C) is as
+    valid a hash for it; StreamState is an IntEnum (int's hash and equality, C
+    already) and keeps them. The two dicts keyed by these members, built at h2's
+    import with the old hashes, are rebuilt. No other container holds them as
+    keys (tests/unit/test_h2_connection.py checks h2's modules)."""
+    for cls in _IDENTITY_HASHED_ENUMS:
+        if cls.__eq__ is not object.__eq__:  # pragma: no cover - an h2 whose enums compare otherwise
+            raise TypeError(f"{cls.__qualname__} does not compare by identity")
+        cls.__hash__ = object.__hash__  # type: ignore[method-assign,assignment]
+    for table in (h2.connection.H2ConnectionStateMachine._transitions, h2.stream._transitions):
+        entries = list(table.items())
+        table.clear()
+        table.update(entries)
+
+
+_IDENTITY_HASHED_ENUMS = (h2.connection.ConnectionState, h2.connection.ConnectionInputs, h2.stream.StreamInputs)
+_hash_state_machine_enums_by_identity()
 
 
 _STATUS_200 = ((":status", "200"),)
@@ -123,6 +171,11 @@ class QuietH2Connection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
         super().__init__(config)
+        # Requests may take _receive_new_request: a server that neither validates
+        # received headers nor decodes them to str (HBONE's configuration).
+        self._counted_request = (0, 0)  # (stream id, open inbound streams with it): _receive_new_request
+        self._plain_requests = (not self.config.client_side and not self.config.validate_inbound_headers
+                                and not isinstance(self.config.header_encoding, str))
         self._end_stream_frame = DataFrame(1, flags=("END_STREAM",))
         # A whole header block, without and with END_STREAM.
         self._header_block_frames = (HeadersFrame(1, flags=("END_HEADERS",)),
@@ -132,6 +185,10 @@ class QuietH2Connection(h2.connection.H2Connection):
         """`receive_data` of a HEADERS frame with END_HEADERS and neither
         PADDED nor PRIORITY (stream_id not 0): the frame h2's FrameBuffer
         would make of it, one object per connection, reused."""
+        if self._plain_requests and not end_stream and stream_id not in self.streams:
+            events = self._receive_new_request(stream_id, block)
+            if events is not None:
+                return events
         if block == _STATUS_200_BLOCK and not end_stream:
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -151,6 +208,44 @@ class QuietH2Connection(h2.connection.H2Connection):
         finally:
             frame.data = b""  # the block is not kept
 
+    def _receive_new_request(self, stream_id: int, block: bytes) -> list[h2.events.Event] | None:
+        """h2's `_receive_headers_frame` for a request opening `stream_id`
+        (module docstring, 5); None, with nothing done, where h2 would refuse
+        the stream before decoding: its own path then raises what it raises."""
+        if stream_id <= self.highest_inbound_stream_id or not stream_id & 1 \
+                or self.state_machine.state is ConnectionState.CLOSED:
+            return None
+        open_before = self.open_inbound_streams
+        if open_before + 1 > self.local_settings.max_concurrent_streams:
+            return None
+        try:
+            headers = _decode_headers(self.decoder, block)
+            events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            stream = self._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+            for name, _ in headers:
+                if name == b":status" or name == b"content-length" or name == b"cookie":
+                    _, stream_events = stream.receive_headers(headers, False, self.config.header_encoding)
+                    break
+            else:
+                stream_events = stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+                stream_events[0].headers = list(headers)
+        except ProtocolError as exc:  # as receive_frame: a GOAWAY is queued, the error raised
+            self._terminate_connection(exc.error_code)  # type: ignore[arg-type]
+            raise
+        self._counted_request = (stream_id, open_before + 1)
+        return events + stream_events
+
+    def open_inbound_streams_with(self, stream_id: int) -> int:
+        """h2's `open_inbound_streams`, asked while the RequestReceived that
+        opened `stream_id` is handled: _receive_new_request counted the open
+        streams just before it made this one (nothing has changed since), so
+        h2's walk over every stream is not made a second time."""
+        counted_id, count = self._counted_request
+        if counted_id == stream_id and stream_id == self.highest_inbound_stream_id:
+            self._counted_request = (0, 0)
+            return count
+        return self.open_inbound_streams
+
     def _receive_response_200(self, stream: H2Stream) -> list[h2.events.Event]:
         """A client stream's first response, the bare 200 (block 0x88, no
         END_STREAM), as h2's `_receive_headers_frame` takes it in: the same
@@ -167,10 +262,37 @@ class QuietH2Connection(h2.connection.H2Connection):
         return events + stream_events
 
     def receive_end_stream(self, stream_id: int) -> list[h2.events.Event]:
-        """`receive_frame(DataFrame(stream_id, flags=("END_STREAM",)))`, the frame object reused."""
+        """`receive_frame(DataFrame(stream_id, flags=("END_STREAM",)))`, the frame object reused;
+        for a stream open on our side, h2's `_receive_data_frame` inlined (module docstring, 6)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and self._plain_end_stream(stream):
+            events = self.state_machine.process_input(ConnectionInputs.RECV_DATA)
+            machine = stream.state_machine
+            stream_events = machine.process_input(StreamInputs.RECV_DATA)
+            data_event = stream_events[0]
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            data_event.stream_ended = ended[0]
+            stream_events.extend(ended)
+            data_event.data = self._end_stream_frame.data
+            data_event.flow_controlled_length = 0
+            return events + stream_events
         frame = self._end_stream_frame
         frame.stream_id = stream_id
         return self.receive_frame(frame)
+
+    def _plain_end_stream(self, stream: H2Stream) -> bool:
+        """An empty END_STREAM DATA frame on `stream` would take h2's plain
+        path: both transitions valid, no content-length to miss, no window
+        already below 0 (h2 checks it even for 0 bytes)."""
+        machine = stream.state_machine
+        return ((self.state_machine.state is ConnectionState.SERVER_OPEN
+                 or self.state_machine.state is ConnectionState.CLIENT_OPEN)
+                and (machine.state is StreamState.OPEN or machine.state is StreamState.HALF_CLOSED_LOCAL)
+                and machine.headers_received
+                and (stream._expected_content_length is None
+                     or stream._expected_content_length == stream._actual_content_length)
+                and stream._inbound_window_manager.current_window_size >= 0
+                and self._inbound_flow_control_window_manager.current_window_size >= 0)
 
     def send_response_200(self, stream_id: int) -> None:
         """`send_headers(stream_id, [(":status", "200")])`, same states, same bytes."""

@@ -105,7 +105,7 @@ class HboneServerConnection(_HboneConnection):
             self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
             self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="going away")
             return
-        if self._h2.open_inbound_streams > self._settings.max_concurrent_streams:
+        if self._h2.open_inbound_streams_with(stream_id) > self._settings.max_concurrent_streams:
             self._quiet_reset(stream_id, ErrorCodes.REFUSED_STREAM)
             self._log.debug("hbone_stream_refused", stream_id=stream_id, reason="max concurrent streams")
             self._count_early_end(out)
