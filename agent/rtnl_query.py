@@ -5,10 +5,11 @@ request machine per handle and per call: ~0.4-0.9 ms of CPU each, which was
 most of what CNI ADD cost the agent (py-spy under bench/cni_add.py: 350 of
 450 busy samples in `inspect_pod_link`, mostly that machinery). Enrolment
 needs four small answers (one link by name, one by index, a namespace id,
-a pod's addresses), so they are asked here directly: pyroute2 still
-encodes the requests and decodes the replies (`ifinfmsg`, `ifaddrmsg`,
-`nsidmsg`); only the send/receive loop is ours. Everything that changes
-kernel state keeps going through `IPRoute`.
+a pod's addresses) and the eBPF capture two tc filter dumps per pod, so
+they are asked here directly: pyroute2 still encodes the requests and
+decodes the replies (`ifinfmsg`, `ifaddrmsg`, `nsidmsg`, `tcmsg`); only the
+send/receive loop is ours. Everything that changes kernel state keeps
+going through `IPRoute`.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import struct
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_GETADDR, RTM_GETLINK, RTM_GETNSID
+from pyroute2.netlink.rtnl import RTM_GETADDR, RTM_GETLINK, RTM_GETNSID, RTM_GETTFILTER
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
+from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from .netns import socket_in_netns
 
@@ -90,6 +92,14 @@ class RtnlQuery:
             if address:
                 found.add(address)
         return found
+
+    def filters(self, index: int, parent: int) -> list[tcmsg]:
+        """The tc filters on one hook of one link (the kernel dumps just
+        that hook); NetlinkError(ENODEV) if there is no such link."""
+        msg = tcmsg()
+        msg["index"] = index
+        msg["parent"] = parent
+        return self._request(msg, RTM_GETTFILTER, tcmsg, dump=True)
 
     def netnsid(self, netns_fd: int) -> int | None:
         """The id this namespace gives the namespace behind `netns_fd`

@@ -24,6 +24,7 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..rtnl_query import RtnlQuery
 from . import constants
 from .programs import BPF_SOURCE_DIR, Programs, ProxyLink, TcProgram, remove_pins
 from .proxyns import ProxyNamespace, open_rtnl
@@ -113,16 +114,17 @@ def _remove_clsact(ipr: IPRoute, ifindex: int) -> None:
             raise
 
 
-def ensure_filter(ipr: IPRoute, ifindex: int, parent: int, name: str, program: TcProgram,
+def ensure_filter(ipr: IPRoute, query: RtnlQuery, ifindex: int, parent: int, name: str, program: TcProgram,
                   *, clsact: bool = True) -> None:
     """Put program on the hook under name; replaces our previous one (a
     changed program set), never someone else's. `clsact=False`: the
     caller has just made sure the qdisc is there. One dump of the hook
     answers both questions (ours, and who holds our slot): each netlink
-    round trip through pyroute2 costs ~0.4 ms of the agent's CPU per enrol."""
+    round trip through pyroute2 costs ~0.4 ms of the agent's CPU per enrol,
+    hence the dump on `query` (a plain socket in the same namespace)."""
     if clsact:
         _ensure_clsact(ipr, ifindex)
-    dump = list(ipr.get_filters(index=ifindex, parent=parent))
+    dump = query.filters(ifindex, parent)
     ours = _ours(dump, parent)
     for existing in ours:
         if existing.name == name and existing.info >> 16 == FILTER_PRIORITY:
@@ -140,14 +142,15 @@ def ensure_filter(ipr: IPRoute, ifindex: int, parent: int, name: str, program: T
     )
 
 
-def remove_filters(ipr: IPRoute, ifindex: int) -> int:
+def remove_filters(ipr: IPRoute, query: RtnlQuery, ifindex: int) -> int:
     """Remove our filters from both hooks, and clsact with them if nobody
     else's filter is on it (deleting the qdisc takes its filters along: one
-    call instead of one per filter). Returns how many filters were ours."""
+    call instead of one per filter). Returns how many filters were ours.
+    The hooks are read on `query`, a plain socket in the same namespace."""
     ours: list[TcFilter] = []
     others = 0
     for parent in (TC_INGRESS, TC_EGRESS):
-        dump = list(ipr.get_filters(index=ifindex, parent=parent))
+        dump = query.filters(ifindex, parent)
         mine = _ours(dump, parent)
         ours += mine
         # A dump lists a header entry (handle 0) per priority besides the filters.
@@ -199,9 +202,9 @@ class Datapath:
             if self._programs is None:
                 self._programs = Programs.open(self.pin_dir, self._source_dir)
             self._programs.set_proxy_link(link)
-            with open_rtnl(self.proxy_ns.path) as proxy:
+            with open_rtnl(self.proxy_ns.path) as proxy, RtnlQuery(self.proxy_ns.path) as query:
                 eth = proxy.link_lookup(ifname=self.proxy_ns.proxy_link)[0]
-                ensure_filter(proxy, eth, TC_INGRESS, FILTER_PROXY, self._programs.proxy_ingress)
+                ensure_filter(proxy, query, eth, TC_INGRESS, FILTER_PROXY, self._programs.proxy_ingress)
             adopted = self._refresh_pod_filters()
             # No filter uses an older set now: unpin it (the kernel frees it).
             replaced = self._programs.remove_other_sets()
@@ -211,10 +214,10 @@ class Datapath:
         return link
 
     def _refresh_pod_filters(self) -> int:
-        with open_rtnl(self.node_netns) as ipr:
+        with open_rtnl(self.node_netns) as ipr, RtnlQuery(self.node_netns) as query:
             veths = [index for index, names in self._filters_by_link(ipr).items() if names]
             for index in veths:
-                self._ensure_pod_filters(ipr, index)
+                self._ensure_pod_filters(ipr, query, index)
         return len(veths)
 
     def close(self) -> None:
@@ -230,10 +233,10 @@ class Datapath:
         empty), the proxy namespace and link, the pinned maps. Works from
         kernel state alone, also without install() in this process."""
         with self._lock:
-            with open_rtnl(self.node_netns) as ipr:
+            with open_rtnl(self.node_netns) as ipr, RtnlQuery(self.node_netns) as query:
                 for index, names in self._filters_by_link(ipr).items():
                     if names:
-                        remove_filters(ipr, index)
+                        remove_filters(ipr, query, index)
             self.proxy_ns.remove()
             if self._programs is not None:
                 self._programs.close()
@@ -252,8 +255,8 @@ class Datapath:
             for ip in ips:
                 programs.add_local_pod(ip, host_ifindex)
             try:
-                with open_rtnl(self.node_netns) as ipr:
-                    self._ensure_pod_filters(ipr, host_ifindex)
+                with open_rtnl(self.node_netns) as ipr, RtnlQuery(self.node_netns) as query:
+                    self._ensure_pod_filters(ipr, query, host_ifindex)
             except (NetlinkError, PodLinkMissing) as exc:
                 for ip in ips:
                     programs.remove_local_pod(ip)
@@ -263,13 +266,13 @@ class Datapath:
         self._log.info("pod_attached", host_ifindex=host_ifindex, pod_ips=[str(i) for i in ips])
         return PodCapture(host_ifindex, ips, outbound_filter=True, inbound_filter=True)
 
-    def _ensure_pod_filters(self, ipr: IPRoute, ifindex: int) -> None:
+    def _ensure_pod_filters(self, ipr: IPRoute, query: RtnlQuery, ifindex: int) -> None:
         # A missing link fails the clsact add with ENODEV (attach_pod's caller
         # turns that into PodLinkMissing): no separate lookup first.
         programs = self.programs
         _ensure_clsact(ipr, ifindex)
-        ensure_filter(ipr, ifindex, TC_INGRESS, FILTER_OUTBOUND, programs.capture_outbound, clsact=False)
-        ensure_filter(ipr, ifindex, TC_EGRESS, FILTER_INBOUND, programs.capture_inbound, clsact=False)
+        ensure_filter(ipr, query, ifindex, TC_INGRESS, FILTER_OUTBOUND, programs.capture_outbound, clsact=False)
+        ensure_filter(ipr, query, ifindex, TC_EGRESS, FILTER_INBOUND, programs.capture_inbound, clsact=False)
 
     def detach_pod(self, host_ifindex: int, pod_ips: Iterable[str | IPv4] = ()) -> None:
         """Stop capturing one pod: our filters, clsact if it is left empty,
@@ -279,8 +282,8 @@ class Datapath:
         ips = set(ipv4_addresses(pod_ips))
         with self._lock:
             try:
-                with open_rtnl(self.node_netns) as ipr:
-                    remove_filters(ipr, host_ifindex)
+                with open_rtnl(self.node_netns) as ipr, RtnlQuery(self.node_netns) as query:
+                    remove_filters(ipr, query, host_ifindex)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                     raise

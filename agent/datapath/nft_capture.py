@@ -26,6 +26,7 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..rtnl_query import RtnlQuery
 from . import constants
 from . import nft_ruleset as rs
 from .capture import PodLinkMissing
@@ -78,16 +79,18 @@ class HostVeth:
     bridge: str | None
 
 
-def read_host_veth(ipr: IPRoute, ifindex: int) -> HostVeth:
+def read_host_veth(rtnl: RtnlQuery, ifindex: int) -> HostVeth:
+    """The veth and its bridge, read on a plain rtnetlink socket: an IPRoute
+    made for these one or two reads cost ~0.9 ms of CPU per pod enrol."""
     try:
-        link = ipr.get_links(ifindex)[0]
+        link = rtnl.link(index=ifindex)
     except NetlinkError as exc:
         if exc.code in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
             raise PodLinkMissing(f"no link with index {ifindex}") from None
         raise
     bridge = None
     if link.get(("IFLA_LINKINFO", "IFLA_INFO_SLAVE_KIND")) == "bridge" and link.get("IFLA_MASTER"):
-        bridge = ipr.get_links(link.get("IFLA_MASTER"))[0].get("IFLA_IFNAME")
+        bridge = rtnl.link(index=link.get("IFLA_MASTER")).get("IFLA_IFNAME")
     return HostVeth(ifindex, link.get("IFLA_IFNAME"), link.get("IFLA_ADDRESS"), bridge)
 
 
@@ -186,8 +189,8 @@ class NftDatapath:
         pod_ips = list(pod_ips)
         ips, ips6 = ipv4_addresses(pod_ips), ipv6_addresses(pod_ips)
         with self._lock:
-            with open_rtnl(self.node_netns) as ipr:
-                veth = read_host_veth(ipr, host_ifindex)
+            with RtnlQuery(self.node_netns) as rtnl:
+                veth = read_host_veth(rtnl, host_ifindex)
             entries = [rs.PodEntry(ip, veth.ifindex, veth.name, veth.mac, veth.bridge) for ip in ips]
             owner = rs.Owner(veth.ifindex, veth.name, veth.bridge)
             # One transaction per namespace, first in the usual case (none of
