@@ -19,11 +19,13 @@ too: do not run both on one node):
   0x400  POD_PORT  set by the nftables backend's bridge chain on IPv6 TCP from
                    an enrolled pod's bridge port, so the ip6 forward hook (which
                    sees the bridge, not the port, as the input) drops it.
-  0x800  LIFTED    set by the nftables backend's bridge chain on the TCP frames
-                   it lifts out of a bound pod port (source bound to that port),
-                   so the ip prerouting chain sends them to `outbound` without
-                   classifying them again. Marks are scrubbed when a packet
-                   crosses into another namespace, so a pod cannot send one.
+  0x800  BOUND     set by the nftables backend's bridge chain on IPv4 from a
+                   bound pod port (source bound to that port; the TCP it lifts
+                   out included), so the ip prerouting chain sends its TCP to
+                   `outbound` without classifying it again and trusts the rest,
+                   and bridge forward skips the enrolled-source check. Marks are
+                   scrubbed when a packet crosses into another namespace, so a
+                   pod cannot send one.
 Routing table 100 lives only in the proxy namespace.
 """
 from __future__ import annotations
