@@ -19,11 +19,13 @@ too: do not run both on one node):
   0x400  POD_PORT  set by the nftables backend's bridge chain on IPv6 TCP from
                    an enrolled pod's bridge port, so the ip6 forward hook (which
                    sees the bridge, not the port, as the input) drops it.
-  0x800  LIFTED    set by the nftables backend's bridge chain on the TCP frames
-                   it lifts out of a bound pod port (source bound to that port),
-                   so the ip prerouting chain sends them to `outbound` without
-                   classifying them again. Marks are scrubbed when a packet
-                   crosses into another namespace, so a pod cannot send one.
+  0x800  BOUND     set by the nftables backend's bridge chain on IPv4 from a
+                   bound pod port (source bound to that port; the TCP it lifts
+                   out included), so the ip prerouting chain sends its TCP to
+                   `outbound` without classifying it again and trusts the rest,
+                   and bridge forward skips the enrolled-source check. Marks are
+                   scrubbed when a packet crosses into another namespace, so a
+                   pod cannot send one.
 Routing table 100 lives only in the proxy namespace.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ PROXY_PORTS = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, METRICS_PORT, 
 MARK_CAPTURED = 0x100
 MARK_PROXY = 0x200
 MARK_POD_PORT = 0x400  # nftables backend: an IPv6 TCP frame from an enrolled pod's bridge port
-MARK_LIFTED = 0x800    # nftables backend: a TCP frame lifted out of a bound pod port
+MARK_BOUND = 0x800     # nftables backend: an IPv4 frame from a bound pod port (its own source), lifted TCP included
 MARK_MASK = 0xF00
 ROUTE_TABLE = 100
 RULE_PRIORITY = 100

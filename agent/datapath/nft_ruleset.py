@@ -9,13 +9,9 @@ Node namespace (the agent's own):
       set pod_ports  { host veth name }     set pod_addrs { pod IPv4 }
       set port_sources { host veth name . pod IPv4 }             (every enrolled pod)
       chain prerouting  (filter, bridge prerouting, priority -200)
-        IPv4 TCP, iifname . saddr in port_l3mac -> ether daddr := that MAC,
-                                 pkttype host, mark |= 0x800, accept      [bridge_lift_out]
-                                 (bound and lifted: the one lookup of the common frame)
         IPv4 from a pod port         -> goto from_pod
-        IPv4 with an enrolled source -> drop: not from its port         [in_drop_spoofed_source]
-        IPv4 TCP, daddr in pod_l3mac -> as in lift                        [bridge_lift_in]
-        IPv4                         -> accept
+        IPv4 TCP, daddr in pod_l3mac -> ether daddr := that MAC, pkttype host [bridge_lift_in]
+        IPv4                         -> accept (any other port: two lookups at most)
         ARP, iifname . sender bound  -> accept
         ARP from a pod port, sender not 0.0.0.0 -> drop                  [out_drop_spoofed_arp]
         ARP announcing an enrolled address      -> drop                  [in_drop_spoofed_arp]
@@ -23,29 +19,39 @@ Node namespace (the agent's own):
         from a pod port: not IPv6 (a VLAN tag, another protocol) -> drop [out_drop_not_ip]
         from a pod port: IPv6 TCP    -> mark 0x400 (ip6 forward drops it)
       chain from_pod
-        iifname . saddr bound        -> goto lift: a pod's own address, not TCP
+        TCP, iifname . saddr in port_l3mac -> ether daddr := that MAC,
+                                 pkttype host, mark |= 0x800, accept      [bridge_lift_out]
+                                 (bound and lifted: the one lookup of the common frame after the port's)
+        iifname . saddr bound        -> mark |= 0x800 (bound), goto lift: a pod's own address
                                      -> drop: a source not its own      [out_drop_spoofed_source]
       chain lift                    (a bound pair only)
-        ip saddr in pod_l3mac  -> the same as the first rule              [bridge_lift_out]
+        ip saddr in pod_l3mac  -> the same as from_pod's first rule       [bridge_lift_out]
                                   (a pod enrolled before port_l3mac existed)
         ip daddr in pod_l3mac  -> ether daddr := that MAC, pkttype host   [bridge_lift_in]
       chain output  (filter, priority 0: frames the node sends to a port)
         IPv4, oifname . daddr bound  -> accept: to the address's own port (one lookup)
         IPv4 to a pod port for another pod's address -> drop           [in_drop_misdelivered]
       chain forward  (filter, priority 0: frames switched to a port)
-        IPv4 to a pod port           -> goto to_pod (the same two checks as output)
+        IPv4 to a pod port           -> goto to_pod: not marked bound, an enrolled
+                                        source -> drop                 [in_drop_spoofed_source]
+                                        then the same two checks as output
         IPv6 TCP from / to a pod port -> drop                          [out/in_drop_ipv6_tcp]
     table ip ambit                  every pod: mark its TCP for the route to the proxy
       set pods  { pod IPv4 }   set pod_links { host veth name }
       set pod_sources { host veth name . pod IPv4 }
       chain prerouting  (filter, ip prerouting, priority mangle)
         iif ambit0                  -> return: the proxy's own traffic     [in_pass_from_proxy]
-        mark & 0x800                -> goto outbound: lifted out of a bound port
-        iifkind bridge              -> goto classify: bound in the bridge table
+        mark & 0x800, TCP           -> goto outbound: from a bound port (lifted)
+        mark & 0x800                -> return: from a bound port, not TCP
+        iifkind bridge              -> goto bridged
         iifname @pod_links          -> goto routed_pod
         ip saddr @pods              -> drop: an enrolled source from anywhere
                                        else (another node, the underlay)  [in_drop_spoofed_source]
                                     -> goto classify
+      chain bridged                 (any other bridge port, lifted in or routed by the node)
+        ip saddr @pods              -> drop: not bound to its port        [in_drop_spoofed_source]
+        not TCP                     -> return
+        ip daddr @pods              -> goto inbound
       chain routed_pod
         iifname . saddr bound       -> goto classify
                                     -> drop: a source not its own         [out_drop_spoofed_source]
@@ -96,14 +102,20 @@ bridge: every port's MAC is) makes the bridge hand a TCP frame to its IP
 stack instead, where the ip table marks it.
 
 The checks cost a packet little. An enrolled bridged pod's TCP frame pays
-one rule and one lookup in bridge prerouting (`port_l3mac`, which binds
+two lookups in bridge prerouting (its port, then `port_l3mac`, which binds
 and lifts at once), and in ip prerouting two compares before `outbound`
-(the bridge's mark says it is outbound: no lookup); what the proxy sends to
-a pod pays the `iif ambit0` compare, then in bridge output one lookup of
-its bound `oifname . daddr` pair. Cheap comparisons (ether type, iifkind,
-mark) come before any lookup; the spoofing drops are only reached by what
-failed the bound pair. The output check stays: a pod that sends frames
-with another pod's MAC as their source (with its own IP address, which the
+(the bridge's mark says it is bound: no lookup); what the proxy sends to a
+pod pays the `iif ambit0` compare, then in bridge output one lookup of its
+bound `oifname . daddr` pair. A frame between two ports outside the mesh
+pays what it paid before the binding (its port and, for TCP, the lift in;
+`bridged`'s source and destination in ip prerouting when br_netfilter
+hands bridged frames to it) plus bridge forward's lookup of its output
+port. Its enrolled-source check is not made at its input port but where a
+forged source would count: on entering an enrolled pod's port (`to_pod`)
+or the node's IP stack (`bridged`, lifted frames included). Between two
+ports outside the mesh it is not made, as with the eBPF backend, which has
+no hook there. The output check stays: a pod that sends frames with
+another pod's MAC as their source (with its own IP address, which the
 binding accepts) teaches the bridge to forward that pod's frames to its
 own port, and the ARP rules cannot see that.
 
@@ -244,7 +256,7 @@ def _drop(counter: str) -> list[Expr]:
 
 _OR_CAPTURED = {"|": [_meta("mark"), constants.MARK_CAPTURED]}
 _OR_POD_PORT = {"|": [_meta("mark"), constants.MARK_POD_PORT]}
-_OR_LIFTED = {"|": [_meta("mark"), constants.MARK_LIFTED]}
+_OR_BOUND = {"|": [_meta("mark"), constants.MARK_BOUND]}
 _IS_TCP = _match(_meta("l4proto"), "tcp")
 _ETHER_TYPE = _payload("ether", "type")
 _ARP_SENDER = _payload("arp", "saddr ip")
@@ -302,6 +314,7 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
         _set("ip", SOURCE_SET, ["ifname", "ipv4_addr"]),
         *_counters("ip", NODE_COUNTERS),
         *_base_chain("ip", "prerouting", "prerouting", MANGLE_PRIORITY),
+        *_chain("ip", "bridged"),
         *_chain("ip", "routed_pod"),
         *_chain("ip", "classify"),
         *_chain("ip", "outbound"),
@@ -318,24 +331,31 @@ def node_rules(node_link_ifindex: int) -> list[Command]:
     cmds += [_lift("lift", "out", _payload("ip", "saddr"), f"@{BRIDGE_POD_MAP}"),
              _lift("lift", "in", _payload("ip", "daddr"), f"@{BRIDGE_POD_MAP}")]
     source = _payload("ip", "saddr")
+    bound = _match({"&": [_meta("mark"), constants.MARK_BOUND]}, 0, "!=")
     cmds += [
         # Bypass: the proxy sends with the pod's address after it authorized
         # the connection; marking it again would loop it back to the proxy.
         _rule("ip", "prerouting", _match(_meta("iif"), node_link_ifindex), _counter("in_pass_from_proxy"),
               {"return": None}),
-        # Lifted out of a bound pod port by the bridge table: TCP from an
-        # enrolled source, so nothing is left to classify (no lookup).
-        _rule("ip", "prerouting", _match({"&": [_meta("mark"), constants.MARK_LIFTED]}, 0, "!="),
-              {"goto": {"target": "outbound"}}),
-        # Frames from a bridge were bound to their port in the bridge table
-        # (every bridge, every port).
-        _rule("ip", "prerouting", _match(_meta("iifkind"), "bridge"), {"goto": {"target": "classify"}}),
+        # From a bound pod port (the bridge table's mark): its TCP is
+        # outbound, nothing is left to classify (no lookup); the rest is
+        # not captured.
+        _rule("ip", "prerouting", bound, _IS_TCP, {"goto": {"target": "outbound"}}),
+        _rule("ip", "prerouting", bound, {"return": None}),
+        # Any other bridge port's frame (not bound there: see
+        # _bridge_binding_rules).
+        _rule("ip", "prerouting", _match(_meta("iifkind"), "bridge"), {"goto": {"target": "bridged"}}),
         # A routed pod's veth is the input here: its sources are bound here.
         _rule("ip", "prerouting", _match(_meta("iifname"), f"@{LINK_SET}"), {"goto": {"target": "routed_pod"}}),
         # An enrolled address arriving anywhere but a bridge or its own veth
         # (another node, the underlay).
         _rule("ip", "prerouting", _match(source, f"@{NODE_POD_SET}"), *_drop("in_drop_spoofed_source")),
         _rule("ip", "prerouting", {"goto": {"target": "classify"}}),
+        # An enrolled source that the bridge did not bind to its own port:
+        # forged (a pod outside the mesh, another node, the underlay).
+        _rule("ip", "bridged", _match(source, f"@{NODE_POD_SET}"), *_drop("in_drop_spoofed_source")),
+        _rule("ip", "bridged", _match(_meta("l4proto"), "tcp", "!="), {"return": None}),
+        _rule("ip", "bridged", _match(_payload("ip", "daddr"), f"@{NODE_POD_SET}"), {"goto": {"target": "inbound"}}),
         _rule("ip", "routed_pod", _match(_concat(_meta("iifname"), source), f"@{SOURCE_SET}"),
               {"goto": {"target": "classify"}}),
         _rule("ip", "routed_pod", *_drop("out_drop_spoofed_source")),
@@ -370,11 +390,11 @@ def _lift(chain: str, direction: str, key: Expr, mac_map: str, *first: Expr) -> 
     becomes the pod's host veth MAC (looked up by key in mac_map), a local
     address of the bridge. A key missing from the map makes the lookup fail:
     the rule does not match and the frame goes on to the next rule. A frame
-    lifted out of a pod port is marked for the ip table (MARK_LIFTED): only a
-    bound source reaches a lift out (port_l3mac holds bound pairs only, and
-    the lift chain is entered by a bound pair only)."""
+    lifted out of a pod port is marked bound for the ip table (MARK_BOUND):
+    only a bound source reaches a lift out (port_l3mac holds bound pairs
+    only, and the lift chain is entered by a bound pair only)."""
     mangle = {"mangle": {"key": _payload("ether", "daddr"), "value": {"map": {"key": key, "data": mac_map}}}}
-    marked = [_set_mark(_OR_LIFTED)] if direction == "out" else []
+    marked = [_set_mark(_OR_BOUND)] if direction == "out" else []
     return _rule("bridge", chain, *first, _match(_payload("ip", "protocol"), "tcp"), mangle,
                  {"mangle": {"key": _meta("pkttype"), "value": "host"}}, *marked,
                  _counter(f"bridge_lift_{direction}"), {"accept": None})
@@ -391,22 +411,24 @@ def _bridge_binding_rules() -> list[Command]:
     source = _payload("ip", "saddr")
     tcp = _match(_meta("l4proto"), "tcp")
     cmds = [
+        # IPv4 from a pod port to from_pod; any other port's frame leaves at
+        # the next rule (TCP to an enrolled pod: lifted in) or the one after:
+        # two lookups, as before the binding. A spoofed enrolled source from
+        # such a port is dropped where it would count, on reaching an
+        # enrolled pod (to_pod) or the node's IP stack (the ip table's
+        # `bridged`, lifted frames included).
+        _rule("bridge", "prerouting", ipv4, from_pod, {"goto": {"target": "from_pod"}}),
+        _lift("prerouting", "in", _payload("ip", "daddr"), f"@{BRIDGE_POD_MAP}", ipv4),
+        _rule("bridge", "prerouting", ipv4, {"accept": None}),
         # The common frame, an enrolled pod's TCP from its own address on its
         # own port: bound and lifted by one lookup (a pair missing from the
         # map makes the rule not match, so the rules below see it).
-        _lift("prerouting", "out", _concat(_meta("iifname"), source), f"@{PORT_LIFT_MAP}", ipv4),
-        # From a pod port (one lookup for every other frame): a bound pair
-        # goes to lift, anything else is dropped.
-        _rule("bridge", "prerouting", ipv4, from_pod, {"goto": {"target": "from_pod"}}),
+        _lift("from_pod", "out", _concat(_meta("iifname"), source), f"@{PORT_LIFT_MAP}"),
+        # Any other bound pair (not TCP, or missing from port_l3mac) goes on
+        # to lift, marked bound; anything else is dropped.
         _rule("bridge", "from_pod", _match(_concat(_meta("iifname"), source), f"@{PORT_SOURCE_SET}"),
-              {"goto": {"target": "lift"}}),
+              _set_mark(_OR_BOUND), {"goto": {"target": "lift"}}),
         _rule("bridge", "from_pod", *_drop("out_drop_spoofed_source")),
-        _rule("bridge", "prerouting", ipv4, _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
-        # Past both drops: not from a pod port, no enrolled source, so only
-        # a lift in can match (TCP to an enrolled pod, e.g. from a pod
-        # outside the mesh).
-        _lift("prerouting", "in", _payload("ip", "daddr"), f"@{BRIDGE_POD_MAP}", ipv4),
-        _rule("bridge", "prerouting", ipv4, {"accept": None}),
         # ARP: a pod asks and answers for its own addresses (0.0.0.0: a probe).
         _rule("bridge", "prerouting", arp, _match(_concat(_meta("iifname"), _ARP_SENDER), f"@{PORT_SOURCE_SET}"),
               {"accept": None}),
@@ -432,6 +454,10 @@ def _bridge_binding_rules() -> list[Command]:
         # Switched frames (not lifted: outside the mesh, or not TCP): the
         # port first, one lookup for a frame to a port outside the mesh.
         _rule("bridge", "forward", ipv4, to_pod, {"goto": {"target": "to_pod"}}),
+        # From any port but its own bound one (no mark), an enrolled source
+        # is forged: a pod outside the mesh, another node, the underlay.
+        _rule("bridge", "to_pod", _match({"&": [_meta("mark"), constants.MARK_BOUND]}, 0),
+              _match(source, f"@{ADDRESS_SET}"), *_drop("in_drop_spoofed_source")),
         _rule("bridge", "to_pod", to_own_port, {"accept": None}),
         _rule("bridge", "to_pod", _match(destination, f"@{ADDRESS_SET}"), *_drop("in_drop_misdelivered")),
     ]

@@ -104,7 +104,7 @@ def test_installed_rule_set(nft_node):
                             "bridge port_sources", "ip pod_links", "ip pod_sources", "ip pods", "ip6 pod_links",
                             "ip6 pods6"]
     assert node["chains"] == ["bridge forward", "bridge from_pod", "bridge lift", "bridge output", "bridge prerouting",
-                              "bridge to_pod", "ip classify", "ip inbound", "ip outbound", "ip prerouting",
+                              "bridge to_pod", "ip bridged", "ip classify", "ip inbound", "ip outbound", "ip prerouting",
                               "ip routed_pod", "ip6 forward"]
     proxy = nftstate.ambit_objects(nft_node.proxy_netns)
     assert proxy["tables"] == ["ip"] and proxy["sets"] == ["ip local_pods"]

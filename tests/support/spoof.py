@@ -15,8 +15,9 @@ have.
       raw IPv4 TCP SYNs with source SRC (IP_HDRINCL), no socket bound at all
   python spoof.py get6 SRC HOST PORT [--timeout S]
       the same GET over IPv6
-  python spoof.py udp6 SRC HOST PORT
-      one IPv6 UDP datagram to an echo server, and its echo
+  python spoof.py udp SRC HOST PORT [--timeout S]
+  python spoof.py udp6 SRC HOST PORT [--timeout S]
+      one IPv4 (IPv6) UDP datagram from SRC to an echo server, and its echo
 
 Every command prints one JSON object: {"ok": ..., ...}.
 """
@@ -113,8 +114,8 @@ def syn(src: str, dst: str, port: int, count: int) -> dict[str, Any]:
     return {"ok": True, "sent": count}
 
 
-def udp6(src: str, host: str, port: int, timeout: float) -> dict[str, Any]:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+def udp(src: str, host: str, port: int, timeout: float, family: int) -> dict[str, Any]:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.bind((src, 0))
         try:
@@ -140,11 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--transparent", action="store_true")
         p.add_argument("--freebind", action="store_true")
         p.add_argument("--timeout", type=float, default=3.0)
-    p = sub.add_parser("udp6")
-    p.add_argument("src")
-    p.add_argument("host")
-    p.add_argument("port", type=int)
-    p.add_argument("--timeout", type=float, default=3.0)
+    for name in ("udp", "udp6"):
+        p = sub.add_parser(name)
+        p.add_argument("src")
+        p.add_argument("host")
+        p.add_argument("port", type=int)
+        p.add_argument("--timeout", type=float, default=3.0)
     p = sub.add_parser("syn")
     p.add_argument("src")
     p.add_argument("host")
@@ -155,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = garp(args.iface, args.ip, args.count)
     elif args.command == "syn":
         result = syn(args.src, args.host, args.port, args.count)
-    elif args.command == "udp6":
-        result = udp6(args.src, args.host, args.port, args.timeout)
+    elif args.command in ("udp", "udp6"):
+        result = udp(args.src, args.host, args.port, args.timeout,
+                     socket.AF_INET6 if args.command == "udp6" else socket.AF_INET)
     else:
         family = socket.AF_INET6 if args.command == "get6" else socket.AF_INET
         result = get(args.src, args.host, args.port, transparent=args.transparent, timeout=args.timeout, family=family,

@@ -117,69 +117,98 @@ def _sets_mark(rule: dict, bit: int) -> bool:
     return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, bit]}}} in rule["expr"]
 
 
-def test_only_a_bound_source_is_marked_lifted():
-    """The ip table sends a frame with MARK_LIFTED to `outbound` without a
-    lookup, so only the lifts out (which a bound source alone reaches) set
-    it: the first rule by the bound pair, the lift chain's by its source
-    (only a bound pair enters lift). A pod cannot set a mark itself: marks
-    are scrubbed when a packet leaves its namespace."""
+def test_only_a_bound_source_is_marked_bound():
+    """The ip table sends a TCP frame with MARK_BOUND to `outbound` without
+    a lookup, so only a bound `iifname . saddr` pair sets it: from_pod's
+    lift out (port_l3mac holds bound pairs only), its bound-pair rule, and
+    the lift chain's lift out (only a bound pair enters lift). A pod cannot
+    set a mark itself: marks are scrubbed when a packet leaves its
+    namespace."""
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
-    marking = [(r["chain"], _lifts_by(r)) for r in node if _sets_mark(r, constants.MARK_LIFTED)]
+    marking = [(r["chain"], _lifts_by(r)) for r in node if _sets_mark(r, constants.MARK_BOUND)]
     saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
-    assert marking == [("prerouting", ({"concat": [{"meta": {"key": "iifname"}}, saddr]}, f"@{rs.PORT_LIFT_MAP}")),
-                       ("lift", (saddr, f"@{rs.BRIDGE_POD_MAP}"))]
-    assert all(r["family"] == "bridge" for r in node if _sets_mark(r, constants.MARK_LIFTED))
-    assert constants.MARK_LIFTED & constants.MARK_MASK == constants.MARK_LIFTED
-    assert len({constants.MARK_CAPTURED, constants.MARK_PROXY, constants.MARK_POD_PORT, constants.MARK_LIFTED}) == 4
+    assert marking == [("from_pod", ({"concat": [{"meta": {"key": "iifname"}}, saddr]}, f"@{rs.PORT_LIFT_MAP}")),
+                       ("from_pod", None), ("lift", (saddr, f"@{rs.BRIDGE_POD_MAP}"))]
+    bound_rule = [r for r in node if r["chain"] == "from_pod" and _sets_mark(r, constants.MARK_BOUND)][1]
+    assert _bound_pair(bound_rule, "iifname", rs.PORT_SOURCE_SET)
+    assert all(r["family"] == "bridge" for r in node if _sets_mark(r, constants.MARK_BOUND))
+    assert constants.MARK_BOUND & constants.MARK_MASK == constants.MARK_BOUND
+    assert len({constants.MARK_CAPTURED, constants.MARK_PROXY, constants.MARK_POD_PORT, constants.MARK_BOUND}) == 4
     # The map that binds and lifts is keyed like the bound pairs.
     maps = {c["add"]["map"]["name"]: c["add"]["map"] for c in rs.node_rules(3) if "map" in c.get("add", {})}
     assert maps[rs.PORT_LIFT_MAP]["type"] == ["ifname", "ipv4_addr"] and maps[rs.PORT_LIFT_MAP]["map"] == "ether_addr"
 
 
+def _lookups(rule: dict) -> int:
+    """Set or map lookups a rule makes (a match against @set, or a map as a
+    mangle's value)."""
+    text = repr(rule["expr"])
+    return text.count("'right': '@") + text.count("'data': '@")
+
+
 def test_a_legitimate_packet_pays_few_rules():
     """Rules a captured round trip's packets walk in the node, with a bound
     pod on a bridge (the first rule that matches ends each walk): the pod's
-    TCP frame 1 in bridge prerouting, then the bypass and the mark in ip
-    prerouting and outbound's two; what the proxy sends back 1 in ip
-    prerouting and 1 in bridge output."""
+    TCP frame its port in bridge prerouting and from_pod's first rule, then
+    the bypass and the mark in ip prerouting and outbound's two; what the
+    proxy sends back 1 in ip prerouting and 1 in bridge output."""
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
-    assert {"counter": "bridge_lift_out"} in chain("bridge", "prerouting")[0]["expr"]
+    assert _verdict_of(chain("bridge", "prerouting")[0]) == {"goto": {"target": "from_pod"}}
+    assert {"counter": "bridge_lift_out"} in chain("bridge", "from_pod")[0]["expr"]
     ip = chain("ip", "prerouting")
     assert {"counter": "in_pass_from_proxy"} in ip[0]["expr"] and _verdict_of(ip[1]) == {"goto": {"target": "outbound"}}
+    assert _lookups(ip[1]) == 0
     assert len(chain("ip", "outbound")) == 2
     assert _verdict_of(chain("bridge", "output")[0]) == {"accept": None}
+
+
+def test_a_frame_between_ports_outside_the_mesh_pays_what_it_paid_before_the_binding():
+    """ea4750f's bridge prerouting made two lookups of such a frame (lift
+    out by source, lift in by destination) and its ip prerouting two (source
+    and destination in `pods`, when br_netfilter hands bridged frames up);
+    the binding keeps those counts: its port, then the lift in, then accept;
+    in ip, `bridged`'s source and destination. Bridge forward adds one (the
+    output port)."""
+    node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
+    chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
+    bridge = chain("bridge", "prerouting")
+    walked = bridge[:[i for i, r in enumerate(bridge) if _verdict_of(r) == {"accept": None}][1] + 1]
+    assert [_lookups(r) for r in walked] == [1, 1, 0] and _verdict_of(walked[2]) == {"accept": None}
+    ip = chain("ip", "prerouting")
+    before_bridged = ip[:next(i for i, r in enumerate(ip) if _verdict_of(r) == {"goto": {"target": "bridged"}}) + 1]
+    assert sum(_lookups(r) for r in before_bridged) == 0
+    assert sum(_lookups(r) for r in chain("ip", "bridged")) == 2
+    assert _lookups(chain("bridge", "forward")[0]) == 1
 
 
 def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     node = [c["add"]["rule"] for c in rs.node_rules(3) if "rule" in c.get("add", {})]
     chain = lambda family, name: [r for r in node if r["family"] == family and r["chain"] == name]  # noqa: E731
     bridge = chain("bridge", "prerouting")
-    assert _counted(bridge) == ["bridge_lift_out", "in_drop_spoofed_source", "bridge_lift_in", "out_drop_spoofed_arp",
-                                "in_drop_spoofed_arp", "out_drop_not_ip"]
+    assert _counted(bridge) == ["bridge_lift_in", "out_drop_spoofed_arp", "in_drop_spoofed_arp", "out_drop_not_ip"]
     assert _counted(chain("bridge", "lift")) == ["bridge_lift_out", "bridge_lift_in"]
-    # The first rule binds and lifts at once: TCP whose `iifname . saddr`
-    # pair is in port_l3mac (bound pairs only). A miss does not match it.
-    assert _lifts_by(bridge[0]) == ({"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip",
-                                                                                         "field": "saddr"}}]},
-                                    f"@{rs.PORT_LIFT_MAP}")
-    assert _verdict_of(bridge[0]) == {"accept": None}
-    # IPv4 from a pod port goes to from_pod: there only a bound
-    # `iifname . saddr` pair enters lift (its frames the first rule did not
-    # lift: not TCP, or a pair missing from port_l3mac), anything else is
-    # dropped. So lift's lift out (which marks) sees bound sources only.
-    # Past the enrolled-source drop only a lift in (unmarked) is left.
+    # IPv4 from a pod port goes to from_pod first: there the first rule
+    # binds and lifts at once (TCP whose `iifname . saddr` pair is in
+    # port_l3mac, bound pairs only; a miss does not match it), then only a
+    # bound pair enters lift (marked bound), anything else is dropped. So
+    # lift's lift out sees bound sources only.
     assert [r["chain"] for r in node if {"goto": {"target": "from_pod"}} in r["expr"]] == ["prerouting"]
-    assert bridge[1]["expr"][1] == {"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
+    assert bridge[0]["expr"][1] == {"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
                                               "right": f"@{rs.PORT_SET}"}}
-    assert _verdict_of(bridge[1]) == {"goto": {"target": "from_pod"}}
-    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["from_pod"]
+    assert _verdict_of(bridge[0]) == {"goto": {"target": "from_pod"}}
     from_pod = chain("bridge", "from_pod")
-    assert _bound_pair(from_pod[0], "iifname", rs.PORT_SOURCE_SET) and _verdict_of(from_pod[0]) == {"goto": {"target": "lift"}}
-    assert from_pod[1]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(from_pod) == 2
-    ipv4_drops = [i for i, r in enumerate(bridge) if {"counter": "in_drop_spoofed_source"} in r["expr"]]
+    assert _lifts_by(from_pod[0]) == ({"concat": [{"meta": {"key": "iifname"}}, {"payload": {"protocol": "ip",
+                                                                                           "field": "saddr"}}]},
+                                      f"@{rs.PORT_LIFT_MAP}")
+    assert _verdict_of(from_pod[0]) == {"accept": None}
+    assert [r["chain"] for r in node if {"goto": {"target": "lift"}} in r["expr"]] == ["from_pod"]
+    assert _bound_pair(from_pod[1], "iifname", rs.PORT_SOURCE_SET) and _verdict_of(from_pod[1]) == {"goto": {"target": "lift"}}
+    assert from_pod[2]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(from_pod) == 3
+    # Any other port: only a lift in (unmarked), whose forged sources the
+    # ip table's `bridged` drops.
     lift_in = next(i for i, r in enumerate(bridge) if {"counter": "bridge_lift_in"} in r["expr"])
-    assert lift_in > max(ipv4_drops) and not _sets_mark(bridge[lift_in], constants.MARK_LIFTED)
+    assert lift_in == 1 and not _sets_mark(bridge[lift_in], constants.MARK_BOUND)
     assert _lifts_by(bridge[lift_in]) == ({"payload": {"protocol": "ip", "field": "daddr"}}, f"@{rs.BRIDGE_POD_MAP}")
     assert bridge[lift_in + 1]["expr"] == [bridge[0]["expr"][0], {"accept": None}]  # IPv4
     # ARP is accepted for a bound pair or past its drops.
@@ -190,28 +219,39 @@ def test_the_source_binding_drops_before_anything_is_lifted_or_steered():
     assert _bound_pair(bridge[accepts[0]], "iifname", rs.PORT_SOURCE_SET) and accepts[0] < min(arp_drops)
     assert accepts[1] > max(arp_drops) and len(accepts) == 2
     # Output, and forward's to_pod (IPv4 to a pod port): only a bound
-    # `oifname . daddr` pair is accepted before the drop.
+    # `oifname . daddr` pair is accepted before the drop; to_pod first
+    # drops an enrolled source not marked bound (from any other port).
     assert chain("bridge", "forward")[0]["expr"][1] == {"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
                                                                   "right": f"@{rs.PORT_SET}"}}
     assert _verdict_of(chain("bridge", "forward")[0]) == {"goto": {"target": "to_pod"}}
-    for name in ("to_pod", "output"):
-        rules = chain("bridge", name)
+    to_pod = chain("bridge", "to_pod")
+    assert to_pod[0]["expr"][0]["match"] == {"op": "==", "left": {"&": [{"meta": {"key": "mark"}},
+                                                                        constants.MARK_BOUND]}, "right": 0}
+    assert to_pod[0]["expr"][1]["match"]["right"] == f"@{rs.ADDRESS_SET}"
+    assert _counted(to_pod[:1]) == ["in_drop_spoofed_source"]
+    for rules in (to_pod[1:], chain("bridge", "output")):
         assert _bound_pair(rules[0], "oifname", rs.PORT_SOURCE_SET) and _verdict_of(rules[0]) == {"accept": None}
         assert _counted(rules) == ["in_drop_misdelivered"] and len(rules) == 2
-    # ip: outbound and inbound are reached from classify, and outbound also
-    # from prerouting for a frame the bridge lifted out of a bound port
-    # (MARK_LIFTED, right after the proxy's bypass); classify from a bridge
-    # (bound there), a routed veth's bound pair, or past the drop.
+    # ip: outbound and inbound are reached from classify and bridged, and
+    # outbound also from prerouting for TCP the bridge marked bound (right
+    # after the proxy's bypass; the rest of a bound port's frames return);
+    # bridged from any other bridge port (its enrolled sources dropped
+    # first), classify from a routed veth's bound pair or past the drop.
     ip = chain("ip", "prerouting")
     steering = [r for r in node if _verdict_of(r) in ({"goto": {"target": "outbound"}}, {"goto": {"target": "inbound"}})]
-    assert [r["chain"] for r in steering] == ["prerouting", "classify", "classify"]
-    assert steering[0] is ip[1] and ip[1]["expr"][0]["match"] == {
-        "op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, constants.MARK_LIFTED]}, "right": 0}
+    assert [r["chain"] for r in steering] == ["prerouting", "bridged", "classify", "classify"]
+    bound = {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, constants.MARK_BOUND]}, "right": 0}
+    assert steering[0] is ip[1] and ip[1]["expr"][0]["match"] == bound and ip[2]["expr"][0]["match"] == bound
+    assert _verdict_of(ip[2]) == {"return": None} and len(ip[2]["expr"]) == 2
     assert {"counter": "in_pass_from_proxy"} in ip[0]["expr"]
+    assert ip[3]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifkind"}}, "right": "bridge"}
+    assert _verdict_of(ip[3]) == {"goto": {"target": "bridged"}}
+    bridged = chain("ip", "bridged")
+    assert _counted(bridged[:1]) == ["in_drop_spoofed_source"]
+    assert bridged[0]["expr"][0]["match"]["left"] == {"payload": {"protocol": "ip", "field": "saddr"}}
     into = [i for i, r in enumerate(ip) if _verdict_of(r) == {"goto": {"target": "classify"}}]
-    assert ip[into[0]]["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifkind"}}, "right": "bridge"}
-    assert into[1] > next(i for i, r in enumerate(ip) if {"counter": "in_drop_spoofed_source"} in r["expr"])
-    assert len(into) == 2
+    assert into[0] > next(i for i, r in enumerate(ip) if {"counter": "in_drop_spoofed_source"} in r["expr"])
+    assert len(into) == 1
     routed = chain("ip", "routed_pod")
     assert _bound_pair(routed[0], "iifname", rs.SOURCE_SET) and _verdict_of(routed[0]) == {"goto": {"target": "classify"}}
     assert routed[1]["expr"] == [{"counter": "out_drop_spoofed_source"}, {"drop": None}] and len(routed) == 2
