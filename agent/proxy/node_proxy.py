@@ -428,10 +428,10 @@ class NodeProxy:
             plan = self.mesh.router.plan_for(accepted.client.ip, accepted.original_dst.ip,
                                              accepted.original_dst.port)
             meta = tracked.meta
-            meta.via = plan.route.value
+            meta.via = plan.via
             meta.reason = plan.reason
-            meta.source_identity = str(plan.source_identity or "")
-            meta.destination_identity = str(plan.destination_identity or "")
+            meta.source_identity = plan.source_uri
+            meta.destination_identity = plan.destination_uri
             meta.destination_ip = plan.next_hop_ip  # the waypoint instance, for WAYPOINT
             meta.service = plan.service or ""
             self._opened(accepted, tracked)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from ..discovery.attribution import Attributor
@@ -77,15 +78,32 @@ class OutboundPlan:
     via_ip: str | None = None    # the waypoint instance's IP (WAYPOINT)
     fail_closed: str = ""        # REFUSE because the agent cannot decide (policy.authz.Decision.fail_closed)
 
-    @property
+    # Made on first use and kept in the plan (a remembered plan serves many
+    # connections): after that, each is a plain attribute read.
+    @cached_property
     def next_hop_ip(self) -> str:
         """Whose 15008 an HBONE route dials."""
         return self.via_ip or self.dst_ip
 
-    @property
+    @cached_property
     def authority(self) -> str:
         """The CONNECT authority of an HBONE or WAYPOINT route."""
         return f"[{self.dst_ip}]:{self.dst_port}" if ":" in self.dst_ip else f"{self.dst_ip}:{self.dst_port}"
+
+    @cached_property
+    def via(self) -> str:
+        """The route's name (the access log's `via`)."""
+        return self.route.value
+
+    @cached_property
+    def source_uri(self) -> str:
+        """The source identity's SPIFFE URI, "" without one."""
+        return str(self.source_identity or "")
+
+    @cached_property
+    def destination_uri(self) -> str:
+        """The expected destination identity's SPIFFE URI, "" without one."""
+        return str(self.destination_identity or "")
 
 
 class OutboundRouter:
