@@ -56,7 +56,7 @@ from ..netns import NetnsThread
 from ..policy.authz import DISCOVERY_NOT_SYNCED, RECORDS_NOT_LOADED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import AccessLog
-from ..telemetry.metrics import Metrics, TcpLabels
+from ..telemetry.metrics import Metrics, TcpLabels, TcpSeries
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
 from .hbone.outcomes import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
@@ -154,6 +154,7 @@ class NodeProxy:
         self._recheck: asyncio.Handle | None = None
         # Metric label sets per (who, whom, how), built once: a pod event empties it.
         self._label_sets: dict[tuple[Any, ...], TcpLabels] = {}
+        self._series_sets: dict[tuple[Any, ...], TcpSeries] = {}  # the same for 15001 / 15006, bound (_series)
         self.access_log = AccessLog()  # one line per connection (both listeners, both HBONE sides)
 
     @property
@@ -308,25 +309,31 @@ class NodeProxy:
                 self._label_sets[key] = labels
         return labels
 
-    def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
+    def _series(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpSeries:
+        """The counters of a 15001 / 15006 connection's label set, bound once per
+        (who, whom, how) like the label sets (a pod event clears them)."""
         meta = tracked.meta
         client_ip, dst_ip = accepted.client.ip, meta.destination_ip or accepted.original_dst.ip
         key = (accepted.listener, client_ip, dst_ip, meta.source_identity, meta.destination_identity, meta.service,
                meta.via, flags)
-
-        def make() -> TcpLabels:
+        series = self._series_sets.get(key)
+        if series is None:
             src_name, src_ns = self._pod_at(client_ip)
             dst_name, dst_ns = self._pod_at(dst_ip)
             secure = meta.via in (Route.HBONE.value, Route.WAYPOINT.value) or accepted.listener is ListenerKind.HBONE
-            return TcpLabels(
+            series = self.metrics.series(TcpLabels(
                 reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
                 source_workload=src_name, source_workload_namespace=src_ns,
                 source_principal=meta.source_identity or "unknown",
                 destination_workload=dst_name, destination_workload_namespace=dst_ns,
                 destination_principal=meta.destination_identity or "unknown",
                 destination_service=meta.service or "unknown",
-                response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
-        return self._label_set(key, make)
+                response_flags=flags, connection_security_policy="mutual_tls" if secure else "none"))
+            if self.mesh is not None:  # without discovery nothing says when a pod changed: no caching
+                if len(self._series_sets) >= MAX_LABEL_SETS:
+                    self._series_sets.clear()
+                self._series_sets[key] = series
+        return series
 
     def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
         if outcome.end == "cancelled":  # the task was cancelled mid-relay: count what it moved
@@ -335,10 +342,13 @@ class NodeProxy:
                                progress.bytes_to_upstream, progress.bytes_to_client,
                                flags="UAEX" if tracked.meta.revoked else "-")
         self.connections.discard(tracked.id)
-        labels = self._labels(accepted, tracked, outcome.flags)
+        # Closed with the labels it was opened with (_opened's), unless the close adds a response flag.
+        series = tracked.meta.series
+        if series is None or outcome.flags != "-":
+            series = self._series(accepted, tracked, outcome.flags)
         if outcome.failed:
-            self.metrics.failed(labels)
-        self.metrics.closed(labels, outcome.sent, outcome.received)
+            series.failed()
+        series.closed(outcome.sent, outcome.received)
         meta = tracked.meta
         self.access_log.connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
@@ -350,7 +360,8 @@ class NodeProxy:
     def _opened(self, accepted: AcceptedConnection, tracked: TrackedConnection) -> None:
         """Counted once the route and identities are known, so the opened and
         closed series carry the same labels."""
-        self.metrics.opened(self._labels(accepted, tracked))
+        series = tracked.meta.series = self._series(accepted, tracked)
+        series.opened()
 
     # -- handlers -------------------------------------------------------------
     async def _relay(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
@@ -551,6 +562,7 @@ class NodeProxy:
         metric series go too (pod churn would otherwise grow them for ever)."""
         if kind == KIND_POD:
             self._label_sets.clear()
+            self._series_sets.clear()
             if event == EVENT_DELETED and old is not None:
                 self.metrics.forget_workload(old.name, old.namespace)
         relabelled = kind == KIND_POD and event == EVENT_MODIFIED and old.labels != new.labels
