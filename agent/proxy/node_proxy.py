@@ -86,6 +86,7 @@ _HBONE_LISTENER = ListenerKind.HBONE.value
 _VIA_HBONE = Route.HBONE.value
 _UPSTREAM_OPTIONS = RelayOptions()  # the upstream sockets' (defaults): not made again per connection
 MAX_LABEL_SETS = 4096  # cached metric label sets (pod pairs x flags); cleared when full
+MAX_POOL_KEYS = 4096  # HBONE pool keys kept per (client, next hop, identities); cleared when full
 # How long a new connection waits for discovery to sync before it is refused:
 # long enough for a (re)starting agent's first lists (~0.1-0.5 s), short enough
 # that a client is answered well within its connect timeout.
@@ -154,6 +155,7 @@ class NodeProxy:
         self._recheck: asyncio.Handle | None = None
         # Metric label sets per (who, whom, how), built once: a pod event empties it.
         self._label_sets: dict[tuple[Any, ...], TcpLabels] = {}
+        self._pool_keys: dict[tuple[str, str, str, str], PoolKey] = {}  # see _tunnel
         self._series_sets: dict[tuple[Any, ...], TcpSeries] = {}  # the same for 15001 / 15006, bound (_series)
         self.access_log = AccessLog()  # one line per connection (both listeners, both HBONE sides)
 
@@ -469,8 +471,16 @@ class NodeProxy:
                       plan: OutboundPlan) -> _Outcome:
         assert self.pool is not None and plan.source_identity and plan.destination_identity
         next_hop = plan.next_hop_ip
-        key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=next_hop,
-                      expected_identities=frozenset({plan.destination_identity}))
+        # The pool key, made once per (client, next hop, both identities' URIs): strings hash
+        # in C, where a new PoolKey is a dataclass __init__ and two SpiffeId hashes per connection.
+        memo = (accepted.client.ip, next_hop, plan.source_uri, plan.destination_uri)
+        key = self._pool_keys.get(memo)
+        if key is None:
+            key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=next_hop,
+                          expected_identities=frozenset({plan.destination_identity}))
+            if len(self._pool_keys) >= MAX_POOL_KEYS:
+                self._pool_keys.clear()
+            self._pool_keys[memo] = key
         headers = [("forwarded", f'for="{accepted.client}"')]
         try:
             tunnel = await self.pool.open_tunnel(key, plan.authority, sock, headers)
