@@ -79,6 +79,9 @@ class Attributor:
         self.state = state
         self.node_name = node_name
         self._enrolled = enrolled
+        # The record of an address, as attribution reads it first: a memo of an
+        # answer (routing's plan cache) holds while this returns the same object.
+        self.record = enrolled
 
     def pod(self, address: str) -> PodInfo | None:
         """The pod at `address`, None when unattributed (`attribute` says why).

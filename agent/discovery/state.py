@@ -163,6 +163,9 @@ class ClusterState:
         self._pending: list[tuple[str, str, Any, Any]] = []
         self._policy_dirty: set[str] = set()
         self._batch = False
+        # Bumped on every change to a stored object (of any kind): what read it
+        # may keep an answer while this is unchanged (routing.OutboundRouter's plans).
+        self.generation = 0
 
     # -- subscriptions ------------------------------------------------------
     def subscribe(self, callback: ChangeCallback) -> Callable[[], None]:
@@ -487,6 +490,7 @@ class ClusterState:
         return True
 
     def _changed(self, kind: str, event: str, old: Any, new: Any) -> None:
+        self.generation += 1
         if kind in POLICY_KINDS:
             self._policy_dirty.add(kind)
             if kind == KIND_AUTHORIZATION_POLICY and not self._batch and self._engine is not None:

@@ -91,7 +91,7 @@ class WaypointResolver:
 
     def __init__(self, state: ClusterState) -> None:
         self.state = state
-        self._spread = EvenSpread()
+        self.spread = EvenSpread()  # over a waypoint's instances (candidates() names the key)
 
     # -- the Gateway ------------------------------------------------------------------------
     def waypoint(self, namespace: str, name: str) -> tuple[Waypoint | None, str]:
@@ -166,12 +166,16 @@ class WaypointResolver:
         """An instance for one connection: one on `near_node` when there is
         one (Istio gives the waypoint's Service PreferClose traffic
         distribution), else spread evenly over all."""
+        key, candidates = self.candidates(waypoint, near_node)
+        choose = self.spread.peek if dry_run else self.spread.pick
+        return choose(key, candidates)
+
+    def candidates(self, waypoint: Waypoint, near_node: str) -> tuple[Hashable, list[PodInfo]]:
+        """What pick_instance picks from, and its `spread` key: kept by a
+        caller that caches them (the pick stays per connection)."""
         instances = self.instances(waypoint)
         close = [pod for pod in instances if pod.node_name == near_node]
-        candidates = close or instances
-        key: Hashable = ("waypoint", waypoint.namespace, waypoint.name, bool(close))
-        choose = self._spread.peek if dry_run else self._spread.pick
-        return choose(key, candidates)
+        return ("waypoint", waypoint.namespace, waypoint.name, bool(close)), close or instances
 
 
 def _serving(pod: PodInfo) -> bool:

@@ -58,7 +58,7 @@ class ConnectionMeta:
     policy change closed it."""
 
     __slots__ = ("source_identity", "destination_identity", "decision", "reason", "via", "destination_ip",
-                 "service", "authorized", "revoked")
+                 "service", "authorized", "revoked", "series")
 
     def __init__(self) -> None:
         self.destination_ip = ""  # where the connection really goes (a Service VIP resolves to a pod)
@@ -70,6 +70,7 @@ class ConnectionMeta:
         self.via = "direct"
         self.authorized: DestinationCheck | None = None
         self.revoked = False
+        self.series: Any = None  # the metrics series it was opened with (telemetry.metrics.TcpSeries)
 
 
 @dataclass(frozen=True)

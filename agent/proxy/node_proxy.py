@@ -56,7 +56,7 @@ from ..netns import NetnsThread
 from ..policy.authz import DISCOVERY_NOT_SYNCED, RECORDS_NOT_LOADED, UNKNOWN_DESTINATION, Decision
 from ..policy.enforce import Authorizer
 from ..telemetry.access_log import AccessLog
-from ..telemetry.metrics import Metrics, TcpLabels
+from ..telemetry.metrics import Metrics, TcpLabels, TcpSeries
 from ..workload import Workload
 from .connections import ConnectionRegistry, DestinationCheck, TrackedConnection
 from .hbone.outcomes import TunnelEnd, TunnelError, TunnelOutcome, TunnelRefused
@@ -88,6 +88,7 @@ _HBONE_LISTENER = ListenerKind.HBONE.value
 _VIA_HBONE = Route.HBONE.value
 _UPSTREAM_OPTIONS = RelayOptions()  # the upstream sockets' (defaults): not made again per connection
 MAX_LABEL_SETS = 4096  # cached metric label sets (pod pairs x flags); cleared when full
+MAX_POOL_KEYS = 4096  # HBONE pool keys kept per (client, next hop, identities); cleared when full
 # How long a new connection waits for discovery to sync before it is refused:
 # long enough for a (re)starting agent's first lists (~0.1-0.5 s), short enough
 # that a client is answered well within its connect timeout.
@@ -156,6 +157,8 @@ class NodeProxy:
         self._recheck: asyncio.Handle | None = None
         # Metric label sets per (who, whom, how), built once: a pod event empties it.
         self._label_sets: dict[tuple[Any, ...], TcpLabels] = {}
+        self._pool_keys: dict[tuple[str, str, str, str], PoolKey] = {}  # see _tunnel
+        self._series_sets: dict[tuple[Any, ...], TcpSeries] = {}  # the same for 15001 / 15006, bound (_series)
         self.access_log = AccessLog()  # one line per connection (both listeners, both HBONE sides)
 
     @property
@@ -310,25 +313,31 @@ class NodeProxy:
                 self._label_sets[key] = labels
         return labels
 
-    def _labels(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpLabels:
+    def _series(self, accepted: AcceptedConnection, tracked: TrackedConnection, flags: str = "-") -> TcpSeries:
+        """The counters of a 15001 / 15006 connection's label set, bound once per
+        (who, whom, how) like the label sets (a pod event clears them)."""
         meta = tracked.meta
         client_ip, dst_ip = accepted.client.ip, meta.destination_ip or accepted.original_dst.ip
         key = (accepted.listener, client_ip, dst_ip, meta.source_identity, meta.destination_identity, meta.service,
                meta.via, flags)
-
-        def make() -> TcpLabels:
+        series = self._series_sets.get(key)
+        if series is None:
             src_name, src_ns = self._pod_at(client_ip)
             dst_name, dst_ns = self._pod_at(dst_ip)
             secure = meta.via in (Route.HBONE.value, Route.WAYPOINT.value) or accepted.listener is ListenerKind.HBONE
-            return TcpLabels(
+            series = self.metrics.series(TcpLabels(
                 reporter="source" if accepted.listener is ListenerKind.OUTBOUND else "destination",
                 source_workload=src_name, source_workload_namespace=src_ns,
                 source_principal=meta.source_identity or "unknown",
                 destination_workload=dst_name, destination_workload_namespace=dst_ns,
                 destination_principal=meta.destination_identity or "unknown",
                 destination_service=meta.service or "unknown",
-                response_flags=flags, connection_security_policy="mutual_tls" if secure else "none")
-        return self._label_set(key, make)
+                response_flags=flags, connection_security_policy="mutual_tls" if secure else "none"))
+            if self.mesh is not None:  # without discovery nothing says when a pod changed: no caching
+                if len(self._series_sets) >= MAX_LABEL_SETS:
+                    self._series_sets.clear()
+                self._series_sets[key] = series
+        return series
 
     def _finish(self, accepted: AcceptedConnection, tracked: TrackedConnection, outcome: _Outcome) -> None:
         if outcome.end == "cancelled":  # the task was cancelled mid-relay: count what it moved
@@ -337,10 +346,13 @@ class NodeProxy:
                                progress.bytes_to_upstream, progress.bytes_to_client,
                                flags="UAEX" if tracked.meta.revoked else "-")
         self.connections.discard(tracked.id)
-        labels = self._labels(accepted, tracked, outcome.flags)
+        # Closed with the labels it was opened with (_opened's), unless the close adds a response flag.
+        series = tracked.meta.series
+        if series is None or outcome.flags != "-":
+            series = self._series(accepted, tracked, outcome.flags)
         if outcome.failed:
-            self.metrics.failed(labels)
-        self.metrics.closed(labels, outcome.sent, outcome.received)
+            series.failed()
+        series.closed(outcome.sent, outcome.received)
         meta = tracked.meta
         self.access_log.connection(
             listener=accepted.listener.value, src=str(accepted.client), dst=str(accepted.original_dst),
@@ -352,7 +364,8 @@ class NodeProxy:
     def _opened(self, accepted: AcceptedConnection, tracked: TrackedConnection) -> None:
         """Counted once the route and identities are known, so the opened and
         closed series carry the same labels."""
-        self.metrics.opened(self._labels(accepted, tracked))
+        series = tracked.meta.series = self._series(accepted, tracked)
+        series.opened()
 
     # -- handlers -------------------------------------------------------------
     async def _relay(self, accepted: AcceptedConnection, sock: socket.socket, tracked: TrackedConnection,
@@ -430,10 +443,10 @@ class NodeProxy:
             plan = self.mesh.router.plan_for(accepted.client.ip, accepted.original_dst.ip,
                                              accepted.original_dst.port)
             meta = tracked.meta
-            meta.via = plan.route.value
+            meta.via = plan.via
             meta.reason = plan.reason
-            meta.source_identity = str(plan.source_identity or "")
-            meta.destination_identity = str(plan.destination_identity or "")
+            meta.source_identity = plan.source_uri
+            meta.destination_identity = plan.destination_uri
             meta.destination_ip = plan.next_hop_ip  # the waypoint instance, for WAYPOINT
             meta.service = plan.service or ""
             self._opened(accepted, tracked)
@@ -460,8 +473,16 @@ class NodeProxy:
                       plan: OutboundPlan) -> _Outcome:
         assert self.pool is not None and plan.source_identity and plan.destination_identity
         next_hop = plan.next_hop_ip
-        key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=next_hop,
-                      expected_identities=frozenset({plan.destination_identity}))
+        # The pool key, made once per (client, next hop, both identities' URIs): strings hash
+        # in C, where a new PoolKey is a dataclass __init__ and two SpiffeId hashes per connection.
+        memo = (accepted.client.ip, next_hop, plan.source_uri, plan.destination_uri)
+        key = self._pool_keys.get(memo)
+        if key is None:
+            key = PoolKey(source_identity=plan.source_identity, source_ip=accepted.client.ip, next_hop_ip=next_hop,
+                          expected_identities=frozenset({plan.destination_identity}))
+            if len(self._pool_keys) >= MAX_POOL_KEYS:
+                self._pool_keys.clear()
+            self._pool_keys[memo] = key
         headers = [("forwarded", f'for="{accepted.client}"')]
         try:
             tunnel = await self.pool.open_tunnel(key, plan.authority, sock, headers)
@@ -553,6 +574,7 @@ class NodeProxy:
         metric series go too (pod churn would otherwise grow them for ever)."""
         if kind == KIND_POD:
             self._label_sets.clear()
+            self._series_sets.clear()
             if event == EVENT_DELETED and old is not None:
                 self.metrics.forget_workload(old.name, old.namespace)
         relabelled = kind == KIND_POD and event == EVENT_MODIFIED and old.labels != new.labels

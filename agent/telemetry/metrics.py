@@ -4,9 +4,10 @@ own (enrolment, CNI RPC latency, eBPF attach failures, HBONE pool).
 
 A connection's labels are fixed when it is opened (who talks to whom, how
 it is secured); bytes are added when it closes, so the data path never
-touches a metric. The counters' children are kept per label set (a bounded
-cache: clearing it only costs lookups again), so a connection costs a dict
-lookup per counter, not prometheus_client's label validation each time.
+touches a metric. The counters' children are bound per label set (TcpSeries,
+kept by the caller per pod pair; Metrics keeps a bounded cache of them too,
+clearing it only costs lookups again), so a connection costs an attribute read
+per counter, not prometheus_client's label validation each time.
 Workload labels name pods, so pod churn would add series for ever: a
 deleted pod's series are removed (`forget_workload`); a counter that
 restarts from zero if a pod of the same name comes back is what
@@ -73,29 +74,66 @@ class TcpLabels:
         return _label_values(self)
 
 
-class _Series:
-    """Where the TCP counters' children for one label set keep their count, found on first use.
+class TcpSeries:
+    """The TCP counters' children for one label set, bound once (Metrics.series).
 
-    That is what Counter.inc adds to once it has checked that the metric is a
-    labelled child and the amount is not negative (prometheus_client's
-    `child._value`; tests/unit/test_tcp_metrics.py pins Counter.inc's source).
-    A connection's counts are never negative, so the holder's own inc is all
-    there is to do: one Python call per count instead of four (Counter.inc,
-    _raise_if_not_observable, _is_observable, the holder's inc), four counts per
-    connection and side."""
+    A connection's caller keeps it (the node proxy, per pod pair and route), so
+    counting is an attribute read and the child's holder's own inc: what
+    Counter.inc adds to once it has checked that the metric is a labelled child
+    and the amount is not negative (prometheus_client's `child._value`;
+    tests/unit/test_tcp_metrics.py pins Counter.inc's source). A connection's
+    counts are never negative. Each child is found on first use, so a series
+    appears only once something is counted in it; after Metrics.forget_workload
+    removed children (its epoch moved) they are found, or made, again."""
 
-    __slots__ = ("values", "holders")
+    __slots__ = ("values", "_metrics", "_epoch", "_opened", "_closed", "_sent", "_received", "_failed")
 
-    def __init__(self, values: tuple[str, ...]) -> None:
+    def __init__(self, metrics: Metrics, values: tuple[str, ...]) -> None:
         self.values = values
-        self.holders: dict[Counter, Any] = {}
+        self._metrics = metrics
+        self._unbind()
 
-    def holder(self, counter: Counter) -> Any:
-        """The count of `counter`'s child for these labels: `.inc(amount)`, amount >= 0."""
-        found = self.holders.get(counter)
-        if found is None:
-            found = self.holders[counter] = counter.labels(*self.values)._value
-        return found
+    def _unbind(self) -> None:
+        self._epoch = self._metrics.epoch
+        self._opened = self._closed = self._sent = self._received = self._failed = None
+
+    def _holder(self, counter: Counter) -> Any:
+        return counter.labels(*self.values)._value
+
+    def opened(self) -> None:
+        if self._epoch != self._metrics.epoch:
+            self._unbind()
+        holder = self._opened
+        if holder is None:
+            holder = self._opened = self._holder(self._metrics.tcp_opened)
+        holder.inc(1)
+
+    def closed(self, sent: int, received: int) -> None:
+        """`sent`, `received`: byte counts (never negative)."""
+        if self._epoch != self._metrics.epoch:
+            self._unbind()
+        holder = self._closed
+        if holder is None:
+            holder = self._closed = self._holder(self._metrics.tcp_closed)
+        holder.inc(1)
+        if sent:
+            holder = self._sent
+            if holder is None:
+                holder = self._sent = self._holder(self._metrics.tcp_sent)
+            holder.inc(sent)
+        if received:
+            holder = self._received
+            if holder is None:
+                holder = self._received = self._holder(self._metrics.tcp_received)
+            holder.inc(received)
+
+    def failed(self) -> None:
+        if self._epoch != self._metrics.epoch:
+            self._unbind()
+        holder = self._failed
+        if holder is None:
+            holder = self._failed = self._holder(self._metrics.tcp_failed)
+        holder.inc(1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +209,8 @@ class Metrics:
         self.pods_adopted = Counter("ambit_pods_adopted", "Pods enrolled by the agent without a CNI ADD, by how it "
                                     "found them (adopted: running before ambit was chained; rebuilt: capture "
                                     "kept, record lost)", ["origin"], registry=r)
-        self._series: dict[tuple[str, ...], _Series] = {}
+        self._series: dict[tuple[str, ...], TcpSeries] = {}
+        self.epoch = 0  # moved when forget_workload removes children: a kept TcpSeries finds its own again
         self.failed_closed = Counter("ambit_connections_failed_closed",
                                      "Connections refused because the agent could not decide for them "
                                      "(reason: unknown_destination, discovery_not_synced, ...)",
@@ -186,13 +225,14 @@ class Metrics:
         """Export the HBONE server's counters (read from `source` at each scrape)."""
         self._hbone_server.source = source
 
-    def _series_of(self, labels: TcpLabels) -> _Series:
+    def series(self, labels: TcpLabels) -> TcpSeries:
+        """The counters of `labels`, bound: keep it to count connections with these labels."""
         values = labels.values()
         series = self._series.get(values)
         if series is None:
             if len(self._series) >= MAX_CACHED_LABEL_SETS:
                 self._series.clear()
-            series = self._series[values] = _Series(values)
+            series = self._series[values] = TcpSeries(self, values)
         return series
 
     def forget_workload(self, name: str, namespace: str) -> int:
@@ -211,6 +251,8 @@ class Metrics:
                 counter.remove(*values)
                 self._series.pop(values, None)
             removed += len(doomed)
+        if removed:
+            self.epoch += 1
         return removed
 
     def watch_capture(self, verdicts: Callable[[], dict[str, int]]) -> None:
@@ -219,19 +261,14 @@ class Metrics:
         self.registry.register(_CaptureVerdicts(verdicts))
 
     def opened(self, labels: TcpLabels) -> None:
-        self._series_of(labels).holder(self.tcp_opened).inc(1)
+        self.series(labels).opened()
 
     def closed(self, labels: TcpLabels, sent: int, received: int) -> None:
         """`sent`, `received`: byte counts (never negative)."""
-        series = self._series_of(labels)
-        series.holder(self.tcp_closed).inc(1)
-        if sent:
-            series.holder(self.tcp_sent).inc(sent)
-        if received:
-            series.holder(self.tcp_received).inc(received)
+        self.series(labels).closed(sent, received)
 
     def failed(self, labels: TcpLabels) -> None:
-        self._series_of(labels).holder(self.tcp_failed).inc(1)
+        self.series(labels).failed()
 
     def failed_closed_by_reason(self) -> dict[str, int]:
         """ambit_connections_failed_closed_total summed over listeners (for AgentStatus)."""

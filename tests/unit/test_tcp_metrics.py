@@ -68,6 +68,27 @@ def test_a_deleted_pods_series_are_removed_and_the_others_kept() -> None:
     assert sample(m, "istio_tcp_connections_opened_total", gone_src) == 1
 
 
+def test_a_kept_series_counts_on_after_its_pod_was_forgotten() -> None:
+    """A caller keeps a TcpSeries per label set (the node proxy does): once
+    forget_workload removed its children, a connection still open that closes
+    makes them again, and counts nothing from before."""
+    m = Metrics()
+    labels = TcpLabels(source_workload="web-1", source_workload_namespace="shop")
+    kept = m.series(labels)
+    assert m.series(labels) is kept
+    kept.opened()
+    kept.closed(5, 0)
+    assert m.forget_workload("web-1", "shop") == 3
+    assert sample(m, "istio_tcp_connections_opened_total", labels) is None
+    kept.closed(0, 7)
+    assert sample(m, "istio_tcp_connections_closed_total", labels) == 1
+    assert sample(m, "istio_tcp_received_bytes_total", labels) == 7
+    assert sample(m, "istio_tcp_sent_bytes_total", labels) is None
+    assert sample(m, "istio_tcp_connections_opened_total", labels) is None
+    kept.failed()
+    assert sample(m, "istio_tcp_connections_failed_total", labels) == 1
+
+
 def test_pod_churn_leaves_a_bounded_number_of_series() -> None:
     m = Metrics()
     for generation in range(200):
@@ -100,10 +121,10 @@ COUNTER_INC_SOURCE = "a974907585d081bbaf61af58d0d3d50df47836834f0a81477299e60957
 def test_counter_inc_is_the_checks_metrics_skips_then_its_holders_inc() -> None:
     """Metrics adds a connection's counts to each child's holder (`_value`)
     directly; that is all Counter.inc does for a non-negative amount without an
-    exemplar. A changed prometheus_client fails here: re-check _Series."""
+    exemplar. A changed prometheus_client fails here: re-check TcpSeries."""
     source = inspect.getsource(prometheus_client.Counter.inc)
     assert hashlib.sha256(source.encode()).hexdigest() == COUNTER_INC_SOURCE, (
-        "prometheus_client's Counter.inc changed: re-check agent/telemetry/metrics.py's _Series")
+        "prometheus_client's Counter.inc changed: re-check agent/telemetry/metrics.py's TcpSeries")
     m = Metrics()
     labels = TcpLabels(reporter="source", source_workload="client", destination_workload="server")
     m.opened(labels)
