@@ -8,9 +8,6 @@ the frame size); and every block decodes to exactly the headers asked for.
 The h2/hpack code this stands in for is pinned (a change fails here)."""
 from __future__ import annotations
 
-import hashlib
-import inspect
-
 import h2.config
 import h2.connection
 import h2.exceptions
@@ -22,6 +19,7 @@ from hyperframe.frame import HeadersFrame
 from ambit.agent.proxy.hbone.connect_block import ConnectBlockEncoder
 from ambit.agent.proxy.hbone.connection import _PlainLiteralEncoder
 from ambit.agent.proxy.hbone.h2_connection import QuietH2Connection
+from tests.support.pinned_source import source_digest
 
 # sha256 of inspect.getsource() of the h2/hpack code begin_request, send_header_block and
 # ConnectBlockEncoder reproduce (h2's send_headers and H2Stream.send_headers are pinned in
@@ -42,25 +40,9 @@ SOURCES = {
 }
 
 
-def _resolve(dotted: str):  # type: ignore[no-untyped-def]
-    import importlib
-
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            target = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for name in parts[split:]:
-            target = getattr(target, name)
-        return target
-    raise ImportError(dotted)
-
-
 @pytest.mark.parametrize("dotted", sorted(SOURCES))
 def test_the_code_the_shortcut_stands_in_for_is_unchanged(dotted: str) -> None:
-    source = inspect.getsource(_resolve(dotted))
-    assert hashlib.sha256(source.encode()).hexdigest() == SOURCES[dotted], (
+    assert source_digest(dotted) == SOURCES[dotted], (
         f"{dotted} changed: re-check QuietH2Connection.begin_request/send_header_block and "
         "ConnectBlockEncoder against it, then update SOURCES")
 
@@ -205,8 +187,7 @@ RESPONSE_SOURCES = {
 
 @pytest.mark.parametrize("dotted", sorted(RESPONSE_SOURCES))
 def test_the_code_the_200_shortcut_stands_in_for_is_unchanged(dotted: str) -> None:
-    source = inspect.getsource(_resolve(dotted))
-    assert hashlib.sha256(source.encode()).hexdigest() == RESPONSE_SOURCES[dotted], (
+    assert source_digest(dotted) == RESPONSE_SOURCES[dotted], (
         f"{dotted} changed: re-check QuietH2Connection._receive_response_200 against it, then update "
         "RESPONSE_SOURCES")
 

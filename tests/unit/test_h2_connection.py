@@ -5,9 +5,7 @@ itself and `send_response_200` for the server's 200. Pinned here: h2's own sourc
 and the behaviour, side by side with h2's class, on the paths it copies."""
 from __future__ import annotations
 
-import hashlib
 import logging
-import inspect
 
 import h2.config
 import h2.connection
@@ -17,6 +15,7 @@ from h2.exceptions import StreamClosedError
 from hyperframe.frame import DataFrame, Frame
 
 from ambit.agent.proxy.hbone.h2_connection import QuietH2Connection
+from tests.support.pinned_source import source_digest
 
 # sha256 of inspect.getsource() of h2 4.4.1's methods.
 H2_SOURCES = {
@@ -27,8 +26,7 @@ H2_SOURCES = {
 
 @pytest.mark.parametrize("method", sorted(H2_SOURCES))
 def test_h2s_methods_are_the_ones_the_override_copies(method: str) -> None:
-    source = inspect.getsource(getattr(h2.connection.H2Connection, method))
-    assert hashlib.sha256(source.encode()).hexdigest() == H2_SOURCES[method], (
+    assert source_digest(f"h2.connection.H2Connection.{method}") == H2_SOURCES[method], (
         f"h2's H2Connection.{method} changed: compare it with QuietH2Connection "
         "(agent/proxy/hbone/h2_connection.py), adapt the copy, then update H2_SOURCES")
 
@@ -156,21 +154,6 @@ def test_hpack_and_h2_debug_lines_are_dropped_without_a_python_call(caplog) -> N
 
 # --- the h2 code each shortcut below stands in for, pinned ------------------------------------------
 
-def _resolve(dotted: str):  # type: ignore[no-untyped-def]
-    import importlib
-
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            target = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for name in parts[split:]:
-            target = getattr(target, name)
-        return target
-    raise ImportError(dotted)
-
-
 # sha256 of inspect.getsource() of the h2/hpack/hyperframe code a QuietH2Connection shortcut stands in for
 # (the bytes and states it reproduces, or the frame use it relies on): a change fails here; re-check the
 # shortcut named against it, then update the hash.
@@ -249,8 +232,7 @@ SHORTCUT_SOURCES = {
 @pytest.mark.parametrize("dotted", sorted(SHORTCUT_SOURCES))
 def test_what_the_shortcuts_stand_in_for_is_unchanged(dotted: str) -> None:
     digest, shortcut = SHORTCUT_SOURCES[dotted]
-    source = inspect.getsource(_resolve(dotted))
-    assert hashlib.sha256(source.encode()).hexdigest() == digest, (
+    assert source_digest(dotted) == digest, (
         f"{dotted} changed: re-check QuietH2Connection.{shortcut} "
         "(agent/proxy/hbone/h2_connection.py) against it, then update SHORTCUT_SOURCES")
 

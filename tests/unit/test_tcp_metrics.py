@@ -2,17 +2,14 @@
 what was counted, also across the cache being emptied; a deleted pod's series go."""
 from __future__ import annotations
 
-import hashlib
-import inspect
 from types import SimpleNamespace
-
-import prometheus_client
 
 from ambit.agent.discovery.model import KIND_POD
 from ambit.agent.discovery.state import EVENT_DELETED
 from ambit.agent.proxy.node_proxy import NodeProxy
 from ambit.agent.telemetry import metrics
 from ambit.agent.telemetry.metrics import TCP_LABELS, Metrics, TcpLabels
+from tests.support.pinned_source import source_digest
 
 
 def sample(m: Metrics, name: str, labels: TcpLabels) -> float | None:
@@ -122,8 +119,7 @@ def test_counter_inc_is_the_checks_metrics_skips_then_its_holders_inc() -> None:
     """Metrics adds a connection's counts to each child's holder (`_value`)
     directly; that is all Counter.inc does for a non-negative amount without an
     exemplar. A changed prometheus_client fails here: re-check TcpSeries."""
-    source = inspect.getsource(prometheus_client.Counter.inc)
-    assert hashlib.sha256(source.encode()).hexdigest() == COUNTER_INC_SOURCE, (
+    assert source_digest("prometheus_client.Counter.inc") == COUNTER_INC_SOURCE, (
         "prometheus_client's Counter.inc changed: re-check agent/telemetry/metrics.py's TcpSeries")
     m = Metrics()
     labels = TcpLabels(reporter="source", source_workload="client", destination_workload="server")
